@@ -1,0 +1,52 @@
+"""The project's exception tree: every error an operator can see is one of these.
+
+Each carries a message that fits on one line and says what to change; tasks print
+``str(error)`` and exit non-zero, tracebacks are kept for bugs.
+"""
+
+from __future__ import annotations
+
+
+class AihowError(Exception):
+    """Base of every error this project raises on purpose."""
+
+
+class ConfigError(AihowError):
+    """The cluster file (or a stack setting) is invalid; nothing was created.
+
+    ``problems`` holds one line per mistake, each naming the key path, the bad
+    value and what is allowed.
+    """
+
+    def __init__(self, problems: list[str], source: str = "cluster file") -> None:
+        self.problems = problems
+        self.source = source
+        count = len(problems)
+        head = problems[0] if count == 1 else f"{count} problems; first: {problems[0]}"
+        super().__init__(f"invalid {source}: {head}")
+
+    def report(self) -> str:
+        """All problems, one per line, for operators who want the whole list."""
+        lines = [f"invalid {self.source} ({len(self.problems)} problem(s)):"]
+        lines += [f"  - {p}" for p in self.problems]
+        return "\n".join(lines)
+
+
+class LibvirtError(AihowError):
+    """libvirt refused or failed an operation (translated in ``providers.libvirt_conn``)."""
+
+
+class NotFoundError(LibvirtError):
+    """The libvirt object (domain, network, pool, volume) does not exist."""
+
+
+class LeaseError(AihowError):
+    """The GPU lease ledger could not be read or written."""
+
+
+class LeaseConflictError(LeaseError):
+    """A GPU is held by another VM; the message names the holder and how to free it."""
+
+
+class StackError(AihowError):
+    """A Pulumi operation run by a task failed; the message carries the engine's cause."""

@@ -1,0 +1,364 @@
+"""Facts derived from a cluster file, in one place.
+
+VM names, roles, MAC addresses, the physical devices each VM takes, the libvirt
+object names of a cluster, the checks that span several keys, and the report
+of GPUs configured on more than one VM. Everything else (the Pulumi program,
+tasks, inventories, topology) reads these instead of deriving its own.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import ipaddress
+from collections import defaultdict
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+from aihow_infra.config import (
+    Acceleration,
+    CloudCluster,
+    ClusterFile,
+    HpcCluster,
+    Node,
+    PciDevice,
+    VirtioFsMount,
+    WorkerGroups,
+)
+
+ClusterKey = Literal["hpc", "cloud"]
+Role = Literal["controller", "compute", "control-plane", "cpu-worker", "gpu-worker"]
+CLUSTER_KEYS: tuple[ClusterKey, ...] = ("hpc", "cloud")
+
+
+def mac_for(vm_name: str) -> str:
+    """A stable, locally administered unicast MAC for a VM (ai-how's algorithm, so MACs carry over)."""
+    digest = bytearray(hashlib.md5(vm_name.encode(), usedforsecurity=False).digest()[:6])
+    digest[0] = (digest[0] & 0xFE) | 0x02
+    return ":".join(f"{b:02x}" for b in digest)
+
+
+@dataclass(frozen=True)
+class DeviceClaim:
+    """A physical PCI device (slot ``DDDD:BB:SS``) a VM takes, with the functions it takes from it."""
+
+    slot: str
+    functions: tuple[str, ...]
+    is_gpu: bool
+    vendor_id: str | None = None
+    device_id: str | None = None
+
+    @property
+    def address(self) -> str:
+        """The address that names the device: its lowest function taken, e.g. ``0000:01:00.0``."""
+        return self.functions[0]
+
+
+@dataclass(frozen=True)
+class VmPlan:
+    """One VM as it will be created."""
+
+    name: str
+    cluster_key: ClusterKey
+    cluster_name: str
+    role: Role
+    short_name: str
+    key_path: str
+    cpu_cores: int
+    memory_gb: int
+    disk_gb: int
+    ip: str | None
+    mac: str
+    auto_start: bool
+    base_image: str | None
+    devices: tuple[PciDevice, ...]
+    claims: tuple[DeviceClaim, ...]
+    acceleration: Acceleration
+    mounts: tuple[VirtioFsMount, ...] = ()
+
+    @property
+    def gpu_addresses(self) -> list[str]:
+        """Addresses of the GPUs this VM takes (``.0`` functions), for outputs and inventories."""
+        return [c.address for c in self.claims if c.is_gpu]
+
+
+@dataclass(frozen=True)
+class ClusterPlan:
+    """One cluster (one Pulumi stack) as it will be created."""
+
+    key: ClusterKey
+    name: str
+    subnet: str
+    bridge: str
+    gateway: str
+    netmask: str
+    dhcp_start: str
+    dhcp_end: str
+    forward_mode: str
+    dns_servers: tuple[str, ...]
+    vms: tuple[VmPlan, ...] = field(default_factory=tuple)
+
+    @property
+    def network_name(self) -> str:
+        """libvirt network name (ai-how's)."""
+        return f"{self.name}-network"
+
+    @property
+    def pool_name(self) -> str:
+        """libvirt storage pool name (ai-how's)."""
+        return f"{self.name}-pool"
+
+    def vm(self, name: str) -> VmPlan:
+        """The VM called ``name``; KeyError when this cluster has none."""
+        for vm in self.vms:
+            if vm.name == name:
+                return vm
+        raise KeyError(name)
+
+
+def _claims(devices: list[PciDevice]) -> tuple[DeviceClaim, ...]:
+    by_slot: dict[str, list[PciDevice]] = defaultdict(list)
+    for device in devices:
+        by_slot[device.slot].append(device)
+    claims = []
+    for slot, members in by_slot.items():
+        gpu = next((d for d in members if d.device_type.value == "gpu"), None)
+        claims.append(DeviceClaim(
+            slot=slot,
+            functions=tuple(sorted({d.pci_address for d in members})),
+            is_gpu=gpu is not None,
+            vendor_id=(gpu or members[0]).vendor_id,
+            device_id=(gpu or members[0]).device_id,
+        ))
+    return tuple(sorted(claims, key=lambda c: c.slot))
+
+
+def _node_entries(key: ClusterKey, cluster: HpcCluster | CloudCluster) -> list[tuple[str, Node, Role, str]]:
+    """(key path, node, role, short name) for each node, in file order."""
+    prefix = f"clusters.{key}"
+    if isinstance(cluster, HpcCluster):
+        entries: list[tuple[str, Node, Role, str]] = [
+            (f"{prefix}.controller", cluster.controller, "controller", "controller")
+        ]
+        entries += [(f"{prefix}.compute_nodes[{i}]", node, "compute", f"compute-{i + 1:02d}")
+                    for i, node in enumerate(cluster.compute_nodes)]
+        return entries
+    entries = [(f"{prefix}.control_plane", cluster.control_plane, "control-plane", "control-plane")]
+    if isinstance(cluster.worker_nodes, WorkerGroups):
+        located = [(f"{prefix}.worker_nodes.{group}[{i}]", node)
+                   for group in ("cpu", "gpu")
+                   for i, node in enumerate(getattr(cluster.worker_nodes, group))]
+    else:
+        located = [(f"{prefix}.worker_nodes[{i}]", node) for i, node in enumerate(cluster.worker_nodes)]
+    counters = {"cpu-worker": 0, "gpu-worker": 0}
+    for path, node in located:
+        role: Role = "gpu-worker" if node.has_gpu else "cpu-worker"
+        counters[role] += 1
+        entries.append((path, node, role, f"{role}-{counters[role]:02d}"))
+    return entries
+
+
+def plan_cluster(file: ClusterFile, key: ClusterKey) -> ClusterPlan:
+    """The plan of ``clusters.<key>``; KeyError when the file has no such cluster."""
+    cluster: HpcCluster | CloudCluster | None = getattr(file.clusters, key)
+    if cluster is None:
+        raise KeyError(key)
+    net = cluster.network
+    start, end = net.dhcp_range
+    vms = tuple(
+        VmPlan(
+            name=f"{cluster.name}-{short}",
+            cluster_key=key,
+            cluster_name=cluster.name,
+            role=role,
+            short_name=short,
+            key_path=path,
+            cpu_cores=node.cpu_cores,
+            memory_gb=node.memory_gb,
+            disk_gb=node.disk_gb,
+            ip=str(node.ip) if node.ip else None,
+            mac=mac_for(f"{cluster.name}-{short}"),
+            auto_start=node.auto_start,
+            base_image=node.base_image_path or cluster.base_image_path,
+            devices=tuple(node.devices),
+            claims=_claims(node.devices),
+            acceleration=cluster.hardware.acceleration,
+            mounts=tuple(node.virtio_fs_mounts),
+        )
+        for path, node, role, short in _node_entries(key, cluster)
+    )
+    return ClusterPlan(
+        key=key,
+        name=cluster.name,
+        subnet=str(net.subnet),
+        bridge=net.bridge,
+        gateway=str(net.gateway),
+        netmask=str(net.subnet.netmask),
+        dhcp_start=str(start),
+        dhcp_end=str(end),
+        forward_mode=net.forward_mode,
+        dns_servers=tuple(str(d) for d in net.dns_servers),
+        vms=vms,
+    )
+
+
+def plan_all(file: ClusterFile) -> list[ClusterPlan]:
+    """Plans of every cluster the file defines, HPC first."""
+    return [plan_cluster(file, key) for key in CLUSTER_KEYS if getattr(file.clusters, key) is not None]
+
+
+# --- checks that span several keys --------------------------------------------
+
+
+def _check_worker_types(key: ClusterKey, cluster: HpcCluster | CloudCluster) -> list[str]:
+    problems = []
+    for path, node, role, _short in _node_entries(key, cluster):
+        declared = node.worker_type or (path.split(".")[-1].split("[")[0]
+                                        if ".worker_nodes.cpu[" in path or ".worker_nodes.gpu[" in path else None)
+        if declared and f"{declared}-worker" != role:
+            problems.append(
+                f"{path}: declared a {declared} worker but {'has' if node.has_gpu else 'has no'} GPU passthrough; "
+                f"allowed: a gpu worker passes through a device_type 'gpu', a cpu worker none"
+            )
+    return problems
+
+
+def _check_addresses(plan: ClusterPlan) -> list[str]:
+    problems = []
+    net = ipaddress.IPv4Network(plan.subnet)
+    reserved = {net.network_address: "network address", net.broadcast_address: "broadcast address",
+                ipaddress.IPv4Address(plan.gateway): "gateway"}
+    seen: dict[str, str] = {}
+    for vm in plan.vms:
+        if vm.ip is None:
+            continue
+        addr = ipaddress.IPv4Address(vm.ip)
+        where = f"{vm.key_path}.ip"
+        if addr not in net:
+            problems.append(f"{where}: '{addr}' is outside subnet {net}; allowed: a host address of {net}")
+        elif addr in reserved:
+            problems.append(f"{where}: '{addr}' is the {reserved[addr]} of {net}; "
+                            "allowed: a host address other than network, gateway and broadcast")
+        if vm.ip in seen:
+            problems.append(f"{where}: '{addr}' is already used by {seen[vm.ip]}; allowed: one VM per address")
+        seen.setdefault(vm.ip, vm.key_path)
+    return problems
+
+
+def _check_devices(plan: ClusterPlan) -> list[str]:
+    problems = []
+    holders: dict[str, list[VmPlan]] = defaultdict(list)
+    for vm in plan.vms:
+        addresses = [d.pci_address for d in vm.devices]
+        for address in sorted({a for a in addresses if addresses.count(a) > 1}):
+            problems.append(f"{vm.key_path}.pcie_passthrough.devices: '{address}' is listed twice; "
+                            "allowed: each PCI function once")
+        for address in set(addresses):
+            holders[address].append(vm)
+    for address, vms in sorted(holders.items()):
+        starting = [vm for vm in vms if vm.auto_start]
+        if len(starting) > 1:
+            names = ", ".join(vm.name for vm in starting)
+            problems.append(
+                f"{starting[1].key_path}.pcie_passthrough: '{address}' is also taken by {starting[0].name} and "
+                f"both start automatically ({names}); allowed: set auto_start: false on all but one"
+            )
+    return problems
+
+
+def _check_images(plans: list[ClusterPlan]) -> list[str]:
+    problems = []
+    for plan in plans:
+        for vm in plan.vms:
+            if vm.base_image is None:
+                continue
+            path = Path(vm.base_image)
+            if not path.is_absolute():
+                path = Path.cwd() / path
+            if not path.is_file():
+                problems.append(f"{vm.key_path}.base_image_path: '{vm.base_image}' does not exist "
+                                f"(looked at {path}); allowed: an existing qcow2 image file, or no image "
+                                "for a blank disk")
+    return problems
+
+
+def cross_check(file: ClusterFile, *, check_images: bool = True) -> list[str]:
+    """Problems that single keys cannot show: addresses, duplicates, shared devices, images."""
+    problems: list[str] = []
+    for key in CLUSTER_KEYS:
+        cluster = getattr(file.clusters, key)
+        if cluster is not None:
+            problems += _check_worker_types(key, cluster)
+    if problems:
+        return problems
+    plans = plan_all(file)
+    for plan in plans:
+        problems += _check_addresses(plan)
+        problems += _check_devices(plan)
+
+    names: dict[str, str] = {}
+    macs: dict[str, str] = {}
+    for plan in plans:
+        for vm in plan.vms:
+            if vm.name in names:
+                problems.append(f"{vm.key_path}: VM name '{vm.name}' is also the name of {names[vm.name]}; "
+                                "allowed: distinct cluster names")
+            elif vm.mac in macs:
+                problems.append(f"{vm.key_path}: MAC '{vm.mac}' of '{vm.name}' equals that of {macs[vm.mac]}; "
+                                "allowed: distinct VM names")
+            names.setdefault(vm.name, vm.key_path)
+            macs.setdefault(vm.mac, vm.name)
+
+    if len(plans) == 2:
+        hpc, cloud = plans
+        if hpc.name == cloud.name:
+            problems.append(f"clusters.cloud.name: '{cloud.name}' equals clusters.hpc.name; "
+                            "allowed: a different name (it prefixes every libvirt object)")
+        if ipaddress.IPv4Network(hpc.subnet).overlaps(ipaddress.IPv4Network(cloud.subnet)):
+            problems.append(f"clusters.cloud.network.subnet: '{cloud.subnet}' overlaps clusters.hpc.network.subnet "
+                            f"'{hpc.subnet}'; allowed: a subnet disjoint from it")
+        if hpc.bridge == cloud.bridge:
+            problems.append(f"clusters.cloud.network.bridge: '{cloud.bridge}' equals clusters.hpc.network.bridge; "
+                            "allowed: a different bridge name")
+    if check_images:
+        problems += _check_images(plans)
+    return problems
+
+
+# --- sharing report ------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class SharedDevice:
+    """A PCI address configured on more than one VM."""
+
+    address: str
+    vms: tuple[VmPlan, ...]
+
+    @property
+    def clusters(self) -> list[str]:
+        """Cluster keys involved, in order."""
+        return sorted({vm.cluster_key for vm in self.vms}, key=CLUSTER_KEYS.index)
+
+    @property
+    def conflict(self) -> bool:
+        """True when VMs of different clusters both start automatically: the second start will fail."""
+        return len({vm.cluster_key for vm in self.vms if vm.auto_start}) > 1
+
+    def describe(self) -> str:
+        """One line for operators."""
+        who = ", ".join(f"{vm.name} ({vm.cluster_key}, {'auto_start' if vm.auto_start else 'manual start'})"
+                        for vm in self.vms)
+        verdict = ("CONFLICT: both start automatically, the second cluster's start will fail"
+                   if self.conflict else "ok: at most one starts automatically")
+        return f"{self.address}: {who}; {verdict}"
+
+
+def shared_devices(plans: list[ClusterPlan]) -> list[SharedDevice]:
+    """Every PCI address used by more than one VM, across all clusters."""
+    users: dict[str, list[VmPlan]] = defaultdict(list)
+    for plan in plans:
+        for vm in plan.vms:
+            for device in vm.devices:
+                users[device.pci_address].append(vm)
+    return [SharedDevice(address, tuple(vms)) for address, vms in sorted(users.items()) if len(vms) > 1]
