@@ -1,0 +1,315 @@
+"""The cluster file: what loads, what derives from it, and every mistake's message."""
+
+from __future__ import annotations
+
+import copy
+import re
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from aihow_infra.config import load_cluster_file, parse_cluster_file
+from aihow_infra.errors import ConfigError
+from aihow_infra.plan import mac_for, plan_all, plan_cluster, shared_devices
+
+ROOT = Path(__file__).resolve().parents[1]
+SEED = ROOT.parent / "shared" / "seed" / "phase0-cloud-cluster-foundation.md"
+
+
+def base() -> dict[str, Any]:
+    """A small valid file with both clusters; each bad case changes one thing."""
+    return {
+        "version": "1.0",
+        "metadata": {"name": "t", "description": "d"},
+        "clusters": {
+            "hpc": {
+                "name": "hpc",
+                "network": {"subnet": "10.1.0.0/24", "bridge": "br-hpc"},
+                "controller": {"cpu_cores": 2, "memory_gb": 2, "disk_gb": 10, "ip_address": "10.1.0.10"},
+                "compute_nodes": [
+                    {"cpu_cores": 2, "memory_gb": 2, "disk_gb": 10, "ip": "10.1.0.11",
+                     "pcie_passthrough": {"enabled": True, "devices": [
+                         {"pci_address": "0000:01:00.0", "device_type": "gpu", "vendor_id": "10de",
+                          "device_id": "2805"},
+                         {"pci_address": "0000:01:00.1", "device_type": "audio"}]}},
+                ],
+            },
+            "cloud": {
+                "name": "cloud",
+                "network": {"subnet": "10.2.0.0/24", "bridge": "br-cloud"},
+                "control_plane": {"cpu_cores": 2, "memory_gb": 2, "disk_gb": 10, "ip_address": "10.2.0.10"},
+                "worker_nodes": [
+                    {"cpu_cores": 2, "memory_gb": 2, "disk_gb": 10, "ip": "10.2.0.11"},
+                    {"cpu_cores": 2, "memory_gb": 2, "disk_gb": 10, "ip": "10.2.0.12", "auto_start": False,
+                     "pcie_passthrough": {"enabled": True, "devices": [
+                         {"pci_address": "0000:01:00.0", "device_type": "gpu"}]}},
+                ],
+            },
+        },
+    }
+
+
+def mutate(path: str, value: Any) -> dict[str, Any]:
+    """``base()`` with the value at a dotted path (``a.b[0].c``) set, or deleted when value is DELETE."""
+    data = base()
+    parts = [int(p) if p.isdigit() else p for p in re.findall(r"[^.\[\]]+", path)]
+    node: Any = data
+    for part in parts[:-1]:
+        node = node[part]
+    if value is DELETE:
+        del node[parts[-1]]
+    else:
+        node[parts[-1]] = value
+    return data
+
+
+DELETE = object()
+HPC = "clusters.hpc"
+NODE = f"{HPC}.compute_nodes[0]"
+DEV = f"{NODE}.pcie_passthrough.devices[0]"
+
+BAD_INPUTS: list[tuple[str, dict[str, Any], str]] = [
+    ("ip outside subnet", mutate(f"{NODE}.ip", "10.9.0.11"),
+     r"clusters\.hpc\.compute_nodes\[0\]\.ip: '10\.9\.0\.11' is outside subnet 10\.1\.0\.0/24"),
+    ("ip is network address", mutate(f"{NODE}.ip", "10.1.0.0"),
+     r"compute_nodes\[0\]\.ip: '10\.1\.0\.0' is the network address"),
+    ("ip is gateway", mutate(f"{NODE}.ip", "10.1.0.1"), r"compute_nodes\[0\]\.ip: '10\.1\.0\.1' is the gateway"),
+    ("ip is broadcast", mutate(f"{NODE}.ip", "10.1.0.255"),
+     r"compute_nodes\[0\]\.ip: '10\.1\.0\.255' is the broadcast address"),
+    ("ip not an address", mutate(f"{NODE}.ip", "10.1.0.300"),
+     r"compute_nodes\[0\]\.ip: '10\.1\.0\.300' is invalid; allowed: a valid IPv4 address"),
+    ("duplicate ip", mutate(f"{NODE}.ip", "10.1.0.10"),
+     r"compute_nodes\[0\]\.ip: '10\.1\.0\.10' is already used by clusters\.hpc\.controller"),
+    ("duplicate VM names (same cluster name)", mutate("clusters.cloud.name", "hpc"),
+     r"clusters\.cloud\.name: 'hpc' equals clusters\.hpc\.name"),
+    ("overlapping subnets", mutate("clusters.cloud.network", {"subnet": "10.1.0.0/16", "bridge": "br-cloud"}),
+     r"clusters\.cloud\.network\.subnet: '10\.1\.0\.0/16' overlaps clusters\.hpc\.network\.subnet"),
+    ("equal bridges", mutate("clusters.cloud.network.bridge", "br-hpc"),
+     r"clusters\.cloud\.network\.bridge: 'br-hpc' equals clusters\.hpc\.network\.bridge"),
+    ("bridge too long", mutate(f"{HPC}.network.bridge", "a-bridge-name-too-long"),
+     r"clusters\.hpc\.network\.bridge: 'a-bridge-name-too-long' has 22 characters; allowed: at most 15"),
+    ("bridge bad characters", mutate(f"{HPC}.network.bridge", "br hpc"),
+     r"network\.bridge: 'br hpc' is not an interface name"),
+    ("subnet with host bits", mutate(f"{HPC}.network.subnet", "10.1.0.5/24"),
+     r"network\.subnet: '10\.1\.0\.5/24' is not an IPv4 subnet"),
+    ("subnet too small", mutate(f"{HPC}.network.subnet", "10.1.0.0/30"),
+     r"network\.subnet: '10\.1\.0\.0/30' is too small; allowed: a prefix of /29 or shorter"),
+    ("gateway outside subnet", mutate(f"{HPC}.network.gateway_ip", "10.3.0.1"),
+     r"clusters\.hpc\.network\.gateway_ip: '10\.3\.0\.1' is outside subnet 10\.1\.0\.0/24"),
+    ("dhcp range reversed", mutate(f"{HPC}.network.dhcp_end", "10.1.0.5"),
+     r"clusters\.hpc\.network\.dhcp_start: '10\.1\.0\.10' is after dhcp_end '10\.1\.0\.5'"),
+    ("pci address short bus", mutate(f"{DEV}.pci_address", "0000:1:00.0"),
+     r"pci_address: '0000:1:00\.0' is not a PCI address; allowed: DDDD:BB:SS\.F"),
+    ("pci function 8", mutate(f"{DEV}.pci_address", "0000:01:00.8"),
+     r"pci_address: '0000:01:00\.8' is not a PCI address; allowed: .*function 0-7"),
+    ("pci address garbage", mutate(f"{DEV}.pci_address", "gpu0"), r"pci_address: 'gpu0' is not a PCI address"),
+    ("vendor id not hex", mutate(f"{DEV}.vendor_id", "nvda"),
+     r"devices\[0\]\.vendor_id: 'nvda' is not a PCI id; allowed: 4 hex digits"),
+    ("device id too long", mutate(f"{DEV}.device_id", "28050"),
+     r"devices\[0\]\.device_id: '28050' is not a PCI id"),
+    ("device type unknown", mutate(f"{DEV}.device_type", "fpga"),
+     r"devices\[0\]\.device_type: 'fpga' is invalid; allowed: 'gpu', 'audio', 'network', 'storage' or 'other'"),
+    ("iommu group negative", mutate(f"{DEV}.iommu_group", -1),
+     r"devices\[0\]\.iommu_group: -1 is invalid; allowed: greater than or equal to 0"),
+    ("zero cpu cores", mutate(f"{NODE}.cpu_cores", 0),
+     r"compute_nodes\[0\]\.cpu_cores: 0 is invalid; allowed: greater than 0"),
+    ("negative memory", mutate(f"{NODE}.memory_gb", -4),
+     r"compute_nodes\[0\]\.memory_gb: -4 is invalid; allowed: greater than 0"),
+    ("zero disk", mutate(f"{HPC}.controller.disk_gb", 0), r"controller\.disk_gb: 0 is invalid; allowed: greater than 0"),
+    ("memory not a number", mutate(f"{NODE}.memory_gb", "lots"),
+     r"compute_nodes\[0\]\.memory_gb: 'lots' is invalid; allowed: a valid integer"),
+    ("unknown node key with hint", mutate(f"{NODE}.memroy_gb", 4),
+     r"compute_nodes\[0\]\.memroy_gb: unknown key 'memroy_gb'; did you mean 'memory_gb'\?"),
+    ("unknown top key with hint", {**base(), "clustres": {}},
+     r"clustres: unknown key 'clustres'; did you mean 'clusters'\?"),
+    ("unknown cluster kind", mutate("clusters.edge", {"name": "x"}), r"clusters\.edge: unknown key 'edge'"),
+    ("missing required key", mutate(f"{NODE}.cpu_cores", DELETE),
+     r"compute_nodes\[0\]\.cpu_cores: required key is missing"),
+    ("missing network", mutate(f"{HPC}.network", DELETE), r"clusters\.hpc\.network: required key is missing"),
+    ("no clusters", mutate("clusters", {}), r"clusters: no cluster defined; allowed: 'hpc', 'cloud' or both"),
+    ("bad version", mutate("version", "2.0"), r"version: '2\.0' is not supported; allowed: '1\.0'"),
+    ("same GPU on two auto-start VMs of one cluster",
+     mutate(f"{HPC}.controller.pcie_passthrough",
+            {"enabled": True, "devices": [{"pci_address": "0000:01:00.0", "device_type": "gpu"}]}),
+     r"compute_nodes\[0\]\.pcie_passthrough: '0000:01:00\.0' is also taken by hpc-controller and both start "
+     r"automatically .*allowed: set auto_start: false on all but one"),
+    ("same function listed twice",
+     mutate(f"{NODE}.pcie_passthrough.devices",
+            [{"pci_address": "0000:01:00.0", "device_type": "gpu"},
+             {"pci_address": "0000:01:00.0", "device_type": "gpu"}]),
+     r"pcie_passthrough\.devices: '0000:01:00\.0' is listed twice"),
+    ("missing base image", mutate(f"{HPC}.base_image_path", "/nonexistent/base.qcow2"),
+     r"controller\.base_image_path: '/nonexistent/base\.qcow2' does not exist"),
+    ("bad cluster name", mutate(f"{HPC}.name", "HPC_Cluster"),
+     r"clusters\.hpc\.name: 'HPC_Cluster' is not a cluster name"),
+    ("ip and ip_address both", mutate(f"{HPC}.controller.ip", "10.1.0.10"),
+     r"clusters\.hpc\.controller: give either 'ip' or 'ip_address', not both"),
+    ("auto_start not a bool", mutate(f"{NODE}.auto_start", "sometimes"),
+     r"compute_nodes\[0\]\.auto_start: 'sometimes' is invalid; allowed: a valid boolean"),
+    ("gpu worker without gpu", mutate("clusters.cloud.worker_nodes[0].worker_type", "gpu"),
+     r"clusters\.cloud\.worker_nodes\[0\]: declared a gpu worker but has no GPU passthrough"),
+    ("unset variable", mutate(f"{HPC}.base_image_path", "${AIHOW_TEST_UNSET_VAR}/img.qcow2"),
+     r"clusters\.hpc\.base_image_path: .* uses \$\{AIHOW_TEST_UNSET_VAR\}, which is not set"),
+    ("template form with zero count", mutate(f"{HPC}.compute_nodes",
+                                             {"count": 0, "cpu_cores": 1, "memory_gb": 1, "disk_gb": 1}),
+     r"clusters\.hpc\.compute_nodes\.count: 0 is not a positive integer"),
+]
+
+
+@pytest.mark.parametrize(("data", "expected"), [c[1:] for c in BAD_INPUTS], ids=[c[0] for c in BAD_INPUTS])
+def test_bad_input_names_key_value_and_allowed(data: dict[str, Any], expected: str) -> None:
+    with pytest.raises(ConfigError) as err:
+        parse_cluster_file(data, env={})
+    assert any(re.search(expected, p) for p in err.value.problems), err.value.report()
+    # One line each, so an operator sees exactly what to change.
+    assert all("\n" not in p for p in err.value.problems)
+
+
+def test_every_error_is_reported_at_once() -> None:
+    data = mutate(f"{NODE}.cpu_cores", 0)
+    data["clusters"]["cloud"]["control_plane"]["memory_gb"] = 0
+    data["clusters"]["hpc"]["controller"]["disk_gb"] = -1
+    with pytest.raises(ConfigError) as err:
+        parse_cluster_file(data, env={})
+    assert len(err.value.problems) == 3
+    assert str(err.value).startswith("invalid cluster file: 3 problems; first:")
+
+
+def test_there_are_at_least_thirty_bad_inputs() -> None:
+    assert len(BAD_INPUTS) >= 30
+
+
+def test_valid_base_loads_and_reports_the_shared_gpu() -> None:
+    model = parse_cluster_file(base(), env={})
+    shared = shared_devices(plan_all(model))
+    assert [s.address for s in shared] == ["0000:01:00.0"]
+    assert [vm.name for vm in shared[0].vms] == ["hpc-compute-01", "cloud-gpu-worker-01"]
+    assert not shared[0].conflict
+
+
+def test_both_clusters_auto_starting_a_shared_gpu_is_reported_as_conflict() -> None:
+    data = mutate("clusters.cloud.worker_nodes[1].auto_start", True)
+    shared = shared_devices(plan_all(parse_cluster_file(data, env={})))
+    assert shared[0].conflict
+    assert "CONFLICT" in shared[0].describe() and "second cluster's start will fail" in shared[0].describe()
+
+
+def test_either_cluster_may_be_absent() -> None:
+    data = base()
+    del data["clusters"]["cloud"]
+    model = parse_cluster_file(data, env={})
+    assert model.clusters.cloud is None
+    with pytest.raises(KeyError):
+        plan_cluster(model, "cloud")
+
+
+def test_variables_expand_from_the_environment_with_defaults() -> None:
+    data = mutate(f"{HPC}.controller.virtio_fs_mounts",
+                  [{"tag": "data", "host_path": "${DATA}", "mount_point": "${MNT:-/mnt/data}"}])
+    model = parse_cluster_file(data, env={"DATA": "/srv/data"})
+    assert model.clusters.hpc is not None
+    mount = model.clusters.hpc.controller.virtio_fs_mounts[0]
+    assert (mount.host_path, mount.mount_point) == ("/srv/data", "/mnt/data")
+
+
+def test_template_form_expands_to_dhcp_nodes() -> None:
+    data = mutate(f"{HPC}.compute_nodes", {"count": 3, "cpu_cores": 1, "memory_gb": 1, "disk_gb": 1, "ip": "DHCP"})
+    plan = plan_cluster(parse_cluster_file(data, env={}), "hpc")
+    assert [vm.name for vm in plan.vms] == ["hpc-controller", "hpc-compute-01", "hpc-compute-02", "hpc-compute-03"]
+    assert plan.vms[1].ip is None
+
+
+def test_yaml_syntax_error_names_the_line(tmp_path: Path) -> None:
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("clusters:\n  hpc: [\n")
+    with pytest.raises(ConfigError, match=r"bad\.yaml: not valid YAML at line \d+, column \d+"):
+        load_cluster_file(bad)
+
+
+def test_missing_file_is_a_config_error(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match=r"cannot be read"):
+        load_cluster_file(tmp_path / "nope.yaml")
+
+
+# --- the shipped examples and the seed's -----------------------------------------
+
+EXPECTED_MACS = {  # computed by the original ai-how tool (see shared/notes/original-ai-how.md, section 7)
+    "hpc-cluster-controller": "72:55:52:1e:8f:d9",
+    "hpc-cluster-compute-01": "66:a4:f5:05:88:3a",
+    "hpc-cluster-compute-02": "b2:f5:bd:f0:b6:a1",
+    "cloud-cluster-control-plane": "46:a8:1e:4a:83:7b",
+    "cloud-cluster-cpu-worker-01": "32:c6:9b:23:55:d9",
+    "cloud-cluster-gpu-worker-01": "72:5f:e1:8d:76:58",
+}
+
+
+def test_multi_gpu_example_gives_ai_how_names_roles_macs_and_sharing() -> None:
+    model = load_cluster_file(ROOT / "config" / "example-multi-gpu-clusters.yaml", check_images=False)
+    plans = plan_all(model)
+    vms = {vm.name: vm for plan in plans for vm in plan.vms}
+    assert {name: vm.mac for name, vm in vms.items()} == EXPECTED_MACS
+    assert [vm.role for vm in vms.values()] == [
+        "controller", "compute", "compute", "control-plane", "cpu-worker", "gpu-worker"]
+    assert vms["cloud-cluster-gpu-worker-01"].auto_start is False
+    assert vms["hpc-cluster-compute-01"].claims[0].functions == ("0000:01:00.0", "0000:01:00.1")
+    shared = shared_devices(plans)
+    assert [s.address for s in shared] == ["0000:01:00.0", "0000:01:00.1"]
+    assert all(not s.conflict for s in shared)
+    assert plans[0].network_name == "hpc-cluster-network" and plans[1].pool_name == "cloud-cluster-pool"
+
+
+def test_images_of_the_multi_gpu_example_are_reported_missing_here() -> None:
+    with pytest.raises(ConfigError) as err:
+        load_cluster_file(ROOT / "config" / "example-multi-gpu-clusters.yaml")
+    assert all("base_image_path" in p and "does not exist" in p for p in err.value.problems)
+
+
+@pytest.mark.parametrize("path", sorted((ROOT / "config").glob("*.yaml")), ids=lambda p: p.name)
+def test_every_shipped_config_loads(path: Path) -> None:
+    assert plan_all(load_cluster_file(path, check_images=False))
+
+
+def seed_examples() -> list[dict[str, Any]]:
+    blocks = re.findall(r"```yaml\n(.*?)```", SEED.read_text(), re.S)
+    return [yaml.safe_load(b) for b in blocks]
+
+
+@pytest.mark.skipif(not SEED.exists(), reason="the seed document (shared/seed) is not beside this checkout")
+def test_seed_examples_load_unchanged_over_a_minimal_base() -> None:
+    """The seed's YAML blocks are excerpts of a full file: each is laid over name and network only."""
+    full, both, gpu_list = seed_examples()
+    frame = {"name": "cloud-cluster", "network": {"subnet": "192.168.200.0/24", "bridge": "virbr200"}}
+    cloud = {**frame, **full["clusters"]["cloud"]}
+    plan = plan_cluster(parse_cluster_file({"clusters": {"cloud": cloud}}, env={}), "cloud")
+    assert [(vm.name, vm.role, vm.auto_start) for vm in plan.vms] == [
+        ("cloud-cluster-control-plane", "control-plane", True),
+        ("cloud-cluster-cpu-worker-01", "cpu-worker", True),
+        ("cloud-cluster-gpu-worker-01", "gpu-worker", False),
+    ]
+
+    hpc = {"name": "hpc-cluster", "network": {"subnet": "192.168.100.0/24", "bridge": "virbr100"},
+           "controller": {"cpu_cores": 4, "memory_gb": 8, "disk_gb": 100, "ip_address": "192.168.100.10"},
+           **both["clusters"]["hpc"]}
+    cloud2 = {**frame, "control_plane": full["clusters"]["cloud"]["control_plane"], **both["clusters"]["cloud"]}
+    model = parse_cluster_file({"clusters": {"hpc": hpc, "cloud": cloud2}}, env={})
+    shared = shared_devices(plan_all(model))
+    assert [(s.address, [vm.name for vm in s.vms], s.conflict) for s in shared] == [
+        ("0000:01:00.0", ["hpc-cluster-compute-01", "cloud-cluster-gpu-worker-01"], False)]
+
+    worker = gpu_list["gpu"][0]
+    assert worker["auto_start"] is False and worker["pcie_passthrough"]["devices"][0]["pci_address"] == "0000:01:00.0"
+
+
+def test_mac_round_trip_is_stable_and_locally_administered() -> None:
+    for name in ["a", "hpc-cluster-compute-01", "x" * 60]:
+        mac = mac_for(name)
+        assert mac == mac_for(name)
+        first = int(mac.split(":")[0], 16)
+        assert first & 0x02 and not first & 0x01
+    model = parse_cluster_file(copy.deepcopy(base()), env={})
+    names = [vm.name for plan in plan_all(model) for vm in plan.vms]
+    assert names == ["hpc-controller", "hpc-compute-01", "cloud-control-plane", "cloud-cpu-worker-01",
+                     "cloud-gpu-worker-01"]
+    assert len({mac_for(n) for n in names}) == len(names)
