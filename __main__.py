@@ -1,0 +1,45 @@
+"""The Pulumi program: one cluster of the cluster file per stack (``pulumi up -s hpc``).
+
+It validates the stack settings and the cluster file before creating anything,
+builds the cluster's components, and exports what tasks and inventories read.
+"""
+
+from __future__ import annotations
+
+import pulumi
+
+from aihow_infra.components import Cluster, ClusterArgs
+from aihow_infra.config import load_cluster_file
+from aihow_infra.errors import ConfigError
+from aihow_infra.plan import plan_cluster
+from aihow_infra.settings import parse_settings
+
+
+def main() -> None:
+    """Build the stack's cluster; an invalid file or setting stops it with every problem listed."""
+    stack = pulumi.get_stack()
+    config = pulumi.Config("aihow")
+    raw = {key: config.get_object(key) if key == "power" else config.get(key)
+           for key in ("clusterFile", "cluster", "libvirtUri", "imagesDir", "ledgerPath", "stopTimeout",
+                       "virtType", "power")}
+    try:
+        settings = parse_settings({k: v for k, v in raw.items() if v is not None})
+        key = settings.cluster_key(stack)
+        cluster_file = load_cluster_file(settings.cluster_file)
+        plan = plan_cluster(cluster_file, key)
+    except ConfigError as exc:
+        raise pulumi.RunError(exc.report()) from None
+    except KeyError:
+        raise pulumi.RunError(f"the cluster file {settings.cluster_file} has no clusters.{key}; "
+                              f"allowed: a stack for a cluster the file defines") from None
+    unknown = set(settings.power) - {vm.name for vm in plan.vms}
+    if unknown:
+        raise pulumi.RunError(f"aihow:power names {', '.join(sorted(unknown))}, not VMs of {plan.name}; "
+                              f"allowed: {', '.join(vm.name for vm in plan.vms)}")
+
+    cluster = Cluster(plan.name, ClusterArgs(plan=plan, settings=settings, stack=stack))
+    pulumi.export("cluster", cluster.outputs)
+    pulumi.export("nodes", {node.outputs["name"]: node.outputs for node in cluster.nodes})
+
+
+main()

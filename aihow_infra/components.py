@@ -1,0 +1,173 @@
+"""ComponentResources: a cluster made of its network, pool and nodes; a node made of its
+volume, GPU leases and domain."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import pulumi
+
+from aihow_infra.plan import ClusterPlan, VmPlan
+from aihow_infra.settings import StackSettings
+from providers.domain import Domain
+from providers.gpu_lease import GpuLease
+from providers.network import Network
+from providers.storage import StoragePool, Volume
+
+
+@dataclass(frozen=True)
+class NodeArgs:
+    """What a node needs: its plan, the stack's settings, and its cluster's network and pool."""
+
+    vm: VmPlan
+    settings: StackSettings
+    stack: str
+    network_name: pulumi.Input[str]
+    pool_name: pulumi.Input[str]
+
+
+def _acceleration(vm: VmPlan) -> dict[str, Any]:
+    accel = vm.acceleration
+    return {
+        "cpu_model": accel.cpu_model,
+        "enable_nested": accel.enable_nested,
+        "cpu_features": list(accel.cpu_features),
+        "sockets": accel.cpu_topology.sockets,
+        "threads": accel.cpu_topology.threads,
+        "enable_hugepages": accel.performance.enable_hugepages,
+        "hugepage_size": accel.performance.hugepage_size,
+        "cpu_pinning": accel.performance.cpu_pinning,
+        "memory_backing": accel.performance.memory_backing,
+    }
+
+
+class Node(pulumi.ComponentResource):
+    """One VM: its disk volume, the GPU leases it holds while it runs, and its domain.
+
+    The domain depends on the leases, so a lease is taken before the domain
+    starts; a lease is dropped from the program when the VM should not run,
+    and Pulumi deletes it after the domain update that shut the VM off.
+    """
+
+    domain: Domain
+    leases: list[GpuLease]
+
+    def __init__(self, name: str, args: NodeArgs, opts: pulumi.ResourceOptions | None = None) -> None:
+        super().__init__("aihow:libvirt:Node", name, None, opts)
+        vm, settings = args.vm, args.settings
+        child = pulumi.ResourceOptions(parent=self)
+        running = settings.wants_running(vm.name, vm.auto_start)
+        holder = f"{args.stack}/{vm.name}"
+
+        volume = Volume(f"{name}-disk", {
+            "uri": settings.libvirt_uri,
+            "pool": args.pool_name,
+            "name": f"{vm.name}.qcow2",
+            "size_gb": vm.disk_gb,
+            "base_image": vm.base_image,
+        }, child)
+
+        self.leases = [
+            GpuLease(f"{name}-lease-{claim.slot.replace(':', '-')}", {
+                "ledger": settings.ledger_path,
+                "holder": holder,
+                "addresses": list(claim.functions),
+            }, child)
+            for claim in (vm.claims if running else ())
+        ]
+
+        self.domain = Domain(f"{name}-domain", {
+            "uri": settings.libvirt_uri,
+            "name": vm.name,
+            "stack": args.stack,
+            "cluster": vm.cluster_name,
+            "role": vm.role,
+            "vcpus": vm.cpu_cores,
+            "memory_mib": vm.memory_gb * 1024,
+            "disk_path": volume.path,
+            "disk_gb": vm.disk_gb,
+            "mac": vm.mac,
+            "network": args.network_name,
+            "devices": [{"address": d.pci_address, "type": d.device_type.value} for d in vm.devices],
+            "acceleration": _acceleration(vm),
+            "mounts": [{"tag": m.tag, "host_path": m.host_path} for m in vm.mounts],
+            "running": running,
+            "stop_timeout": settings.stop_timeout,
+            "virt_type": settings.virt_type,
+            "lease": {"ledger": settings.ledger_path, "holder": holder,
+                      "addresses": [a for c in vm.claims for a in c.functions]} if running and vm.claims else None,
+        }, pulumi.ResourceOptions(parent=self, depends_on=[*self.leases]))
+
+        self.outputs = {
+            "name": vm.name,
+            "cluster": vm.cluster_name,
+            "cluster_key": vm.cluster_key,
+            "role": vm.role,
+            "short_name": vm.short_name,
+            "ip": vm.ip,
+            "mac": vm.mac,
+            "vcpus": vm.cpu_cores,
+            "memory_gb": vm.memory_gb,
+            "disk_gb": vm.disk_gb,
+            "gpus": [{"address": c.address, "functions": list(c.functions), "vendor_id": c.vendor_id,
+                      "device_id": c.device_id} for c in vm.claims if c.is_gpu],
+            "devices": [d.pci_address for d in vm.devices],
+            "auto_start": vm.auto_start,
+            "desired_power": "running" if running else "stopped",
+            "power_state": self.domain.state,
+        }
+        self.register_outputs(self.outputs)
+
+
+@dataclass(frozen=True)
+class ClusterArgs:
+    """A cluster's plan and the stack's settings."""
+
+    plan: ClusterPlan
+    settings: StackSettings
+    stack: str
+
+
+class Cluster(pulumi.ComponentResource):
+    """A whole cluster: network (with a reservation per VM), storage pool, and nodes."""
+
+    nodes: list[Node]
+
+    def __init__(self, name: str, args: ClusterArgs, opts: pulumi.ResourceOptions | None = None) -> None:
+        super().__init__(f"aihow:libvirt:{'Hpc' if args.plan.key == 'hpc' else 'Cloud'}Cluster", name, None, opts)
+        plan, settings = args.plan, args.settings
+        child = pulumi.ResourceOptions(parent=self)
+        network = Network(f"{name}-network", {
+            "uri": settings.libvirt_uri,
+            "name": plan.network_name,
+            "bridge": plan.bridge,
+            "forward_mode": plan.forward_mode,
+            "dns_domain": f"{plan.name}.local",
+            "dns_servers": list(plan.dns_servers),
+            "gateway": plan.gateway,
+            "netmask": plan.netmask,
+            "dhcp_start": plan.dhcp_start,
+            "dhcp_end": plan.dhcp_end,
+            "hosts": [{"mac": vm.mac, "name": vm.name, "ip": vm.ip} for vm in plan.vms if vm.ip],
+        }, child)
+        pool = StoragePool(f"{name}-pool", {
+            "uri": settings.libvirt_uri,
+            "name": plan.pool_name,
+            "path": f"{settings.images_dir.rstrip('/')}/{plan.name}",
+        }, child)
+        self.nodes = [
+            Node(vm.name, NodeArgs(vm=vm, settings=settings, stack=args.stack,
+                                         network_name=network.name, pool_name=pool.name), child)
+            for vm in plan.vms
+        ]
+        self.outputs = {
+            "name": plan.name,
+            "key": plan.key,
+            "network": plan.network_name,
+            "cidr": plan.subnet,
+            "bridge": plan.bridge,
+            "gateway": plan.gateway,
+            "libvirt_uri": settings.libvirt_uri,
+        }
+        self.register_outputs(self.outputs)

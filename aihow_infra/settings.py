@@ -1,0 +1,80 @@
+"""Stack settings: what ``Pulumi.<stack>.yaml`` holds under the ``aihow:`` namespace.
+
+The cluster file describes the clusters; the stack settings say where and how
+this host runs one of them. Pure data (no pulumi import): ``__main__.py`` reads
+the raw values from the stack config and validates them here.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from aihow_infra.errors import ConfigError
+from aihow_infra.plan import CLUSTER_KEYS, ClusterKey
+
+DEFAULT_LEDGER = "/var/lib/aihow/gpu-leases.json"
+DEFAULT_IMAGES_DIR = "/var/lib/libvirt/images/aihow"
+
+PowerState = Literal["running", "stopped"]
+
+
+class StackSettings(BaseModel):
+    """The ``aihow:*`` stack config keys (camelCase in YAML)."""
+
+    model_config = ConfigDict(extra="forbid", populate_by_name=True, frozen=True)
+
+    cluster_file: str = Field(alias="clusterFile")
+    cluster: ClusterKey | None = None
+    libvirt_uri: str = Field("qemu:///system", alias="libvirtUri")
+    images_dir: str = Field(DEFAULT_IMAGES_DIR, alias="imagesDir")
+    ledger_path: str = Field(DEFAULT_LEDGER, alias="ledgerPath")
+    stop_timeout: float = Field(60.0, alias="stopTimeout", gt=0)
+    virt_type: Literal["auto", "kvm", "qemu"] = Field("auto", alias="virtType")
+    power: dict[str, PowerState] = Field(default_factory=dict)
+
+    @field_validator("images_dir", "ledger_path")
+    @classmethod
+    def _absolute(cls, value: str) -> str:
+        if not Path(value).is_absolute():
+            raise ValueError(f"{value!r} is relative; allowed: an absolute path")
+        return value
+
+    def cluster_key(self, stack: str) -> ClusterKey:
+        """The cluster this stack deploys: ``aihow:cluster``, else the stack's name."""
+        if self.cluster is not None:
+            return self.cluster
+        if stack in CLUSTER_KEYS:
+            return stack  # type: ignore[return-value]
+        raise ConfigError([f"aihow:cluster: not set and the stack name {stack!r} is not a cluster; "
+                           "allowed: name the stack 'hpc' or 'cloud', or set aihow:cluster to one of them"],
+                          "stack settings")
+
+    def wants_running(self, vm_name: str, auto_start: bool) -> bool:
+        """The desired power state: an operator's override (``aihow:power``), else ``auto_start``."""
+        override = self.power.get(vm_name)
+        return auto_start if override is None else override == "running"
+
+
+def parse_settings(raw: dict[str, Any]) -> StackSettings:
+    """Validate the raw ``aihow:`` keys; raise ``ConfigError`` naming each bad key."""
+    try:
+        return StackSettings.model_validate(raw)
+    except ValidationError as exc:
+        problems = []
+        for err in exc.errors():
+            key = "aihow:" + ".".join(str(p) for p in err["loc"])
+            if err["type"] == "missing":
+                problems.append(f"{key}: required setting is missing (pulumi config set {key} FILE)")
+            elif err["type"] == "extra_forbidden":
+                problems.append(f"{key}: unknown setting; allowed: {', '.join(sorted(_aliases()))}")
+            else:
+                message = str(err["msg"]).removeprefix("Value error, ").removeprefix("Input should be ")
+                problems.append(f"{key}: {err.get('input')!r} is invalid; allowed: {message}")
+        raise ConfigError(problems, "stack settings") from None
+
+
+def _aliases() -> set[str]:
+    return {f.alias or n for n, f in StackSettings.model_fields.items()}

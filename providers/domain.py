@@ -1,0 +1,194 @@
+"""A libvirt domain (VM) as a Pulumi resource, with a desired power state.
+
+``running: false`` means defined and left shut off, and it stays so on every
+later ``pulumi up`` (unlike pulumi-libvirt, which always starts domains).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+import xml.etree.ElementTree as ET
+from typing import Any, ClassVar
+
+import libvirt
+import pulumi
+from pulumi.dynamic import CheckFailure, CreateResult, ReadResult, Resource, UpdateResult
+
+from aihow_infra.errors import LibvirtError
+from providers.base import Provider
+from providers.ledger import Ledger
+from providers.libvirt_conn import call, connect, kvm_usable, lookup
+from providers.render import domain_xml
+
+# Inputs that change the domain's definition (applied by redefining it).
+DEFINITION_KEYS = frozenset({"vcpus", "memory_mib", "mac", "network", "devices", "acceleration", "mounts",
+                             "cluster", "role", "stack", "virt_type"})
+_UNDEFINE_FLAGS = (libvirt.VIR_DOMAIN_UNDEFINE_MANAGED_SAVE | libvirt.VIR_DOMAIN_UNDEFINE_SNAPSHOTS_METADATA
+                   | libvirt.VIR_DOMAIN_UNDEFINE_NVRAM)
+
+STATE_NAMES = {
+    libvirt.VIR_DOMAIN_NOSTATE: "nostate", libvirt.VIR_DOMAIN_RUNNING: "running",
+    libvirt.VIR_DOMAIN_BLOCKED: "blocked", libvirt.VIR_DOMAIN_PAUSED: "paused",
+    libvirt.VIR_DOMAIN_SHUTDOWN: "shutdown", libvirt.VIR_DOMAIN_SHUTOFF: "shutoff",
+    libvirt.VIR_DOMAIN_CRASHED: "crashed", libvirt.VIR_DOMAIN_PMSUSPENDED: "pmsuspended",
+}
+
+
+def state_name(dom: libvirt.virDomain) -> str:
+    """libvirt's state of a domain as a word (``running``, ``shutoff``, ...)."""
+    state, _reason = dom.state()
+    return STATE_NAMES.get(state, "unknown")
+
+
+def resolve_virt_type(conn: libvirt.virConnect, wanted: str) -> str:
+    """'kvm' or 'qemu': ``auto`` takes KVM when libvirt reports it usable."""
+    if conn.getType() != "QEMU":
+        return "test" if conn.getType() == "TEST" else wanted
+    if wanted == "auto":
+        return "kvm" if kvm_usable(conn) else "qemu"
+    return wanted
+
+
+def _with_uuid(xml: str, uuid: str) -> str:
+    root = ET.fromstring(xml)
+    element = ET.Element("uuid")
+    element.text = uuid
+    root.insert(1, element)
+    return ET.tostring(root, encoding="unicode")
+
+
+def stop_domain(dom: libvirt.virDomain, timeout: float) -> None:
+    """ACPI shutdown, wait up to ``timeout`` seconds, then power off."""
+    name = dom.name()
+    if not dom.isActive():
+        return
+    with contextlib.suppress(libvirt.libvirtError):
+        dom.shutdown()
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            if not dom.isActive():
+                return
+        except libvirt.libvirtError:
+            return
+        time.sleep(0.25)
+    try:
+        dom.destroy()
+    except libvirt.libvirtError as exc:
+        if dom.isActive():
+            raise LibvirtError(f"powering off domain {name}: {exc.get_error_message()}") from None
+
+
+def start_domain(dom: libvirt.virDomain, lease: dict[str, Any] | None = None) -> None:
+    """Start a defined domain; a domain already running is left as it is.
+
+    When the start fails, the GPU leases taken for it (``lease``: ledger, holder,
+    addresses) are released, so a VM that never ran holds nothing.
+    """
+    if dom.isActive():
+        return
+    try:
+        call(f"starting domain {dom.name()}", dom.create)
+    except BaseException:
+        if lease:
+            Ledger(lease["ledger"]).release(lease["holder"], lease["addresses"])
+        raise
+
+
+class DomainProvider(Provider):
+    """Defines a domain from ``templates/domain.xml.j2`` and keeps it in its desired power state."""
+
+    REQUIRED: ClassVar = {"uri": str, "name": str, "vcpus": int, "memory_mib": int, "disk_path": str,
+                          "mac": str, "network": str, "running": bool, "stop_timeout": (int, float)}
+    REPLACE = frozenset({"uri", "name", "disk_path", "disk_gb"})
+    UPDATE = DEFINITION_KEYS | {"running"}
+
+    def check_values(self, news: dict[str, Any]) -> list[CheckFailure]:
+        """Positive sizes and a known virtualization type."""
+        failures = []
+        for key in ("vcpus", "memory_mib"):
+            value = news.get(key)
+            if isinstance(value, int) and value <= 0:
+                failures.append(CheckFailure(key, f"{key}: {value}; allowed: a positive number"))
+        if news.get("virt_type", "auto") not in ("auto", "kvm", "qemu"):
+            failures.append(CheckFailure("virt_type", f"virt_type: {news.get('virt_type')!r}; "
+                                                      "allowed: 'auto', 'kvm' or 'qemu'"))
+        return failures
+
+    def _outs(self, props: dict[str, Any], dom: libvirt.virDomain, virt_type: str) -> dict[str, Any]:
+        return {**props, "uuid": dom.UUIDString(), "state": state_name(dom), "running": bool(dom.isActive()),
+                "actual_virt_type": virt_type}
+
+    def create(self, props: dict[str, Any]) -> CreateResult:
+        """Define the domain and start it when ``running``; when anything fails, undefine it."""
+        name = props["name"]
+        with connect(props["uri"]) as conn:
+            if lookup("looking up domain", conn.lookupByName, name) is not None:
+                raise LibvirtError(f"domain {name!r} already exists outside this stack; remove it "
+                                   f"(virsh destroy {name}; virsh undefine {name}) or rename the cluster")
+            virt_type = resolve_virt_type(conn, props.get("virt_type", "auto"))
+            dom = call(f"defining domain {name}", conn.defineXML, domain_xml(props, virt_type))
+            try:
+                if props["running"]:
+                    start_domain(dom, props.get("lease"))
+                return CreateResult(name, self._outs(props, dom, virt_type))
+            except BaseException:
+                with contextlib.suppress(libvirt.libvirtError):
+                    if dom.isActive():
+                        dom.destroy()
+                    dom.undefineFlags(_UNDEFINE_FLAGS)
+                raise
+
+    def update(self, _id: str, olds: dict[str, Any], news: dict[str, Any]) -> UpdateResult:
+        """Redefine when the definition changed (restarting a running domain to apply it), then
+        bring the domain to its desired power state."""
+        name = news["name"]
+        with connect(news["uri"]) as conn:
+            dom = call(f"looking up domain {name}", conn.lookupByName, name)
+            virt_type = resolve_virt_type(conn, news.get("virt_type", "auto"))
+            if any(olds.get(k) != news.get(k) for k in DEFINITION_KEYS):
+                xml = _with_uuid(domain_xml(news, virt_type), dom.UUIDString())
+                dom = call(f"redefining domain {name}", conn.defineXML, xml)
+                if dom.isActive() and news["running"]:
+                    stop_domain(dom, news["stop_timeout"])
+            if news["running"]:
+                start_domain(dom, news.get("lease"))
+            else:
+                stop_domain(dom, news["stop_timeout"])
+            return UpdateResult(self._outs(news, dom, virt_type))
+
+    def delete(self, _id: str, props: dict[str, Any]) -> None:
+        """Shut down (graceful, then forced) and undefine; a domain already gone is success."""
+        name = props["name"]
+        with connect(props["uri"]) as conn:
+            dom = lookup("looking up domain", conn.lookupByName, name)
+            if dom is None:
+                return
+            stop_domain(dom, props.get("stop_timeout", 60))
+            try:
+                dom.undefineFlags(_UNDEFINE_FLAGS)
+            except libvirt.libvirtError:
+                call(f"undefining domain {name}", dom.undefine)
+
+    def read(self, id_: str, props: dict[str, Any]) -> ReadResult:
+        """The domain's actual power state; an empty id when it was removed behind Pulumi's back."""
+        with connect(props["uri"]) as conn:
+            dom = lookup("looking up domain", conn.lookupByName, props["name"])
+            if dom is None:
+                return ReadResult(None, {})
+            return ReadResult(id_, self._outs(props, dom, props.get("actual_virt_type", "")))
+
+
+class Domain(Resource, module="libvirt", name="Domain"):
+    """A libvirt domain with a desired power state (``running``)."""
+
+    name: pulumi.Output[str]
+    state: pulumi.Output[str]
+    running: pulumi.Output[bool]
+    uuid: pulumi.Output[str]
+
+    def __init__(self, resource_name: str, props: dict[str, Any],
+                 opts: pulumi.ResourceOptions | None = None) -> None:
+        super().__init__(DomainProvider(), resource_name,
+                         {**props, "uuid": None, "state": None, "actual_virt_type": None}, opts)

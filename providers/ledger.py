@@ -1,0 +1,185 @@
+"""The GPU lease ledger: one JSON file on the host that every stack consults.
+
+For each PCI address it records the holder (``<stack>/<vm>``), a generation
+bumped on every grant, and when the lease was granted. Every change happens
+under an exclusive ``flock`` on a lock file beside the ledger, and is written
+atomically (temp file, fsync, rename, fsync of the folder), so a reader never
+sees a half-written ledger and a process killed mid-write loses nothing. A
+ledger that cannot be parsed stops every change with a clear error; it is
+never overwritten, and a copy is kept aside for the operator.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from aihow_infra.errors import LeaseConflictError, LeaseError
+
+FORMAT_VERSION = 1
+
+
+@dataclass(frozen=True)
+class Lease:
+    """The ledger's record of one PCI address."""
+
+    address: str
+    holder: str | None
+    generation: int
+    granted_at: str | None
+
+    @property
+    def vm(self) -> str | None:
+        """The holder's VM name (after the ``<stack>/``)."""
+        return self.holder.split("/", 1)[1] if self.holder and "/" in self.holder else self.holder
+
+
+def _now() -> str:
+    return datetime.now(UTC).isoformat(timespec="seconds")
+
+
+class Ledger:
+    """Arbitrates PCI devices between stacks. Cheap to create: it holds only the path."""
+
+    def __init__(self, path: str | os.PathLike[str]) -> None:
+        self.path = Path(path)
+        self.lock_path = self.path.with_name(self.path.name + ".lock")
+
+    # --- reading ------------------------------------------------------------
+
+    def _parse(self, text: str) -> dict[str, dict[str, Any]]:
+        data = json.loads(text)
+        if not isinstance(data, dict) or data.get("version") != FORMAT_VERSION or \
+                not isinstance(data.get("devices"), dict):
+            raise ValueError(f"not a version-{FORMAT_VERSION} ledger")
+        devices: dict[str, dict[str, Any]] = data["devices"]
+        for address, entry in devices.items():
+            if not isinstance(entry, dict) or not isinstance(entry.get("generation"), int):
+                raise ValueError(f"entry {address!r} is malformed")
+        return devices
+
+    def _load(self) -> dict[str, dict[str, Any]]:
+        try:
+            text = self.path.read_text(encoding="utf-8")
+        except FileNotFoundError:
+            return {}
+        except OSError as exc:
+            raise LeaseError(f"GPU lease ledger {self.path} cannot be read ({exc.strerror}); "
+                             "allowed: a readable file (check its permissions)") from None
+        try:
+            return self._parse(text)
+        except (ValueError, json.JSONDecodeError) as exc:
+            kept = self._keep_aside()
+            raise LeaseError(
+                f"GPU lease ledger {self.path} is corrupt ({exc}); nothing was changed and a copy is kept at "
+                f"{kept}; repair the file by hand or move it away once no VM holds a GPU") from None
+
+    def _keep_aside(self) -> Path:
+        stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%S")
+        kept = self.path.with_name(f"{self.path.name}.corrupt-{stamp}")
+        if not kept.exists():
+            with contextlib.suppress(OSError):
+                shutil.copy2(self.path, kept)
+        return kept
+
+    def leases(self) -> dict[str, Lease]:
+        """Every address the ledger knows, held or free (a consistent snapshot, no lock needed)."""
+        return {address: Lease(address, e.get("holder"), e["generation"], e.get("granted_at"))
+                for address, e in sorted(self._load().items())}
+
+    def holder_of(self, address: str) -> Lease | None:
+        """The lease on ``address`` when someone holds it."""
+        lease = self.leases().get(address)
+        return lease if lease and lease.holder else None
+
+    # --- changing -------------------------------------------------------------
+
+    @contextlib.contextmanager
+    def _locked(self) -> Iterator[dict[str, dict[str, Any]]]:
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            fd = os.open(self.lock_path, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as exc:
+            raise LeaseError(f"GPU lease ledger lock {self.lock_path} cannot be opened ({exc.strerror}); "
+                             "allowed: a writable folder (set aihow:ledgerPath)") from None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            devices = self._load()
+            before = json.dumps(devices, sort_keys=True)
+            yield devices
+            if json.dumps(devices, sort_keys=True) != before:
+                self._write(devices)
+        finally:
+            os.close(fd)  # closing releases the flock
+
+    def _write(self, devices: dict[str, dict[str, Any]]) -> None:
+        payload = json.dumps({"version": FORMAT_VERSION, "devices": devices}, indent=2, sort_keys=True) + "\n"
+        fd, tmp = tempfile.mkstemp(prefix=f".{self.path.name}.", dir=self.path.parent)
+        try:
+            with os.fdopen(fd, "w", encoding="utf-8") as out:
+                out.write(payload)
+                out.flush()
+                os.fsync(out.fileno())
+            os.chmod(tmp, 0o644)
+            os.replace(tmp, self.path)
+        except BaseException:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
+            raise
+        folder = os.open(self.path.parent, os.O_RDONLY)
+        try:
+            os.fsync(folder)
+        finally:
+            os.close(folder)
+
+    def acquire(self, holder: str, addresses: list[str]) -> list[Lease]:
+        """Grant every address to ``holder``, or none: a conflict raises ``LeaseConflictError``
+        naming the address, its holder, since when, and how to free it. Addresses the holder
+        already has are kept as they are (no new generation)."""
+        with self._locked() as devices:
+            for address in addresses:
+                entry = devices.get(address) or {}
+                other = entry.get("holder")
+                if other and other != holder:
+                    vm = other.split("/", 1)[-1]
+                    raise LeaseConflictError(
+                        f"GPU {address} is held by {other} since {entry.get('granted_at')}; "
+                        f"free it with `invoke vm.stop {vm}` (or `invoke gpu.reclaim {address}` if that VM "
+                        "is gone or shut off)")
+            now = _now()
+            for address in addresses:
+                entry = devices.setdefault(address, {"holder": None, "generation": 0, "granted_at": None})
+                if entry.get("holder") != holder:
+                    entry.update(holder=holder, generation=entry["generation"] + 1, granted_at=now)
+            return [Lease(a, holder, devices[a]["generation"], devices[a]["granted_at"]) for a in addresses]
+
+    def release(self, holder: str, addresses: list[str]) -> list[str]:
+        """Free the addresses ``holder`` holds; others are left alone (never a steal). Returns
+        the addresses freed."""
+        freed = []
+        with self._locked() as devices:
+            for address in addresses:
+                entry = devices.get(address)
+                if entry and entry.get("holder") == holder:
+                    entry.update(holder=None, granted_at=None)
+                    freed.append(address)
+        return freed
+
+    def reclaim(self, address: str) -> Lease | None:
+        """Operator's override: free ``address`` whoever holds it. Returns the lease that was freed."""
+        with self._locked() as devices:
+            entry = devices.get(address)
+            if not entry or not entry.get("holder"):
+                return None
+            lease = Lease(address, entry["holder"], entry["generation"], entry.get("granted_at"))
+            entry.update(holder=None, granted_at=None)
+            return lease

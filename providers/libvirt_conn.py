@@ -1,0 +1,79 @@
+"""Opening libvirt connections and turning libvirt errors into the project's own.
+
+This is the one place that knows libvirt's error codes. Providers open a
+connection inside each method (a provider object is pickled into Pulumi's
+state, so it must hold no connection) through ``connect``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Iterator
+from typing import TypeVar
+
+import libvirt
+
+from aihow_infra.errors import LibvirtError, NotFoundError
+
+T = TypeVar("T")
+
+_NOT_FOUND = {
+    libvirt.VIR_ERR_NO_DOMAIN,
+    libvirt.VIR_ERR_NO_NETWORK,
+    libvirt.VIR_ERR_NO_STORAGE_POOL,
+    libvirt.VIR_ERR_NO_STORAGE_VOL,
+}
+
+# libvirt prints every error to stderr by default; we report them ourselves.
+libvirt.registerErrorHandler(lambda _ctx, _err: None, None)
+
+
+def translate(exc: libvirt.libvirtError, doing: str) -> LibvirtError:
+    """The project's exception for a libvirt error, with what we were doing."""
+    message = f"{doing}: {exc.get_error_message() or exc}"
+    if exc.get_error_code() in _NOT_FOUND:
+        return NotFoundError(message)
+    return LibvirtError(message)
+
+
+@contextlib.contextmanager
+def connect(uri: str) -> Iterator[libvirt.virConnect]:
+    """A read-write connection to ``uri``, closed on exit; errors become ``LibvirtError``."""
+    try:
+        conn = libvirt.open(uri)
+    except libvirt.libvirtError as exc:
+        raise translate(exc, f"connecting to libvirt at {uri}") from None
+    try:
+        yield conn
+    finally:
+        with contextlib.suppress(libvirt.libvirtError):
+            conn.close()
+
+
+def call(doing: str, fn: Callable[..., T], *args: object) -> T:
+    """Run a libvirt call, translating its error."""
+    try:
+        return fn(*args)
+    except libvirt.libvirtError as exc:
+        raise translate(exc, doing) from None
+
+
+def lookup(doing: str, fn: Callable[[str], T], name: str) -> T | None:
+    """Look an object up by name; ``None`` when it does not exist."""
+    try:
+        return fn(name)
+    except libvirt.libvirtError as exc:
+        if exc.get_error_code() in _NOT_FOUND:
+            return None
+        raise translate(exc, doing) from None
+
+
+def kvm_usable(conn: libvirt.virConnect) -> bool:
+    """True when libvirt reports KVM acceleration usable on this host."""
+    if conn.getType() != "QEMU":
+        return False
+    try:
+        conn.getDomainCapabilities(None, None, None, "kvm", 0)
+    except libvirt.libvirtError:
+        return False
+    return True

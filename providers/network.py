@@ -1,0 +1,123 @@
+"""A libvirt network as a Pulumi resource: bridge, subnet, DHCP and a reservation per VM."""
+
+from __future__ import annotations
+
+import contextlib
+import xml.etree.ElementTree as ET
+from typing import Any, ClassVar
+
+import libvirt
+import pulumi
+from pulumi.dynamic import CheckFailure, CreateResult, ReadResult, Resource, UpdateResult
+
+from aihow_infra.errors import LibvirtError
+from providers.base import Provider
+from providers.libvirt_conn import call, connect, lookup
+from providers.render import network_xml
+
+_SECTION = libvirt.VIR_NETWORK_SECTION_IP_DHCP_HOST
+_LIVE_AND_CONFIG = libvirt.VIR_NETWORK_UPDATE_AFFECT_LIVE | libvirt.VIR_NETWORK_UPDATE_AFFECT_CONFIG
+
+
+def _host_xml(host: dict[str, str]) -> str:
+    return f"<host mac='{host['mac']}' name='{host['name']}' ip='{host['ip']}'/>"
+
+
+def _key(host: dict[str, str]) -> tuple[str, str, str]:
+    return host["mac"], host["name"], host["ip"]
+
+
+def read_hosts(net: libvirt.virNetwork) -> list[dict[str, str]]:
+    """The static DHCP reservations libvirt holds for a network."""
+    root = ET.fromstring(net.XMLDesc(0))
+    return [{"mac": h.get("mac", ""), "name": h.get("name", ""), "ip": h.get("ip", "")}
+            for h in root.iterfind("./ip/dhcp/host")]
+
+
+class NetworkProvider(Provider):
+    """Creates, updates (reservations, live) and removes a libvirt network."""
+
+    REQUIRED: ClassVar = {"uri": str, "name": str, "bridge": str, "forward_mode": str, "gateway": str,
+                          "netmask": str, "dhcp_start": str, "dhcp_end": str, "hosts": list}
+    REPLACE = frozenset({"uri", "name", "bridge", "forward_mode", "gateway", "netmask", "dhcp_start",
+                         "dhcp_end", "dns_domain", "dns_servers"})
+    UPDATE = frozenset({"hosts"})
+
+    def check_values(self, news: dict[str, Any]) -> list[CheckFailure]:
+        """Only 'nat' and 'isolated' networks are made."""
+        if news.get("forward_mode") not in ("nat", "isolated"):
+            return [CheckFailure("forward_mode", f"forward_mode: {news.get('forward_mode')!r}; "
+                                                 "allowed: 'nat' or 'isolated'")]
+        return []
+
+    def create(self, props: dict[str, Any]) -> CreateResult:
+        """Define, start and autostart the network; on any failure remove what was made."""
+        name = props["name"]
+        with connect(props["uri"]) as conn:
+            if lookup("looking up network", conn.networkLookupByName, name) is not None:
+                raise LibvirtError(
+                    f"network {name!r} already exists outside this stack; remove it "
+                    f"(virsh net-destroy {name}; virsh net-undefine {name}) or rename the cluster")
+            net = call(f"defining network {name}", conn.networkDefineXML, network_xml(props))
+            try:
+                call(f"starting network {name}", net.create)
+                call(f"marking network {name} autostart", net.setAutostart, 1)
+            except LibvirtError:
+                with contextlib.suppress(libvirt.libvirtError):
+                    if net.isActive():
+                        net.destroy()
+                    net.undefine()
+                raise
+            return CreateResult(name, {**props, "active": True, "uuid": net.UUIDString()})
+
+    def update(self, _id: str, olds: dict[str, Any], news: dict[str, Any]) -> UpdateResult:
+        """Add and remove DHCP reservations on the running network and in its definition."""
+        name = news["name"]
+        old = {_key(h): h for h in olds.get("hosts") or []}
+        new = {_key(h): h for h in news.get("hosts") or []}
+        with connect(news["uri"]) as conn:
+            net = call(f"looking up network {name}", conn.networkLookupByName, name)
+            present = {_key(h) for h in read_hosts(net)}
+            for key in old.keys() - new.keys():
+                if key in present:
+                    call(f"removing reservation {key} from {name}", net.update,
+                         libvirt.VIR_NETWORK_UPDATE_COMMAND_DELETE, _SECTION, -1, _host_xml(old[key]),
+                         _LIVE_AND_CONFIG)
+            for key in new.keys() - old.keys():
+                if key not in present:
+                    call(f"adding reservation {key} to {name}", net.update,
+                         libvirt.VIR_NETWORK_UPDATE_COMMAND_ADD_LAST, _SECTION, -1, _host_xml(new[key]),
+                         _LIVE_AND_CONFIG)
+            return UpdateResult({**news, "active": bool(net.isActive()), "uuid": net.UUIDString()})
+
+    def delete(self, _id: str, props: dict[str, Any]) -> None:
+        """Stop and undefine; a network already gone is success."""
+        name = props["name"]
+        with connect(props["uri"]) as conn:
+            net = lookup("looking up network", conn.networkLookupByName, name)
+            if net is None:
+                return
+            if net.isActive():
+                call(f"stopping network {name}", net.destroy)
+            call(f"undefining network {name}", net.undefine)
+
+    def read(self, id_: str, props: dict[str, Any]) -> ReadResult:
+        """What libvirt holds now; an empty id when the network was removed behind Pulumi's back."""
+        with connect(props["uri"]) as conn:
+            net = lookup("looking up network", conn.networkLookupByName, props["name"])
+            if net is None:
+                return ReadResult(None, {})
+            return ReadResult(id_, {**props, "hosts": read_hosts(net), "active": bool(net.isActive()),
+                                    "uuid": net.UUIDString()})
+
+
+class Network(Resource, module="libvirt", name="Network"):
+    """A libvirt network; type ``pulumi-python:dynamic/libvirt:Network``."""
+
+    name: pulumi.Output[str]
+    bridge: pulumi.Output[str]
+    active: pulumi.Output[bool]
+
+    def __init__(self, resource_name: str, props: dict[str, Any],
+                 opts: pulumi.ResourceOptions | None = None) -> None:
+        super().__init__(NetworkProvider(), resource_name, {**props, "active": None, "uuid": None}, opts)

@@ -1,0 +1,151 @@
+"""libvirt storage as Pulumi resources: a directory pool per cluster, a qcow2 volume per VM."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import subprocess
+from pathlib import Path
+from typing import Any, ClassVar
+
+import libvirt
+import pulumi
+from pulumi.dynamic import CheckFailure, CreateResult, ReadResult, Resource
+
+from aihow_infra.errors import LibvirtError
+from providers.base import Provider
+from providers.libvirt_conn import call, connect, lookup
+from providers.render import pool_xml, volume_xml
+
+
+class PoolProvider(Provider):
+    """A directory pool under the images folder."""
+
+    REQUIRED: ClassVar = {"uri": str, "name": str, "path": str}
+    REPLACE = frozenset({"uri", "name", "path"})
+
+    def create(self, props: dict[str, Any]) -> CreateResult:
+        """Define, build (mkdir), start and autostart; on failure remove what was made."""
+        name = props["name"]
+        with connect(props["uri"]) as conn:
+            if lookup("looking up pool", conn.storagePoolLookupByName, name) is not None:
+                raise LibvirtError(f"storage pool {name!r} already exists outside this stack; remove it "
+                                   f"(virsh pool-destroy {name}; virsh pool-undefine {name}) or rename the cluster")
+            pool = call(f"defining pool {name}", conn.storagePoolDefineXML, pool_xml(props), 0)
+            try:
+                if not Path(props["path"]).is_dir():
+                    call(f"creating folder of pool {name}", pool.build, 0)
+                call(f"starting pool {name}", pool.create, 0)
+                call(f"marking pool {name} autostart", pool.setAutostart, 1)
+            except LibvirtError:
+                with contextlib.suppress(libvirt.libvirtError):
+                    if pool.isActive():
+                        pool.destroy()
+                    pool.undefine()
+                raise
+            return CreateResult(name, {**props, "uuid": pool.UUIDString()})
+
+    def delete(self, _id: str, props: dict[str, Any]) -> None:
+        """Stop, remove the (empty) folder, undefine; a pool already gone is success."""
+        name = props["name"]
+        with connect(props["uri"]) as conn:
+            pool = lookup("looking up pool", conn.storagePoolLookupByName, name)
+            if pool is None:
+                return
+            if pool.isActive():
+                call(f"stopping pool {name}", pool.destroy)
+            # The folder is removed only when empty: files we did not make stay.
+            with contextlib.suppress(libvirt.libvirtError):
+                pool.delete(0)
+            call(f"undefining pool {name}", pool.undefine)
+
+    def read(self, id_: str, props: dict[str, Any]) -> ReadResult:
+        """An empty id when the pool was removed behind Pulumi's back."""
+        with connect(props["uri"]) as conn:
+            pool = lookup("looking up pool", conn.storagePoolLookupByName, props["name"])
+            if pool is None:
+                return ReadResult(None, {})
+            return ReadResult(id_, {**props, "uuid": pool.UUIDString()})
+
+
+def image_format(path: str) -> str:
+    """The format of a base image, as qemu-img reports it."""
+    try:
+        out = subprocess.run(["qemu-img", "info", "--output=json", "-U", path],
+                             check=True, capture_output=True, text=True, timeout=60).stdout
+    except (OSError, subprocess.SubprocessError) as exc:
+        detail = getattr(exc, "stderr", "") or str(exc)
+        raise LibvirtError(f"base image {path!r} cannot be read by qemu-img: {detail.strip()}") from None
+    return str(json.loads(out)["format"])
+
+
+class VolumeProvider(Provider):
+    """A VM disk: qcow2 of ``size_gb``, an overlay on ``base_image`` (never a copy) or blank."""
+
+    REQUIRED: ClassVar = {"uri": str, "pool": str, "name": str, "size_gb": int}
+    REPLACE = frozenset({"uri", "pool", "name", "size_gb", "base_image"})
+
+    def check_values(self, news: dict[str, Any]) -> list[CheckFailure]:
+        """Positive size; an absolute, existing base image when one is named."""
+        failures = []
+        size = news.get("size_gb")
+        if isinstance(size, int) and size <= 0:
+            failures.append(CheckFailure("size_gb", f"size_gb: {size}; allowed: a positive number of GiB"))
+        image = news.get("base_image")
+        if isinstance(image, str) and not Path(image).is_file():
+            failures.append(CheckFailure("base_image", f"base_image: {image!r} does not exist; "
+                                                       "allowed: an existing image file"))
+        return failures
+
+    def create(self, props: dict[str, Any]) -> CreateResult:
+        """Create the volume; an existing volume of that name is an error, never overwritten."""
+        name = props["name"]
+        backing_format = image_format(props["base_image"]) if props.get("base_image") else "qcow2"
+        with connect(props["uri"]) as conn:
+            pool = call(f"looking up pool {props['pool']}", conn.storagePoolLookupByName, props["pool"])
+            if lookup("looking up volume", pool.storageVolLookupByName, name) is not None:
+                raise LibvirtError(f"volume {name!r} already exists in pool {props['pool']!r} outside this stack; "
+                                   f"remove it (virsh vol-delete {name} --pool {props['pool']}) to let it be made")
+            vol = call(f"creating volume {name}", pool.createXML, volume_xml(props, backing_format), 0)
+            return CreateResult(f"{props['pool']}/{name}", {**props, "path": vol.path()})
+
+    def delete(self, _id: str, props: dict[str, Any]) -> None:
+        """Delete the volume; one already gone (or a pool already gone) is success."""
+        with connect(props["uri"]) as conn:
+            pool = lookup("looking up pool", conn.storagePoolLookupByName, props["pool"])
+            if pool is None:
+                return
+            with contextlib.suppress(libvirt.libvirtError):
+                pool.refresh(0)
+            vol = lookup("looking up volume", pool.storageVolLookupByName, props["name"])
+            if vol is not None:
+                call(f"deleting volume {props['name']}", vol.delete, 0)
+
+    def read(self, id_: str, props: dict[str, Any]) -> ReadResult:
+        """An empty id when the volume was removed behind Pulumi's back."""
+        with connect(props["uri"]) as conn:
+            pool = lookup("looking up pool", conn.storagePoolLookupByName, props["pool"])
+            vol = lookup("looking up volume", pool.storageVolLookupByName, props["name"]) if pool else None
+            if vol is None:
+                return ReadResult(None, {})
+            return ReadResult(id_, {**props, "path": vol.path()})
+
+
+class StoragePool(Resource, module="libvirt", name="StoragePool"):
+    """A libvirt directory pool."""
+
+    name: pulumi.Output[str]
+
+    def __init__(self, resource_name: str, props: dict[str, Any],
+                 opts: pulumi.ResourceOptions | None = None) -> None:
+        super().__init__(PoolProvider(), resource_name, {**props, "uuid": None}, opts)
+
+
+class Volume(Resource, module="libvirt", name="Volume"):
+    """A libvirt storage volume; ``path`` is what a domain's disk points at."""
+
+    path: pulumi.Output[str]
+
+    def __init__(self, resource_name: str, props: dict[str, Any],
+                 opts: pulumi.ResourceOptions | None = None) -> None:
+        super().__init__(VolumeProvider(), resource_name, {**props, "path": None}, opts)

@@ -1,0 +1,167 @@
+"""Provider CRUD against libvirt's test driver (test:///default, in-process, shared per process)."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Iterator
+from typing import Any
+
+import libvirt
+import pytest
+
+from aihow_infra.errors import LibvirtError
+from providers.domain import DomainProvider
+from providers.network import NetworkProvider
+from providers.storage import PoolProvider, VolumeProvider
+
+URI = "test:///default"
+
+
+@pytest.fixture
+def conn() -> Iterator[libvirt.virConnect]:
+    c = libvirt.open(URI)
+    yield c
+    c.close()
+
+
+@pytest.fixture
+def tag() -> str:
+    return uuid.uuid4().hex[:8]
+
+
+def net_props(tag: str, hosts: list[dict[str, str]] | None = None) -> dict[str, Any]:
+    return {"uri": URI, "name": f"t{tag}-network", "bridge": f"tb{tag}", "forward_mode": "isolated",
+            "dns_domain": f"t{tag}.local", "dns_servers": [], "gateway": "10.99.0.1", "netmask": "255.255.255.0",
+            "dhcp_start": "10.99.0.10", "dhcp_end": "10.99.0.254",
+            "hosts": hosts if hosts is not None else [{"mac": "52:54:00:00:00:01", "name": "a", "ip": "10.99.0.11"}]}
+
+
+def dom_props(tag: str, **over: Any) -> dict[str, Any]:
+    props = {"uri": URI, "name": f"t{tag}-vm", "cluster": "t", "role": "compute", "stack": "test",
+             "vcpus": 1, "memory_mib": 512, "disk_path": f"/tmp/t{tag}.qcow2", "disk_gb": 1,
+             "mac": "52:54:00:00:00:02", "network": "default", "running": True, "stop_timeout": 1,
+             "virt_type": "auto", "acceleration": {}, "mounts": [],
+             "devices": [{"address": "0000:01:00.0", "type": "gpu"}, {"address": "0000:01:00.1", "type": "audio"}]}
+    return {**props, **over}
+
+
+def test_network_create_update_read_delete(conn: libvirt.virConnect, tag: str) -> None:
+    provider = NetworkProvider()
+    props = net_props(tag)
+    created = provider.create(props)
+    try:
+        net = conn.networkLookupByName(props["name"])
+        assert net.isActive() and net.autostart()
+        assert "10.99.0.11" in net.XMLDesc(0) and "<forward" not in net.XMLDesc(0)
+
+        hosts = [{"mac": "52:54:00:00:00:03", "name": "b", "ip": "10.99.0.12"}]
+        updated = provider.update(created.id, created.outs, {**props, "hosts": hosts})
+        assert updated.outs["hosts"] == hosts
+        xml = conn.networkLookupByName(props["name"]).XMLDesc(0)
+        assert "10.99.0.12" in xml and "10.99.0.11" not in xml
+
+        read = provider.read(created.id, updated.outs)
+        assert read.id == created.id and read.outs["hosts"] == hosts
+    finally:
+        provider.delete(created.id, props)
+    assert props["name"] not in [n.name() for n in conn.listAllNetworks()]
+    provider.delete(created.id, props)  # idempotent: already gone is success
+    assert provider.read(created.id, props).id is None
+
+
+def test_network_that_exists_outside_the_stack_is_not_taken_over(conn: libvirt.virConnect, tag: str) -> None:
+    provider = NetworkProvider()
+    props = net_props(tag)
+    created = provider.create(props)
+    try:
+        with pytest.raises(LibvirtError, match="already exists outside this stack"):
+            provider.create(props)
+    finally:
+        provider.delete(created.id, props)
+
+
+def test_network_diff_updates_hosts_in_place_and_replaces_on_subnet(tag: str) -> None:
+    provider = NetworkProvider()
+    olds = {**net_props(tag), "__provider": "old-code"}
+    news = {**net_props(tag), "__provider": "new-code"}
+    assert provider.diff("x", olds, news).changes is False  # __provider is ignored
+    d = provider.diff("x", olds, {**news, "hosts": []})
+    assert d.changes and not d.replaces
+    d = provider.diff("x", olds, {**news, "gateway": "10.99.1.1"})
+    assert d.replaces == ["gateway"] and d.delete_before_replace
+
+
+def test_check_turns_bad_inputs_into_failures(tag: str) -> None:
+    result = NetworkProvider().check({}, {**net_props(tag), "forward_mode": "bridge", "bridge": None})
+    reasons = {f.property: f.reason for f in result.failures}
+    assert reasons["bridge"] == "bridge is required"
+    assert "allowed: 'nat' or 'isolated'" in reasons["forward_mode"]
+    result = DomainProvider().check({}, dom_props(tag, vcpus=0, memory_mib="lots"))
+    reasons = {f.property: f.reason for f in result.failures}
+    assert "allowed: a positive number" in reasons["vcpus"]
+    assert "not of type int" in reasons["memory_mib"]
+
+
+def test_pool_and_volume_lifecycle(conn: libvirt.virConnect, tag: str, tmp_path: Any) -> None:
+    pools, vols = PoolProvider(), VolumeProvider()
+    pool_props = {"uri": URI, "name": f"t{tag}-pool", "path": str(tmp_path / "pool")}
+    pool = pools.create(pool_props)
+    try:
+        vol_props = {"uri": URI, "pool": pool_props["name"], "name": f"t{tag}-vm.qcow2", "size_gb": 2,
+                     "base_image": None}
+        vol = vols.create(vol_props)
+        assert vol.outs["path"].endswith(f"t{tag}-vm.qcow2")
+        info = conn.storagePoolLookupByName(pool_props["name"]).storageVolLookupByName(vol_props["name"]).info()
+        assert info[1] == 2 * 1024**3
+        assert vols.diff(vol.id, vol.outs, {**vol_props, "size_gb": 3}).replaces == ["size_gb"]
+        with pytest.raises(LibvirtError, match="already exists in pool"):
+            vols.create(vol_props)
+        vols.delete(vol.id, vol_props)
+        vols.delete(vol.id, vol_props)
+        assert vols.read(vol.id, vol_props).id is None
+    finally:
+        pools.delete(pool.id, pool_props)
+    assert pools.read(pool.id, pool_props).id is None
+
+
+def test_volume_check_rejects_missing_base_image(tag: str) -> None:
+    result = VolumeProvider().check({}, {"uri": URI, "pool": "p", "name": "v", "size_gb": 1,
+                                         "base_image": "/nonexistent.qcow2"})
+    assert [f.property for f in result.failures] == ["base_image"]
+
+
+def test_domain_running_and_stopped_states(conn: libvirt.virConnect, tag: str) -> None:
+    provider = DomainProvider()
+    props = dom_props(tag, running=False)
+    created = provider.create(props)
+    try:
+        dom = conn.lookupByName(props["name"])
+        assert not dom.isActive() and created.outs["state"] == "shutoff"
+        xml = dom.XMLDesc(0)
+        assert xml.count("<hostdev mode='subsystem' type='pci' managed='yes'>") == 2
+        assert "<rom bar='on'/>" in xml and "urn:x-aihow:vm:1" in xml
+
+        started = provider.update(created.id, created.outs, {**props, "running": True})
+        assert started.outs["running"] and conn.lookupByName(props["name"]).isActive()
+
+        resized = provider.update(created.id, started.outs, {**props, "running": True, "memory_mib": 1024})
+        dom = conn.lookupByName(props["name"])
+        assert dom.isActive() and dom.maxMemory() == 1024 * 1024
+        assert resized.outs["uuid"] == created.outs["uuid"]
+
+        dom.destroy()  # behind Pulumi's back
+        read = provider.read(created.id, resized.outs)
+        assert read.outs["running"] is False and read.outs["state"] == "shutoff"
+        assert provider.diff(created.id, read.outs, {**props, "running": True, "memory_mib": 1024}).changes
+    finally:
+        provider.delete(created.id, props)
+    assert provider.read(created.id, props).id is None
+    provider.delete(created.id, props)
+
+
+def test_domain_diff_says_what_replaces(tag: str) -> None:
+    provider = DomainProvider()
+    props = dom_props(tag)
+    assert provider.diff("x", props, {**props, "memory_mib": 2048}).replaces == []
+    assert provider.diff("x", props, {**props, "disk_gb": 5}).replaces == ["disk_gb"]
+    assert provider.diff("x", props, {**props, "name": "other"}).replaces == ["name"]
