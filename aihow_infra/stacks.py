@@ -1,0 +1,141 @@
+"""Running the Pulumi CLI for the tasks (and the end-to-end tests): one place for its
+environment, its offline settings, and turning its failures into one clear line."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from aihow_infra.errors import StackError
+
+PROJECT_ROOT = Path(__file__).resolve().parent.parent
+
+_OWN_ERROR = re.compile(r"aihow_infra\.errors\.(\w+): (.*)$")
+_ENGINE_ERROR = re.compile(r"^\s*error: (.*)$")
+
+
+def offline_env(root: Path = PROJECT_ROOT, backend_url: str | None = None) -> dict[str, str]:
+    """The environment the project's pulumi runs in: its own tools first on PATH, a local
+    backend, and nothing that reaches the internet."""
+    env = dict(os.environ)
+    env["PATH"] = os.pathsep.join([str(root / ".tools" / "bin"), str(Path(sys.executable).parent), env["PATH"]])
+    env.setdefault("PULUMI_HOME", str(root / ".tools" / "pulumi-home"))
+    env["PULUMI_BACKEND_URL"] = backend_url or env.get("PULUMI_BACKEND_URL") or f"file://{root / '.state'}"
+    env.setdefault("PULUMI_CONFIG_PASSPHRASE", "")
+    env["PULUMI_SKIP_UPDATE_CHECK"] = "true"
+    env["PULUMI_DISABLE_AUTOMATIC_PLUGIN_ACQUISITION"] = "true"
+    env["PULUMI_AUTOMATION_API_SKIP_VERSION_CHECK"] = "true"
+    return env
+
+
+def summarize_failure(output: str) -> str:
+    """The cause of a failed pulumi run in one line: our own error when a provider raised one,
+    else the engine's first error line."""
+    ours = [m.group(2) for line in output.splitlines() if (m := _OWN_ERROR.search(line))]
+    if ours:
+        return ours[0]
+    engine = [m.group(1).strip() for line in output.splitlines() if (m := _ENGINE_ERROR.match(line))]
+    engine = [e for e in engine if e not in ("update failed", "preview failed", "destroy failed")] or engine
+    for line in engine:
+        if line.startswith("Traceback"):
+            continue
+        return line
+    tail = [line.strip() for line in output.splitlines() if line.strip()]
+    return tail[-1] if tail else "pulumi failed without output"
+
+
+@dataclass
+class Workspace:
+    """A Pulumi project folder and the backend its stacks live in.
+
+    ``config_files`` maps a stack to a config file used instead of the project's
+    ``Pulumi.<stack>.yaml`` (tests keep their stacks out of the work tree).
+    """
+
+    project_dir: Path = PROJECT_ROOT
+    backend_url: str | None = None
+    config_files: dict[str, Path] = field(default_factory=dict)
+    echo: bool = False
+
+    def env(self) -> dict[str, str]:
+        """The environment pulumi runs in."""
+        return offline_env(PROJECT_ROOT, self.backend_url)
+
+    def run(self, args: Sequence[str], stack: str | None = None, check: bool = True,
+            timeout: float = 1800) -> subprocess.CompletedProcess[str]:
+        """Run ``pulumi ARGS`` (with ``--stack`` and the stack's config file); raise ``StackError``
+        with the cause in one line when it fails and ``check`` is set."""
+        cmd = ["pulumi", *args, "--non-interactive"]
+        if stack is not None:
+            cmd += ["--stack", stack]
+            if stack in self.config_files:
+                cmd += ["--config-file", str(self.config_files[stack])]
+        proc = subprocess.run(cmd, cwd=self.project_dir, env=self.env(), text=True, timeout=timeout,
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, check=False)
+        if self.echo:
+            print(proc.stdout, file=sys.stderr)
+        if check and proc.returncode != 0:
+            raise StackError(f"pulumi {args[0]} -s {stack}: {summarize_failure(proc.stdout)}")
+        return proc
+
+    def stacks(self) -> set[str]:
+        """Names of the stacks the backend holds for this project."""
+        proc = self.run(["stack", "ls", "--json"])
+        return {s["name"].split("/")[-1] for s in json.loads(proc.stdout)}
+
+    def ensure_stack(self, stack: str) -> None:
+        """Create the stack when the backend does not have it yet."""
+        if stack not in self.stacks():
+            self.run(["stack", "init", stack])
+
+    def up(self, stack: str, extra: Sequence[str] = ()) -> str:
+        """``pulumi up --yes``; returns the engine's output."""
+        self.ensure_stack(stack)
+        return self.run(["up", "--yes", "--skip-preview", *extra], stack).stdout
+
+    def preview(self, stack: str, extra: Sequence[str] = ()) -> str:
+        """``pulumi preview``; returns the engine's output."""
+        self.ensure_stack(stack)
+        return self.run(["preview", "--diff", *extra], stack).stdout
+
+    def planned_steps(self, stack: str) -> dict[str, str]:
+        """What ``pulumi preview`` would do, as resource name -> operation (``update``,
+        ``replace``, ``create``, ``delete``, ...); unchanged resources are left out."""
+        self.ensure_stack(stack)
+        data = json.loads(self.run(["preview", "--json"], stack).stdout)
+        return {step["urn"].split("::")[-1]: step["op"] for step in data.get("steps", [])
+                if step.get("op") not in ("same", "read")}
+
+    def refresh(self, stack: str) -> str:
+        """``pulumi refresh --yes``."""
+        return self.run(["refresh", "--yes", "--skip-preview"], stack).stdout
+
+    def destroy(self, stack: str) -> str:
+        """``pulumi destroy --yes``; a stack the backend does not have is already destroyed."""
+        if stack not in self.stacks():
+            return ""
+        return self.run(["destroy", "--yes", "--skip-preview"], stack).stdout
+
+    def outputs(self, stack: str) -> dict[str, Any]:
+        """The stack's outputs (empty before the first ``up``)."""
+        if stack not in self.stacks():
+            return {}
+        proc = self.run(["stack", "output", "--json"], stack)
+        data: dict[str, Any] = json.loads(proc.stdout or "{}")
+        return data
+
+    def config_set(self, stack: str, key: str, value: str, path: bool = False) -> None:
+        """``pulumi config set`` (``path`` for keys like ``aihow:power.vm``)."""
+        self.ensure_stack(stack)
+        self.run(["config", "set", *(["--path"] if path else []), key, value], stack)
+
+    def config_rm(self, stack: str, key: str, path: bool = False) -> None:
+        """``pulumi config rm``; a key that is not set is fine."""
+        self.run(["config", "rm", *(["--path"] if path else []), key], stack, check=False)

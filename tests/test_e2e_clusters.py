@@ -1,0 +1,150 @@
+"""End to end: the real Pulumi engine against the real libvirtd (qemu:///system).
+
+Networks are isolated (no NAT), disks are small blank qcow2 volumes, and every
+libvirt object carries the sandbox's prefix so the fixture removes it all.
+"""
+
+from __future__ import annotations
+
+import subprocess
+from typing import Any
+
+import libvirt
+import pytest
+
+from aihow_infra.errors import StackError
+from tests.conftest import E2E, Sandbox
+
+pytestmark = pytest.mark.e2e
+
+
+def two_clusters(box: Sandbox) -> dict[str, Any]:
+    hpc_net, cloud_net = box.subnet(), box.subnet()
+    h, c = list(hpc_net.hosts()), list(cloud_net.hosts())
+    gpu = {"enabled": True, "devices": [
+        {"pci_address": "0000:41:00.0", "device_type": "gpu", "vendor_id": "10de", "device_id": "2805"},
+        {"pci_address": "0000:41:00.1", "device_type": "audio", "vendor_id": "10de", "device_id": "22bd"}]}
+    return {
+        "hpc": box.cluster("hpc", hpc_net, [box.node(str(h[10])), box.node(str(h[11]))]),
+        "cloud": box.cluster("cloud", cloud_net, [
+            box.node(str(c[10])),
+            box.node(str(c[11]), auto_start=False, pcie_passthrough=gpu),
+        ]),
+    }
+
+
+def states(conn: libvirt.virConnect, prefix: str) -> dict[str, bool]:
+    return {d.name(): bool(d.isActive()) for d in conn.listAllDomains() if d.name().startswith(prefix)}
+
+
+def virsh(*args: str) -> str:
+    return subprocess.run(["virsh", "-c", "qemu:///system", *args], check=True, capture_output=True,
+                          text=True).stdout
+
+
+def test_up_and_destroy_leave_the_host_as_it_was(e2e: E2E) -> None:
+    box = e2e.sandbox
+    before = virsh("net-list", "--all")
+    snapshot = box.snapshot()
+    clusters = two_clusters(box)
+    del clusters["cloud"]
+    e2e.configure("hpc", e2e.write_cluster_file(clusters))
+    e2e.workspace.up("hpc")
+    assert states(box.conn, box.prefix) == {f"{box.prefix}-hpc-controller": True,
+                                            f"{box.prefix}-hpc-compute-01": True,
+                                            f"{box.prefix}-hpc-compute-02": True}
+    e2e.workspace.destroy("hpc")
+    assert box.leftovers() == []
+    assert box.snapshot() == snapshot
+    assert virsh("net-list", "--all") == before
+
+
+def test_two_stacks_converge_update_replace_refresh_and_destroy(e2e: E2E) -> None:
+    box, ws = e2e.sandbox, e2e.workspace
+    clusters = two_clusters(box)
+    cluster_file = e2e.write_cluster_file(clusters)
+    for stack in ("hpc", "cloud"):
+        e2e.configure(stack, cluster_file)
+        ws.up(stack)
+
+    p = box.prefix
+    assert states(box.conn, p) == {
+        f"{p}-hpc-controller": True, f"{p}-hpc-compute-01": True, f"{p}-hpc-compute-02": True,
+        f"{p}-cloud-control-plane": True, f"{p}-cloud-cpu-worker-01": True, f"{p}-cloud-gpu-worker-01": False,
+    }
+    gpu_xml = virsh("dumpxml", f"{p}-cloud-gpu-worker-01")
+    assert gpu_xml.count("<hostdev mode='subsystem' type='pci' managed='yes'>") == 2
+    assert "bus='0x41'" in gpu_xml and "<rom bar='on'/>" in gpu_xml
+    net_xml = virsh("net-dumpxml", f"{p}-cloud-network")
+    assert all(f"name='{p}-cloud-{n}'" in net_xml for n in ("control-plane", "cpu-worker-01", "gpu-worker-01"))
+    assert "<forward" not in net_xml
+
+    outputs = ws.outputs("cloud")
+    gpu_node = outputs["nodes"][f"{p}-cloud-gpu-worker-01"]
+    assert gpu_node["power_state"] == "shutoff" and gpu_node["auto_start"] is False
+    assert gpu_node["gpus"][0]["address"] == "0000:41:00.0"
+    assert outputs["cluster"]["cidr"] == clusters["cloud"]["network"]["subnet"]
+
+    # A second up changes nothing, and a preview says so.
+    ws.run(["preview", "--expect-no-changes"], "hpc")
+    ws.up("cloud")
+    assert states(box.conn, p)[f"{p}-cloud-gpu-worker-01"] is False
+
+    # Memory updates in place; disk size replaces, and preview says which before it happens.
+    clusters["hpc"]["compute_nodes"][0]["memory_gb"] = 2
+    clusters["hpc"]["compute_nodes"][1]["disk_gb"] = 2
+    e2e.write_cluster_file(clusters)
+    steps = ws.planned_steps("hpc")
+    assert steps[f"{p}-hpc-compute-01-domain"] == "update"
+    assert steps[f"{p}-hpc-compute-02-domain"] == "replace"
+    assert steps[f"{p}-hpc-compute-02-disk"] == "replace"
+    assert f"{p}-hpc-compute-01-disk" not in steps
+    uuid_before = box.conn.lookupByName(f"{p}-hpc-compute-01").UUIDString()
+    ws.up("hpc")
+    dom = box.conn.lookupByName(f"{p}-hpc-compute-01")
+    assert dom.UUIDString() == uuid_before and dom.maxMemory() == 2 * 1024 * 1024 and dom.isActive()
+    vol = box.conn.storagePoolLookupByName(f"{p}-hpc-pool").storageVolLookupByName(f"{p}-hpc-compute-02.qcow2")
+    assert vol.info()[1] == 2 * 1024**3
+    ws.run(["preview", "--expect-no-changes"], "hpc")
+
+    # A VM removed behind Pulumi's back shows up in refresh; the next up recreates it.
+    victim = box.conn.lookupByName(f"{p}-cloud-cpu-worker-01")
+    victim.destroy()
+    victim.undefine()
+    refresh = ws.refresh("cloud")
+    assert f"{p}-cloud-cpu-worker-01-domain" in refresh and "deleted" in refresh
+    ws.up("cloud")
+    assert box.conn.lookupByName(f"{p}-cloud-cpu-worker-01").isActive()
+    ws.run(["preview", "--expect-no-changes"], "cloud")
+
+    for stack in ("cloud", "hpc"):
+        ws.destroy(stack)
+    assert box.leftovers() == []
+
+
+def test_failure_midway_leaves_no_orphans_and_a_fixed_file_converges(e2e: E2E) -> None:
+    box, ws = e2e.sandbox, e2e.workspace
+    box.images_dir.mkdir(parents=True, exist_ok=True)  # where qemu may read a base image
+    bad_image = box.images_dir / "broken.qcow2"
+    bad_image.write_bytes(b"QFI\xfb" + (99).to_bytes(4, "big") + b"\x00" * 64)  # qcow2 "version 99"
+    clusters = two_clusters(box)
+    del clusters["cloud"]
+    clusters["hpc"]["compute_nodes"][1]["base_image_path"] = str(bad_image)
+    cluster_file = e2e.write_cluster_file(clusters)
+    e2e.configure("hpc", cluster_file)
+
+    with pytest.raises(StackError, match=r"base image .* cannot be read by qemu-img"):
+        ws.up("hpc")
+    state = ws.run(["stack", "export"], "hpc").stdout
+    for obj in box.leftovers():  # whatever exists on the host is in Pulumi's state
+        assert f'"name": "{obj}"' in state, f"{obj} exists outside Pulumi's state"
+    assert f"{box.prefix}-hpc-compute-02" not in states(box.conn, box.prefix)
+
+    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(bad_image), "1G"], check=True)
+    ws.up("hpc")
+    assert all(states(box.conn, box.prefix).values()) and len(states(box.conn, box.prefix)) == 3
+    backing = box.conn.lookupByName(f"{box.prefix}-hpc-compute-02")
+    vol = box.conn.storageVolLookupByPath(
+        backing.XMLDesc(0).split("<source file='")[1].split("'")[0])
+    assert str(bad_image) in vol.XMLDesc(0)  # an overlay on the base image, not a copy
+    ws.run(["preview", "--expect-no-changes"], "hpc")
