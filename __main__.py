@@ -21,7 +21,7 @@ def main() -> None:
     config = pulumi.Config("aihow")
     raw = {key: config.get_object(key) if key == "power" else config.get(key)
            for key in ("clusterFile", "cluster", "libvirtUri", "imagesDir", "ledgerPath", "stopTimeout",
-                       "virtType", "power")}
+                       "virtType", "power", "clusterPower")}
     try:
         settings = parse_settings({k: v for k, v in raw.items() if v is not None})
         key = settings.cluster_key(stack)

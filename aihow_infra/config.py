@@ -12,7 +12,7 @@ import ipaddress
 import os
 import re
 from collections.abc import Iterator, Mapping
-from enum import Enum
+from enum import StrEnum
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -41,7 +41,7 @@ class Model(BaseModel):
     model_config = ConfigDict(extra="forbid", populate_by_name=True, frozen=True)
 
 
-class DeviceType(str, Enum):
+class DeviceType(StrEnum):
     """What a passthrough device is; ``gpu`` gets a ROM bar and makes a GPU node."""
 
     GPU = "gpu"
@@ -407,8 +407,7 @@ def _types_in(annotation: Any) -> Iterator[Any]:
     yield annotation
     for arg in getattr(annotation, "__args__", ()) or ():
         yield from _types_in(arg)
-    for meta in getattr(annotation, "__metadata__", ()) or ():
-        yield meta
+    yield from getattr(annotation, "__metadata__", ()) or ()
 
 
 def _format_loc(loc: tuple[int | str, ...]) -> str:
@@ -425,9 +424,9 @@ def _format_loc(loc: tuple[int | str, ...]) -> str:
 
 def _lookup(data: Any, loc: tuple[int | str, ...]) -> Any:
     for part in loc:
-        if isinstance(data, Mapping) and part in data:
-            data = data[part]
-        elif isinstance(data, list) and isinstance(part, int) and part < len(data):
+        in_mapping = isinstance(data, Mapping) and part in data
+        in_list = isinstance(data, list) and isinstance(part, int) and part < len(data)
+        if in_mapping or in_list:
             data = data[part]
         elif part == "ip" and isinstance(data, Mapping) and "ip_address" in data:
             data = data["ip_address"]

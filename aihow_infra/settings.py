@@ -34,6 +34,7 @@ class StackSettings(BaseModel):
     stop_timeout: float = Field(60.0, alias="stopTimeout", gt=0)
     virt_type: Literal["auto", "kvm", "qemu"] = Field("auto", alias="virtType")
     power: dict[str, PowerState] = Field(default_factory=dict)
+    cluster_power: PowerState = Field("running", alias="clusterPower")
 
     @field_validator("images_dir", "ledger_path")
     @classmethod
@@ -47,13 +48,17 @@ class StackSettings(BaseModel):
         if self.cluster is not None:
             return self.cluster
         if stack in CLUSTER_KEYS:
-            return stack  # type: ignore[return-value]
+            return stack
         raise ConfigError([f"aihow:cluster: not set and the stack name {stack!r} is not a cluster; "
                            "allowed: name the stack 'hpc' or 'cloud', or set aihow:cluster to one of them"],
                           "stack settings")
 
     def wants_running(self, vm_name: str, auto_start: bool) -> bool:
-        """The desired power state: an operator's override (``aihow:power``), else ``auto_start``."""
+        """The desired power state: nothing runs while the cluster is stopped
+        (``aihow:clusterPower``, set by ``system.down``); otherwise an operator's override
+        (``aihow:power.<vm>``, set by ``vm.start``/``vm.stop``), else ``auto_start``."""
+        if self.cluster_power == "stopped":
+            return False
         override = self.power.get(vm_name)
         return auto_start if override is None else override == "running"
 

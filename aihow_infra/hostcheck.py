@@ -1,0 +1,206 @@
+"""Host checks for VFIO passthrough: KVM, libvirtd, IOMMU, VFIO, and every configured device.
+
+Everything is read from sysfs and /proc under a root folder, so a recorded host
+(see ``materialize``) is checked exactly like the live one. Each failure comes
+with the command that fixes it.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from aihow_infra.config import load_cluster_file
+from aihow_infra.plan import plan_all
+
+VFIO_DRIVER = "vfio-pci"
+
+
+@dataclass(frozen=True)
+class Check:
+    """One finding: what was checked, whether it passed, and how to fix it."""
+
+    name: str
+    ok: bool
+    detail: str
+    fix: str = ""
+
+
+@dataclass
+class Report:
+    """All findings; the host is ready when every one passed."""
+
+    checks: list[Check] = field(default_factory=list)
+
+    @property
+    def ready(self) -> bool:
+        """True when nothing failed."""
+        return all(c.ok for c in self.checks)
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-friendly form."""
+        return {"ready": self.ready, "checks": [asdict(c) for c in self.checks]}
+
+
+class Host:
+    """sysfs and /proc of a host, under ``root`` ("/" for this machine)."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+
+    def path(self, absolute: str) -> Path:
+        """``absolute`` (e.g. /sys/...) under the root."""
+        return self.root / absolute.lstrip("/")
+
+    def read(self, absolute: str) -> str | None:
+        """A file's text, stripped; None when missing or unreadable."""
+        try:
+            return self.path(absolute).read_text().strip()
+        except OSError:
+            return None
+
+    def device(self, address: str) -> Path:
+        """The sysfs folder of a PCI function."""
+        return self.path(f"/sys/bus/pci/devices/{address}")
+
+    def driver(self, address: str) -> str | None:
+        """The driver a PCI function is bound to (None when unbound)."""
+        link = self.device(address) / "driver"
+        return Path(str(link.readlink())).name if link.is_symlink() else None
+
+    def iommu_group(self, address: str) -> str | None:
+        """The IOMMU group of a PCI function (None without IOMMU)."""
+        link = self.device(address) / "iommu_group"
+        return Path(str(link.readlink())).name if link.is_symlink() else None
+
+    def group_members(self, group: str) -> list[str]:
+        """Every PCI function in an IOMMU group."""
+        folder = self.path(f"/sys/kernel/iommu_groups/{group}/devices")
+        return sorted(p.name for p in folder.iterdir()) if folder.is_dir() else []
+
+    def modules(self) -> set[str]:
+        """Loaded kernel modules, plus built-in ones visible under /sys/module."""
+        names = {line.split()[0] for line in (self.read("/proc/modules") or "").splitlines() if line.strip()}
+        module_dir = self.path("/sys/module")
+        if module_dir.is_dir():
+            names |= {p.name for p in module_dir.iterdir()}
+        return names
+
+
+def _system_checks(host: Host, live: bool) -> list[Check]:
+    checks = []
+    kvm = host.path("/dev/kvm").exists()
+    checks.append(Check("kvm", kvm, "/dev/kvm present" if kvm else "/dev/kvm is missing",
+                        "" if kvm else "enable VT-x/AMD-V in the firmware, then `modprobe kvm_intel` "
+                                       "(or `modprobe kvm_amd`)"))
+    if live:
+        import libvirt
+
+        try:
+            libvirt.open("qemu:///system").close()
+            checks.append(Check("libvirtd", True, "qemu:///system answers"))
+        except libvirt.libvirtError as exc:
+            checks.append(Check("libvirtd", False, f"qemu:///system does not answer ({exc.get_error_message()})",
+                                "start it: `libvirtd -d` (or `systemctl start libvirtd`), or run ./bootstrap"))
+    groups_dir = host.path("/sys/kernel/iommu_groups")
+    groups = list(groups_dir.iterdir()) if groups_dir.is_dir() else []
+    checks.append(Check(
+        "iommu", bool(groups), f"{len(groups)} IOMMU groups" if groups else "no IOMMU groups: the IOMMU is off",
+        "" if groups else "enable VT-d/AMD-Vi in the firmware and add `intel_iommu=on iommu=pt` (or "
+                          "`amd_iommu=on iommu=pt`) to GRUB_CMDLINE_LINUX, then `update-grub` and reboot"))
+    vfio = "vfio_pci" in host.modules()
+    checks.append(Check("vfio", vfio, "vfio_pci loaded" if vfio else "vfio_pci is not loaded",
+                        "" if vfio else "`modprobe vfio-pci` (and add vfio-pci to /etc/modules-load.d/vfio.conf)"))
+    return checks
+
+
+def _bind_fix(address: str, driver: str | None) -> str:
+    unbind = f"echo {address} > /sys/bus/pci/drivers/{driver}/unbind; " if driver else ""
+    return (f"{unbind}echo {VFIO_DRIVER} > /sys/bus/pci/devices/{address}/driver_override; "
+            f"echo {address} > /sys/bus/pci/drivers_probe  (or `driverctl set-override {address} {VFIO_DRIVER}`)")
+
+
+def _device_checks(host: Host, address: str, vendor: str | None, device: str | None, users: str) -> list[Check]:
+    name = f"device {address} ({users})"
+    if not host.device(address).is_dir():
+        return [Check(name, False, "not present on this host",
+                      "check the address with `lspci -D -nn` and fix pci_address in the cluster file")]
+    checks = []
+    found_vendor = (host.read(f"/sys/bus/pci/devices/{address}/vendor") or "").removeprefix("0x")
+    found_device = (host.read(f"/sys/bus/pci/devices/{address}/device") or "").removeprefix("0x")
+    mismatch = [f"{label} is {found} but the cluster file says {wanted}"
+                for label, found, wanted in (("vendor", found_vendor, vendor), ("device", found_device, device))
+                if wanted and found != wanted]
+    checks.append(Check(f"{name} ids", not mismatch,
+                        "; ".join(mismatch) or f"{found_vendor}:{found_device} as configured",
+                        f"set vendor_id: '{found_vendor}' and device_id: '{found_device}' for {address}"
+                        if mismatch else ""))
+    driver = host.driver(address)
+    checks.append(Check(f"{name} driver", driver == VFIO_DRIVER, f"bound to {driver or 'no driver'}",
+                        "" if driver == VFIO_DRIVER else _bind_fix(address, driver)))
+    group = host.iommu_group(address)
+    if group is None:
+        checks.append(Check(f"{name} iommu group", False, "has no IOMMU group",
+                            "turn the IOMMU on (see the iommu check)"))
+        return checks
+    others = [m for m in host.group_members(group) if host.driver(m) not in (VFIO_DRIVER, None, "pcieport")]
+    checks.append(Check(
+        f"{name} iommu group {group}", not others,
+        f"every device of group {group} is on {VFIO_DRIVER}" if not others else
+        "also in the group and not on vfio-pci: " + ", ".join(f"{m} ({host.driver(m)})" for m in others),
+        "; ".join(_bind_fix(m, host.driver(m)) for m in others)))
+    return checks
+
+
+def check_host(root: Path, cluster_files: Iterable[str]) -> Report:
+    """Every check for the host under ``root`` and the passthrough devices of ``cluster_files``."""
+    host = Host(root)
+    report = Report(_system_checks(host, live=root == Path("/")))
+    devices: dict[str, tuple[str | None, str | None, list[str]]] = {}
+    for path in cluster_files:
+        for plan in plan_all(load_cluster_file(path, check_images=False)):
+            for vm in plan.vms:
+                for dev in vm.devices:
+                    vendor, device, users = devices.setdefault(dev.pci_address, (dev.vendor_id, dev.device_id, []))
+                    users.append(vm.name)
+    for address, (vendor, device, users) in sorted(devices.items()):
+        report.checks += _device_checks(host, address, vendor, device, ", ".join(users))
+    return report
+
+
+def materialize(recording: dict[str, Any], root: Path) -> Path:
+    """Lay a recorded host (the JSON of ``shared/fixtures``) out as sysfs and /proc under ``root``."""
+    devices = root / "sys/bus/pci/devices"
+    drivers = root / "sys/bus/pci/drivers"
+    groups = root / "sys/kernel/iommu_groups"
+    for folder in (devices, drivers, groups, root / "proc", root / "dev", root / "sys/module"):
+        folder.mkdir(parents=True, exist_ok=True)
+    for address, attrs in recording.get("pci_devices", {}).items():
+        dev = devices / address
+        dev.mkdir()
+        for key in ("vendor", "device", "class", "subsystem_vendor", "subsystem_device"):
+            if attrs.get(key) is not None:
+                (dev / key).write_text(f"{attrs[key]}\n")
+        if attrs.get("driver"):
+            (drivers / attrs["driver"]).mkdir(exist_ok=True)
+            (dev / "driver").symlink_to(f"../../drivers/{attrs['driver']}")
+        if attrs.get("iommu_group") is not None:
+            (groups / str(attrs["iommu_group"]) / "devices").mkdir(parents=True, exist_ok=True)
+            (groups / str(attrs["iommu_group"]) / "devices" / address).symlink_to(dev)
+            (dev / "iommu_group").symlink_to(groups / str(attrs["iommu_group"]))
+    for group in recording.get("iommu_groups", {}):
+        (groups / str(group) / "devices").mkdir(parents=True, exist_ok=True)
+    if recording.get("dev_kvm"):
+        (root / "dev/kvm").touch()
+    modules = recording.get("modules_loaded", [])
+    (root / "proc/modules").write_text("".join(f"{m} 16384 0 - Live 0x0\n" for m in modules))
+    return root
+
+
+def load_recording(path: Path) -> dict[str, Any]:
+    """A recorded host's JSON."""
+    data: dict[str, Any] = json.loads(path.read_text())
+    return data

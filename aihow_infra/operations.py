@@ -1,0 +1,294 @@
+"""What the operator's tasks do: VM lifecycle, system-wide control and GPU switching.
+
+Pulumi stays the record. A VM's desired power state lives in its stack's config
+(``aihow:power.<vm>``; ``aihow:clusterPower`` for a whole cluster), and every
+change goes through ``pulumi up`` of that stack, so a later ``pulumi up`` of
+either stack reports no changes. Only a restart, which changes nothing Pulumi
+records, talks to libvirt directly.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from aihow_infra.config import ClusterFile, load_cluster_file
+from aihow_infra.errors import AihowError, ConfigError, StackError
+from aihow_infra.plan import CLUSTER_KEYS, ClusterPlan, VmPlan, plan_cluster, shared_devices
+from aihow_infra.settings import StackSettings, parse_settings
+from aihow_infra.stacks import Workspace
+from providers.domain import start_domain, state_name, stop_domain
+from providers.ledger import Ledger
+from providers.libvirt_conn import connect, lookup
+
+Progress = Callable[[str], None]
+
+
+@dataclass(frozen=True)
+class StackView:
+    """A stack's settings and its cluster's plan, as its config says now."""
+
+    stack: str
+    settings: StackSettings
+    plan: ClusterPlan
+
+
+class Operator:
+    """The operations behind ``tasks.py``; each raises an ``AihowError`` with one clear line."""
+
+    def __init__(self, workspace: Workspace | None = None, progress: Progress | None = None) -> None:
+        self.workspace = workspace or Workspace()
+        self.progress: Progress = progress or (lambda _msg: None)
+
+    # --- reading the stacks ----------------------------------------------------------
+
+    def configured_stacks(self) -> list[str]:
+        """The cluster stacks (hpc, cloud) that have a ``Pulumi.<stack>.yaml``, HPC first."""
+        return [s for s in CLUSTER_KEYS if (self.workspace.project_dir / f"Pulumi.{s}.yaml").exists()]
+
+    def settings(self, stack: str) -> StackSettings:
+        """The stack's ``aihow:`` settings, validated."""
+        self.workspace.ensure_stack(stack)
+        raw = json.loads(self.workspace.run(["config", "--json"], stack).stdout or "{}")
+        values: dict[str, Any] = {}
+        for key, entry in raw.items():
+            namespace, _, name = key.partition(":")
+            if namespace == "aihow":
+                values[name] = entry.get("objectValue", entry.get("value"))
+        return parse_settings(values)
+
+    def cluster_file(self, settings: StackSettings) -> ClusterFile:
+        """The stack's cluster file, validated (relative paths from the project folder)."""
+        path = Path(settings.cluster_file)
+        if not path.is_absolute():
+            path = self.workspace.project_dir / path
+        with _cwd(self.workspace.project_dir):
+            return load_cluster_file(path)
+
+    def view(self, stack: str) -> StackView:
+        """Settings and plan of one stack."""
+        settings = self.settings(stack)
+        key = settings.cluster_key(stack)
+        try:
+            plan = plan_cluster(self.cluster_file(settings), key)
+        except KeyError:
+            raise ConfigError([f"clusters.{key}: the cluster file {settings.cluster_file} has none; "
+                               f"allowed: a stack for a cluster the file defines"], "stack settings") from None
+        return StackView(stack, settings, plan)
+
+    def views(self) -> list[StackView]:
+        """Every configured stack's view, HPC first."""
+        return [self.view(s) for s in self.configured_stacks()]
+
+    def find_vm(self, name: str) -> tuple[StackView, VmPlan]:
+        """The stack that has VM ``name``; a clear error listing the VMs there are otherwise."""
+        known = []
+        for view in self.views():
+            for vm in view.plan.vms:
+                if vm.name == name:
+                    return view, vm
+                known.append(vm.name)
+        raise AihowError(f"no VM named {name!r}; allowed: {', '.join(known) or '(no stack is configured)'}")
+
+    # --- whole stacks --------------------------------------------------------------------
+
+    def up(self, stack: str) -> None:
+        """``pulumi up`` of one stack."""
+        self.progress(f"pulumi up -s {stack}")
+        self.workspace.up(stack)
+
+    def destroy(self, stack: str) -> None:
+        """``pulumi destroy`` of one stack."""
+        self.progress(f"pulumi destroy -s {stack}")
+        self.workspace.destroy(stack)
+
+    # --- one VM ----------------------------------------------------------------------------
+
+    def _set_power(self, view: StackView, vm: VmPlan, power: str | None) -> None:
+        key = f"aihow:power.{vm.name}"
+        if power is None:
+            self.workspace.config_rm(view.stack, key, path=True)
+        else:
+            self.workspace.config_set(view.stack, key, power, path=True)
+
+    def _apply_power(self, view: StackView, changes: dict[str, str]) -> None:
+        """Record desired power states in the stack's config and converge; on failure the
+        recorded states are put back, so the config never claims what did not happen."""
+        before = dict(view.settings.power)
+        for name, power in changes.items():
+            self._set_power(view, view.plan.vm(name), power)
+        try:
+            self.up(view.stack)
+        except StackError:
+            for name in changes:
+                self._set_power(view, view.plan.vm(name), before.get(name))
+            raise
+
+    def vm_start(self, name: str) -> None:
+        """Start a VM: its GPU leases are taken first; a GPU held elsewhere fails with the holder."""
+        view, _vm = self.find_vm(name)
+        if view.settings.cluster_power == "stopped":
+            raise AihowError(f"cluster {view.plan.name} is stopped (system.down); run `invoke system.up` first")
+        self.progress(f"starting {name}")
+        self._apply_power(view, {name: "running"})
+
+    def vm_stop(self, name: str, force: bool = False) -> None:
+        """Stop a VM (ACPI shutdown with the stack's timeout, then power off; ``force`` powers
+        off at once); its GPU leases are released after it is off."""
+        view, _vm = self.find_vm(name)
+        if force:
+            self.progress(f"powering off {name}")
+            with connect(view.settings.libvirt_uri) as conn:
+                dom = lookup("looking up domain", conn.lookupByName, name)
+                if dom is not None:
+                    stop_domain(dom, timeout=0)
+        self.progress(f"stopping {name}")
+        self._apply_power(view, {name: "stopped"})
+
+    def vm_restart(self, name: str) -> None:
+        """Shut down and start again; the VM keeps its leases (nothing Pulumi records changes)."""
+        view, vm = self.find_vm(name)
+        with connect(view.settings.libvirt_uri) as conn:
+            dom = lookup("looking up domain", conn.lookupByName, name)
+            if dom is None:
+                raise AihowError(f"VM {name} does not exist; run `invoke up --stack {view.stack}`")
+            if not view.settings.wants_running(name, vm.auto_start):
+                raise AihowError(f"VM {name} is meant to be stopped; use `invoke vm.start {name}`")
+            self.progress(f"restarting {name}")
+            stop_domain(dom, view.settings.stop_timeout)
+            start_domain(dom)
+
+    def vm_status(self, name: str) -> dict[str, Any]:
+        """State, IP, vCPUs, memory, GPUs and who holds each GPU's lease."""
+        view, vm = self.find_vm(name)
+        return self._vm_row(view, vm)
+
+    def _vm_row(self, view: StackView, vm: VmPlan, conn: Any = None) -> dict[str, Any]:
+        leases = Ledger(view.settings.ledger_path).leases()
+        with contextlib.ExitStack() as stack:
+            if conn is None:
+                conn = stack.enter_context(connect(view.settings.libvirt_uri))
+            dom = lookup("looking up domain", conn.lookupByName, vm.name)
+            state = state_name(dom) if dom is not None else "undefined"
+        return {
+            "name": vm.name, "stack": view.stack, "cluster": vm.cluster_name, "role": vm.role,
+            "state": state, "desired": "running" if view.settings.wants_running(vm.name, vm.auto_start)
+            else "stopped", "auto_start": vm.auto_start, "ip": vm.ip, "vcpus": vm.cpu_cores,
+            "memory_gb": vm.memory_gb, "disk_gb": vm.disk_gb,
+            "gpus": [{"address": c.address, "functions": list(c.functions),
+                      "holder": leases[c.address].holder if c.address in leases else None}
+                     for c in vm.claims],
+        }
+
+    # --- both clusters -----------------------------------------------------------------------
+
+    def _set_cluster_power(self, stack: str, power: str) -> None:
+        if power == "running":
+            self.workspace.config_rm(stack, "aihow:clusterPower")
+        else:
+            self.workspace.config_set(stack, "aihow:clusterPower", power)
+
+    def system_up(self) -> None:
+        """HPC first, then Cloud. When the Cloud part fails, what this run changed in HPC is
+        undone (resources it created are destroyed, the cluster's power state put back)."""
+        stacks = self.configured_stacks()
+        if not stacks:
+            raise AihowError("no stack is configured; allowed: Pulumi.hpc.yaml and/or Pulumi.cloud.yaml")
+        done: list[tuple[str, set[str], str | None]] = []
+        for stack in stacks:
+            before_urns = self._urns(stack)
+            before_power = self.settings(stack).cluster_power
+            self._set_cluster_power(stack, "running")
+            try:
+                self.up(stack)
+            except AihowError as exc:
+                self._set_cluster_power(stack, before_power)
+                for earlier, urns, power in reversed(done):
+                    self._roll_back(earlier, urns, power)
+                raise StackError(f"system.up failed in {stack}: {exc}"
+                                 + (f" (rolled back {', '.join(d[0] for d in done)})" if done else "")) from None
+            done.append((stack, before_urns, before_power))
+
+    def _urns(self, stack: str) -> set[str]:
+        if stack not in self.workspace.stacks():
+            return set()
+        data = json.loads(self.workspace.run(["stack", "export"], stack).stdout)
+        return {r["urn"] for r in data.get("deployment", {}).get("resources") or []}
+
+    def _roll_back(self, stack: str, before: set[str], power: str | None) -> None:
+        self.progress(f"rolling back {stack}")
+        created = sorted(self._urns(stack) - before)
+        if not before or not [u for u in before if "::pulumi:pulumi:Stack::" not in u]:
+            self.workspace.destroy(stack)
+        elif created:
+            targets = [arg for urn in created for arg in ("--target", urn)]
+            self.workspace.run(["destroy", "--yes", "--skip-preview", "--target-dependents", *targets], stack)
+        if power is not None and power != "running":
+            self._set_cluster_power(stack, power)
+            self.up(stack)
+
+    def system_down(self) -> None:
+        """Cloud first, then HPC: every VM is shut down and its leases released."""
+        for stack in reversed(self.configured_stacks()):
+            self._set_cluster_power(stack, "stopped")
+            self.up(stack)
+
+    def system_destroy(self) -> None:
+        """Cloud first, then HPC: remove every VM, volume, pool and network."""
+        for stack in reversed(self.configured_stacks()):
+            self.destroy(stack)
+
+    def system_status(self) -> dict[str, Any]:
+        """Both clusters' VMs with their state, and who owns each shared GPU."""
+        views = self.views()
+        clusters = []
+        for view in views:
+            with connect(view.settings.libvirt_uri) as conn:
+                rows = [self._vm_row(view, vm, conn) for vm in view.plan.vms]
+            running = sum(r["state"] == "running" for r in rows)
+            clusters.append({
+                "stack": view.stack, "name": view.plan.name, "network": view.plan.network_name,
+                "cidr": view.plan.subnet, "power": view.settings.cluster_power,
+                "status": "running" if running == len(rows) else "stopped" if running == 0 else "partial",
+                "vms": rows,
+            })
+        shared = []
+        for device in shared_devices([v.plan for v in views]):
+            ledger = Ledger(views[0].settings.ledger_path)
+            holder = ledger.holder_of(device.address)
+            shared.append({"address": device.address, "vms": [vm.name for vm in device.vms],
+                           "holder": holder.holder if holder else None, "conflict": device.conflict})
+        return {"clusters": clusters, "shared_gpus": shared}
+
+    def switch(self, to: str) -> None:
+        """Give the GPUs to one cluster: stop the other cluster's GPU VMs, then start this one's."""
+        views = {v.stack: v for v in self.views()}
+        if to not in views:
+            raise AihowError(f"--to {to!r} is not a configured stack; allowed: {', '.join(views)}")
+        for stack, view in views.items():
+            if stack != to:
+                stops = {vm.name: "stopped" for vm in view.plan.vms if vm.claims}
+                if stops:
+                    self.progress(f"stopping GPU VMs of {stack}: {', '.join(stops)}")
+                    self._apply_power(view, stops)
+        target = views[to]
+        starts = {vm.name: "running" for vm in target.plan.vms if vm.claims}
+        if starts:
+            self.progress(f"starting GPU VMs of {to}: {', '.join(starts)}")
+            self._apply_power(self.view(to), starts)
+
+
+@contextlib.contextmanager
+def _cwd(path: Path) -> Iterator[None]:
+    import os
+
+    old = Path.cwd()
+    os.chdir(path)
+    try:
+        yield
+    finally:
+        os.chdir(old)

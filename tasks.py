@@ -1,0 +1,355 @@
+"""Operator tasks (``invoke --list``). Thin: parse arguments, call the library, print.
+
+Every task prints one clear line per error and exits non-zero on failure.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, TypeVar
+
+from invoke.collection import Collection
+from invoke.context import Context
+from invoke.exceptions import Exit
+from invoke.tasks import task
+from rich.console import Console
+from rich.table import Table
+
+ROOT = Path(__file__).resolve().parent
+sys.path.insert(0, str(ROOT))
+
+from aihow_infra.errors import AihowError, ConfigError  # noqa: E402
+
+out = Console()
+err = Console(stderr=True)
+F = TypeVar("F", bound=Callable[..., Any])
+STACK_HELP = "the cluster stack: hpc or cloud"
+
+
+def operator() -> Any:
+    """The library object behind the tasks (imported late: tasks stay quick to list)."""
+    from aihow_infra.operations import Operator
+
+    return Operator(progress=lambda msg: err.print(f"[dim]... {msg}[/dim]"))
+
+
+def clean_errors(fn: F) -> F:
+    """One red line per error and exit code 1, instead of a traceback."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return fn(*args, **kwargs)
+        except ConfigError as exc:
+            for problem in exc.problems:
+                err.print(f"[red]error:[/red] {problem}", highlight=False, soft_wrap=True)
+            raise Exit(code=1) from None
+        except AihowError as exc:
+            err.print(f"[red]error:[/red] {exc}", highlight=False, soft_wrap=True)
+            raise Exit(code=1) from None
+
+    return wrapper  # type: ignore[return-value]
+
+
+def _check_stack(stack: str) -> None:
+    if stack not in ("hpc", "cloud"):
+        raise AihowError(f"--stack {stack!r} is not a cluster stack; allowed: hpc or cloud")
+
+
+def _confirm(question: str, yes: bool) -> None:
+    if yes:
+        return
+    if not sys.stdin.isatty():
+        raise AihowError(f"{question} needs confirmation; pass --yes to run without a terminal")
+    if input(f"{question} [y/N] ").strip().lower() not in ("y", "yes"):
+        raise Exit("cancelled", code=1)
+
+
+# --- stacks ----------------------------------------------------------------------------------
+
+
+@task(help={"stack": STACK_HELP})
+@clean_errors
+def up(c: Context, stack: str) -> None:
+    """Create or update one cluster (pulumi up)."""
+    _check_stack(stack)
+    operator().up(stack)
+    out.print(f"[green]{stack} is up to date[/green]")
+
+
+@task(help={"stack": STACK_HELP})
+@clean_errors
+def preview(c: Context, stack: str) -> None:
+    """Show what `up` would change (pulumi preview)."""
+    _check_stack(stack)
+    op = operator()
+    op.workspace.ensure_stack(stack)
+    out.print(op.workspace.run(["preview", "--diff"], stack).stdout, highlight=False)
+
+
+@task(help={"stack": STACK_HELP, "yes": "do not ask before destroying"})
+@clean_errors
+def destroy(c: Context, stack: str, yes: bool = False) -> None:
+    """Remove one cluster: VMs, disks, pool and network (pulumi destroy)."""
+    _check_stack(stack)
+    _confirm(f"destroy every VM, disk and network of stack {stack}?", yes)
+    operator().destroy(stack)
+    out.print(f"[green]{stack} destroyed[/green]")
+
+
+@task(help={"config": "cluster file to check (default: the one each stack names)"})
+@clean_errors
+def validate(c: Context, config: str = "") -> None:
+    """Check a cluster file: a summary, or every error at once."""
+    from aihow_infra.config import load_cluster_file
+    from aihow_infra.plan import plan_all, shared_devices
+
+    paths = [config] if config else sorted({operator().settings(s).cluster_file
+                                            for s in operator().configured_stacks()})
+    for path in paths:
+        plans = plan_all(load_cluster_file(path))
+        table = Table(title=f"{path}: valid", title_justify="left")
+        for col in ("cluster", "VMs", "auto-start", "vCPUs", "memory GiB", "disk GiB", "network", "GPUs"):
+            table.add_column(col)
+        for plan in plans:
+            table.add_row(plan.name, str(len(plan.vms)), str(sum(vm.auto_start for vm in plan.vms)),
+                          str(sum(vm.cpu_cores for vm in plan.vms)), str(sum(vm.memory_gb for vm in plan.vms)),
+                          str(sum(vm.disk_gb for vm in plan.vms)), f"{plan.subnet} ({plan.bridge})",
+                          str(sum(len(vm.gpu_addresses) for vm in plan.vms)))
+        out.print(table)
+        for shared in shared_devices(plans):
+            colour = "red" if shared.conflict else "magenta"
+            out.print(f"[{colour}]shared {shared.describe()}[/{colour}]", highlight=False)
+
+
+# --- one VM --------------------------------------------------------------------------------
+
+
+@task(help={"name": "VM name, e.g. hpc-cluster-compute-01"})
+@clean_errors
+def vm_start(c: Context, name: str) -> None:
+    """Start a VM; its GPU leases are taken first."""
+    operator().vm_start(name)
+    out.print(f"[green]{name} running[/green]")
+
+
+@task(help={"name": "VM name", "force": "power off at once instead of an ACPI shutdown"})
+@clean_errors
+def vm_stop(c: Context, name: str, force: bool = False) -> None:
+    """Stop a VM and release its GPU leases."""
+    operator().vm_stop(name, force=force)
+    out.print(f"[yellow]{name} stopped[/yellow]")
+
+
+@task(help={"name": "VM name"})
+@clean_errors
+def vm_restart(c: Context, name: str) -> None:
+    """Shut a VM down and start it again; it keeps its GPU leases."""
+    operator().vm_restart(name)
+    out.print(f"[green]{name} restarted[/green]")
+
+
+@task(help={"name": "VM name", "json": "print JSON"})
+@clean_errors
+def vm_status(c: Context, name: str, json_: bool = False) -> None:
+    """State, IP, vCPUs, memory, GPUs and lease holder of a VM."""
+    row = operator().vm_status(name)
+    if json_:
+        out.print_json(json.dumps(row))
+        return
+    _vm_table([row], title=name)
+
+
+def _vm_table(rows: list[dict[str, Any]], title: str) -> None:
+    table = Table(title=title, title_justify="left")
+    for col in ("VM", "role", "state", "desired", "IP", "vCPU", "GiB", "GPUs (holder)"):
+        table.add_column(col)
+    for r in rows:
+        colour = "green" if r["state"] == "running" else "yellow"
+        gpus = ", ".join(f"{g['address']} ({g['holder'] or 'free'})" for g in r["gpus"]) or "-"
+        table.add_row(r["name"], r["role"], f"[{colour}]{r['state']}[/{colour}]", r["desired"], r["ip"] or "DHCP",
+                      str(r["vcpus"]), str(r["memory_gb"]), gpus)
+    out.print(table)
+
+
+# --- both clusters ---------------------------------------------------------------------------
+
+
+@task()
+@clean_errors
+def system_up(c: Context) -> None:
+    """Bring up HPC, then Cloud; if Cloud fails, this run's HPC changes are undone."""
+    operator().system_up()
+    out.print("[green]system up[/green]")
+
+
+@task()
+@clean_errors
+def system_down(c: Context) -> None:
+    """Shut down Cloud, then HPC (VMs stay defined; GPU leases are released)."""
+    operator().system_down()
+    out.print("[yellow]system down[/yellow]")
+
+
+@task(help={"json": "print JSON"})
+@clean_errors
+def system_status(c: Context, json_: bool = False) -> None:
+    """Both clusters, their VMs, and who owns each shared GPU."""
+    status = operator().system_status()
+    if json_:
+        out.print_json(json.dumps(status))
+        return
+    for cluster in status["clusters"]:
+        _vm_table(cluster["vms"], title=f"{cluster['name']} ({cluster['stack']}, {cluster['cidr']}): "
+                                        f"{cluster['status']}")
+    for gpu in status["shared_gpus"]:
+        out.print(f"[magenta]shared GPU {gpu['address']}[/magenta]: {', '.join(gpu['vms'])}; "
+                  f"held by {gpu['holder'] or 'nobody'}", highlight=False)
+
+
+@task(help={"yes": "do not ask before destroying"})
+@clean_errors
+def system_destroy(c: Context, yes: bool = False) -> None:
+    """Destroy Cloud, then HPC."""
+    _confirm("destroy both clusters (every VM, disk and network)?", yes)
+    operator().system_destroy()
+    out.print("[green]system destroyed[/green]")
+
+
+@task(help={"to": "the cluster that gets the GPUs: hpc or cloud"})
+@clean_errors
+def switch(c: Context, to: str) -> None:
+    """Stop the other cluster's GPU VMs, then start this one's."""
+    operator().switch(to)
+    out.print(f"[green]GPUs switched to {to}[/green]")
+
+
+# --- GPU leases ------------------------------------------------------------------------------
+
+
+def _ledger_path() -> str:
+    from aihow_infra.settings import DEFAULT_LEDGER
+
+    op = operator()
+    stacks = op.configured_stacks()
+    return op.settings(stacks[0]).ledger_path if stacks else DEFAULT_LEDGER
+
+
+@task(help={"json": "print JSON"})
+@clean_errors
+def gpu_leases(c: Context, json_: bool = False) -> None:
+    """Every GPU lease in the host's ledger, marking stale ones (holder gone or shut off)."""
+    from aihow_infra.leases import lease_report
+
+    rows = lease_report(operator())
+    if json_:
+        out.print_json(json.dumps(rows))
+        return
+    table = Table(title=f"GPU leases ({_ledger_path()})", title_justify="left")
+    for col in ("address", "holder", "since", "generation", "holder state", "stale"):
+        table.add_column(col)
+    for r in rows:
+        table.add_row(r["address"], r["holder"] or "-", r["granted_at"] or "-", str(r["generation"]),
+                      r["holder_state"], "[red]stale[/red]" if r["stale"] else "")
+    out.print(table)
+
+
+@task(help={"address": "PCI address, e.g. 0000:01:00.0", "force": "reclaim even while the holder runs"})
+@clean_errors
+def gpu_reclaim(c: Context, address: str, force: bool = False) -> None:
+    """Free a stale GPU lease; refused while its holder runs unless --force."""
+    from aihow_infra.leases import reclaim
+
+    freed = reclaim(operator(), address, force=force)
+    out.print(f"[yellow]freed {address} (was held by {freed})[/yellow]" if freed else f"{address} was not held")
+
+
+# --- views --------------------------------------------------------------------------------------
+
+
+@task(help={"json": "print JSON instead of the tree", "config": "show a cluster file instead of the stacks"})
+@clean_errors
+def topology(c: Context, json_: bool = False, config: str = "") -> None:
+    """The clusters as a tree: networks, VMs, GPUs; shared GPUs marked."""
+    from aihow_infra.topology import render_tree, topology_data
+
+    data = topology_data(operator(), config or None)
+    if json_:
+        out.print_json(json.dumps(data))
+    else:
+        out.print(render_tree(data))
+
+
+@task(help={"stack": STACK_HELP, "out": "write the inventory to this file instead of printing it"})
+@clean_errors
+def inventory(c: Context, stack: str, out_: str = "") -> None:
+    """An Ansible YAML inventory from the stack's outputs (Kubespray layout for cloud)."""
+    from aihow_infra.inventory import inventory_for_stack, to_yaml
+
+    _check_stack(stack)
+    text = to_yaml(inventory_for_stack(operator(), stack))
+    if out_:
+        Path(out_).write_text(text)
+        err.print(f"wrote {out_}")
+    else:
+        print(text, end="")
+
+
+@task(help={"config": "cluster file whose passthrough devices to check (default: the stacks')",
+            "sysfs_root": "read /sys and /proc under this folder (recorded hosts)",
+            "json": "print JSON"})
+@clean_errors
+def host_check(c: Context, config: str = "", sysfs_root: str = "/", json_: bool = False) -> None:
+    """KVM, libvirtd, IOMMU and every passthrough device: ready or what to fix."""
+    from aihow_infra.hostcheck import check_host
+
+    op = operator()
+    files = [config] if config else sorted({op.settings(s).cluster_file for s in op.configured_stacks()})
+    report = check_host(Path(sysfs_root), files)
+    if json_:
+        out.print_json(json.dumps(report.to_dict()))
+    else:
+        for check in report.checks:
+            mark = "[green]ok[/green]" if check.ok else "[red]FAIL[/red]"
+            out.print(f"{mark} {check.name}: {check.detail}", highlight=False)
+            if not check.ok and check.fix:
+                out.print(f"     fix: {check.fix}", highlight=False)
+    if not report.ready:
+        raise Exit(code=1)
+
+
+# --- development ----------------------------------------------------------------------------------
+
+
+@task(help={"fast": "skip the end-to-end tests (real engine and libvirtd)"})
+def test(c: Context, fast: bool = False) -> None:
+    """Lint (ruff), type-check (mypy) and run the tests."""
+    py = sys.executable
+    c.run(f"{py} -m ruff check .", pty=False)
+    c.run(f"{py} -m mypy aihow_infra providers tasks.py __main__.py", pty=False)
+    marker = "-m 'not e2e'" if fast else ""
+    c.run(f"{py} -m pytest -q {marker}", pty=False, env={"PYTHONUNBUFFERED": "1", **os.environ})
+
+
+vm = Collection("vm")
+vm.add_task(vm_start, "start")
+vm.add_task(vm_stop, "stop")
+vm.add_task(vm_restart, "restart")
+vm.add_task(vm_status, "status")
+system = Collection("system")
+system.add_task(system_up, "up")
+system.add_task(system_down, "down")
+system.add_task(system_status, "status")
+system.add_task(system_destroy, "destroy")
+gpu = Collection("gpu")
+gpu.add_task(gpu_leases, "leases")
+gpu.add_task(gpu_reclaim, "reclaim")
+host = Collection("host")
+host.add_task(host_check, "check")
+
+ns = Collection(up, preview, destroy, validate, switch, topology, inventory, test, vm, system, gpu, host)
