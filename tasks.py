@@ -25,8 +25,9 @@ sys.path.insert(0, str(ROOT))
 
 from aihow_infra.errors import AihowError, ConfigError  # noqa: E402
 
-out = Console()
-err = Console(stderr=True)
+# Wide enough for the tables when output is piped (rich assumes 80 columns then).
+out = Console() if sys.stdout.isatty() else Console(width=160)
+err = Console(stderr=True) if sys.stderr.isatty() else Console(stderr=True, width=160)
 F = TypeVar("F", bound=Callable[..., Any])
 STACK_HELP = "the cluster stack: hpc or cloud"
 

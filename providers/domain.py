@@ -145,9 +145,12 @@ class DomainProvider(Provider):
         bring the domain to its desired power state."""
         name = news["name"]
         with connect(news["uri"]) as conn:
-            dom = call(f"looking up domain {name}", conn.lookupByName, name)
             virt_type = resolve_virt_type(conn, news.get("virt_type", "auto"))
-            if any(olds.get(k) != news.get(k) for k in DEFINITION_KEYS):
+            dom = lookup("looking up domain", conn.lookupByName, name)
+            if dom is None:
+                # Removed behind Pulumi's back since the last refresh: define it again.
+                dom = call(f"defining domain {name}", conn.defineXML, domain_xml(news, virt_type))
+            elif any(olds.get(k) != news.get(k) for k in DEFINITION_KEYS):
                 xml = _with_uuid(domain_xml(news, virt_type), dom.UUIDString())
                 dom = call(f"redefining domain {name}", conn.defineXML, xml)
                 if dom.isActive() and news["running"]:

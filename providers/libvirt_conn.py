@@ -36,10 +36,17 @@ def translate(exc: libvirt.libvirtError, doing: str) -> LibvirtError:
     return LibvirtError(message)
 
 
+# libvirt frees the test driver's in-memory objects when its last connection closes;
+# one connection kept per process lets them live as long as the (provider) process.
+_TEST_DRIVER_KEEPALIVE: dict[str, libvirt.virConnect] = {}
+
+
 @contextlib.contextmanager
 def connect(uri: str) -> Iterator[libvirt.virConnect]:
     """A read-write connection to ``uri``, closed on exit; errors become ``LibvirtError``."""
     try:
+        if uri.startswith("test:") and uri not in _TEST_DRIVER_KEEPALIVE:
+            _TEST_DRIVER_KEEPALIVE[uri] = libvirt.open(uri)
         conn = libvirt.open(uri)
     except libvirt.libvirtError as exc:
         raise translate(exc, f"connecting to libvirt at {uri}") from None

@@ -1,0 +1,176 @@
+"""The GPU lease ledger: grants, releases, corruption, and a stress test with SIGKILL."""
+
+from __future__ import annotations
+
+import json
+import multiprocessing
+import os
+import random
+import signal
+import time
+from pathlib import Path
+
+import pytest
+
+from aihow_infra.errors import LeaseConflictError, LeaseError
+from providers.gpu_lease import GpuLeaseProvider
+from providers.ledger import Ledger
+
+GPU = ["0000:01:00.0", "0000:01:00.1"]
+
+
+def test_acquire_release_and_generations(tmp_path: Path) -> None:
+    ledger = Ledger(tmp_path / "leases.json")
+    granted = ledger.acquire("hpc/hpc-compute-01", GPU)
+    assert [(g.address, g.generation) for g in granted] == [(GPU[0], 1), (GPU[1], 1)]
+    assert ledger.acquire("hpc/hpc-compute-01", GPU)[0].generation == 1  # already ours: no new grant
+    with pytest.raises(LeaseConflictError) as err:
+        ledger.acquire("cloud/cloud-gpu-worker-01", GPU)
+    message = str(err.value)
+    assert "GPU 0000:01:00.0 is held by hpc/hpc-compute-01 since 20" in message
+    assert "invoke vm.stop hpc-compute-01" in message and "invoke gpu.reclaim 0000:01:00.0" in message
+
+    assert ledger.release("cloud/cloud-gpu-worker-01", GPU) == []  # not the holder: never a steal
+    assert ledger.holder_of(GPU[0]) is not None
+    assert ledger.release("hpc/hpc-compute-01", GPU) == GPU
+    assert ledger.release("hpc/hpc-compute-01", GPU) == []  # idempotent
+    assert ledger.acquire("cloud/cloud-gpu-worker-01", GPU)[0].generation == 2
+
+
+def test_a_conflict_grants_nothing(tmp_path: Path) -> None:
+    ledger = Ledger(tmp_path / "leases.json")
+    ledger.acquire("hpc/a", [GPU[1]])
+    with pytest.raises(LeaseConflictError):
+        ledger.acquire("cloud/b", GPU)
+    assert ledger.holder_of(GPU[0]) is None  # all or nothing
+
+
+def test_corrupt_ledger_is_reported_kept_aside_and_never_overwritten(tmp_path: Path) -> None:
+    path = tmp_path / "leases.json"
+    path.write_text('{"version": 1, "devices": {"0000:01:00.0": {"holder": "hpc/a", "gener')
+    ledger = Ledger(path)
+    for attempt in (lambda: ledger.acquire("cloud/b", GPU), lambda: ledger.release("hpc/a", GPU),
+                    lambda: ledger.reclaim(GPU[0]), ledger.leases):
+        with pytest.raises(LeaseError, match=r"is corrupt .* nothing was changed and a copy is kept at"):
+            attempt()
+    assert path.read_text().endswith('"gener')  # untouched
+    kept = list(tmp_path.glob("leases.json.corrupt-*"))
+    assert len(kept) == 1 and kept[0].read_text() == path.read_text()
+
+
+def test_unwritable_folder_is_a_clear_error(tmp_path: Path) -> None:
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    with pytest.raises(LeaseError, match=r"cannot be opened .* allowed: a writable folder"):
+        Ledger(blocker / "leases.json").acquire("hpc/a", GPU)
+
+
+def test_reclaim_frees_whoever_holds(tmp_path: Path) -> None:
+    ledger = Ledger(tmp_path / "leases.json")
+    ledger.acquire("hpc/a", GPU)
+    freed = ledger.reclaim(GPU[0])
+    assert freed is not None and freed.holder == "hpc/a"
+    assert ledger.holder_of(GPU[0]) is None and ledger.holder_of(GPU[1]) is not None
+
+
+def test_lease_provider_refresh_and_diff_see_a_lost_lease(tmp_path: Path) -> None:
+    provider = GpuLeaseProvider()
+    props = {"ledger": str(tmp_path / "l.json"), "holder": "hpc/a", "addresses": GPU}
+    created = provider.create(props)
+    assert created.outs["held"] is True and created.outs["generation"] == 1
+    assert provider.diff(created.id, created.outs, props).changes is False
+    Ledger(props["ledger"]).reclaim(GPU[0])
+    Ledger(props["ledger"]).acquire("cloud/b", [GPU[0]])
+    read = provider.read(created.id, created.outs)
+    assert read.outs["held"] is False and read.outs["current_holders"] == ["cloud/b", "hpc/a"]
+    assert provider.diff(created.id, read.outs, props).changes is True
+    with pytest.raises(LeaseConflictError):
+        provider.update(created.id, read.outs, props)
+    provider.delete(created.id, props)
+    assert Ledger(props["ledger"]).holder_of(GPU[0]).holder == "cloud/b"  # type: ignore[union-attr]
+    assert Ledger(props["ledger"]).holder_of(GPU[1]) is None
+
+
+# --- stress -------------------------------------------------------------------------------------
+
+ADDRESSES = ["0000:01:00.0", "0000:02:00.0", "0000:03:00.0"]
+
+
+def _worker(path: str, marks: str, log: str, index: int, rounds: int, seed: int) -> None:
+    """Acquire/release at random. Holding is mirrored by an O_EXCL marker per address, so a
+    double grant shows up as a marker that already exists."""
+    rng = random.Random(seed)
+    ledger = Ledger(path)
+    holder = f"w{index}/vm"
+    with open(log, "a", buffering=1) as out:
+        for _ in range(rounds):
+            address = rng.choice(ADDRESSES)
+            try:
+                lease = ledger.acquire(holder, [address])[0]
+            except LeaseConflictError:
+                continue
+            marker = os.path.join(marks, address)
+            try:
+                fd = os.open(marker, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+                os.write(fd, holder.encode())
+                os.close(fd)
+            except FileExistsError:
+                out.write(f"DOUBLE {address} {holder}\n")
+                return
+            out.write(f"GRANT {address} {lease.generation}\n")
+            time.sleep(rng.random() / 500)
+            os.unlink(marker)
+            ledger.release(holder, [address])
+
+
+def test_stress_sixteen_processes_with_sigkill(tmp_path: Path) -> None:
+    path, marks = tmp_path / "leases.json", tmp_path / "marks"
+    marks.mkdir()
+    ctx = multiprocessing.get_context("fork")
+    procs = {}
+    for i in range(16):
+        log = tmp_path / f"w{i}.log"
+        procs[i] = ctx.Process(target=_worker, args=(str(path), str(marks), str(log), i, 150, i))
+        procs[i].start()
+
+    killed: set[int] = set()
+    ledger = Ledger(path)
+    deadline = time.monotonic() + 120
+    rng = random.Random(7)
+    while any(p.is_alive() for p in procs.values()) and time.monotonic() < deadline:
+        if path.exists():  # a reader never sees a partial file
+            json.loads(path.read_text())
+        victim = rng.randrange(16)
+        if len(killed) < 5 and victim not in killed and procs[victim].is_alive() and rng.random() < 0.3:
+            os.kill(procs[victim].pid, signal.SIGKILL)  # type: ignore[arg-type]
+            procs[victim].join()
+            killed.add(victim)
+            # The operator's view of a dead holder: its leases are stale and get reclaimed by hand.
+            for lease in ledger.leases().values():
+                if lease.holder == f"w{victim}/vm":
+                    marker = marks / lease.address
+                    if marker.exists() and marker.read_text() == lease.holder:
+                        marker.unlink()
+                    ledger.reclaim(lease.address)
+        time.sleep(0.01)
+    for p in procs.values():
+        p.join(timeout=30)
+        assert not p.is_alive()
+
+    grants: dict[str, list[int]] = {a: [] for a in ADDRESSES}
+    for i in range(16):
+        for line in (tmp_path / f"w{i}.log").read_text().splitlines():
+            kind, address, value = line.split()
+            assert kind != "DOUBLE", f"{address} granted to {value} while held"
+            grants[address].append(int(value))
+    final = ledger.leases()
+    for address, generations in grants.items():
+        assert len(generations) == len(set(generations)), f"a generation of {address} was granted twice"
+        if address in final:
+            assert final[address].generation >= max(generations, default=0)
+    # No lost lease: whatever is still held belongs to a killed worker (nobody else released it).
+    for lease in final.values():
+        assert lease.holder is None or int(lease.holder[1:].split("/")[0]) in killed
+    assert sum(len(g) for g in grants.values()) > 100
+    assert killed, "the test killed no worker"
+    json.loads(path.read_text())
