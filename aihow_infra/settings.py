@@ -75,8 +75,10 @@ def parse_settings(raw: dict[str, Any]) -> StackSettings:
                 problems.append(f"{key}: required setting is missing (pulumi config set {key} FILE)")
             elif err["type"] == "extra_forbidden":
                 problems.append(f"{key}: unknown setting; allowed: {', '.join(sorted(_aliases()))}")
+            elif err["type"] == "value_error":
+                problems.append(f"{key}: {str(err['msg']).removeprefix('Value error, ')}")
             else:
-                message = str(err["msg"]).removeprefix("Value error, ").removeprefix("Input should be ")
+                message = str(err["msg"]).removeprefix("Input should be ")
                 problems.append(f"{key}: {err.get('input')!r} is invalid; allowed: {message}")
         raise ConfigError(problems, "stack settings") from None
 

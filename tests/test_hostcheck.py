@@ -1,0 +1,74 @@
+"""Host checks against recorded hosts laid out as sysfs and /proc under a folder."""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from aihow_infra.hostcheck import check_host, load_recording, materialize
+
+FIXTURES = Path(__file__).parent / "fixtures"
+H200 = Path(__file__).resolve().parents[2] / "shared" / "fixtures" / "gpu-host-h200-sysfs.json"
+
+
+def cluster_file(tmp_path: Path, devices: list[dict[str, Any]]) -> str:
+    path = tmp_path / "cluster.yaml"
+    path.write_text(yaml.safe_dump({"clusters": {"hpc": {
+        "name": "hpc", "network": {"subnet": "10.1.0.0/24", "bridge": "br-hpc"},
+        "controller": {"cpu_cores": 1, "memory_gb": 1, "disk_gb": 1, "ip_address": "10.1.0.10"},
+        "compute_nodes": [{"cpu_cores": 1, "memory_gb": 1, "disk_gb": 1, "ip": "10.1.0.11",
+                           "pcie_passthrough": {"enabled": True, "devices": devices}}]}}}))
+    return str(path)
+
+
+def failures(report: Any) -> dict[str, Any]:
+    return {c.name: c for c in report.checks if not c.ok}
+
+
+@pytest.mark.skipif(not H200.exists(), reason="the recorded H200 host (shared/fixtures) is not beside this checkout")
+def test_h200_host_is_not_ready_and_says_why(tmp_path: Path) -> None:
+    root = materialize(load_recording(H200), tmp_path / "root")
+    config = cluster_file(tmp_path, [{"pci_address": "0000:00:06.0", "device_type": "gpu",
+                                      "vendor_id": "10de", "device_id": "2335"}])
+    report = check_host(root, [config])
+    assert not report.ready
+    failed = failures(report)
+    assert set(failed) == {"iommu", "vfio", "device 0000:00:06.0 (hpc-compute-01) driver",
+                           "device 0000:00:06.0 (hpc-compute-01) iommu group"}
+    assert "no IOMMU groups" in failed["iommu"].detail and "intel_iommu=on" in failed["iommu"].fix
+    driver = failed["device 0000:00:06.0 (hpc-compute-01) driver"]
+    assert driver.detail == "bound to nvidia"
+    assert "/sys/bus/pci/drivers/nvidia/unbind" in driver.fix and "vfio-pci" in driver.fix
+    assert "modprobe vfio-pci" in failed["vfio"].fix
+    passed = {c.name for c in report.checks if c.ok}
+    assert {"kvm", "device 0000:00:06.0 (hpc-compute-01) ids"} <= passed
+
+
+def test_ready_host_is_ready(tmp_path: Path) -> None:
+    root = materialize(load_recording(FIXTURES / "ready-host-sysfs.json"), tmp_path / "root")
+    config = cluster_file(tmp_path, [
+        {"pci_address": "0000:01:00.0", "device_type": "gpu", "vendor_id": "10de", "device_id": "2684"},
+        {"pci_address": "0000:01:00.1", "device_type": "audio", "vendor_id": "10de", "device_id": "22ba"}])
+    report = check_host(root, [config])
+    assert report.ready, [c for c in report.checks if not c.ok]
+    assert report.to_dict()["ready"] is True
+
+
+def test_group_member_on_another_driver_wrong_ids_and_missing_device(tmp_path: Path) -> None:
+    recording = copy.deepcopy(load_recording(FIXTURES / "ready-host-sysfs.json"))
+    recording["pci_devices"]["0000:01:00.1"]["driver"] = "snd_hda_intel"
+    root = materialize(recording, tmp_path / "root")
+    config = cluster_file(tmp_path, [
+        {"pci_address": "0000:01:00.0", "device_type": "gpu", "vendor_id": "10de", "device_id": "2805"},
+        {"pci_address": "0000:09:00.0", "device_type": "network"}])
+    failed = failures(check_host(root, [config]))
+    group = failed["device 0000:01:00.0 (hpc-compute-01) iommu group 14"]
+    assert "0000:01:00.1 (snd_hda_intel)" in group.detail
+    assert "/sys/bus/pci/drivers/snd_hda_intel/unbind" in group.fix
+    ids = failed["device 0000:01:00.0 (hpc-compute-01) ids"]
+    assert ids.detail == "device is 2684 but the cluster file says 2805" and "device_id: '2684'" in ids.fix
+    assert failed["device 0000:09:00.0 (hpc-compute-01)"].detail == "not present on this host"
