@@ -104,10 +104,13 @@ def test_stopped_cluster_runs_nothing(tmp_path: Path) -> None:
     ("hpc", {"clusterFile": "MISSING"}, r"cannot be read"),
     ("hpc", {"clusterFile": "BAD"}, r"clusters\.hpc\.compute_nodes\[0\]\.ip: '10\.9\.9\.9' is outside subnet"),
     ("edge", {"clusterFile": "GOOD"}, r"aihow:cluster: not set and the stack name 'edge' is not a cluster"),
-    ("hpc", {"clusterFile": "GOOD", "stopTimeout": "-1"}, r"aihow:stopTimeout: '-1' is invalid; allowed: greater than 0"),
-    ("hpc", {"clusterFile": "GOOD", "imagesDir": "images"}, r"aihow:imagesDir: 'images' is relative; allowed: an absolute path"),
+    ("hpc", {"clusterFile": "GOOD", "stopTimeout": "-1"},
+     r"aihow:stopTimeout: '-1' is invalid; allowed: greater than 0"),
+    ("hpc", {"clusterFile": "GOOD", "imagesDir": "images"},
+     r"aihow:imagesDir: 'images' is relative; allowed: an absolute path"),
     ("hpc", {"clusterFile": "GOOD", "power": {"nope": "running"}}, r"aihow:power names nope, not VMs of aihow-hpc"),
-    ("hpc", {"clusterFile": "GOOD", "virtType": "xen"}, r"aihow:virtType: 'xen' is invalid; allowed: 'auto', 'kvm' or 'qemu'"),
+    ("hpc", {"clusterFile": "GOOD", "virtType": "xen"},
+     r"aihow:virtType: 'xen' is invalid; allowed: 'auto', 'kvm' or 'qemu'"),
 ])
 def test_invalid_input_fails_at_the_start_and_registers_nothing(
         tmp_path: Path, stack: str, config: dict[str, Any], message: str) -> None:
