@@ -55,11 +55,14 @@ def summarize_failure(output: str) -> str:
 class Workspace:
     """A Pulumi project folder and the backend its stacks live in.
 
+    The folder defaults to this checkout (``AIHOW_PROJECT_DIR`` overrides it), the
+    backend to ``PULUMI_BACKEND_URL`` or the checkout's ``.state``.
+
     ``config_files`` maps a stack to a config file used instead of the project's
     ``Pulumi.<stack>.yaml`` (tests keep their stacks out of the work tree).
     """
 
-    project_dir: Path = PROJECT_ROOT
+    project_dir: Path = field(default_factory=lambda: Path(os.environ.get("AIHOW_PROJECT_DIR", PROJECT_ROOT)))
     backend_url: str | None = None
     config_files: dict[str, Path] = field(default_factory=dict)
     echo: bool = False
