@@ -1,0 +1,318 @@
+"""Benchmarks: how much the infrastructure-as-code layer adds, and how cost grows with size.
+
+    .venv/bin/python bench/run.py              # everything (needs libvirtd and ./bootstrap)
+    .venv/bin/python bench/run.py --only validate,lease,scale --sizes 10,100
+
+Every figure is a ratio against a baseline measured in the same run, because timings on
+a shared machine are noisy: system.up against a plain libvirt-python script doing the
+same work, invoke vm.start against virsh start, cost at N VMs against cost at the
+smallest N, lease throughput under 16 contenders against one process alone.
+Real-libvirt parts use isolated networks named ``aihb<hex>`` and remove all they make.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import ipaddress
+import multiprocessing
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from aihow_infra.config import load_cluster_file  # noqa: E402
+from aihow_infra.stacks import Workspace  # noqa: E402
+from providers.ledger import Ledger  # noqa: E402
+
+Row = tuple[str, str, str, str]  # what, measured, baseline, ratio
+
+
+def timed(fn: Callable[[], Any]) -> float:
+    start = time.perf_counter()
+    fn()
+    return time.perf_counter() - start
+
+
+def run_measured(cmd: list[str], env: dict[str, str] | None = None, cwd: Path | None = None) -> tuple[float, int]:
+    """Wall time and peak RSS (MiB) of the largest process in ``cmd``'s tree, via a fresh helper."""
+    helper = (
+        "import resource, subprocess, sys, time\n"
+        "t = time.perf_counter()\n"
+        "p = subprocess.run(sys.argv[1:], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)\n"
+        "t = time.perf_counter() - t\n"
+        "if p.returncode: sys.stderr.write(p.stderr); sys.exit(p.returncode)\n"
+        "print(t, resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss)\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", helper, *cmd], capture_output=True, text=True, env=env, cwd=cwd,
+                          check=False)
+    if proc.returncode:
+        raise RuntimeError(f"{' '.join(cmd)} failed: {proc.stderr.strip()[-500:]}")
+    seconds, kib = proc.stdout.split()
+    return float(seconds), int(kib) // 1024
+
+
+# --- generated configs -------------------------------------------------------------------------
+
+
+def generated_config(n_vms: int, prefix: str = "gen", gpus: int = 0) -> dict[str, Any]:
+    """An HPC cluster of ``n_vms`` VMs (controller + compute) on a /16, optionally some with GPUs."""
+    net = ipaddress.IPv4Network("10.212.0.0/16")
+    hosts = list(net.hosts())
+    nodes = []
+    for i in range(n_vms - 1):
+        node: dict[str, Any] = {"cpu_cores": 2, "memory_gb": 4, "disk_gb": 20, "ip": str(hosts[20 + i])}
+        if i < gpus:
+            bus = f"{(i % 250) + 1:02x}"
+            node["pcie_passthrough"] = {"enabled": True, "devices": [
+                {"pci_address": f"0000:{bus}:00.0", "device_type": "gpu", "vendor_id": "10de", "device_id": "2805"},
+                {"pci_address": f"0000:{bus}:00.1", "device_type": "audio"}]}
+        nodes.append(node)
+    return {"version": "1.0", "clusters": {"hpc": {
+        "name": f"{prefix}-hpc", "network": {"subnet": str(net), "bridge": f"{prefix}h0", "forward_mode": "isolated"},
+        "hardware": {"acceleration": {"cpu_model": "qemu64"}},
+        "controller": {"cpu_cores": 2, "memory_gb": 4, "disk_gb": 20, "ip_address": str(hosts[9])},
+        "compute_nodes": nodes}}}
+
+
+def write_config(folder: Path, data: dict[str, Any], name: str) -> Path:
+    path = folder / name
+    path.write_text(yaml.safe_dump(data, sort_keys=False))
+    return path
+
+
+def bench_validate_1000(folder: Path) -> list[Row]:
+    """Issue 3: validate a generated 1,000-node file, against parsing the YAML alone."""
+    path = write_config(folder, generated_config(1000, gpus=100), "gen-1000.yaml")
+    parse = min(timed(lambda: yaml.safe_load(path.read_text())) for _ in range(3))
+    full = min(timed(lambda: load_cluster_file(path)) for _ in range(3))
+    return [("validate 1,000-node file (in process)", f"{full * 1000:.0f} ms", f"YAML parse {parse * 1000:.0f} ms",
+             f"{full / parse:.2f}x")]
+
+
+# --- GPU lease throughput ------------------------------------------------------------------------
+
+
+def _contender(path: str, holder: str, rounds: int, address: str) -> None:
+    ledger = Ledger(path)
+    done = 0
+    while done < rounds:
+        try:
+            ledger.acquire(holder, [address])
+        except Exception:
+            continue
+        ledger.release(holder, [address])
+        done += 1
+
+
+def lease_throughput(folder: Path, contenders: int, rounds: int) -> float:
+    path = str(folder / f"ledger-{contenders}.json")
+    ctx = multiprocessing.get_context("fork")
+    procs = [ctx.Process(target=_contender, args=(path, f"b/{i}", rounds, "0000:01:00.0")) for i in range(contenders)]
+    start = time.perf_counter()
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join()
+    return contenders * rounds / (time.perf_counter() - start)
+
+
+def bench_lease(folder: Path) -> list[Row]:
+    """Issue 5/7: acquire+release cycles per second with 16 contenders on one GPU."""
+    alone = lease_throughput(folder, 1, 400)
+    crowd = lease_throughput(folder, 16, 50)
+    return [("GpuLease acquire+release, 16 contenders", f"{crowd:.0f} /s", f"1 process {alone:.0f} /s",
+             f"{crowd / alone:.2f}x")]
+
+
+# --- cost against size (libvirt test driver) -----------------------------------------------------
+
+
+@contextlib.contextmanager
+def temp_project(folder: Path, name: str) -> Iterator[Workspace]:
+    project = folder / name
+    project.mkdir()
+    (project / "Pulumi.yaml").write_text(yaml.safe_dump({
+        "name": "aihow", "runtime": {"name": "python", "options": {"virtualenv": str(ROOT / ".venv")}}}))
+    os.symlink(ROOT / "__main__.py", project / "__main__.py")
+    (folder / f"{name}-state").mkdir()
+    yield Workspace(project_dir=project, backend_url=f"file://{folder / f'{name}-state'}")
+
+
+def bench_scale(folder: Path, sizes: list[int]) -> list[Row]:
+    """pulumi preview, invoke topology and invoke validate at N VMs, against the smallest N."""
+    rows: list[Row] = []
+    base: dict[str, tuple[float, int]] = {}
+    invoke = [sys.executable, "-m", "invoke", "-r", str(ROOT)]
+    for n in sizes:
+        path = write_config(folder, generated_config(n, gpus=min(n // 10, 200)), f"scale-{n}.yaml")
+        with temp_project(folder, f"scale{n}") as ws:
+            (ws.project_dir / "Pulumi.hpc.yaml").write_text(yaml.safe_dump({"config": {
+                "aihow:clusterFile": str(path), "aihow:libvirtUri": "test:///default",
+                "aihow:ledgerPath": str(folder / "scale-ledger.json")}}))
+            ws.ensure_stack("hpc")
+            env = ws.env()
+            measured = {
+                "pulumi preview": run_measured(["pulumi", "preview", "-s", "hpc", "--non-interactive"], env,
+                                               ws.project_dir),
+                "invoke topology --config": run_measured([*invoke, "topology", "--json", "--config", str(path)], env),
+                "invoke validate --config": run_measured([*invoke, "validate", "--config", str(path)], env),
+            }
+        for what, (seconds, mib) in measured.items():
+            base.setdefault(what, (seconds, mib))
+            b_s, b_m = base[what]
+            rows.append((f"{what}, {n} VMs", f"{seconds:.2f} s, {mib} MiB", f"{sizes[0]} VMs {b_s:.2f} s, {b_m} MiB",
+                         f"{seconds / b_s:.2f}x time, {mib / b_m:.2f}x mem"))
+    return rows
+
+
+# --- real libvirt: system.up and vm.start ---------------------------------------------------------
+
+
+def plain_libvirt_up(plan_file: Path, images: Path, uri: str = "qemu:///system") -> Callable[[], None]:
+    """The baseline: a plain libvirt-python script that defines and starts the same networks,
+    pools, volumes and domains one after another. Returns its teardown."""
+    import libvirt
+
+    from aihow_infra.plan import plan_all
+    from providers.render import domain_xml, network_xml, pool_xml, volume_xml
+
+    conn = libvirt.open(uri)
+    made: list[Callable[[], None]] = []
+    for plan in plan_all(load_cluster_file(plan_file)):
+        net = conn.networkDefineXML(network_xml({
+            "name": plan.network_name, "bridge": plan.bridge, "forward_mode": plan.forward_mode,
+            "dns_domain": f"{plan.name}.local", "dns_servers": [], "gateway": plan.gateway,
+            "netmask": plan.netmask, "dhcp_start": plan.dhcp_start, "dhcp_end": plan.dhcp_end,
+            "hosts": [{"mac": v.mac, "name": v.name, "ip": v.ip} for v in plan.vms if v.ip]}))
+        net.create()
+        made.append(lambda n=net: (n.destroy(), n.undefine()))
+        pool = conn.storagePoolDefineXML(pool_xml({"name": plan.pool_name, "path": str(images / plan.name)}), 0)
+        pool.build(0)
+        pool.create(0)
+        made.append(lambda p=pool: (p.destroy(), p.delete(0), p.undefine()))
+        for vm in plan.vms:
+            vol = pool.createXML(volume_xml({"name": f"{vm.name}.qcow2", "size_gb": vm.disk_gb}), 0)
+            made.append(lambda v=vol: v.delete(0))
+            dom = conn.defineXML(domain_xml({
+                "name": vm.name, "cluster": vm.cluster_name, "role": vm.role, "stack": "plain",
+                "vcpus": vm.cpu_cores, "memory_mib": vm.memory_gb * 1024, "disk_path": vol.path(), "mac": vm.mac,
+                "network": plan.network_name, "devices": [], "mounts": [],
+                "acceleration": {"cpu_model": vm.acceleration.cpu_model}}, "kvm" if _kvm(conn) else "qemu"))
+            if vm.auto_start:
+                dom.create()
+            made.append(lambda d=dom: (d.isActive() and d.destroy(), d.undefine()))
+
+    def teardown() -> None:
+        for undo in reversed(made):
+            with contextlib.suppress(libvirt.libvirtError):
+                undo()
+        conn.close()
+
+    return teardown
+
+
+def _kvm(conn: Any) -> bool:
+    from providers.libvirt_conn import kvm_usable
+
+    return kvm_usable(conn)
+
+
+def default_like(prefix: str) -> dict[str, Any]:
+    """config/default.yaml with this run's names and subnets (10.213.241-242.0/24)."""
+    data = yaml.safe_load((ROOT / "config" / "default.yaml").read_text())
+    for key, third in (("hpc", 241), ("cloud", 242)):
+        cluster = data["clusters"][key]
+        old = ipaddress.IPv4Network(cluster["network"]["subnet"])
+        new = ipaddress.IPv4Network(f"10.213.{third}.0/24")
+        cluster.update(name=f"{prefix}-{key}")
+        cluster["network"].update(subnet=str(new), bridge=f"{prefix}{key[0]}")
+        heads = [cluster[k] for k in ("controller", "control_plane") if k in cluster]
+        for node in [*heads, *cluster.get("compute_nodes", []), *cluster.get("worker_nodes", [])]:
+            field = "ip_address" if "ip_address" in node else "ip"
+            offset = int(ipaddress.IPv4Address(node[field])) - int(old.network_address)
+            node[field] = str(new.network_address + offset)
+    return data
+
+
+def bench_real(folder: Path) -> list[Row]:
+    """system.up of the two-cluster example against the plain script; invoke vm.start against virsh start."""
+    from aihow_infra.operations import Operator
+
+    rows: list[Row] = []
+    images = Path("/var/lib/libvirt/images")
+    # Baseline first, with its own names, torn down before the Pulumi run.
+    plain_prefix = f"aihb{uuid.uuid4().hex[:5]}"
+    plain_file = write_config(folder, default_like(plain_prefix), "plain.yaml")
+    start = time.perf_counter()
+    teardown = plain_libvirt_up(plain_file, images / plain_prefix)
+    plain = time.perf_counter() - start
+    teardown()
+    shutil.rmtree(images / plain_prefix, ignore_errors=True)
+
+    prefix = f"aihb{uuid.uuid4().hex[:5]}"
+    cluster_file = write_config(folder, default_like(prefix), "iac.yaml")
+    with temp_project(folder, "real") as ws:
+        for stack in ("hpc", "cloud"):
+            (ws.project_dir / f"Pulumi.{stack}.yaml").write_text(yaml.safe_dump({"config": {
+                "aihow:clusterFile": str(cluster_file), "aihow:imagesDir": str(images / prefix),
+                "aihow:ledgerPath": str(folder / "real-ledger.json"), "aihow:stopTimeout": "2"}}))
+        op = Operator(ws)
+        try:
+            iac = timed(op.system_up)
+            rows.append(("system.up, two-cluster example (5 VMs)", f"{iac:.2f} s",
+                         f"plain libvirt script {plain:.2f} s", f"{iac / plain:.2f}x"))
+            vm = f"{prefix}-hpc-compute-01"
+            op.vm_stop(vm, force=True)
+            env = {**ws.env(), "AIHOW_PROJECT_DIR": str(ws.project_dir)}
+            invoke_start, _ = run_measured([sys.executable, "-m", "invoke", "-r", str(ROOT), "vm.start", vm], env)
+            subprocess.run(["virsh", "-c", "qemu:///system", "destroy", vm], check=True, capture_output=True)
+            virsh_start, _ = run_measured(["virsh", "-c", "qemu:///system", "start", vm])
+            rows.append(("invoke vm.start (one VM)", f"{invoke_start:.2f} s", f"virsh start {virsh_start:.2f} s",
+                         f"+{invoke_start - virsh_start:.2f} s"))
+        finally:
+            with contextlib.suppress(Exception):
+                op.system_destroy()
+            shutil.rmtree(images / prefix, ignore_errors=True)
+    return rows
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--only", default="validate,lease,scale,real",
+                        help="comma-separated parts: validate, lease, scale, real")
+    parser.add_argument("--sizes", default="10,100,500", help="VM counts for the scale part")
+    args = parser.parse_args()
+    parts = set(args.only.split(","))
+    rows: list[Row] = []
+    with tempfile.TemporaryDirectory(prefix="aihow-bench-") as tmp:
+        folder = Path(tmp)
+        if "validate" in parts:
+            rows += bench_validate_1000(folder)
+        if "lease" in parts:
+            rows += bench_lease(folder)
+        if "scale" in parts:
+            rows += bench_scale(folder, [int(s) for s in args.sizes.split(",")])
+        if "real" in parts:
+            rows += bench_real(folder)
+    memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // 2**30
+    print(f"machine: {platform.node()}, {os.cpu_count()} CPUs, {memory} GiB, Python {platform.python_version()}")
+    widths = [max(len(r[i]) for r in [("what", "measured", "baseline", "ratio"), *rows]) for i in range(4)]
+    for row in [("what", "measured", "baseline", "ratio"), tuple("-" * w for w in widths), *rows]:
+        print("| " + " | ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)) + " |")
+
+
+if __name__ == "__main__":
+    main()
