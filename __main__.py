@@ -37,7 +37,7 @@ def main() -> None:
         raise pulumi.RunError(f"aihow:power names {', '.join(sorted(unknown))}, not VMs of {plan.name}; "
                               f"allowed: {', '.join(vm.name for vm in plan.vms)}")
 
-    cluster = Cluster(plan.name, ClusterArgs(plan=plan, settings=settings, stack=stack))
+    cluster = Cluster(plan.key, ClusterArgs(plan=plan, settings=settings, stack=stack))
     pulumi.export("cluster", cluster.outputs)
     pulumi.export("nodes", {node.outputs["name"]: node.outputs for node in cluster.nodes})
 

@@ -130,7 +130,11 @@ class ClusterArgs:
 
 
 class Cluster(pulumi.ComponentResource):
-    """A whole cluster: network (with a reservation per VM), storage pool, and nodes."""
+    """A whole cluster: network (with a reservation per VM), storage pool, and nodes.
+
+    Resource names are logical (``network``, ``compute-01-domain``), not the libvirt
+    names, so renaming a cluster or a VM shows up as a replacement, not as a new resource.
+    """
 
     nodes: list[Node]
 
@@ -138,7 +142,7 @@ class Cluster(pulumi.ComponentResource):
         super().__init__(f"aihow:libvirt:{'Hpc' if args.plan.key == 'hpc' else 'Cloud'}Cluster", name, None, opts)
         plan, settings = args.plan, args.settings
         child = pulumi.ResourceOptions(parent=self)
-        network = Network(f"{name}-network", {
+        network = Network("network", {
             "uri": settings.libvirt_uri,
             "name": plan.network_name,
             "bridge": plan.bridge,
@@ -151,13 +155,13 @@ class Cluster(pulumi.ComponentResource):
             "dhcp_end": plan.dhcp_end,
             "hosts": [{"mac": vm.mac, "name": vm.name, "ip": vm.ip} for vm in plan.vms if vm.ip],
         }, child)
-        pool = StoragePool(f"{name}-pool", {
+        pool = StoragePool("pool", {
             "uri": settings.libvirt_uri,
             "name": plan.pool_name,
             "path": f"{settings.images_dir.rstrip('/')}/{plan.name}",
         }, child)
         self.nodes = [
-            Node(vm.name, NodeArgs(vm=vm, settings=settings, stack=args.stack,
+            Node(vm.short_name, NodeArgs(vm=vm, settings=settings, stack=args.stack,
                                          network_name=network.name, pool_name=pool.name), child)
             for vm in plan.vms
         ]

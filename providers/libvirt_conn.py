@@ -75,6 +75,16 @@ def lookup(doing: str, fn: Callable[[str], T], name: str) -> T | None:
         raise translate(exc, doing) from None
 
 
+def discard(obj: libvirt.virNetwork | libvirt.virStoragePool) -> None:
+    """Stop (when active) and undefine a network or pool, ignoring errors: the undo of a
+    create that failed half-way, where the original error is the one to report."""
+    with contextlib.suppress(libvirt.libvirtError):
+        if obj.isActive():
+            obj.destroy()
+    with contextlib.suppress(libvirt.libvirtError):
+        obj.undefine()
+
+
 def kvm_usable(conn: libvirt.virConnect) -> bool:
     """True when libvirt reports KVM acceleration usable on this host."""
     if conn.getType() != "QEMU":

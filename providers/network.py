@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import xml.etree.ElementTree as ET
 from typing import Any, ClassVar
 
@@ -12,7 +11,7 @@ from pulumi.dynamic import CheckFailure, CreateResult, ReadResult, Resource, Upd
 
 from aihow_infra.errors import LibvirtError
 from providers.base import Provider
-from providers.libvirt_conn import call, connect, lookup
+from providers.libvirt_conn import call, connect, discard, lookup
 from providers.render import network_xml
 
 _SECTION = libvirt.VIR_NETWORK_SECTION_IP_DHCP_HOST
@@ -63,10 +62,7 @@ class NetworkProvider(Provider):
                 call(f"starting network {name}", net.create)
                 call(f"marking network {name} autostart", net.setAutostart, 1)
             except LibvirtError:
-                with contextlib.suppress(libvirt.libvirtError):
-                    if net.isActive():
-                        net.destroy()
-                    net.undefine()
+                discard(net)
                 raise
             return CreateResult(name, {**props, "active": True, "uuid": net.UUIDString()})
 

@@ -14,7 +14,7 @@ from pulumi.dynamic import CheckFailure, CreateResult, ReadResult, Resource
 
 from aihow_infra.errors import LibvirtError
 from providers.base import Provider
-from providers.libvirt_conn import call, connect, lookup
+from providers.libvirt_conn import call, connect, discard, lookup
 from providers.render import pool_xml, volume_xml
 
 
@@ -38,10 +38,7 @@ class PoolProvider(Provider):
                 call(f"starting pool {name}", pool.create, 0)
                 call(f"marking pool {name} autostart", pool.setAutostart, 1)
             except LibvirtError:
-                with contextlib.suppress(libvirt.libvirtError):
-                    if pool.isActive():
-                        pool.destroy()
-                    pool.undefine()
+                discard(pool)
                 raise
             return CreateResult(name, {**props, "uuid": pool.UUIDString()})
 

@@ -95,10 +95,10 @@ def test_two_stacks_converge_update_replace_refresh_and_destroy(e2e: E2E) -> Non
     clusters["hpc"]["compute_nodes"][1]["disk_gb"] = 2
     e2e.write_cluster_file(clusters)
     steps = ws.planned_steps("hpc")
-    assert steps[f"{p}-hpc-compute-01-domain"] == "update"
-    assert steps[f"{p}-hpc-compute-02-domain"] == "replace"
-    assert steps[f"{p}-hpc-compute-02-disk"] == "replace"
-    assert f"{p}-hpc-compute-01-disk" not in steps
+    assert steps["compute-01-domain"] == "update"
+    assert steps["compute-02-domain"] == "replace"
+    assert steps["compute-02-disk"] == "replace"
+    assert "compute-01-disk" not in steps
     uuid_before = box.conn.lookupByName(f"{p}-hpc-compute-01").UUIDString()
     ws.up("hpc")
     dom = box.conn.lookupByName(f"{p}-hpc-compute-01")
@@ -112,10 +112,19 @@ def test_two_stacks_converge_update_replace_refresh_and_destroy(e2e: E2E) -> Non
     victim.destroy()
     victim.undefine()
     refresh = ws.refresh("cloud")
-    assert f"{p}-cloud-cpu-worker-01-domain" in refresh and "deleted" in refresh
+    assert "cpu-worker-01-domain" in refresh and "deleted" in refresh
     ws.up("cloud")
     assert box.conn.lookupByName(f"{p}-cloud-cpu-worker-01").isActive()
     ws.run(["preview", "--expect-no-changes"], "cloud")
+
+    # Renaming (here the cluster, which names every VM) is a replacement, said before it happens.
+    clusters["cloud"]["name"] = f"{p}-cloud2"
+    e2e.write_cluster_file(clusters)
+    steps = ws.planned_steps("cloud")
+    assert steps["control-plane-domain"] == "replace" and steps["network"] == "replace"
+    assert steps["cpu-worker-01-disk"] == "replace"
+    clusters["cloud"]["name"] = f"{p}-cloud"
+    e2e.write_cluster_file(clusters)
 
     for stack in ("cloud", "hpc"):
         ws.destroy(stack)

@@ -89,6 +89,13 @@ def test_seed_scenario_one_gpu_two_clusters(e2e: E2E) -> None:
     # 8. Pulumi stays the record: neither stack has anything left to change.
     assert ws.planned_steps("hpc") == {} and ws.planned_steps("cloud") == {}
 
+    # invoke switch --to hpc: Cloud's GPU VMs stop first, then HPC's start and take the GPU back.
+    op.switch("hpc")
+    assert holders(e2e) == {"0000:01:00.0": f"hpc/{hpc_vm}", "0000:01:00.1": f"hpc/{hpc_vm}"}
+    assert ws.outputs("cloud")["nodes"][cloud_vm]["power_state"] == "shutoff"
+    assert ws.outputs("hpc")["nodes"][hpc_vm]["power_state"] == "running"
+    assert ws.planned_steps("hpc") == {} and ws.planned_steps("cloud") == {}
+
 
 def test_simultaneous_ups_grant_the_gpu_exactly_once(e2e: E2E) -> None:
     """Both clusters start the same GPU automatically; launched together, exactly one wins."""
