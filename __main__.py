@@ -28,7 +28,8 @@ def main() -> None:
         cluster_file = load_cluster_file(settings.cluster_file)
         plan = plan_cluster(cluster_file, key)
     except ConfigError as exc:
-        raise pulumi.RunError(exc.report()) from None
+        # First line for one-line summaries (the tasks), then every problem.
+        raise pulumi.RunError(f"{exc}\n{exc.report()}") from None
     except KeyError:
         raise pulumi.RunError(f"the cluster file {settings.cluster_file} has no clusters.{key}; "
                               f"allowed: a stack for a cluster the file defines") from None

@@ -16,6 +16,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import yaml
+
 from aihow_infra.config import ClusterFile, load_cluster_file
 from aihow_infra.errors import AihowError, ConfigError, StackError
 from aihow_infra.plan import CLUSTER_KEYS, ClusterPlan, VmPlan, plan_cluster, shared_devices
@@ -51,14 +53,16 @@ class Operator:
         return [s for s in CLUSTER_KEYS if (self.workspace.project_dir / f"Pulumi.{s}.yaml").exists()]
 
     def settings(self, stack: str) -> StackSettings:
-        """The stack's ``aihow:`` settings, validated."""
-        self.workspace.ensure_stack(stack)
-        raw = json.loads(self.workspace.run(["config", "--json"], stack).stdout or "{}")
-        values: dict[str, Any] = {}
-        for key, entry in raw.items():
-            namespace, _, name = key.partition(":")
-            if namespace == "aihow":
-                values[name] = entry.get("objectValue", entry.get("value"))
+        """The stack's ``aihow:`` settings, validated. Read from ``Pulumi.<stack>.yaml`` itself
+        (the project keeps no secrets there), which saves a pulumi run per call."""
+        path = self.workspace.project_dir / f"Pulumi.{stack}.yaml"
+        try:
+            config = (yaml.safe_load(path.read_text()) or {}).get("config") or {}
+        except (OSError, yaml.YAMLError) as exc:
+            raise ConfigError([f"{path}: cannot be read ({exc})"], "stack settings") from None
+        values = {key.partition(":")[2]: value for key, value in config.items() if key.startswith("aihow:")}
+        if any(isinstance(v, dict) and "secure" in v for v in values.values()):
+            raise ConfigError([f"{path}: aihow settings are encrypted; allowed: plain values"], "stack settings")
         return parse_settings(values)
 
     def cluster_file(self, settings: StackSettings) -> ClusterFile:

@@ -66,6 +66,7 @@ class Workspace:
     backend_url: str | None = None
     config_files: dict[str, Path] = field(default_factory=dict)
     echo: bool = False
+    _known_stacks: set[str] = field(default_factory=set, repr=False)
 
     def env(self) -> dict[str, str]:
         """The environment pulumi runs in."""
@@ -94,9 +95,13 @@ class Workspace:
         return {s["name"].split("/")[-1] for s in json.loads(proc.stdout)}
 
     def ensure_stack(self, stack: str) -> None:
-        """Create the stack when the backend does not have it yet."""
+        """Create the stack when the backend does not have it yet (remembered: stacks are
+        never removed by this project, so one look per stack is enough)."""
+        if stack in self._known_stacks:
+            return
         if stack not in self.stacks():
             self.run(["stack", "init", stack])
+        self._known_stacks.add(stack)
 
     def up(self, stack: str, extra: Sequence[str] = ()) -> str:
         """``pulumi up --yes``; returns the engine's output."""
