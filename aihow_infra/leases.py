@@ -11,9 +11,9 @@ from typing import TYPE_CHECKING, Any
 
 from aihow_infra.errors import AihowError
 from aihow_infra.settings import DEFAULT_LEDGER
-from providers.domain import state_name
 from providers.ledger import Ledger
 from providers.libvirt_conn import connect, lookup
+from providers.power import state_name
 
 if TYPE_CHECKING:
     from aihow_infra.operations import Operator

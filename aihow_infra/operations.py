@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import json
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -23,9 +24,9 @@ from aihow_infra.errors import AihowError, ConfigError, StackError
 from aihow_infra.plan import CLUSTER_KEYS, ClusterPlan, VmPlan, plan_cluster, shared_devices
 from aihow_infra.settings import StackSettings, parse_settings
 from aihow_infra.stacks import Workspace
-from providers.domain import start_domain, state_name, stop_domain
 from providers.ledger import Ledger
 from providers.libvirt_conn import connect, lookup
+from providers.power import start_domain, state_name, stop_domain
 
 Progress = Callable[[str], None]
 
@@ -120,16 +121,14 @@ class Operator:
             self.workspace.config_set(view.stack, key, power, path=True)
 
     def _apply_power(self, view: StackView, changes: dict[str, str]) -> None:
-        """Record desired power states in the stack's config and converge; on failure the
-        recorded states are put back, so the config never claims what did not happen."""
-        before = dict(view.settings.power)
-        for name, power in changes.items():
-            self._set_power(view, view.plan.vm(name), power)
+        """Record desired power states in the stack's config and converge, in one pulumi run; on
+        failure the recorded states are put back, so the config never claims what did not happen."""
+        self.progress(f"pulumi up -s {view.stack}")
         try:
-            self.up(view.stack)
+            self.workspace.up(view.stack, config={f"aihow:power.{name}": power for name, power in changes.items()})
         except StackError:
             for name in changes:
-                self._set_power(view, view.plan.vm(name), before.get(name))
+                self._set_power(view, view.plan.vm(name), view.settings.power.get(name))
             raise
 
     def vm_start(self, name: str) -> None:
@@ -197,41 +196,67 @@ class Operator:
             self.workspace.config_set(stack, "aihow:clusterPower", power)
 
     def system_up(self) -> None:
-        """HPC first, then Cloud. When the Cloud part fails, what this run changed in HPC is
-        undone (resources it created are destroyed, the cluster's power state put back)."""
-        stacks = self.configured_stacks()
-        if not stacks:
+        """HPC first, then Cloud; when the two share no passthrough device the order changes
+        nothing, and both come up at the same time. When a part fails, what this run changed
+        in the other is undone (resources it created are destroyed, power put back)."""
+        views = self.views()
+        if not views:
             raise AihowError("no stack is configured; allowed: Pulumi.hpc.yaml and/or Pulumi.cloud.yaml")
-        done: list[tuple[str, set[str], str | None]] = []
-        for stack in stacks:
-            before_urns = self._urns(stack)
-            before_power = self.settings(stack).cluster_power
-            self._set_cluster_power(stack, "running")
+        before = {v.stack: (self._urns(v.stack), v.settings.cluster_power) for v in views}
+
+        def bring_up(view: StackView) -> None:
+            power_on = {"aihow:clusterPower": "running"} if view.settings.cluster_power != "running" else None
+            self.progress(f"pulumi up -s {view.stack}")
+            self.workspace.up(view.stack, config=power_on)
+
+        def attempt(view: StackView) -> AihowError | None:
             try:
-                self.up(stack)
+                bring_up(view)
             except AihowError as exc:
-                self._set_cluster_power(stack, before_power)
-                for earlier, urns, power in reversed(done):
-                    self._roll_back(earlier, urns, power)
-                raise StackError(f"system.up failed in {stack}: {exc}"
-                                 + (f" (rolled back {', '.join(d[0] for d in done)})" if done else "")) from None
-            done.append((stack, before_urns, before_power))
+                return exc
+            return None
+
+        failures: dict[str, AihowError] = {}
+        if len(views) > 1 and not shared_devices([v.plan for v in views]):
+            with ThreadPoolExecutor(len(views)) as pool:
+                results = list(pool.map(attempt, views))
+            failures = {v.stack: r for v, r in zip(views, results, strict=True) if r is not None}
+        else:
+            for view in views:
+                error = attempt(view)
+                if error is not None:
+                    failures[view.stack] = error
+                    break
+        if not failures:
+            return
+        done = [v.stack for v in views if v.stack not in failures and self._urns(v.stack) != before[v.stack][0]]
+        for stack in failures:
+            self._put_power_back(stack, before[stack][1])
+        for stack in reversed(done):
+            self._roll_back(stack, *before[stack])
+        stack, error = next(iter(failures.items()))
+        raise StackError(f"system.up failed in {stack}: {error}"
+                         + (f" (rolled back {', '.join(done)})" if done else "")) from None
+
+    def _put_power_back(self, stack: str, power: str) -> None:
+        if power != "running":
+            self._set_cluster_power(stack, power)
 
     def _urns(self, stack: str) -> set[str]:
-        if stack not in self.workspace.stacks():
+        if not self.workspace.has_stack(stack):
             return set()
         data = json.loads(self.workspace.run(["stack", "export"], stack).stdout)
         return {r["urn"] for r in data.get("deployment", {}).get("resources") or []}
 
-    def _roll_back(self, stack: str, before: set[str], power: str | None) -> None:
+    def _roll_back(self, stack: str, before: set[str], power: str) -> None:
         self.progress(f"rolling back {stack}")
         created = sorted(self._urns(stack) - before)
-        if not before or not [u for u in before if "::pulumi:pulumi:Stack::" not in u]:
+        if not [u for u in before if "::pulumi:pulumi:Stack::" not in u]:
             self.workspace.destroy(stack)
         elif created:
             targets = [arg for urn in created for arg in ("--target", urn)]
             self.workspace.run(["destroy", "--yes", "--skip-preview", "--target-dependents", *targets], stack)
-        if power is not None and power != "running":
+        if power != "running":
             self._set_cluster_power(stack, power)
             self.up(stack)
 

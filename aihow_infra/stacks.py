@@ -66,7 +66,7 @@ class Workspace:
     backend_url: str | None = None
     config_files: dict[str, Path] = field(default_factory=dict)
     echo: bool = False
-    _known_stacks: set[str] = field(default_factory=set, repr=False)
+    _stacks: set[str] | None = field(default=None, repr=False)
 
     def env(self) -> dict[str, str]:
         """The environment pulumi runs in."""
@@ -90,23 +90,26 @@ class Workspace:
         return proc
 
     def stacks(self) -> set[str]:
-        """Names of the stacks the backend holds for this project."""
-        proc = self.run(["stack", "ls", "--json"])
-        return {s["name"].split("/")[-1] for s in json.loads(proc.stdout)}
+        """Names of the stacks the backend holds for this project (listed once; this project
+        adds stacks only through ``ensure_stack`` and never removes one)."""
+        if self._stacks is None:
+            proc = self.run(["stack", "ls", "--json"])
+            self._stacks = {s["name"].split("/")[-1] for s in json.loads(proc.stdout)}
+        return set(self._stacks)
 
     def ensure_stack(self, stack: str) -> None:
-        """Create the stack when the backend does not have it yet (remembered: stacks are
-        never removed by this project, so one look per stack is enough)."""
-        if stack in self._known_stacks:
-            return
+        """Create the stack when the backend does not have it yet."""
         if stack not in self.stacks():
             self.run(["stack", "init", stack])
-        self._known_stacks.add(stack)
+            self._stacks = {*self.stacks(), stack}
 
-    def up(self, stack: str, extra: Sequence[str] = ()) -> str:
-        """``pulumi up --yes``; returns the engine's output."""
+    def up(self, stack: str, extra: Sequence[str] = (), config: dict[str, str] | None = None) -> str:
+        """``pulumi up --yes``; ``config`` (path keys such as ``aihow:power.vm``) is saved to the
+        stack's config by the same run. Returns the engine's output."""
         self.ensure_stack(stack)
-        return self.run(["up", "--yes", "--skip-preview", *extra], stack).stdout
+        flags = ["--config-path", *[f for k, v in (config or {}).items() for f in ("-c", f"{k}={v}")]] \
+            if config else []
+        return self.run(["up", "--yes", "--skip-preview", *flags, *extra], stack).stdout
 
     def preview(self, stack: str, extra: Sequence[str] = ()) -> str:
         """``pulumi preview``; returns the engine's output."""
@@ -127,13 +130,17 @@ class Workspace:
 
     def destroy(self, stack: str) -> str:
         """``pulumi destroy --yes``; a stack the backend does not have is already destroyed."""
-        if stack not in self.stacks():
+        if not self.has_stack(stack):
             return ""
         return self.run(["destroy", "--yes", "--skip-preview"], stack).stdout
 
+    def has_stack(self, stack: str) -> bool:
+        """True when the backend holds the stack."""
+        return stack in self.stacks()
+
     def outputs(self, stack: str) -> dict[str, Any]:
         """The stack's outputs (empty before the first ``up``)."""
-        if stack not in self.stacks():
+        if not self.has_stack(stack):
             return {}
         proc = self.run(["stack", "output", "--json"], stack)
         data: dict[str, Any] = json.loads(proc.stdout or "{}")

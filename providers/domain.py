@@ -7,7 +7,6 @@ later ``pulumi up`` (unlike pulumi-libvirt, which always starts domains).
 from __future__ import annotations
 
 import contextlib
-import time
 import xml.etree.ElementTree as ET
 from typing import Any, ClassVar
 
@@ -17,8 +16,8 @@ from pulumi.dynamic import CheckFailure, CreateResult, ReadResult, Resource, Upd
 
 from aihow_infra.errors import LibvirtError
 from providers.base import Provider
-from providers.ledger import Ledger
 from providers.libvirt_conn import call, connect, kvm_usable, lookup
+from providers.power import start_domain, state_name, stop_domain
 from providers.render import domain_xml
 
 # Inputs that change the domain's definition (applied by redefining it).
@@ -26,20 +25,6 @@ DEFINITION_KEYS = frozenset({"vcpus", "memory_mib", "mac", "network", "devices",
                              "cluster", "role", "stack", "virt_type"})
 _UNDEFINE_FLAGS = (libvirt.VIR_DOMAIN_UNDEFINE_MANAGED_SAVE | libvirt.VIR_DOMAIN_UNDEFINE_SNAPSHOTS_METADATA
                    | libvirt.VIR_DOMAIN_UNDEFINE_NVRAM)
-
-STATE_NAMES = {
-    libvirt.VIR_DOMAIN_NOSTATE: "nostate", libvirt.VIR_DOMAIN_RUNNING: "running",
-    libvirt.VIR_DOMAIN_BLOCKED: "blocked", libvirt.VIR_DOMAIN_PAUSED: "paused",
-    libvirt.VIR_DOMAIN_SHUTDOWN: "shutdown", libvirt.VIR_DOMAIN_SHUTOFF: "shutoff",
-    libvirt.VIR_DOMAIN_CRASHED: "crashed", libvirt.VIR_DOMAIN_PMSUSPENDED: "pmsuspended",
-}
-
-
-def state_name(dom: libvirt.virDomain) -> str:
-    """libvirt's state of a domain as a word (``running``, ``shutoff``, ...)."""
-    state, _reason = dom.state()
-    return STATE_NAMES.get(state, "unknown")
-
 
 def resolve_virt_type(conn: libvirt.virConnect, wanted: str) -> str:
     """'kvm' or 'qemu': ``auto`` takes KVM when libvirt reports it usable."""
@@ -56,44 +41,6 @@ def _with_uuid(xml: str, uuid: str) -> str:
     element.text = uuid
     root.insert(1, element)
     return ET.tostring(root, encoding="unicode")
-
-
-def stop_domain(dom: libvirt.virDomain, timeout: float) -> None:
-    """ACPI shutdown, wait up to ``timeout`` seconds, then power off."""
-    name = dom.name()
-    if not dom.isActive():
-        return
-    with contextlib.suppress(libvirt.libvirtError):
-        dom.shutdown()
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            if not dom.isActive():
-                return
-        except libvirt.libvirtError:
-            return
-        time.sleep(0.25)
-    try:
-        dom.destroy()
-    except libvirt.libvirtError as exc:
-        if dom.isActive():
-            raise LibvirtError(f"powering off domain {name}: {exc.get_error_message()}") from None
-
-
-def start_domain(dom: libvirt.virDomain, lease: dict[str, Any] | None = None) -> None:
-    """Start a defined domain; a domain already running is left as it is.
-
-    When the start fails, the GPU leases taken for it (``lease``: ledger, holder,
-    addresses) are released, so a VM that never ran holds nothing.
-    """
-    if dom.isActive():
-        return
-    try:
-        call(f"starting domain {dom.name()}", dom.create)
-    except BaseException:
-        if lease:
-            Ledger(lease["ledger"]).release(lease["holder"], lease["addresses"])
-        raise
 
 
 class DomainProvider(Provider):

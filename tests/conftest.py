@@ -203,6 +203,7 @@ def e2e(sandbox: Sandbox, tmp_path: Path) -> Iterator[E2E]:
     try:
         yield harness
     finally:
-        for stack in sorted(workspace.stacks(), reverse=True):  # cloud before hpc
+        fresh = Workspace(project_dir=project, backend_url=workspace.backend_url)  # stacks made by any process
+        for stack in sorted(fresh.stacks(), reverse=True):  # cloud before hpc
             with contextlib.suppress(Exception):
-                workspace.destroy(stack)
+                fresh.destroy(stack)

@@ -1,0 +1,67 @@
+"""Powering libvirt domains on and off, shared by the domain provider and the tasks.
+
+Free of pulumi imports, so the operator's tasks start quickly.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from typing import Any
+
+import libvirt
+
+from aihow_infra.errors import LibvirtError
+from providers.ledger import Ledger
+from providers.libvirt_conn import call
+
+STATE_NAMES = {
+    libvirt.VIR_DOMAIN_NOSTATE: "nostate", libvirt.VIR_DOMAIN_RUNNING: "running",
+    libvirt.VIR_DOMAIN_BLOCKED: "blocked", libvirt.VIR_DOMAIN_PAUSED: "paused",
+    libvirt.VIR_DOMAIN_SHUTDOWN: "shutdown", libvirt.VIR_DOMAIN_SHUTOFF: "shutoff",
+    libvirt.VIR_DOMAIN_CRASHED: "crashed", libvirt.VIR_DOMAIN_PMSUSPENDED: "pmsuspended",
+}
+
+
+def state_name(dom: libvirt.virDomain) -> str:
+    """libvirt's state of a domain as a word (``running``, ``shutoff``, ...)."""
+    state, _reason = dom.state()
+    return STATE_NAMES.get(state, "unknown")
+
+
+def stop_domain(dom: libvirt.virDomain, timeout: float) -> None:
+    """ACPI shutdown, wait up to ``timeout`` seconds, then power off."""
+    name = dom.name()
+    if not dom.isActive():
+        return
+    with contextlib.suppress(libvirt.libvirtError):
+        dom.shutdown()
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            if not dom.isActive():
+                return
+        except libvirt.libvirtError:
+            return
+        time.sleep(0.25)
+    try:
+        dom.destroy()
+    except libvirt.libvirtError as exc:
+        if dom.isActive():
+            raise LibvirtError(f"powering off domain {name}: {exc.get_error_message()}") from None
+
+
+def start_domain(dom: libvirt.virDomain, lease: dict[str, Any] | None = None) -> None:
+    """Start a defined domain; a domain already running is left as it is.
+
+    When the start fails, the GPU leases taken for it (``lease``: ledger, holder,
+    addresses) are released, so a VM that never ran holds nothing.
+    """
+    if dom.isActive():
+        return
+    try:
+        call(f"starting domain {dom.name()}", dom.create)
+    except BaseException:
+        if lease:
+            Ledger(lease["ledger"]).release(lease["holder"], lease["addresses"])
+        raise
