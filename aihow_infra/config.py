@@ -415,7 +415,7 @@ def _format_loc(loc: tuple[int | str, ...]) -> str:
     for part in loc:
         if isinstance(part, int):
             out += f"[{part}]"
-        elif part in {"list[Node]", "WorkerGroups", "function-before[_expand_node_group()]"}:
+        elif part in _UNION_TAGS:
             continue
         else:
             out += f".{part}" if out else str(part)
@@ -435,8 +435,23 @@ def _lookup(data: Any, loc: tuple[int | str, ...]) -> Any:
     return data
 
 
+_UNION_TAGS = {"list[Node]", "WorkerGroups"}
+_SHAPE_ERRORS = {"list_type", "dict_type", "model_type", "model_attributes_type"}
+
+
+def _relevant(errors: list[Any]) -> list[Any]:
+    """Drop the complaint of the union branch that does not apply ('a valid list' for a
+    ``{cpu, gpu}`` mapping) when the branch that applies has errors of its own below it."""
+    def loc(e: Any) -> tuple[Any, ...]:
+        return tuple(p for p in e["loc"] if p not in _UNION_TAGS)
+
+    return [e for e in errors
+            if not (e["type"] in _SHAPE_ERRORS and any(
+                loc(o)[:len(loc(e))] == loc(e) and len(loc(o)) > len(loc(e)) for o in errors))]
+
+
 def _describe(error: Mapping[str, Any], raw: Any) -> str:
-    loc = tuple(p for p in error["loc"] if p not in {"list[Node]", "WorkerGroups"})
+    loc = tuple(p for p in error["loc"] if p not in _UNION_TAGS)
     path = _format_loc(loc) or "(top level)"
     kind = error["type"]
     if kind == "extra_forbidden":
@@ -521,7 +536,7 @@ def parse_cluster_file(
     try:
         model = ClusterFile.model_validate(expanded)
     except ValidationError as exc:
-        raise ConfigError([_describe(e, expanded) for e in exc.errors()], source) from None
+        raise ConfigError([_describe(e, expanded) for e in _relevant(exc.errors())], source) from None
     problems = cross_check(model, check_images=check_images)
     if problems:
         raise ConfigError(problems, source)

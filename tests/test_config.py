@@ -168,6 +168,17 @@ def test_bad_input_names_key_value_and_allowed(data: dict[str, Any], expected: s
     assert all("\n" not in p for p in err.value.problems)
 
 
+@pytest.mark.parametrize("form", ["list", "groups"])
+def test_worker_errors_name_the_worker_not_the_other_form(form: str) -> None:
+    data = base()
+    worker = {"cpu_cores": 0, "memory_gb": 1, "disk_gb": 1}
+    data["clusters"]["cloud"]["worker_nodes"] = [worker] if form == "list" else {"cpu": [worker], "gpu": []}
+    with pytest.raises(ConfigError) as err:
+        parse_cluster_file(data, env={})
+    where = "worker_nodes[0]" if form == "list" else "worker_nodes.cpu[0]"
+    assert err.value.problems == [f"clusters.cloud.{where}.cpu_cores: 0 is invalid; allowed: greater than 0"]
+
+
 def test_every_error_is_reported_at_once() -> None:
     data = mutate(f"{NODE}.cpu_cores", 0)
     data["clusters"]["cloud"]["control_plane"]["memory_gb"] = 0
