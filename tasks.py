@@ -110,8 +110,8 @@ def validate(c: Context, config: str = "") -> None:
     from aihow_infra.config import load_cluster_file
     from aihow_infra.plan import plan_all, shared_devices
 
-    paths = [config] if config else sorted({operator().settings(s).cluster_file
-                                            for s in operator().configured_stacks()})
+    op = operator()
+    paths = [config] if config else sorted({op.settings(s).cluster_file for s in op.configured_stacks()})
     for path in paths:
         plans = plan_all(load_cluster_file(path))
         table = Table(title=f"{path}: valid", title_justify="left")

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -313,8 +314,6 @@ class Operator:
 
 @contextlib.contextmanager
 def _cwd(path: Path) -> Iterator[None]:
-    import os
-
     old = Path.cwd()
     os.chdir(path)
     try:

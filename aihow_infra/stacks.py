@@ -8,6 +8,7 @@ import os
 import re
 import subprocess
 import sys
+import threading
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -17,8 +18,10 @@ from aihow_infra.errors import StackError
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 
+_STACKS_LOCK = threading.Lock()
 _OWN_ERROR = re.compile(r"aihow_infra\.errors\.(\w+): (.*)$")
 _ENGINE_ERROR = re.compile(r"^\s*error: (.*)$")
+_EXCEPTION_LINE = re.compile(r"^[A-Za-z_.]*(Error|Exception): .+")
 
 
 def offline_env(root: Path = PROJECT_ROOT, backend_url: str | None = None) -> dict[str, str]:
@@ -42,11 +45,15 @@ def summarize_failure(output: str) -> str:
     if ours:
         return ours[0]
     engine = [m.group(1).strip() for line in output.splitlines() if (m := _ENGINE_ERROR.match(line))]
-    engine = [e for e in engine if e not in ("update failed", "preview failed", "destroy failed")] or engine
-    for line in engine:
-        if line.startswith("Traceback"):
-            continue
-        return line
+    generic = ("update failed", "preview failed", "destroy failed", "an unhandled error occurred")
+    specific = [e for e in engine if not e.startswith(generic)]
+    if specific:
+        return specific[0]
+    crash = [line.strip() for line in output.splitlines() if _EXCEPTION_LINE.match(line.strip())]
+    if crash:
+        return crash[-1]
+    if engine:
+        return engine[0]
     tail = [line.strip() for line in output.splitlines() if line.strip()]
     return tail[-1] if tail else "pulumi failed without output"
 
@@ -98,18 +105,30 @@ class Workspace:
         return set(self._stacks)
 
     def ensure_stack(self, stack: str) -> None:
-        """Create the stack when the backend does not have it yet."""
-        if stack not in self.stacks():
+        """Create the stack when the backend does not have it yet (safe from several threads)."""
+        with _STACKS_LOCK:
+            known = self.stacks()
+        if stack not in known:
             self.run(["stack", "init", stack])
-            self._stacks = {*self.stacks(), stack}
+            with _STACKS_LOCK:
+                self._stacks = {*self.stacks(), stack}
 
     def up(self, stack: str, extra: Sequence[str] = (), config: dict[str, str] | None = None) -> str:
         """``pulumi up --yes``; ``config`` (path keys such as ``aihow:power.vm``) is saved to the
         stack's config by the same run. Returns the engine's output."""
-        self.ensure_stack(stack)
         flags = ["--config-path", *[f for k, v in (config or {}).items() for f in ("-c", f"{k}={v}")]] \
             if config else []
-        return self.run(["up", "--yes", "--skip-preview", *flags, *extra], stack).stdout
+        args = ["up", "--yes", "--skip-preview", *flags, *extra]
+        if self._stacks is not None and stack not in self._stacks:
+            self.ensure_stack(stack)
+        proc = self.run(args, stack, check=False)
+        if proc.returncode != 0 and f"no stack named '{stack}' found" in proc.stdout:
+            # Looking the stack up first would cost a pulumi run on every task: only a new stack pays.
+            self.ensure_stack(stack)
+            proc = self.run(args, stack, check=False)
+        if proc.returncode != 0:
+            raise StackError(f"pulumi up -s {stack}: {summarize_failure(proc.stdout)}")
+        return proc.stdout
 
     def preview(self, stack: str, extra: Sequence[str] = ()) -> str:
         """``pulumi preview``; returns the engine's output."""

@@ -9,9 +9,10 @@ from __future__ import annotations
 
 from functools import cache
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import jinja2
+if TYPE_CHECKING:
+    import jinja2
 
 TEMPLATES = Path(__file__).resolve().parent.parent / "templates"
 METADATA_NS = "urn:x-aihow:vm:1"
@@ -19,6 +20,8 @@ METADATA_NS = "urn:x-aihow:vm:1"
 
 @cache
 def _env() -> jinja2.Environment:
+    import jinja2  # only providers render; the Pulumi program need not pay for the import
+
     return jinja2.Environment(
         loader=jinja2.FileSystemLoader(TEMPLATES),
         autoescape=jinja2.select_autoescape(default=True, default_for_string=True),
