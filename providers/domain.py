@@ -12,10 +12,10 @@ from typing import Any, ClassVar
 
 import libvirt
 import pulumi
-from pulumi.dynamic import CheckFailure, CreateResult, ReadResult, Resource, UpdateResult
+from pulumi.dynamic import CheckFailure, CreateResult, Resource, UpdateResult
 
 from aihow_infra.errors import LibvirtError
-from providers.base import Provider
+from providers.base import LibvirtProvider
 from providers.libvirt_conn import call, connect, kvm_usable, lookup
 from providers.power import start_domain, state_name, stop_domain
 from providers.render import domain_xml
@@ -43,7 +43,7 @@ def _with_uuid(xml: str, uuid: str) -> str:
     return ET.tostring(root, encoding="unicode")
 
 
-class DomainProvider(Provider):
+class DomainProvider(LibvirtProvider):
     """Defines a domain from ``templates/domain.xml.j2`` and keeps it in its desired power state."""
 
     REQUIRED: ClassVar = {"uri": str, "name": str, "vcpus": int, "memory_mib": int, "disk_path": str,
@@ -108,26 +108,21 @@ class DomainProvider(Provider):
                 stop_domain(dom, news["stop_timeout"])
             return UpdateResult(self._outs(news, dom, virt_type))
 
-    def delete(self, _id: str, props: dict[str, Any]) -> None:
-        """Shut down (graceful, then forced) and undefine; a domain already gone is success."""
-        name = props["name"]
-        with connect(props["uri"]) as conn:
-            dom = lookup("looking up domain", conn.lookupByName, name)
-            if dom is None:
-                return
-            stop_domain(dom, props.get("stop_timeout", 60))
-            try:
-                dom.undefineFlags(_UNDEFINE_FLAGS)
-            except libvirt.libvirtError:
-                call(f"undefining domain {name}", dom.undefine)
+    def find(self, conn: libvirt.virConnect, props: dict[str, Any]) -> libvirt.virDomain | None:
+        """The domain named in the inputs."""
+        return lookup("looking up domain", conn.lookupByName, props["name"])
 
-    def read(self, id_: str, props: dict[str, Any]) -> ReadResult:
-        """The domain's actual power state; an empty id when it was removed behind Pulumi's back."""
-        with connect(props["uri"]) as conn:
-            dom = lookup("looking up domain", conn.lookupByName, props["name"])
-            if dom is None:
-                return ReadResult(None, {})
-            return ReadResult(id_, self._outs(props, dom, props.get("actual_virt_type", "")))
+    def remove(self, dom: libvirt.virDomain, props: dict[str, Any]) -> None:
+        """Shut down (graceful, then forced) and undefine."""
+        stop_domain(dom, props.get("stop_timeout", 60))
+        try:
+            dom.undefineFlags(_UNDEFINE_FLAGS)
+        except libvirt.libvirtError:
+            call(f"undefining domain {props['name']}", dom.undefine)
+
+    def observe(self, dom: libvirt.virDomain, props: dict[str, Any]) -> dict[str, Any]:
+        """The domain's actual power state (``running``, ``state``)."""
+        return self._outs(props, dom, props.get("actual_virt_type", ""))
 
 
 class Domain(Resource, module="libvirt", name="Domain"):

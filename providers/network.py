@@ -7,10 +7,10 @@ from typing import Any, ClassVar
 
 import libvirt
 import pulumi
-from pulumi.dynamic import CheckFailure, CreateResult, ReadResult, Resource, UpdateResult
+from pulumi.dynamic import CheckFailure, CreateResult, Resource, UpdateResult
 
 from aihow_infra.errors import LibvirtError
-from providers.base import Provider
+from providers.base import LibvirtProvider
 from providers.libvirt_conn import call, connect, discard, lookup
 from providers.render import network_xml
 
@@ -33,7 +33,7 @@ def read_hosts(net: libvirt.virNetwork) -> list[dict[str, str]]:
             for h in root.iterfind("./ip/dhcp/host")]
 
 
-class NetworkProvider(Provider):
+class NetworkProvider(LibvirtProvider):
     """Creates, updates (reservations, live) and removes a libvirt network."""
 
     REQUIRED: ClassVar = {"uri": str, "name": str, "bridge": str, "forward_mode": str, "gateway": str,
@@ -41,6 +41,7 @@ class NetworkProvider(Provider):
     REPLACE = frozenset({"uri", "name", "bridge", "forward_mode", "gateway", "netmask", "dhcp_start",
                          "dhcp_end", "dns_domain", "dns_servers"})
     UPDATE = frozenset({"hosts"})
+    UNORDERED = frozenset({"hosts"})
 
     def check_values(self, news: dict[str, Any]) -> list[CheckFailure]:
         """Only 'nat' and 'isolated' networks are made."""
@@ -84,27 +85,21 @@ class NetworkProvider(Provider):
                     call(f"adding reservation {key} to {name}", net.update,
                          libvirt.VIR_NETWORK_UPDATE_COMMAND_ADD_LAST, _SECTION, -1, _host_xml(new[key]),
                          _LIVE_AND_CONFIG)
-            return UpdateResult({**news, "active": bool(net.isActive()), "uuid": net.UUIDString()})
+            return UpdateResult(self.observe(net, news))
 
-    def delete(self, _id: str, props: dict[str, Any]) -> None:
-        """Stop and undefine; a network already gone is success."""
-        name = props["name"]
-        with connect(props["uri"]) as conn:
-            net = lookup("looking up network", conn.networkLookupByName, name)
-            if net is None:
-                return
-            if net.isActive():
-                call(f"stopping network {name}", net.destroy)
-            call(f"undefining network {name}", net.undefine)
+    def find(self, conn: libvirt.virConnect, props: dict[str, Any]) -> libvirt.virNetwork | None:
+        """The network named in the inputs."""
+        return lookup("looking up network", conn.networkLookupByName, props["name"])
 
-    def read(self, id_: str, props: dict[str, Any]) -> ReadResult:
-        """What libvirt holds now; an empty id when the network was removed behind Pulumi's back."""
-        with connect(props["uri"]) as conn:
-            net = lookup("looking up network", conn.networkLookupByName, props["name"])
-            if net is None:
-                return ReadResult(None, {})
-            return ReadResult(id_, {**props, "hosts": read_hosts(net), "active": bool(net.isActive()),
-                                    "uuid": net.UUIDString()})
+    def remove(self, net: libvirt.virNetwork, props: dict[str, Any]) -> None:
+        """Stop and undefine."""
+        if net.isActive():
+            call(f"stopping network {props['name']}", net.destroy)
+        call(f"undefining network {props['name']}", net.undefine)
+
+    def observe(self, net: libvirt.virNetwork, props: dict[str, Any]) -> dict[str, Any]:
+        """Reservations and state as libvirt holds them."""
+        return {**props, "hosts": read_hosts(net), "active": bool(net.isActive()), "uuid": net.UUIDString()}
 
 
 class Network(Resource, module="libvirt", name="Network"):

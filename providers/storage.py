@@ -10,15 +10,15 @@ from typing import Any, ClassVar
 
 import libvirt
 import pulumi
-from pulumi.dynamic import CheckFailure, CreateResult, ReadResult, Resource
+from pulumi.dynamic import CheckFailure, CreateResult, Resource
 
 from aihow_infra.errors import LibvirtError
-from providers.base import Provider
+from providers.base import LibvirtProvider
 from providers.libvirt_conn import call, connect, discard, lookup
 from providers.render import pool_xml, volume_xml
 
 
-class PoolProvider(Provider):
+class PoolProvider(LibvirtProvider):
     """A directory pool under the images folder."""
 
     REQUIRED: ClassVar = {"uri": str, "name": str, "path": str}
@@ -42,27 +42,21 @@ class PoolProvider(Provider):
                 raise
             return CreateResult(name, {**props, "uuid": pool.UUIDString()})
 
-    def delete(self, _id: str, props: dict[str, Any]) -> None:
-        """Stop, remove the (empty) folder, undefine; a pool already gone is success."""
-        name = props["name"]
-        with connect(props["uri"]) as conn:
-            pool = lookup("looking up pool", conn.storagePoolLookupByName, name)
-            if pool is None:
-                return
-            if pool.isActive():
-                call(f"stopping pool {name}", pool.destroy)
-            # The folder is removed only when empty: files we did not make stay.
-            with contextlib.suppress(libvirt.libvirtError):
-                pool.delete(0)
-            call(f"undefining pool {name}", pool.undefine)
+    def find(self, conn: libvirt.virConnect, props: dict[str, Any]) -> libvirt.virStoragePool | None:
+        """The pool named in the inputs."""
+        return lookup("looking up pool", conn.storagePoolLookupByName, props["name"])
 
-    def read(self, id_: str, props: dict[str, Any]) -> ReadResult:
-        """An empty id when the pool was removed behind Pulumi's back."""
-        with connect(props["uri"]) as conn:
-            pool = lookup("looking up pool", conn.storagePoolLookupByName, props["name"])
-            if pool is None:
-                return ReadResult(None, {})
-            return ReadResult(id_, {**props, "uuid": pool.UUIDString()})
+    def remove(self, pool: libvirt.virStoragePool, props: dict[str, Any]) -> None:
+        """Stop, remove the folder when empty (files we did not make stay), undefine."""
+        if pool.isActive():
+            call(f"stopping pool {props['name']}", pool.destroy)
+        with contextlib.suppress(libvirt.libvirtError):
+            pool.delete(0)
+        call(f"undefining pool {props['name']}", pool.undefine)
+
+    def observe(self, pool: libvirt.virStoragePool, props: dict[str, Any]) -> dict[str, Any]:
+        """The inputs and the pool's UUID."""
+        return {**props, "uuid": pool.UUIDString()}
 
 
 def image_format(path: str) -> str:
@@ -76,7 +70,7 @@ def image_format(path: str) -> str:
     return str(json.loads(out)["format"])
 
 
-class VolumeProvider(Provider):
+class VolumeProvider(LibvirtProvider):
     """A VM disk: qcow2 of ``size_gb``, an overlay on ``base_image`` (never a copy) or blank."""
 
     REQUIRED: ClassVar = {"uri": str, "pool": str, "name": str, "size_gb": int}
@@ -106,26 +100,22 @@ class VolumeProvider(Provider):
             vol = call(f"creating volume {name}", pool.createXML, volume_xml(props, backing_format), 0)
             return CreateResult(f"{props['pool']}/{name}", {**props, "path": vol.path()})
 
-    def delete(self, _id: str, props: dict[str, Any]) -> None:
-        """Delete the volume; one already gone (or a pool already gone) is success."""
-        with connect(props["uri"]) as conn:
-            pool = lookup("looking up pool", conn.storagePoolLookupByName, props["pool"])
-            if pool is None:
-                return
-            with contextlib.suppress(libvirt.libvirtError):
-                pool.refresh(0)
-            vol = lookup("looking up volume", pool.storageVolLookupByName, props["name"])
-            if vol is not None:
-                call(f"deleting volume {props['name']}", vol.delete, 0)
+    def find(self, conn: libvirt.virConnect, props: dict[str, Any]) -> libvirt.virStorageVol | None:
+        """The volume named in the inputs (None also when its pool is gone)."""
+        pool = lookup("looking up pool", conn.storagePoolLookupByName, props["pool"])
+        if pool is None:
+            return None
+        with contextlib.suppress(libvirt.libvirtError):
+            pool.refresh(0)  # see files removed behind libvirt's back
+        return lookup("looking up volume", pool.storageVolLookupByName, props["name"])
 
-    def read(self, id_: str, props: dict[str, Any]) -> ReadResult:
-        """An empty id when the volume was removed behind Pulumi's back."""
-        with connect(props["uri"]) as conn:
-            pool = lookup("looking up pool", conn.storagePoolLookupByName, props["pool"])
-            vol = lookup("looking up volume", pool.storageVolLookupByName, props["name"]) if pool else None
-            if vol is None:
-                return ReadResult(None, {})
-            return ReadResult(id_, {**props, "path": vol.path()})
+    def remove(self, vol: libvirt.virStorageVol, props: dict[str, Any]) -> None:
+        """Delete the volume's file."""
+        call(f"deleting volume {props['name']}", vol.delete, 0)
+
+    def observe(self, vol: libvirt.virStorageVol, props: dict[str, Any]) -> dict[str, Any]:
+        """The inputs and the volume's path."""
+        return {**props, "path": vol.path()}
 
 
 class StoragePool(Resource, module="libvirt", name="StoragePool"):

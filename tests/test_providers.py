@@ -87,6 +87,9 @@ def test_network_diff_updates_hosts_in_place_and_replaces_on_subnet(tag: str) ->
     assert provider.diff("x", olds, news).changes is False  # __provider is ignored
     d = provider.diff("x", olds, {**news, "hosts": []})
     assert d.changes and not d.replaces
+    two = [{"mac": "52:54:00:00:00:01", "name": "a", "ip": "10.99.0.11"},
+           {"mac": "52:54:00:00:00:02", "name": "b", "ip": "10.99.0.12"}]
+    assert provider.diff("x", {**olds, "hosts": two}, {**news, "hosts": two[::-1]}).changes is False
     d = provider.diff("x", olds, {**news, "gateway": "10.99.1.1"})
     assert d.replaces == ["gateway"] and d.delete_before_replace
 
