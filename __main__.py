@@ -18,12 +18,12 @@ from aihow_infra.settings import parse_settings
 def main() -> None:
     """Build the stack's cluster; an invalid file or setting stops it with every problem listed."""
     stack = pulumi.get_stack()
+    # Every aihow: key the stack sets, so that a misspelt one is an error, not ignored.
+    names = {key.partition(":")[2] for key in pulumi.runtime.config.CONFIG.get() if key.startswith("aihow:")}
     config = pulumi.Config("aihow")
-    raw = {key: config.get_object(key) if key == "power" else config.get(key)
-           for key in ("clusterFile", "cluster", "libvirtUri", "imagesDir", "ledgerPath", "stopTimeout",
-                       "virtType", "power", "clusterPower")}
+    raw = {name: config.get_object(name) if name == "power" else config.get(name) for name in names}
     try:
-        settings = parse_settings({k: v for k, v in raw.items() if v is not None})
+        settings = parse_settings(raw)
         key = settings.cluster_key(stack)
         cluster_file = load_cluster_file(settings.cluster_file)
         plan = plan_cluster(cluster_file, key)

@@ -109,6 +109,8 @@ def test_stopped_cluster_runs_nothing(tmp_path: Path) -> None:
     ("hpc", {"clusterFile": "GOOD", "imagesDir": "images"},
      r"aihow:imagesDir: 'images' is relative; allowed: an absolute path"),
     ("hpc", {"clusterFile": "GOOD", "power": {"nope": "running"}}, r"aihow:power names nope, not VMs of aihow-hpc"),
+    ("hpc", {"clusterFile": "GOOD", "stopTimout": "5"},
+     r"aihow:stopTimout: unknown setting; allowed: .*stopTimeout"),
     ("hpc", {"clusterFile": "GOOD", "virtType": "xen"},
      r"aihow:virtType: 'xen' is invalid; allowed: 'auto', 'kvm' or 'qemu'"),
 ])
