@@ -1,0 +1,58 @@
+"""The topology tree: what it says and how it colours it."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from rich.tree import Tree
+
+from aihow_infra.operations import Operator
+from aihow_infra.topology import render_tree, topology_data
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def vm(name: str, state: str, gpus: list[str], auto_start: bool = True) -> dict[str, Any]:
+    return {"name": name, "role": "compute", "ip": "10.0.0.5", "vcpus": 2, "memory_gb": 4, "state": state,
+            "auto_start": auto_start, "gpus": [{"address": a, "functions": [a], "holder": None} for a in gpus]}
+
+
+DATA = {
+    "clusters": [
+        {"name": "hpc-cluster", "stack": "hpc", "status": "running", "network": "hpc-cluster-network",
+         "cidr": "192.168.100.0/24", "vms": [vm("hpc-cluster-compute-01", "running", ["0000:01:00.0"])]},
+        {"name": "cloud-cluster", "stack": "cloud", "status": "partial", "network": "cloud-cluster-network",
+         "cidr": "192.168.200.0/24",
+         "vms": [vm("cloud-cluster-gpu-worker-01", "shutoff", ["0000:01:00.0"], auto_start=False)]},
+    ],
+    "shared_gpus": [{"address": "0000:01:00.0", "vms": ["hpc-cluster-compute-01", "cloud-cluster-gpu-worker-01"],
+                     "holder": "hpc/hpc-cluster-compute-01", "conflict": False}],
+}
+
+
+def labels(tree: Tree) -> list[str]:
+    out = [str(tree.label)]
+    for child in tree.children:
+        out += labels(child)
+    return out
+
+
+def test_tree_marks_the_shared_gpu_its_holder_and_colours() -> None:
+    text = labels(render_tree(DATA))
+    assert "[cyan]network hpc-cluster-network 192.168.100.0/24[/cyan]" in text
+    running = next(t for t in text if "hpc-cluster-compute-01[/" in t)
+    stopped = next(t for t in text if "cloud-cluster-gpu-worker-01[/" in t)
+    assert running.startswith("[green]") and stopped.startswith("[yellow]") and "(manual start)" in stopped
+    gpu_labels = [t for t in text if t.startswith("[magenta]GPU 0000:01:00.0")]
+    assert len(gpu_labels) == 2
+    assert "[red]shared with cloud-cluster-gpu-worker-01; held by hpc-cluster-compute-01[/red]" in gpu_labels[0]
+    assert text[-1] == "2 VMs, 1 running, 1 shared GPU address(es)"
+
+
+def test_tree_from_a_cluster_file_shows_the_plan() -> None:
+    data = topology_data(Operator(), str(ROOT / "config" / "example-multi-gpu-clusters.yaml"))
+    assert [c["name"] for c in data["clusters"]] == ["hpc-cluster", "cloud-cluster"]
+    assert [s["address"] for s in data["shared_gpus"]] == ["0000:01:00.0", "0000:01:00.1"]
+    text = labels(render_tree(data))
+    assert any("shared with cloud-cluster-gpu-worker-01; free" in t for t in text)
