@@ -88,9 +88,7 @@ def up(c: Context, stack: str) -> None:
 def preview(c: Context, stack: str) -> None:
     """Show what `up` would change (pulumi preview)."""
     _check_stack(stack)
-    op = operator()
-    op.workspace.ensure_stack(stack)
-    out.print(op.workspace.run(["preview", "--diff"], stack).stdout, highlight=False)
+    out.print(operator().workspace.preview(stack), highlight=False)
 
 
 @task(help={"stack": STACK_HELP, "yes": "do not ask before destroying"})
@@ -233,25 +231,18 @@ def switch(c: Context, to: str) -> None:
 # --- GPU leases ------------------------------------------------------------------------------
 
 
-def _ledger_path() -> str:
-    from aihow_infra.settings import DEFAULT_LEDGER
-
-    op = operator()
-    stacks = op.configured_stacks()
-    return op.settings(stacks[0]).ledger_path if stacks else DEFAULT_LEDGER
-
-
 @task(help={"json": "print JSON"})
 @clean_errors
 def gpu_leases(c: Context, json_: bool = False) -> None:
     """Every GPU lease in the host's ledger, marking stale ones (holder gone or shut off)."""
-    from aihow_infra.leases import lease_report
+    from aihow_infra.leases import lease_report, ledger_and_uri
 
-    rows = lease_report(operator())
+    op = operator()
+    rows = lease_report(op)
     if json_:
         out.print_json(json.dumps(rows))
         return
-    table = Table(title=f"GPU leases ({_ledger_path()})", title_justify="left")
+    table = Table(title=f"GPU leases ({ledger_and_uri(op)[0].path})", title_justify="left")
     for col in ("address", "holder", "since", "generation", "holder state", "stale"):
         table.add_column(col)
     for r in rows:

@@ -19,7 +19,8 @@ if TYPE_CHECKING:
     from aihow_infra.operations import Operator
 
 
-def _ledger_and_uri(op: Operator) -> tuple[Ledger, str]:
+def ledger_and_uri(op: Operator) -> tuple[Ledger, str]:
+    """The host's ledger and libvirt URI, as the first configured stack names them."""
     stacks = op.configured_stacks()
     if not stacks:
         return Ledger(DEFAULT_LEDGER), "qemu:///system"
@@ -37,7 +38,7 @@ def holder_state(uri: str, holder: str) -> str:
 
 def lease_report(op: Operator) -> list[dict[str, Any]]:
     """Every held lease with its holder's state and whether it is stale."""
-    ledger, uri = _ledger_and_uri(op)
+    ledger, uri = ledger_and_uri(op)
     rows = []
     for lease in ledger.leases().values():
         if not lease.holder:
@@ -51,7 +52,7 @@ def lease_report(op: Operator) -> list[dict[str, Any]]:
 
 def reclaim(op: Operator, address: str, force: bool = False) -> str | None:
     """Free ``address``; returns its former holder. Refused while the holder runs, unless forced."""
-    ledger, uri = _ledger_and_uri(op)
+    ledger, uri = ledger_and_uri(op)
     lease = ledger.holder_of(address)
     if lease is None or lease.holder is None:
         return None

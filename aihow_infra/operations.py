@@ -114,12 +114,12 @@ class Operator:
 
     # --- one VM ----------------------------------------------------------------------------
 
-    def _set_power(self, view: StackView, vm: VmPlan, power: str | None) -> None:
-        key = f"aihow:power.{vm.name}"
+    def _set_power(self, stack: str, name: str, power: str | None) -> None:
+        key = f"aihow:power.{name}"
         if power is None:
-            self.workspace.config_rm(view.stack, key, path=True)
+            self.workspace.config_rm(stack, key, path=True)
         else:
-            self.workspace.config_set(view.stack, key, power, path=True)
+            self.workspace.config_set(stack, key, power, path=True)
 
     def _apply_power(self, view: StackView, changes: dict[str, str]) -> None:
         """Record desired power states in the stack's config and converge, in one pulumi run; on
@@ -129,7 +129,7 @@ class Operator:
             self.workspace.up(view.stack, config={f"aihow:power.{name}": power for name, power in changes.items()})
         except StackError:
             for name in changes:
-                self._set_power(view, view.plan.vm(name), view.settings.power.get(name))
+                self._set_power(view.stack, name, view.settings.power.get(name))
             raise
 
     def vm_start(self, name: str) -> None:

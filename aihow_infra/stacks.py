@@ -64,14 +64,10 @@ class Workspace:
 
     The folder defaults to this checkout (``AIHOW_PROJECT_DIR`` overrides it), the
     backend to ``PULUMI_BACKEND_URL`` or the checkout's ``.state``.
-
-    ``config_files`` maps a stack to a config file used instead of the project's
-    ``Pulumi.<stack>.yaml`` (tests keep their stacks out of the work tree).
     """
 
     project_dir: Path = field(default_factory=lambda: Path(os.environ.get("AIHOW_PROJECT_DIR", PROJECT_ROOT)))
     backend_url: str | None = None
-    config_files: dict[str, Path] = field(default_factory=dict)
     echo: bool = False
     _stacks: set[str] | None = field(default=None, repr=False)
 
@@ -81,13 +77,11 @@ class Workspace:
 
     def run(self, args: Sequence[str], stack: str | None = None, check: bool = True,
             timeout: float = 1800) -> subprocess.CompletedProcess[str]:
-        """Run ``pulumi ARGS`` (with ``--stack`` and the stack's config file); raise ``StackError``
+        """Run ``pulumi ARGS`` (with ``--stack``); raise ``StackError``
         with the cause in one line when it fails and ``check`` is set."""
         cmd = ["pulumi", *args, "--non-interactive"]
         if stack is not None:
             cmd += ["--stack", stack]
-            if stack in self.config_files:
-                cmd += ["--config-file", str(self.config_files[stack])]
         proc = subprocess.run(cmd, cwd=self.project_dir, env=self.env(), text=True, timeout=timeout,
                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, check=False)
         if self.echo:

@@ -9,6 +9,7 @@ from typing import Any, ClassVar
 from pulumi.dynamic import CheckFailure, CheckResult, DiffResult, ReadResult, ResourceProvider
 from pulumi.output import Unknown
 
+from aihow_infra.errors import LibvirtError
 from providers.libvirt_conn import connect
 from providers.render import whole_numbers
 
@@ -84,6 +85,14 @@ class LibvirtProvider(Provider):
     ``remove`` it, and what outputs it shows (``observe``); delete and read are the same
     for every kind: a missing object is a successful delete, and an empty id on read.
     """
+
+    KIND: ClassVar[str] = "object"
+
+    def refuse_existing(self, conn: Any, props: dict[str, Any], how_to_remove: str) -> None:
+        """Before creating: an object of that name that Pulumi does not track is never taken over."""
+        if self.find(conn, props) is not None:
+            raise LibvirtError(f"{self.KIND} {props['name']!r} already exists outside this stack; remove it "
+                               f"({how_to_remove}) or rename the cluster")
 
     def find(self, conn: Any, props: dict[str, Any]) -> Any:
         """The libvirt object, or None when it does not exist."""

@@ -14,7 +14,6 @@ import libvirt
 import pulumi
 from pulumi.dynamic import CheckFailure, CreateResult, Resource, UpdateResult
 
-from aihow_infra.errors import LibvirtError
 from providers.base import LibvirtProvider
 from providers.libvirt_conn import call, connect, kvm_usable, lookup
 from providers.power import start_domain, state_name, stop_domain
@@ -50,6 +49,7 @@ class DomainProvider(LibvirtProvider):
                           "mac": str, "network": str, "running": bool, "stop_timeout": (int, float)}
     REPLACE = frozenset({"uri", "name", "disk_path", "disk_gb"})
     UPDATE = DEFINITION_KEYS | {"running"}
+    KIND = "domain"
 
     def check_values(self, news: dict[str, Any]) -> list[CheckFailure]:
         """Positive sizes and a known virtualization type."""
@@ -71,9 +71,7 @@ class DomainProvider(LibvirtProvider):
         """Define the domain and start it when ``running``; when anything fails, undefine it."""
         name = props["name"]
         with connect(props["uri"]) as conn:
-            if lookup("looking up domain", conn.lookupByName, name) is not None:
-                raise LibvirtError(f"domain {name!r} already exists outside this stack; remove it "
-                                   f"(virsh destroy {name}; virsh undefine {name}) or rename the cluster")
+            self.refuse_existing(conn, props, f"virsh destroy {name}; virsh undefine {name}")
             virt_type = resolve_virt_type(conn, props.get("virt_type", "auto"))
             dom = call(f"defining domain {name}", conn.defineXML, domain_xml(props, virt_type))
             try:
@@ -93,7 +91,7 @@ class DomainProvider(LibvirtProvider):
         name = news["name"]
         with connect(news["uri"]) as conn:
             virt_type = resolve_virt_type(conn, news.get("virt_type", "auto"))
-            dom = lookup("looking up domain", conn.lookupByName, name)
+            dom = self.find(conn, news)
             if dom is None:
                 # Removed behind Pulumi's back since the last refresh: define it again.
                 dom = call(f"defining domain {name}", conn.defineXML, domain_xml(news, virt_type))

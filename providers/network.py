@@ -42,6 +42,7 @@ class NetworkProvider(LibvirtProvider):
                          "dhcp_end", "dns_domain", "dns_servers"})
     UPDATE = frozenset({"hosts"})
     UNORDERED = frozenset({"hosts"})
+    KIND = "network"
 
     def check_values(self, news: dict[str, Any]) -> list[CheckFailure]:
         """Only 'nat' and 'isolated' networks are made."""
@@ -54,10 +55,7 @@ class NetworkProvider(LibvirtProvider):
         """Define, start and autostart the network; on any failure remove what was made."""
         name = props["name"]
         with connect(props["uri"]) as conn:
-            if lookup("looking up network", conn.networkLookupByName, name) is not None:
-                raise LibvirtError(
-                    f"network {name!r} already exists outside this stack; remove it "
-                    f"(virsh net-destroy {name}; virsh net-undefine {name}) or rename the cluster")
+            self.refuse_existing(conn, props, f"virsh net-destroy {name}; virsh net-undefine {name}")
             net = call(f"defining network {name}", conn.networkDefineXML, network_xml(props))
             try:
                 call(f"starting network {name}", net.create)

@@ -23,14 +23,13 @@ class PoolProvider(LibvirtProvider):
 
     REQUIRED: ClassVar = {"uri": str, "name": str, "path": str}
     REPLACE = frozenset({"uri", "name", "path"})
+    KIND = "storage pool"
 
     def create(self, props: dict[str, Any]) -> CreateResult:
         """Define, build (mkdir), start and autostart; on failure remove what was made."""
         name = props["name"]
         with connect(props["uri"]) as conn:
-            if lookup("looking up pool", conn.storagePoolLookupByName, name) is not None:
-                raise LibvirtError(f"storage pool {name!r} already exists outside this stack; remove it "
-                                   f"(virsh pool-destroy {name}; virsh pool-undefine {name}) or rename the cluster")
+            self.refuse_existing(conn, props, f"virsh pool-destroy {name}; virsh pool-undefine {name}")
             pool = call(f"defining pool {name}", conn.storagePoolDefineXML, pool_xml(props), 0)
             try:
                 if not Path(props["path"]).is_dir():
@@ -94,7 +93,7 @@ class VolumeProvider(LibvirtProvider):
         backing_format = image_format(props["base_image"]) if props.get("base_image") else "qcow2"
         with connect(props["uri"]) as conn:
             pool = call(f"looking up pool {props['pool']}", conn.storagePoolLookupByName, props["pool"])
-            if lookup("looking up volume", pool.storageVolLookupByName, name) is not None:
+            if self.find(conn, props) is not None:
                 raise LibvirtError(f"volume {name!r} already exists in pool {props['pool']!r} outside this stack; "
                                    f"remove it (virsh vol-delete {name} --pool {props['pool']}) to let it be made")
             vol = call(f"creating volume {name}", pool.createXML, volume_xml(props, backing_format), 0)

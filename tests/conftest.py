@@ -9,6 +9,7 @@ import os
 import shutil
 import subprocess
 import uuid
+import xml.etree.ElementTree as ET
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -34,9 +35,7 @@ def _system_libvirt() -> libvirt.virConnect | None:
 def _used_subnets(conn: libvirt.virConnect) -> list[ipaddress.IPv4Network]:
     used = []
     for net in conn.listAllNetworks():
-        with contextlib.suppress(Exception):
-            import xml.etree.ElementTree as ET
-
+        with contextlib.suppress(libvirt.libvirtError, ValueError):
             for ip in ET.fromstring(net.XMLDesc(0)).iterfind("ip"):
                 if ip.get("address") and ip.get("netmask"):
                     used.append(ipaddress.IPv4Network(f"{ip.get('address')}/{ip.get('netmask')}", strict=False))
