@@ -159,6 +159,9 @@ def test_tasks_print_one_line_per_error_and_exit_non_zero(tmp_path: Path, e2e: E
     assert proc.returncode == 1 and proc.stderr.count("\n") == 1 and "no VM named 'nope'" in proc.stderr
     proc = subprocess.run([*invoke, "up", "--stack", "edge"], capture_output=True, text=True, env=env)
     assert proc.returncode == 1 and "allowed: hpc or cloud" in proc.stderr
+    proc = subprocess.run([*invoke, "destroy", "--stack", "hpc"], capture_output=True, text=True, env=env,
+                          stdin=subprocess.DEVNULL)
+    assert proc.returncode == 1 and "needs confirmation; pass --yes" in proc.stderr
     proc = subprocess.run([*invoke, "topology", "--json"], capture_output=True, text=True, env=env)
     assert proc.returncode == 0, proc.stderr
     assert {c["stack"] for c in json.loads(proc.stdout)["clusters"]} == {"hpc", "cloud"}
