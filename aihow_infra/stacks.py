@@ -9,7 +9,7 @@ import re
 import subprocess
 import sys
 import threading
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -24,18 +24,47 @@ _ENGINE_ERROR = re.compile(r"^\s*error: (.*)$")
 _EXCEPTION_LINE = re.compile(r"^[A-Za-z_.]*(Error|Exception): .+")
 
 
-def offline_env(root: Path = PROJECT_ROOT, backend_url: str | None = None) -> dict[str, str]:
-    """The environment the project's pulumi runs in: its own tools first on PATH, a local
-    backend, and nothing that reaches the internet."""
-    env = dict(os.environ)
+# Settings that keep the engine offline; always these values.
+_OFFLINE = {
+    "PULUMI_SKIP_UPDATE_CHECK": "true",
+    "PULUMI_DISABLE_AUTOMATIC_PLUGIN_ACQUISITION": "true",
+    "PULUMI_AUTOMATION_API_SKIP_VERSION_CHECK": "true",
+}
+
+
+def _defaults(root: Path) -> dict[str, str]:
+    """Settings an operator may override from the environment."""
+    return {
+        "PULUMI_HOME": str(root / ".tools" / "pulumi-home"),
+        "PULUMI_BACKEND_URL": f"file://{root / '.state'}",
+        "PULUMI_CONFIG_PASSPHRASE": "",
+    }
+
+
+def offline_env(root: Path = PROJECT_ROOT, backend_url: str | None = None,
+                environ: Mapping[str, str] | None = None) -> dict[str, str]:
+    """The environment the project's pulumi runs in (``environ``, by default this process's,
+    with its own tools first on PATH, a local backend, and nothing that reaches the internet)."""
+    env = dict(os.environ if environ is None else environ)
     env["PATH"] = os.pathsep.join([str(root / ".tools" / "bin"), str(Path(sys.executable).parent), env["PATH"]])
-    env.setdefault("PULUMI_HOME", str(root / ".tools" / "pulumi-home"))
-    env["PULUMI_BACKEND_URL"] = backend_url or env.get("PULUMI_BACKEND_URL") or f"file://{root / '.state'}"
-    env.setdefault("PULUMI_CONFIG_PASSPHRASE", "")
-    env["PULUMI_SKIP_UPDATE_CHECK"] = "true"
-    env["PULUMI_DISABLE_AUTOMATIC_PLUGIN_ACQUISITION"] = "true"
-    env["PULUMI_AUTOMATION_API_SKIP_VERSION_CHECK"] = "true"
+    for key, value in _defaults(root).items():
+        if not env.get(key) and not (key == "PULUMI_CONFIG_PASSPHRASE" and key in env):
+            env[key] = value
+    if backend_url:
+        env["PULUMI_BACKEND_URL"] = backend_url
+    env.update(_OFFLINE)
     return env
+
+
+def shell_env_file(root: Path = PROJECT_ROOT) -> str:
+    """The same settings as a file to source from a shell (``. .tools/env``), written by ./bootstrap."""
+    lines = ["# Source this file to use the project's pulumi from a shell: . .tools/env",
+             f'export PATH="{root / ".tools" / "bin"}:{Path(sys.executable).parent}:$PATH"']
+    for key, value in _defaults(root).items():
+        keep = "-" if key == "PULUMI_CONFIG_PASSPHRASE" else ":-"  # an empty passphrase is a choice
+        lines.append(f'export {key}="${{{key}{keep}{value}}}"')
+    lines += [f"export {key}={value}" for key, value in _OFFLINE.items()]
+    return "\n".join(lines) + "\n"
 
 
 def summarize_failure(output: str) -> str:

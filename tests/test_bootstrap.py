@@ -1,0 +1,67 @@
+"""./bootstrap leaves every program the tasks and tests call on PATH.
+
+A missing one fails here, by name, instead of as a confusing error deep in another
+test on the next new machine (xmllint was lost once: it is only a recommendation of
+libvirt-clients, and bootstrap installs without recommendations).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from aihow_infra.stacks import offline_env
+
+ROOT = Path(__file__).resolve().parents[1]
+
+# program -> who calls it, and the Debian package (or bootstrap step) that brings it
+PROGRAMS = {
+    "virsh": "tests, bootstrap (libvirt-clients)",
+    "virt-xml-validate": "XML schema tests (libvirt-clients)",
+    "xmllint": "virt-xml-validate runs it (libxml2-utils)",
+    "qemu-img": "the volume provider, for base images (qemu-utils)",
+    "qemu-system-x86_64": "libvirt runs the guests (qemu-system-x86)",
+    "libvirtd": "the daemon (libvirt-daemon-system)",
+    "virtlogd": "the daemon's log helper (libvirt-daemon-system)",
+    "dnsmasq": "DHCP and DNS of libvirt networks (dnsmasq-base)",
+    "ip": "the sandbox picks free test subnets (iproute2)",
+    "pulumi": "the engine (built by bootstrap into .tools/bin)",
+    "pulumi-language-python": "the engine's Python host (built by bootstrap)",
+    "ansible-inventory": "inventory tests (ansible-core, in .venv)",
+}
+
+
+@pytest.mark.parametrize("program", sorted(PROGRAMS))
+def test_program_is_on_path(program: str) -> None:
+    path = offline_env()["PATH"] + os.pathsep + "/usr/sbin:/sbin"
+    assert shutil.which(program, path=path), f"{program} is missing: needed by {PROGRAMS[program]}; run ./bootstrap"
+
+
+def test_xml_validation_works_end_to_end(tmp_path: Path) -> None:
+    # virt-xml-validate is a shell script that needs xmllint: run it, not only find it.
+    doc = tmp_path / "pool.xml"
+    doc.write_text("<pool type='dir'><name>p</name><target><path>/tmp/p</path></target></pool>")
+    proc = subprocess.run(["virt-xml-validate", str(doc), "storagepool"], capture_output=True, text=True,
+                          check=False)
+    assert proc.returncode == 0, proc.stderr
+
+
+def test_bootstrap_refuses_an_unknown_argument() -> None:
+    proc = subprocess.run([str(ROOT / "bootstrap"), "--nope"], capture_output=True, text=True, check=False)
+    assert proc.returncode == 2
+    assert proc.stderr.strip() == "[bootstrap] error: unknown argument --nope; allowed: --no-system, --help"
+
+
+def test_the_shell_settings_match_the_tasks() -> None:
+    env_file = ROOT / ".tools" / "env"
+    assert env_file.exists(), "run ./bootstrap"
+    shell = subprocess.run(["bash", "-c", f". {env_file} && env"], capture_output=True, text=True, check=True,
+                           env={"PATH": os.environ["PATH"], "HOME": os.environ.get("HOME", "/root")})
+    from_shell = dict(line.split("=", 1) for line in shell.stdout.splitlines() if line.startswith("PULUMI_"))
+    clean = {k: v for k, v in os.environ.items() if not k.startswith("PULUMI_")}
+    expected = {k: v for k, v in offline_env(environ=clean).items() if k.startswith("PULUMI_")}
+    assert from_shell == expected
