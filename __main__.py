@@ -9,8 +9,8 @@ from __future__ import annotations
 import pulumi
 
 from aihow_infra.components import Cluster, ClusterArgs
-from aihow_infra.config import load_cluster_file
 from aihow_infra.errors import ConfigError
+from aihow_infra.loading import load_cluster_file
 from aihow_infra.plan import plan_cluster
 from aihow_infra.settings import parse_settings
 
@@ -25,14 +25,10 @@ def main() -> None:
     try:
         settings = parse_settings(raw)
         key = settings.cluster_key(stack)
-        cluster_file = load_cluster_file(settings.cluster_file)
-        plan = plan_cluster(cluster_file, key)
+        plan = plan_cluster(load_cluster_file(settings.cluster_file), key, f"cluster file {settings.cluster_file}")
     except ConfigError as exc:
         # First line for one-line summaries (the tasks), then every problem.
         raise pulumi.RunError(f"{exc}\n{exc.report()}") from None
-    except KeyError:
-        raise pulumi.RunError(f"the cluster file {settings.cluster_file} has no clusters.{key}; "
-                              f"allowed: a stack for a cluster the file defines") from None
     unknown = set(settings.power) - {vm.name for vm in plan.vms}
     if unknown:
         raise pulumi.RunError(f"aihow:power names {', '.join(sorted(unknown))}, not VMs of {plan.name}; "

@@ -10,13 +10,15 @@ import json
 import os
 import sys
 from collections.abc import Callable
+from dataclasses import asdict
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from invoke.collection import Collection
 from invoke.context import Context
 from invoke.exceptions import Exit
-from invoke.tasks import task
+from invoke.tasks import Task
+from invoke.tasks import task as invoke_task
 from rich.console import Console
 from rich.table import Table
 
@@ -24,6 +26,9 @@ ROOT = Path(__file__).resolve().parent
 sys.path.insert(0, str(ROOT))
 
 from aihow_infra.errors import AihowError, ConfigError  # noqa: E402
+
+if TYPE_CHECKING:
+    from aihow_infra.status import VmStatus
 
 # Wide enough for the tables when output is piped (rich assumes 80 columns then).
 out = Console() if sys.stdout.isatty() else Console(width=160)
@@ -57,6 +62,16 @@ def clean_errors(fn: F) -> F:
     return wrapper  # type: ignore[return-value]
 
 
+def task(help: dict[str, str] | None = None) -> Callable[[Callable[..., Any]], Task[Any]]:
+    """An invoke task whose errors are one clean line (every operator task is one)."""
+
+    def decorate(fn: Callable[..., Any]) -> Task[Any]:
+        made: Task[Any] = invoke_task(help=help or {})(clean_errors(fn))
+        return made
+
+    return decorate
+
+
 def _check_stack(stack: str) -> None:
     if stack not in ("hpc", "cloud"):
         raise AihowError(f"--stack {stack!r} is not a cluster stack; allowed: hpc or cloud")
@@ -75,7 +90,6 @@ def _confirm(question: str, yes: bool) -> None:
 
 
 @task(help={"stack": STACK_HELP})
-@clean_errors
 def up(c: Context, stack: str) -> None:
     """Create or update one cluster (pulumi up)."""
     _check_stack(stack)
@@ -84,7 +98,6 @@ def up(c: Context, stack: str) -> None:
 
 
 @task(help={"stack": STACK_HELP})
-@clean_errors
 def preview(c: Context, stack: str) -> None:
     """Show what `up` would change (pulumi preview)."""
     _check_stack(stack)
@@ -92,7 +105,6 @@ def preview(c: Context, stack: str) -> None:
 
 
 @task(help={"stack": STACK_HELP, "yes": "do not ask before destroying"})
-@clean_errors
 def destroy(c: Context, stack: str, yes: bool = False) -> None:
     """Remove one cluster: VMs, disks, pool and network (pulumi destroy)."""
     _check_stack(stack)
@@ -102,10 +114,9 @@ def destroy(c: Context, stack: str, yes: bool = False) -> None:
 
 
 @task(help={"config": "cluster file to check (default: the one each stack names)"})
-@clean_errors
 def validate(c: Context, config: str = "") -> None:
     """Check a cluster file: a summary, or every error at once."""
-    from aihow_infra.config import load_cluster_file
+    from aihow_infra.loading import load_cluster_file
     from aihow_infra.plan import plan_all, shared_devices
 
     op = operator()
@@ -130,7 +141,6 @@ def validate(c: Context, config: str = "") -> None:
 
 
 @task(help={"name": "VM name, e.g. hpc-cluster-compute-01"})
-@clean_errors
 def vm_start(c: Context, name: str) -> None:
     """Start a VM; its GPU leases are taken first."""
     operator().vm_start(name)
@@ -138,7 +148,6 @@ def vm_start(c: Context, name: str) -> None:
 
 
 @task(help={"name": "VM name", "force": "power off at once instead of an ACPI shutdown"})
-@clean_errors
 def vm_stop(c: Context, name: str, force: bool = False) -> None:
     """Stop a VM and release its GPU leases."""
     operator().vm_stop(name, force=force)
@@ -146,7 +155,6 @@ def vm_stop(c: Context, name: str, force: bool = False) -> None:
 
 
 @task(help={"name": "VM name"})
-@clean_errors
 def vm_restart(c: Context, name: str) -> None:
     """Shut a VM down and start it again; it keeps its GPU leases."""
     operator().vm_restart(name)
@@ -154,25 +162,24 @@ def vm_restart(c: Context, name: str) -> None:
 
 
 @task(help={"name": "VM name", "json": "print JSON"})
-@clean_errors
 def vm_status(c: Context, name: str, json_: bool = False) -> None:
     """State, IP, vCPUs, memory, GPUs and lease holder of a VM."""
     row = operator().vm_status(name)
     if json_:
-        out.print_json(json.dumps(row))
+        out.print_json(json.dumps(asdict(row)))
         return
     _vm_table([row], title=name)
 
 
-def _vm_table(rows: list[dict[str, Any]], title: str) -> None:
+def _vm_table(rows: list[VmStatus], title: str) -> None:
     table = Table(title=title, title_justify="left")
     for col in ("VM", "role", "state", "desired", "IP", "vCPU", "GiB", "GPUs (holder)"):
         table.add_column(col)
     for r in rows:
-        colour = "green" if r["state"] == "running" else "yellow"
-        gpus = ", ".join(f"{g['address']} ({g['holder'] or 'free'})" for g in r["gpus"]) or "-"
-        table.add_row(r["name"], r["role"], f"[{colour}]{r['state']}[/{colour}]", r["desired"], r["ip"] or "DHCP",
-                      str(r["vcpus"]), str(r["memory_gb"]), gpus)
+        colour = "green" if r.state == "running" else "yellow"
+        gpus = ", ".join(f"{g.address} ({g.holder or 'free'})" for g in r.gpus) or "-"
+        table.add_row(r.name, r.role, f"[{colour}]{r.state}[/{colour}]", r.desired, r.ip or "DHCP",
+                      str(r.vcpus), str(r.memory_gb), gpus)
     out.print(table)
 
 
@@ -180,7 +187,6 @@ def _vm_table(rows: list[dict[str, Any]], title: str) -> None:
 
 
 @task()
-@clean_errors
 def system_up(c: Context) -> None:
     """Bring up HPC, then Cloud; if Cloud fails, this run's HPC changes are undone."""
     operator().system_up()
@@ -188,7 +194,6 @@ def system_up(c: Context) -> None:
 
 
 @task()
-@clean_errors
 def system_down(c: Context) -> None:
     """Shut down Cloud, then HPC (VMs stay defined; GPU leases are released)."""
     operator().system_down()
@@ -196,23 +201,20 @@ def system_down(c: Context) -> None:
 
 
 @task(help={"json": "print JSON"})
-@clean_errors
 def system_status(c: Context, json_: bool = False) -> None:
     """Both clusters, their VMs, and who owns each shared GPU."""
     status = operator().system_status()
     if json_:
-        out.print_json(json.dumps(status))
+        out.print_json(json.dumps(status.to_dict()))
         return
-    for cluster in status["clusters"]:
-        _vm_table(cluster["vms"], title=f"{cluster['name']} ({cluster['stack']}, {cluster['cidr']}): "
-                                        f"{cluster['status']}")
-    for gpu in status["shared_gpus"]:
-        out.print(f"[magenta]shared GPU {gpu['address']}[/magenta]: {', '.join(gpu['vms'])}; "
-                  f"held by {gpu['holder'] or 'nobody'}", highlight=False)
+    for cluster in status.clusters:
+        _vm_table(cluster.vms, title=f"{cluster.name} ({cluster.stack}, {cluster.cidr}): {cluster.status}")
+    for gpu in status.shared_gpus:
+        out.print(f"[magenta]shared GPU {gpu.address}[/magenta]: {', '.join(gpu.vms)}; "
+                  f"held by {gpu.holder or 'nobody'}", highlight=False)
 
 
 @task(help={"yes": "do not ask before destroying"})
-@clean_errors
 def system_destroy(c: Context, yes: bool = False) -> None:
     """Destroy Cloud, then HPC."""
     _confirm("destroy both clusters (every VM, disk and network)?", yes)
@@ -221,7 +223,6 @@ def system_destroy(c: Context, yes: bool = False) -> None:
 
 
 @task(help={"to": "the cluster that gets the GPUs: hpc or cloud"})
-@clean_errors
 def switch(c: Context, to: str) -> None:
     """Stop the other cluster's GPU VMs, then start this one's."""
     operator().switch(to)
@@ -232,32 +233,31 @@ def switch(c: Context, to: str) -> None:
 
 
 @task(help={"json": "print JSON"})
-@clean_errors
 def gpu_leases(c: Context, json_: bool = False) -> None:
     """Every GPU lease in the host's ledger, marking stale ones (holder gone or shut off)."""
-    from aihow_infra.leases import lease_report, ledger_and_uri
+    from aihow_infra.leases import lease_report
 
-    op = operator()
-    rows = lease_report(op)
+    ledger, uri = operator().host_ledger()
+    rows = lease_report(ledger, uri)
     if json_:
-        out.print_json(json.dumps(rows))
+        out.print_json(json.dumps([{**asdict(r), "stale": r.stale} for r in rows]))
         return
-    table = Table(title=f"GPU leases ({ledger_and_uri(op)[0].path})", title_justify="left")
+    table = Table(title=f"GPU leases ({ledger.path})", title_justify="left")
     for col in ("address", "holder", "since", "generation", "holder state", "stale"):
         table.add_column(col)
     for r in rows:
-        table.add_row(r["address"], r["holder"] or "-", r["granted_at"] or "-", str(r["generation"]),
-                      r["holder_state"], "[red]stale[/red]" if r["stale"] else "")
+        table.add_row(r.address, r.holder, r.granted_at or "-", str(r.generation),
+                      r.holder_state, "[red]stale[/red]" if r.stale else "")
     out.print(table)
 
 
 @task(help={"address": "PCI address, e.g. 0000:01:00.0", "force": "reclaim even while the holder runs"})
-@clean_errors
 def gpu_reclaim(c: Context, address: str, force: bool = False) -> None:
     """Free a stale GPU lease; refused while its holder runs unless --force."""
     from aihow_infra.leases import reclaim
 
-    freed = reclaim(operator(), address, force=force)
+    ledger, uri = operator().host_ledger()
+    freed = reclaim(ledger, uri, address, force=force)
     out.print(f"[yellow]freed {address} (was held by {freed})[/yellow]" if freed else f"{address} was not held")
 
 
@@ -265,26 +265,24 @@ def gpu_reclaim(c: Context, address: str, force: bool = False) -> None:
 
 
 @task(help={"json": "print JSON instead of the tree", "config": "show a cluster file instead of the stacks"})
-@clean_errors
 def topology(c: Context, json_: bool = False, config: str = "") -> None:
     """The clusters as a tree: networks, VMs, GPUs; shared GPUs marked."""
-    from aihow_infra.topology import render_tree, topology_data
+    from aihow_infra.topology import planned_topology, render_tree
 
-    data = topology_data(operator(), config or None)
+    status = planned_topology(config) if config else operator().system_status()
     if json_:
-        out.print_json(json.dumps(data))
+        out.print_json(json.dumps(status.to_dict()))
     else:
-        out.print(render_tree(data))
+        out.print(render_tree(status))
 
 
 @task(help={"stack": STACK_HELP, "out": "write the inventory to this file instead of printing it"})
-@clean_errors
 def inventory(c: Context, stack: str, out_: str = "") -> None:
     """An Ansible YAML inventory from the stack's outputs (Kubespray layout for cloud)."""
-    from aihow_infra.inventory import inventory_for_stack, to_yaml
+    from aihow_infra.inventory import build_inventory, to_yaml
 
     _check_stack(stack)
-    text = to_yaml(inventory_for_stack(operator(), stack))
+    text = to_yaml(build_inventory(operator().workspace.outputs(stack), stack))
     if out_:
         Path(out_).write_text(text)
         err.print(f"wrote {out_}")
@@ -295,13 +293,11 @@ def inventory(c: Context, stack: str, out_: str = "") -> None:
 @task(help={"config": "cluster file whose passthrough devices to check (default: the stacks')",
             "sysfs_root": "read /sys and /proc under this folder (recorded hosts)",
             "json": "print JSON"})
-@clean_errors
 def host_check(c: Context, config: str = "", sysfs_root: str = "/", json_: bool = False) -> None:
     """KVM, libvirtd, IOMMU and every passthrough device: ready or what to fix."""
     from aihow_infra.hostcheck import check_host
 
-    op = operator()
-    files = [config] if config else sorted({op.settings(s).cluster_file for s in op.configured_stacks()})
+    files = [Path(config)] if config else operator().cluster_file_paths()
     report = check_host(Path(sysfs_root), files)
     if json_:
         out.print_json(json.dumps(report.to_dict()))

@@ -4,16 +4,16 @@ volume, GPU leases and domain."""
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
 
 import pulumi
 
+from aihow_infra.ledger import LeaseRef, holder_for
 from aihow_infra.plan import ClusterPlan, VmPlan
 from aihow_infra.settings import StackSettings
-from providers.domain import Domain
+from providers.domain import Acceleration, Domain, DomainArgs, HostDevice, Mount
 from providers.gpu_lease import GpuLease
-from providers.network import Network
-from providers.storage import StoragePool, Volume
+from providers.network import DhcpHost, Network, NetworkArgs
+from providers.storage import PoolArgs, StoragePool, Volume, VolumeArgs
 
 
 @dataclass(frozen=True)
@@ -23,23 +23,23 @@ class NodeArgs:
     vm: VmPlan
     settings: StackSettings
     stack: str
-    network_name: pulumi.Input[str]
-    pool_name: pulumi.Input[str]
+    network_name: pulumi.Output[str]
+    pool_name: pulumi.Output[str]
 
 
-def _acceleration(vm: VmPlan) -> dict[str, Any]:
+def _acceleration(vm: VmPlan) -> Acceleration:
     accel = vm.acceleration
-    return {
-        "cpu_model": accel.cpu_model,
-        "enable_nested": accel.enable_nested,
-        "cpu_features": list(accel.cpu_features),
-        "sockets": accel.cpu_topology.sockets,
-        "threads": accel.cpu_topology.threads,
-        "enable_hugepages": accel.performance.enable_hugepages,
-        "hugepage_size": accel.performance.hugepage_size,
-        "cpu_pinning": accel.performance.cpu_pinning,
-        "memory_backing": accel.performance.memory_backing,
-    }
+    return Acceleration(
+        cpu_model=accel.cpu_model,
+        enable_nested=accel.enable_nested,
+        cpu_features=list(accel.cpu_features),
+        sockets=accel.cpu_topology.sockets,
+        threads=accel.cpu_topology.threads,
+        enable_hugepages=accel.performance.enable_hugepages,
+        hugepage_size=accel.performance.hugepage_size,
+        cpu_pinning=accel.performance.cpu_pinning,
+        memory_backing=accel.performance.memory_backing,
+    )
 
 
 class Node(pulumi.ComponentResource):
@@ -58,46 +58,44 @@ class Node(pulumi.ComponentResource):
         vm, settings = args.vm, args.settings
         child = pulumi.ResourceOptions(parent=self)
         running = settings.wants_running(vm.name, vm.auto_start)
-        holder = f"{args.stack}/{vm.name}"
+        holder = holder_for(args.stack, vm.name)
 
-        volume = Volume(f"{name}-disk", {
-            "uri": settings.libvirt_uri,
-            "pool": args.pool_name,
-            "name": f"{vm.name}.qcow2",
-            "size_gb": vm.disk_gb,
-            "base_image": vm.base_image,
-        }, child)
+        volume = Volume(f"{name}-disk", VolumeArgs(
+            uri=settings.libvirt_uri,
+            pool=args.pool_name,
+            name=f"{vm.name}.qcow2",
+            size_gb=vm.disk_gb,
+            base_image=vm.base_image,
+        ), child)
 
         self.leases = [
-            GpuLease(f"{name}-lease-{claim.slot.replace(':', '-')}", {
-                "ledger": settings.ledger_path,
-                "holder": holder,
-                "addresses": list(claim.functions),
-            }, child)
+            GpuLease(f"{name}-lease-{claim.slot.replace(':', '-')}",
+                     LeaseRef(ledger=settings.ledger_path, holder=holder, addresses=list(claim.functions)), child)
             for claim in (vm.claims if running else ())
         ]
 
-        self.domain = Domain(f"{name}-domain", {
-            "uri": settings.libvirt_uri,
-            "name": vm.name,
-            "stack": args.stack,
-            "cluster": vm.cluster_name,
-            "role": vm.role,
-            "vcpus": vm.cpu_cores,
-            "memory_mib": vm.memory_gb * 1024,
-            "disk_path": volume.path,
-            "disk_gb": vm.disk_gb,
-            "mac": vm.mac,
-            "network": args.network_name,
-            "devices": [{"address": d.pci_address, "type": d.device_type.value} for d in vm.devices],
-            "acceleration": _acceleration(vm),
-            "mounts": [{"tag": m.tag, "host_path": m.host_path} for m in vm.mounts],
-            "running": running,
-            "stop_timeout": settings.stop_timeout,
-            "virt_type": settings.virt_type,
-            "lease": {"ledger": settings.ledger_path, "holder": holder,
-                      "addresses": [a for c in vm.claims for a in c.functions]} if running and vm.claims else None,
-        }, pulumi.ResourceOptions(parent=self, depends_on=[*self.leases]))
+        every_function = [a for c in vm.claims for a in c.functions]
+        self.domain = Domain(f"{name}-domain", DomainArgs(
+            uri=settings.libvirt_uri,
+            name=vm.name,
+            stack=args.stack,
+            cluster=vm.cluster_name,
+            role=vm.role,
+            vcpus=vm.cpu_cores,
+            memory_mib=vm.memory_gb * 1024,
+            disk_path=volume.path,
+            disk_gb=vm.disk_gb,
+            mac=vm.mac,
+            network=args.network_name,
+            devices=[HostDevice(address=d.pci_address, type=d.device_type.value) for d in vm.devices],
+            acceleration=_acceleration(vm),
+            mounts=[Mount(tag=m.tag, host_path=m.host_path) for m in vm.mounts],
+            running=running,
+            stop_timeout=settings.stop_timeout,
+            virt_type=settings.virt_type,
+            lease=LeaseRef(ledger=settings.ledger_path, holder=holder, addresses=every_function)
+            if running and vm.claims else None,
+        ), pulumi.ResourceOptions(parent=self, depends_on=[*self.leases]))
 
         self.outputs = {
             "name": vm.name,
@@ -142,24 +140,24 @@ class Cluster(pulumi.ComponentResource):
         super().__init__(f"aihow:libvirt:{'Hpc' if args.plan.key == 'hpc' else 'Cloud'}Cluster", name, None, opts)
         plan, settings = args.plan, args.settings
         child = pulumi.ResourceOptions(parent=self)
-        network = Network("network", {
-            "uri": settings.libvirt_uri,
-            "name": plan.network_name,
-            "bridge": plan.bridge,
-            "forward_mode": plan.forward_mode,
-            "dns_domain": f"{plan.name}.local",
-            "dns_servers": list(plan.dns_servers),
-            "gateway": plan.gateway,
-            "netmask": plan.netmask,
-            "dhcp_start": plan.dhcp_start,
-            "dhcp_end": plan.dhcp_end,
-            "hosts": [{"mac": vm.mac, "name": vm.name, "ip": vm.ip} for vm in plan.vms if vm.ip],
-        }, child)
-        pool = StoragePool("pool", {
-            "uri": settings.libvirt_uri,
-            "name": plan.pool_name,
-            "path": f"{settings.images_dir.rstrip('/')}/{plan.name}",
-        }, child)
+        network = Network("network", NetworkArgs(
+            uri=settings.libvirt_uri,
+            name=plan.network_name,
+            bridge=plan.bridge,
+            forward_mode=plan.forward_mode,
+            dns_domain=f"{plan.name}.local",
+            dns_servers=list(plan.dns_servers),
+            gateway=plan.gateway,
+            netmask=plan.netmask,
+            dhcp_start=plan.dhcp_start,
+            dhcp_end=plan.dhcp_end,
+            hosts=[DhcpHost(mac=vm.mac, name=vm.name, ip=vm.ip) for vm in plan.vms if vm.ip],
+        ), child)
+        pool = StoragePool("pool", PoolArgs(
+            uri=settings.libvirt_uri,
+            name=plan.pool_name,
+            path=f"{settings.images_dir.rstrip('/')}/{plan.name}",
+        ), child)
         self.nodes = [
             Node(vm.short_name, NodeArgs(vm=vm, settings=settings, stack=args.stack,
                                          network_name=network.name, pool_name=pool.name), child)

@@ -33,7 +33,7 @@ class ConfigError(AihowError):
 
 
 class LibvirtError(AihowError):
-    """libvirt refused or failed an operation (translated in ``providers.libvirt_conn``)."""
+    """libvirt refused or failed an operation (translated in ``aihow_infra.libvirt.connection``)."""
 
 
 class NotFoundError(LibvirtError):

@@ -13,7 +13,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from aihow_infra.config import load_cluster_file
+from aihow_infra.loading import load_cluster_file
 from aihow_infra.plan import plan_all
 
 VFIO_DRIVER = "vfio-pci"
@@ -155,7 +155,7 @@ def _device_checks(host: Host, address: str, vendor: str | None, device: str | N
     return checks
 
 
-def check_host(root: Path, cluster_files: Iterable[str]) -> Report:
+def check_host(root: Path, cluster_files: Iterable[str | Path]) -> Report:
     """Every check for the host under ``root`` and the passthrough devices of ``cluster_files``."""
     host = Host(root)
     report = Report(_system_checks(host, live=root == Path("/")))

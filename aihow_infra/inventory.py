@@ -8,14 +8,11 @@ GRES. ``ansible_host`` is the VM's IP and the power state is a host var.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import yaml
 
 from aihow_infra.errors import AihowError
-
-if TYPE_CHECKING:
-    from aihow_infra.operations import Operator
 
 GPU_VENDORS = {"10de": "nvidia", "1002": "amd", "8086": "intel"}
 
@@ -38,11 +35,11 @@ def _host_vars(node: dict[str, Any]) -> dict[str, Any]:
     return host
 
 
-def build_inventory(outputs: dict[str, Any]) -> dict[str, Any]:
+def build_inventory(outputs: dict[str, Any], stack: str = "STACK") -> dict[str, Any]:
     """The inventory (Ansible's YAML structure) for one stack's outputs."""
     cluster, nodes = outputs.get("cluster"), outputs.get("nodes") or {}
     if not cluster or not nodes:
-        raise AihowError("the stack has no outputs yet; run `invoke up --stack <stack>` first")
+        raise AihowError(f"stack {stack} has no outputs yet; run `invoke up --stack {stack}` first")
     hosts = {n["short_name"]: _host_vars(n) for n in nodes.values()}
     by_role: dict[str, list[str]] = {}
     for node in nodes.values():
@@ -70,11 +67,6 @@ def build_inventory(outputs: dict[str, Any]) -> dict[str, Any]:
         "etcd": {"hosts": {n: {} for n in control}},
         "calico_rr": {"hosts": {}},
     }}}
-
-
-def inventory_for_stack(op: Operator, stack: str) -> dict[str, Any]:
-    """The inventory of one stack, from its outputs."""
-    return build_inventory(op.workspace.outputs(stack))
 
 
 def to_yaml(inventory: dict[str, Any]) -> str:

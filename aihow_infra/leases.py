@@ -7,57 +7,51 @@ it refuses while the holder runs unless forced.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from dataclasses import dataclass
 
 from aihow_infra.errors import AihowError
-from aihow_infra.settings import DEFAULT_LEDGER
-from providers.ledger import Ledger
-from providers.libvirt_conn import connect, lookup
-from providers.power import state_name
-
-if TYPE_CHECKING:
-    from aihow_infra.operations import Operator
+from aihow_infra.ledger import Ledger, vm_of
+from aihow_infra.libvirt.connection import connect, lookup
+from aihow_infra.libvirt.power import UNDEFINED, is_live, state_name
 
 
-def ledger_and_uri(op: Operator) -> tuple[Ledger, str]:
-    """The host's ledger and libvirt URI, as the first configured stack names them."""
-    stacks = op.configured_stacks()
-    if not stacks:
-        return Ledger(DEFAULT_LEDGER), "qemu:///system"
-    settings = op.settings(stacks[0])
-    return Ledger(settings.ledger_path), settings.libvirt_uri
+@dataclass(frozen=True)
+class LeaseRow:
+    """A held lease, with its holder VM's state."""
+
+    address: str
+    holder: str
+    granted_at: str | None
+    generation: int
+    holder_state: str
+
+    @property
+    def stale(self) -> bool:
+        """True when the holder VM is gone or shut off."""
+        return not is_live(self.holder_state)
 
 
 def holder_state(uri: str, holder: str) -> str:
     """libvirt's state of the holder's VM (``undefined`` when it is gone)."""
-    vm = holder.split("/", 1)[-1]
     with connect(uri) as conn:
-        dom = lookup("looking up domain", conn.lookupByName, vm)
-        return state_name(dom) if dom is not None else "undefined"
+        dom = lookup("looking up domain", conn.lookupByName, vm_of(holder))
+        return state_name(dom) if dom is not None else UNDEFINED
 
 
-def lease_report(op: Operator) -> list[dict[str, Any]]:
-    """Every held lease with its holder's state and whether it is stale."""
-    ledger, uri = ledger_and_uri(op)
-    rows = []
-    for lease in ledger.leases().values():
-        if not lease.holder:
-            continue
-        state = holder_state(uri, lease.holder)
-        rows.append({"address": lease.address, "holder": lease.holder, "granted_at": lease.granted_at,
-                     "generation": lease.generation, "holder_state": state,
-                     "stale": state not in ("running", "paused", "blocked", "shutdown")})
-    return rows
+def lease_report(ledger: Ledger, uri: str) -> list[LeaseRow]:
+    """Every held lease with its holder's state."""
+    return [LeaseRow(lease.address, lease.holder, lease.granted_at, lease.generation,
+                     holder_state(uri, lease.holder))
+            for lease in ledger.leases().values() if lease.holder]
 
 
-def reclaim(op: Operator, address: str, force: bool = False) -> str | None:
+def reclaim(ledger: Ledger, uri: str, address: str, force: bool = False) -> str | None:
     """Free ``address``; returns its former holder. Refused while the holder runs, unless forced."""
-    ledger, uri = ledger_and_uri(op)
     lease = ledger.holder_of(address)
     if lease is None or lease.holder is None:
         return None
     state = holder_state(uri, lease.holder)
-    if state in ("running", "paused", "blocked", "shutdown") and not force:
+    if is_live(state) and not force:
         raise AihowError(f"GPU {address} is held by {lease.holder}, which is {state}; stop it with "
                          f"`invoke vm.stop {lease.vm}`, or pass --force to reclaim anyway")
     freed = ledger.reclaim(address)

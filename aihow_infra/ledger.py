@@ -21,11 +21,30 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, TypedDict
 
 from aihow_infra.errors import LeaseConflictError, LeaseError
 
 FORMAT_VERSION = 1
+
+
+class LeaseRef(TypedDict):
+    """A holder's claim on PCI addresses in a ledger: a GpuLease's inputs, and what a domain
+    releases when its start fails."""
+
+    ledger: str
+    holder: str
+    addresses: list[str]
+
+
+def holder_for(stack: str, vm: str) -> str:
+    """The holder string the ledger records for a VM of a stack: ``<stack>/<vm>``."""
+    return f"{stack}/{vm}"
+
+
+def vm_of(holder: str) -> str:
+    """The VM name of a holder string (a holder without a stack is taken as the VM name)."""
+    return holder.split("/", 1)[-1]
 
 
 @dataclass(frozen=True)
@@ -40,7 +59,7 @@ class Lease:
     @property
     def vm(self) -> str | None:
         """The holder's VM name (after the ``<stack>/``)."""
-        return self.holder.split("/", 1)[1] if self.holder and "/" in self.holder else self.holder
+        return vm_of(self.holder) if self.holder else None
 
 
 def _now() -> str:
@@ -150,7 +169,7 @@ class Ledger:
                 entry = devices.get(address) or {}
                 other = entry.get("holder")
                 if other and other != holder:
-                    vm = other.split("/", 1)[-1]
+                    vm = vm_of(other)
                     raise LeaseConflictError(
                         f"GPU {address} is held by {other} since {entry.get('granted_at')}; "
                         f"free it with `invoke vm.stop {vm}` (or `invoke gpu.reclaim {address}` if that VM "

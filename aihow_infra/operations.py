@@ -20,14 +20,16 @@ from typing import Any
 
 import yaml
 
-from aihow_infra.config import ClusterFile, load_cluster_file
+from aihow_infra.config import CLUSTER_KEYS, ClusterFile
 from aihow_infra.errors import AihowError, ConfigError, StackError
-from aihow_infra.plan import CLUSTER_KEYS, ClusterPlan, VmPlan, plan_cluster, shared_devices
-from aihow_infra.settings import StackSettings, parse_settings
+from aihow_infra.ledger import Ledger
+from aihow_infra.libvirt.connection import connect, lookup
+from aihow_infra.libvirt.power import UNDEFINED, start_domain, state_name, stop_domain
+from aihow_infra.loading import load_cluster_file
+from aihow_infra.plan import ClusterPlan, VmPlan, plan_cluster, shared_devices
+from aihow_infra.settings import DEFAULT_LEDGER, StackSettings, parse_settings
 from aihow_infra.stacks import Workspace
-from providers.ledger import Ledger
-from providers.libvirt_conn import connect, lookup
-from providers.power import start_domain, state_name, stop_domain
+from aihow_infra.status import ClusterStatus, SharedGpuStatus, SystemStatus, VmStatus
 
 Progress = Callable[[str], None]
 
@@ -67,23 +69,26 @@ class Operator:
             raise ConfigError([f"{path}: aihow settings are encrypted; allowed: plain values"], "stack settings")
         return parse_settings(values)
 
-    def cluster_file(self, settings: StackSettings) -> ClusterFile:
-        """The stack's cluster file, validated (relative paths from the project folder)."""
+    def cluster_file_path(self, settings: StackSettings) -> Path:
+        """Where a stack's cluster file is: a relative path is taken from the project folder,
+        as the Pulumi program (which runs there) takes it."""
         path = Path(settings.cluster_file)
-        if not path.is_absolute():
-            path = self.workspace.project_dir / path
+        return path if path.is_absolute() else self.workspace.project_dir / path
+
+    def cluster_file_paths(self) -> list[Path]:
+        """The cluster files the configured stacks name, each once."""
+        return sorted({self.cluster_file_path(self.settings(s)) for s in self.configured_stacks()})
+
+    def cluster_file(self, settings: StackSettings) -> ClusterFile:
+        """The stack's cluster file, validated."""
         with _cwd(self.workspace.project_dir):
-            return load_cluster_file(path)
+            return load_cluster_file(self.cluster_file_path(settings))
 
     def view(self, stack: str) -> StackView:
         """Settings and plan of one stack."""
         settings = self.settings(stack)
-        key = settings.cluster_key(stack)
-        try:
-            plan = plan_cluster(self.cluster_file(settings), key)
-        except KeyError:
-            raise ConfigError([f"clusters.{key}: the cluster file {settings.cluster_file} has none; "
-                               f"allowed: a stack for a cluster the file defines"], "stack settings") from None
+        plan = plan_cluster(self.cluster_file(settings), settings.cluster_key(stack),
+                            f"cluster file {settings.cluster_file}")
         return StackView(stack, settings, plan)
 
     def views(self) -> list[StackView]:
@@ -166,27 +171,16 @@ class Operator:
             stop_domain(dom, view.settings.stop_timeout)
             start_domain(dom)
 
-    def vm_status(self, name: str) -> dict[str, Any]:
+    def vm_status(self, name: str) -> VmStatus:
         """State, IP, vCPUs, memory, GPUs and who holds each GPU's lease."""
         view, vm = self.find_vm(name)
-        return self._vm_row(view, vm)
+        with connect(view.settings.libvirt_uri) as conn:
+            return self._vm_status(view, vm, conn, _holders(view.settings))
 
-    def _vm_row(self, view: StackView, vm: VmPlan, conn: Any = None) -> dict[str, Any]:
-        leases = Ledger(view.settings.ledger_path).leases()
-        with contextlib.ExitStack() as stack:
-            if conn is None:
-                conn = stack.enter_context(connect(view.settings.libvirt_uri))
-            dom = lookup("looking up domain", conn.lookupByName, vm.name)
-            state = state_name(dom) if dom is not None else "undefined"
-        return {
-            "name": vm.name, "stack": view.stack, "cluster": vm.cluster_name, "role": vm.role,
-            "state": state, "desired": "running" if view.settings.wants_running(vm.name, vm.auto_start)
-            else "stopped", "auto_start": vm.auto_start, "ip": vm.ip, "vcpus": vm.cpu_cores,
-            "memory_gb": vm.memory_gb, "disk_gb": vm.disk_gb,
-            "gpus": [{"address": c.address, "functions": list(c.functions),
-                      "holder": leases[c.address].holder if c.address in leases else None}
-                     for c in vm.claims],
-        }
+    def _vm_status(self, view: StackView, vm: VmPlan, conn: Any, holders: dict[str, str | None]) -> VmStatus:
+        dom = lookup("looking up domain", conn.lookupByName, vm.name)
+        state = state_name(dom) if dom is not None else UNDEFINED
+        return VmStatus.of(vm, view.stack, state, view.settings.wants_running(vm.name, vm.auto_start), holders)
 
     # --- both clusters -----------------------------------------------------------------------
 
@@ -272,27 +266,27 @@ class Operator:
         for stack in reversed(self.configured_stacks()):
             self.destroy(stack)
 
-    def system_status(self) -> dict[str, Any]:
+    def system_status(self) -> SystemStatus:
         """Both clusters' VMs with their state, and who owns each shared GPU."""
         views = self.views()
         clusters = []
         for view in views:
+            holders = _holders(view.settings)
             with connect(view.settings.libvirt_uri) as conn:
-                rows = [self._vm_row(view, vm, conn) for vm in view.plan.vms]
-            running = sum(r["state"] == "running" for r in rows)
-            clusters.append({
-                "stack": view.stack, "name": view.plan.name, "network": view.plan.network_name,
-                "cidr": view.plan.subnet, "power": view.settings.cluster_power,
-                "status": "running" if running == len(rows) else "stopped" if running == 0 else "partial",
-                "vms": rows,
-            })
-        shared = []
-        for device in shared_devices([v.plan for v in views]):
-            ledger = Ledger(views[0].settings.ledger_path)
-            holder = ledger.holder_of(device.address)
-            shared.append({"address": device.address, "vms": [vm.name for vm in device.vms],
-                           "holder": holder.holder if holder else None, "conflict": device.conflict})
-        return {"clusters": clusters, "shared_gpus": shared}
+                rows = [self._vm_status(view, vm, conn, holders) for vm in view.plan.vms]
+            clusters.append(ClusterStatus.of(view.plan, view.stack, view.settings.cluster_power, rows))
+        holders = _holders(views[0].settings) if views else {}
+        shared = [SharedGpuStatus.of(device, holders.get(device.address))
+                  for device in shared_devices([v.plan for v in views])]
+        return SystemStatus(clusters, shared)
+
+    def host_ledger(self) -> tuple[Ledger, str]:
+        """The host's GPU lease ledger and libvirt URI, as the first configured stack names them."""
+        stacks = self.configured_stacks()
+        if not stacks:
+            return Ledger(DEFAULT_LEDGER), "qemu:///system"
+        settings = self.settings(stacks[0])
+        return Ledger(settings.ledger_path), settings.libvirt_uri
 
     def switch(self, to: str) -> None:
         """Give the GPUs to one cluster: stop the other cluster's GPU VMs, then start this one's."""
@@ -310,6 +304,11 @@ class Operator:
         if starts:
             self.progress(f"starting GPU VMs of {to}: {', '.join(starts)}")
             self._apply_power(self.view(to), starts)
+
+
+def _holders(settings: StackSettings) -> dict[str, str | None]:
+    """Who holds each address of the stack's ledger."""
+    return {address: lease.holder for address, lease in Ledger(settings.ledger_path).leases().items()}
 
 
 @contextlib.contextmanager

@@ -16,19 +16,20 @@ from pathlib import Path
 from typing import Literal
 
 from aihow_infra.config import (
+    CLUSTER_KEYS,
     Acceleration,
     CloudCluster,
     ClusterFile,
+    ClusterKey,
     HpcCluster,
-    Node,
+    NodeSpec,
     PciDevice,
     VirtioFsMount,
     WorkerGroups,
 )
+from aihow_infra.errors import ConfigError
 
-ClusterKey = Literal["hpc", "cloud"]
 Role = Literal["controller", "compute", "control-plane", "cpu-worker", "gpu-worker"]
-CLUSTER_KEYS: tuple[ClusterKey, ...] = ("hpc", "cloud")
 
 
 def mac_for(vm_name: str) -> str:
@@ -94,7 +95,7 @@ class ClusterPlan:
     netmask: str
     dhcp_start: str
     dhcp_end: str
-    forward_mode: str
+    forward_mode: Literal["nat", "isolated"]
     dns_servers: tuple[str, ...]
     vms: tuple[VmPlan, ...] = field(default_factory=tuple)
 
@@ -133,11 +134,11 @@ def _claims(devices: list[PciDevice]) -> tuple[DeviceClaim, ...]:
     return tuple(sorted(claims, key=lambda c: c.slot))
 
 
-def _node_entries(key: ClusterKey, cluster: HpcCluster | CloudCluster) -> list[tuple[str, Node, Role, str]]:
+def _node_entries(key: ClusterKey, cluster: HpcCluster | CloudCluster) -> list[tuple[str, NodeSpec, Role, str]]:
     """(key path, node, role, short name) for each node, in file order."""
     prefix = f"clusters.{key}"
     if isinstance(cluster, HpcCluster):
-        entries: list[tuple[str, Node, Role, str]] = [
+        entries: list[tuple[str, NodeSpec, Role, str]] = [
             (f"{prefix}.controller", cluster.controller, "controller", "controller")
         ]
         entries += [(f"{prefix}.compute_nodes[{i}]", node, "compute", f"compute-{i + 1:02d}")
@@ -158,11 +159,13 @@ def _node_entries(key: ClusterKey, cluster: HpcCluster | CloudCluster) -> list[t
     return entries
 
 
-def plan_cluster(file: ClusterFile, key: ClusterKey) -> ClusterPlan:
-    """The plan of ``clusters.<key>``; KeyError when the file has no such cluster."""
+def plan_cluster(file: ClusterFile, key: ClusterKey, source: str = "cluster file") -> ClusterPlan:
+    """The plan of ``clusters.<key>``; ``ConfigError`` when the file has no such cluster."""
     cluster: HpcCluster | CloudCluster | None = getattr(file.clusters, key)
     if cluster is None:
-        raise KeyError(key)
+        defined = [k for k in CLUSTER_KEYS if getattr(file.clusters, k) is not None]
+        raise ConfigError([f"clusters.{key}: the {source} defines no such cluster; allowed: a stack for a "
+                           f"cluster it defines ({', '.join(defined) or 'none'})"], source)
     net = cluster.network
     start, end = net.dhcp_range
     vms = tuple(

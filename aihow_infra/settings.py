@@ -12,8 +12,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
+from aihow_infra.config import CLUSTER_KEYS, ClusterKey
 from aihow_infra.errors import ConfigError
-from aihow_infra.plan import CLUSTER_KEYS, ClusterKey
 
 DEFAULT_LEDGER = "/var/lib/aihow/gpu-leases.json"
 DEFAULT_IMAGES_DIR = "/var/lib/libvirt/images/aihow"

@@ -34,9 +34,9 @@ import yaml
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from aihow_infra.config import load_cluster_file  # noqa: E402
+from aihow_infra.ledger import Ledger  # noqa: E402
+from aihow_infra.loading import load_cluster_file  # noqa: E402
 from aihow_infra.stacks import Workspace  # noqa: E402
-from providers.ledger import Ledger  # noqa: E402
 
 Row = tuple[str, str, str, str]  # what, measured, baseline, ratio
 
@@ -187,8 +187,8 @@ def plain_libvirt_up(plan_file: Path, images: Path, uri: str = "qemu:///system")
     pools, volumes and domains one after another. Returns its teardown."""
     import libvirt
 
+    from aihow_infra.libvirt.render import domain_xml, network_xml, pool_xml, volume_xml
     from aihow_infra.plan import plan_all
-    from providers.render import domain_xml, network_xml, pool_xml, volume_xml
 
     conn = libvirt.open(uri)
     made: list[Callable[[], None]] = []
@@ -226,7 +226,7 @@ def plain_libvirt_up(plan_file: Path, images: Path, uri: str = "qemu:///system")
 
 
 def _kvm(conn: Any) -> bool:
-    from providers.libvirt_conn import kvm_usable
+    from aihow_infra.libvirt.connection import kvm_usable
 
     return kvm_usable(conn)
 

@@ -3,18 +3,24 @@ objects) idempotent delete and read."""
 
 from __future__ import annotations
 
+import functools
 import json
-from typing import Any, ClassVar
+import types
+import typing
+from typing import Any, ClassVar, Literal, TypeVar, Union, get_args, get_origin, is_typeddict
 
 from pulumi.dynamic import CheckFailure, CheckResult, DiffResult, ReadResult, ResourceProvider
-from pulumi.output import Unknown
+from pulumi.output import Output, Unknown
+from pulumi.runtime.rpc import UNKNOWN
 
 from aihow_infra.errors import LibvirtError
-from providers.libvirt_conn import connect
-from providers.render import whole_numbers
+from aihow_infra.libvirt.connection import connect
+from aihow_infra.libvirt.render import whole_numbers
 
-# What the engine sends in place of a value not known yet (during preview).
-UNKNOWN = "04da6b54-80e4-46f7-96ec-b56ff0331ba9"
+T = TypeVar("T")
+# An input that may be another resource's output; the engine resolves it before a provider
+# sees it. (pulumi.Input names Output lazily, which type hints cannot resolve at run time.)
+Input = Union[T, Output[T]]  # noqa: UP007
 
 
 def is_unknown(value: Any) -> bool:
@@ -22,15 +28,46 @@ def is_unknown(value: Any) -> bool:
     return value == UNKNOWN or isinstance(value, Unknown)
 
 
+@functools.cache
+def _input_types(inputs: type) -> dict[str, tuple[bool, tuple[type, ...], tuple[Any, ...]]]:
+    """For each key of an inputs TypedDict: (required, allowed runtime types, allowed literal values).
+
+    ``Input[T]`` fields accept ``T``; a nested TypedDict is a dict; ``float`` also takes an int.
+    """
+    hints = typing.get_type_hints(inputs)
+    required: frozenset[str] = getattr(inputs, "__required_keys__", frozenset())
+    return {key: (key in required, *_runtime(hint)) for key, hint in hints.items()}
+
+
+def _runtime(hint: Any) -> tuple[tuple[type, ...], tuple[Any, ...]]:
+    origin = get_origin(hint)
+    if origin in (Union, types.UnionType):
+        kinds: tuple[type, ...] = ()
+        values: tuple[Any, ...] = ()
+        for arg in get_args(hint):
+            more_kinds, more_values = _runtime(arg)
+            kinds, values = kinds + more_kinds, values + more_values
+        return kinds, values
+    if origin is Literal:
+        return tuple({type(v) for v in get_args(hint)}), get_args(hint)
+    if origin is Output or hint is Output:
+        return (), ()
+    if is_typeddict(hint):
+        return (dict,), ()
+    if hint is float:
+        return (int, float), ()
+    return ((origin or hint),), ()
+
+
 class Provider(ResourceProvider):
     """Base of the project's dynamic providers.
 
-    Subclasses declare their inputs: ``REQUIRED`` (name -> type), ``REPLACE``
-    (keys whose change forces a new resource) and ``UPDATE`` (keys changed in
-    place). Providers hold no state: everything comes from the inputs.
+    Subclasses declare their inputs: ``INPUTS`` (a TypedDict: keys, types, which are
+    required), ``REPLACE`` (keys whose change forces a new resource) and ``UPDATE``
+    (keys changed in place). Providers hold no state: everything comes from the inputs.
     """
 
-    REQUIRED: ClassVar[dict[str, type | tuple[type, ...]]] = {}
+    INPUTS: ClassVar[type]
     REPLACE: ClassVar[frozenset[str]] = frozenset()
     UPDATE: ClassVar[frozenset[str]] = frozenset()
     # Keys holding lists whose order means nothing (compared as sets of items).
@@ -42,14 +79,17 @@ class Provider(ResourceProvider):
         """Missing or mistyped inputs become check failures, before anything is touched."""
         news = whole_numbers(news)
         failures = []
-        for key, kind in self.REQUIRED.items():
+        for key, (required, kinds, literals) in _input_types(self.INPUTS).items():
             value = news.get(key)
-            if is_unknown(value):
+            if is_unknown(value) or (value is None and (not required or type(None) in kinds)):
                 continue
             if value is None:
                 failures.append(CheckFailure(key, f"{key} is required"))
-            elif not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
-                failures.append(CheckFailure(key, f"{key}: {value!r} is not of type {_type_name(kind)}"))
+            elif literals and value not in literals:
+                allowed = " or ".join(", ".join(repr(v) for v in literals).rsplit(", ", 1))
+                failures.append(CheckFailure(key, f"{key}: {value!r}; allowed: {allowed}"))
+            elif not isinstance(value, kinds) or (isinstance(value, bool) and bool not in kinds):
+                failures.append(CheckFailure(key, f"{key}: {value!r} is not of type {_type_name(kinds)}"))
         failures += self.check_values(news)
         return CheckResult(news, failures)
 
@@ -72,10 +112,8 @@ class Provider(ResourceProvider):
                           delete_before_replace=bool(replaces))
 
 
-def _type_name(kind: type | tuple[type, ...]) -> str:
-    if isinstance(kind, tuple):
-        return " or ".join(k.__name__ for k in kind)
-    return kind.__name__
+def _type_name(kinds: tuple[type, ...]) -> str:
+    return " or ".join(k.__name__ for k in kinds if k is not type(None))
 
 
 class LibvirtProvider(Provider):

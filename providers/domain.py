@@ -7,17 +7,68 @@ later ``pulumi up`` (unlike pulumi-libvirt, which always starts domains).
 from __future__ import annotations
 
 import contextlib
-import xml.etree.ElementTree as ET
-from typing import Any, ClassVar
+from typing import Any, Literal, TypedDict
 
 import libvirt
 import pulumi
 from pulumi.dynamic import CheckFailure, CreateResult, Resource, UpdateResult
 
-from providers.base import LibvirtProvider
-from providers.libvirt_conn import call, connect, kvm_usable, lookup
-from providers.power import start_domain, state_name, stop_domain
-from providers.render import domain_xml
+from aihow_infra.ledger import LeaseRef
+from aihow_infra.libvirt.connection import call, connect, kvm_usable, lookup
+from aihow_infra.libvirt.power import start_domain, state_name, stop_domain
+from aihow_infra.libvirt.render import domain_xml
+from providers.base import Input, LibvirtProvider
+
+
+class HostDevice(TypedDict):
+    """A host PCI function passed through by VFIO."""
+
+    address: str
+    type: str
+
+
+class Mount(TypedDict):
+    """A host folder shared with virtiofs."""
+
+    tag: str
+    host_path: str
+
+
+class Acceleration(TypedDict):
+    """CPU model, topology and memory backing (the cluster's ``hardware.acceleration``)."""
+
+    cpu_model: str | None
+    enable_nested: bool
+    cpu_features: list[str]
+    sockets: int
+    threads: int
+    enable_hugepages: bool
+    hugepage_size: str | None
+    cpu_pinning: bool
+    memory_backing: str | None
+
+
+class DomainArgs(TypedDict):
+    """The inputs of a ``Domain``."""
+
+    uri: str
+    name: str
+    stack: str
+    cluster: str
+    role: str
+    vcpus: int
+    memory_mib: int
+    disk_path: Input[str]
+    disk_gb: int
+    mac: str
+    network: Input[str]
+    devices: list[HostDevice]
+    acceleration: Acceleration
+    mounts: list[Mount]
+    running: bool
+    stop_timeout: float
+    virt_type: Literal["auto", "kvm", "qemu"]
+    lease: LeaseRef | None
 
 # Inputs that change the domain's definition (applied by redefining it).
 DEFINITION_KEYS = frozenset({"vcpus", "memory_mib", "mac", "network", "devices", "acceleration", "mounts",
@@ -34,34 +85,18 @@ def resolve_virt_type(conn: libvirt.virConnect, wanted: str) -> str:
     return wanted
 
 
-def _with_uuid(xml: str, uuid: str) -> str:
-    root = ET.fromstring(xml)
-    element = ET.Element("uuid")
-    element.text = uuid
-    root.insert(1, element)
-    return ET.tostring(root, encoding="unicode")
-
-
 class DomainProvider(LibvirtProvider):
     """Defines a domain from ``templates/domain.xml.j2`` and keeps it in its desired power state."""
 
-    REQUIRED: ClassVar = {"uri": str, "name": str, "vcpus": int, "memory_mib": int, "disk_path": str,
-                          "mac": str, "network": str, "running": bool, "stop_timeout": (int, float)}
+    INPUTS = DomainArgs
     REPLACE = frozenset({"uri", "name", "disk_path", "disk_gb"})
     UPDATE = DEFINITION_KEYS | {"running"}
     KIND = "domain"
 
     def check_values(self, news: dict[str, Any]) -> list[CheckFailure]:
-        """Positive sizes and a known virtualization type."""
-        failures = []
-        for key in ("vcpus", "memory_mib"):
-            value = news.get(key)
-            if isinstance(value, int) and value <= 0:
-                failures.append(CheckFailure(key, f"{key}: {value}; allowed: a positive number"))
-        if news.get("virt_type", "auto") not in ("auto", "kvm", "qemu"):
-            failures.append(CheckFailure("virt_type", f"virt_type: {news.get('virt_type')!r}; "
-                                                      "allowed: 'auto', 'kvm' or 'qemu'"))
-        return failures
+        """Positive sizes."""
+        return [CheckFailure(key, f"{key}: {news[key]}; allowed: a positive number")
+                for key in ("vcpus", "memory_mib") if isinstance(news.get(key), int) and news[key] <= 0]
 
     def _outs(self, props: dict[str, Any], dom: libvirt.virDomain, virt_type: str) -> dict[str, Any]:
         return {**props, "uuid": dom.UUIDString(), "state": state_name(dom), "running": bool(dom.isActive()),
@@ -96,7 +131,7 @@ class DomainProvider(LibvirtProvider):
                 # Removed behind Pulumi's back since the last refresh: define it again.
                 dom = call(f"defining domain {name}", conn.defineXML, domain_xml(news, virt_type))
             elif any(olds.get(k) != news.get(k) for k in DEFINITION_KEYS):
-                xml = _with_uuid(domain_xml(news, virt_type), dom.UUIDString())
+                xml = domain_xml(news, virt_type, uuid=dom.UUIDString())
                 dom = call(f"redefining domain {name}", conn.defineXML, xml)
                 if dom.isActive() and news["running"]:
                     stop_domain(dom, news["stop_timeout"])
@@ -131,7 +166,6 @@ class Domain(Resource, module="libvirt", name="Domain"):
     running: pulumi.Output[bool]
     uuid: pulumi.Output[str]
 
-    def __init__(self, resource_name: str, props: dict[str, Any],
-                 opts: pulumi.ResourceOptions | None = None) -> None:
+    def __init__(self, resource_name: str, props: DomainArgs, opts: pulumi.ResourceOptions | None = None) -> None:
         super().__init__(DomainProvider(), resource_name,
                          {**props, "uuid": None, "state": None, "actual_virt_type": None}, opts)

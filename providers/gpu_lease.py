@@ -8,13 +8,13 @@ ledger, so a lease lost or taken over shows up in refresh and is taken again
 
 from __future__ import annotations
 
-from typing import Any, ClassVar
+from typing import Any
 
 import pulumi
 from pulumi.dynamic import CreateResult, DiffResult, ReadResult, Resource, UpdateResult
 
+from aihow_infra.ledger import LeaseRef, Ledger
 from providers.base import Provider
-from providers.ledger import Ledger
 
 
 def _held_by(props: dict[str, Any]) -> dict[str, str | None]:
@@ -25,7 +25,7 @@ def _held_by(props: dict[str, Any]) -> dict[str, str | None]:
 class GpuLeaseProvider(Provider):
     """Acquires and releases a set of PCI functions (one physical GPU) for one holder."""
 
-    REQUIRED: ClassVar = {"ledger": str, "holder": str, "addresses": list}
+    INPUTS = LeaseRef
     REPLACE = frozenset({"ledger", "holder", "addresses"})
 
     def _outs(self, props: dict[str, Any]) -> dict[str, Any]:
@@ -70,8 +70,7 @@ class GpuLease(Resource, module="gpu", name="GpuLease"):
     held: pulumi.Output[bool]
     generation: pulumi.Output[int]
 
-    def __init__(self, resource_name: str, props: dict[str, Any],
-                 opts: pulumi.ResourceOptions | None = None) -> None:
+    def __init__(self, resource_name: str, props: LeaseRef, opts: pulumi.ResourceOptions | None = None) -> None:
         super().__init__(GpuLeaseProvider(), resource_name,
                          {**props, "held": None, "generation": None, "granted_at": None,
                           "current_holders": None}, opts)

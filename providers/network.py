@@ -3,53 +3,70 @@
 from __future__ import annotations
 
 import xml.etree.ElementTree as ET
-from typing import Any, ClassVar
+from typing import Any, Literal, TypedDict
 
 import libvirt
 import pulumi
-from pulumi.dynamic import CheckFailure, CreateResult, Resource, UpdateResult
+from pulumi.dynamic import CreateResult, Resource, UpdateResult
 
 from aihow_infra.errors import LibvirtError
+from aihow_infra.libvirt.connection import call, connect, discard, lookup
+from aihow_infra.libvirt.render import network_xml
 from providers.base import LibvirtProvider
-from providers.libvirt_conn import call, connect, discard, lookup
-from providers.render import network_xml
+
+
+class DhcpHost(TypedDict):
+    """A static DHCP reservation."""
+
+    mac: str
+    name: str
+    ip: str
+
+
+class NetworkArgs(TypedDict):
+    """The inputs of a ``Network``."""
+
+    uri: str
+    name: str
+    bridge: str
+    forward_mode: Literal["nat", "isolated"]
+    dns_domain: str
+    dns_servers: list[str]
+    gateway: str
+    netmask: str
+    dhcp_start: str
+    dhcp_end: str
+    hosts: list[DhcpHost]
+
 
 _SECTION = libvirt.VIR_NETWORK_SECTION_IP_DHCP_HOST
 _LIVE_AND_CONFIG = libvirt.VIR_NETWORK_UPDATE_AFFECT_LIVE | libvirt.VIR_NETWORK_UPDATE_AFFECT_CONFIG
 
 
-def _host_xml(host: dict[str, str]) -> str:
+def _host_xml(host: DhcpHost) -> str:
     return f"<host mac='{host['mac']}' name='{host['name']}' ip='{host['ip']}'/>"
 
 
-def _key(host: dict[str, str]) -> tuple[str, str, str]:
+def _key(host: DhcpHost) -> tuple[str, str, str]:
     return host["mac"], host["name"], host["ip"]
 
 
-def read_hosts(net: libvirt.virNetwork) -> list[dict[str, str]]:
+def read_hosts(net: libvirt.virNetwork) -> list[DhcpHost]:
     """The static DHCP reservations libvirt holds for a network."""
     root = ET.fromstring(net.XMLDesc(0))
-    return [{"mac": h.get("mac", ""), "name": h.get("name", ""), "ip": h.get("ip", "")}
+    return [DhcpHost(mac=h.get("mac", ""), name=h.get("name", ""), ip=h.get("ip", ""))
             for h in root.iterfind("./ip/dhcp/host")]
 
 
 class NetworkProvider(LibvirtProvider):
     """Creates, updates (reservations, live) and removes a libvirt network."""
 
-    REQUIRED: ClassVar = {"uri": str, "name": str, "bridge": str, "forward_mode": str, "gateway": str,
-                          "netmask": str, "dhcp_start": str, "dhcp_end": str, "hosts": list}
+    INPUTS = NetworkArgs
     REPLACE = frozenset({"uri", "name", "bridge", "forward_mode", "gateway", "netmask", "dhcp_start",
                          "dhcp_end", "dns_domain", "dns_servers"})
     UPDATE = frozenset({"hosts"})
     UNORDERED = frozenset({"hosts"})
     KIND = "network"
-
-    def check_values(self, news: dict[str, Any]) -> list[CheckFailure]:
-        """Only 'nat' and 'isolated' networks are made."""
-        if news.get("forward_mode") not in ("nat", "isolated"):
-            return [CheckFailure("forward_mode", f"forward_mode: {news.get('forward_mode')!r}; "
-                                                 "allowed: 'nat' or 'isolated'")]
-        return []
 
     def create(self, props: dict[str, Any]) -> CreateResult:
         """Define, start and autostart the network; on any failure remove what was made."""
@@ -107,6 +124,5 @@ class Network(Resource, module="libvirt", name="Network"):
     bridge: pulumi.Output[str]
     active: pulumi.Output[bool]
 
-    def __init__(self, resource_name: str, props: dict[str, Any],
-                 opts: pulumi.ResourceOptions | None = None) -> None:
+    def __init__(self, resource_name: str, props: NetworkArgs, opts: pulumi.ResourceOptions | None = None) -> None:
         super().__init__(NetworkProvider(), resource_name, {**props, "active": None, "uuid": None}, opts)

@@ -6,22 +6,40 @@ import contextlib
 import json
 import subprocess
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any, NotRequired, TypedDict
 
 import libvirt
 import pulumi
 from pulumi.dynamic import CheckFailure, CreateResult, Resource
 
 from aihow_infra.errors import LibvirtError
-from providers.base import LibvirtProvider
-from providers.libvirt_conn import call, connect, discard, lookup
-from providers.render import pool_xml, volume_xml
+from aihow_infra.libvirt.connection import call, connect, discard, lookup
+from aihow_infra.libvirt.render import pool_xml, volume_xml
+from providers.base import Input, LibvirtProvider
+
+
+class PoolArgs(TypedDict):
+    """The inputs of a ``StoragePool``: a directory pool."""
+
+    uri: str
+    name: str
+    path: str
+
+
+class VolumeArgs(TypedDict):
+    """The inputs of a ``Volume``: a qcow2 disk, blank or an overlay on ``base_image``."""
+
+    uri: str
+    pool: Input[str]
+    name: str
+    size_gb: int
+    base_image: NotRequired[str | None]
 
 
 class PoolProvider(LibvirtProvider):
     """A directory pool under the images folder."""
 
-    REQUIRED: ClassVar = {"uri": str, "name": str, "path": str}
+    INPUTS = PoolArgs
     REPLACE = frozenset({"uri", "name", "path"})
     KIND = "storage pool"
 
@@ -72,7 +90,7 @@ def image_format(path: str) -> str:
 class VolumeProvider(LibvirtProvider):
     """A VM disk: qcow2 of ``size_gb``, an overlay on ``base_image`` (never a copy) or blank."""
 
-    REQUIRED: ClassVar = {"uri": str, "pool": str, "name": str, "size_gb": int}
+    INPUTS = VolumeArgs
     REPLACE = frozenset({"uri", "pool", "name", "size_gb", "base_image"})
 
     def check_values(self, news: dict[str, Any]) -> list[CheckFailure]:
@@ -122,8 +140,7 @@ class StoragePool(Resource, module="libvirt", name="StoragePool"):
 
     name: pulumi.Output[str]
 
-    def __init__(self, resource_name: str, props: dict[str, Any],
-                 opts: pulumi.ResourceOptions | None = None) -> None:
+    def __init__(self, resource_name: str, props: PoolArgs, opts: pulumi.ResourceOptions | None = None) -> None:
         super().__init__(PoolProvider(), resource_name, {**props, "uuid": None}, opts)
 
 
@@ -132,6 +149,5 @@ class Volume(Resource, module="libvirt", name="Volume"):
 
     path: pulumi.Output[str]
 
-    def __init__(self, resource_name: str, props: dict[str, Any],
-                 opts: pulumi.ResourceOptions | None = None) -> None:
+    def __init__(self, resource_name: str, props: VolumeArgs, opts: pulumi.ResourceOptions | None = None) -> None:
         super().__init__(VolumeProvider(), resource_name, {**props, "path": None}, opts)

@@ -1,186 +1,31 @@
-"""Shared fixtures: a libvirt sandbox that cleans up after itself, and a Pulumi workspace
-kept outside the work tree (its own project folder, backend, stack files and ledger)."""
+"""Fixtures: a libvirt sandbox on qemu:///system, and the real engine in a workspace of its own."""
 
 from __future__ import annotations
 
 import contextlib
-import ipaddress
 import os
-import shutil
-import subprocess
-import uuid
-import xml.etree.ElementTree as ET
 from collections.abc import Iterator
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
-import libvirt
 import pytest
 import yaml
 
 from aihow_infra.stacks import PROJECT_ROOT, Workspace
-
-SYSTEM_URI = "qemu:///system"
-IMAGES_ROOT = Path("/var/lib/libvirt/images")
-
-
-def _system_libvirt() -> libvirt.virConnect | None:
-    try:
-        return libvirt.open(SYSTEM_URI)
-    except libvirt.libvirtError:
-        return None
-
-
-def _used_subnets(conn: libvirt.virConnect) -> list[ipaddress.IPv4Network]:
-    used = []
-    for net in conn.listAllNetworks():
-        with contextlib.suppress(libvirt.libvirtError, ValueError):
-            for ip in ET.fromstring(net.XMLDesc(0)).iterfind("ip"):
-                if ip.get("address") and ip.get("netmask"):
-                    used.append(ipaddress.IPv4Network(f"{ip.get('address')}/{ip.get('netmask')}", strict=False))
-    routes = subprocess.run(["ip", "-4", "route"], capture_output=True, text=True, check=False).stdout
-    for line in routes.splitlines():
-        with contextlib.suppress(ValueError):
-            used.append(ipaddress.IPv4Network(line.split()[0], strict=False))
-    return [n for n in used if n.prefixlen > 0]
-
-
-@dataclass
-class Sandbox:
-    """Names and subnets for one test, unique on this host, and the cleanup of everything
-    carrying its prefix (domains, networks, pools and their volumes, images folder)."""
-
-    conn: libvirt.virConnect
-    prefix: str = field(default_factory=lambda: f"aiht{uuid.uuid4().hex[:6]}")
-    _subnets: list[ipaddress.IPv4Network] = field(default_factory=list)
-
-    def subnet(self) -> ipaddress.IPv4Network:
-        """A /24 in 10.213.0.0/16 that no libvirt network or host route uses."""
-        used = _used_subnets(self.conn) + self._subnets
-        for third in range(int(self.prefix[-2:], 16) % 200 + 30, 256):
-            candidate = ipaddress.IPv4Network(f"10.213.{third}.0/24")
-            if not any(candidate.overlaps(u) for u in used):
-                self._subnets.append(candidate)
-                return candidate
-        raise RuntimeError("no free test subnet in 10.213.0.0/16")
-
-    @property
-    def images_dir(self) -> Path:
-        """Under libvirt's images folder, so qemu (another user) can reach the disks."""
-        return IMAGES_ROOT / self.prefix
-
-    def snapshot(self) -> dict[str, set[str]]:
-        """Names of every domain, network and pool on the host (to compare before/after)."""
-        return {
-            "domains": {d.name() for d in self.conn.listAllDomains()},
-            "networks": {n.name() for n in self.conn.listAllNetworks()},
-            "pools": {p.name() for p in self.conn.listAllStoragePools()},
-        }
-
-    def leftovers(self) -> list[str]:
-        """Every libvirt object of this sandbox still on the host."""
-        snap = self.snapshot()
-        return sorted(n for names in snap.values() for n in names if n.startswith(self.prefix))
-
-    def cleanup(self) -> None:
-        """Remove everything of this sandbox, whatever state a failed test left."""
-        for dom in self.conn.listAllDomains():
-            if dom.name().startswith(self.prefix):
-                with contextlib.suppress(libvirt.libvirtError):
-                    if dom.isActive():
-                        dom.destroy()
-                with contextlib.suppress(libvirt.libvirtError):
-                    dom.undefineFlags(libvirt.VIR_DOMAIN_UNDEFINE_NVRAM | libvirt.VIR_DOMAIN_UNDEFINE_MANAGED_SAVE)
-        for net in self.conn.listAllNetworks():
-            if net.name().startswith(self.prefix):
-                with contextlib.suppress(libvirt.libvirtError):
-                    if net.isActive():
-                        net.destroy()
-                with contextlib.suppress(libvirt.libvirtError):
-                    net.undefine()
-        for pool in self.conn.listAllStoragePools():
-            if pool.name().startswith(self.prefix):
-                with contextlib.suppress(libvirt.libvirtError):
-                    if not pool.isActive():
-                        pool.create(0)
-                    pool.refresh(0)
-                    for vol in pool.listAllVolumes():
-                        vol.delete(0)
-                with contextlib.suppress(libvirt.libvirtError):
-                    if pool.isActive():
-                        pool.destroy()
-                with contextlib.suppress(libvirt.libvirtError):
-                    pool.undefine()
-        shutil.rmtree(self.images_dir, ignore_errors=True)
-
-    def node(self, ip: str | None, **extra: Any) -> dict[str, Any]:
-        """A small node (1 vCPU, 1 GiB, 1 GiB blank disk)."""
-        return {"cpu_cores": 1, "memory_gb": 1, "disk_gb": 1, **({"ip": ip} if ip else {}), **extra}
-
-    def cluster(self, kind: str, subnet: ipaddress.IPv4Network, workers: list[dict[str, Any]]) -> dict[str, Any]:
-        """An isolated cluster named ``<prefix>-<kind>`` with a portable CPU model."""
-        hosts = list(subnet.hosts())
-        head = {"cpu_cores": 1, "memory_gb": 1, "disk_gb": 1, "ip_address": str(hosts[9])}
-        body: dict[str, Any] = {
-            "name": f"{self.prefix}-{kind}",
-            "network": {"subnet": str(subnet), "bridge": f"{self.prefix}{kind[0]}", "forward_mode": "isolated"},
-            "hardware": {"acceleration": {"cpu_model": "qemu64"}},
-        }
-        if kind == "hpc":
-            body |= {"controller": head, "compute_nodes": workers}
-        else:
-            body |= {"control_plane": head, "worker_nodes": workers}
-        return body
+from tests.sandbox import E2E, Sandbox, system_libvirt
 
 
 @pytest.fixture
 def sandbox() -> Iterator[Sandbox]:
     """A libvirt sandbox on qemu:///system; everything it names is removed afterwards."""
-    conn = _system_libvirt()
+    conn = system_libvirt()
     if conn is None:
-        pytest.skip("libvirtd is not reachable at qemu:///system (run ./bootstrap)")
+        pytest.fail("libvirtd is not reachable at qemu:///system (run ./bootstrap)")
     box = Sandbox(conn)
     try:
         yield box
     finally:
         box.cleanup()
         conn.close()
-
-
-@dataclass
-class E2E:
-    """A Pulumi workspace for one test: project folder, backend, stack config files, ledger."""
-
-    workspace: Workspace
-    root: Path
-    sandbox: Sandbox
-
-    @property
-    def ledger(self) -> Path:
-        """The test's own GPU lease ledger."""
-        return self.root / "ledger" / "gpu-leases.json"
-
-    def write_cluster_file(self, clusters: dict[str, Any], name: str = "cluster.yaml") -> Path:
-        """Write a cluster file and point every stack at it."""
-        path = self.root / name
-        path.write_text(yaml.safe_dump({"version": "1.0", "clusters": clusters}, sort_keys=False))
-        return path
-
-    def configure(self, stack: str, cluster_file: Path, **settings: Any) -> None:
-        """Write ``Pulumi.<stack>.yaml`` for the test (outside the work tree)."""
-        config = {
-            "aihow:clusterFile": str(cluster_file),
-            "aihow:imagesDir": str(self.sandbox.images_dir),
-            "aihow:ledgerPath": str(self.ledger),
-            "aihow:stopTimeout": "2",
-            **{f"aihow:{k}": v for k, v in settings.items()},
-        }
-        path = self.root / "project" / f"Pulumi.{stack}.yaml"
-        existing = yaml.safe_load(path.read_text()) if path.exists() else {}
-        existing = existing or {}
-        existing.setdefault("config", {}).update(config)
-        path.write_text(yaml.safe_dump(existing, sort_keys=False))
 
 
 @pytest.fixture

@@ -10,45 +10,13 @@ from typing import Any
 import pytest
 import yaml
 
-from aihow_infra.config import load_cluster_file, parse_cluster_file
 from aihow_infra.errors import ConfigError
+from aihow_infra.loading import load_cluster_file, parse_cluster_file
 from aihow_infra.plan import mac_for, plan_all, plan_cluster, shared_devices
+from tests.samples import base
 
 ROOT = Path(__file__).resolve().parents[1]
 SEED = ROOT.parent / "shared" / "seed" / "phase0-cloud-cluster-foundation.md"
-
-
-def base() -> dict[str, Any]:
-    """A small valid file with both clusters; each bad case changes one thing."""
-    return {
-        "version": "1.0",
-        "metadata": {"name": "t", "description": "d"},
-        "clusters": {
-            "hpc": {
-                "name": "hpc",
-                "network": {"subnet": "10.1.0.0/24", "bridge": "br-hpc"},
-                "controller": {"cpu_cores": 2, "memory_gb": 2, "disk_gb": 10, "ip_address": "10.1.0.10"},
-                "compute_nodes": [
-                    {"cpu_cores": 2, "memory_gb": 2, "disk_gb": 10, "ip": "10.1.0.11",
-                     "pcie_passthrough": {"enabled": True, "devices": [
-                         {"pci_address": "0000:01:00.0", "device_type": "gpu", "vendor_id": "10de",
-                          "device_id": "2805"},
-                         {"pci_address": "0000:01:00.1", "device_type": "audio"}]}},
-                ],
-            },
-            "cloud": {
-                "name": "cloud",
-                "network": {"subnet": "10.2.0.0/24", "bridge": "br-cloud"},
-                "control_plane": {"cpu_cores": 2, "memory_gb": 2, "disk_gb": 10, "ip_address": "10.2.0.10"},
-                "worker_nodes": [
-                    {"cpu_cores": 2, "memory_gb": 2, "disk_gb": 10, "ip": "10.2.0.11"},
-                    {"cpu_cores": 2, "memory_gb": 2, "disk_gb": 10, "ip": "10.2.0.12", "auto_start": False,
-                     "pcie_passthrough": {"enabled": True, "devices": [
-                         {"pci_address": "0000:01:00.0", "device_type": "gpu"}]}},
-                ],
-            },
-        },
-    }
 
 
 def mutate(path: str, value: Any) -> dict[str, Any]:
@@ -213,7 +181,7 @@ def test_either_cluster_may_be_absent() -> None:
     del data["clusters"]["cloud"]
     model = parse_cluster_file(data, env={})
     assert model.clusters.cloud is None
-    with pytest.raises(KeyError):
+    with pytest.raises(ConfigError, match=r"clusters.cloud: .* defines no such cluster; allowed: .*\(hpc\)"):
         plan_cluster(model, "cloud")
 
 

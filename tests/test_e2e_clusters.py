@@ -13,7 +13,7 @@ import libvirt
 import pytest
 
 from aihow_infra.errors import StackError
-from tests.conftest import E2E, Sandbox
+from tests.sandbox import E2E, Sandbox, gpu_passthrough
 
 pytestmark = pytest.mark.e2e
 
@@ -21,9 +21,7 @@ pytestmark = pytest.mark.e2e
 def two_clusters(box: Sandbox) -> dict[str, Any]:
     hpc_net, cloud_net = box.subnet(), box.subnet()
     h, c = list(hpc_net.hosts()), list(cloud_net.hosts())
-    gpu = {"enabled": True, "devices": [
-        {"pci_address": "0000:41:00.0", "device_type": "gpu", "vendor_id": "10de", "device_id": "2805"},
-        {"pci_address": "0000:41:00.1", "device_type": "audio", "vendor_id": "10de", "device_id": "22bd"}]}
+    gpu = gpu_passthrough()
     return {
         "hpc": box.cluster("hpc", hpc_net, [box.node(str(h[10])), box.node(str(h[11]))]),
         "cloud": box.cluster("cloud", cloud_net, [

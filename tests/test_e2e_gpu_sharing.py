@@ -20,25 +20,22 @@ from typing import Any
 import pytest
 
 from aihow_infra.errors import StackError
+from aihow_infra.ledger import Ledger
 from aihow_infra.operations import Operator
-from providers.ledger import Ledger
-from tests.conftest import E2E, Sandbox
+from tests.sandbox import E2E, Sandbox, gpu_passthrough
 
 pytestmark = pytest.mark.e2e
 
-GPU = {"enabled": True, "devices": [
-    {"pci_address": "0000:01:00.0", "device_type": "gpu", "vendor_id": "10de", "device_id": "2805"},
-    {"pci_address": "0000:01:00.1", "device_type": "audio", "vendor_id": "10de", "device_id": "22bd"}]}
 
 
 def shared_gpu_clusters(box: Sandbox, cloud_auto_start: bool) -> dict[str, Any]:
     hpc_net, cloud_net = box.subnet(), box.subnet()
     h, c = list(hpc_net.hosts()), list(cloud_net.hosts())
     return {
-        "hpc": box.cluster("hpc", hpc_net, [box.node(str(h[10]), pcie_passthrough=GPU)]),
+        "hpc": box.cluster("hpc", hpc_net, [box.node(str(h[10]), pcie_passthrough=gpu_passthrough())]),
         "cloud": box.cluster("cloud", cloud_net, [
             box.node(str(c[10])),
-            box.node(str(c[11]), auto_start=cloud_auto_start, pcie_passthrough=GPU),
+            box.node(str(c[11]), auto_start=cloud_auto_start, pcie_passthrough=gpu_passthrough()),
         ]),
     }
 
@@ -58,8 +55,8 @@ def test_seed_scenario_one_gpu_two_clusters(e2e: E2E) -> None:
 
     # 1. HPC up takes the lease.
     ws.up("hpc")
-    assert holders(e2e) == {"0000:01:00.0": f"hpc/{hpc_vm}", "0000:01:00.1": f"hpc/{hpc_vm}"}
-    assert Ledger(e2e.ledger).leases()["0000:01:00.0"].generation == 1
+    assert holders(e2e) == {"0000:41:00.0": f"hpc/{hpc_vm}", "0000:41:00.1": f"hpc/{hpc_vm}"}
+    assert Ledger(e2e.ledger).leases()["0000:41:00.0"].generation == 1
 
     # 2-4. Cloud up succeeds: its GPU worker is defined, not started, and holds no lease.
     ws.up("cloud")
@@ -70,20 +67,20 @@ def test_seed_scenario_one_gpu_two_clusters(e2e: E2E) -> None:
     # 5. Starting the Cloud GPU worker is refused with the clear message; nothing is recorded.
     with pytest.raises(StackError) as err:
         op.vm_start(cloud_vm)
-    assert f"GPU 0000:01:00.0 is held by hpc/{hpc_vm} since " in str(err.value)
+    assert f"GPU 0000:41:00.0 is held by hpc/{hpc_vm} since " in str(err.value)
     assert f"free it with `invoke vm.stop {hpc_vm}`" in str(err.value)
     assert op.settings("cloud").power == {}
     assert set(holders(e2e).values()) == {f"hpc/{hpc_vm}"}
 
     # 6. Stopping the HPC GPU VM frees the lease.
     op.vm_stop(hpc_vm)
-    assert holders(e2e) == {"0000:01:00.0": None, "0000:01:00.1": None}
+    assert holders(e2e) == {"0000:41:00.0": None, "0000:41:00.1": None}
     assert ws.outputs("hpc")["nodes"][hpc_vm]["power_state"] == "shutoff"
 
     # 7. Starting the Cloud GPU worker now gets it (a new grant: generation 2).
     op.vm_start(cloud_vm)
-    assert holders(e2e) == {"0000:01:00.0": f"cloud/{cloud_vm}", "0000:01:00.1": f"cloud/{cloud_vm}"}
-    assert Ledger(e2e.ledger).leases()["0000:01:00.0"].generation == 2
+    assert holders(e2e) == {"0000:41:00.0": f"cloud/{cloud_vm}", "0000:41:00.1": f"cloud/{cloud_vm}"}
+    assert Ledger(e2e.ledger).leases()["0000:41:00.0"].generation == 2
     assert ws.outputs("cloud")["nodes"][cloud_vm]["power_state"] == "running"
 
     # 8. Pulumi stays the record: neither stack has anything left to change.
@@ -91,7 +88,7 @@ def test_seed_scenario_one_gpu_two_clusters(e2e: E2E) -> None:
 
     # invoke switch --to hpc: Cloud's GPU VMs stop first, then HPC's start and take the GPU back.
     op.switch("hpc")
-    assert holders(e2e) == {"0000:01:00.0": f"hpc/{hpc_vm}", "0000:01:00.1": f"hpc/{hpc_vm}"}
+    assert holders(e2e) == {"0000:41:00.0": f"hpc/{hpc_vm}", "0000:41:00.1": f"hpc/{hpc_vm}"}
     assert ws.outputs("cloud")["nodes"][cloud_vm]["power_state"] == "shutoff"
     assert ws.outputs("hpc")["nodes"][hpc_vm]["power_state"] == "running"
     assert ws.planned_steps("hpc") == {} and ws.planned_steps("cloud") == {}
@@ -147,6 +144,6 @@ def test_failed_start_on_real_libvirt_releases_its_lease(e2e: E2E) -> None:
     with pytest.raises(StackError, match=r"starting domain .*-hpc-compute-01"):
         ws.up("hpc")
     assert all(h is None for h in holders(e2e).values())
-    assert Ledger(e2e.ledger).leases()["0000:01:00.0"].generation == 1  # it was granted, then released
+    assert Ledger(e2e.ledger).leases()["0000:41:00.0"].generation == 1  # it was granted, then released
     assert f"{box.prefix}-hpc-compute-01" not in {d.name() for d in box.conn.listAllDomains()}
     assert box.conn.lookupByName(f"{box.prefix}-hpc-controller").isActive()

@@ -16,27 +16,24 @@ import pytest
 import yaml
 
 from aihow_infra.errors import AihowError, StackError
-from aihow_infra.inventory import inventory_for_stack, to_yaml
+from aihow_infra.inventory import build_inventory, to_yaml
 from aihow_infra.operations import Operator
 from aihow_infra.stacks import PROJECT_ROOT
-from aihow_infra.topology import render_tree, topology_data
-from tests.conftest import E2E, Sandbox
+from aihow_infra.topology import render_tree
+from tests.sandbox import E2E, Sandbox, gpu_passthrough
 
 pytestmark = pytest.mark.e2e
 
-GPU = {"enabled": True, "devices": [
-    {"pci_address": "0000:41:00.0", "device_type": "gpu", "vendor_id": "10de", "device_id": "2805"},
-    {"pci_address": "0000:41:00.1", "device_type": "audio", "vendor_id": "10de", "device_id": "22bd"}]}
 
 
 def clusters(box: Sandbox) -> dict[str, Any]:
     hpc_net, cloud_net = box.subnet(), box.subnet()
     h, c = list(hpc_net.hosts()), list(cloud_net.hosts())
     return {
-        "hpc": box.cluster("hpc", hpc_net, [box.node(str(h[10])),
-                                            box.node(str(h[11]), auto_start=False, pcie_passthrough=GPU)]),
-        "cloud": box.cluster("cloud", cloud_net, [box.node(str(c[10])),
-                                                  box.node(str(c[11]), auto_start=False, pcie_passthrough=GPU)]),
+        "hpc": box.cluster("hpc", hpc_net, [box.node(str(h[10])), box.node(str(h[11]), auto_start=False,
+                                                                             pcie_passthrough=gpu_passthrough())]),
+        "cloud": box.cluster("cloud", cloud_net, [box.node(str(c[10])), box.node(str(c[11]), auto_start=False,
+                                                                                   pcie_passthrough=gpu_passthrough())]),
     }
 
 
@@ -69,14 +66,14 @@ def test_vm_lifecycle_and_system_sequence(e2e: E2E) -> None:
     assert running(box) == {"hpc-controller": True, "hpc-compute-01": True, "hpc-compute-02": False,
                             "cloud-control-plane": True, "cloud-cpu-worker-01": True, "cloud-gpu-worker-01": False}
     status = op.system_status()
-    assert [c["status"] for c in status["clusters"]] == ["partial", "partial"]
-    assert status["shared_gpus"][0]["vms"] == [f"{p}-hpc-compute-02", f"{p}-cloud-gpu-worker-01"]
+    assert [c.status for c in status.clusters] == ["partial", "partial"]
+    assert status.shared_gpus[0].vms == [f"{p}-hpc-compute-02", f"{p}-cloud-gpu-worker-01"]
     no_changes(e2e)
 
     # CLOUD-0.4: stop one VM of a running cluster, start it again, restart it.
     op.vm_stop(f"{p}-hpc-compute-01")
     assert running(box)["hpc-compute-01"] is False
-    assert op.vm_status(f"{p}-hpc-compute-01")["desired"] == "stopped"
+    assert op.vm_status(f"{p}-hpc-compute-01").desired == "stopped"
     no_changes(e2e)
     op.vm_start(f"{p}-hpc-compute-01")
     assert running(box)["hpc-compute-01"] is True
@@ -102,14 +99,14 @@ def test_vm_lifecycle_and_system_sequence(e2e: E2E) -> None:
     no_changes(e2e)
 
     # Topology: the shared GPU is marked on both VMs, nobody holds it.
-    tree = render_tree(topology_data(op))
+    tree = render_tree(op.system_status())
     text = _plain(tree)
     assert f"GPU 0000:41:00.0 shared with {p}-cloud-gpu-worker-01; free" in text
     assert f"network {p}-hpc-network" in text
 
     # Inventories from the real outputs, read back by ansible-inventory.
     for stack, group in (("hpc", "slurmctld"), ("cloud", "kube_control_plane")):
-        listing = _ansible_list(e2e.root, inventory_for_stack(op, stack))
+        listing = _ansible_list(e2e.root, build_inventory(e2e.workspace.outputs(stack), stack))
         assert len(listing[group]["hosts"]) == 1
 
     op.system_destroy()
@@ -149,9 +146,8 @@ def test_tasks_print_one_line_per_error_and_exit_non_zero(tmp_path: Path, e2e: E
     proc = subprocess.run([*invoke, "validate", "--config", str(bad)], capture_output=True, text=True, env=env)
     assert proc.returncode == 1
     lines = proc.stderr.strip().splitlines()
-    assert lines == ["error: clusters.hpc.controller.cpu_cores: 0 is invalid; allowed: greater than 0",
-                     "error: clusters.hpc.controller.ip: '10.2.0.1' is outside subnet 10.1.0.0/24; allowed: a "
-                     "host address of 10.1.0.0/24"] or len(lines) == 1, lines
+    # A type error stops validation before the checks that span keys (the subnet), so one line.
+    assert lines == ["error: clusters.hpc.controller.cpu_cores: 0 is invalid; allowed: greater than 0"], lines
     assert "Traceback" not in proc.stderr
 
     setup(e2e)

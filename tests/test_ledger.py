@@ -13,8 +13,8 @@ from pathlib import Path
 import pytest
 
 from aihow_infra.errors import LeaseConflictError, LeaseError
+from aihow_infra.ledger import Ledger
 from providers.gpu_lease import GpuLeaseProvider
-from providers.ledger import Ledger
 
 GPU = ["0000:01:00.0", "0000:01:00.1"]
 

@@ -13,7 +13,7 @@ import pulumi
 import pytest
 import yaml
 
-from tests.test_config import base
+from tests.samples import base
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -3,32 +3,31 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
 
 from rich.tree import Tree
 
-from aihow_infra.operations import Operator
-from aihow_infra.topology import render_tree, topology_data
+from aihow_infra.status import ClusterStatus, GpuStatus, SharedGpuStatus, SystemStatus, VmStatus
+from aihow_infra.topology import planned_topology, render_tree
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def vm(name: str, state: str, gpus: list[str], auto_start: bool = True) -> dict[str, Any]:
-    return {"name": name, "role": "compute", "ip": "10.0.0.5", "vcpus": 2, "memory_gb": 4, "state": state,
-            "auto_start": auto_start, "gpus": [{"address": a, "functions": [a], "holder": None} for a in gpus]}
+def vm(name: str, state: str, gpus: list[str], auto_start: bool = True) -> VmStatus:
+    return VmStatus(name=name, stack=name.split("-")[0], cluster=name.rsplit("-", 2)[0], role="compute",
+                    state=state, desired="running", auto_start=auto_start, ip="10.0.0.5", vcpus=2, memory_gb=4,
+                    disk_gb=10, gpus=[GpuStatus(a, [a], None) for a in gpus])
 
 
-DATA = {
-    "clusters": [
-        {"name": "hpc-cluster", "stack": "hpc", "status": "running", "network": "hpc-cluster-network",
-         "cidr": "192.168.100.0/24", "vms": [vm("hpc-cluster-compute-01", "running", ["0000:01:00.0"])]},
-        {"name": "cloud-cluster", "stack": "cloud", "status": "partial", "network": "cloud-cluster-network",
-         "cidr": "192.168.200.0/24",
-         "vms": [vm("cloud-cluster-gpu-worker-01", "shutoff", ["0000:01:00.0"], auto_start=False)]},
+DATA = SystemStatus(
+    clusters=[
+        ClusterStatus("hpc", "hpc-cluster", "hpc-cluster-network", "192.168.100.0/24", "running", "running",
+                      [vm("hpc-cluster-compute-01", "running", ["0000:01:00.0"])]),
+        ClusterStatus("cloud", "cloud-cluster", "cloud-cluster-network", "192.168.200.0/24", "running", "partial",
+                      [vm("cloud-cluster-gpu-worker-01", "shutoff", ["0000:01:00.0"], auto_start=False)]),
     ],
-    "shared_gpus": [{"address": "0000:01:00.0", "vms": ["hpc-cluster-compute-01", "cloud-cluster-gpu-worker-01"],
-                     "holder": "hpc/hpc-cluster-compute-01", "conflict": False}],
-}
+    shared_gpus=[SharedGpuStatus("0000:01:00.0", ["hpc-cluster-compute-01", "cloud-cluster-gpu-worker-01"],
+                                 "hpc/hpc-cluster-compute-01", False)],
+)
 
 
 def labels(tree: Tree) -> list[str]:
@@ -51,8 +50,9 @@ def test_tree_marks_the_shared_gpu_its_holder_and_colours() -> None:
 
 
 def test_tree_from_a_cluster_file_shows_the_plan() -> None:
-    data = topology_data(Operator(), str(ROOT / "config" / "example-multi-gpu-clusters.yaml"))
-    assert [c["name"] for c in data["clusters"]] == ["hpc-cluster", "cloud-cluster"]
-    assert [s["address"] for s in data["shared_gpus"]] == ["0000:01:00.0", "0000:01:00.1"]
+    data = planned_topology(str(ROOT / "config" / "example-multi-gpu-clusters.yaml"))
+    assert [c.name for c in data.clusters] == ["hpc-cluster", "cloud-cluster"]
+    assert [c.status for c in data.clusters] == ["planned", "planned"]
+    assert [s.address for s in data.shared_gpus] == ["0000:01:00.0", "0000:01:00.1"]
     text = labels(render_tree(data))
     assert any("shared with cloud-cluster-gpu-worker-01; free" in t for t in text)

@@ -1,19 +1,15 @@
-"""Powering libvirt domains on and off, shared by the domain provider and the tasks.
-
-Free of pulumi imports, so the operator's tasks start quickly.
-"""
+"""Powering libvirt domains on and off, shared by the domain provider and the tasks."""
 
 from __future__ import annotations
 
 import contextlib
 import time
-from typing import Any
 
 import libvirt
 
 from aihow_infra.errors import LibvirtError
-from providers.ledger import Ledger
-from providers.libvirt_conn import call
+from aihow_infra.ledger import LeaseRef, Ledger
+from aihow_infra.libvirt.connection import call
 
 STATE_NAMES = {
     libvirt.VIR_DOMAIN_NOSTATE: "nostate", libvirt.VIR_DOMAIN_RUNNING: "running",
@@ -21,6 +17,16 @@ STATE_NAMES = {
     libvirt.VIR_DOMAIN_SHUTDOWN: "shutdown", libvirt.VIR_DOMAIN_SHUTOFF: "shutoff",
     libvirt.VIR_DOMAIN_CRASHED: "crashed", libvirt.VIR_DOMAIN_PMSUSPENDED: "pmsuspended",
 }
+
+# The state of a domain that does not exist.
+UNDEFINED = "undefined"
+# States in which a domain holds its devices (and so its GPU leases).
+LIVE_STATES = frozenset({"running", "paused", "blocked", "shutdown"})
+
+
+def is_live(state: str) -> bool:
+    """True for a state in which the domain still holds its devices."""
+    return state in LIVE_STATES
 
 
 def state_name(dom: libvirt.virDomain) -> str:
@@ -51,7 +57,7 @@ def stop_domain(dom: libvirt.virDomain, timeout: float) -> None:
             raise LibvirtError(f"powering off domain {name}: {exc.get_error_message()}") from None
 
 
-def start_domain(dom: libvirt.virDomain, lease: dict[str, Any] | None = None) -> None:
+def start_domain(dom: libvirt.virDomain, lease: LeaseRef | None = None) -> None:
     """Start a defined domain; a domain already running is left as it is.
 
     When the start fails, the GPU leases taken for it (``lease``: ledger, holder,

@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     import jinja2
 
-TEMPLATES = Path(__file__).resolve().parent.parent / "templates"
+TEMPLATES = Path(__file__).resolve().parents[2] / "templates"
 METADATA_NS = "urn:x-aihow:vm:1"
 
 
@@ -94,8 +94,9 @@ def _features(accel: dict[str, Any], cpu_mode: str | None) -> list[dict[str, str
     return [{"name": n, "policy": p} for n, p in features.items()]
 
 
-def domain_xml(props: dict[str, Any], virt_type: str) -> str:
-    """The ``<domain>`` of a VM for ``virt_type`` ('kvm' or 'qemu')."""
+def domain_xml(props: dict[str, Any], virt_type: str, uuid: str | None = None) -> str:
+    """The ``<domain>`` of a VM for ``virt_type`` ('kvm' or 'qemu'); ``uuid`` when redefining
+    an existing domain (libvirt matches a definition to its domain by name and UUID)."""
     props = whole_numbers(props)
     accel: dict[str, Any] = props.get("acceleration") or {}
     hostdevs = []
@@ -120,6 +121,7 @@ def domain_xml(props: dict[str, Any], virt_type: str) -> str:
         "domain.xml.j2",
         virt_type=virt_type,
         name=props["name"],
+        uuid=uuid,
         metadata_ns=METADATA_NS,
         cluster=props["cluster"],
         role=props["role"],

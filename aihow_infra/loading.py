@@ -1,0 +1,203 @@
+"""Loading a cluster file: YAML, ``${VAR}`` expansion, validation, and the wording of errors.
+
+Every mistake becomes one line naming the key path, the bad value and what is
+allowed (see ``ConfigError``); checks that span several keys come from ``plan``.
+"""
+
+from __future__ import annotations
+
+import difflib
+import os
+import re
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import BaseModel, ValidationError
+
+from aihow_infra.config import ClusterFile
+from aihow_infra.errors import ConfigError
+from aihow_infra.plan import cross_check
+
+_VAR_RE = re.compile(r"\$\$|\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}|\$([A-Za-z_][A-Za-z0-9_]*)")
+
+
+def _known_keys() -> set[str]:
+    keys: set[str] = set()
+    pending: list[type[BaseModel]] = [ClusterFile]
+    seen: set[type[BaseModel]] = set()
+    while pending:
+        model = pending.pop()
+        if model in seen:
+            continue
+        seen.add(model)
+        for name, field in model.model_fields.items():
+            keys.add(field.alias or name)
+            for arg in _types_in(field.annotation):
+                if isinstance(arg, type) and issubclass(arg, BaseModel):
+                    pending.append(arg)
+    return keys | {"ip_address", "count"}
+
+
+def _types_in(annotation: Any) -> Iterator[Any]:
+    yield annotation
+    for arg in getattr(annotation, "__args__", ()) or ():
+        yield from _types_in(arg)
+    yield from getattr(annotation, "__metadata__", ()) or ()
+
+
+def _format_loc(loc: tuple[int | str, ...]) -> str:
+    out = ""
+    for part in loc:
+        if isinstance(part, int):
+            out += f"[{part}]"
+        elif part in _UNION_TAGS:
+            continue
+        else:
+            out += f".{part}" if out else str(part)
+    return out
+
+
+def _lookup(data: Any, loc: tuple[int | str, ...]) -> Any:
+    for part in loc:
+        in_mapping = isinstance(data, Mapping) and part in data
+        in_list = isinstance(data, list) and isinstance(part, int) and part < len(data)
+        if in_mapping or in_list:
+            data = data[part]
+        elif part == "ip" and isinstance(data, Mapping) and "ip_address" in data:
+            data = data["ip_address"]
+        else:
+            return None
+    return data
+
+
+_UNION_TAGS = {"list[NodeSpec]", "WorkerGroups"}
+_SHAPE_ERRORS = {"list_type", "dict_type", "model_type", "model_attributes_type"}
+
+
+def _relevant(errors: list[Any]) -> list[Any]:
+    """Drop the complaint of the union branch that does not apply ('a valid list' for a
+    ``{cpu, gpu}`` mapping) when the branch that applies has errors of its own below it."""
+    def loc(e: Any) -> tuple[Any, ...]:
+        return tuple(p for p in e["loc"] if p not in _UNION_TAGS)
+
+    return [e for e in errors
+            if not (e["type"] in _SHAPE_ERRORS and any(
+                loc(o)[:len(loc(e))] == loc(e) and len(loc(o)) > len(loc(e)) for o in errors))]
+
+
+def _describe(error: Mapping[str, Any], raw: Any) -> str:
+    loc = tuple(p for p in error["loc"] if p not in _UNION_TAGS)
+    path = _format_loc(loc) or "(top level)"
+    kind = error["type"]
+    if kind == "extra_forbidden":
+        key = str(loc[-1])
+        hint = difflib.get_close_matches(key, sorted(_known_keys()), n=1)
+        allowed = f"did you mean '{hint[0]}'?" if hint else "remove it"
+        return f"{path}: unknown key {key!r}; {allowed}"
+    if kind == "missing":
+        return f"{path}: required key is missing"
+    message = str(error["msg"]).removeprefix("Value error, ")
+    if kind in {"value_error", "assertion_error"}:
+        keyed = re.match(r"^([a-z_]+): (.*)$", message)
+        return f"{path}.{keyed.group(1)}: {keyed.group(2)}" if keyed else f"{path}: {message}"
+    value = _lookup(raw, loc)
+    return f"{path}: {value!r} is invalid; allowed: {_allowed(message)}"
+
+
+def _allowed(message: str) -> str:
+    """Turn pydantic's 'Input should be X' into the 'X' an operator may write."""
+    for prefix in ("Input should be ", "Input is not ", "Value should be "):
+        if message.startswith(prefix):
+            message = message.removeprefix(prefix)
+            break
+    message = message.removeprefix("String should match pattern ")
+    return message.replace("not a valid", "a valid")
+
+
+def expand_variables(data: Any, env: Mapping[str, str], path: str = "") -> tuple[Any, list[str]]:
+    """Expand ``${VAR}``, ``${VAR:-default}`` and ``$VAR`` in every string; ``$$`` is a literal ``$``."""
+    problems: list[str] = []
+
+    def expand(text: str, where: str) -> str:
+        def sub(match: re.Match[str]) -> str:
+            if match.group(0) == "$$":
+                return "$"
+            name = match.group(1) or match.group(3)
+            if name in env:
+                return env[name]
+            if match.group(2) is not None:
+                return match.group(2)
+            problems.append(f"{where}: {text!r} uses ${{{name}}}, which is not set; "
+                            f"allowed: set {name} in the environment or write ${{{name}:-default}}")
+            return match.group(0)
+
+        return _VAR_RE.sub(sub, text)
+
+    def walk(node: Any, where: str) -> Any:
+        if isinstance(node, str):
+            return expand(node, where or "(top level)")
+        if isinstance(node, list):
+            return [walk(v, f"{where}[{i}]") for i, v in enumerate(node)]
+        if isinstance(node, dict):
+            return {k: walk(v, f"{where}.{k}" if where else str(k)) for k, v in node.items()}
+        return node
+
+    return walk(data, path), problems
+
+
+def project_root(start: Path) -> Path:
+    """The folder holding Pulumi.yaml or .git above ``start`` (ai-how's ``TOT``), else ``start``."""
+    for folder in [start, *start.parents]:
+        if (folder / "Pulumi.yaml").exists() or (folder / ".git").exists():
+            return folder
+    return start
+
+
+def parse_cluster_file(
+    data: Any, *, env: Mapping[str, str] | None = None, base_dir: Path | None = None,
+    check_images: bool = True, source: str = "cluster file",
+) -> ClusterFile:
+    """Validate already-parsed YAML; raise ``ConfigError`` listing every problem."""
+    base = base_dir or Path.cwd()
+    variables = {"TOT": str(project_root(base)), "PWD": str(Path.cwd()), **(env if env is not None else os.environ)}
+    if not isinstance(data, Mapping):
+        raise ConfigError([f"(top level): {type(data).__name__} given; allowed: a YAML mapping with 'clusters'"],
+                          source)
+    expanded, problems = expand_variables(dict(data), variables)
+    if problems:
+        raise ConfigError(problems, source)
+    try:
+        model = ClusterFile.model_validate(expanded)
+    except ValidationError as exc:
+        raise ConfigError([_describe(e, expanded) for e in _relevant(exc.errors())], source) from None
+    problems = cross_check(model, check_images=check_images)
+    if problems:
+        raise ConfigError(problems, source)
+    return model
+
+
+def load_cluster_file(
+    path: str | Path, *, env: Mapping[str, str] | None = None, check_images: bool = True,
+) -> ClusterFile:
+    """Read, expand and validate a cluster file.
+
+    Relative image paths are taken from the current directory, as ai-how did.
+    """
+    file = Path(path)
+    source = f"cluster file {file}"
+    try:
+        text = file.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError([f"{file}: cannot be read ({exc.strerror}); allowed: a readable YAML file"],
+                          source) from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f"line {mark.line + 1}, column {mark.column + 1}" if mark else "somewhere"
+        problem = getattr(exc, "problem", None) or str(exc)
+        raise ConfigError([f"{file}: not valid YAML at {where}: {problem}"], source) from None
+    return parse_cluster_file(data, env=env, base_dir=file.resolve().parent, check_images=check_images,
+                              source=source)
