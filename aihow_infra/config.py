@@ -101,7 +101,46 @@ class VirtioFsMount(Model):
     options: str = "rw,relatime"
 
 
-class NodeSpec(Model):
+ImageRole = Literal["base", "hpc", "cloud"]
+
+
+class WriteFile(Model):
+    """A file cloud-init writes in the guest."""
+
+    path: Annotated[str, Field(pattern=r"^/")]
+    content: str
+    permissions: Annotated[str, Field(pattern=r"^0[0-7]{3}$")] = "0644"
+    owner: str = "root:root"
+
+
+class CloudInit(Model):
+    """User-data added to the project's own, per cluster and per node (the node's come last)."""
+
+    packages: list[str] = Field(default_factory=list)
+    write_files: list[WriteFile] = Field(default_factory=list)
+    runcmd: list[str | list[str]] = Field(default_factory=list)
+
+    def user_data(self) -> dict[str, Any]:
+        """The non-empty keys, as cloud-config."""
+        data = self.model_dump(exclude_defaults=True)
+        return {k: v for k, v in data.items() if v}
+
+
+class ImageChoice(Model):
+    """A disk to boot: a project image (``image``) or the operator's own (``base_image_path``)."""
+
+    base_image_path: str | None = None
+    image: ImageRole | None = None
+
+    @model_validator(mode="after")
+    def _one_image(self) -> ImageChoice:
+        if self.image is not None and self.base_image_path is not None:
+            raise ValueError(f"image: {self.image!r} given with base_image_path {self.base_image_path!r}; "
+                             "allowed: one of them")
+        return self
+
+
+class NodeSpec(ImageChoice):
     """A VM of either cluster: controller, compute node, control plane or worker.
 
     Controllers in ai-how files say ``ip_address`` and other nodes ``ip``; both
@@ -115,7 +154,7 @@ class NodeSpec(Model):
     disk_gb: Annotated[int, Field(gt=0)]
     ip: ipaddress.IPv4Address | None = None
     auto_start: bool = True
-    base_image_path: str | None = None
+    cloud_init: CloudInit = Field(default_factory=CloudInit)
     pcie_passthrough: PciePassthrough = Field(default_factory=PciePassthrough)
     virtio_fs_mounts: list[VirtioFsMount] = Field(default_factory=list)
 
@@ -279,11 +318,11 @@ def _expand_node_group(value: Any) -> Any:
     return value
 
 
-class ClusterBase(Model):
+class ClusterBase(ImageChoice):
     """What both clusters share: name, image, network, hardware."""
 
     name: str
-    base_image_path: str | None = None
+    cloud_init: CloudInit = Field(default_factory=CloudInit)
     network: NetworkSpec
     hardware: Hardware = Field(default_factory=Hardware)
 

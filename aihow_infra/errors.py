@@ -1,5 +1,15 @@
 """The project's exception tree: every error an operator can see is one of these.
 
+    AihowError
+    ├── ConfigError             the cluster file or a stack setting is invalid
+    ├── LibvirtError            libvirt refused or failed an operation
+    │   └── NotFoundError       the object does not exist
+    ├── LeaseError              the GPU lease ledger cannot be read or written
+    │   └── LeaseConflictError  another VM holds the GPU
+    ├── ImageError              a guest image cannot be built or found
+    ├── GuestError              a guest did not become ready
+    └── StackError              a pulumi run failed
+
 Each carries a message that fits on one line and says what to change; tasks print
 ``str(error)`` and exit non-zero, tracebacks are kept for bugs.
 """
@@ -46,6 +56,15 @@ class LeaseError(AihowError):
 
 class LeaseConflictError(LeaseError):
     """A GPU is held by another VM; the message names the holder and how to free it."""
+
+
+class ImageError(AihowError):
+    """A guest image could not be built or found."""
+
+
+class GuestError(AihowError):
+    """A guest did not become ready (its agent did not answer, or cloud-init failed); the
+    message names the VM and ends with the tail of its console."""
 
 
 class StackError(AihowError):

@@ -13,6 +13,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from aihow_infra.host import Host
 from aihow_infra.loading import load_cluster_file
 from aihow_infra.plan import plan_all
 
@@ -43,51 +44,6 @@ class Report:
     def to_dict(self) -> dict[str, Any]:
         """JSON-friendly form."""
         return {"ready": self.ready, "checks": [asdict(c) for c in self.checks]}
-
-
-class Host:
-    """sysfs and /proc of a host, under ``root`` ("/" for this machine)."""
-
-    def __init__(self, root: Path) -> None:
-        self.root = root
-
-    def path(self, absolute: str) -> Path:
-        """``absolute`` (e.g. /sys/...) under the root."""
-        return self.root / absolute.lstrip("/")
-
-    def read(self, absolute: str) -> str | None:
-        """A file's text, stripped; None when missing or unreadable."""
-        try:
-            return self.path(absolute).read_text().strip()
-        except OSError:
-            return None
-
-    def device(self, address: str) -> Path:
-        """The sysfs folder of a PCI function."""
-        return self.path(f"/sys/bus/pci/devices/{address}")
-
-    def driver(self, address: str) -> str | None:
-        """The driver a PCI function is bound to (None when unbound)."""
-        link = self.device(address) / "driver"
-        return Path(str(link.readlink())).name if link.is_symlink() else None
-
-    def iommu_group(self, address: str) -> str | None:
-        """The IOMMU group of a PCI function (None without IOMMU)."""
-        link = self.device(address) / "iommu_group"
-        return Path(str(link.readlink())).name if link.is_symlink() else None
-
-    def group_members(self, group: str) -> list[str]:
-        """Every PCI function in an IOMMU group."""
-        folder = self.path(f"/sys/kernel/iommu_groups/{group}/devices")
-        return sorted(p.name for p in folder.iterdir()) if folder.is_dir() else []
-
-    def modules(self) -> set[str]:
-        """Loaded kernel modules, plus built-in ones visible under /sys/module."""
-        names = {line.split()[0] for line in (self.read("/proc/modules") or "").splitlines() if line.strip()}
-        module_dir = self.path("/sys/module")
-        if module_dir.is_dir():
-            names |= {p.name for p in module_dir.iterdir()}
-        return names
 
 
 def _system_checks(host: Host, live: bool) -> list[Check]:

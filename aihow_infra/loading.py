@@ -52,7 +52,7 @@ def _format_loc(loc: tuple[int | str, ...]) -> str:
     for part in loc:
         if isinstance(part, int):
             out += f"[{part}]"
-        elif part in _UNION_TAGS:
+        elif _is_union_tag(part):
             continue
         else:
             out += f".{part}" if out else str(part)
@@ -72,7 +72,10 @@ def _lookup(data: Any, loc: tuple[int | str, ...]) -> Any:
     return data
 
 
-_UNION_TAGS = {"list[NodeSpec]", "WorkerGroups"}
+def _is_union_tag(part: int | str) -> bool:
+    """pydantic names the branch of a union in the error location ('list[NodeSpec]',
+    'WorkerGroups', 'function-after[...]'); no key of the file looks like that."""
+    return isinstance(part, str) and (part == "WorkerGroups" or part.startswith(("list[", "function-")))
 _SHAPE_ERRORS = {"list_type", "dict_type", "model_type", "model_attributes_type"}
 
 
@@ -80,7 +83,7 @@ def _relevant(errors: list[Any]) -> list[Any]:
     """Drop the complaint of the union branch that does not apply ('a valid list' for a
     ``{cpu, gpu}`` mapping) when the branch that applies has errors of its own below it."""
     def loc(e: Any) -> tuple[Any, ...]:
-        return tuple(p for p in e["loc"] if p not in _UNION_TAGS)
+        return tuple(p for p in e["loc"] if not _is_union_tag(p))
 
     return [e for e in errors
             if not (e["type"] in _SHAPE_ERRORS and any(
@@ -88,7 +91,7 @@ def _relevant(errors: list[Any]) -> list[Any]:
 
 
 def _describe(error: Mapping[str, Any], raw: Any) -> str:
-    loc = tuple(p for p in error["loc"] if p not in _UNION_TAGS)
+    loc = tuple(p for p in error["loc"] if not _is_union_tag(p))
     path = _format_loc(loc) or "(top level)"
     kind = error["type"]
     if kind == "extra_forbidden":

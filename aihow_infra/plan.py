@@ -13,7 +13,7 @@ import ipaddress
 from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 from aihow_infra.config import (
     CLUSTER_KEYS,
@@ -22,6 +22,7 @@ from aihow_infra.config import (
     ClusterFile,
     ClusterKey,
     HpcCluster,
+    ImageRole,
     NodeSpec,
     PciDevice,
     VirtioFsMount,
@@ -72,10 +73,17 @@ class VmPlan:
     mac: str
     auto_start: bool
     base_image: str | None
+    image: ImageRole | None
     devices: tuple[PciDevice, ...]
     claims: tuple[DeviceClaim, ...]
     acceleration: Acceleration
     mounts: tuple[VirtioFsMount, ...] = ()
+    cloud_init: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def boots(self) -> bool:
+        """True when the VM has something to boot (a project image or the operator's own)."""
+        return self.image is not None or self.base_image is not None
 
     @property
     def gpu_addresses(self) -> list[str]:
@@ -159,6 +167,17 @@ def _node_entries(key: ClusterKey, cluster: HpcCluster | CloudCluster) -> list[t
     return entries
 
 
+def _disk_source(node: NodeSpec, cluster: HpcCluster | CloudCluster) -> dict[str, Any]:
+    """The node's own image choice, else its cluster's."""
+    chosen = node if node.image or node.base_image_path else cluster
+    return {"image": chosen.image, "base_image": chosen.base_image_path}
+
+
+def _merge_user_data(first: dict[str, Any], then: dict[str, Any]) -> dict[str, Any]:
+    """Cluster user-data, then the node's: lists are joined."""
+    return {key: [*first.get(key, []), *then.get(key, [])] for key in sorted({*first, *then})}
+
+
 def plan_cluster(file: ClusterFile, key: ClusterKey, source: str = "cluster file") -> ClusterPlan:
     """The plan of ``clusters.<key>``; ``ConfigError`` when the file has no such cluster."""
     cluster: HpcCluster | CloudCluster | None = getattr(file.clusters, key)
@@ -182,11 +201,12 @@ def plan_cluster(file: ClusterFile, key: ClusterKey, source: str = "cluster file
             ip=str(node.ip) if node.ip else None,
             mac=mac_for(f"{cluster.name}-{short}"),
             auto_start=node.auto_start,
-            base_image=node.base_image_path or cluster.base_image_path,
+            **_disk_source(node, cluster),
             devices=tuple(node.devices),
             claims=_claims(node.devices),
             acceleration=cluster.hardware.acceleration,
             mounts=tuple(node.virtio_fs_mounts),
+            cloud_init=_merge_user_data(cluster.cloud_init.user_data(), node.cloud_init.user_data()),
         )
         for path, node, role, short in _node_entries(key, cluster)
     )

@@ -87,11 +87,42 @@ def image_format(path: str) -> str:
     return str(json.loads(out)["format"])
 
 
-class VolumeProvider(LibvirtProvider):
+class VolumeInPool(LibvirtProvider):
+    """A provider of volumes in a pool: found, removed and shown the same way for every kind."""
+
+    def create_volume(self, conn: libvirt.virConnect, props: dict[str, Any], xml: str) -> libvirt.virStorageVol:
+        """Create the volume from ``xml``; an existing volume of that name is an error, never overwritten."""
+        name, pool_name = props["name"], props["pool"]
+        pool = call(f"looking up pool {pool_name}", conn.storagePoolLookupByName, pool_name)
+        if self.find(conn, props) is not None:
+            raise LibvirtError(f"{self.KIND} {name!r} already exists in pool {pool_name!r} outside this stack; "
+                               f"remove it (virsh vol-delete {name} --pool {pool_name}) to let it be made")
+        return call(f"creating {self.KIND} {name}", pool.createXML, xml, 0)
+
+    def find(self, conn: libvirt.virConnect, props: dict[str, Any]) -> libvirt.virStorageVol | None:
+        """The volume named in the inputs (None also when its pool is gone)."""
+        pool = lookup("looking up pool", conn.storagePoolLookupByName, props["pool"])
+        if pool is None:
+            return None
+        with contextlib.suppress(libvirt.libvirtError):
+            pool.refresh(0)  # see files removed behind libvirt's back
+        return lookup("looking up volume", pool.storageVolLookupByName, props["name"])
+
+    def remove(self, vol: libvirt.virStorageVol, props: dict[str, Any]) -> None:
+        """Delete the volume's file."""
+        call(f"deleting {self.KIND} {props['name']}", vol.delete, 0)
+
+    def observe(self, vol: libvirt.virStorageVol, props: dict[str, Any]) -> dict[str, Any]:
+        """The inputs and the volume's path."""
+        return {**props, "path": vol.path()}
+
+
+class VolumeProvider(VolumeInPool):
     """A VM disk: qcow2 of ``size_gb``, an overlay on ``base_image`` (never a copy) or blank."""
 
     INPUTS = VolumeArgs
     REPLACE = frozenset({"uri", "pool", "name", "size_gb", "base_image"})
+    KIND = "volume"
 
     def check_values(self, news: dict[str, Any]) -> list[CheckFailure]:
         """Positive size; an absolute, existing base image when one is named."""
@@ -106,33 +137,11 @@ class VolumeProvider(LibvirtProvider):
         return failures
 
     def create(self, props: dict[str, Any]) -> CreateResult:
-        """Create the volume; an existing volume of that name is an error, never overwritten."""
-        name = props["name"]
+        """Create the volume."""
         backing_format = image_format(props["base_image"]) if props.get("base_image") else "qcow2"
         with connect(props["uri"]) as conn:
-            pool = call(f"looking up pool {props['pool']}", conn.storagePoolLookupByName, props["pool"])
-            if self.find(conn, props) is not None:
-                raise LibvirtError(f"volume {name!r} already exists in pool {props['pool']!r} outside this stack; "
-                                   f"remove it (virsh vol-delete {name} --pool {props['pool']}) to let it be made")
-            vol = call(f"creating volume {name}", pool.createXML, volume_xml(props, backing_format), 0)
-            return CreateResult(f"{props['pool']}/{name}", {**props, "path": vol.path()})
-
-    def find(self, conn: libvirt.virConnect, props: dict[str, Any]) -> libvirt.virStorageVol | None:
-        """The volume named in the inputs (None also when its pool is gone)."""
-        pool = lookup("looking up pool", conn.storagePoolLookupByName, props["pool"])
-        if pool is None:
-            return None
-        with contextlib.suppress(libvirt.libvirtError):
-            pool.refresh(0)  # see files removed behind libvirt's back
-        return lookup("looking up volume", pool.storageVolLookupByName, props["name"])
-
-    def remove(self, vol: libvirt.virStorageVol, props: dict[str, Any]) -> None:
-        """Delete the volume's file."""
-        call(f"deleting volume {props['name']}", vol.delete, 0)
-
-    def observe(self, vol: libvirt.virStorageVol, props: dict[str, Any]) -> dict[str, Any]:
-        """The inputs and the volume's path."""
-        return {**props, "path": vol.path()}
+            vol = self.create_volume(conn, props, volume_xml(props, backing_format))
+            return CreateResult(f"{props['pool']}/{props['name']}", self.observe(vol, props))
 
 
 class StoragePool(Resource, module="libvirt", name="StoragePool"):

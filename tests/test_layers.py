@@ -19,7 +19,8 @@ LAYERS: list[list[str]] = [
     ["aihow_infra.config"],
     ["aihow_infra.settings", "aihow_infra.plan"],
     ["aihow_infra.loading"],
-    ["aihow_infra.ledger", "aihow_infra.status"],
+    ["aihow_infra.ledger", "aihow_infra.status", "aihow_infra.host", "aihow_infra.images", "aihow_infra.cloudinit",
+     "aihow_infra.sshkeys"],
     ["aihow_infra.libvirt", "aihow_infra.stacks"],
     ["providers"],
     ["aihow_infra.components", "aihow_infra.operations"],
@@ -28,7 +29,7 @@ LAYERS: list[list[str]] = [
 ]
 # What the tasks run: none of it may reach Pulumi, the providers or the components.
 TASK_PATH = ["aihow_infra.stacks", "aihow_infra.operations", "aihow_infra.status", "aihow_infra.topology",
-             "aihow_infra.inventory", "aihow_infra.leases", "aihow_infra.hostcheck"]
+             "aihow_infra.inventory", "aihow_infra.leases", "aihow_infra.hostcheck", "aihow_infra.images"]
 PULUMI_SIDE = ("pulumi", "providers", "aihow_infra.components")
 
 

@@ -68,8 +68,10 @@ def pool_xml(props: dict[str, Any]) -> str:
 
 
 def volume_xml(props: dict[str, Any], backing_format: str = "qcow2") -> str:
-    """A qcow2 volume of ``size_gb``, an overlay on ``base_image`` when one is named."""
-    return _render("volume.xml.j2", name=props["name"], size_gb=props["size_gb"],
+    """A qcow2 volume of ``size_gb``, an overlay on ``base_image`` when one is named; or a raw
+    volume of ``size_bytes`` (a seed)."""
+    return _render("volume.xml.j2", name=props["name"], size_gb=props.get("size_gb"),
+                   size_bytes=props.get("size_bytes"), format=props.get("format", "qcow2"),
                    backing_path=props.get("base_image"), backing_format=backing_format)
 
 

@@ -1,0 +1,83 @@
+"""The host as sysfs and /proc show it (under a root folder, so recorded hosts can stand in),
+and the choice of acceleration that follows from it."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+VirtType = Literal["kvm", "qemu"]
+# TCG's default translation cache is 1 GiB a guest; 128 MiB keeps qemu near 500 MiB for a 1 GiB guest.
+TCG_CACHE_MIB = 128
+
+
+class Host:
+    """sysfs and /proc of a host, under ``root`` ("/" for this machine)."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+
+    def path(self, absolute: str) -> Path:
+        """``absolute`` (e.g. /sys/...) under the root."""
+        return self.root / absolute.lstrip("/")
+
+    def read(self, absolute: str) -> str | None:
+        """A file's text, stripped; None when missing or unreadable."""
+        try:
+            return self.path(absolute).read_text().strip()
+        except OSError:
+            return None
+
+    def device(self, address: str) -> Path:
+        """The sysfs folder of a PCI function."""
+        return self.path(f"/sys/bus/pci/devices/{address}")
+
+    def driver(self, address: str) -> str | None:
+        """The driver a PCI function is bound to (None when unbound)."""
+        link = self.device(address) / "driver"
+        return Path(str(link.readlink())).name if link.is_symlink() else None
+
+    def iommu_group(self, address: str) -> str | None:
+        """The IOMMU group of a PCI function (None without IOMMU)."""
+        link = self.device(address) / "iommu_group"
+        return Path(str(link.readlink())).name if link.is_symlink() else None
+
+    def group_members(self, group: str) -> list[str]:
+        """Every PCI function in an IOMMU group."""
+        folder = self.path(f"/sys/kernel/iommu_groups/{group}/devices")
+        return sorted(p.name for p in folder.iterdir()) if folder.is_dir() else []
+
+    def modules(self) -> set[str]:
+        """Loaded kernel modules, plus built-in ones visible under /sys/module."""
+        names = {line.split()[0] for line in (self.read("/proc/modules") or "").splitlines() if line.strip()}
+        module_dir = self.path("/sys/module")
+        if module_dir.is_dir():
+            names |= {p.name for p in module_dir.iterdir()}
+        return names
+
+
+@dataclass(frozen=True)
+class VirtChoice:
+    """The acceleration a domain gets, and why."""
+
+    virt_type: VirtType
+    reason: str
+
+
+def choose_virt_type(wanted: str, host: Host, kvm_usable: bool) -> VirtChoice:
+    """``kvm`` or ``qemu`` (software emulation, TCG) for ``aihow:virtType`` ``wanted``.
+
+    ``auto`` takes KVM only where a real guest kernel can run under it: libvirt must call
+    it usable, and it must not be kvm_pvm, under which libvirt calls KVM usable although a
+    stock kernel dies of emulation failures (measured: shared/notes/guest-images.md).
+    """
+    if wanted in ("kvm", "qemu"):
+        return VirtChoice(wanted, f"aihow:virtType is {wanted}")  # type: ignore[arg-type]
+    modules = host.modules()
+    if not kvm_usable:
+        return VirtChoice("qemu", "software emulation: libvirt reports KVM unusable on this host")
+    if "kvm_pvm" in modules:
+        return VirtChoice("qemu", "software emulation: /dev/kvm is kvm_pvm, which cannot run a real guest kernel")
+    vendor = next((m for m in ("kvm_intel", "kvm_amd") if m in modules), None)
+    return VirtChoice("kvm", f"KVM ({vendor})" if vendor else "KVM (libvirt reports it usable)")

@@ -1,0 +1,323 @@
+"""Guest images built from Debian packages alone: no download beyond the package mirror.
+
+An image is a root file system made by ``mmdebstrap``, written straight into an ext4
+file system by ``mke2fs -d`` (no loop device, no mount, no bootloader), converted to
+qcow2, with the kernel and initrd beside it for libvirt's direct kernel boot. Each VM's
+disk is a copy-on-write overlay on it; cloud-init grows the file system to the disk.
+
+Images are cached by a hash of their recipe (packages, in-image files, build steps) in
+a folder qemu can read; the downloaded .debs are kept too, so a rebuild needs no mirror.
+A build happens in a temporary folder renamed into place when whole, so an interrupted
+build leaves nothing a VM could use.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import shutil
+import subprocess
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Literal
+
+from aihow_infra.errors import ImageError
+
+ImageRole = Literal["base", "hpc", "cloud"]
+IMAGE_ROLES: tuple[ImageRole, ...] = ("base", "hpc", "cloud")
+Progress = Callable[[str], None]
+
+DEFAULT_IMAGES_DIR = Path("/var/lib/aihow/images")
+SUITE = "bookworm"
+# Bump when the build steps below change in a way the recipe does not show.
+BUILD_VERSION = 1
+KERNEL_CMDLINE = "root=LABEL=root rw console=ttyS0,115200 net.ifnames=0"
+ROOT_FS_UUID = "5f0c1a5e-a1b0-4c1d-9a10-000000000a1a"  # fixed, for reproducible images
+
+BASE_PACKAGES = (
+    "linux-image-cloud-amd64", "systemd-sysv", "udev", "dbus", "cloud-init", "qemu-guest-agent",
+    "openssh-server", "sudo", "iproute2", "e2fsprogs", "procps", "python3", "python3-apt", "netbase",
+    "ca-certificates",
+)
+ROLE_PACKAGES: dict[ImageRole, tuple[str, ...]] = {
+    "base": (),
+    "hpc": ("slurmctld", "slurmd", "slurm-client", "munge"),
+    "cloud": ("containerd", "runc", "containernetworking-plugins"),
+}
+# The initramfs holds only what a virtio guest needs to find its root (5.7 MB, not 30).
+INITRAMFS_MODULES = ("virtio_pci", "virtio_blk", "virtio_console", "virtio_net", "ext4", "crc32c_generic")
+EXCLUDED_PATHS = ("/usr/share/man/*", "/usr/share/doc/*", "/usr/share/locale/*", "/usr/share/info/*")
+
+# Files written into every image (path -> content). cloud-init is told to look only at a
+# NoCloud seed, render networkd, and make only an ed25519 host key (RSA takes seconds under
+# software emulation); wait-online gives up early instead of stalling boot two minutes.
+IMAGE_FILES: dict[str, str] = {
+    "/etc/cloud/cloud.cfg.d/90-aihow.cfg": (
+        "datasource_list: [NoCloud, None]\n"
+        "system_info:\n  network:\n    renderers: [networkd]\n"
+        "ssh_genkeytypes: [ed25519]\n"
+        "manage_etc_hosts: false\n"
+    ),
+    "/etc/systemd/system/systemd-networkd-wait-online.service.d/aihow.conf": (
+        "[Service]\nExecStart=\nExecStart=/lib/systemd/systemd-networkd-wait-online --any --timeout=20\n"
+    ),
+    "/etc/default/locale": "LANG=C.UTF-8\n",
+    "/etc/fstab": "LABEL=root / ext4 defaults,discard 0 1\n",
+    "/etc/machine-id": "",
+}
+ENABLED_UNITS = ("systemd-networkd.service",)
+MASKED_UNITS = ("e2scrub_all.timer", "e2scrub_reap.service", "apt-daily.timer", "apt-daily-upgrade.timer")
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """Everything an image is made from; its hash names the image."""
+
+    role: ImageRole
+    suite: str = SUITE
+    packages: tuple[str, ...] = ()
+    files: tuple[tuple[str, str], ...] = ()
+    enabled_units: tuple[str, ...] = ENABLED_UNITS
+    masked_units: tuple[str, ...] = MASKED_UNITS
+    initramfs_modules: tuple[str, ...] = INITRAMFS_MODULES
+    size_gb: int = 2
+    build_version: int = BUILD_VERSION
+
+    @property
+    def key(self) -> str:
+        """A short hash of the recipe."""
+        text = json.dumps(asdict(self), sort_keys=True)
+        return hashlib.sha256(text.encode()).hexdigest()[:12]
+
+    @property
+    def name(self) -> str:
+        """The image's folder name: ``<role>-<key>``."""
+        return f"{self.role}-{self.key}"
+
+
+def recipe_for(role: str) -> Recipe:
+    """The recipe of an image role; a clear error for an unknown one."""
+    if role not in ROLE_PACKAGES:
+        raise ImageError(f"image role {role!r} is unknown; allowed: {', '.join(IMAGE_ROLES)}")
+    typed: ImageRole = role
+    return Recipe(role=typed, packages=tuple(sorted({*BASE_PACKAGES, *ROLE_PACKAGES[typed]})),
+                  files=tuple(sorted(IMAGE_FILES.items())))
+
+
+@dataclass(frozen=True)
+class Image:
+    """A built image: its disk, and the kernel and initrd to boot it with."""
+
+    folder: Path
+    role: str
+    key: str
+    built_seconds: float = 0.0
+    disk_bytes: int = 0
+    packages: list[str] = field(default_factory=list)
+
+    @property
+    def disk(self) -> Path:
+        """The qcow2 disk VMs overlay."""
+        return self.folder / "disk.qcow2"
+
+    @property
+    def kernel(self) -> Path:
+        """The kernel for direct boot."""
+        return self.folder / "vmlinuz"
+
+    @property
+    def initrd(self) -> Path:
+        """The initrd for direct boot."""
+        return self.folder / "initrd.img"
+
+    @property
+    def manifest(self) -> Path:
+        """Written last: an image without it is not whole."""
+        return self.folder / "image.json"
+
+
+def images_dir() -> Path:
+    """Where images are kept: ``AIHOW_IMAGES_DIR``, else a folder qemu (another user) can read."""
+    return Path(os.environ.get("AIHOW_IMAGES_DIR") or DEFAULT_IMAGES_DIR)
+
+
+def debs_dir() -> Path:
+    """Where downloaded packages are kept for offline rebuilds."""
+    cache = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(os.environ.get("AIHOW_DEBS_DIR") or Path(cache) / "aihow-infra" / "debs")
+
+
+def find_image(recipe: Recipe, root: Path | None = None) -> Image | None:
+    """The built image of a recipe, or None when it is not (wholly) there."""
+    folder = (root or images_dir()) / recipe.name
+    manifest = folder / "image.json"
+    if not manifest.is_file():
+        return None
+    try:
+        data = json.loads(manifest.read_text())
+    except (OSError, ValueError):
+        return None
+    image = Image(folder=folder, role=recipe.role, key=recipe.key, built_seconds=data.get("built_seconds", 0.0),
+                  disk_bytes=data.get("disk_bytes", 0), packages=data.get("packages", []))
+    return image if image.disk.is_file() and image.kernel.is_file() and image.initrd.is_file() else None
+
+
+def image_for(role: str, root: Path | None = None) -> Image:
+    """Where the image of a role is (or will be) once built; paths only, nothing is checked."""
+    recipe = recipe_for(role)
+    return Image(folder=(root or images_dir()) / recipe.name, role=recipe.role, key=recipe.key)
+
+
+def ensure_image(role: str, *, force: bool = False, root: Path | None = None,
+                 progress: Progress | None = None) -> tuple[Image, bool]:
+    """The image of ``role``, built when missing (or when ``force``). Returns it and whether
+    it was built now."""
+    recipe = recipe_for(role)
+    say = progress or (lambda _line: None)
+    if not force and (image := find_image(recipe, root)) is not None:
+        return image, False
+    return build_image(recipe, root or images_dir(), say), True
+
+
+def _run(cmd: list[str], say: Progress, what: str, env: dict[str, str] | None = None) -> None:
+    """Run a build step, passing its lines on as progress; a failure names the step and its last lines."""
+    try:
+        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
+                                start_new_session=True)
+    except OSError as exc:
+        raise ImageError(f"{what}: {cmd[0]} cannot run ({exc.strerror}); run ./bootstrap") from None
+    tail: list[str] = []
+    assert proc.stdout is not None
+    try:
+        for line in proc.stdout:
+            line = line.rstrip()
+            tail = [*tail[-9:], line]
+            say(line)
+        code = proc.wait()
+    except BaseException:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, 15)
+        proc.wait()
+        raise
+    if code != 0:
+        raise ImageError(f"{what} failed (exit {code}): {' | '.join(tail[-3:]) or 'no output'}")
+
+
+@contextlib.contextmanager
+def _build_folder(root: Path, name: str) -> Iterator[Path]:
+    """A scratch folder beside the final one; removed whatever happens."""
+    root.mkdir(parents=True, exist_ok=True)
+    os.chmod(root, 0o755)
+    scratch = root / f".build-{name}-{os.getpid()}"
+    shutil.rmtree(scratch, ignore_errors=True)
+    scratch.mkdir()
+    try:
+        yield scratch
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+
+
+def _mirror() -> str:
+    """The host's apt sources (the one mirror this machine may reach), else Debian's."""
+    sources = Path("/etc/apt/sources.list.d/debian.sources")
+    return str(sources) if sources.is_file() else "http://deb.debian.org/debian"
+
+
+def _mmdebstrap_command(recipe: Recipe, rootfs: Path, debs: Path) -> list[str]:
+    modules = "\\n".join(recipe.initramfs_modules)
+    return [
+        "mmdebstrap", "--variant=apt", "--mode=root", "--format=directory",
+        f"--include={','.join(recipe.packages)}",
+        "--aptopt=Acquire::Check-Valid-Until \"false\"",
+        "--aptopt=APT::Install-Recommends \"false\"",
+        *[f"--dpkgopt=path-exclude={p}" for p in EXCLUDED_PATHS],
+        "--dpkgopt=path-include=/usr/share/doc/*/copyright",
+        f"--setup-hook=mkdir -p \"$1/var/cache/apt/archives\" && cp -a {debs}/. \"$1/var/cache/apt/archives/\"",
+        # Before the kernel's postinst runs: the initramfs gets only these modules.
+        "--essential-hook=mkdir -p \"$1/etc/initramfs-tools/conf.d\" && "
+        "echo MODULES=list > \"$1/etc/initramfs-tools/conf.d/aihow.conf\" && "
+        f"printf '{modules}\\n' > \"$1/etc/initramfs-tools/modules\"",
+        f"--customize-hook=cp -a \"$1/var/cache/apt/archives/.\" {debs}/",
+        recipe.suite, str(rootfs), _mirror(),
+    ]
+
+
+def customize(rootfs: Path, recipe: Recipe) -> None:
+    """The in-image settings: files, units, and nothing that must differ between clones
+    (machine-id, SSH host keys, hostname)."""
+    for path, content in recipe.files:
+        target = rootfs / path.lstrip("/")
+        target.parent.mkdir(parents=True, exist_ok=True)
+        target.write_text(content)
+    wants = rootfs / "etc/systemd/system/multi-user.target.wants"
+    wants.mkdir(parents=True, exist_ok=True)
+    for unit in recipe.enabled_units:
+        link = wants / unit
+        if not link.exists():
+            link.symlink_to(f"/lib/systemd/system/{unit}")
+    for unit in recipe.masked_units:
+        mask = rootfs / "etc/systemd/system" / unit
+        mask.unlink(missing_ok=True)
+        mask.symlink_to("/dev/null")
+    for key in (rootfs / "etc/ssh").glob("ssh_host_*"):
+        key.unlink()
+    for path in ("etc/hostname", "var/lib/dbus/machine-id"):
+        (rootfs / path).unlink(missing_ok=True)
+    for folder in ("var/cache/apt/archives", "var/lib/apt/lists"):
+        for item in (rootfs / folder).glob("*"):
+            if item.is_file():
+                item.unlink()
+
+
+def _boot_files(rootfs: Path) -> tuple[Path, Path]:
+    kernels = sorted((rootfs / "boot").glob("vmlinuz-*"))
+    initrds = sorted((rootfs / "boot").glob("initrd.img-*"))
+    if not kernels or not initrds:
+        raise ImageError(f"the image has no kernel or initrd in /boot (found {[p.name for p in kernels + initrds]})")
+    return kernels[-1], initrds[-1]
+
+
+def build_image(recipe: Recipe, root: Path, say: Progress) -> Image:
+    """Build the image of a recipe into ``root`` (replacing one of the same recipe)."""
+    for tool in ("mmdebstrap", "mke2fs", "qemu-img"):
+        if shutil.which(tool, path=os.environ.get("PATH", "") + ":/usr/sbin:/sbin") is None:
+            raise ImageError(f"building images needs {tool}; run ./bootstrap")
+    started = time.monotonic()
+    debs = debs_dir()
+    debs.mkdir(parents=True, exist_ok=True)
+    final = root / recipe.name
+    with _build_folder(root, recipe.name) as scratch:
+        rootfs, out = scratch / "rootfs", scratch / "image"
+        out.mkdir()
+        env = {**os.environ, "SOURCE_DATE_EPOCH": "1700000000", "LC_ALL": "C.UTF-8"}
+        say(f"mmdebstrap {recipe.suite}: {len(recipe.packages)} packages")
+        _run(_mmdebstrap_command(recipe, rootfs, debs), say, f"mmdebstrap of the {recipe.role} image", env)
+        customize(rootfs, recipe)
+        kernel, initrd = _boot_files(rootfs)
+        shutil.copyfile(kernel, out / "vmlinuz")
+        shutil.copyfile(initrd, out / "initrd.img")
+        raw = scratch / "disk.raw"
+        say(f"mke2fs: {recipe.size_gb} GiB ext4 from the root file system")
+        _run(["mke2fs", "-q", "-F", "-t", "ext4", "-L", "root", "-U", ROOT_FS_UUID, "-E",
+              f"hash_seed={ROOT_FS_UUID}", "-d", str(rootfs), str(raw), f"{recipe.size_gb}G"], say, "mke2fs", env)
+        say("qemu-img convert to qcow2")
+        _run(["qemu-img", "convert", "-O", "qcow2", str(raw), str(out / "disk.qcow2")], say, "qemu-img convert")
+        disk_bytes = (out / "disk.qcow2").stat().st_size
+        manifest = {"role": recipe.role, "key": recipe.key, "suite": recipe.suite, "packages": list(recipe.packages),
+                    "kernel_cmdline": KERNEL_CMDLINE, "built_seconds": round(time.monotonic() - started, 1),
+                    "disk_bytes": disk_bytes}
+        (out / "image.json").write_text(json.dumps(manifest, indent=2) + "\n")
+        for item in out.iterdir():
+            os.chmod(item, 0o644)
+        os.chmod(out, 0o755)
+        if final.exists():
+            shutil.rmtree(final)
+        out.rename(final)
+    image = find_image(recipe, root)
+    if image is None:
+        raise ImageError(f"the {recipe.role} image was built but {final} is not whole")
+    return image

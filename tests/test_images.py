@@ -1,0 +1,83 @@
+"""Guest images: the recipe and its hash, the cache, and the in-image settings.
+
+The build itself (mmdebstrap, mke2fs, qemu-img) runs in the end-to-end boot tests, which
+boot what it makes."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from aihow_infra.errors import ImageError
+from aihow_infra.images import (
+    BASE_PACKAGES,
+    Recipe,
+    customize,
+    ensure_image,
+    find_image,
+    image_for,
+    recipe_for,
+)
+
+
+def test_each_role_has_its_own_stable_key() -> None:
+    keys = {role: recipe_for(role).key for role in ("base", "hpc", "cloud")}
+    assert len(set(keys.values())) == 3
+    assert keys == {role: recipe_for(role).key for role in ("base", "hpc", "cloud")}  # same recipe, same key
+    assert {"slurmctld", "slurmd", "slurm-client", "munge"} <= set(recipe_for("hpc").packages)
+    assert {"containerd", "runc", "containernetworking-plugins"} <= set(recipe_for("cloud").packages)
+    assert set(BASE_PACKAGES) <= set(recipe_for("base").packages)
+
+
+def test_any_change_to_the_recipe_changes_the_key() -> None:
+    base = recipe_for("base")
+    changed = [Recipe(**{**base.__dict__, "packages": (*base.packages, "vim")}),
+               Recipe(**{**base.__dict__, "files": (*base.files, ("/etc/motd", "hi\n"))}),
+               Recipe(**{**base.__dict__, "size_gb": 3}),
+               Recipe(**{**base.__dict__, "build_version": base.build_version + 1})]
+    assert len({r.key for r in changed} | {base.key}) == 5
+
+
+def test_unknown_role_is_one_clear_line() -> None:
+    with pytest.raises(ImageError, match=r"^image role 'gpu' is unknown; allowed: base, hpc, cloud$"):
+        recipe_for("gpu")
+
+
+def _fake_build(root: Path, role: str, whole: bool = True) -> Path:
+    folder = image_for(role, root).folder
+    folder.mkdir(parents=True)
+    for name in ("disk.qcow2", "vmlinuz", "initrd.img"):
+        (folder / name).write_bytes(b"x")
+    if whole:
+        (folder / "image.json").write_text(json.dumps({"built_seconds": 1.5, "disk_bytes": 1}))
+    return folder
+
+
+def test_a_cached_image_is_reused_and_a_partial_one_is_not(tmp_path: Path) -> None:
+    assert find_image(recipe_for("hpc"), tmp_path) is None
+    _fake_build(tmp_path, "hpc", whole=False)  # an interrupted build: no manifest
+    assert find_image(recipe_for("hpc"), tmp_path) is None
+    (image_for("hpc", tmp_path).folder / "image.json").write_text("{}")
+    image, built = ensure_image("hpc", root=tmp_path)
+    assert not built and image.folder == tmp_path / recipe_for("hpc").name
+
+
+def test_customize_leaves_nothing_clones_would_share(tmp_path: Path) -> None:
+    rootfs = tmp_path / "rootfs"
+    (rootfs / "etc/ssh").mkdir(parents=True)
+    (rootfs / "etc/ssh/ssh_host_ed25519_key").write_text("secret")
+    (rootfs / "etc/ssh/sshd_config").write_text("keep")
+    (rootfs / "etc/hostname").write_text("builder")
+    (rootfs / "etc/machine-id").write_text("0123456789abcdef\n")
+    (rootfs / "var/cache/apt/archives").mkdir(parents=True)
+    (rootfs / "var/cache/apt/archives/x.deb").write_text("deb")
+    customize(rootfs, recipe_for("base"))
+    assert not list((rootfs / "etc/ssh").glob("ssh_host_*")) and (rootfs / "etc/ssh/sshd_config").exists()
+    assert not (rootfs / "etc/hostname").exists()
+    assert (rootfs / "etc/machine-id").read_text() == ""
+    assert not (rootfs / "var/cache/apt/archives/x.deb").exists()
+    assert "datasource_list: [NoCloud, None]" in (rootfs / "etc/cloud/cloud.cfg.d/90-aihow.cfg").read_text()
+    assert (rootfs / "etc/systemd/system/apt-daily.timer").readlink() == Path("/dev/null")
+    assert (rootfs / "etc/systemd/system/multi-user.target.wants/systemd-networkd.service").is_symlink()
