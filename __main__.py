@@ -10,9 +10,11 @@ import pulumi
 
 from aihow_infra.components import Cluster, ClusterArgs
 from aihow_infra.errors import ConfigError
+from aihow_infra.images import find_image, recipe_for
 from aihow_infra.loading import load_cluster_file
 from aihow_infra.plan import plan_cluster
 from aihow_infra.settings import parse_settings
+from aihow_infra.sshkeys import login_key
 
 
 def main() -> None:
@@ -26,6 +28,7 @@ def main() -> None:
         settings = parse_settings(raw)
         key = settings.cluster_key(stack)
         plan = plan_cluster(load_cluster_file(settings.cluster_file), key, f"cluster file {settings.cluster_file}")
+        key_text = login_key(settings.ssh_public_key).public if any(vm.boots for vm in plan.vms) else ""
     except ConfigError as exc:
         # First line for one-line summaries (the tasks), then every problem.
         raise pulumi.RunError(f"{exc}\n{exc.report()}") from None
@@ -34,7 +37,11 @@ def main() -> None:
         raise pulumi.RunError(f"aihow:power names {', '.join(sorted(unknown))}, not VMs of {plan.name}; "
                               f"allowed: {', '.join(vm.name for vm in plan.vms)}")
 
-    cluster = Cluster(plan.key, ClusterArgs(plan=plan, settings=settings, stack=stack))
+    missing = sorted({vm.image for vm in plan.vms if vm.image and find_image(recipe_for(vm.image)) is None})
+    if missing:
+        raise pulumi.RunError(f"guest image(s) {', '.join(missing)} not built; allowed: build them first with "
+                              + " and ".join(f"`invoke image.build --role {role}`" for role in missing))
+    cluster = Cluster(plan.key, ClusterArgs(plan=plan, settings=settings, stack=stack, login_key=key_text))
     pulumi.export("cluster", cluster.outputs)
     pulumi.export("nodes", {node.outputs["name"]: node.outputs for node in cluster.nodes})
 

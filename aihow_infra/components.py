@@ -7,24 +7,42 @@ from dataclasses import dataclass
 
 import pulumi
 
+from aihow_infra.cloudinit import SeedSpec, seed_files
+from aihow_infra.images import KERNEL_CMDLINE, image_for
 from aihow_infra.ledger import LeaseRef, holder_for
+from aihow_infra.libvirt.guest import console_log_path
 from aihow_infra.plan import ClusterPlan, VmPlan
 from aihow_infra.settings import StackSettings
-from providers.domain import Acceleration, Domain, DomainArgs, HostDevice, Mount
+from providers.domain import Acceleration, Boot, Domain, DomainArgs, HostDevice, Mount
 from providers.gpu_lease import GpuLease
 from providers.network import DhcpHost, Network, NetworkArgs
+from providers.seed import Seed, SeedArgs
 from providers.storage import PoolArgs, StoragePool, Volume, VolumeArgs
 
 
 @dataclass(frozen=True)
 class NodeArgs:
-    """What a node needs: its plan, the stack's settings, and its cluster's network and pool."""
+    """What a node needs: its plan, its cluster's, the stack's settings, the login key, and its
+    cluster's network and pool."""
 
     vm: VmPlan
+    cluster: ClusterPlan
     settings: StackSettings
     stack: str
+    login_key: str
     network_name: pulumi.Output[str]
     pool_name: pulumi.Output[str]
+
+
+def _seed_spec(args: NodeArgs) -> SeedSpec:
+    vm, plan = args.vm, args.cluster
+    return SeedSpec(
+        hostname=vm.name, mac=vm.mac, ip=vm.ip, subnet=plan.subnet,
+        gateway=plan.gateway if plan.forward_mode == "nat" else None,
+        dns_servers=(plan.gateway, *plan.dns_servers), domain=plan.dns_domain, user=args.settings.login_user,
+        ssh_keys=(args.login_key,), hosts=tuple((v.ip, v.name) for v in plan.vms if v.ip),
+        extra=vm.cloud_init,
+    )
 
 
 def _acceleration(vm: VmPlan) -> Acceleration:
@@ -60,13 +78,20 @@ class Node(pulumi.ComponentResource):
         running = settings.wants_running(vm.name, vm.auto_start)
         holder = holder_for(args.stack, vm.name)
 
+        image = image_for(vm.image) if vm.image else None
         volume = Volume(f"{name}-disk", VolumeArgs(
             uri=settings.libvirt_uri,
             pool=args.pool_name,
             name=f"{vm.name}.qcow2",
             size_gb=vm.disk_gb,
-            base_image=vm.base_image,
+            base_image=str(image.disk) if image else vm.base_image,
         ), child)
+        seed = Seed(f"{name}-seed", SeedArgs(
+            uri=settings.libvirt_uri,
+            pool=args.pool_name,
+            name=f"{vm.name}-seed.iso",
+            files=seed_files(_seed_spec(args)),
+        ), child) if vm.boots else None
 
         self.leases = [
             GpuLease(f"{name}-lease-{claim.slot.replace(':', '-')}",
@@ -85,6 +110,9 @@ class Node(pulumi.ComponentResource):
             memory_mib=vm.memory_gb * 1024,
             disk_path=volume.path,
             disk_gb=vm.disk_gb,
+            seed_path=seed.path if seed else None,
+            boot=Boot(kernel=str(image.kernel), initrd=str(image.initrd), cmdline=KERNEL_CMDLINE) if image else None,
+            console_log=str(console_log_path(vm.name)),
             mac=vm.mac,
             network=args.network_name,
             devices=[HostDevice(address=d.pci_address, type=d.device_type.value) for d in vm.devices],
@@ -95,6 +123,8 @@ class Node(pulumi.ComponentResource):
             virt_type=settings.virt_type,
             lease=LeaseRef(ledger=settings.ledger_path, holder=holder, addresses=every_function)
             if running and vm.claims else None,
+            wait_ready=vm.boots,
+            ready_timeout=settings.ready_timeout,
         ), pulumi.ResourceOptions(parent=self, depends_on=[*self.leases]))
 
         self.outputs = {
@@ -114,6 +144,10 @@ class Node(pulumi.ComponentResource):
             "auto_start": vm.auto_start,
             "desired_power": "running" if running else "stopped",
             "power_state": self.domain.state,
+            "image": vm.image or vm.base_image,
+            "login_user": settings.login_user if vm.boots else None,
+            "ready": self.domain.ready,
+            "addresses": self.domain.addresses,
         }
         self.register_outputs(self.outputs)
 
@@ -125,6 +159,7 @@ class ClusterArgs:
     plan: ClusterPlan
     settings: StackSettings
     stack: str
+    login_key: str
 
 
 class Cluster(pulumi.ComponentResource):
@@ -145,7 +180,7 @@ class Cluster(pulumi.ComponentResource):
             name=plan.network_name,
             bridge=plan.bridge,
             forward_mode=plan.forward_mode,
-            dns_domain=f"{plan.name}.local",
+            dns_domain=plan.dns_domain,
             dns_servers=list(plan.dns_servers),
             gateway=plan.gateway,
             netmask=plan.netmask,
@@ -159,8 +194,9 @@ class Cluster(pulumi.ComponentResource):
             path=f"{settings.images_dir.rstrip('/')}/{plan.name}",
         ), child)
         self.nodes = [
-            Node(vm.short_name, NodeArgs(vm=vm, settings=settings, stack=args.stack,
-                                         network_name=network.name, pool_name=pool.name), child)
+            Node(vm.short_name, NodeArgs(vm=vm, cluster=plan, settings=settings, stack=args.stack,
+                                         login_key=args.login_key, network_name=network.name,
+                                         pool_name=pool.name), child)
             for vm in plan.vms
         ]
         self.outputs = {

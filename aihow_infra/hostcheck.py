@@ -13,7 +13,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from aihow_infra.host import Host
+from aihow_infra.host import Host, choose_virt_type
 from aihow_infra.loading import load_cluster_file
 from aihow_infra.plan import plan_all
 
@@ -52,6 +52,9 @@ def _system_checks(host: Host, live: bool) -> list[Check]:
     checks.append(Check("kvm", kvm, "/dev/kvm present" if kvm else "/dev/kvm is missing",
                         "" if kvm else "enable VT-x/AMD-V in the firmware, then `modprobe kvm_intel` "
                                        "(or `modprobe kvm_amd`)"))
+    # What aihow:virtType auto picks here; software emulation works, only slower, so never a failure.
+    choice = choose_virt_type("auto", host, kvm)
+    checks.append(Check("acceleration", True, f"{choice.virt_type}: {choice.reason}"))
     if live:
         import libvirt
 

@@ -113,6 +113,11 @@ class ClusterPlan:
         return f"{self.name}-network"
 
     @property
+    def dns_domain(self) -> str:
+        """The cluster's DNS domain (the network's and every guest's)."""
+        return f"{self.name}.local"
+
+    @property
     def pool_name(self) -> str:
         """libvirt storage pool name (ai-how's)."""
         return f"{self.name}-pool"

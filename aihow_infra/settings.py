@@ -33,6 +33,9 @@ class StackSettings(BaseModel):
     ledger_path: str = Field(DEFAULT_LEDGER, alias="ledgerPath")
     stop_timeout: float = Field(60.0, alias="stopTimeout", gt=0)
     virt_type: Literal["auto", "kvm", "qemu"] = Field("auto", alias="virtType")
+    ssh_public_key: str | None = Field(None, alias="sshPublicKey")
+    login_user: str = Field("aihow", alias="loginUser", pattern=r"^[a-z_][a-z0-9_-]{0,31}$")
+    ready_timeout: float = Field(900.0, alias="readyTimeout", gt=0)
     power: dict[str, PowerState] = Field(default_factory=dict)
     cluster_power: PowerState = Field("running", alias="clusterPower")
 

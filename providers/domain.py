@@ -7,14 +7,18 @@ later ``pulumi up`` (unlike pulumi-libvirt, which always starts domains).
 from __future__ import annotations
 
 import contextlib
+from pathlib import Path
 from typing import Any, Literal, TypedDict
+from urllib.parse import urlparse
 
 import libvirt
 import pulumi
 from pulumi.dynamic import CheckFailure, CreateResult, Resource, UpdateResult
 
+from aihow_infra.host import Host, VirtChoice, choose_virt_type
 from aihow_infra.ledger import LeaseRef
 from aihow_infra.libvirt.connection import call, connect, kvm_usable, lookup
+from aihow_infra.libvirt.guest import GuestState, probe, wait_ready
 from aihow_infra.libvirt.power import start_domain, state_name, stop_domain
 from aihow_infra.libvirt.render import domain_xml
 from providers.base import Input, LibvirtProvider
@@ -48,6 +52,14 @@ class Acceleration(TypedDict):
     memory_backing: str | None
 
 
+class Boot(TypedDict):
+    """Direct kernel boot of a project image."""
+
+    kernel: str
+    initrd: str
+    cmdline: str
+
+
 class DomainArgs(TypedDict):
     """The inputs of a ``Domain``."""
 
@@ -60,6 +72,9 @@ class DomainArgs(TypedDict):
     memory_mib: int
     disk_path: Input[str]
     disk_gb: int
+    seed_path: Input[str] | None
+    boot: Boot | None
+    console_log: str
     mac: str
     network: Input[str]
     devices: list[HostDevice]
@@ -69,20 +84,24 @@ class DomainArgs(TypedDict):
     stop_timeout: float
     virt_type: Literal["auto", "kvm", "qemu"]
     lease: LeaseRef | None
+    wait_ready: bool
+    ready_timeout: float
 
 # Inputs that change the domain's definition (applied by redefining it).
 DEFINITION_KEYS = frozenset({"vcpus", "memory_mib", "mac", "network", "devices", "acceleration", "mounts",
-                             "cluster", "role", "stack", "virt_type"})
+                             "cluster", "role", "stack", "virt_type", "seed_path", "boot", "console_log"})
 _UNDEFINE_FLAGS = (libvirt.VIR_DOMAIN_UNDEFINE_MANAGED_SAVE | libvirt.VIR_DOMAIN_UNDEFINE_SNAPSHOTS_METADATA
                    | libvirt.VIR_DOMAIN_UNDEFINE_NVRAM)
 
-def resolve_virt_type(conn: libvirt.virConnect, wanted: str) -> str:
-    """'kvm' or 'qemu': ``auto`` takes KVM when libvirt reports it usable."""
+
+def resolve_virt_type(conn: libvirt.virConnect, wanted: str) -> VirtChoice | None:
+    """The acceleration for ``aihow:virtType`` (None on libvirt's test driver). The host's
+    modules are read only when libvirt runs on this host."""
     if conn.getType() != "QEMU":
-        return "test" if conn.getType() == "TEST" else wanted
-    if wanted == "auto":
-        return "kvm" if kvm_usable(conn) else "qemu"
-    return wanted
+        return None
+    local = urlparse(conn.getURI()).hostname in (None, "", "localhost")
+    host = Host(Path("/") if local else Path("/nonexistent"))
+    return choose_virt_type(wanted, host, kvm_usable(conn))
 
 
 class DomainProvider(LibvirtProvider):
@@ -90,7 +109,7 @@ class DomainProvider(LibvirtProvider):
 
     INPUTS = DomainArgs
     REPLACE = frozenset({"uri", "name", "disk_path", "disk_gb"})
-    UPDATE = DEFINITION_KEYS | {"running"}
+    UPDATE = DEFINITION_KEYS | {"running", "wait_ready", "ready_timeout"}
     KIND = "domain"
 
     def check_values(self, news: dict[str, Any]) -> list[CheckFailure]:
@@ -98,21 +117,37 @@ class DomainProvider(LibvirtProvider):
         return [CheckFailure(key, f"{key}: {news[key]}; allowed: a positive number")
                 for key in ("vcpus", "memory_mib") if isinstance(news.get(key), int) and news[key] <= 0]
 
-    def _outs(self, props: dict[str, Any], dom: libvirt.virDomain, virt_type: str) -> dict[str, Any]:
+    def _outs(self, props: dict[str, Any], dom: libvirt.virDomain, choice: VirtChoice | None,
+              guest: GuestState | None = None) -> dict[str, Any]:
+        guest = guest or (probe(dom) if props.get("wait_ready") else None)
         return {**props, "uuid": dom.UUIDString(), "state": state_name(dom), "running": bool(dom.isActive()),
-                "actual_virt_type": virt_type}
+                "actual_virt_type": choice.virt_type if choice else "test",
+                "virt_type_reason": choice.reason if choice else "libvirt test driver",
+                "ready": bool(guest and guest.ready), "addresses": guest.addresses if guest else {}}
+
+    def _converge(self, dom: libvirt.virDomain, props: dict[str, Any]) -> GuestState | None:
+        """Start when it should run (leases first were taken by Pulumi), and wait for a VM
+        with an image to be ready."""
+        if not props["running"]:
+            stop_domain(dom, props["stop_timeout"])
+            return None
+        start_domain(dom, props.get("lease"))
+        if not props.get("wait_ready"):
+            return None
+        return wait_ready(dom, props.get("ready_timeout") or 600, Path(props["console_log"]))
 
     def create(self, props: dict[str, Any]) -> CreateResult:
-        """Define the domain and start it when ``running``; when anything fails, undefine it."""
+        """Define the domain, start it when ``running`` and wait until it is ready; when
+        anything fails, undefine it (its leases are released: nothing is left behind)."""
         name = props["name"]
         with connect(props["uri"]) as conn:
             self.refuse_existing(conn, props, f"virsh destroy {name}; virsh undefine {name}")
-            virt_type = resolve_virt_type(conn, props.get("virt_type", "auto"))
+            choice = resolve_virt_type(conn, props.get("virt_type", "auto"))
+            virt_type = choice.virt_type if choice else "test"
             dom = call(f"defining domain {name}", conn.defineXML, domain_xml(props, virt_type))
             try:
-                if props["running"]:
-                    start_domain(dom, props.get("lease"))
-                return CreateResult(name, self._outs(props, dom, virt_type))
+                guest = self._converge(dom, props)
+                return CreateResult(name, self._outs(props, dom, choice, guest))
             except BaseException:
                 with contextlib.suppress(libvirt.libvirtError):
                     if dom.isActive():
@@ -125,7 +160,8 @@ class DomainProvider(LibvirtProvider):
         bring the domain to its desired power state."""
         name = news["name"]
         with connect(news["uri"]) as conn:
-            virt_type = resolve_virt_type(conn, news.get("virt_type", "auto"))
+            choice = resolve_virt_type(conn, news.get("virt_type", "auto"))
+            virt_type = choice.virt_type if choice else "test"
             dom = self.find(conn, news)
             if dom is None:
                 # Removed behind Pulumi's back since the last refresh: define it again.
@@ -135,11 +171,8 @@ class DomainProvider(LibvirtProvider):
                 dom = call(f"redefining domain {name}", conn.defineXML, xml)
                 if dom.isActive() and news["running"]:
                     stop_domain(dom, news["stop_timeout"])
-            if news["running"]:
-                start_domain(dom, news.get("lease"))
-            else:
-                stop_domain(dom, news["stop_timeout"])
-            return UpdateResult(self._outs(news, dom, virt_type))
+            guest = self._converge(dom, news)
+            return UpdateResult(self._outs(news, dom, choice, guest))
 
     def find(self, conn: libvirt.virConnect, props: dict[str, Any]) -> libvirt.virDomain | None:
         """The domain named in the inputs."""
@@ -155,7 +188,9 @@ class DomainProvider(LibvirtProvider):
 
     def observe(self, dom: libvirt.virDomain, props: dict[str, Any]) -> dict[str, Any]:
         """The domain's actual power state (``running``, ``state``)."""
-        return self._outs(props, dom, props.get("actual_virt_type", ""))
+        choice = VirtChoice(props["actual_virt_type"], props.get("virt_type_reason", "")) \
+            if props.get("actual_virt_type") in ("kvm", "qemu") else None
+        return self._outs(props, dom, choice)
 
 
 class Domain(Resource, module="libvirt", name="Domain"):
@@ -165,7 +200,11 @@ class Domain(Resource, module="libvirt", name="Domain"):
     state: pulumi.Output[str]
     running: pulumi.Output[bool]
     uuid: pulumi.Output[str]
+    ready: pulumi.Output[bool]
+    addresses: pulumi.Output[dict[str, list[str]]]
+    actual_virt_type: pulumi.Output[str]
 
     def __init__(self, resource_name: str, props: DomainArgs, opts: pulumi.ResourceOptions | None = None) -> None:
         super().__init__(DomainProvider(), resource_name,
-                         {**props, "uuid": None, "state": None, "actual_virt_type": None}, opts)
+                         {**props, "uuid": None, "state": None, "actual_virt_type": None, "virt_type_reason": None,
+                          "ready": None, "addresses": None}, opts)

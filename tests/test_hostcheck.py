@@ -9,9 +9,11 @@ from typing import Any
 import pytest
 import yaml
 
+from aihow_infra.host import Host, VirtChoice, choose_virt_type
 from aihow_infra.hostcheck import check_host, load_recording, materialize
 
 FIXTURES = Path(__file__).parent / "fixtures"
+READY = FIXTURES / "ready-host-sysfs.json"
 H200 = Path(__file__).resolve().parents[2] / "shared" / "fixtures" / "gpu-host-h200-sysfs.json"
 
 
@@ -49,7 +51,7 @@ def test_h200_host_is_not_ready_and_says_why(tmp_path: Path) -> None:
 
 
 def test_ready_host_is_ready(tmp_path: Path) -> None:
-    root = materialize(load_recording(FIXTURES / "ready-host-sysfs.json"), tmp_path / "root")
+    root = materialize(load_recording(READY), tmp_path / "root")
     config = cluster_file(tmp_path, [
         {"pci_address": "0000:01:00.0", "device_type": "gpu", "vendor_id": "10de", "device_id": "2684"},
         {"pci_address": "0000:01:00.1", "device_type": "audio", "vendor_id": "10de", "device_id": "22ba"}])
@@ -59,7 +61,7 @@ def test_ready_host_is_ready(tmp_path: Path) -> None:
 
 
 def test_group_member_on_another_driver_wrong_ids_and_missing_device(tmp_path: Path) -> None:
-    recording = copy.deepcopy(load_recording(FIXTURES / "ready-host-sysfs.json"))
+    recording = copy.deepcopy(load_recording(READY))
     recording["pci_devices"]["0000:01:00.1"]["driver"] = "snd_hda_intel"
     root = materialize(recording, tmp_path / "root")
     config = cluster_file(tmp_path, [
@@ -72,3 +74,40 @@ def test_group_member_on_another_driver_wrong_ids_and_missing_device(tmp_path: P
     ids = failed["device 0000:01:00.0 (hpc-compute-01) ids"]
     assert ids.detail == "device is 2684 but the cluster file says 2805" and "device_id: '2684'" in ids.fix
     assert failed["device 0000:09:00.0 (hpc-compute-01)"].detail == "not present on this host"
+
+
+# --- acceleration: which hosts get KVM ------------------------------------------------------
+
+
+@pytest.mark.parametrize(("modules", "kvm_usable", "wanted", "expected"), [
+    (["kvm_intel", "kvm"], True, "auto", ("kvm", "KVM (kvm_intel)")),
+    (["kvm_amd", "kvm"], True, "auto", ("kvm", "KVM (kvm_amd)")),
+    (["kvm_pvm", "kvm"], True, "auto", ("qemu", "software emulation: /dev/kvm is kvm_pvm, which cannot run a "
+                                                "real guest kernel")),
+    (["kvm_intel", "kvm"], False, "auto", ("qemu", "software emulation: libvirt reports KVM unusable on this host")),
+    (["kvm_pvm"], True, "kvm", ("kvm", "aihow:virtType is kvm")),
+    (["kvm_intel"], True, "qemu", ("qemu", "aihow:virtType is qemu")),
+])
+def test_acceleration_choice(tmp_path: Path, modules: list[str], kvm_usable: bool, wanted: str,
+                             expected: tuple[str, str]) -> None:
+    recording = {**load_recording(READY), "modules_loaded": modules}
+    choice = choose_virt_type(wanted, Host(materialize(recording, tmp_path)), kvm_usable)
+    assert (choice.virt_type, choice.reason) == expected
+
+
+def test_acceleration_on_the_recorded_ready_host(tmp_path: Path) -> None:
+    ready = choose_virt_type("auto", Host(materialize(load_recording(READY), tmp_path)), True)
+    assert ready == VirtChoice("kvm", "KVM (kvm_intel)")
+
+
+@pytest.mark.skipif(not H200.exists(), reason="the recorded H200 host (shared/fixtures) is not beside this checkout")
+def test_acceleration_on_the_recorded_h200_host(tmp_path: Path) -> None:
+    # Its recording lists no kvm module (only the GPU's): libvirt's word decides.
+    h200 = choose_virt_type("auto", Host(materialize(load_recording(H200), tmp_path)), True)
+    assert h200 == VirtChoice("kvm", "KVM (libvirt reports it usable)")
+
+
+def test_this_machine_gets_what_its_kvm_can_run() -> None:
+    # On kvm_pvm (these CI machines) a guest kernel crashes under KVM: auto must say TCG.
+    choice = choose_virt_type("auto", Host(Path("/")), True)
+    assert (choice.virt_type == "qemu") == Path("/sys/module/kvm_pvm").exists(), choice

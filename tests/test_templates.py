@@ -32,6 +32,12 @@ GPU_DOMAIN = {
 PLAIN_DOMAIN = {**GPU_DOMAIN, "name": "hpc-cluster-controller", "role": "controller", "vcpus": 3, "devices": [],
                 "acceleration": {"cpu_model": "host-model", "enable_nested": True, "sockets": 2},
                 "mounts": [{"tag": "datasets", "host_path": "/srv/data"}]}
+BOOTING_DOMAIN = {**PLAIN_DOMAIN, "name": "aihow-hpc-compute-01", "vcpus": 1, "memory_mib": 1024, "mounts": [],
+                  "acceleration": {"cpu_model": "qemu64"}, "seed_path": "/var/lib/aihow/c-seed.iso",
+                  "boot": {"kernel": "/var/lib/aihow/images/hpc-1/vmlinuz",
+                           "initrd": "/var/lib/aihow/images/hpc-1/initrd.img",
+                           "cmdline": "root=LABEL=root rw console=ttyS0,115200 net.ifnames=0"},
+                  "console_log": "/var/log/libvirt/qemu/aihow-hpc-compute-01-console.log"}
 
 CASES: dict[str, tuple[str, str]] = {
     "network-nat.xml": ("network", network_xml(NETWORK)),
@@ -43,6 +49,8 @@ CASES: dict[str, tuple[str, str]] = {
     "domain-gpu-kvm.xml": ("domain", domain_xml(GPU_DOMAIN, "kvm")),
     "domain-plain-kvm.xml": ("domain", domain_xml(PLAIN_DOMAIN, "kvm")),
     "domain-gpu-qemu.xml": ("domain", domain_xml(GPU_DOMAIN, "qemu")),
+    "domain-image-qemu.xml": ("domain", domain_xml(BOOTING_DOMAIN, "qemu")),
+    "volume-seed.xml": ("storagevol", volume_xml({"name": "c-seed.iso", "size_bytes": 69632, "format": "raw"})),
 }
 
 

@@ -11,6 +11,8 @@ from functools import cache
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from aihow_infra.host import TCG_CACHE_MIB
+
 if TYPE_CHECKING:
     import jinja2
 
@@ -140,6 +142,10 @@ def domain_xml(props: dict[str, Any], virt_type: str, uuid: str | None = None) -
         threads=threads,
         cpu_features=_features(accel, cpu_mode),
         disk_path=props["disk_path"],
+        seed_path=props.get("seed_path"),
+        boot=props.get("boot"),
+        console_log=props.get("console_log"),
+        tcg_cache_mib=TCG_CACHE_MIB if virt_type == "qemu" else None,
         mac=props["mac"],
         network=props["network"],
         mounts=mounts,
