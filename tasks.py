@@ -173,13 +173,66 @@ def vm_status(c: Context, name: str, json_: bool = False) -> None:
 
 def _vm_table(rows: list[VmStatus], title: str) -> None:
     table = Table(title=title, title_justify="left")
-    for col in ("VM", "role", "state", "desired", "IP", "vCPU", "GiB", "GPUs (holder)"):
+    for col in ("VM", "role", "state", "desired", "guest", "IP", "vCPU", "GiB", "GPUs (holder)"):
         table.add_column(col)
     for r in rows:
         colour = "green" if r.state == "running" else "yellow"
+        guest = f"[green]{r.guest}[/green]" if r.ready else r.guest
+        ip = r.ip or (", ".join(r.addresses) if r.addresses else "DHCP")
         gpus = ", ".join(f"{g.address} ({g.holder or 'free'})" for g in r.gpus) or "-"
-        table.add_row(r.name, r.role, f"[{colour}]{r.state}[/{colour}]", r.desired, r.ip or "DHCP",
+        table.add_row(r.name, r.role, f"[{colour}]{r.state}[/{colour}]", r.desired, guest, ip,
                       str(r.vcpus), str(r.memory_gb), gpus)
+    out.print(table)
+
+
+@task(help={"name": "VM name"})
+def vm_console(c: Context, name: str) -> None:
+    """Attach to a VM's serial console (leave with Ctrl-])."""
+    cmd = operator().console_command(name)
+    os.execvp(cmd[0], cmd)
+
+
+@task(help={"name": "VM name", "command": "run this instead of a login shell"})
+def vm_ssh(c: Context, name: str, command: str = "") -> None:
+    """Log into a VM over SSH, as the login user with the project's key."""
+    import tempfile
+
+    op = operator()
+    op.find_vm(name)
+    with tempfile.NamedTemporaryFile("w", suffix=".ssh_config", delete=False) as config:
+        config.write(op.ssh_config())
+    cmd = ["ssh", "-F", config.name, name, *([command] if command else [])]
+    os.execvp(cmd[0], cmd)
+
+
+@task(help={"out": "write to this file instead of printing"})
+def ssh_config(c: Context, out_: str = "") -> None:
+    """An ssh_config naming every VM that boots (use: ssh -F FILE VM)."""
+    text = operator().ssh_config()
+    if out_:
+        Path(out_).write_text(text)
+        err.print(f"wrote {out_}")
+    else:
+        print(text, end="")
+
+
+# --- guest images ---------------------------------------------------------------------------
+
+
+@task(help={"role": "base, hpc, cloud, or all", "force": "build again even when the cache has it"})
+def image_build(c: Context, role: str = "all", force: bool = False) -> None:
+    """Build guest images from Debian packages (cached by recipe; kept .debs make rebuilds offline)."""
+    from aihow_infra.images import IMAGE_ROLES, ensure_image
+
+    roles = list(IMAGE_ROLES) if role == "all" else [role]
+    table = Table(title="guest images", title_justify="left")
+    for col in ("role", "built now", "build time", "disk", "folder"):
+        table.add_column(col)
+    for name in roles:
+        image, built = ensure_image(name, force=force, progress=lambda line: err.print(f"[dim]{line}[/dim]",
+                                                                                         highlight=False))
+        table.add_row(name, "yes" if built else "no (cached)", f"{image.built_seconds:.0f} s",
+                      f"{image.disk_bytes / 2**20:.0f} MiB", str(image.folder))
     out.print(table)
 
 
@@ -329,6 +382,8 @@ vm.add_task(vm_start, "start")
 vm.add_task(vm_stop, "stop")
 vm.add_task(vm_restart, "restart")
 vm.add_task(vm_status, "status")
+vm.add_task(vm_console, "console")
+vm.add_task(vm_ssh, "ssh")
 system = Collection("system")
 system.add_task(system_up, "up")
 system.add_task(system_down, "down")
@@ -339,5 +394,8 @@ gpu.add_task(gpu_leases, "leases")
 gpu.add_task(gpu_reclaim, "reclaim")
 host = Collection("host")
 host.add_task(host_check, "check")
+image = Collection("image")
+image.add_task(image_build, "build")
 
-ns = Collection(up, preview, destroy, validate, switch, topology, inventory, test, vm, system, gpu, host)
+ns = Collection(up, preview, destroy, validate, switch, topology, inventory, ssh_config, test, vm, system, gpu, host,
+                image)

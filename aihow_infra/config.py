@@ -102,6 +102,8 @@ class VirtioFsMount(Model):
 
 
 ImageRole = Literal["base", "hpc", "cloud"]
+# The root file system of a project image; a VM's disk (an overlay on it) is at least this big.
+IMAGE_DISK_GB = 2
 
 
 class WriteFile(Model):

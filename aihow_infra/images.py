@@ -23,11 +23,10 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Literal
 
+from aihow_infra.config import IMAGE_DISK_GB, ImageRole
 from aihow_infra.errors import ImageError
 
-ImageRole = Literal["base", "hpc", "cloud"]
 IMAGE_ROLES: tuple[ImageRole, ...] = ("base", "hpc", "cloud")
 Progress = Callable[[str], None]
 
@@ -84,7 +83,7 @@ class Recipe:
     enabled_units: tuple[str, ...] = ENABLED_UNITS
     masked_units: tuple[str, ...] = MASKED_UNITS
     initramfs_modules: tuple[str, ...] = INITRAMFS_MODULES
-    size_gb: int = 2
+    size_gb: int = IMAGE_DISK_GB
     build_version: int = BUILD_VERSION
 
     @property

@@ -22,12 +22,15 @@ import yaml
 
 from aihow_infra.config import CLUSTER_KEYS, ClusterFile
 from aihow_infra.errors import AihowError, ConfigError, StackError
+from aihow_infra.images import ensure_image, find_image, recipe_for
 from aihow_infra.ledger import Ledger
 from aihow_infra.libvirt.connection import connect, lookup
+from aihow_infra.libvirt.guest import console_log_path, probe, wait_ready
 from aihow_infra.libvirt.power import UNDEFINED, start_domain, state_name, stop_domain
 from aihow_infra.loading import load_cluster_file
 from aihow_infra.plan import ClusterPlan, VmPlan, plan_cluster, shared_devices
 from aihow_infra.settings import DEFAULT_LEDGER, StackSettings, parse_settings
+from aihow_infra.sshkeys import STATE_DIR, LoginKey, login_key
 from aihow_infra.stacks import Workspace
 from aihow_infra.status import ClusterStatus, SharedGpuStatus, SystemStatus, VmStatus
 
@@ -107,8 +110,19 @@ class Operator:
 
     # --- whole stacks --------------------------------------------------------------------
 
+    def ensure_images(self, views: list[StackView]) -> None:
+        """Build the guest images the stacks' VMs boot from that are not built yet (minutes,
+        once; later runs find them in the cache)."""
+        for role in sorted({vm.image for view in views for vm in view.plan.vms if vm.image}):
+            if find_image(recipe_for(role)) is None:
+                self.progress(f"building the {role} guest image (once; a few minutes)")
+                image, _built = ensure_image(role, progress=_phases(self.progress))
+                self.progress(f"{role} image ready in {image.built_seconds:.0f} s, "
+                              f"{image.disk_bytes / 2**20:.0f} MiB: {image.folder}")
+
     def up(self, stack: str) -> None:
-        """``pulumi up`` of one stack."""
+        """``pulumi up`` of one stack (its images built first)."""
+        self.ensure_images([self.view(stack)])
         self.progress(f"pulumi up -s {stack}")
         self.workspace.up(stack)
 
@@ -142,6 +156,7 @@ class Operator:
         view, _vm = self.find_vm(name)
         if view.settings.cluster_power == "stopped":
             raise AihowError(f"cluster {view.plan.name} is stopped (system.down); run `invoke system.up` first")
+        self.ensure_images([view])
         self.progress(f"starting {name}")
         self._apply_power(view, {name: "running"})
 
@@ -167,9 +182,13 @@ class Operator:
                 raise AihowError(f"VM {name} does not exist; run `invoke up --stack {view.stack}`")
             if not view.settings.wants_running(name, vm.auto_start):
                 raise AihowError(f"VM {name} is meant to be stopped; use `invoke vm.start {name}`")
-            self.progress(f"restarting {name}")
+            self.progress(f"restarting {name}: shutting down (up to {view.settings.stop_timeout:.0f} s, "
+                          "then powered off)")
             stop_domain(dom, view.settings.stop_timeout)
             start_domain(dom)
+            if vm.boots:
+                self.progress(f"waiting for {name} to be ready (up to {view.settings.ready_timeout:.0f} s)")
+                wait_ready(dom, view.settings.ready_timeout, console_log_path(name), self.progress)
 
     def vm_status(self, name: str) -> VmStatus:
         """State, IP, vCPUs, memory, GPUs and who holds each GPU's lease."""
@@ -180,7 +199,9 @@ class Operator:
     def _vm_status(self, view: StackView, vm: VmPlan, conn: Any, holders: dict[str, str | None]) -> VmStatus:
         dom = lookup("looking up domain", conn.lookupByName, vm.name)
         state = state_name(dom) if dom is not None else UNDEFINED
-        return VmStatus.of(vm, view.stack, state, view.settings.wants_running(vm.name, vm.auto_start), holders)
+        guest = probe(dom) if dom is not None and vm.boots and state == "running" else None
+        return VmStatus.of(vm, view.stack, state, view.settings.wants_running(vm.name, vm.auto_start), holders,
+                           guest=guest)
 
     # --- both clusters -----------------------------------------------------------------------
 
@@ -197,6 +218,7 @@ class Operator:
         views = self.views()
         if not views:
             raise AihowError("no stack is configured; allowed: Pulumi.hpc.yaml and/or Pulumi.cloud.yaml")
+        self.ensure_images(views)
         before = {v.stack: (self._urns(v.stack), v.settings.cluster_power) for v in views}
 
         def bring_up(view: StackView) -> None:
@@ -280,6 +302,31 @@ class Operator:
                   for device in shared_devices([v.plan for v in views])]
         return SystemStatus(clusters, shared)
 
+    def login(self, view: StackView) -> LoginKey:
+        """The key (and private key file, when known) that logs into the stack's guests."""
+        return login_key(view.settings.ssh_public_key)
+
+    def ssh_config(self) -> str:
+        """An ssh_config for every VM that boots and has an address (``ssh -F FILE <vm>``)."""
+        blocks = []
+        for view in self.views():
+            key = self.login(view)
+            for vm in view.plan.vms:
+                if not (vm.boots and vm.ip):
+                    continue
+                lines = [f"Host {vm.name}", f"  HostName {vm.ip}", f"  User {view.settings.login_user}",
+                         "  StrictHostKeyChecking accept-new",
+                         f"  UserKnownHostsFile {STATE_DIR / 'ssh' / 'known_hosts'}"]
+                if key.private_path:
+                    lines += [f"  IdentityFile {key.private_path}", "  IdentitiesOnly yes"]
+                blocks.append("\n".join(lines))
+        return "\n\n".join(blocks) + "\n" if blocks else ""
+
+    def console_command(self, name: str) -> list[str]:
+        """The command that attaches to a VM's serial console (leave it with Ctrl-]) ."""
+        view, _vm = self.find_vm(name)
+        return ["virsh", "-c", view.settings.libvirt_uri, "console", name]
+
     def host_ledger(self) -> tuple[Ledger, str]:
         """The host's GPU lease ledger and libvirt URI, as the first configured stack names them."""
         stacks = self.configured_stacks()
@@ -309,6 +356,15 @@ class Operator:
 def _holders(settings: StackSettings) -> dict[str, str | None]:
     """Who holds each address of the stack's ledger."""
     return {address: lease.holder for address, lease in Ledger(settings.ledger_path).leases().items()}
+
+
+def _phases(progress: Progress) -> Progress:
+    """An image build's progress, its phase lines only (mmdebstrap's ``I:`` lines and ours)."""
+    def phase(line: str) -> None:
+        if line.startswith("I: ") or not line.startswith(("W: ", " ", "Get:", "Selecting", "Preparing", "Unpacking",
+                                                          "Setting up", "Processing", "(Reading")):
+            progress(line.removeprefix("I: "))
+    return phase
 
 
 @contextlib.contextmanager

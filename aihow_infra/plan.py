@@ -17,6 +17,7 @@ from typing import Any, Literal
 
 from aihow_infra.config import (
     CLUSTER_KEYS,
+    IMAGE_DISK_GB,
     Acceleration,
     CloudCluster,
     ClusterFile,
@@ -298,6 +299,9 @@ def _check_images(plans: list[ClusterPlan]) -> list[str]:
     problems = []
     for plan in plans:
         for vm in plan.vms:
+            if vm.image is not None and vm.disk_gb < IMAGE_DISK_GB:
+                problems.append(f"{vm.key_path}.disk_gb: {vm.disk_gb} is smaller than the {vm.image} image "
+                                f"({IMAGE_DISK_GB} GiB); allowed: {IMAGE_DISK_GB} or more")
             if vm.base_image is None:
                 continue
             path = Path(vm.base_image)

@@ -8,12 +8,28 @@ from a cluster file alone (state ``planned``); views only read them.
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from aihow_infra.plan import ClusterPlan, SharedDevice, VmPlan
 
 PLANNED = "planned"
+
+
+@dataclass(frozen=True)
+class GuestState:
+    """What the agent says of a guest."""
+
+    agent: bool
+    cloud_init: str  # 'none' (no agent), 'running', 'done' or 'error'
+    errors: tuple[str, ...] = ()
+    addresses: dict[str, list[str]] = field(default_factory=dict)
+
+    @property
+    def ready(self) -> bool:
+        """Agent answers and cloud-init is done without error."""
+        return self.agent and self.cloud_init == "done"
+
 
 
 @dataclass(frozen=True)
@@ -41,15 +57,33 @@ class VmStatus:
     memory_gb: int
     disk_gb: int
     gpus: list[GpuStatus]
+    image: str | None = None
+    ready: bool | None = None
+    guest: str = ""
+    addresses: list[str] = field(default_factory=list)
 
     @classmethod
     def of(cls, vm: VmPlan, stack: str, state: str, wants_running: bool,
-           holders: Mapping[str, str | None]) -> VmStatus:
-        """The row of a planned VM, given its live state and the ledger's holders by address."""
+           holders: Mapping[str, str | None], guest: GuestState | None = None) -> VmStatus:
+        """The row of a planned VM, given its live state, the ledger's holders by address, and
+        what its guest agent says (``ready`` is None for a VM with nothing to boot)."""
         return cls(name=vm.name, stack=stack, cluster=vm.cluster_name, role=vm.role, state=state,
                    desired="running" if wants_running else "stopped", auto_start=vm.auto_start, ip=vm.ip,
                    vcpus=vm.cpu_cores, memory_gb=vm.memory_gb, disk_gb=vm.disk_gb,
-                   gpus=[GpuStatus(c.address, list(c.functions), holders.get(c.address)) for c in vm.claims])
+                   gpus=[GpuStatus(c.address, list(c.functions), holders.get(c.address)) for c in vm.claims],
+                   image=vm.image or vm.base_image, ready=bool(guest and guest.ready) if vm.boots else None,
+                   guest=_guest_word(guest) if vm.boots else "no image",
+                   addresses=[a for found in (guest.addresses if guest else {}).values() for a in found])
+
+
+def _guest_word(guest: GuestState | None) -> str:
+    if guest is None:
+        return "-"
+    if guest.ready:
+        return "ready"
+    if guest.cloud_init == "error":
+        return "cloud-init failed"
+    return "booting" if not guest.agent else "configuring"
 
 
 @dataclass(frozen=True)

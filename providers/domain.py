@@ -18,9 +18,10 @@ from pulumi.dynamic import CheckFailure, CreateResult, Resource, UpdateResult
 from aihow_infra.host import Host, VirtChoice, choose_virt_type
 from aihow_infra.ledger import LeaseRef
 from aihow_infra.libvirt.connection import call, connect, kvm_usable, lookup
-from aihow_infra.libvirt.guest import GuestState, probe, wait_ready
+from aihow_infra.libvirt.guest import probe, wait_ready
 from aihow_infra.libvirt.power import start_domain, state_name, stop_domain
 from aihow_infra.libvirt.render import domain_xml
+from aihow_infra.status import GuestState
 from providers.base import Input, LibvirtProvider
 
 

@@ -11,7 +11,6 @@ import base64
 import json
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +18,7 @@ import libvirt
 import libvirt_qemu
 
 from aihow_infra.errors import GuestError
+from aihow_infra.status import GuestState
 
 Progress = Callable[[str], None]
 RESULT_FILE = "/run/cloud-init/result.json"
@@ -29,21 +29,6 @@ POLL_SECONDS = 2.0
 def console_log_path(vm_name: str) -> Path:
     """Where virtlogd keeps a VM's serial console (the domain XML points its serial port here)."""
     return CONSOLE_LOG_DIR / f"{vm_name}-console.log"
-
-
-@dataclass(frozen=True)
-class GuestState:
-    """What the agent says of a guest."""
-
-    agent: bool
-    cloud_init: str  # 'none' (no agent), 'running', 'done' or 'error'
-    errors: tuple[str, ...] = ()
-    addresses: dict[str, list[str]] = field(default_factory=dict)
-
-    @property
-    def ready(self) -> bool:
-        """Agent answers and cloud-init is done without error."""
-        return self.agent and self.cloud_init == "done"
 
 
 def agent_command(dom: libvirt.virDomain, execute: str, timeout: int = 5, **arguments: Any) -> Any:

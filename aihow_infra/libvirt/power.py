@@ -36,12 +36,15 @@ def state_name(dom: libvirt.virDomain) -> str:
 
 
 def stop_domain(dom: libvirt.virDomain, timeout: float) -> None:
-    """ACPI shutdown, wait up to ``timeout`` seconds, then power off."""
+    """Ask the guest agent to shut down (else ACPI), wait up to ``timeout`` seconds, then power off."""
     name = dom.name()
     if not dom.isActive():
         return
-    with contextlib.suppress(libvirt.libvirtError):
-        dom.shutdown()
+    try:
+        dom.shutdownFlags(libvirt.VIR_DOMAIN_SHUTDOWN_GUEST_AGENT)
+    except libvirt.libvirtError:  # no agent (a VM with nothing to boot, or not up yet)
+        with contextlib.suppress(libvirt.libvirtError):
+            dom.shutdown()
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         try:
