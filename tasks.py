@@ -195,13 +195,10 @@ def vm_console(c: Context, name: str) -> None:
 @task(help={"name": "VM name", "command": "run this instead of a login shell"})
 def vm_ssh(c: Context, name: str, command: str = "") -> None:
     """Log into a VM over SSH, as the login user with the project's key."""
-    import tempfile
-
     op = operator()
     op.find_vm(name)
-    with tempfile.NamedTemporaryFile("w", suffix=".ssh_config", delete=False) as config:
-        config.write(op.ssh_config())
-    cmd = ["ssh", "-F", config.name, name, *([command] if command else [])]
+    config = op.write_ssh_config()
+    cmd = ["ssh", "-F", str(config), name, *([command] if command else [])]
     os.execvp(cmd[0], cmd)
 
 
@@ -335,7 +332,9 @@ def inventory(c: Context, stack: str, out_: str = "") -> None:
     from aihow_infra.inventory import build_inventory, to_yaml
 
     _check_stack(stack)
-    text = to_yaml(build_inventory(operator().workspace.outputs(stack), stack))
+    op = operator()
+    key = op.login(op.view(stack)).private_path
+    text = to_yaml(build_inventory(op.workspace.outputs(stack), stack, str(key) if key else None))
     if out_:
         Path(out_).write_text(text)
         err.print(f"wrote {out_}")

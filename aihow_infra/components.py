@@ -123,7 +123,7 @@ class Node(pulumi.ComponentResource):
             virt_type=settings.virt_type,
             lease=LeaseRef(ledger=settings.ledger_path, holder=holder, addresses=every_function)
             if running and vm.claims else None,
-            wait_ready=vm.boots,
+            wait_ready=vm.waits_ready,
             ready_timeout=settings.ready_timeout,
         ), pulumi.ResourceOptions(parent=self, depends_on=[*self.leases]))
 

@@ -25,6 +25,8 @@ def _host_vars(node: dict[str, Any]) -> dict[str, Any]:
     }
     if node.get("ip"):
         host["ansible_host"] = node["ip"]
+    if node.get("login_user"):
+        host["ansible_user"] = node["login_user"]
     gpus = node.get("gpus") or []
     host["gpu_count"] = len(gpus)
     if gpus:
@@ -35,8 +37,9 @@ def _host_vars(node: dict[str, Any]) -> dict[str, Any]:
     return host
 
 
-def build_inventory(outputs: dict[str, Any], stack: str = "STACK") -> dict[str, Any]:
-    """The inventory (Ansible's YAML structure) for one stack's outputs."""
+def build_inventory(outputs: dict[str, Any], stack: str = "STACK", ssh_key: str | None = None) -> dict[str, Any]:
+    """The inventory (Ansible's YAML structure) for one stack's outputs; ``ssh_key`` is the
+    private key that logs into the guests, when it is known."""
     cluster, nodes = outputs.get("cluster"), outputs.get("nodes") or {}
     if not cluster or not nodes:
         raise AihowError(f"stack {stack} has no outputs yet; run `invoke up --stack {stack}` first")
@@ -45,6 +48,8 @@ def build_inventory(outputs: dict[str, Any], stack: str = "STACK") -> dict[str, 
     for node in nodes.values():
         by_role.setdefault(node["role"], []).append(node["short_name"])
     common = {"cluster_name": cluster["name"], "ansible_python_interpreter": "/usr/bin/python3"}
+    if ssh_key:
+        common["ansible_ssh_private_key_file"] = ssh_key
 
     def group(names: list[str]) -> dict[str, Any]:
         return {"hosts": {n: hosts[n] for n in names}}

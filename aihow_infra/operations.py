@@ -186,7 +186,7 @@ class Operator:
                           "then powered off)")
             stop_domain(dom, view.settings.stop_timeout)
             start_domain(dom)
-            if vm.boots:
+            if vm.waits_ready:
                 self.progress(f"waiting for {name} to be ready (up to {view.settings.ready_timeout:.0f} s)")
                 wait_ready(dom, view.settings.ready_timeout, console_log_path(name), self.progress)
 
@@ -321,6 +321,13 @@ class Operator:
                     lines += [f"  IdentityFile {key.private_path}", "  IdentitiesOnly yes"]
                 blocks.append("\n".join(lines))
         return "\n\n".join(blocks) + "\n" if blocks else ""
+
+    def write_ssh_config(self) -> Path:
+        """``ssh_config`` into the project's state (git-ignored), for ``vm.ssh``."""
+        path = STATE_DIR / "ssh" / "config"
+        path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+        path.write_text(self.ssh_config())
+        return path
 
     def console_command(self, name: str) -> list[str]:
         """The command that attaches to a VM's serial console (leave it with Ctrl-]) ."""

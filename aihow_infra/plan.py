@@ -87,6 +87,12 @@ class VmPlan:
         return self.image is not None or self.base_image is not None
 
     @property
+    def waits_ready(self) -> bool:
+        """True when ``up`` waits for the VM to be ready: it boots a project image, which has
+        the guest agent (an operator's own image may not)."""
+        return self.image is not None
+
+    @property
     def gpu_addresses(self) -> list[str]:
         """Addresses of the GPUs this VM takes (``.0`` functions), for outputs and inventories."""
         return [c.address for c in self.claims if c.is_gpu]

@@ -293,3 +293,45 @@ def test_mac_round_trip_is_stable_and_locally_administered() -> None:
     assert names == ["hpc-controller", "hpc-compute-01", "cloud-control-plane", "cloud-cpu-worker-01",
                      "cloud-gpu-worker-01"]
     assert len({mac_for(n) for n in names}) == len(names)
+
+
+def test_image_per_cluster_or_node_and_user_data_joined() -> None:
+    data = base()
+    hpc = data["clusters"]["hpc"]
+    hpc["image"] = "hpc"
+    hpc["cloud_init"] = {"runcmd": ["echo cluster"]}
+    hpc["compute_nodes"][0]["cloud_init"] = {"runcmd": ["echo node"], "packages": ["munge"]}
+    hpc["compute_nodes"][0]["base_image_path"] = None
+    data["clusters"]["cloud"]["control_plane"]["image"] = "cloud"
+    plans = {p.key: p for p in plan_all(parse_cluster_file(data, env={}))}
+    controller, compute = plans["hpc"].vms
+    assert (controller.image, compute.image) == ("hpc", "hpc")
+    assert compute.cloud_init == {"packages": ["munge"], "runcmd": ["echo cluster", "echo node"]}
+    assert controller.cloud_init == {"runcmd": ["echo cluster"]} and controller.waits_ready
+    assert [vm.image for vm in plans["cloud"].vms] == ["cloud", None, None]
+
+
+@pytest.mark.parametrize(("path", "value", "message"), [
+    ("clusters.hpc.controller.image", "gpu", "clusters.hpc.controller.image: 'gpu' is invalid; allowed: 'base', "
+                                            "'hpc' or 'cloud'"),
+    ("clusters.hpc.controller.disk_gb", 1, None),
+    ("clusters.hpc.controller.cloud_init", {"bootcmd": ["x"]},
+     "clusters.hpc.controller.cloud_init.bootcmd: unknown key 'bootcmd'; remove it"),
+])
+def test_image_mistakes(path: str, value: Any, message: str | None) -> None:
+    data = mutate(path, value)
+    if message is None:  # a disk smaller than the image it overlays
+        data["clusters"]["hpc"]["controller"]["image"] = "hpc"
+        message = ("clusters.hpc.controller.disk_gb: 1 is smaller than the hpc image (2 GiB); allowed: 2 or more")
+    with pytest.raises(ConfigError) as err:
+        parse_cluster_file(data, env={})
+    assert err.value.problems == [message]
+
+
+def test_image_and_base_image_path_together_are_refused() -> None:
+    data = mutate("clusters.hpc.controller.image", "hpc")
+    data["clusters"]["hpc"]["controller"]["base_image_path"] = "/images/own.qcow2"
+    with pytest.raises(ConfigError) as err:
+        parse_cluster_file(data, env={}, check_images=False)
+    assert err.value.problems == ["clusters.hpc.controller.image: 'hpc' given with base_image_path "
+                                  "'/images/own.qcow2'; allowed: one of them"]

@@ -67,6 +67,9 @@ def test_vm_lifecycle_and_system_sequence(e2e: E2E) -> None:
                             "cloud-control-plane": True, "cloud-cpu-worker-01": True, "cloud-gpu-worker-01": False}
     status = op.system_status()
     assert [c.status for c in status.clusters] == ["partial", "partial"]
+    # Blank disks: running, never waited for, and status says why they are not ready.
+    head = status.clusters[0].vms[0]
+    assert (head.state, head.ready, head.guest) == ("running", None, "no image")
     assert status.shared_gpus[0].vms == [f"{p}-hpc-compute-02", f"{p}-cloud-gpu-worker-01"]
     no_changes(e2e)
 

@@ -18,7 +18,7 @@ from aihow_infra.inventory import build_inventory, to_yaml
 def node(name: str, short: str, role: str, ip: str, gpus: list[dict[str, Any]] | None = None,
          power: str = "running") -> dict[str, Any]:
     return {"name": name, "short_name": short, "role": role, "ip": ip, "mac": "52:54:00:00:00:01", "vcpus": 4,
-            "memory_gb": 8, "gpus": gpus or [], "power_state": power, "desired_power": power}
+            "memory_gb": 8, "gpus": gpus or [], "power_state": power, "desired_power": power, "login_user": "aihow"}
 
 
 GPU = {"address": "0000:01:00.0", "functions": ["0000:01:00.0", "0000:01:00.1"], "vendor_id": "10de",
@@ -47,13 +47,14 @@ def ansible_list(tmp_path: Path, inventory: dict[str, Any]) -> dict[str, Any]:
 
 
 def test_hpc_inventory_groups_and_gres_vars(tmp_path: Path) -> None:
-    data = ansible_list(tmp_path, build_inventory(HPC))
+    data = ansible_list(tmp_path, build_inventory(HPC, "hpc", "/keys/id_ed25519"))
     assert data["hpc"]["children"] == ["slurmctld", "slurmd", "slurm_gpu"]
     assert data["slurmctld"]["hosts"] == ["controller"]
     assert sorted(data["slurmd"]["hosts"]) == ["compute-01", "compute-02"]
     assert data["slurm_gpu"]["hosts"] == ["compute-01"]
     gpu_host = data["_meta"]["hostvars"]["compute-01"]
     assert gpu_host["ansible_host"] == "192.168.100.11"
+    assert (gpu_host["ansible_user"], gpu_host["ansible_ssh_private_key_file"]) == ("aihow", "/keys/id_ed25519")
     assert (gpu_host["gpu_count"], gpu_host["gpu_type"]) == (1, "nvidia_2805")
     assert gpu_host["power_state"] == "running" and gpu_host["cluster_name"] == "hpc-cluster"
     assert data["_meta"]["hostvars"]["compute-02"]["gpu_count"] == 0
