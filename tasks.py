@@ -173,15 +173,17 @@ def vm_status(c: Context, name: str, json_: bool = False) -> None:
 
 def _vm_table(rows: list[VmStatus], title: str) -> None:
     table = Table(title=title, title_justify="left")
-    for col in ("VM", "role", "state", "desired", "guest", "IP", "vCPU", "GiB", "GPUs (holder)"):
+    workload = any(r.workload for r in rows)
+    for col in ("VM", "role", "state", "desired", "guest", *(["SLURM"] if workload else []), "IP", "vCPU", "GiB",
+                "GPUs (holder)"):
         table.add_column(col)
     for r in rows:
         colour = "green" if r.state == "running" else "yellow"
         guest = f"[green]{r.guest}[/green]" if r.ready else r.guest
         ip = r.ip or (", ".join(r.addresses) if r.addresses else "DHCP")
         gpus = ", ".join(f"{g.address} ({g.holder or 'free'})" for g in r.gpus) or "-"
-        table.add_row(r.name, r.role, f"[{colour}]{r.state}[/{colour}]", r.desired, guest, ip,
-                      str(r.vcpus), str(r.memory_gb), gpus)
+        table.add_row(r.name, r.role, f"[{colour}]{r.state}[/{colour}]", r.desired, guest,
+                      *([r.workload or "-"] if workload else []), ip, str(r.vcpus), str(r.memory_gb), gpus)
     out.print(table)
 
 
@@ -213,6 +215,15 @@ def ssh_config(c: Context, out_: str = "") -> None:
         print(text, end="")
 
 
+@task(help={"stack": STACK_HELP, "limit": "only these hosts (Ansible's --limit, e.g. compute-02)",
+            "playbook": "the operator's own playbook instead of the project's ansible/<stack>.yml"})
+def deploy(c: Context, stack: str, limit: str = "", playbook: str = "") -> None:
+    """Run the stack's playbook on its running VMs (SLURM for hpc), over the live inventory."""
+    _check_stack(stack)
+    result = operator().deploy(stack, limit or None, Path(playbook).resolve() if playbook else None)
+    out.print(f"[green]{stack} deployed[/green] in {result.seconds:.0f} s, {result.changed} change(s)")
+
+
 # --- guest images ---------------------------------------------------------------------------
 
 
@@ -236,10 +247,10 @@ def image_build(c: Context, role: str = "all", force: bool = False) -> None:
 # --- both clusters ---------------------------------------------------------------------------
 
 
-@task()
-def system_up(c: Context) -> None:
-    """Bring up HPC, then Cloud; if Cloud fails, this run's HPC changes are undone."""
-    operator().system_up()
+@task(help={"no_deploy": "provision and wait for ready only; do not run the playbooks"})
+def system_up(c: Context, no_deploy: bool = False) -> None:
+    """Bring up HPC, then Cloud, wait until every VM is ready, and deploy what changed."""
+    operator().system_up(deploy=not no_deploy)
     out.print("[green]system up[/green]")
 
 
@@ -258,7 +269,8 @@ def system_status(c: Context, json_: bool = False) -> None:
         out.print_json(json.dumps(status.to_dict()))
         return
     for cluster in status.clusters:
-        _vm_table(cluster.vms, title=f"{cluster.name} ({cluster.stack}, {cluster.cidr}): {cluster.status}")
+        health = f"; {cluster.health}" if cluster.health else ""
+        _vm_table(cluster.vms, title=f"{cluster.name} ({cluster.stack}, {cluster.cidr}): {cluster.status}{health}")
     for gpu in status.shared_gpus:
         out.print(f"[magenta]shared GPU {gpu.address}[/magenta]: {', '.join(gpu.vms)}; "
                   f"held by {gpu.holder or 'nobody'}", highlight=False)
@@ -329,12 +341,10 @@ def topology(c: Context, json_: bool = False, config: str = "") -> None:
 @task(help={"stack": STACK_HELP, "out": "write the inventory to this file instead of printing it"})
 def inventory(c: Context, stack: str, out_: str = "") -> None:
     """An Ansible YAML inventory from the stack's outputs (Kubespray layout for cloud)."""
-    from aihow_infra.inventory import build_inventory, to_yaml
+    from aihow_infra.inventory import to_yaml
 
     _check_stack(stack)
-    op = operator()
-    key = op.login(op.view(stack)).private_path
-    text = to_yaml(build_inventory(op.workspace.outputs(stack), stack, str(key) if key else None))
+    text = to_yaml(operator().inventory(stack))
     if out_:
         Path(out_).write_text(text)
         err.print(f"wrote {out_}")
@@ -396,5 +406,5 @@ host.add_task(host_check, "check")
 image = Collection("image")
 image.add_task(image_build, "build")
 
-ns = Collection(up, preview, destroy, validate, switch, topology, inventory, ssh_config, test, vm, system, gpu, host,
-                image)
+ns = Collection(up, preview, destroy, deploy, validate, switch, topology, inventory, ssh_config, test, vm, system, gpu,
+                host, image)

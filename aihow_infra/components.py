@@ -207,5 +207,6 @@ class Cluster(pulumi.ComponentResource):
             "bridge": plan.bridge,
             "gateway": plan.gateway,
             "libvirt_uri": settings.libvirt_uri,
+            "slurm_partitions": list(plan.partitions),
         }
         self.register_outputs(self.outputs)

@@ -8,6 +8,7 @@
     │   └── LeaseConflictError  another VM holds the GPU
     ├── ImageError              a guest image cannot be built or found
     ├── GuestError              a guest did not become ready
+    ├── DeployError             a playbook failed (host, task, message)
     └── StackError              a pulumi run failed
 
 Each carries a message that fits on one line and says what to change; tasks print
@@ -65,6 +66,10 @@ class ImageError(AihowError):
 class GuestError(AihowError):
     """A guest did not become ready (its agent did not answer, or cloud-init failed); the
     message names the VM and ends with the tail of its console."""
+
+
+class DeployError(AihowError):
+    """An Ansible deploy failed; the message names the host, the task and Ansible's message."""
 
 
 class StackError(AihowError):

@@ -68,6 +68,8 @@ IMAGE_FILES: dict[str, str] = {
     "/etc/fstab": "LABEL=root / ext4 defaults,discard 0 1\n",
     "/etc/machine-id": "",
 }
+# Made by package scripts at build time, so every clone would share them: made per cluster instead.
+REMOVED_FILES = ("/etc/munge/munge.key",)
 ENABLED_UNITS = ("systemd-networkd.service",)
 MASKED_UNITS = ("e2scrub_all.timer", "e2scrub_reap.service", "apt-daily.timer", "apt-daily-upgrade.timer")
 
@@ -80,6 +82,7 @@ class Recipe:
     suite: str = SUITE
     packages: tuple[str, ...] = ()
     files: tuple[tuple[str, str], ...] = ()
+    removed_files: tuple[str, ...] = REMOVED_FILES
     enabled_units: tuple[str, ...] = ENABLED_UNITS
     masked_units: tuple[str, ...] = MASKED_UNITS
     initramfs_modules: tuple[str, ...] = INITRAMFS_MODULES
@@ -264,7 +267,7 @@ def customize(rootfs: Path, recipe: Recipe) -> None:
         mask.symlink_to("/dev/null")
     for key in (rootfs / "etc/ssh").glob("ssh_host_*"):
         key.unlink()
-    for path in ("etc/hostname", "var/lib/dbus/machine-id"):
+    for path in ("etc/hostname", "var/lib/dbus/machine-id", *(p.lstrip("/") for p in recipe.removed_files)):
         (rootfs / path).unlink(missing_ok=True)
     for folder in ("var/cache/apt/archives", "var/lib/apt/lists"):
         for item in (rootfs / folder).glob("*"):

@@ -10,19 +10,23 @@ records, talks to libvirt directly.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import os
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
 import yaml
 
+from aihow_infra import slurm
 from aihow_infra.config import CLUSTER_KEYS, ClusterFile
+from aihow_infra.deploy import DeployRecord, DeployResult, fingerprint, project_playbook, run_playbook
 from aihow_infra.errors import AihowError, ConfigError, StackError
 from aihow_infra.images import ensure_image, find_image, recipe_for
+from aihow_infra.inventory import Access, build_inventory
 from aihow_infra.ledger import Ledger
 from aihow_infra.libvirt.connection import connect, lookup
 from aihow_infra.libvirt.guest import console_log_path, probe, wait_ready
@@ -130,6 +134,55 @@ class Operator:
         """``pulumi destroy`` of one stack."""
         self.progress(f"pulumi destroy -s {stack}")
         self.workspace.destroy(stack)
+        self.deploys.forget(stack)
+
+    # --- Ansible -------------------------------------------------------------------------
+
+    @property
+    def deploys(self) -> DeployRecord:
+        """The last successful deploy of each stack of this workspace."""
+        return DeployRecord(STATE_DIR / "deploy" / _slug(self.workspace.project_dir))
+
+    def deploy(self, stack: str, limit: str | None = None, playbook: Path | None = None) -> DeployResult:
+        """Run the stack's playbook (the project's ``ansible/<stack>.yml`` or ``playbook``) on its
+        running VMs; a full run of the project's playbook is recorded for ``system.up``."""
+        own = project_playbook(stack)
+        book = playbook or own
+        if book is None:
+            raise AihowError(f"stack {stack} has no project playbook (ansible/{stack}.yml) yet; "
+                             "allowed: --playbook FILE (e.g. Kubespray's cluster.yml)")
+        inventory = self.inventory(stack)
+        self.progress(f"deploying {stack}: {book.name}" + (f" on {limit}" if limit else ""))
+        env = {**self.workspace.env(), "AIHOW_PROJECT_DIR": str(self.workspace.project_dir)}
+        result = run_playbook(book, stack, env, limit, self.progress)
+        if book == own and limit is None:
+            self.deploys.save(stack, fingerprint(inventory, book), result)
+        self.progress(f"{stack} deployed in {result.seconds:.0f} s, {result.changed} change(s)")
+        return result
+
+    def deploy_if_changed(self, stack: str) -> DeployResult | None:
+        """Deploy when anything the project's playbook depends on changed since the last deploy."""
+        book = project_playbook(stack)
+        if book is None:
+            return None
+        if self.deploys.last(stack) == fingerprint(self.inventory(stack), book):
+            self.progress(f"{stack}: nothing changed since the last deploy")
+            return None
+        return self.deploy(stack)
+
+    def _controller(self, view: StackView, conn: Any) -> Any:
+        heads = [vm for vm in view.plan.vms if vm.role == "controller"]
+        dom = lookup("looking up domain", conn.lookupByName, heads[0].name) if heads else None
+        return dom if dom is not None and dom.isActive() else None
+
+    def _drain(self, view: StackView, vms: list[VmPlan]) -> None:
+        """Drain HPC compute nodes in SLURM before they stop (when SLURM runs)."""
+        if view.plan.key != "hpc" or not vms:
+            return
+        with connect(view.settings.libvirt_uri) as conn:
+            controller = self._controller(view, conn)
+            if controller is not None:
+                slurm.drain(controller, [vm.name for vm in vms], view.settings.drain_timeout, self.progress)
 
     # --- one VM ----------------------------------------------------------------------------
 
@@ -153,17 +206,22 @@ class Operator:
 
     def vm_start(self, name: str) -> None:
         """Start a VM: its GPU leases are taken first; a GPU held elsewhere fails with the holder."""
-        view, _vm = self.find_vm(name)
+        view, vm = self.find_vm(name)
         if view.settings.cluster_power == "stopped":
             raise AihowError(f"cluster {view.plan.name} is stopped (system.down); run `invoke system.up` first")
         self.ensure_images([view])
         self.progress(f"starting {name}")
         self._apply_power(view, {name: "running"})
+        if self.deploys.last(view.stack) is not None and project_playbook(view.stack):
+            heads = [v.short_name for v in view.plan.vms if v.role in ("controller", "control-plane")]
+            self.deploy(view.stack, limit=",".join(dict.fromkeys([vm.short_name, *heads])))
 
     def vm_stop(self, name: str, force: bool = False) -> None:
         """Stop a VM (ACPI shutdown with the stack's timeout, then power off; ``force`` powers
         off at once); its GPU leases are released after it is off."""
-        view, _vm = self.find_vm(name)
+        view, vm = self.find_vm(name)
+        if vm.role == "compute" and not force:
+            self._drain(view, [vm])
         if force:
             self.progress(f"powering off {name}")
             with connect(view.settings.libvirt_uri) as conn:
@@ -211,7 +269,7 @@ class Operator:
         else:
             self.workspace.config_set(stack, "aihow:clusterPower", power)
 
-    def system_up(self) -> None:
+    def system_up(self, deploy: bool = True) -> None:
         """HPC first, then Cloud; when the two share no passthrough device the order changes
         nothing, and both come up at the same time. When a part fails, what this run changed
         in the other is undone (resources it created are destroyed, power put back)."""
@@ -245,6 +303,9 @@ class Operator:
                     failures[view.stack] = error
                     break
         if not failures:
+            if deploy:
+                for view in views:
+                    self.deploy_if_changed(view.stack)
             return
         done = [v.stack for v in views if v.stack not in failures and self._urns(v.stack) != before[v.stack][0]]
         for stack in failures:
@@ -279,9 +340,10 @@ class Operator:
 
     def system_down(self) -> None:
         """Cloud first, then HPC: every VM is shut down and its leases released."""
-        for stack in reversed(self.configured_stacks()):
-            self._set_cluster_power(stack, "stopped")
-            self.up(stack)
+        for view in reversed(self.views()):
+            self._drain(view, [vm for vm in view.plan.vms if vm.role == "compute"])
+            self._set_cluster_power(view.stack, "stopped")
+            self.up(view.stack)
 
     def system_destroy(self) -> None:
         """Cloud first, then HPC: remove every VM, volume, pool and network."""
@@ -296,7 +358,12 @@ class Operator:
             holders = _holders(view.settings)
             with connect(view.settings.libvirt_uri) as conn:
                 rows = [self._vm_status(view, vm, conn, holders) for vm in view.plan.vms]
-            clusters.append(ClusterStatus.of(view.plan, view.stack, view.settings.cluster_power, rows))
+                workload = self._workload(view, conn)
+            health = ""
+            if workload is not None:
+                states, health = workload
+                rows = [replace(r, workload=states.get(r.name, "")) if r.role == "compute" else r for r in rows]
+            clusters.append(ClusterStatus.of(view.plan, view.stack, view.settings.cluster_power, rows, health))
         holders = _holders(views[0].settings) if views else {}
         shared = [SharedGpuStatus.of(device, holders.get(device.address))
                   for device in shared_devices([v.plan for v in views])]
@@ -322,6 +389,20 @@ class Operator:
                 blocks.append("\n".join(lines))
         return "\n\n".join(blocks) + "\n" if blocks else ""
 
+    def live_states(self, view: StackView) -> dict[str, str]:
+        """libvirt's state of each of the stack's VMs, by name."""
+        with connect(view.settings.libvirt_uri) as conn:
+            found = {vm.name: lookup("looking up domain", conn.lookupByName, vm.name) for vm in view.plan.vms}
+            return {name: state_name(dom) if dom is not None else UNDEFINED for name, dom in found.items()}
+
+    def inventory(self, stack: str) -> dict[str, Any]:
+        """The stack's Ansible inventory: its outputs, its VMs' live states, and the access its
+        ``aihow:ansibleConnection`` names."""
+        view = self.view(stack)
+        key = self.login(view).private_path
+        access = Access(view.settings.ansible_connection, view.settings.libvirt_uri, str(key) if key else None)
+        return build_inventory(self.workspace.outputs(stack), stack, access, self.live_states(view))
+
     def write_ssh_config(self) -> Path:
         """``ssh_config`` into the project's state (git-ignored), for ``vm.ssh``."""
         path = STATE_DIR / "ssh" / "config"
@@ -333,6 +414,14 @@ class Operator:
         """The command that attaches to a VM's serial console (leave it with Ctrl-]) ."""
         view, _vm = self.find_vm(name)
         return ["virsh", "-c", view.settings.libvirt_uri, "console", name]
+
+    def _workload(self, view: StackView, conn: Any) -> tuple[dict[str, str], str] | None:
+        """SLURM's node states and health line for an HPC stack (None for other stacks)."""
+        if view.plan.key != "hpc":
+            return None
+        controller = self._controller(view, conn)
+        states = slurm.node_states(controller) if controller is not None else None
+        return states or {}, slurm.health(states)
 
     def host_ledger(self) -> tuple[Ledger, str]:
         """The host's GPU lease ledger and libvirt URI, as the first configured stack names them."""
@@ -360,17 +449,25 @@ class Operator:
             self._apply_power(self.view(to), starts)
 
 
+def _slug(path: Path) -> str:
+    """A folder name for a project folder (deploy records of test workspaces stay apart)."""
+    return "default" if path.resolve() == Path(__file__).resolve().parent.parent else \
+        hashlib.sha256(str(path.resolve()).encode()).hexdigest()[:12]
+
+
 def _holders(settings: StackSettings) -> dict[str, str | None]:
     """Who holds each address of the stack's ledger."""
     return {address: lease.holder for address, lease in Ledger(settings.ledger_path).leases().items()}
 
 
 def _phases(progress: Progress) -> Progress:
-    """An image build's progress, its phase lines only (mmdebstrap's ``I:`` lines and ours)."""
+    """An image build's progress, its phases only: mmdebstrap's steps and the builder's own lines."""
+    steps = ("I: downloading", "I: extracting", "I: installing", "I: cleaning", "I: success")
+
     def phase(line: str) -> None:
-        if line.startswith("I: ") or not line.startswith(("W: ", " ", "Get:", "Selecting", "Preparing", "Unpacking",
-                                                          "Setting up", "Processing", "(Reading")):
+        if line.startswith(steps) or line.startswith(("mmdebstrap ", "mke2fs:", "qemu-img ")):
             progress(line.removeprefix("I: "))
+
     return phase
 
 

@@ -113,6 +113,7 @@ class ClusterPlan:
     forward_mode: Literal["nat", "isolated"]
     dns_servers: tuple[str, ...]
     vms: tuple[VmPlan, ...] = field(default_factory=tuple)
+    partitions: tuple[str, ...] = ()  # SLURM partitions (HPC), the default one first
 
     @property
     def network_name(self) -> str:
@@ -190,6 +191,14 @@ def _merge_user_data(first: dict[str, Any], then: dict[str, Any]) -> dict[str, A
     return {key: [*first.get(key, []), *then.get(key, [])] for key in sorted({*first, *then})}
 
 
+def _partitions(cluster: HpcCluster | CloudCluster) -> tuple[str, ...]:
+    if not isinstance(cluster, HpcCluster):
+        return ()
+    config = cluster.slurm_config
+    first = config.default_partition or (config.partitions[0] if config.partitions else "compute")
+    return (first, *[p for p in config.partitions if p != first])
+
+
 def plan_cluster(file: ClusterFile, key: ClusterKey, source: str = "cluster file") -> ClusterPlan:
     """The plan of ``clusters.<key>``; ``ConfigError`` when the file has no such cluster."""
     cluster: HpcCluster | CloudCluster | None = getattr(file.clusters, key)
@@ -234,6 +243,7 @@ def plan_cluster(file: ClusterFile, key: ClusterKey, source: str = "cluster file
         forward_mode=net.forward_mode,
         dns_servers=tuple(str(d) for d in net.dns_servers),
         vms=vms,
+        partitions=_partitions(cluster),
     )
 
 

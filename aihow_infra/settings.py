@@ -36,6 +36,8 @@ class StackSettings(BaseModel):
     ssh_public_key: str | None = Field(None, alias="sshPublicKey")
     login_user: str = Field("aihow", alias="loginUser", pattern=r"^[a-z_][a-z0-9_-]{0,31}$")
     ready_timeout: float = Field(900.0, alias="readyTimeout", gt=0)
+    ansible_connection: Literal["ssh", "agent"] = Field("ssh", alias="ansibleConnection")
+    drain_timeout: float = Field(300.0, alias="drainTimeout", ge=0)
     power: dict[str, PowerState] = Field(default_factory=dict)
     cluster_power: PowerState = Field("running", alias="clusterPower")
 

@@ -61,6 +61,7 @@ class VmStatus:
     ready: bool | None = None
     guest: str = ""
     addresses: list[str] = field(default_factory=list)
+    workload: str = ""  # what the cluster's software says of the node (SLURM: idle, drained...)
 
     @classmethod
     def of(cls, vm: VmPlan, stack: str, state: str, wants_running: bool,
@@ -112,16 +113,17 @@ class ClusterStatus:
     power: str
     status: str
     vms: list[VmStatus]
+    health: str = ""  # the workload's own summary (SLURM nodes up)
 
     @classmethod
-    def of(cls, plan: ClusterPlan, stack: str, power: str, vms: list[VmStatus]) -> ClusterStatus:
+    def of(cls, plan: ClusterPlan, stack: str, power: str, vms: list[VmStatus], health: str = "") -> ClusterStatus:
         """The row of a cluster: ``running``, ``stopped``, ``partial`` (or ``planned``)."""
         running = sum(vm.state == "running" for vm in vms)
         if vms and all(vm.state == PLANNED for vm in vms):
             status = PLANNED
         else:
             status = "running" if running == len(vms) else "stopped" if running == 0 else "partial"
-        return cls(stack, plan.name, plan.network_name, plan.subnet, power, status, vms)
+        return cls(stack, plan.name, plan.network_name, plan.subnet, power, status, vms, health)
 
 
 @dataclass(frozen=True)

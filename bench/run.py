@@ -190,6 +190,7 @@ def plain_libvirt_up(plan_file: Path, images: Path, uri: str = "qemu:///system")
     import libvirt
 
     from aihow_infra.cloudinit import SeedSpec, seed_files, seed_iso
+    from aihow_infra.host import Host, choose_virt_type
     from aihow_infra.images import KERNEL_CMDLINE, image_for
     from aihow_infra.libvirt.guest import console_log_path, probe
     from aihow_infra.libvirt.render import domain_xml, network_xml, pool_xml, volume_xml
@@ -197,6 +198,7 @@ def plain_libvirt_up(plan_file: Path, images: Path, uri: str = "qemu:///system")
     from aihow_infra.sshkeys import login_key
 
     conn = libvirt.open(uri)
+    virt_type = choose_virt_type("auto", Host(Path("/")), _kvm(conn)).virt_type  # as the project decides
     made: list[Callable[[], None]] = []
     started: dict[str, tuple[Any, float]] = {}
     key = login_key(None).public
@@ -234,7 +236,7 @@ def plain_libvirt_up(plan_file: Path, images: Path, uri: str = "qemu:///system")
                 "vcpus": vm.cpu_cores, "memory_mib": vm.memory_gb * 1024, "disk_path": vol.path(), "mac": vm.mac,
                 "network": plan.network_name, "devices": [], "mounts": [], "seed_path": seed.path(), "boot": boot,
                 "console_log": str(console_log_path(vm.name)),
-                "acceleration": {"cpu_model": vm.acceleration.cpu_model}}, "kvm" if _kvm(conn) else "qemu"))
+                "acceleration": {"cpu_model": vm.acceleration.cpu_model}}, virt_type))
             if vm.auto_start:
                 dom.create()
                 started[vm.name] = (dom, time.perf_counter())

@@ -7,9 +7,7 @@ run also builds the two images (cached afterwards, outside the work tree)."""
 
 from __future__ import annotations
 
-import base64
 import json
-import time
 from pathlib import Path
 from typing import Any
 
@@ -17,7 +15,7 @@ import libvirt
 import pytest
 
 from aihow_infra.errors import StackError
-from aihow_infra.libvirt.guest import agent_command, read_file
+from aihow_infra.libvirt.guest import agent_command, read_file, run
 from aihow_infra.operations import Operator
 from aihow_infra.plan import mac_for
 from aihow_infra.sshkeys import project_key
@@ -39,17 +37,9 @@ def default_shape(box: Sandbox) -> dict[str, Any]:
     return {"hpc": hpc, "cloud": cloud}
 
 
-def guest_exec(dom: libvirt.virDomain, *argv: str, timeout: float = 120) -> tuple[int, str]:
-    """Run a command in the guest through the agent; its exit code and output."""
-    pid = agent_command(dom, "guest-exec", path=argv[0], arg=list(argv[1:]), **{"capture-output": True})["pid"]
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        status = agent_command(dom, "guest-exec-status", pid=pid)
-        if status.get("exited"):
-            out = base64.b64decode(status.get("out-data", "")).decode()
-            return int(status.get("exitcode", -1)), out
-        time.sleep(0.5)
-    raise AssertionError(f"{argv} did not finish in {timeout} s")
+def guest_exec(dom: libvirt.virDomain, *argv: str) -> tuple[int, str]:
+    ran = run(dom, list(argv))
+    return ran.code, ran.out
 
 
 def booted(e2e: E2E, data: dict[str, Any], key_file: Path) -> Operator:

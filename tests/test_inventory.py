@@ -12,7 +12,7 @@ from typing import Any
 import pytest
 
 from aihow_infra.errors import AihowError
-from aihow_infra.inventory import build_inventory, to_yaml
+from aihow_infra.inventory import Access, build_inventory, to_yaml
 
 
 def node(name: str, short: str, role: str, ip: str, gpus: list[dict[str, Any]] | None = None,
@@ -47,7 +47,7 @@ def ansible_list(tmp_path: Path, inventory: dict[str, Any]) -> dict[str, Any]:
 
 
 def test_hpc_inventory_groups_and_gres_vars(tmp_path: Path) -> None:
-    data = ansible_list(tmp_path, build_inventory(HPC, "hpc", "/keys/id_ed25519"))
+    data = ansible_list(tmp_path, build_inventory(HPC, "hpc", Access("ssh", ssh_key="/keys/id_ed25519")))
     assert data["hpc"]["children"] == ["slurmctld", "slurmd", "slurm_gpu"]
     assert data["slurmctld"]["hosts"] == ["controller"]
     assert sorted(data["slurmd"]["hosts"]) == ["compute-01", "compute-02"]
@@ -62,13 +62,31 @@ def test_hpc_inventory_groups_and_gres_vars(tmp_path: Path) -> None:
 
 def test_cloud_inventory_follows_kubespray(tmp_path: Path) -> None:
     data = ansible_list(tmp_path, build_inventory(CLOUD))
-    assert sorted(data["k8s_cluster"]["children"]) == ["kube_control_plane", "kube_node"]
+    assert sorted(data["k8s_cluster"]["children"]) == ["calico_rr", "kube_control_plane", "kube_node"]
     assert data["kube_control_plane"]["hosts"] == ["control-plane"]
     assert data["etcd"]["hosts"] == ["control-plane"]
-    assert sorted(data["kube_node"]["hosts"]) == ["cpu-worker-01", "gpu-worker-01"]
+    # The GPU worker is shut off: listed with its state, in no play group.
+    assert data["kube_node"]["hosts"] == ["cpu-worker-01"]
+    assert data["stopped"]["hosts"] == ["gpu-worker-01"]
     worker = data["_meta"]["hostvars"]["gpu-worker-01"]
     assert worker["ansible_host"] == "192.168.200.12" and worker["power_state"] == "shutoff"
     assert worker["gpu_pci_addresses"] == ["0000:01:00.0"]
+
+
+def test_live_states_decide_the_play_groups(tmp_path: Path) -> None:
+    states = {"hpc-cluster-compute-02": "shutoff", "hpc-cluster-compute-01": "running"}
+    data = ansible_list(tmp_path, build_inventory(HPC, "hpc", states=states))
+    assert data["slurmd"]["hosts"] == ["compute-01"] and data["stopped"]["hosts"] == ["compute-02"]
+    assert data["_meta"]["hostvars"]["compute-02"]["power_state"] == "shutoff"
+
+
+def test_agent_access_needs_no_address(tmp_path: Path) -> None:
+    data = ansible_list(tmp_path, build_inventory(HPC, "hpc", Access("agent", "qemu:///system")))
+    controller = data["_meta"]["hostvars"]["controller"]
+    assert controller["ansible_connection"] == "community.libvirt.libvirt_qemu"
+    assert (controller["ansible_host"], controller["ansible_libvirt_uri"]) == ("hpc-cluster-controller",
+                                                                              "qemu:///system")
+    assert "ansible_user" not in controller
 
 
 def test_a_stack_without_outputs_is_a_clear_error() -> None:

@@ -22,14 +22,15 @@ LAYERS: list[list[str]] = [
     ["aihow_infra.ledger", "aihow_infra.status", "aihow_infra.host", "aihow_infra.images", "aihow_infra.cloudinit",
      "aihow_infra.sshkeys"],
     ["aihow_infra.libvirt", "aihow_infra.stacks"],
-    ["providers"],
+    ["providers", "aihow_infra.deploy", "aihow_infra.slurm", "aihow_infra.inventory"],
     ["aihow_infra.components", "aihow_infra.operations"],
-    ["aihow_infra.topology", "aihow_infra.inventory", "aihow_infra.leases", "aihow_infra.hostcheck"],
+    ["aihow_infra.topology", "aihow_infra.leases", "aihow_infra.hostcheck"],
     ["__main__", "tasks"],
 ]
 # What the tasks run: none of it may reach Pulumi, the providers or the components.
 TASK_PATH = ["aihow_infra.stacks", "aihow_infra.operations", "aihow_infra.status", "aihow_infra.topology",
-             "aihow_infra.inventory", "aihow_infra.leases", "aihow_infra.hostcheck", "aihow_infra.images"]
+             "aihow_infra.inventory", "aihow_infra.leases", "aihow_infra.hostcheck", "aihow_infra.images",
+             "aihow_infra.deploy", "aihow_infra.slurm"]
 PULUMI_SIDE = ("pulumi", "providers", "aihow_infra.components")
 
 

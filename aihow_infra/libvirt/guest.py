@@ -11,6 +11,7 @@ import base64
 import json
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -39,6 +40,34 @@ def agent_command(dom: libvirt.virDomain, execute: str, timeout: int = 5, **argu
         command["arguments"] = arguments
     reply = libvirt_qemu.qemuAgentCommand(dom, json.dumps(command), timeout, 0)
     return json.loads(reply).get("return")
+
+
+@dataclass(frozen=True)
+class Ran:
+    """A command run in a guest."""
+
+    code: int
+    out: str
+    err: str
+
+
+def run(dom: libvirt.virDomain, argv: list[str], timeout: float = 120) -> Ran:
+    """Run a command in the guest through its agent and wait for it; ``GuestError`` when the
+    agent cannot run it or it does not finish in time."""
+    try:
+        pid = agent_command(dom, "guest-exec", path=argv[0], arg=argv[1:], **{"capture-output": True})["pid"]
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            status = agent_command(dom, "guest-exec-status", pid=pid)
+            if status.get("exited"):
+                out, err = (base64.b64decode(status.get(key, "")).decode(errors="replace")
+                            for key in ("out-data", "err-data"))
+                return Ran(int(status.get("exitcode", -1)), out, err)
+            time.sleep(0.3)
+    except libvirt.libvirtError as exc:
+        raise GuestError(f"VM {dom.name()}: cannot run {argv[0]} through the guest agent "
+                         f"({exc.get_error_message()})") from None
+    raise GuestError(f"VM {dom.name()}: {' '.join(argv)} did not finish within {timeout:.0f} s")
 
 
 def read_file(dom: libvirt.virDomain, path: str) -> str | None:

@@ -1,0 +1,129 @@
+"""Running Ansible on a stack: the project's playbooks in ``ansible/`` (or the operator's own),
+over the inventory the stack's outputs make, with a live line per task and one clear error.
+
+Whether a deploy is needed is decided by a fingerprint of what it depends on (the inventory:
+hosts, their state and variables; and every file under ``ansible/``): ``system.up`` deploys
+only when it differs from the last successful deploy's.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from aihow_infra.errors import DeployError
+
+ANSIBLE_DIR = Path(__file__).resolve().parent.parent / "ansible"
+Progress = Callable[[str], None]
+
+
+def project_playbook(stack: str) -> Path | None:
+    """The project's playbook for a stack (``ansible/<stack>.yml``), when it has one."""
+    path = ANSIBLE_DIR / f"{stack}.yml"
+    return path if path.is_file() else None
+
+
+def fingerprint(inventory: Mapping[str, Any], playbook: Path) -> str:
+    """A hash of everything a deploy depends on."""
+    digest = hashlib.sha256(json.dumps(inventory, sort_keys=True).encode())
+    digest.update(str(playbook.resolve()).encode())
+    folders = [ANSIBLE_DIR] if playbook.resolve().is_relative_to(ANSIBLE_DIR) else [ANSIBLE_DIR, playbook.parent]
+    for folder in folders:
+        for path in sorted(p for p in folder.rglob("*") if p.is_file() and "__pycache__" not in p.parts):
+            digest.update(str(path.relative_to(folder)).encode())
+            digest.update(path.read_bytes())
+    return digest.hexdigest()[:16]
+
+
+@dataclass(frozen=True)
+class DeployResult:
+    """What a playbook run did."""
+
+    seconds: float
+    recap: dict[str, dict[str, int]] = field(default_factory=dict)
+
+    @property
+    def changed(self) -> int:
+        """Tasks that changed something, over all hosts."""
+        return sum(host.get("changed", 0) for host in self.recap.values())
+
+
+def run_playbook(playbook: Path, stack: str, env: Mapping[str, str], limit: str | None = None,
+                 progress: Progress | None = None, inventory: Path | None = None) -> DeployResult:
+    """``ansible-playbook`` on the stack's live inventory (or ``inventory``); ``DeployError``
+    naming the host, the task and the message of the first failure."""
+    say = progress or (lambda _line: None)
+    if not playbook.is_file():
+        raise DeployError(f"playbook {playbook} does not exist; allowed: a playbook file")
+    tool = Path(sys.executable).parent / "ansible-playbook"
+    with tempfile.TemporaryDirectory(prefix="aihow-deploy-") as tmp:
+        summary = Path(tmp) / "summary.json"
+        run_env = {**env, "ANSIBLE_CONFIG": str(ANSIBLE_DIR / "ansible.cfg"), "AIHOW_DEPLOY_SUMMARY": str(summary),
+                   "ANSIBLE_FORCE_COLOR": "0", "PYTHONUNBUFFERED": "1"}
+        source = inventory or ANSIBLE_DIR / "inventory" / f"{stack}.yml"
+        cmd = [str(tool), "-i", str(source), str(playbook),
+               *(["--limit", limit] if limit else [])]
+        started = time.monotonic()
+        tail: list[str] = []
+        proc = subprocess.Popen(cmd, cwd=ANSIBLE_DIR, env=run_env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                text=True)
+        assert proc.stdout is not None
+        try:
+            for line in proc.stdout:
+                line = line.rstrip()
+                if line:
+                    tail = [*tail[-4:], line]
+                    say(line)
+            code = proc.wait()
+        except BaseException:
+            proc.terminate()
+            proc.wait()
+            raise
+        data: dict[str, Any] = json.loads(summary.read_text()) if summary.exists() else {}
+    result = DeployResult(seconds=time.monotonic() - started, recap=data.get("recap") or {})
+    failures = data.get("failures") or []
+    if failures:
+        first = failures[0]
+        more = f" (and {len(failures) - 1} more)" if len(failures) > 1 else ""
+        raise DeployError(f"deploy of {stack} failed on {first['host']}, task '{first['task']}': {first['msg']}{more}")
+    if code != 0:
+        raise DeployError(f"deploy of {stack} failed (ansible-playbook exit {code}): {' | '.join(tail[-2:])}")
+    return result
+
+
+class DeployRecord:
+    """The fingerprint of each stack's last successful deploy, in the project's state folder."""
+
+    def __init__(self, folder: Path) -> None:
+        self.folder = folder
+
+    def _path(self, stack: str) -> Path:
+        return self.folder / f"{stack}.json"
+
+    def last(self, stack: str) -> str | None:
+        """The fingerprint recorded for ``stack``, if any."""
+        try:
+            return str(json.loads(self._path(stack).read_text())["fingerprint"])
+        except (OSError, ValueError, KeyError):
+            return None
+
+    def save(self, stack: str, print_: str, result: DeployResult) -> None:
+        """Record a successful deploy (atomically)."""
+        self.folder.mkdir(parents=True, exist_ok=True)
+        tmp = self._path(stack).with_suffix(".tmp")
+        tmp.write_text(json.dumps({"fingerprint": print_, "seconds": round(result.seconds, 1),
+                                   "changed": result.changed, "at": time.strftime("%Y-%m-%dT%H:%M:%S")}))
+        os.replace(tmp, self._path(stack))
+
+    def forget(self, stack: str) -> None:
+        """A stack destroyed needs a full deploy next time."""
+        self._path(stack).unlink(missing_ok=True)

@@ -1,0 +1,57 @@
+"""SLURM's view of the HPC cluster, asked on the controller through its guest agent (no IP
+traffic from the host): node states, draining before a node stops, and health for status."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+
+import libvirt
+
+from aihow_infra.errors import GuestError
+from aihow_infra.libvirt.guest import run
+
+Progress = Callable[[str], None]
+DRAIN_REASON = "aihow: stopping the VM"
+
+
+def node_states(controller: libvirt.virDomain) -> dict[str, str] | None:
+    """Each node's SLURM state (``idle``, ``allocated``, ``drained``, ``down*``...), or None when
+    SLURM does not answer on the controller (not deployed yet, or the controller is down)."""
+    try:
+        ran = run(controller, ["/usr/bin/sinfo", "-h", "-N", "-o", "%N %T"], timeout=30)
+    except GuestError:
+        return None
+    if ran.code != 0:
+        return None
+    return dict(line.split(None, 1) for line in ran.out.splitlines() if " " in line.strip())
+
+
+def health(states: dict[str, str] | None) -> str:
+    """One line for status: ``SLURM: 2/3 nodes idle`` or why SLURM cannot say."""
+    if states is None:
+        return "SLURM: no answer from the controller (not deployed, or stopped)"
+    usable = sum(state.rstrip("*~#") in ("idle", "allocated", "mixed", "completing") for state in states.values())
+    return f"SLURM: {usable}/{len(states)} nodes up"
+
+
+def drain(controller: libvirt.virDomain, nodes: list[str], timeout: float, progress: Progress) -> None:
+    """Drain ``nodes`` (no new jobs) and wait up to ``timeout`` seconds for their running jobs
+    to end. Nodes SLURM does not know are left alone."""
+    states = node_states(controller)
+    known = [n for n in nodes if states and n in states]
+    if not known:
+        return
+    names = ",".join(known)
+    progress(f"draining {names} in SLURM (jobs may run up to {timeout:.0f} s more)")
+    ran = run(controller, ["/usr/bin/scontrol", "update", f"nodename={names}", "state=drain",
+                           f"reason={DRAIN_REASON}"], timeout=60)
+    if ran.code != 0:
+        raise GuestError(f"draining {names} failed on {controller.name()}: {ran.err.strip() or ran.out.strip()}")
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        jobs = run(controller, ["/usr/bin/squeue", "-h", "-w", names, "-o", "%i"], timeout=60)
+        if jobs.code == 0 and not jobs.out.strip():
+            return
+        time.sleep(2)
+    progress(f"jobs still run on {names} after {timeout:.0f} s; stopping anyway")

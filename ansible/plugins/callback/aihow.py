@@ -1,0 +1,85 @@
+"""Ansible stdout callback: one line per task and host as it finishes, failures with host, task
+and message, and a recap. With ``AIHOW_DEPLOY_SUMMARY`` set, the failures and the recap are
+also written there as JSON, for ``invoke deploy`` to report."""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Any
+
+from ansible.plugins.callback import CallbackBase
+
+DOCUMENTATION = r"""
+name: aihow
+type: stdout
+short_description: one line per task result, then a recap
+description: Compact live output for ai-how deploys.
+"""
+
+
+def _message(result: Any) -> str:
+    data = result._result
+    text = data.get("msg") or data.get("stderr") or data.get("reason") or ""
+    if not text and data.get("results"):
+        text = next((r.get("msg") or r.get("stderr") or "" for r in data["results"] if r.get("failed")), "")
+    return " ".join(str(text).split())[:500] or "failed"
+
+
+class CallbackModule(CallbackBase):  # type: ignore[misc]
+    """Compact live lines for operators."""
+
+    CALLBACK_VERSION = 2.0
+    CALLBACK_TYPE = "stdout"
+    CALLBACK_NAME = "aihow"
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.failures: list[dict[str, str]] = []
+        self.play = ""
+
+    def _line(self, text: str) -> None:
+        self._display.display(text)
+
+    def v2_playbook_on_play_start(self, play: Any) -> None:
+        """A play begins."""
+        self.play = play.get_name().strip()
+        self._line(f"PLAY {self.play}")
+
+    def v2_runner_on_ok(self, result: Any) -> None:
+        """A task finished on a host, changed or not."""
+        word = "changed" if result._result.get("changed") else "ok"
+        self._line(f"  {word:8} {result._host.get_name()}: {result._task.get_name()}")
+
+    def v2_runner_on_skipped(self, result: Any) -> None:
+        """Skipped tasks are not shown."""
+        return
+
+    def v2_runner_on_failed(self, result: Any, ignore_errors: bool = False) -> None:
+        """A task failed on a host: host, task and message, kept for the summary."""
+        if ignore_errors:
+            return
+        failure = {"host": result._host.get_name(), "task": result._task.get_name(), "msg": _message(result)}
+        self.failures.append(failure)
+        self._line(f"  FAILED   {failure['host']}: {failure['task']}: {failure['msg']}")
+
+    def v2_runner_on_unreachable(self, result: Any) -> None:
+        """A host could not be reached."""
+        failure = {"host": result._host.get_name(), "task": result._task.get_name(),
+                   "msg": f"unreachable: {_message(result)}"}
+        self.failures.append(failure)
+        self._line(f"  UNREACH  {failure['host']}: {failure['task']}: {failure['msg']}")
+
+    def v2_playbook_on_stats(self, stats: Any) -> None:
+        """The recap, and the summary file."""
+        recap = {}
+        self._line("RECAP")
+        for host in sorted(stats.processed):
+            s = stats.summarize(host)
+            recap[host] = s
+            self._line(f"  {host}: ok={s['ok']} changed={s['changed']} failed={s['failures']} "
+                       f"unreachable={s['unreachable']} skipped={s['skipped']}")
+        path = os.environ.get("AIHOW_DEPLOY_SUMMARY")
+        if path:
+            with open(path, "w", encoding="utf-8") as out:
+                json.dump({"failures": self.failures, "recap": recap}, out)
