@@ -362,7 +362,9 @@ class Operator:
             health = ""
             if workload is not None:
                 states, health = workload
-                rows = [replace(r, workload=states.get(r.name, "")) if r.role == "compute" else r for r in rows]
+                rows = [replace(r, workload=states.get(r.name, "") if r.role == "compute" else
+                                "slurmctld" if states else "no answer") if r.role in ("compute", "controller") else r
+                        for r in rows]
             clusters.append(ClusterStatus.of(view.plan, view.stack, view.settings.cluster_power, rows, health))
         holders = _holders(views[0].settings) if views else {}
         shared = [SharedGpuStatus.of(device, holders.get(device.address))

@@ -10,6 +10,7 @@ import shutil
 import subprocess
 import uuid
 import xml.etree.ElementTree as ET
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -174,3 +175,30 @@ class E2E:
         existing = existing or {}
         existing.setdefault("config", {}).update(config)
         path.write_text(yaml.safe_dump(existing, sort_keys=False))
+
+
+@contextlib.contextmanager
+def network_namespace(name: str, bridge: str, address: ipaddress.IPv4Interface) -> Iterator[list[str]]:
+    """A network namespace of the test's own, wired into a libvirt network's bridge by a veth
+    pair, holding ``address``: SSH from inside it reaches the guests while this host's root
+    namespace sends them no IP traffic (its end of the pair has no address and no IPv6).
+    Yields the command prefix that runs a program inside; removed whatever happens."""
+    outside, inside = f"{name[:10]}o", f"{name[:10]}i"
+
+    def ip(*args: str) -> None:
+        subprocess.run(["ip", *args], check=True, capture_output=True, text=True)
+
+    ip("netns", "add", name)
+    try:
+        ip("link", "add", outside, "type", "veth", "peer", "name", inside)
+        subprocess.run(["sysctl", "-q", "-w", f"net.ipv6.conf.{outside}.disable_ipv6=1"], check=True)
+        ip("link", "set", inside, "netns", name)
+        ip("link", "set", outside, "master", bridge, "up")
+        prefix = ["ip", "netns", "exec", name]
+        for args in (["link", "set", "lo", "up"], ["addr", "add", str(address), "dev", inside],
+                     ["link", "set", inside, "up"]):
+            subprocess.run([*prefix, "ip", *args], check=True, capture_output=True)
+        yield prefix
+    finally:
+        subprocess.run(["ip", "link", "del", outside], capture_output=True, check=False)
+        subprocess.run(["ip", "netns", "del", name], capture_output=True, check=False)

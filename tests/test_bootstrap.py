@@ -31,10 +31,12 @@ PROGRAMS = {
     "ip": "the sandbox picks free test subnets (iproute2)",
     "mmdebstrap": "image.build makes guest root file systems (mmdebstrap)",
     "mke2fs": "image.build writes them into ext4 (e2fsprogs)",
-    "ssh": "vm.ssh (openssh-client)",
+    "ssh": "vm.ssh, and deploys over SSH (openssh-client)",
+    "sysctl": "the SSH test's namespace keeps IPv6 off the host's side (procps)",
     "pulumi": "the engine (built by bootstrap into .tools/bin)",
     "pulumi-language-python": "the engine's Python host (built by bootstrap)",
     "ansible-inventory": "inventory tests (ansible-core, in .venv)",
+    "ansible-playbook": "invoke deploy (ansible-core, in .venv)",
 }
 
 

@@ -6,6 +6,10 @@ Every check runs on the controller through the guest agent."""
 
 from __future__ import annotations
 
+import ipaddress
+import os
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -15,7 +19,8 @@ from aihow_infra.errors import DeployError
 from aihow_infra.libvirt.guest import run
 from aihow_infra.operations import Operator
 from aihow_infra.sshkeys import project_key
-from tests.sandbox import E2E
+from aihow_infra.stacks import PROJECT_ROOT
+from tests.sandbox import E2E, network_namespace
 
 pytestmark = pytest.mark.e2e
 
@@ -53,8 +58,9 @@ def test_hpc_cluster_runs_jobs_drains_and_rejoins(e2e: E2E, tmp_path: Path) -> N
     cluster["controller"]["disk_gb"] = 4
     cluster["slurm_config"] = {"partitions": ["debug"]}
     key = project_key(tmp_path / "keys")
-    e2e.configure("hpc", e2e.write_cluster_file({"hpc": cluster}), sshPublicKey=key.public,
-                  ansibleConnection="agent", stopTimeout="60")
+    cluster_file = e2e.write_cluster_file({"hpc": cluster})
+    public_key = str(key.private_path) + ".pub"
+    e2e.configure("hpc", cluster_file, sshPublicKey=public_key, ansibleConnection="agent", stopTimeout="60")
     op = Operator(e2e.workspace)
     p = box.prefix
     computes = [f"{p}-hpc-compute-01", f"{p}-hpc-compute-02"]
@@ -92,6 +98,18 @@ def test_hpc_cluster_runs_jobs_drains_and_rejoins(e2e: E2E, tmp_path: Path) -> N
                                           r"set': .*slurm_partition_typo.* is undefined"):
         op.deploy("hpc", playbook=broken)
     assert all(box.conn.lookupByName(name).isActive() for name in [f"{p}-hpc-controller", *computes])
+
+    # The same deploy over SSH, from a network namespace of this test's own: nothing to change.
+    e2e.configure("hpc", cluster_file, ansibleConnection="ssh")
+    env = {**os.environ, "AIHOW_PROJECT_DIR": str(e2e.workspace.project_dir),
+           "PULUMI_BACKEND_URL": e2e.workspace.backend_url or ""}
+    address = ipaddress.IPv4Interface(f"{hosts[199]}/{net.prefixlen}")
+    with network_namespace(f"{p}n", cluster["network"]["bridge"], address) as inside:
+        proc = subprocess.run([*inside, sys.executable, "-m", "invoke", "-r", str(PROJECT_ROOT), "deploy",
+                               "--stack", "hpc"], env=env, capture_output=True, text=True, timeout=1200)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "hpc deployed in" in proc.stdout and "0 change(s)" in proc.stdout, proc.stdout
+    assert "changed=0" in proc.stderr and "unreachable=0" in proc.stderr
 
     op.system_destroy()
     assert box.leftovers() == []
