@@ -249,10 +249,13 @@ class Operator:
                 wait_ready(dom, view.settings.ready_timeout, console_log_path(name), self.progress)
 
     def vm_status(self, name: str) -> VmStatus:
-        """State, IP, vCPUs, memory, GPUs and who holds each GPU's lease."""
+        """State, guest, IP, vCPUs, memory, GPUs and who holds each GPU's lease, and SLURM's
+        state of an HPC node."""
         view, vm = self.find_vm(name)
         with connect(view.settings.libvirt_uri) as conn:
-            return self._vm_status(view, vm, conn, _holders(view.settings))
+            row = self._vm_status(view, vm, conn, _holders(view.settings))
+            workload = self._workload(view, conn) if vm.role in ("compute", "controller") else None
+        return _with_workload([row], workload)[0] if workload else row
 
     def _vm_status(self, view: StackView, vm: VmPlan, conn: Any, holders: dict[str, str | None]) -> VmStatus:
         dom = lookup("looking up domain", conn.lookupByName, vm.name)
@@ -359,12 +362,8 @@ class Operator:
             with connect(view.settings.libvirt_uri) as conn:
                 rows = [self._vm_status(view, vm, conn, holders) for vm in view.plan.vms]
                 workload = self._workload(view, conn)
-            health = ""
-            if workload is not None:
-                states, health = workload
-                rows = [replace(r, workload=states.get(r.name, "") if r.role == "compute" else
-                                "slurmctld" if states else "no answer") if r.role in ("compute", "controller") else r
-                        for r in rows]
+            health = workload[1] if workload else ""
+            rows = _with_workload(rows, workload)
             clusters.append(ClusterStatus.of(view.plan, view.stack, view.settings.cluster_power, rows, health))
         holders = _holders(views[0].settings) if views else {}
         shared = [SharedGpuStatus.of(device, holders.get(device.address))
@@ -449,6 +448,16 @@ class Operator:
         if starts:
             self.progress(f"starting GPU VMs of {to}: {', '.join(starts)}")
             self._apply_power(self.view(to), starts)
+
+
+def _with_workload(rows: list[VmStatus], workload: tuple[dict[str, str], str] | None) -> list[VmStatus]:
+    """The rows with SLURM's word for each node: its state, or the controller's."""
+    if workload is None:
+        return rows
+    states = workload[0]
+    return [replace(r, workload=states.get(r.name, "") if r.role == "compute" else
+                    "slurmctld" if states else "no answer") if r.role in ("compute", "controller") else r
+            for r in rows]
 
 
 def _slug(path: Path) -> str:

@@ -37,6 +37,8 @@ def render_tree(status: SystemStatus) -> Tree:
             branch = net.add(
                 f"[{vs}]{vm.name}[/{vs}] {vm.ip or 'DHCP'} {vm.role} "
                 f"{vm.vcpus} vCPU {vm.memory_gb} GiB [{vs}]{vm.state}[/{vs}]"
+                + (f" {vm.guest}" if vm.state == "running" and vm.guest not in ("", "-") else "")
+                + (f" SLURM {vm.workload}" if vm.workload and vm.role == "compute" else "")
                 + ("" if vm.auto_start else " (manual start)"))
             for gpu in vm.gpus:
                 label = f"[magenta]GPU {gpu.address}[/magenta]"

@@ -343,10 +343,11 @@ def bench_real(folder: Path) -> list[Row]:
         for stack in ("hpc", "cloud"):
             (ws.project_dir / f"Pulumi.{stack}.yaml").write_text(yaml.safe_dump({"config": {
                 "aihow:clusterFile": str(cluster_file), "aihow:imagesDir": str(images / prefix),
-                "aihow:ledgerPath": str(folder / "real-ledger.json"), "aihow:stopTimeout": "60"}}))
+                "aihow:ledgerPath": str(folder / "real-ledger.json"), "aihow:stopTimeout": "60",
+                "aihow:ansibleConnection": "agent"}}))
         op = Operator(ws)
         try:
-            iac = timed(op.system_up)
+            iac = timed(lambda: op.system_up(deploy=False))
             iac_rss = qemu_rss_mib(prefix)
             rows.append(("system.up, two-cluster example, 5 VMs to ready", f"{iac:.1f} s",
                          f"plain libvirt script {plain:.1f} s", f"{iac / plain:.2f}x"))
@@ -357,6 +358,7 @@ def bench_real(folder: Path) -> list[Row]:
             rows.append(("qemu memory per 1 GiB guest (peak RSS)", f"median {statistics.median(iac_rss):.0f} MiB",
                          f"plain script {statistics.median(plain_rss):.0f} MiB",
                          f"{statistics.median(iac_rss) / statistics.median(plain_rss):.2f}x"))
+            rows += bench_deploy(op, folder)
             vm = f"{prefix}-hpc-compute-01"
             env = {**ws.env(), "AIHOW_PROJECT_DIR": str(ws.project_dir)}
             invoke_times, virsh_times = [], []
@@ -381,6 +383,27 @@ def bench_real(folder: Path) -> list[Row]:
                 op.system_destroy()
             shutil.rmtree(images / prefix, ignore_errors=True)
     return rows
+
+
+def bench_deploy(op: Any, folder: Path) -> list[Row]:
+    """Issue 13: the HPC deploy, first and with nothing to change, against plain ansible-playbook
+    running the same playbook on a static copy of the same inventory (no plugin, no wrapper)."""
+    from aihow_infra.deploy import ANSIBLE_DIR
+    from aihow_infra.inventory import to_yaml
+
+    first = timed(lambda: op.deploy("hpc"))
+    again = timed(lambda: op.deploy("hpc"))
+    static = folder / "hpc-inventory.yml"
+    static.write_text(to_yaml(op.inventory("hpc")))
+    env = {**op.workspace.env(), "ANSIBLE_CONFIG": str(ANSIBLE_DIR / "ansible.cfg"),
+           "ANSIBLE_STDOUT_CALLBACK": "default"}
+    plain = timed(lambda: subprocess.run([str(Path(sys.executable).parent / "ansible-playbook"), "-i", str(static),
+                                          str(ANSIBLE_DIR / "hpc.yml")], cwd=ANSIBLE_DIR, env=env, check=True,
+                                         capture_output=True))
+    return [("deploy hpc, first run (3 VMs, guest agent)", f"{first:.0f} s", f"no-change run {again:.0f} s",
+             f"{first / again:.2f}x"),
+            ("deploy hpc, nothing to change", f"{again:.0f} s", f"plain ansible-playbook {plain:.0f} s",
+             f"{again / plain:.2f}x")]
 
 
 def main() -> None:

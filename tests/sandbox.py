@@ -8,6 +8,7 @@ import contextlib
 import ipaddress
 import shutil
 import subprocess
+import time
 import uuid
 import xml.etree.ElementTree as ET
 from collections.abc import Iterator
@@ -198,6 +199,12 @@ def network_namespace(name: str, bridge: str, address: ipaddress.IPv4Interface) 
         for args in (["link", "set", "lo", "up"], ["addr", "add", str(address), "dev", inside],
                      ["link", "set", inside, "up"]):
             subprocess.run([*prefix, "ip", *args], check=True, capture_output=True)
+        # libvirt's bridges run STP: a new port listens and learns (2 x forward delay) first.
+        for _ in range(120):
+            shown = subprocess.run(["bridge", "link", "show", "dev", outside], capture_output=True, text=True).stdout
+            if "state forwarding" in shown:
+                break
+            time.sleep(0.25)
         yield prefix
     finally:
         subprocess.run(["ip", "link", "del", outside], capture_output=True, check=False)

@@ -29,6 +29,7 @@ PROGRAMS = {
     "virtlogd": "the daemon's log helper (libvirt-daemon-system)",
     "dnsmasq": "DHCP and DNS of libvirt networks (dnsmasq-base)",
     "ip": "the sandbox picks free test subnets (iproute2)",
+    "bridge": "the SSH test waits for its port on a libvirt bridge (iproute2)",
     "mmdebstrap": "image.build makes guest root file systems (mmdebstrap)",
     "mke2fs": "image.build writes them into ext4 (e2fsprogs)",
     "ssh": "vm.ssh, and deploys over SSH (openssh-client)",
