@@ -22,6 +22,7 @@ from aihow_infra.errors import AihowError
 GPU_VENDORS = {"10de": "nvidia", "1002": "amd", "8086": "intel"}
 AGENT_CONNECTION = "community.libvirt.libvirt_qemu"
 STOPPED_GROUP = "stopped"
+AGENT_REMOTE_TMP = "/root/.ansible/tmp"
 
 
 @dataclass(frozen=True)
@@ -45,8 +46,11 @@ class Access:
         return found
 
     def group_vars(self) -> dict[str, Any]:
-        """Connection variables every guest shares."""
-        return {"ansible_ssh_private_key_file": self.ssh_key} if self.kind == "ssh" and self.ssh_key else {}
+        """Connection variables every guest shares. The agent runs as root and its file calls
+        do not expand '~', so it gets an absolute temporary folder of its own."""
+        if self.kind == "agent":
+            return {"ansible_remote_tmp": AGENT_REMOTE_TMP}
+        return {"ansible_ssh_private_key_file": self.ssh_key} if self.ssh_key else {}
 
 
 def _host_vars(node: Mapping[str, Any], access: Access, state: str) -> dict[str, Any]:

@@ -1,4 +1,4 @@
-"""What the operator's tasks do: VM lifecycle, system-wide control and GPU switching.
+"""What the operator's tasks do: VM lifecycle, system-wide control, GPU switching, images and deploys.
 
 Pulumi stays the record. A VM's desired power state lives in its stack's config
 (``aihow:power.<vm>``; ``aihow:clusterPower`` for a whole cluster), and every
@@ -161,9 +161,16 @@ class Operator:
         return result
 
     def deploy_if_changed(self, stack: str) -> DeployResult | None:
-        """Deploy when anything the project's playbook depends on changed since the last deploy."""
+        """Deploy when anything the project's playbook depends on changed since the last deploy.
+        A stack with a VM that boots no project image (a blank disk, or an image of the operator's
+        own) is left to ``invoke deploy``: there may be nothing there to configure."""
         book = project_playbook(stack)
         if book is None:
+            return None
+        unknown = [vm.name for vm in self.view(stack).plan.vms if not vm.waits_ready]
+        if unknown:
+            self.progress(f"{stack}: not deployed ({', '.join(unknown)} boot no project image); "
+                          f"run `invoke deploy --stack {stack}` when they are ready for it")
             return None
         if self.deploys.last(stack) == fingerprint(self.inventory(stack), book):
             self.progress(f"{stack}: nothing changed since the last deploy")

@@ -169,6 +169,8 @@ class E2E:
             "aihow:imagesDir": str(self.sandbox.images_dir),
             "aihow:ledgerPath": str(self.ledger),
             "aihow:stopTimeout": "2",
+            # The network rule: Ansible reaches test guests through the agent, never over IP.
+            "aihow:ansibleConnection": "agent",
             **{f"aihow:{k}": v for k, v in settings.items()},
         }
         path = self.root / "project" / f"Pulumi.{stack}.yaml"

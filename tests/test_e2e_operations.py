@@ -62,7 +62,11 @@ def test_vm_lifecycle_and_system_sequence(e2e: E2E) -> None:
     p = box.prefix
 
     # CLOUD-0.6: system up starts HPC then Cloud; auto-start VMs run, the others are defined only.
+    # Blank disks have nothing to configure: no deploy is tried.
+    said: list[str] = []
+    op.progress = said.append
     op.system_up()
+    assert any(line.startswith("hpc: not deployed (") for line in said), said
     assert running(box) == {"hpc-controller": True, "hpc-compute-01": True, "hpc-compute-02": False,
                             "cloud-control-plane": True, "cloud-cpu-worker-01": True, "cloud-gpu-worker-01": False}
     status = op.system_status()
