@@ -22,7 +22,7 @@ from aihow_infra.errors import AihowError
 GPU_VENDORS = {"10de": "nvidia", "1002": "amd", "8086": "intel"}
 AGENT_CONNECTION = "community.libvirt.libvirt_qemu"
 STOPPED_GROUP = "stopped"
-AGENT_REMOTE_TMP = "/root/.ansible/tmp"
+AGENT_REMOTE_TMP = "/var/tmp/.ansible-agent"
 
 
 @dataclass(frozen=True)

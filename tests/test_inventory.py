@@ -87,7 +87,7 @@ def test_agent_access_needs_no_address(tmp_path: Path) -> None:
     assert (controller["ansible_host"], controller["ansible_libvirt_uri"]) == ("hpc-cluster-controller",
                                                                               "qemu:///system")
     assert "ansible_user" not in controller
-    assert controller["ansible_remote_tmp"] == "/root/.ansible/tmp"  # the agent's calls do not expand '~'
+    assert controller["ansible_remote_tmp"] == "/var/tmp/.ansible-agent"  # the agent's calls do not expand '~'
 
 
 def test_a_stack_without_outputs_is_a_clear_error() -> None:
