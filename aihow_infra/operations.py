@@ -143,7 +143,8 @@ class Operator:
         """The last successful deploy of each stack of this workspace."""
         return DeployRecord(STATE_DIR / "deploy" / _slug(self.workspace.project_dir))
 
-    def deploy(self, stack: str, limit: str | None = None, playbook: Path | None = None) -> DeployResult:
+    def deploy(self, stack: str, limit: str | None = None, playbook: Path | None = None,
+               inventory: dict[str, Any] | None = None) -> DeployResult:
         """Run the stack's playbook (the project's ``ansible/<stack>.yml`` or ``playbook``) on its
         running VMs; a full run of the project's playbook is recorded for ``system.up``."""
         own = project_playbook(stack)
@@ -151,7 +152,7 @@ class Operator:
         if book is None:
             raise AihowError(f"stack {stack} has no project playbook (ansible/{stack}.yml) yet; "
                              "allowed: --playbook FILE (e.g. Kubespray's cluster.yml)")
-        inventory = self.inventory(stack)
+        inventory = inventory or self.inventory(stack)
         self.progress(f"deploying {stack}: {book.name}" + (f" on {limit}" if limit else ""))
         env = {**self.workspace.env(), "AIHOW_PROJECT_DIR": str(self.workspace.project_dir)}
         result = run_playbook(book, stack, env, limit, self.progress)
@@ -172,10 +173,11 @@ class Operator:
             self.progress(f"{stack}: not deployed ({', '.join(unknown)} boot no project image); "
                           f"run `invoke deploy --stack {stack}` when they are ready for it")
             return None
-        if self.deploys.last(stack) == fingerprint(self.inventory(stack), book):
+        inventory = self.inventory(stack)
+        if self.deploys.last(stack) == fingerprint(inventory, book):
             self.progress(f"{stack}: nothing changed since the last deploy")
             return None
-        return self.deploy(stack)
+        return self.deploy(stack, inventory=inventory)
 
     def _controller(self, view: StackView, conn: Any) -> Any:
         heads = [vm for vm in view.plan.vms if vm.role == "controller"]
