@@ -6,10 +6,13 @@ builds the cluster's components, and exports what tasks and inventories read.
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pulumi
 
 from aihow_infra.components import Cluster, ClusterArgs
-from aihow_infra.errors import ConfigError
+from aihow_infra.desired import PowerRecords
+from aihow_infra.errors import ConfigError, StateFileError
 from aihow_infra.images import find_image, recipe_for
 from aihow_infra.loading import load_cluster_file
 from aihow_infra.plan import plan_cluster
@@ -23,7 +26,7 @@ def main() -> None:
     # Every aihow: key the stack sets, so that a misspelt one is an error, not ignored.
     names = {key.partition(":")[2] for key in pulumi.runtime.config.CONFIG.get() if key.startswith("aihow:")}
     config = pulumi.Config("aihow")
-    raw = {name: config.get_object(name) if name == "power" else config.get(name) for name in names}
+    raw = {name: config.get(name) for name in names}
     try:
         settings = parse_settings(raw)
         key = settings.cluster_key(stack)
@@ -32,16 +35,18 @@ def main() -> None:
     except ConfigError as exc:
         # First line for one-line summaries (the tasks), then every problem.
         raise pulumi.RunError(f"{exc}\n{exc.report()}") from None
-    unknown = set(settings.power) - {vm.name for vm in plan.vms}
-    if unknown:
-        raise pulumi.RunError(f"aihow:power names {', '.join(sorted(unknown))}, not VMs of {plan.name}; "
-                              f"allowed: {', '.join(vm.name for vm in plan.vms)}")
+    try:
+        # The program runs in the project folder, where the tasks keep the power records.
+        power = PowerRecords(Path.cwd(), stack).read()
+    except StateFileError as exc:
+        raise pulumi.RunError(str(exc)) from None
 
     missing = sorted({vm.image for vm in plan.vms if vm.image and find_image(recipe_for(vm.image)) is None})
     if missing:
         raise pulumi.RunError(f"guest image(s) {', '.join(missing)} not built; allowed: build them first with "
                               + " and ".join(f"`invoke image.build --role {role}`" for role in missing))
-    cluster = Cluster(plan.key, ClusterArgs(plan=plan, settings=settings, stack=stack, login_key=key_text))
+    cluster = Cluster(plan.key, ClusterArgs(plan=plan, settings=settings, stack=stack, login_key=key_text,
+                                            power=power))
     pulumi.export("cluster", cluster.outputs)
     pulumi.export("nodes", {node.outputs["name"]: node.outputs for node in cluster.nodes})
 

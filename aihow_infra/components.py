@@ -8,6 +8,7 @@ from dataclasses import dataclass
 import pulumi
 
 from aihow_infra.cloudinit import SeedSpec, seed_files
+from aihow_infra.desired import DesiredPower
 from aihow_infra.images import KERNEL_CMDLINE, image_for
 from aihow_infra.ledger import LeaseRef, holder_for
 from aihow_infra.libvirt.guest import console_log_path
@@ -30,7 +31,9 @@ class NodeArgs:
     settings: StackSettings
     stack: str
     login_key: str
+    power: DesiredPower
     network_name: pulumi.Output[str]
+    network_id: pulumi.Output[str]
     pool_name: pulumi.Output[str]
 
 
@@ -61,11 +64,11 @@ def _acceleration(vm: VmPlan) -> Acceleration:
 
 
 class Node(pulumi.ComponentResource):
-    """One VM: its disk volume, the GPU leases it holds while it runs, and its domain.
+    """One VM: its disk volume, the GPU lease it holds while it runs, and its domain.
 
-    The domain depends on the leases, so a lease is taken before the domain
-    starts; a lease is dropped from the program when the VM should not run,
-    and Pulumi deletes it after the domain update that shut the VM off.
+    The domain depends on the lease, so it is taken before the domain starts;
+    the lease is dropped from the program when the VM should not run, and
+    Pulumi deletes it after the domain update that shut the VM off.
     """
 
     domain: Domain
@@ -75,7 +78,7 @@ class Node(pulumi.ComponentResource):
         super().__init__("aihow:libvirt:Node", name, None, opts)
         vm, settings = args.vm, args.settings
         child = pulumi.ResourceOptions(parent=self)
-        running = settings.wants_running(vm.name, vm.auto_start)
+        running = args.power.wants_running(vm.name, vm.auto_start)
         holder = holder_for(args.stack, vm.name)
 
         image = image_for(vm.image) if vm.image else None
@@ -93,13 +96,13 @@ class Node(pulumi.ComponentResource):
             files=seed_files(_seed_spec(args)),
         ), child) if vm.boots else None
 
-        self.leases = [
-            GpuLease(f"{name}-lease-{claim.slot.replace(':', '-')}",
-                     LeaseRef(ledger=settings.ledger_path, holder=holder, addresses=list(claim.functions)), child)
-            for claim in (vm.claims if running else ())
-        ]
-
         every_function = [a for c in vm.claims for a in c.functions]
+        # Named after the first device: a one-GPU VM keeps the lease of earlier versions.
+        self.leases = [
+            GpuLease(f"{name}-lease-{vm.claims[0].slot.replace(':', '-')}",
+                     LeaseRef(ledger=settings.ledger_path, holder=holder, addresses=every_function), child)
+        ] if running and vm.claims else []
+
         self.domain = Domain(f"{name}-domain", DomainArgs(
             uri=settings.libvirt_uri,
             name=vm.name,
@@ -115,12 +118,14 @@ class Node(pulumi.ComponentResource):
             console_log=str(console_log_path(vm.name)),
             mac=vm.mac,
             network=args.network_name,
+            network_id=args.network_id,
             devices=[HostDevice(address=d.pci_address, type=d.device_type.value) for d in vm.devices],
             acceleration=_acceleration(vm),
             mounts=[Mount(tag=m.tag, host_path=m.host_path) for m in vm.mounts],
             running=running,
             stop_timeout=settings.stop_timeout,
             virt_type=settings.virt_type,
+            graphics=settings.graphics,
             lease=LeaseRef(ledger=settings.ledger_path, holder=holder, addresses=every_function)
             if running and vm.claims else None,
             wait_ready=vm.waits_ready,
@@ -154,12 +159,13 @@ class Node(pulumi.ComponentResource):
 
 @dataclass(frozen=True)
 class ClusterArgs:
-    """A cluster's plan and the stack's settings."""
+    """A cluster's plan, the stack's settings and its power records."""
 
     plan: ClusterPlan
     settings: StackSettings
     stack: str
     login_key: str
+    power: DesiredPower
 
 
 class Cluster(pulumi.ComponentResource):
@@ -178,6 +184,7 @@ class Cluster(pulumi.ComponentResource):
         network = Network("network", NetworkArgs(
             uri=settings.libvirt_uri,
             name=plan.network_name,
+            stack=args.stack,
             bridge=plan.bridge,
             forward_mode=plan.forward_mode,
             dns_domain=plan.dns_domain,
@@ -195,7 +202,8 @@ class Cluster(pulumi.ComponentResource):
         ), child)
         self.nodes = [
             Node(vm.short_name, NodeArgs(vm=vm, cluster=plan, settings=settings, stack=args.stack,
-                                         login_key=args.login_key, network_name=network.name,
+                                         login_key=args.login_key, power=args.power, network_name=network.name,
+                                         network_id=network.uuid,
                                          pool_name=pool.name), child)
             for vm in plan.vms
         ]

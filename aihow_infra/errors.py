@@ -9,7 +9,9 @@
     ├── ImageError              a guest image cannot be built or found
     ├── GuestError              a guest did not become ready
     ├── DeployError             a playbook failed (host, task, message)
-    └── StackError              a pulumi run failed
+    ├── StackError              a pulumi run failed
+    ├── StateFileError          a state file (ledger, power records) cannot be written
+    └── BusyError               another process holds a lock longer than allowed
 
 Each carries a message that fits on one line and says what to change; tasks print
 ``str(error)`` and exit non-zero, tracebacks are kept for bugs.
@@ -74,3 +76,12 @@ class DeployError(AihowError):
 
 class StackError(AihowError):
     """A Pulumi operation run by a task failed; the message carries the engine's cause."""
+
+
+class StateFileError(AihowError):
+    """A state file of the project (the lease ledger, the power records) cannot be read or
+    written: a full disk, a read-only folder, a corrupt file. Its old content is kept."""
+
+
+class BusyError(AihowError):
+    """Another process holds a lock (a stack, the ledger) for longer than the wait allowed."""

@@ -46,7 +46,8 @@ def lease_report(ledger: Ledger, uri: str) -> list[LeaseRow]:
 
 
 def reclaim(ledger: Ledger, uri: str, address: str, force: bool = False) -> str | None:
-    """Free ``address``; returns its former holder. Refused while the holder runs, unless forced."""
+    """Free the device at ``address`` (every function its holder holds); returns its former
+    holder. Refused while the holder runs, unless forced."""
     lease = ledger.holder_of(address)
     if lease is None or lease.holder is None:
         return None
@@ -55,4 +56,4 @@ def reclaim(ledger: Ledger, uri: str, address: str, force: bool = False) -> str 
         raise AihowError(f"GPU {address} is held by {lease.holder}, which is {state}; stop it with "
                          f"`invoke vm.stop {lease.vm}`, or pass --force to reclaim anyway")
     freed = ledger.reclaim(address)
-    return freed.holder if freed else None
+    return freed[0].holder if freed else None

@@ -12,11 +12,9 @@ never overwritten, and a copy is kept aside for the operator.
 from __future__ import annotations
 
 import contextlib
-import fcntl
+import hashlib
 import json
 import os
-import shutil
-import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -24,8 +22,11 @@ from pathlib import Path
 from typing import Any, TypedDict
 
 from aihow_infra.errors import LeaseConflictError, LeaseError
+from aihow_infra.files import Waiting, atomic_write, locked
 
 FORMAT_VERSION = 1
+# Every change holds the lock for milliseconds: a longer wait means a stuck process.
+LOCK_TIMEOUT = 30.0
 
 
 class LeaseRef(TypedDict):
@@ -69,9 +70,12 @@ def _now() -> str:
 class Ledger:
     """Arbitrates PCI devices between stacks. Cheap to create: it holds only the path."""
 
-    def __init__(self, path: str | os.PathLike[str]) -> None:
+    def __init__(self, path: str | os.PathLike[str], lock_timeout: float = LOCK_TIMEOUT,
+                 waiting: Waiting | None = None) -> None:
         self.path = Path(path)
         self.lock_path = self.path.with_name(self.path.name + ".lock")
+        self.lock_timeout = lock_timeout
+        self.waiting = waiting
 
     # --- reading ------------------------------------------------------------
 
@@ -97,17 +101,18 @@ class Ledger:
         try:
             return self._parse(text)
         except (ValueError, json.JSONDecodeError) as exc:
-            kept = self._keep_aside()
+            kept = self._keep_aside(text)
             raise LeaseError(
                 f"GPU lease ledger {self.path} is corrupt ({exc}); nothing was changed and a copy is kept at "
                 f"{kept}; repair the file by hand or move it away once no VM holds a GPU") from None
 
-    def _keep_aside(self) -> Path:
-        stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%S")
-        kept = self.path.with_name(f"{self.path.name}.corrupt-{stamp}")
+    def _keep_aside(self, text: str) -> Path:
+        """One copy per corrupt content, however often it is read."""
+        digest = hashlib.sha256(text.encode()).hexdigest()[:12]
+        kept = self.path.with_name(f"{self.path.name}.corrupt-{digest}")
         if not kept.exists():
             with contextlib.suppress(OSError):
-                shutil.copy2(self.path, kept)
+                kept.write_text(text, encoding="utf-8")
         return kept
 
     def leases(self) -> dict[str, Lease]:
@@ -124,46 +129,19 @@ class Ledger:
 
     @contextlib.contextmanager
     def _locked(self) -> Iterator[dict[str, dict[str, Any]]]:
-        try:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            fd = os.open(self.lock_path, os.O_RDWR | os.O_CREAT, 0o644)
-        except OSError as exc:
-            raise LeaseError(f"GPU lease ledger lock {self.lock_path} cannot be opened ({exc.strerror}); "
-                             "allowed: a writable folder (set aihow:ledgerPath)") from None
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX)
+        with locked(self.path, "GPU lease ledger", self.lock_timeout, self.waiting, LeaseError):
             devices = self._load()
             before = json.dumps(devices, sort_keys=True)
             yield devices
             if json.dumps(devices, sort_keys=True) != before:
-                self._write(devices)
-        finally:
-            os.close(fd)  # closing releases the flock
+                payload = json.dumps({"version": FORMAT_VERSION, "devices": devices}, indent=2, sort_keys=True)
+                atomic_write(self.path, payload + "\n", "GPU lease ledger", error=LeaseError)
 
-    def _write(self, devices: dict[str, dict[str, Any]]) -> None:
-        payload = json.dumps({"version": FORMAT_VERSION, "devices": devices}, indent=2, sort_keys=True) + "\n"
-        fd, tmp = tempfile.mkstemp(prefix=f".{self.path.name}.", dir=self.path.parent)
-        try:
-            with os.fdopen(fd, "w", encoding="utf-8") as out:
-                out.write(payload)
-                out.flush()
-                os.fsync(out.fileno())
-            os.chmod(tmp, 0o644)
-            os.replace(tmp, self.path)
-        except BaseException:
-            with contextlib.suppress(OSError):
-                os.unlink(tmp)
-            raise
-        folder = os.open(self.path.parent, os.O_RDONLY)
-        try:
-            os.fsync(folder)
-        finally:
-            os.close(folder)
-
-    def acquire(self, holder: str, addresses: list[str]) -> list[Lease]:
-        """Grant every address to ``holder``, or none: a conflict raises ``LeaseConflictError``
-        naming the address, its holder, since when, and how to free it. Addresses the holder
-        already has are kept as they are (no new generation)."""
+    def acquire(self, holder: str, addresses: list[str], renew: bool = False) -> list[Lease]:
+        """Grant every address to ``holder`` in one transaction, or none: a conflict raises
+        ``LeaseConflictError`` naming the address, its holder, since when, and how to free it.
+        Addresses the holder already has keep their generation, unless ``renew`` (a new grant:
+        a release that names the older generation then leaves them alone)."""
         with self._locked() as devices:
             for address in addresses:
                 entry = devices.get(address) or {}
@@ -177,28 +155,38 @@ class Ledger:
             now = _now()
             for address in addresses:
                 entry = devices.setdefault(address, {"holder": None, "generation": 0, "granted_at": None})
-                if entry.get("holder") != holder:
+                if renew or entry.get("holder") != holder:
                     entry.update(holder=holder, generation=entry["generation"] + 1, granted_at=now)
             return [Lease(a, holder, devices[a]["generation"], devices[a]["granted_at"]) for a in addresses]
 
-    def release(self, holder: str, addresses: list[str]) -> list[str]:
-        """Free the addresses ``holder`` holds; others are left alone (never a steal). Returns
-        the addresses freed."""
+    def release(self, holder: str, addresses: list[str], generations: dict[str, int] | None = None) -> list[str]:
+        """Free the addresses ``holder`` holds; others are left alone (never a steal). With
+        ``generations``, an address granted again since (a newer generation, even to the same
+        holder) is left alone too. Returns the addresses freed."""
         freed = []
         with self._locked() as devices:
             for address in addresses:
                 entry = devices.get(address)
-                if entry and entry.get("holder") == holder:
-                    entry.update(holder=None, granted_at=None)
-                    freed.append(address)
+                if not entry or entry.get("holder") != holder:
+                    continue
+                if generations is not None and entry["generation"] != generations.get(address, entry["generation"]):
+                    continue
+                entry.update(holder=None, granted_at=None)
+                freed.append(address)
         return freed
 
-    def reclaim(self, address: str) -> Lease | None:
-        """Operator's override: free ``address`` whoever holds it. Returns the lease that was freed."""
+    def reclaim(self, address: str) -> list[Lease]:
+        """Operator's override: free the device at ``address`` whoever holds it — every function
+        of that device (``0000:41:00.*``) its holder holds. Returns the leases freed."""
+        slot = address.rsplit(".", 1)[0]
         with self._locked() as devices:
             entry = devices.get(address)
-            if not entry or not entry.get("holder"):
-                return None
-            lease = Lease(address, entry["holder"], entry["generation"], entry.get("granted_at"))
-            entry.update(holder=None, granted_at=None)
-            return lease
+            holder = entry.get("holder") if entry else None
+            if not holder:
+                return []
+            freed = []
+            for other, e in sorted(devices.items()):
+                if other.rsplit(".", 1)[0] == slot and e.get("holder") == holder:
+                    freed.append(Lease(other, holder, e["generation"], e.get("granted_at")))
+                    e.update(holder=None, granted_at=None)
+            return freed

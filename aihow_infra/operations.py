@@ -1,10 +1,10 @@
 """What the operator's tasks do: VM lifecycle, system-wide control, GPU switching, images and deploys.
 
-Pulumi stays the record. A VM's desired power state lives in its stack's config
-(``aihow:power.<vm>``; ``aihow:clusterPower`` for a whole cluster), and every
-change goes through ``pulumi up`` of that stack, so a later ``pulumi up`` of
-either stack reports no changes. Only a restart, which changes nothing Pulumi
-records, talks to libvirt directly.
+Pulumi stays the record. A VM's desired power state lives in its stack's power
+records (``aihow_infra.desired``: the project's git-ignored state), and every
+change goes through ``pulumi up`` of that stack under the stack's hold, so a
+later ``pulumi up`` of either stack reports no changes. Only a restart, which
+changes nothing Pulumi records, talks to libvirt directly.
 """
 
 from __future__ import annotations
@@ -24,6 +24,7 @@ import yaml
 from aihow_infra import slurm
 from aihow_infra.config import CLUSTER_KEYS, ClusterFile
 from aihow_infra.deploy import DeployRecord, DeployResult, fingerprint, project_playbook, run_playbook
+from aihow_infra.desired import DesiredPower, PowerRecords, PowerState
 from aihow_infra.errors import AihowError, ConfigError, StackError
 from aihow_infra.images import ensure_image, find_image, recipe_for
 from aihow_infra.inventory import Access, build_inventory
@@ -43,11 +44,12 @@ Progress = Callable[[str], None]
 
 @dataclass(frozen=True)
 class StackView:
-    """A stack's settings and its cluster's plan, as its config says now."""
+    """A stack's settings, its cluster's plan and its power records, as they are now."""
 
     stack: str
     settings: StackSettings
     plan: ClusterPlan
+    power: DesiredPower
 
 
 class Operator:
@@ -56,6 +58,8 @@ class Operator:
     def __init__(self, workspace: Workspace | None = None, progress: Progress | None = None) -> None:
         self.workspace = workspace or Workspace()
         self.progress: Progress = progress or (lambda _msg: None)
+        if self.workspace.waiting is None:
+            self.workspace.waiting = self.progress
 
     # --- reading the stacks ----------------------------------------------------------
 
@@ -96,7 +100,11 @@ class Operator:
         settings = self.settings(stack)
         plan = plan_cluster(self.cluster_file(settings), settings.cluster_key(stack),
                             f"cluster file {settings.cluster_file}")
-        return StackView(stack, settings, plan)
+        return StackView(stack, settings, plan, self.records(stack).read())
+
+    def records(self, stack: str) -> PowerRecords:
+        """The stack's power records."""
+        return PowerRecords(self.workspace.project_dir, stack)
 
     def views(self) -> list[StackView]:
         """Every configured stack's view, HPC first."""
@@ -195,28 +203,31 @@ class Operator:
 
     # --- one VM ----------------------------------------------------------------------------
 
-    def _set_power(self, stack: str, name: str, power: str | None) -> None:
-        key = f"aihow:power.{name}"
-        if power is None:
-            self.workspace.config_rm(stack, key, path=True)
-        else:
-            self.workspace.config_set(stack, key, power, path=True)
+    def _apply(self, stack: str, change: Callable[[DesiredPower], DesiredPower]) -> None:
+        """Change the stack's power records and converge, in one pulumi run under the stack's
+        hold. When the run fails the records are put back and the stack is brought back to
+        them, so the records never claim what did not happen."""
+        records = self.records(stack)
+        with self.workspace.hold(stack):
+            before = records.read()
+            records.write(change(before))
+            self.progress(f"pulumi up -s {stack}")
+            try:
+                self.workspace.up(stack)
+            except AihowError as exc:
+                records.write(before)
+                self.progress(f"{stack}: putting the power states back ({exc})")
+                with contextlib.suppress(AihowError):
+                    self.workspace.up(stack)
+                raise
 
-    def _apply_power(self, view: StackView, changes: dict[str, str]) -> None:
-        """Record desired power states in the stack's config and converge, in one pulumi run; on
-        failure the recorded states are put back, so the config never claims what did not happen."""
-        self.progress(f"pulumi up -s {view.stack}")
-        try:
-            self.workspace.up(view.stack, config={f"aihow:power.{name}": power for name, power in changes.items()})
-        except StackError:
-            for name in changes:
-                self._set_power(view.stack, name, view.settings.power.get(name))
-            raise
+    def _apply_power(self, view: StackView, changes: dict[str, PowerState]) -> None:
+        self._apply(view.stack, lambda power: power.with_vms(changes))
 
     def vm_start(self, name: str) -> None:
         """Start a VM: its GPU leases are taken first; a GPU held elsewhere fails with the holder."""
         view, vm = self.find_vm(name)
-        if view.settings.cluster_power == "stopped":
+        if view.power.cluster == "stopped":
             raise AihowError(f"cluster {view.plan.name} is stopped (system.down); run `invoke system.up` first")
         self.ensure_images([view])
         self.progress(f"starting {name}")
@@ -247,7 +258,7 @@ class Operator:
             dom = lookup("looking up domain", conn.lookupByName, name)
             if dom is None:
                 raise AihowError(f"VM {name} does not exist; run `invoke up --stack {view.stack}`")
-            if not view.settings.wants_running(name, vm.auto_start):
+            if not view.power.wants_running(name, vm.auto_start):
                 raise AihowError(f"VM {name} is meant to be stopped; use `invoke vm.start {name}`")
             self.progress(f"restarting {name}: shutting down (up to {view.settings.stop_timeout:.0f} s, "
                           "then powered off)")
@@ -270,35 +281,24 @@ class Operator:
         dom = lookup("looking up domain", conn.lookupByName, vm.name)
         state = state_name(dom) if dom is not None else UNDEFINED
         guest = probe(dom) if dom is not None and vm.boots and state == "running" else None
-        return VmStatus.of(vm, view.stack, state, view.settings.wants_running(vm.name, vm.auto_start), holders,
+        return VmStatus.of(vm, view.stack, state, view.power.wants_running(vm.name, vm.auto_start), holders,
                            guest=guest)
 
     # --- both clusters -----------------------------------------------------------------------
 
-    def _set_cluster_power(self, stack: str, power: str) -> None:
-        if power == "running":
-            self.workspace.config_rm(stack, "aihow:clusterPower")
-        else:
-            self.workspace.config_set(stack, "aihow:clusterPower", power)
-
     def system_up(self, deploy: bool = True) -> None:
         """HPC first, then Cloud; when the two share no passthrough device the order changes
         nothing, and both come up at the same time. When a part fails, what this run changed
-        in the other is undone (resources it created are destroyed, power put back)."""
+        in the others is undone (resources it created are destroyed, power put back)."""
         views = self.views()
         if not views:
             raise AihowError("no stack is configured; allowed: Pulumi.hpc.yaml and/or Pulumi.cloud.yaml")
         self.ensure_images(views)
-        before = {v.stack: (self._urns(v.stack), v.settings.cluster_power) for v in views}
-
-        def bring_up(view: StackView) -> None:
-            power_on = {"aihow:clusterPower": "running"} if view.settings.cluster_power != "running" else None
-            self.progress(f"pulumi up -s {view.stack}")
-            self.workspace.up(view.stack, config=power_on)
+        before = {v.stack: (self._urns(v.stack), v.power) for v in views}
 
         def attempt(view: StackView) -> AihowError | None:
             try:
-                bring_up(view)
+                self._apply(view.stack, lambda power: power.with_cluster("running"))
             except AihowError as exc:
                 return exc
             return None
@@ -319,18 +319,13 @@ class Operator:
                 for view in views:
                     self.deploy_if_changed(view.stack)
             return
-        done = [v.stack for v in views if v.stack not in failures and self._urns(v.stack) != before[v.stack][0]]
-        for stack in failures:
-            self._put_power_back(stack, before[stack][1])
-        for stack in reversed(done):
+        changed = [v.stack for v in views if v.stack not in failures
+                   and (self._urns(v.stack), self.records(v.stack).read()) != before[v.stack]]
+        for stack in reversed(changed):
             self._roll_back(stack, *before[stack])
         stack, error = next(iter(failures.items()))
         raise StackError(f"system.up failed in {stack}: {error}"
-                         + (f" (rolled back {', '.join(done)})" if done else "")) from None
-
-    def _put_power_back(self, stack: str, power: str) -> None:
-        if power != "running":
-            self._set_cluster_power(stack, power)
+                         + (f" (rolled back {', '.join(changed)})" if changed else "")) from None
 
     def _urns(self, stack: str) -> set[str]:
         if not self.workspace.has_stack(stack):
@@ -338,24 +333,25 @@ class Operator:
         data = json.loads(self.workspace.run(["stack", "export"], stack).stdout)
         return {r["urn"] for r in data.get("deployment", {}).get("resources") or []}
 
-    def _roll_back(self, stack: str, before: set[str], power: str) -> None:
+    def _roll_back(self, stack: str, before: set[str], power: DesiredPower) -> None:
+        """Put a stack back as it was: what this run created is destroyed, its power records
+        and power states restored."""
         self.progress(f"rolling back {stack}")
-        created = sorted(self._urns(stack) - before)
-        if not [u for u in before if "::pulumi:pulumi:Stack::" not in u]:
-            self.workspace.destroy(stack)
-        elif created:
-            targets = [arg for urn in created for arg in ("--target", urn)]
-            self.workspace.run(["destroy", "--yes", "--skip-preview", "--target-dependents", *targets], stack)
-        if power != "running":
-            self._set_cluster_power(stack, power)
-            self.up(stack)
+        with self.workspace.hold(stack):
+            created = sorted(self._urns(stack) - before)
+            if not [u for u in before if "::pulumi:pulumi:Stack::" not in u]:
+                self.workspace.destroy(stack)
+            elif created:
+                targets = [arg for urn in created for arg in ("--target", urn)]
+                self.workspace.run(["destroy", "--yes", "--skip-preview", "--target-dependents", *targets], stack)
+            if self.records(stack).read() != power:
+                self._apply(stack, lambda _now: power)
 
     def system_down(self) -> None:
         """Cloud first, then HPC: every VM is shut down and its leases released."""
         for view in reversed(self.views()):
             self._drain(view, [vm for vm in view.plan.vms if vm.role == "compute"])
-            self._set_cluster_power(view.stack, "stopped")
-            self.up(view.stack)
+            self._apply(view.stack, lambda power: power.with_cluster("stopped"))
 
     def system_destroy(self) -> None:
         """Cloud first, then HPC: remove every VM, volume, pool and network."""
@@ -373,7 +369,7 @@ class Operator:
                 workload = self._workload(view, conn)
             health = workload[1] if workload else ""
             rows = _with_workload(rows, workload)
-            clusters.append(ClusterStatus.of(view.plan, view.stack, view.settings.cluster_power, rows, health))
+            clusters.append(ClusterStatus.of(view.plan, view.stack, view.power.cluster, rows, health))
         holders = _holders(views[0].settings) if views else {}
         shared = [SharedGpuStatus.of(device, holders.get(device.address))
                   for device in shared_devices([v.plan for v in views])]
@@ -446,14 +442,18 @@ class Operator:
         views = {v.stack: v for v in self.views()}
         if to not in views:
             raise AihowError(f"--to {to!r} is not a configured stack; allowed: {', '.join(views)}")
+        if not any(vm.claims for view in views.values() for vm in view.plan.vms):
+            raise AihowError("no VM of any stack passes a GPU through; nothing to switch")
         for stack, view in views.items():
             if stack != to:
-                stops = {vm.name: "stopped" for vm in view.plan.vms if vm.claims}
+                leaving = [vm for vm in view.plan.vms if vm.claims]
+                stops: dict[str, PowerState] = {vm.name: "stopped" for vm in leaving}
                 if stops:
+                    self._drain(view, [vm for vm in leaving if vm.role == "compute"])
                     self.progress(f"stopping GPU VMs of {stack}: {', '.join(stops)}")
                     self._apply_power(view, stops)
         target = views[to]
-        starts = {vm.name: "running" for vm in target.plan.vms if vm.claims}
+        starts: dict[str, PowerState] = {vm.name: "running" for vm in target.plan.vms if vm.claims}
         if starts:
             self.progress(f"starting GPU VMs of {to}: {', '.join(starts)}")
             self._apply_power(self.view(to), starts)

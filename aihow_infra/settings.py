@@ -18,7 +18,8 @@ from aihow_infra.errors import ConfigError
 DEFAULT_LEDGER = "/var/lib/aihow/gpu-leases.json"
 DEFAULT_IMAGES_DIR = "/var/lib/libvirt/images/aihow"
 
-PowerState = Literal["running", "stopped"]
+# Former settings, now power records in the project's state (aihow_infra.desired).
+MOVED = {"power": "vm.start/vm.stop", "clusterPower": "system.up/system.down"}
 
 
 class StackSettings(BaseModel):
@@ -38,8 +39,7 @@ class StackSettings(BaseModel):
     ready_timeout: float = Field(900.0, alias="readyTimeout", gt=0)
     ansible_connection: Literal["ssh", "agent"] = Field("ssh", alias="ansibleConnection")
     drain_timeout: float = Field(300.0, alias="drainTimeout", ge=0)
-    power: dict[str, PowerState] = Field(default_factory=dict)
-    cluster_power: PowerState = Field("running", alias="clusterPower")
+    graphics: Literal["none", "vnc-socket"] = "none"
 
     @field_validator("images_dir", "ledger_path")
     @classmethod
@@ -58,18 +58,14 @@ class StackSettings(BaseModel):
                            "allowed: name the stack 'hpc' or 'cloud', or set aihow:cluster to one of them"],
                           "stack settings")
 
-    def wants_running(self, vm_name: str, auto_start: bool) -> bool:
-        """The desired power state: nothing runs while the cluster is stopped
-        (``aihow:clusterPower``, set by ``system.down``); otherwise an operator's override
-        (``aihow:power.<vm>``, set by ``vm.start``/``vm.stop``), else ``auto_start``."""
-        if self.cluster_power == "stopped":
-            return False
-        override = self.power.get(vm_name)
-        return auto_start if override is None else override == "running"
-
 
 def parse_settings(raw: dict[str, Any]) -> StackSettings:
     """Validate the raw ``aihow:`` keys; raise ``ConfigError`` naming each bad key."""
+    moved = [f"aihow:{key}: desired power is no longer a stack setting (it lives in .state/power, "
+             f"git-ignored); allowed: remove it (pulumi config rm aihow:{key}) and use `invoke {tasks}`"
+             for key, tasks in MOVED.items() if key in raw]
+    if moved:
+        raise ConfigError(moved, "stack settings")
     try:
         return StackSettings.model_validate(raw)
     except ValidationError as exc:

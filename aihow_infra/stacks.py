@@ -3,22 +3,30 @@ environment, its offline settings, and turning its failures into one clear line.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
+import signal
+import socket
 import subprocess
 import sys
 import threading
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from aihow_infra.desired import PowerRecords
 from aihow_infra.errors import StackError
+from aihow_infra.files import Waiting
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 
 _STACKS_LOCK = threading.Lock()
+# Stacks this process holds (Workspace.hold), by project folder.
+_HELD: set[tuple[Path, str]] = set()
+_HELD_LOCK = threading.Lock()
 _OWN_ERROR = re.compile(r"aihow_infra\.errors\.(\w+): (.*)$")
 _ENGINE_ERROR = re.compile(r"^\s*error: (.*)$")
 _EXCEPTION_LINE = re.compile(r"^[A-Za-z_.]*(Error|Exception): .+")
@@ -87,6 +95,77 @@ def summarize_failure(output: str) -> str:
     return tail[-1] if tail else "pulumi failed without output"
 
 
+class _Runs:
+    """The pulumi processes this task runs, each in a process group of its own.
+
+    An operator's Ctrl-C (or SIGTERM, SIGHUP) is passed to each engine as the SIGINT that
+    makes it cancel cleanly: it finishes the resource operations in flight, saves the stack
+    and exits. A second signal terminates the engines at once. When an engine has exited,
+    its whole group is killed, so no language host or provider process outlives the run.
+    """
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.live: set[subprocess.Popen[str]] = set()
+        self.signals = 0
+        self.installed = False
+
+    def install(self) -> None:
+        """Take over the signals (from the main thread only; the handlers stay for the process)."""
+        if self.installed or threading.current_thread() is not threading.main_thread():
+            return
+        for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+            signal.signal(sig, self._on_signal)
+        self.installed = True
+
+    def _on_signal(self, signum: int, _frame: object) -> None:
+        with self.lock:
+            self.signals += 1
+            live = list(self.live)
+        if not live:
+            raise KeyboardInterrupt
+        forward = signal.SIGINT if self.signals == 1 else signal.SIGTERM
+        if self.signals == 1:
+            print(f"{signal.Signals(signum).name}: asking pulumi to cancel; it finishes the operations in flight "
+                  "and saves the stack (signal again to stop it at once)", file=sys.stderr, flush=True)
+        for proc in live:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(proc.pid, forward)
+
+    @contextlib.contextmanager
+    def tracked(self, proc: subprocess.Popen[str]) -> Iterator[None]:
+        with self.lock:
+            self.live.add(proc)
+        try:
+            yield
+        finally:
+            with self.lock:
+                self.live.discard(proc)
+            reap(proc)
+
+    def interrupted(self) -> bool:
+        """True once a signal asked the runs to stop."""
+        with self.lock:
+            return self.signals > 0
+
+
+def reap(proc: subprocess.Popen[str]) -> None:
+    """Stop a pulumi process (when still running) and everything left in its process group."""
+    if proc.poll() is None:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(proc.pid, signal.SIGKILL)
+
+
+RUNS = _Runs()
+
+
 @dataclass
 class Workspace:
     """A Pulumi project folder and the backend its stacks live in.
@@ -98,6 +177,7 @@ class Workspace:
     project_dir: Path = field(default_factory=lambda: Path(os.environ.get("AIHOW_PROJECT_DIR", PROJECT_ROOT)))
     backend_url: str | None = None
     echo: bool = False
+    waiting: Waiting | None = None
     _stacks: set[str] | None = field(default=None, repr=False)
 
     def env(self) -> dict[str, str]:
@@ -106,18 +186,75 @@ class Workspace:
 
     def run(self, args: Sequence[str], stack: str | None = None, check: bool = True,
             timeout: float = 1800) -> subprocess.CompletedProcess[str]:
-        """Run ``pulumi ARGS`` (with ``--stack``); raise ``StackError``
-        with the cause in one line when it fails and ``check`` is set."""
+        """Run ``pulumi ARGS`` (with ``--stack``) in a process group of its own, reaped when it
+        ends; raise ``StackError`` with the cause in one line when it fails and ``check`` is set."""
         cmd = ["pulumi", *args, "--non-interactive"]
         if stack is not None:
             cmd += ["--stack", stack]
-        proc = subprocess.run(cmd, cwd=self.project_dir, env=self.env(), text=True, timeout=timeout,
-                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, check=False)
+        RUNS.install()
+        proc = subprocess.Popen(cmd, cwd=self.project_dir, env=self.env(), text=True, start_new_session=True,
+                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+        with RUNS.tracked(proc):
+            try:
+                output, _ = proc.communicate(timeout=timeout)
+            except subprocess.TimeoutExpired:
+                raise StackError(f"pulumi {args[0]} -s {stack}: no result after {timeout:.0f} s; it was stopped "
+                                 f"(the next run finishes what it left)") from None
         if self.echo:
-            print(proc.stdout, file=sys.stderr)
+            print(output, file=sys.stderr)
+        done = subprocess.CompletedProcess(cmd, proc.returncode, output)
         if check and proc.returncode != 0:
-            raise StackError(f"pulumi {args[0]} -s {stack}: {summarize_failure(proc.stdout)}")
-        return proc
+            raise StackError(f"pulumi {args[0]} -s {stack}: {self._cause(output)}")
+        return done
+
+    def _cause(self, output: str) -> str:
+        cause = summarize_failure(output)
+        if RUNS.interrupted():
+            return f"interrupted ({cause}); the next run finishes what it left"
+        return cause
+
+    @contextlib.contextmanager
+    def hold(self, stack: str) -> Iterator[None]:
+        """Hold the stack for this task (its power records and the pulumi runs applying them);
+        another task on it waits. Re-entrant within the process."""
+        key = (self.project_dir.resolve(), stack)
+        with _HELD_LOCK:
+            mine = key in _HELD
+            _HELD.add(key)
+        if mine:
+            yield
+            return
+        try:
+            with PowerRecords(self.project_dir, stack).locked(self.waiting):
+                self._clear_stale_locks(stack)
+                yield
+        finally:
+            with _HELD_LOCK:
+                _HELD.discard(key)
+
+    def backend_folder(self) -> Path | None:
+        """The local backend's folder (None for another kind of backend)."""
+        url = self.env()["PULUMI_BACKEND_URL"]
+        if not url.startswith("file://"):
+            return None
+        folder = Path(url.removeprefix("file://"))
+        return folder if folder.is_absolute() else self.project_dir / folder
+
+    def _clear_stale_locks(self, stack: str) -> None:
+        """Remove the engine's locks on ``stack`` left by a pulumi process that is gone (killed,
+        or its machine's session closed); a lock of a live process is left to the engine."""
+        folder = self.backend_folder()
+        if folder is None:
+            return
+        for lock in (folder / ".pulumi" / "locks").glob(f"*/*/{stack}/*.json"):
+            with contextlib.suppress(OSError, ValueError):
+                info = json.loads(lock.read_text())
+                pid, host = int(info.get("pid", 0)), info.get("hostname")
+                if host == socket.gethostname() and pid > 0 and not _alive(pid):
+                    lock.unlink()
+                    if self.waiting is not None:
+                        self.waiting(f"cleared the lock of stack {stack} left by pulumi process {pid}, "
+                                     "which is gone")
 
     def stacks(self) -> set[str]:
         """Names of the stacks the backend holds for this project (listed once; this project
@@ -136,21 +273,19 @@ class Workspace:
             with _STACKS_LOCK:
                 self._stacks = {*self.stacks(), stack}
 
-    def up(self, stack: str, extra: Sequence[str] = (), config: dict[str, str] | None = None) -> str:
-        """``pulumi up --yes``; ``config`` (path keys such as ``aihow:power.vm``) is saved to the
-        stack's config by the same run. Returns the engine's output."""
-        flags = ["--config-path", *[f for k, v in (config or {}).items() for f in ("-c", f"{k}={v}")]] \
-            if config else []
-        args = ["up", "--yes", "--skip-preview", *flags, *extra]
-        if self._stacks is not None and stack not in self._stacks:
-            self.ensure_stack(stack)
-        proc = self.run(args, stack, check=False)
-        if proc.returncode != 0 and f"no stack named '{stack}' found" in proc.stdout:
-            # Looking the stack up first would cost a pulumi run on every task: only a new stack pays.
-            self.ensure_stack(stack)
+    def up(self, stack: str, extra: Sequence[str] = ()) -> str:
+        """``pulumi up --yes`` under the stack's hold. Returns the engine's output."""
+        args = ["up", "--yes", "--skip-preview", *extra]
+        with self.hold(stack):
+            if self._stacks is not None and stack not in self._stacks:
+                self.ensure_stack(stack)
             proc = self.run(args, stack, check=False)
+            if proc.returncode != 0 and f"no stack named '{stack}' found" in proc.stdout:
+                # Looking the stack up first would cost a pulumi run on every task: only a new stack pays.
+                self.ensure_stack(stack)
+                proc = self.run(args, stack, check=False)
         if proc.returncode != 0:
-            raise StackError(f"pulumi up -s {stack}: {summarize_failure(proc.stdout)}")
+            raise StackError(f"pulumi up -s {stack}: {self._cause(proc.stdout)}")
         return proc.stdout
 
     def preview(self, stack: str, extra: Sequence[str] = ()) -> str:
@@ -167,14 +302,17 @@ class Workspace:
                 if step.get("op") not in ("same", "read")}
 
     def refresh(self, stack: str) -> str:
-        """``pulumi refresh --yes``."""
-        return self.run(["refresh", "--yes", "--skip-preview"], stack).stdout
+        """``pulumi refresh --yes`` under the stack's hold."""
+        with self.hold(stack):
+            return self.run(["refresh", "--yes", "--skip-preview"], stack).stdout
 
     def destroy(self, stack: str) -> str:
-        """``pulumi destroy --yes``; a stack the backend does not have is already destroyed."""
+        """``pulumi destroy --yes`` under the stack's hold; a stack the backend does not have
+        is already destroyed."""
         if not self.has_stack(stack):
             return ""
-        return self.run(["destroy", "--yes", "--skip-preview"], stack).stdout
+        with self.hold(stack):
+            return self.run(["destroy", "--yes", "--skip-preview"], stack).stdout
 
     def has_stack(self, stack: str) -> bool:
         """True when the backend holds the stack."""
@@ -188,11 +326,12 @@ class Workspace:
         data: dict[str, Any] = json.loads(proc.stdout or "{}")
         return data
 
-    def config_set(self, stack: str, key: str, value: str, path: bool = False) -> None:
-        """``pulumi config set`` (``path`` for keys like ``aihow:power.vm``)."""
-        self.ensure_stack(stack)
-        self.run(["config", "set", *(["--path"] if path else []), key, value], stack)
 
-    def config_rm(self, stack: str, key: str, path: bool = False) -> None:
-        """``pulumi config rm``; a key that is not set is fine."""
-        self.run(["config", "rm", *(["--path"] if path else []), key], stack, check=False)
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True

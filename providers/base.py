@@ -72,6 +72,9 @@ class Provider(ResourceProvider):
     UPDATE: ClassVar[frozenset[str]] = frozenset()
     # Keys holding lists whose order means nothing (compared as sets of items).
     UNORDERED: ClassVar[frozenset[str]] = frozenset()
+    # Observed outputs that must hold (e.g. ``active: True``); a refresh that sees otherwise
+    # makes the next diff an update, which puts them right.
+    MUST_HOLD: ClassVar[dict[str, Any]] = {}
     # The provider captures no secrets; an always-secret blob only costs time (pulumi#15538).
     serialize_as_secret_always = False
 
@@ -107,6 +110,7 @@ class Provider(ResourceProvider):
         a replacement deletes the old object first."""
         changed = sorted(k for k in self.REPLACE | self.UPDATE if self._comparable(k, olds.get(k))
                          != self._comparable(k, news.get(k)))
+        changed += [k for k, v in self.MUST_HOLD.items() if k in olds and olds[k] != v]
         replaces = [k for k in changed if k in self.REPLACE]
         return DiffResult(changes=bool(changed), replaces=replaces, stables=[],
                           delete_before_replace=bool(replaces))
@@ -126,11 +130,21 @@ class LibvirtProvider(Provider):
 
     KIND: ClassVar[str] = "object"
 
-    def refuse_existing(self, conn: Any, props: dict[str, Any], how_to_remove: str) -> None:
-        """Before creating: an object of that name that Pulumi does not track is never taken over."""
-        if self.find(conn, props) is not None:
-            raise LibvirtError(f"{self.KIND} {props['name']!r} already exists outside this stack; remove it "
-                               f"({how_to_remove}) or rename the cluster")
+    def refuse_existing(self, conn: Any, props: dict[str, Any], how_to_remove: str) -> Any:
+        """Before creating: an object of that name is taken over only when ``is_ours`` (an
+        interrupted run of this stack made it); any other is refused, never touched. Returns
+        the object taken over, or None."""
+        found = self.find(conn, props)
+        if found is None:
+            return None
+        if self.is_ours(found, props):
+            return found
+        raise LibvirtError(f"{self.KIND} {props['name']!r} already exists outside this stack; remove it "
+                           f"({how_to_remove}) or rename the cluster")
+
+    def is_ours(self, obj: Any, props: dict[str, Any]) -> bool:
+        """True when an existing object is this resource's own, left by an interrupted run."""
+        return False
 
     def find(self, conn: Any, props: dict[str, Any]) -> Any:
         """The libvirt object, or None when it does not exist."""

@@ -7,6 +7,7 @@ later ``pulumi up`` (unlike pulumi-libvirt, which always starts domains).
 from __future__ import annotations
 
 import contextlib
+import xml.etree.ElementTree as ET
 from pathlib import Path
 from typing import Any, Literal, TypedDict
 from urllib.parse import urlparse
@@ -15,12 +16,19 @@ import libvirt
 import pulumi
 from pulumi.dynamic import CheckFailure, CreateResult, Resource, UpdateResult
 
+from aihow_infra.changes import (
+    DOMAIN_DEFINITION_KEYS,
+    DOMAIN_METADATA_KEYS,
+    DOMAIN_NETWORK_KEYS,
+    changed_keys,
+    reboot_keys,
+)
 from aihow_infra.host import Host, VirtChoice, choose_virt_type
-from aihow_infra.ledger import LeaseRef
-from aihow_infra.libvirt.connection import call, connect, kvm_usable, lookup
+from aihow_infra.ledger import LeaseRef, Ledger
+from aihow_infra.libvirt.connection import call, connect, kvm_usable, lookup, translate
 from aihow_infra.libvirt.guest import probe, wait_ready
 from aihow_infra.libvirt.power import start_domain, state_name, stop_domain
-from aihow_infra.libvirt.render import domain_xml
+from aihow_infra.libvirt.render import METADATA_NS, domain_xml
 from aihow_infra.status import GuestState
 from providers.base import Input, LibvirtProvider
 
@@ -78,21 +86,60 @@ class DomainArgs(TypedDict):
     console_log: str
     mac: str
     network: Input[str]
+    network_id: Input[str]
     devices: list[HostDevice]
     acceleration: Acceleration
     mounts: list[Mount]
     running: bool
     stop_timeout: float
     virt_type: Literal["auto", "kvm", "qemu"]
+    graphics: Literal["none", "vnc-socket"]
     lease: LeaseRef | None
     wait_ready: bool
     ready_timeout: float
 
-# Inputs that change the domain's definition (applied by redefining it).
-DEFINITION_KEYS = frozenset({"vcpus", "memory_mib", "mac", "network", "devices", "acceleration", "mounts",
-                             "cluster", "role", "stack", "virt_type", "seed_path", "boot", "console_log"})
 _UNDEFINE_FLAGS = (libvirt.VIR_DOMAIN_UNDEFINE_MANAGED_SAVE | libvirt.VIR_DOMAIN_UNDEFINE_SNAPSHOTS_METADATA
-                   | libvirt.VIR_DOMAIN_UNDEFINE_NVRAM)
+                   | libvirt.VIR_DOMAIN_UNDEFINE_CHECKPOINTS_METADATA | libvirt.VIR_DOMAIN_UNDEFINE_NVRAM)
+_LIVE_AND_CONFIG = libvirt.VIR_DOMAIN_AFFECT_LIVE | libvirt.VIR_DOMAIN_AFFECT_CONFIG
+
+
+def undefine(dom: libvirt.virDomain, name: str) -> None:
+    """Undefine with everything libvirt keeps beside a definition (managed save, snapshot and
+    checkpoint metadata, NVRAM); a libvirt too old for a flag gets a plain undefine, any
+    other failure is reported as it is."""
+    try:
+        dom.undefineFlags(_UNDEFINE_FLAGS)
+    except libvirt.libvirtError as exc:
+        if exc.get_error_code() not in (libvirt.VIR_ERR_INVALID_ARG, libvirt.VIR_ERR_NO_SUPPORT):
+            raise translate(exc, f"undefining domain {name}") from None
+        call(f"undefining domain {name}", dom.undefine)
+
+
+def metadata(dom: libvirt.virDomain, flags: int = libvirt.VIR_DOMAIN_XML_INACTIVE) -> dict[str, str]:
+    """The project's metadata of a domain (cluster, role, stack); empty for a domain not ours."""
+    root = ET.fromstring(dom.XMLDesc(flags))
+    found = root.find(f"./metadata/{{{METADATA_NS}}}vm")
+    return {child.tag.split("}")[-1]: child.text or "" for child in found} if found is not None else {}
+
+
+def read_definition(dom: libvirt.virDomain, live: bool = False) -> dict[str, Any]:
+    """vCPUs, memory and passed-through devices as libvirt holds them (the running instance
+    with ``live``, else the definition the next boot takes)."""
+    root = ET.fromstring(dom.XMLDesc(0 if live else libvirt.VIR_DOMAIN_XML_INACTIVE))
+    memory = root.find("memory")
+    scale = {"KiB": 1 / 1024, "MiB": 1, "GiB": 1024}.get(memory.get("unit", "KiB") if memory is not None else "KiB", 1)
+    addresses = []
+    for src in root.iterfind("./devices/hostdev[@type='pci']/source/address"):
+        addresses.append("{:04x}:{:02x}:{:02x}.{:x}".format(
+            *(int(src.get(k, "0"), 16) for k in ("domain", "bus", "slot", "function"))))
+    return {"vcpus": int(root.findtext("vcpu") or 0),
+            "memory_mib": int(int(memory.text or 0) * scale) if memory is not None else 0,
+            "addresses": addresses}
+
+
+def _interface_xml(domain_definition: str) -> str:
+    iface = ET.fromstring(domain_definition).find("./devices/interface")
+    return ET.tostring(iface, encoding="unicode") if iface is not None else ""
 
 
 def resolve_virt_type(conn: libvirt.virConnect, wanted: str) -> VirtChoice | None:
@@ -109,8 +156,8 @@ class DomainProvider(LibvirtProvider):
     """Defines a domain from ``templates/domain.xml.j2`` and keeps it in its desired power state."""
 
     INPUTS = DomainArgs
-    REPLACE = frozenset({"uri", "name", "disk_path", "disk_gb"})
-    UPDATE = DEFINITION_KEYS | {"running", "wait_ready", "ready_timeout"}
+    REPLACE = frozenset({"uri", "name", "disk_path"})
+    UPDATE = DOMAIN_DEFINITION_KEYS | {"running", "wait_ready", "ready_timeout", "disk_gb"}
     KIND = "domain"
 
     def check_values(self, news: dict[str, Any]) -> list[CheckFailure]:
@@ -121,7 +168,12 @@ class DomainProvider(LibvirtProvider):
     def _outs(self, props: dict[str, Any], dom: libvirt.virDomain, choice: VirtChoice | None,
               guest: GuestState | None = None) -> dict[str, Any]:
         guest = guest or (probe(dom) if props.get("wait_ready") else None)
-        return {**props, "uuid": dom.UUIDString(), "state": state_name(dom), "running": bool(dom.isActive()),
+        defined = read_definition(dom)
+        wanted = {d["address"]: d for d in props.get("devices") or []}
+        devices = [wanted.get(a) or {"address": a, "type": "unknown"} for a in defined["addresses"]]
+        return {**props, "vcpus": defined["vcpus"], "memory_mib": defined["memory_mib"], "devices": devices,
+                **{k: v for k, v in metadata(dom).items() if k in DOMAIN_METADATA_KEYS},
+                "uuid": dom.UUIDString(), "state": state_name(dom), "running": bool(dom.isActive()),
                 "actual_virt_type": choice.virt_type if choice else "test",
                 "virt_type_reason": choice.reason if choice else "libvirt test driver",
                 "ready": bool(guest and guest.ready), "addresses": guest.addresses if guest else {}}
@@ -138,42 +190,89 @@ class DomainProvider(LibvirtProvider):
         return wait_ready(dom, props.get("ready_timeout") or 600, Path(props["console_log"]))
 
     def create(self, props: dict[str, Any]) -> CreateResult:
-        """Define the domain, start it when ``running`` and wait until it is ready; when
-        anything fails, undefine it (its leases are released: nothing is left behind)."""
+        """Define the domain, start it when ``running`` and wait until it is ready. A domain of
+        that name whose metadata names this stack (left by an interrupted run) is taken over;
+        any other is refused. When anything fails, a domain this call defined is undefined and
+        the VM's leases are released: nothing is left behind."""
         name = props["name"]
         with connect(props["uri"]) as conn:
-            self.refuse_existing(conn, props, f"virsh destroy {name}; virsh undefine {name}")
+            existing = self.find(conn, props)
+            if existing is not None and metadata(existing).get("stack") != props["stack"]:
+                self.refuse_existing(conn, props, f"virsh destroy {name}; virsh undefine {name}")
             choice = resolve_virt_type(conn, props.get("virt_type", "auto"))
             virt_type = choice.virt_type if choice else "test"
-            dom = call(f"defining domain {name}", conn.defineXML, domain_xml(props, virt_type))
+            dom = None
             try:
+                uuid = existing.UUIDString() if existing is not None else None
+                dom = call(f"defining domain {name}", conn.defineXML, domain_xml(props, virt_type, uuid=uuid))
+                if existing is not None and dom.isActive() and reboot_keys(
+                        {**props, **read_definition(dom, live=True), "running": True}, props):
+                    stop_domain(dom, props["stop_timeout"])
                 guest = self._converge(dom, props)
                 return CreateResult(name, self._outs(props, dom, choice, guest))
             except BaseException:
-                with contextlib.suppress(libvirt.libvirtError):
-                    if dom.isActive():
-                        dom.destroy()
-                    dom.undefineFlags(_UNDEFINE_FLAGS)
+                if dom is not None and existing is None:
+                    with contextlib.suppress(libvirt.libvirtError):
+                        if dom.isActive():
+                            dom.destroy()
+                        dom.undefineFlags(_UNDEFINE_FLAGS)
+                self._release_unless_running(dom, props)
                 raise
 
+    def _release_unless_running(self, dom: libvirt.virDomain | None, props: dict[str, Any]) -> None:
+        """After a failed define or start: a VM that does not run holds no GPU."""
+        lease = props.get("lease")
+        with contextlib.suppress(libvirt.libvirtError):
+            if dom is not None and dom.isActive():
+                return
+        if lease:
+            Ledger(lease["ledger"]).release(lease["holder"], lease["addresses"])
+
     def update(self, _id: str, olds: dict[str, Any], news: dict[str, Any]) -> UpdateResult:
-        """Redefine when the definition changed (restarting a running domain to apply it), then
-        bring the domain to its desired power state."""
+        """Bring the definition up to date and the domain to its desired power state. Metadata
+        and the network apply to a running domain live; other definition changes restart it."""
         name = news["name"]
         with connect(news["uri"]) as conn:
             choice = resolve_virt_type(conn, news.get("virt_type", "auto"))
             virt_type = choice.virt_type if choice else "test"
             dom = self.find(conn, news)
-            if dom is None:
-                # Removed behind Pulumi's back since the last refresh: define it again.
-                dom = call(f"defining domain {name}", conn.defineXML, domain_xml(news, virt_type))
-            elif any(olds.get(k) != news.get(k) for k in DEFINITION_KEYS):
-                xml = domain_xml(news, virt_type, uuid=dom.UUIDString())
-                dom = call(f"redefining domain {name}", conn.defineXML, xml)
-                if dom.isActive() and news["running"]:
-                    stop_domain(dom, news["stop_timeout"])
-            guest = self._converge(dom, news)
+            try:
+                if dom is None:
+                    # Removed behind Pulumi's back since the last refresh: define it again.
+                    dom = call(f"defining domain {name}", conn.defineXML, domain_xml(news, virt_type))
+                elif changed_keys(olds, news, DOMAIN_DEFINITION_KEYS):
+                    xml = domain_xml(news, virt_type, uuid=dom.UUIDString())
+                    dom = call(f"redefining domain {name}", conn.defineXML, xml)
+                    if dom.isActive():
+                        self._apply_live(dom, olds, news, xml)
+                if dom.isActive() and news.get("disk_gb", 0) > olds.get("disk_gb", 0):
+                    self._grow_disk(dom, news)
+                guest = self._converge(dom, news)
+            except BaseException:
+                self._release_unless_running(dom, news)
+                raise
             return UpdateResult(self._outs(news, dom, choice, guest))
+
+    def _apply_live(self, dom: libvirt.virDomain, olds: dict[str, Any], news: dict[str, Any], xml: str) -> None:
+        """Give a running domain what it can take live; stop it when the rest needs a boot
+        (``_converge`` starts it again)."""
+        name = news["name"]
+        element = ET.fromstring(xml).find(f"./metadata/{{{METADATA_NS}}}vm")
+        if changed_keys(olds, news, DOMAIN_METADATA_KEYS) and element is not None:
+            call(f"updating metadata of domain {name}", dom.setMetadata, libvirt.VIR_DOMAIN_METADATA_ELEMENT,
+                 ET.tostring(element, encoding="unicode"), "aihow", METADATA_NS, libvirt.VIR_DOMAIN_AFFECT_LIVE)
+        running = {**olds, **read_definition(dom, live=True), "running": True}
+        if reboot_keys(running, news) and news["running"]:
+            stop_domain(dom, news["stop_timeout"])
+        elif changed_keys(olds, news, DOMAIN_NETWORK_KEYS):
+            # The network was made anew: put the interface on its bridge again.
+            call(f"re-attaching domain {name} to network {news['network']}", dom.updateDeviceFlags,
+                 _interface_xml(xml), libvirt.VIR_DOMAIN_AFFECT_LIVE)
+
+    def _grow_disk(self, dom: libvirt.virDomain, news: dict[str, Any]) -> None:
+        """Tell a running guest its disk grew (the volume was resized first)."""
+        call(f"growing the disk of domain {news['name']}", dom.blockResize, news["disk_path"],
+             news["disk_gb"] * 2**30, libvirt.VIR_DOMAIN_BLOCK_RESIZE_BYTES)
 
     def find(self, conn: libvirt.virConnect, props: dict[str, Any]) -> libvirt.virDomain | None:
         """The domain named in the inputs."""
@@ -182,10 +281,7 @@ class DomainProvider(LibvirtProvider):
     def remove(self, dom: libvirt.virDomain, props: dict[str, Any]) -> None:
         """Shut down (graceful, then forced) and undefine."""
         stop_domain(dom, props.get("stop_timeout", 60))
-        try:
-            dom.undefineFlags(_UNDEFINE_FLAGS)
-        except libvirt.libvirtError:
-            call(f"undefining domain {props['name']}", dom.undefine)
+        undefine(dom, props["name"])
 
     def observe(self, dom: libvirt.virDomain, props: dict[str, Any]) -> dict[str, Any]:
         """The domain's actual power state (``running``, ``state``)."""

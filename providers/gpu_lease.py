@@ -1,9 +1,11 @@
-"""GpuLease: "this running VM owns this physical GPU", arbitrated by the host's ledger.
+"""GpuLease: "this running VM owns these physical GPUs", arbitrated by the host's ledger.
 
-create = acquire (refused, with the holder named, when another VM has it);
-delete = release, only by the holder, idempotent; diff and read look at the
-ledger, so a lease lost or taken over shows up in refresh and is taken again
-(or refused) by the next ``pulumi up``.
+One lease per VM covers every function of every device it passes through, taken in one
+ledger transaction: all or nothing. create = acquire as a new grant (refused, with the
+holder named, when another VM has any of them); delete = release of exactly the grant this
+resource made (its generations), idempotent, so deleting an old lease never frees a newer
+one of the same VM. diff and read look at the ledger, so a lease lost or taken over shows
+up in refresh and is taken again (or refused) by the next ``pulumi up``.
 """
 
 from __future__ import annotations
@@ -34,12 +36,13 @@ class GpuLeaseProvider(Provider):
         holders = {leases[a].holder if a in leases else None for a in props["addresses"]}
         return {**props, "held": holders == {props["holder"]},
                 "generation": first.generation if first else 0,
+                "generations": {a: leases[a].generation for a in props["addresses"] if a in leases},
                 "granted_at": first.granted_at if first else None,
                 "current_holders": sorted(h for h in holders if h)}
 
     def create(self, props: dict[str, Any]) -> CreateResult:
-        """Acquire all addresses or none."""
-        Ledger(props["ledger"]).acquire(props["holder"], props["addresses"])
+        """Acquire all addresses or none, as a new grant."""
+        Ledger(props["ledger"]).acquire(props["holder"], props["addresses"], renew=True)
         return CreateResult(f"{props['holder']}@{props['addresses'][0]}", self._outs(props))
 
     def diff(self, id_: str, olds: dict[str, Any], news: dict[str, Any]) -> DiffResult:
@@ -56,8 +59,9 @@ class GpuLeaseProvider(Provider):
         return UpdateResult(self._outs(news))
 
     def delete(self, _id: str, props: dict[str, Any]) -> None:
-        """Release what this holder holds; a lease already gone or held by another is left alone."""
-        Ledger(props["ledger"]).release(props["holder"], props["addresses"])
+        """Release this grant; a lease already gone, held by another, or granted again since
+        is left alone."""
+        Ledger(props["ledger"]).release(props["holder"], props["addresses"], props.get("generations"))
 
     def read(self, id_: str, props: dict[str, Any]) -> ReadResult:
         """The ledger's view: ``held`` false and ``current_holders`` when it was lost or taken over."""
@@ -65,12 +69,12 @@ class GpuLeaseProvider(Provider):
 
 
 class GpuLease(Resource, module="gpu", name="GpuLease"):
-    """A lease on one physical GPU (all the functions a VM takes from it)."""
+    """A VM's lease on the physical GPUs it passes through (every function of each)."""
 
     held: pulumi.Output[bool]
     generation: pulumi.Output[int]
 
     def __init__(self, resource_name: str, props: LeaseRef, opts: pulumi.ResourceOptions | None = None) -> None:
         super().__init__(GpuLeaseProvider(), resource_name,
-                         {**props, "held": None, "generation": None, "granted_at": None,
+                         {**props, "held": None, "generation": None, "generations": None, "granted_at": None,
                           "current_holders": None}, opts)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import xml.etree.ElementTree as ET
-from typing import Any, Literal, TypedDict
+from typing import Any, ClassVar, Literal, TypedDict
 
 import libvirt
 import pulumi
@@ -11,7 +11,7 @@ from pulumi.dynamic import CreateResult, Resource, UpdateResult
 
 from aihow_infra.errors import LibvirtError
 from aihow_infra.libvirt.connection import call, connect, discard, lookup
-from aihow_infra.libvirt.render import network_xml
+from aihow_infra.libvirt.render import METADATA_NS, network_xml
 from providers.base import LibvirtProvider
 
 
@@ -28,6 +28,7 @@ class NetworkArgs(TypedDict):
 
     uri: str
     name: str
+    stack: str
     bridge: str
     forward_mode: Literal["nat", "isolated"]
     dns_domain: str
@@ -66,29 +67,43 @@ class NetworkProvider(LibvirtProvider):
                          "dhcp_end", "dns_domain", "dns_servers"})
     UPDATE = frozenset({"hosts"})
     UNORDERED = frozenset({"hosts"})
+    MUST_HOLD: ClassVar[dict[str, Any]] = {"active": True}
     KIND = "network"
 
+    def is_ours(self, obj: libvirt.virNetwork, props: dict[str, Any]) -> bool:
+        """A network whose metadata names this stack."""
+        root = ET.fromstring(obj.XMLDesc(0))
+        return bool(root.findtext(f"./metadata/{{{METADATA_NS}}}network/{{{METADATA_NS}}}stack") == props["stack"])
+
     def create(self, props: dict[str, Any]) -> CreateResult:
-        """Define, start and autostart the network; on any failure remove what was made."""
+        """Define, start and autostart the network (or take over this stack's own, left by an
+        interrupted run); on any failure remove what this call made."""
         name = props["name"]
         with connect(props["uri"]) as conn:
-            self.refuse_existing(conn, props, f"virsh net-destroy {name}; virsh net-undefine {name}")
-            net = call(f"defining network {name}", conn.networkDefineXML, network_xml(props))
+            net = self.refuse_existing(conn, props, f"virsh net-destroy {name}; virsh net-undefine {name}")
+            made = net is None
+            if net is None:
+                net = call(f"defining network {name}", conn.networkDefineXML, network_xml(props))
             try:
-                call(f"starting network {name}", net.create)
+                if not net.isActive():
+                    call(f"starting network {name}", net.create)
                 call(f"marking network {name} autostart", net.setAutostart, 1)
             except LibvirtError:
-                discard(net)
+                if made:
+                    discard(net)
                 raise
-            return CreateResult(name, {**props, "active": True, "uuid": net.UUIDString()})
+            return CreateResult(name, self.observe(net, props))
 
     def update(self, _id: str, olds: dict[str, Any], news: dict[str, Any]) -> UpdateResult:
-        """Add and remove DHCP reservations on the running network and in its definition."""
+        """Start the network when it was stopped behind Pulumi's back; add and remove DHCP
+        reservations on the running network and in its definition."""
         name = news["name"]
         old = {_key(h): h for h in olds.get("hosts") or []}
         new = {_key(h): h for h in news.get("hosts") or []}
         with connect(news["uri"]) as conn:
             net = call(f"looking up network {name}", conn.networkLookupByName, name)
+            if not net.isActive():
+                call(f"starting network {name} again", net.create)
             present = {_key(h) for h in read_hosts(net)}
             for key in old.keys() - new.keys():
                 if key in present:
@@ -123,6 +138,7 @@ class Network(Resource, module="libvirt", name="Network"):
     name: pulumi.Output[str]
     bridge: pulumi.Output[str]
     active: pulumi.Output[bool]
+    uuid: pulumi.Output[str]
 
     def __init__(self, resource_name: str, props: NetworkArgs, opts: pulumi.ResourceOptions | None = None) -> None:
         super().__init__(NetworkProvider(), resource_name, {**props, "active": None, "uuid": None}, opts)

@@ -5,15 +5,16 @@ from __future__ import annotations
 import contextlib
 import json
 import subprocess
+import xml.etree.ElementTree as ET
 from pathlib import Path
-from typing import Any, NotRequired, TypedDict
+from typing import Any, ClassVar, NotRequired, TypedDict
 
 import libvirt
 import pulumi
-from pulumi.dynamic import CheckFailure, CreateResult, Resource
+from pulumi.dynamic import CheckFailure, CheckResult, CreateResult, Resource, UpdateResult
 
 from aihow_infra.errors import LibvirtError
-from aihow_infra.libvirt.connection import call, connect, discard, lookup
+from aihow_infra.libvirt.connection import call, connect, discard, lookup, translate
 from aihow_infra.libvirt.render import pool_xml, volume_xml
 from providers.base import Input, LibvirtProvider
 
@@ -41,23 +42,43 @@ class PoolProvider(LibvirtProvider):
 
     INPUTS = PoolArgs
     REPLACE = frozenset({"uri", "name", "path"})
+    MUST_HOLD: ClassVar[dict[str, Any]] = {"active": True}
     KIND = "storage pool"
 
+    def is_ours(self, obj: libvirt.virStoragePool, props: dict[str, Any]) -> bool:
+        """A pool of this name on this folder (a pool has no metadata; the folder is the cluster's)."""
+        return bool(ET.fromstring(obj.XMLDesc(0)).findtext("./target/path") == props["path"])
+
     def create(self, props: dict[str, Any]) -> CreateResult:
-        """Define, build (mkdir), start and autostart; on failure remove what was made."""
+        """Define, build (mkdir), start and autostart (or take over this cluster's pool, left by
+        an interrupted run); on failure remove what this call made."""
         name = props["name"]
         with connect(props["uri"]) as conn:
-            self.refuse_existing(conn, props, f"virsh pool-destroy {name}; virsh pool-undefine {name}")
-            pool = call(f"defining pool {name}", conn.storagePoolDefineXML, pool_xml(props), 0)
+            pool = self.refuse_existing(conn, props, f"virsh pool-destroy {name}; virsh pool-undefine {name}")
+            made = pool is None
+            if pool is None:
+                pool = call(f"defining pool {name}", conn.storagePoolDefineXML, pool_xml(props), 0)
             try:
-                if not Path(props["path"]).is_dir():
-                    call(f"creating folder of pool {name}", pool.build, 0)
-                call(f"starting pool {name}", pool.create, 0)
+                self._start(pool, props)
                 call(f"marking pool {name} autostart", pool.setAutostart, 1)
             except LibvirtError:
-                discard(pool)
+                if made:
+                    discard(pool)
                 raise
-            return CreateResult(name, {**props, "uuid": pool.UUIDString()})
+            return CreateResult(name, self.observe(pool, props))
+
+    def _start(self, pool: libvirt.virStoragePool, props: dict[str, Any]) -> None:
+        if not Path(props["path"]).is_dir():
+            call(f"creating folder of pool {props['name']}", pool.build, 0)
+        if not pool.isActive():
+            call(f"starting pool {props['name']}", pool.create, 0)
+
+    def update(self, _id: str, _olds: dict[str, Any], news: dict[str, Any]) -> UpdateResult:
+        """Start the pool again when it was stopped (or its folder removed) behind Pulumi's back."""
+        with connect(news["uri"]) as conn:
+            pool = call(f"looking up pool {news['name']}", conn.storagePoolLookupByName, news["name"])
+            self._start(pool, news)
+            return UpdateResult(self.observe(pool, news))
 
     def find(self, conn: libvirt.virConnect, props: dict[str, Any]) -> libvirt.virStoragePool | None:
         """The pool named in the inputs."""
@@ -72,8 +93,8 @@ class PoolProvider(LibvirtProvider):
         call(f"undefining pool {props['name']}", pool.undefine)
 
     def observe(self, pool: libvirt.virStoragePool, props: dict[str, Any]) -> dict[str, Any]:
-        """The inputs and the pool's UUID."""
-        return {**props, "uuid": pool.UUIDString()}
+        """The inputs, the pool's UUID and whether it is started."""
+        return {**props, "uuid": pool.UUIDString(), "active": bool(pool.isActive())}
 
 
 def image_format(path: str) -> str:
@@ -91,10 +112,14 @@ class VolumeInPool(LibvirtProvider):
     """A provider of volumes in a pool: found, removed and shown the same way for every kind."""
 
     def create_volume(self, conn: libvirt.virConnect, props: dict[str, Any], xml: str) -> libvirt.virStorageVol:
-        """Create the volume from ``xml``; an existing volume of that name is an error, never overwritten."""
+        """Create the volume from ``xml``. An existing volume of that name is taken over when
+        ``is_ours`` (an interrupted run made it), else refused; never overwritten."""
         name, pool_name = props["name"], props["pool"]
         pool = call(f"looking up pool {pool_name}", conn.storagePoolLookupByName, pool_name)
-        if self.find(conn, props) is not None:
+        found = self.find(conn, props)
+        if found is not None:
+            if self.is_ours(found, props):
+                return found
             raise LibvirtError(f"{self.KIND} {name!r} already exists in pool {pool_name!r} outside this stack; "
                                f"remove it (virsh vol-delete {name} --pool {pool_name}) to let it be made")
         return call(f"creating {self.KIND} {name}", pool.createXML, xml, 0)
@@ -113,16 +138,50 @@ class VolumeInPool(LibvirtProvider):
         call(f"deleting {self.KIND} {props['name']}", vol.delete, 0)
 
     def observe(self, vol: libvirt.virStorageVol, props: dict[str, Any]) -> dict[str, Any]:
-        """The inputs and the volume's path."""
-        return {**props, "path": vol.path()}
+        """The inputs, the volume's path and its size in bytes."""
+        return {**props, "path": vol.path(), "capacity": vol.info()[1]}
 
 
 class VolumeProvider(VolumeInPool):
     """A VM disk: qcow2 of ``size_gb``, an overlay on ``base_image`` (never a copy) or blank."""
 
     INPUTS = VolumeArgs
-    REPLACE = frozenset({"uri", "pool", "name", "size_gb", "base_image"})
+    REPLACE = frozenset({"uri", "pool", "name", "base_image"})
+    UPDATE = frozenset({"size_gb"})
     KIND = "volume"
+
+    def is_ours(self, obj: libvirt.virStorageVol, props: dict[str, Any]) -> bool:
+        """A volume of this name in the cluster's own pool with the same backing image (or none)."""
+        backing = ET.fromstring(obj.XMLDesc(0)).findtext("./backingStore/path")
+        return bool(backing == props.get("base_image"))
+
+    def check(self, olds: dict[str, Any], news: dict[str, Any]) -> CheckResult:
+        """The inputs' checks, and a disk never shrinks (its data would be cut)."""
+        result = super().check(olds, news)
+        old, new = olds.get("size_gb"), result.inputs.get("size_gb")
+        if isinstance(old, int | float) and isinstance(new, int) and new < old and \
+                olds.get("name") == news.get("name"):
+            result.failures.append(CheckFailure("size_gb", (
+                f"size_gb: {new} is smaller than the disk {news.get('name')}'s {old:.0f} GiB; allowed: {old:.0f} or "
+                "more (disks only grow: shrinking would cut the guest's data)")))
+        return result
+
+    def update(self, _id: str, olds: dict[str, Any], news: dict[str, Any]) -> UpdateResult:
+        """Grow the disk in place, keeping its data. A disk in use by a running VM is locked by
+        its qemu: the VM's domain grows it live instead (``blockResize``)."""
+        size = news["size_gb"] * 2**30
+        with connect(news["uri"]) as conn:
+            vol = self.find(conn, news)
+            if vol is None:
+                raise LibvirtError(f"volume {news['name']} is gone from pool {news['pool']}; "
+                                   "allowed: run `invoke up` again (a refresh notices it and makes it anew)")
+            if vol.info()[1] < size:
+                try:
+                    vol.resize(size, 0)
+                except libvirt.libvirtError as exc:
+                    if "lock" not in str(exc):
+                        raise translate(exc, f"growing volume {news['name']}") from None
+            return UpdateResult(self.observe(vol, news))
 
     def check_values(self, news: dict[str, Any]) -> list[CheckFailure]:
         """Positive size; an absolute, existing base image when one is named."""
@@ -150,7 +209,7 @@ class StoragePool(Resource, module="libvirt", name="StoragePool"):
     name: pulumi.Output[str]
 
     def __init__(self, resource_name: str, props: PoolArgs, opts: pulumi.ResourceOptions | None = None) -> None:
-        super().__init__(PoolProvider(), resource_name, {**props, "uuid": None}, opts)
+        super().__init__(PoolProvider(), resource_name, {**props, "uuid": None, "active": None}, opts)
 
 
 class Volume(Resource, module="libvirt", name="Volume"):
@@ -159,4 +218,4 @@ class Volume(Resource, module="libvirt", name="Volume"):
     path: pulumi.Output[str]
 
     def __init__(self, resource_name: str, props: VolumeArgs, opts: pulumi.ResourceOptions | None = None) -> None:
-        super().__init__(VolumeProvider(), resource_name, {**props, "path": None}, opts)
+        super().__init__(VolumeProvider(), resource_name, {**props, "path": None, "capacity": None}, opts)

@@ -39,6 +39,7 @@ def e2e(sandbox: Sandbox, tmp_path: Path) -> Iterator[E2E]:
         "name": "aihow",
         "runtime": {"name": "python", "options": {"toolchain": "pip",
                                                    "virtualenv": str(PROJECT_ROOT / ".venv")}},
+        "options": yaml.safe_load((PROJECT_ROOT / "Pulumi.yaml").read_text())["options"],
     }))
     os.symlink(PROJECT_ROOT / "__main__.py", project / "__main__.py")
     (tmp_path / "state").mkdir()

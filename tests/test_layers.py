@@ -16,10 +16,12 @@ ROOT = Path(__file__).resolve().parents[1]
 # (aihow_infra.libvirt.*, providers.*); never one of its own layer or above.
 LAYERS: list[list[str]] = [
     ["aihow_infra.errors"],
+    ["aihow_infra.files"],
     ["aihow_infra.config"],
-    ["aihow_infra.settings", "aihow_infra.plan"],
+    ["aihow_infra.settings", "aihow_infra.plan", "aihow_infra.changes"],
     ["aihow_infra.loading"],
-    ["aihow_infra.ledger", "aihow_infra.status", "aihow_infra.host", "aihow_infra.images", "aihow_infra.cloudinit",
+    ["aihow_infra.ledger", "aihow_infra.desired", "aihow_infra.status", "aihow_infra.host", "aihow_infra.images",
+     "aihow_infra.cloudinit",
      "aihow_infra.sshkeys"],
     ["aihow_infra.libvirt", "aihow_infra.stacks"],
     ["providers", "aihow_infra.deploy", "aihow_infra.slurm", "aihow_infra.inventory"],

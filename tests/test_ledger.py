@@ -2,17 +2,20 @@
 
 from __future__ import annotations
 
+import errno
 import json
 import multiprocessing
 import os
 import random
 import signal
+import subprocess
+import sys
 import time
 from pathlib import Path
 
 import pytest
 
-from aihow_infra.errors import LeaseConflictError, LeaseError
+from aihow_infra.errors import BusyError, LeaseConflictError, LeaseError
 from aihow_infra.ledger import Ledger
 from providers.gpu_lease import GpuLeaseProvider
 
@@ -65,12 +68,85 @@ def test_unwritable_folder_is_a_clear_error(tmp_path: Path) -> None:
         Ledger(blocker / "leases.json").acquire("hpc/a", GPU)
 
 
-def test_reclaim_frees_whoever_holds(tmp_path: Path) -> None:
+def test_reclaim_frees_the_whole_device_whoever_holds_it(tmp_path: Path) -> None:
     ledger = Ledger(tmp_path / "leases.json")
     ledger.acquire("hpc/a", GPU)
-    freed = ledger.reclaim(GPU[0])
-    assert freed is not None and freed.holder == "hpc/a"
-    assert ledger.holder_of(GPU[0]) is None and ledger.holder_of(GPU[1]) is not None
+    ledger.acquire("hpc/b", ["0000:02:00.0"])
+    freed = ledger.reclaim(GPU[1])  # the audio function names the device too
+    assert [(lease.address, lease.holder) for lease in freed] == [(GPU[0], "hpc/a"), (GPU[1], "hpc/a")]
+    assert ledger.holder_of(GPU[0]) is None and ledger.holder_of(GPU[1]) is None
+    assert ledger.holder_of("0000:02:00.0") is not None  # another device is left alone
+    assert ledger.reclaim(GPU[0]) == []
+
+
+def test_release_of_an_old_grant_leaves_a_newer_one_alone(tmp_path: Path) -> None:
+    ledger = Ledger(tmp_path / "leases.json")
+    old = {lease.address: lease.generation for lease in ledger.acquire("hpc/a", GPU)}
+    ledger.acquire("hpc/a", GPU, renew=True)  # a new lease resource of the same VM
+    assert ledger.release("hpc/a", GPU, old) == []
+    assert all(ledger.holder_of(a) is not None for a in GPU)
+    newer = {a: lease.generation for a, lease in ledger.leases().items()}
+    assert ledger.release("hpc/a", GPU, newer) == GPU
+
+
+def test_a_vm_with_two_gpus_gets_both_or_neither(tmp_path: Path) -> None:
+    ledger = Ledger(tmp_path / "leases.json")
+    ledger.acquire("cloud/b", ["0000:02:00.0"])
+    with pytest.raises(LeaseConflictError, match=r"0000:02:00\.0 is held by cloud/b"):
+        ledger.acquire("hpc/a", [*GPU, "0000:02:00.0"])
+    assert ledger.holder_of(GPU[0]) is None  # the free one was not taken either
+
+
+def test_a_lock_held_too_long_is_a_clear_error(tmp_path: Path) -> None:
+    ledger = Ledger(tmp_path / "leases.json", lock_timeout=0.3)
+    told: list[str] = []
+    holder = subprocess.Popen([sys.executable, "-c", (
+        "import fcntl, os, sys, time\n"
+        f"fd = os.open({str(ledger.lock_path)!r}, os.O_RDWR | os.O_CREAT)\n"
+        "fcntl.flock(fd, fcntl.LOCK_EX); os.pwrite(fd, str(os.getpid()).encode(), 0)\n"
+        "print('locked', flush=True); time.sleep(30)")], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout is not None and holder.stdout.readline().strip() == "locked"
+        with pytest.raises(BusyError, match=rf"locked by process {holder.pid} for more than 0 s"):
+            Ledger(ledger.path, lock_timeout=0.3, waiting=told.append).acquire("hpc/a", GPU)
+        assert told == [f"waiting for process {holder.pid} to release GPU lease ledger {ledger.path} (up to 0 s)"]
+    finally:
+        holder.kill()
+        holder.wait()
+    ledger.acquire("hpc/a", GPU)  # free again once the holder is gone
+
+
+def test_a_full_disk_is_one_line_and_keeps_the_ledger(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    ledger = Ledger(tmp_path / "leases.json")
+    ledger.acquire("hpc/a", GPU)
+    before = ledger.path.read_text()
+
+    def full(fd: int) -> None:
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(os, "fsync", full)
+    with pytest.raises(LeaseError, match=r"cannot be written \(No space left on device\); the previous content "
+                                         r"is kept; free some space"):
+        ledger.release("hpc/a", GPU)
+    monkeypatch.undo()
+    assert ledger.path.read_text() == before
+    assert [p.name for p in tmp_path.iterdir() if ".tmp-" in p.name] == []
+
+
+def test_temp_files_of_killed_writers_are_removed(tmp_path: Path) -> None:
+    ledger = Ledger(tmp_path / "leases.json")
+    (tmp_path / ".leases.json.tmp-abc123").write_text("half")
+    ledger.acquire("hpc/a", GPU)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["leases.json", "leases.json.lock"]
+
+
+def test_every_read_of_a_corrupt_ledger_keeps_one_copy(tmp_path: Path) -> None:
+    ledger = Ledger(tmp_path / "leases.json")
+    ledger.path.write_text("{half")
+    for _ in range(3):
+        with pytest.raises(LeaseError, match="is corrupt"):
+            ledger.leases()
+    assert len(list(tmp_path.glob("leases.json.corrupt-*"))) == 1
 
 
 def test_lease_provider_refresh_and_diff_see_a_lost_lease(tmp_path: Path) -> None:
@@ -82,7 +158,7 @@ def test_lease_provider_refresh_and_diff_see_a_lost_lease(tmp_path: Path) -> Non
     Ledger(props["ledger"]).reclaim(GPU[0])
     Ledger(props["ledger"]).acquire("cloud/b", [GPU[0]])
     read = provider.read(created.id, created.outs)
-    assert read.outs["held"] is False and read.outs["current_holders"] == ["cloud/b", "hpc/a"]
+    assert read.outs["held"] is False and read.outs["current_holders"] == ["cloud/b"]
     assert provider.diff(created.id, read.outs, props).changes is True
     with pytest.raises(LeaseConflictError):
         provider.update(created.id, read.outs, props)

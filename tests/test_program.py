@@ -13,6 +13,7 @@ import pulumi
 import pytest
 import yaml
 
+from aihow_infra.desired import DesiredPower, PowerRecords
 from tests.samples import base
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -72,6 +73,13 @@ def test_hpc_stack_registers_network_pool_and_a_volume_and_domain_per_vm(tmp_pat
     assert mocks.of_type(":GpuLease") == []
 
 
+@pytest.fixture(autouse=True)
+def project_folder(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """The program runs in a project folder of the test's own (never the checkout's power records)."""
+    monkeypatch.chdir(tmp_path)
+    return tmp_path
+
+
 def test_gpu_worker_is_defined_stopped_without_lease_until_started(tmp_path: Path) -> None:
     cluster_file = write(tmp_path, base())
     mocks = run_program("cloud", {"clusterFile": cluster_file})
@@ -80,7 +88,8 @@ def test_gpu_worker_is_defined_stopped_without_lease_until_started(tmp_path: Pat
     assert worker["running"] is False and worker["devices"] == [{"address": "0000:01:00.0", "type": "gpu"}]
     assert mocks.of_type(":GpuLease") == []
 
-    mocks = run_program("cloud", {"clusterFile": cluster_file, "power": {"cloud-gpu-worker-01": "running"}})
+    PowerRecords(tmp_path, "cloud").write(DesiredPower(vms={"cloud-gpu-worker-01": "running"}))
+    mocks = run_program("cloud", {"clusterFile": cluster_file})
     leases = mocks.of_type(":GpuLease")
     assert [(r.inputs["holder"], r.inputs["addresses"]) for r in leases] == [
         ("cloud/cloud-gpu-worker-01", ["0000:01:00.0"])]
@@ -94,10 +103,28 @@ def test_hpc_gpu_node_takes_a_lease_covering_sibling_functions(tmp_path: Path) -
                             "addresses": ["0000:01:00.0", "0000:01:00.1"]}
 
 
-def test_stopped_cluster_runs_nothing(tmp_path: Path) -> None:
-    mocks = run_program("hpc", {"clusterFile": write(tmp_path, base()), "clusterPower": "stopped"})
+def test_power_records_of_the_project_folder_decide_what_runs(tmp_path: Path) -> None:
+    records = PowerRecords(tmp_path, "cloud")
+    records.write(DesiredPower(vms={"cloud-gpu-worker-01": "running", "cloud-cpu-worker-01": "stopped"}))
+    running = {r.inputs["name"]: r.inputs["running"] for r in run_program(
+        "cloud", {"clusterFile": write(tmp_path, base())}).of_type(":Domain")}
+    assert running["cloud-gpu-worker-01"] is True and running["cloud-cpu-worker-01"] is False
+    assert running["cloud-control-plane"] is True  # no record: its auto_start
+
+    records.write(DesiredPower(cluster="stopped", vms={"cloud-gpu-worker-01": "running"}))
+    mocks = run_program("cloud", {"clusterFile": write(tmp_path, base())})
     assert not any(r.inputs["running"] for r in mocks.of_type(":Domain"))
     assert mocks.of_type(":GpuLease") == []
+
+
+def test_corrupt_power_records_stop_the_program(tmp_path: Path) -> None:
+    records = PowerRecords(tmp_path, "hpc")
+    records.path.parent.mkdir(parents=True)
+    records.path.write_text("{not json")
+    mocks = Mocks()
+    with pytest.raises(Exception, match=r"power records .*hpc.json cannot be read"):
+        run_program("hpc", {"clusterFile": write(tmp_path, base())}, mocks)
+    assert mocks.resources == []
 
 
 @pytest.mark.parametrize(("stack", "config", "message"), [
@@ -108,7 +135,10 @@ def test_stopped_cluster_runs_nothing(tmp_path: Path) -> None:
      r"aihow:stopTimeout: '-1' is invalid; allowed: greater than 0"),
     ("hpc", {"clusterFile": "GOOD", "imagesDir": "images"},
      r"aihow:imagesDir: 'images' is relative; allowed: an absolute path"),
-    ("hpc", {"clusterFile": "GOOD", "power": {"nope": "running"}}, r"aihow:power names nope, not VMs of aihow-hpc"),
+    ("hpc", {"clusterFile": "GOOD", "power": {"hpc-controller": "stopped"}},
+     r"aihow:power: desired power is no longer a stack setting .*use `invoke vm.start/vm.stop`"),
+    ("hpc", {"clusterFile": "GOOD", "clusterPower": "stopped"},
+     r"aihow:clusterPower: desired power is no longer a stack setting"),
     ("hpc", {"clusterFile": "GOOD", "stopTimout": "5"},
      r"aihow:stopTimout: unknown setting; allowed: .*stopTimeout"),
     ("hpc", {"clusterFile": "GOOD", "virtType": "xen"},

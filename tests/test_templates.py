@@ -16,7 +16,7 @@ from aihow_infra.libvirt.render import domain_xml, network_xml, pool_xml, volume
 
 GOLDEN = Path(__file__).parent / "golden"
 
-NETWORK = {"name": "hpc-cluster-network", "bridge": "virbr100", "forward_mode": "nat",
+NETWORK = {"name": "hpc-cluster-network", "stack": "hpc", "bridge": "virbr100", "forward_mode": "nat",
            "dns_domain": "hpc-cluster.local", "dns_servers": ["192.168.100.1"], "gateway": "192.168.100.1",
            "netmask": "255.255.255.0", "dhcp_start": "192.168.100.10", "dhcp_end": "192.168.100.254",
            "hosts": [{"mac": "72:55:52:1e:8f:d9", "name": "hpc-cluster-controller", "ip": "192.168.100.10"}]}
@@ -31,8 +31,9 @@ GPU_DOMAIN = {
 }
 PLAIN_DOMAIN = {**GPU_DOMAIN, "name": "hpc-cluster-controller", "role": "controller", "vcpus": 3, "devices": [],
                 "acceleration": {"cpu_model": "host-model", "enable_nested": True, "sockets": 2},
-                "mounts": [{"tag": "datasets", "host_path": "/srv/data"}]}
+                "mounts": [{"tag": "datasets", "host_path": "/srv/data"}], "graphics": "vnc-socket"}
 BOOTING_DOMAIN = {**PLAIN_DOMAIN, "name": "aihow-hpc-compute-01", "vcpus": 1, "memory_mib": 1024, "mounts": [],
+                  "graphics": "none",
                   "acceleration": {"cpu_model": "qemu64"}, "seed_path": "/var/lib/aihow/c-seed.iso",
                   "boot": {"kernel": "/var/lib/aihow/images/hpc-1/vmlinuz",
                            "initrd": "/var/lib/aihow/images/hpc-1/initrd.img",
@@ -86,9 +87,14 @@ def test_gpu_domain_details() -> None:
 def test_plain_domain_details() -> None:
     xml = CASES["domain-plain-kvm.xml"][1]
     assert "<topology sockets='1' dies='1' cores='3' threads='1'/>" in xml  # 3 is not divisible by 2
-    assert "listen='127.0.0.1'" in xml  # graphics on loopback only
+    assert "<listen type='socket'/>" in xml and "autoport" not in xml  # VNC when asked, never on TCP
     assert "<feature policy='optional' name='vmx'/>" in xml and "<feature policy='optional' name='svm'/>" in xml
     assert "<source dir='/srv/data'/>" in xml and "<access mode='shared'/>" in xml
+
+
+def test_no_console_but_the_serial_one_by_default() -> None:
+    xml = CASES["domain-image-qemu.xml"][1]
+    assert "<graphics" not in xml and "<model type='none'/>" in xml
 
 
 def test_software_emulation_has_no_host_cpu_settings() -> None:

@@ -52,6 +52,8 @@ def network_xml(props: dict[str, Any]) -> str:
     return _render(
         "network.xml.j2",
         name=props["name"],
+        stack=props.get("stack"),
+        metadata_ns=METADATA_NS,
         bridge=props["bridge"],
         forward_mode=props["forward_mode"],
         dns_domain=props["dns_domain"],
@@ -150,5 +152,6 @@ def domain_xml(props: dict[str, Any], virt_type: str, uuid: str | None = None) -
         network=props["network"],
         mounts=mounts,
         hostdevs=hostdevs,
-        graphics=not has_gpu,
+        # A VNC console only when asked, on a socket only root reaches (never a TCP port).
+        graphics=props.get("graphics") == "vnc-socket" and not has_gpu,
     )
