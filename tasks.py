@@ -37,11 +37,22 @@ F = TypeVar("F", bound=Callable[..., Any])
 STACK_HELP = "the cluster stack: hpc or cloud"
 
 
-def operator() -> Any:
-    """The library object behind the tasks (imported late: tasks stay quick to list)."""
-    from aihow_infra.operations import Operator
+def operator(yes: bool = False) -> Any:
+    """The library object behind the tasks (imported late: tasks stay quick to list). A change
+    that deletes a disk or replaces or restarts a VM is listed and asked about (``yes``: applied)."""
+    from aihow_infra.operations import Operator, refuse_risks
 
-    return Operator(progress=lambda msg: err.print(f"[dim]... {msg}[/dim]"))
+    def confirm(found: list[Any]) -> bool:
+        err.print("[yellow]These planned changes delete data or interrupt a guest:[/yellow]")
+        for risk in found:
+            err.print(f"  - {risk}", highlight=False, soft_wrap=True)
+        if yes:
+            return True
+        if not sys.stdin.isatty():
+            return refuse_risks(found)
+        return input("Apply them? [y/N] ").strip().lower() in ("y", "yes")
+
+    return Operator(progress=lambda msg: err.print(f"[dim]... {msg}[/dim]"), confirm=confirm)
 
 
 def clean_errors(fn: F) -> F:
@@ -89,11 +100,14 @@ def _confirm(question: str, yes: bool) -> None:
 # --- stacks ----------------------------------------------------------------------------------
 
 
-@task(help={"stack": STACK_HELP})
-def up(c: Context, stack: str) -> None:
-    """Create or update one cluster (pulumi up)."""
+YES_HELP = "apply changes that delete a disk or replace or restart a VM without asking"
+
+
+@task(help={"stack": STACK_HELP, "yes": YES_HELP})
+def up(c: Context, stack: str, yes: bool = False) -> None:
+    """Create or update one cluster (pulumi up); asks first when a disk or VM would be lost or restarted."""
     _check_stack(stack)
-    operator().up(stack)
+    operator(yes).up(stack)
     out.print(f"[green]{stack} is up to date[/green]")
 
 
@@ -140,17 +154,17 @@ def validate(c: Context, config: str = "") -> None:
 # --- one VM --------------------------------------------------------------------------------
 
 
-@task(help={"name": "VM name, e.g. hpc-cluster-compute-01"})
-def vm_start(c: Context, name: str) -> None:
+@task(help={"name": "VM name, e.g. hpc-cluster-compute-01", "yes": YES_HELP})
+def vm_start(c: Context, name: str, yes: bool = False) -> None:
     """Start a VM; its GPU leases are taken first."""
-    operator().vm_start(name)
+    operator(yes).vm_start(name)
     out.print(f"[green]{name} running[/green]")
 
 
-@task(help={"name": "VM name", "force": "power off at once instead of an ACPI shutdown"})
-def vm_stop(c: Context, name: str, force: bool = False) -> None:
+@task(help={"name": "VM name", "force": "power off at once instead of an ACPI shutdown", "yes": YES_HELP})
+def vm_stop(c: Context, name: str, force: bool = False, yes: bool = False) -> None:
     """Stop a VM and release its GPU leases."""
-    operator().vm_stop(name, force=force)
+    operator(yes).vm_stop(name, force=force)
     out.print(f"[yellow]{name} stopped[/yellow]")
 
 
@@ -247,17 +261,17 @@ def image_build(c: Context, role: str = "all", force: bool = False) -> None:
 # --- both clusters ---------------------------------------------------------------------------
 
 
-@task(help={"no_deploy": "provision and wait for ready only; do not run the playbooks"})
-def system_up(c: Context, no_deploy: bool = False) -> None:
+@task(help={"no_deploy": "provision and wait for ready only; do not run the playbooks", "yes": YES_HELP})
+def system_up(c: Context, no_deploy: bool = False, yes: bool = False) -> None:
     """Bring up HPC, then Cloud, wait until every VM is ready, and deploy what changed."""
-    operator().system_up(deploy=not no_deploy)
+    operator(yes).system_up(deploy=not no_deploy)
     out.print("[green]system up[/green]")
 
 
-@task()
-def system_down(c: Context) -> None:
+@task(help={"yes": YES_HELP})
+def system_down(c: Context, yes: bool = False) -> None:
     """Shut down Cloud, then HPC (VMs stay defined; GPU leases are released)."""
-    operator().system_down()
+    operator(yes).system_down()
     out.print("[yellow]system down[/yellow]")
 
 
@@ -284,10 +298,10 @@ def system_destroy(c: Context, yes: bool = False) -> None:
     out.print("[green]system destroyed[/green]")
 
 
-@task(help={"to": "the cluster that gets the GPUs: hpc or cloud"})
-def switch(c: Context, to: str) -> None:
+@task(help={"to": "the cluster that gets the GPUs: hpc or cloud", "yes": YES_HELP})
+def switch(c: Context, to: str, yes: bool = False) -> None:
     """Stop the other cluster's GPU VMs, then start this one's."""
-    operator().switch(to)
+    operator(yes).switch(to)
     out.print(f"[green]GPUs switched to {to}[/green]")
 
 

@@ -43,6 +43,7 @@ class Risk:
     kind: str
     name: str
     what: str
+    urn: str
 
     def __str__(self) -> str:
         return f"{self.kind} {self.name}: {self.what}"
@@ -65,13 +66,13 @@ def risks(steps: list[dict[str, Any]]) -> list[Risk]:
         replaced_by = ", ".join(step.get("replaceReasons") or []) or "its inputs"
         if kind == "disk" and op in ("delete", "replace", "delete-replaced"):
             what = "deleted with its data" if op == "delete" else f"deleted and made anew (changed: {replaced_by})"
-            found.append(Risk(kind, name, what))
+            found.append(Risk(kind, name, what, urn))
         elif kind == "VM" and op in ("delete", "replace", "delete-replaced"):
             what = "removed" if op == "delete" else f"removed and defined anew (changed: {replaced_by})"
-            found.append(Risk(kind, name, what))
+            found.append(Risk(kind, name, what, urn))
         elif kind == "VM" and op == "update":
             keys = reboot_keys(old, new)
             if keys:
-                found.append(Risk(kind, name, f"restarted to apply {', '.join(keys)}"))
+                found.append(Risk(kind, name, f"restarted to apply {', '.join(keys)}", urn))
     unique = {(r.kind, r.name): r for r in found}
     return list(unique.values())

@@ -35,6 +35,7 @@ class NodeArgs:
     network_name: pulumi.Output[str]
     network_id: pulumi.Output[str]
     pool_name: pulumi.Output[str]
+    pool_path: str
 
 
 def _seed_spec(args: NodeArgs) -> SeedSpec:
@@ -88,7 +89,9 @@ class Node(pulumi.ComponentResource):
             name=f"{vm.name}.qcow2",
             size_gb=vm.disk_gb,
             base_image=str(image.disk) if image else vm.base_image,
-        ), child)
+        # A disk holds the guest's data: only a destroy, or a change the operator confirmed
+        # (the tasks lift the protection then), may delete it.
+        ), pulumi.ResourceOptions(parent=self, protect=True))
         seed = Seed(f"{name}-seed", SeedArgs(
             uri=settings.libvirt_uri,
             pool=args.pool_name,
@@ -111,9 +114,11 @@ class Node(pulumi.ComponentResource):
             role=vm.role,
             vcpus=vm.cpu_cores,
             memory_mib=vm.memory_gb * 1024,
-            disk_path=volume.path,
+            # Where libvirt puts the volumes of a directory pool, known before they exist: a
+            # preview of a growing disk then shows the domain unchanged, not replaced.
+            disk_path=f"{args.pool_path}/{vm.name}.qcow2",
             disk_gb=vm.disk_gb,
-            seed_path=seed.path if seed else None,
+            seed_path=f"{args.pool_path}/{vm.name}-seed.iso" if seed else None,
             boot=Boot(kernel=str(image.kernel), initrd=str(image.initrd), cmdline=KERNEL_CMDLINE) if image else None,
             console_log=str(console_log_path(vm.name)),
             mac=vm.mac,
@@ -130,7 +135,7 @@ class Node(pulumi.ComponentResource):
             if running and vm.claims else None,
             wait_ready=vm.waits_ready,
             ready_timeout=settings.ready_timeout,
-        ), pulumi.ResourceOptions(parent=self, depends_on=[*self.leases]))
+        ), pulumi.ResourceOptions(parent=self, depends_on=[*self.leases, volume, *([seed] if seed else [])]))
 
         self.outputs = {
             "name": vm.name,
@@ -195,16 +200,17 @@ class Cluster(pulumi.ComponentResource):
             dhcp_end=plan.dhcp_end,
             hosts=[DhcpHost(mac=vm.mac, name=vm.name, ip=vm.ip) for vm in plan.vms if vm.ip],
         ), child)
+        pool_path = f"{settings.images_dir.rstrip('/')}/{plan.name}"
         pool = StoragePool("pool", PoolArgs(
             uri=settings.libvirt_uri,
             name=plan.pool_name,
-            path=f"{settings.images_dir.rstrip('/')}/{plan.name}",
+            path=pool_path,
         ), child)
         self.nodes = [
             Node(vm.short_name, NodeArgs(vm=vm, cluster=plan, settings=settings, stack=args.stack,
                                          login_key=args.login_key, power=args.power, network_name=network.name,
                                          network_id=network.uuid,
-                                         pool_name=pool.name), child)
+                                         pool_name=pool.name, pool_path=pool_path), child)
             for vm in plan.vms
         ]
         self.outputs = {

@@ -22,6 +22,7 @@ from typing import Any
 import yaml
 
 from aihow_infra import slurm
+from aihow_infra.changes import Risk, risks
 from aihow_infra.config import CLUSTER_KEYS, ClusterFile
 from aihow_infra.deploy import DeployRecord, DeployResult, fingerprint, project_playbook, run_playbook
 from aihow_infra.desired import DesiredPower, PowerRecords, PowerState
@@ -40,6 +41,13 @@ from aihow_infra.stacks import Workspace
 from aihow_infra.status import ClusterStatus, SharedGpuStatus, SystemStatus, VmStatus
 
 Progress = Callable[[str], None]
+Confirm = Callable[[list[Risk]], bool]
+
+
+def refuse_risks(found: list[Risk]) -> bool:
+    """Without a way to ask (a script): a change that loses data or interrupts a guest is refused."""
+    raise AihowError(f"{len(found)} planned change(s) delete data or interrupt a guest, first: {found[0]}; "
+                     "nothing was changed; allowed: run it again with --yes to apply them")
 
 
 @dataclass(frozen=True)
@@ -55,9 +63,11 @@ class StackView:
 class Operator:
     """The operations behind ``tasks.py``; each raises an ``AihowError`` with one clear line."""
 
-    def __init__(self, workspace: Workspace | None = None, progress: Progress | None = None) -> None:
+    def __init__(self, workspace: Workspace | None = None, progress: Progress | None = None,
+                 confirm: Confirm = refuse_risks) -> None:
         self.workspace = workspace or Workspace()
         self.progress: Progress = progress or (lambda _msg: None)
+        self.confirm = confirm
         if self.workspace.waiting is None:
             self.workspace.waiting = self.progress
 
@@ -132,11 +142,35 @@ class Operator:
                 self.progress(f"{role} image ready in {image.built_seconds:.0f} s, "
                               f"{image.disk_bytes / 2**20:.0f} MiB: {image.folder}")
 
+    def gate(self, stack: str) -> None:
+        """Before a change: the planned steps that delete a disk, or replace or restart a VM,
+        go ahead only when ``confirm`` says so. The engine stops a plan at a protected disk:
+        the protection is lifted to see the whole plan, and put back unless confirmed."""
+        plan = self.workspace.preview_plan(stack)
+        lifted: list[str] = []
+        while plan.protected and not set(plan.protected) <= set(lifted):
+            self.workspace.unprotect(stack, plan.protected)
+            lifted += plan.protected
+            plan = self.workspace.preview_plan(stack)
+        found = risks(plan.steps)
+        try:
+            if found and not self.confirm(found):
+                raise AihowError("cancelled; nothing was changed")
+        except BaseException:
+            if lifted:
+                self.workspace.protect(stack, lifted)
+            raise
+        disks = [r.urn for r in found if r.kind == "disk" and r.urn not in lifted]
+        if disks:
+            self.workspace.unprotect(stack, disks)
+
     def up(self, stack: str) -> None:
-        """``pulumi up`` of one stack (its images built first)."""
+        """``pulumi up`` of one stack (its images built first), after the gate."""
         self.ensure_images([self.view(stack)])
-        self.progress(f"pulumi up -s {stack}")
-        self.workspace.up(stack)
+        with self.workspace.hold(stack):
+            self.gate(stack)
+            self.progress(f"pulumi up -s {stack}")
+            self.workspace.up(stack)
 
     def destroy(self, stack: str) -> None:
         """``pulumi destroy`` of one stack."""
@@ -211,6 +245,11 @@ class Operator:
         with self.workspace.hold(stack):
             before = records.read()
             records.write(change(before))
+            try:
+                self.gate(stack)
+            except AihowError:
+                records.write(before)  # refused: nothing ran
+                raise
             self.progress(f"pulumi up -s {stack}")
             try:
                 self.workspace.up(stack)
@@ -342,6 +381,7 @@ class Operator:
             if not [u for u in before if "::pulumi:pulumi:Stack::" not in u]:
                 self.workspace.destroy(stack)
             elif created:
+                self.workspace.unprotect(stack, created)
                 targets = [arg for urn in created for arg in ("--target", urn)]
                 self.workspace.run(["destroy", "--yes", "--skip-preview", "--target-dependents", *targets], stack)
             if self.records(stack).read() != power:

@@ -24,6 +24,8 @@ from aihow_infra.files import Waiting
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 
 _STACKS_LOCK = threading.Lock()
+_PROTECTED = re.compile(r'resource "(urn:[^"]+)"(?: as part of replacing "[^"]+")? as it is currently marked for '
+                        r"protection")
 # Stacks this process holds (Workspace.hold), by project folder.
 _HELD: set[tuple[Path, str]] = set()
 _HELD_LOCK = threading.Lock()
@@ -93,6 +95,14 @@ def summarize_failure(output: str) -> str:
         return engine[0]
     tail = [line.strip() for line in output.splitlines() if line.strip()]
     return tail[-1] if tail else "pulumi failed without output"
+
+
+@dataclass(frozen=True)
+class Plan:
+    """A preview: its steps, and the protected resources (disks) it would have to delete."""
+
+    steps: list[dict[str, Any]]
+    protected: list[str]
 
 
 class _Runs:
@@ -176,7 +186,8 @@ class Workspace:
 
     project_dir: Path = field(default_factory=lambda: Path(os.environ.get("AIHOW_PROJECT_DIR", PROJECT_ROOT)))
     backend_url: str | None = None
-    echo: bool = False
+    # Show the engine's whole output (AIHOW_ECHO_PULUMI=1), for debugging.
+    echo: bool = field(default_factory=lambda: bool(os.environ.get("AIHOW_ECHO_PULUMI")))
     waiting: Waiting | None = None
     _stacks: set[str] | None = field(default=None, repr=False)
 
@@ -293,13 +304,40 @@ class Workspace:
         self.ensure_stack(stack)
         return self.run(["preview", "--diff", *extra], stack).stdout
 
+    def preview_plan(self, stack: str) -> Plan:
+        """What ``pulumi preview --json`` plans: its steps (with their old and new state), and
+        the protected resources it stopped at; any other error raises ``StackError``."""
+        self.ensure_stack(stack)
+        proc = self.run(["preview", "--json"], stack, check=False)
+        try:
+            data = json.loads(proc.stdout[proc.stdout.index("{"):])
+        except ValueError:
+            raise StackError(f"pulumi preview -s {stack}: {self._cause(proc.stdout)}") from None
+        errors = [d.get("message", "") for d in data.get("diagnostics", []) if d.get("severity") == "error"]
+        protected = sorted({m.group(1) for e in errors if (m := _PROTECTED.search(e))})
+        others = [e for e in errors if not _PROTECTED.search(e) and not e.startswith(("error: preview failed",))]
+        if proc.returncode != 0 and not protected:
+            raise StackError(f"pulumi preview -s {stack}: {summarize_failure(chr(10).join(others) or proc.stdout)}")
+        return Plan(data.get("steps", []), protected)
+
+    def preview_steps(self, stack: str) -> list[dict[str, Any]]:
+        """The steps ``pulumi preview --json`` plans (with their old and new state)."""
+        return self.preview_plan(stack).steps
+
     def planned_steps(self, stack: str) -> dict[str, str]:
         """What ``pulumi preview`` would do, as resource name -> operation (``update``,
         ``replace``, ``create``, ``delete``, ...); unchanged resources are left out."""
-        self.ensure_stack(stack)
-        data = json.loads(self.run(["preview", "--json"], stack).stdout)
-        return {step["urn"].split("::")[-1]: step["op"] for step in data.get("steps", [])
-                if step.get("op") not in ("same", "read")}
+        return {step["urn"].split("::")[-1]: step["op"] for step in self.preview_steps(stack)
+                if step.get("op") not in ("same", "read", "refresh")}
+
+    def unprotect(self, stack: str, urns: Sequence[str] = ()) -> None:
+        """Lift the protection of ``urns`` (every resource when none are named), so that a
+        confirmed change or a destroy may delete them."""
+        self.run(["state", "unprotect", "--yes", *(urns or ["--all"])], stack)
+
+    def protect(self, stack: str, urns: Sequence[str]) -> None:
+        """Protect ``urns`` again (a change that was not confirmed)."""
+        self.run(["state", "protect", "--yes", *urns], stack)
 
     def refresh(self, stack: str) -> str:
         """``pulumi refresh --yes`` under the stack's hold."""
@@ -312,6 +350,7 @@ class Workspace:
         if not self.has_stack(stack):
             return ""
         with self.hold(stack):
+            self.unprotect(stack)  # the disks: a destroy is the one change that deletes them all
             return self.run(["destroy", "--yes", "--skip-preview"], stack).stdout
 
     def has_stack(self, stack: str) -> bool:

@@ -272,7 +272,7 @@ class DomainProvider(LibvirtProvider):
     def _grow_disk(self, dom: libvirt.virDomain, news: dict[str, Any]) -> None:
         """Tell a running guest its disk grew (the volume was resized first)."""
         call(f"growing the disk of domain {news['name']}", dom.blockResize, news["disk_path"],
-             news["disk_gb"] * 2**30, libvirt.VIR_DOMAIN_BLOCK_RESIZE_BYTES)
+             int(news["disk_gb"]) * 2**30, libvirt.VIR_DOMAIN_BLOCK_RESIZE_BYTES)
 
     def find(self, conn: libvirt.virConnect, props: dict[str, Any]) -> libvirt.virDomain | None:
         """The domain named in the inputs."""

@@ -169,7 +169,7 @@ class VolumeProvider(VolumeInPool):
     def update(self, _id: str, olds: dict[str, Any], news: dict[str, Any]) -> UpdateResult:
         """Grow the disk in place, keeping its data. A disk in use by a running VM is locked by
         its qemu: the VM's domain grows it live instead (``blockResize``)."""
-        size = news["size_gb"] * 2**30
+        size = int(news["size_gb"]) * 2**30
         with connect(news["uri"]) as conn:
             vol = self.find(conn, news)
             if vol is None:

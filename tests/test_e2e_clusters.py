@@ -12,7 +12,9 @@ from typing import Any
 import libvirt
 import pytest
 
-from aihow_infra.errors import StackError
+from aihow_infra.changes import Risk, risks
+from aihow_infra.errors import AihowError, StackError
+from aihow_infra.operations import Operator
 from tests.sandbox import E2E, Sandbox, gpu_passthrough
 
 pytestmark = pytest.mark.e2e
@@ -97,15 +99,16 @@ def test_two_stacks_converge_update_replace_refresh_and_destroy(e2e: E2E) -> Non
     ws.up("cloud")
     assert states(box.conn, p)[f"{p}-cloud-gpu-worker-01"] is False
 
-    # Memory updates in place; disk size replaces, and preview says which before it happens.
+    # Memory updates in place (a restart), and the disk of a running VM grows in place.
     clusters["hpc"]["compute_nodes"][0]["memory_gb"] = 2
     clusters["hpc"]["compute_nodes"][1]["disk_gb"] = 2
     e2e.write_cluster_file(clusters)
     steps = ws.planned_steps("hpc")
     assert steps["compute-01-domain"] == "update"
-    assert steps["compute-02-domain"] == "replace"
-    assert steps["compute-02-disk"] == "replace"
+    assert steps["compute-02-domain"] == "update" and steps["compute-02-disk"] == "update"
     assert "compute-01-disk" not in steps
+    assert [str(r) for r in risks(ws.preview_steps("hpc"))] == [
+        f"VM {p}-hpc-compute-01: restarted to apply memory_mib"]
     uuid_before = box.conn.lookupByName(f"{p}-hpc-compute-01").UUIDString()
     ws.up("hpc")
     dom = box.conn.lookupByName(f"{p}-hpc-compute-01")
@@ -124,12 +127,18 @@ def test_two_stacks_converge_update_replace_refresh_and_destroy(e2e: E2E) -> Non
     assert box.conn.lookupByName(f"{p}-cloud-cpu-worker-01").isActive()
     ws.run(["preview", "--expect-no-changes"], "cloud")
 
-    # Renaming (here the cluster, which names every VM) is a replacement, said before it happens.
+    # Renaming (here the cluster, which names every VM) replaces the VMs and their disks: listed
+    # before it happens, and nothing happens unless the operator says yes.
     clusters["cloud"]["name"] = f"{p}-cloud2"
     e2e.write_cluster_file(clusters)
-    steps = ws.planned_steps("cloud")
-    assert steps["control-plane-domain"] == "replace" and steps["network"] == "replace"
-    assert steps["cpu-worker-01-disk"] == "replace"
+    seen: list[Risk] = []
+    op = Operator(ws, confirm=lambda found: bool(seen.extend(found)))  # the operator says no
+    with pytest.raises(AihowError, match="cancelled; nothing was changed"):
+        op.gate("cloud")
+    assert f"disk {p}-cloud-cpu-worker-01.qcow2: deleted and made anew" in {str(r).split(" (")[0] for r in seen}
+    assert f"VM {p}-cloud-control-plane: removed and defined anew" in {str(r).split(" (")[0] for r in seen}
+    with pytest.raises(StackError, match="marked for protection"):  # and the engine refuses to delete a disk
+        ws.up("cloud")
     clusters["cloud"]["name"] = f"{p}-cloud"
     e2e.write_cluster_file(clusters)
 
