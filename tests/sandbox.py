@@ -163,7 +163,14 @@ class E2E:
         return path
 
     def configure(self, stack: str, cluster_file: Path, **settings: Any) -> None:
-        """Write ``Pulumi.<stack>.yaml`` for the test (outside the work tree)."""
+        """Write ``Pulumi.<stack>.yaml`` for the test (outside the work tree). On libvirt's test
+        driver the project does not refresh: that driver keeps its objects only for the life of
+        one provider process, so a refresh by the next run would find none of them."""
+        if str(settings.get("libvirtUri", "")).startswith("test:"):
+            project = self.root / "project" / "Pulumi.yaml"
+            data = yaml.safe_load(project.read_text())
+            data.get("options", {}).pop("refresh", None)
+            project.write_text(yaml.safe_dump(data))
         config = {
             "aihow:clusterFile": str(cluster_file),
             "aihow:imagesDir": str(self.sandbox.images_dir),
