@@ -175,6 +175,16 @@ class Ledger:
                 freed.append(address)
         return freed
 
+    def release_all(self, holders: list[str]) -> list[str]:
+        """Free every address any of ``holders`` holds (their VMs are gone). Returns them."""
+        freed = []
+        with self._locked() as devices:
+            for address, entry in sorted(devices.items()):
+                if entry.get("holder") in holders:
+                    entry.update(holder=None, granted_at=None)
+                    freed.append(address)
+        return freed
+
     def reclaim(self, address: str) -> list[Lease]:
         """Operator's override: free the device at ``address`` whoever holds it — every function
         of that device (``0000:41:00.*``) its holder holds. Returns the leases freed."""

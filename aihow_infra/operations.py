@@ -29,10 +29,10 @@ from aihow_infra.desired import DesiredPower, PowerRecords, PowerState
 from aihow_infra.errors import AihowError, ConfigError, StackError
 from aihow_infra.images import ensure_image, find_image, recipe_for
 from aihow_infra.inventory import Access, build_inventory
-from aihow_infra.ledger import Ledger
-from aihow_infra.libvirt.connection import connect, lookup
+from aihow_infra.ledger import Ledger, holder_for
+from aihow_infra.libvirt.connection import call, connect, discard, lookup, network_stack, pool_path, remove_pool
 from aihow_infra.libvirt.guest import console_log_path, probe, wait_ready
-from aihow_infra.libvirt.power import UNDEFINED, start_domain, state_name, stop_domain
+from aihow_infra.libvirt.power import UNDEFINED, metadata, start_domain, state_name, stop_domain, undefine
 from aihow_infra.loading import load_cluster_file
 from aihow_infra.plan import ClusterPlan, VmPlan, plan_cluster, shared_devices
 from aihow_infra.settings import DEFAULT_LEDGER, StackSettings, parse_settings
@@ -173,10 +173,63 @@ class Operator:
             self.workspace.up(stack)
 
     def destroy(self, stack: str) -> None:
-        """``pulumi destroy`` of one stack."""
+        """``pulumi destroy`` of one stack, then what an interrupted run made and never recorded
+        (objects whose metadata names this stack). Never reports success while an object of
+        the stack remains: it says which, and why."""
+        try:
+            view: StackView | None = self.view(stack)
+        except ConfigError as exc:
+            view = None  # the state alone is enough to destroy; only the sweep needs the plan
+            self.progress(f"{stack}: {exc}; only what the stack's state records is removed")
         self.progress(f"pulumi destroy -s {stack}")
         self.workspace.destroy(stack)
         self.deploys.forget(stack)
+        if view is not None:
+            self._sweep(view)
+
+    def _sweep(self, view: StackView) -> None:
+        remaining = []
+        with connect(view.settings.libvirt_uri) as conn:
+            for vm in view.plan.vms:
+                dom = lookup("looking up domain", conn.lookupByName, vm.name)
+                if dom is None:
+                    continue
+                owner = metadata(dom).get("stack")
+                if owner != view.stack:
+                    remaining.append(f"domain {vm.name} (its metadata names stack {owner!r}, not {view.stack!r})")
+                    continue
+                self.progress(f"removing domain {vm.name}, left by an interrupted run")
+                stop_domain(dom, 0)  # its disk goes too: nothing to shut down for
+                undefine(dom, vm.name)
+            Ledger(view.settings.ledger_path).release_all([holder_for(view.stack, vm.name) for vm in view.plan.vms])
+            pool = lookup("looking up pool", conn.storagePoolLookupByName, view.plan.pool_name)
+            if pool is not None:
+                remaining += self._sweep_pool(view, pool)
+            net = lookup("looking up network", conn.networkLookupByName, view.plan.network_name)
+            if net is not None:
+                if network_stack(net) != view.stack:
+                    remaining.append(f"network {view.plan.network_name} (not made by stack {view.stack})")
+                else:
+                    self.progress(f"removing network {view.plan.network_name}, left by an interrupted run")
+                    discard(net)
+        if remaining:
+            raise StackError(f"destroy of {view.stack} left {'; '.join(remaining)}; remove them by hand (virsh) "
+                             "if they are no longer needed")
+
+    def _sweep_pool(self, view: StackView, pool: Any) -> list[str]:
+        path = f"{view.settings.images_dir.rstrip('/')}/{view.plan.name}"
+        if pool_path(pool) != path:
+            return [f"storage pool {view.plan.pool_name} (on {pool_path(pool)}, not {path})"]
+        ours = {f"{vm.name}.qcow2" for vm in view.plan.vms} | {f"{vm.name}-seed.iso" for vm in view.plan.vms}
+        with contextlib.suppress(Exception):
+            pool.refresh(0)
+        for vol in pool.listAllVolumes() if pool.isActive() else []:
+            if vol.name() in ours:
+                self.progress(f"removing volume {vol.name()}, left by an interrupted run")
+                call(f"deleting volume {vol.name()}", vol.delete, 0)
+        self.progress(f"removing storage pool {view.plan.pool_name}, left by an interrupted run")
+        remove_pool(pool)
+        return []
 
     # --- Ansible -------------------------------------------------------------------------
 

@@ -160,7 +160,9 @@ class _Runs:
 
 
 def reap(proc: subprocess.Popen[str]) -> None:
-    """Stop a pulumi process (when still running) and everything left in its process group."""
+    """Stop a pulumi process (when still running) and everything left in its session: the
+    engine puts each plugin (language host, providers) in a process group of its own, but
+    they all stay in the session the task started it in."""
     if proc.poll() is None:
         with contextlib.suppress(ProcessLookupError):
             os.kill(proc.pid, signal.SIGTERM)
@@ -169,8 +171,20 @@ def reap(proc: subprocess.Popen[str]) -> None:
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait()
-    with contextlib.suppress(ProcessLookupError, PermissionError):
-        os.killpg(proc.pid, signal.SIGKILL)
+    for pid in session_members(proc.pid):
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.kill(pid, signal.SIGKILL)
+
+
+def session_members(sid: int) -> list[int]:
+    """The live processes of session ``sid``."""
+    members = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            with contextlib.suppress(OSError):
+                if os.getsid(int(entry.name)) == sid:
+                    members.append(int(entry.name))
+    return members
 
 
 RUNS = _Runs()

@@ -137,14 +137,19 @@ class LibvirtProvider(Provider):
         found = self.find(conn, props)
         if found is None:
             return None
-        if self.is_ours(found, props):
+        if self.left_by_us(found, props):
             return found
         raise LibvirtError(f"{self.KIND} {props['name']!r} already exists outside this stack; remove it "
                            f"({how_to_remove}) or rename the cluster")
 
     def is_ours(self, obj: Any, props: dict[str, Any]) -> bool:
-        """True when an existing object is this resource's own, left by an interrupted run."""
+        """True when an existing object of this name is this stack's own: made by this resource,
+        or left by an interrupted run of it. Read and delete see only such objects."""
         return False
+
+    def left_by_us(self, obj: Any, props: dict[str, Any]) -> bool:
+        """True when an object found by a create is this stack's own, so it is taken over."""
+        return self.is_ours(obj, props)
 
     def find(self, conn: Any, props: dict[str, Any]) -> Any:
         """The libvirt object, or None when it does not exist."""
@@ -159,16 +164,18 @@ class LibvirtProvider(Provider):
         raise NotImplementedError
 
     def delete(self, _id: str, props: dict[str, Any]) -> None:
-        """Remove the object; one already gone is success."""
+        """Remove the object; one already gone is success, and one of that name that is not
+        ours (made anew by someone else) is left alone."""
         with connect(props["uri"]) as conn:
             obj = self.find(conn, props)
-            if obj is not None:
+            if obj is not None and self.is_ours(obj, props):
                 self.remove(obj, props)
 
     def read(self, id_: str, props: dict[str, Any]) -> ReadResult:
-        """What libvirt holds now; an empty id when the object was removed behind Pulumi's back."""
+        """What libvirt holds now; an empty id when the object was removed behind Pulumi's back
+        (or replaced by one that is not ours)."""
         with connect(props["uri"]) as conn:
             obj = self.find(conn, props)
-            if obj is None:
+            if obj is None or not self.is_ours(obj, props):
                 return ReadResult(None, {})
             return ReadResult(id_, self.observe(obj, props))

@@ -23,11 +23,12 @@ from aihow_infra.changes import (
     changed_keys,
     reboot_keys,
 )
+from aihow_infra.errors import LibvirtError
 from aihow_infra.host import Host, VirtChoice, choose_virt_type
 from aihow_infra.ledger import LeaseRef, Ledger
-from aihow_infra.libvirt.connection import call, connect, kvm_usable, lookup, translate
+from aihow_infra.libvirt.connection import call, connect, kvm_usable, lookup
 from aihow_infra.libvirt.guest import probe, wait_ready
-from aihow_infra.libvirt.power import start_domain, state_name, stop_domain
+from aihow_infra.libvirt.power import metadata, start_domain, state_name, stop_domain, undefine
 from aihow_infra.libvirt.render import METADATA_NS, domain_xml
 from aihow_infra.status import GuestState
 from providers.base import Input, LibvirtProvider
@@ -97,29 +98,6 @@ class DomainArgs(TypedDict):
     lease: LeaseRef | None
     wait_ready: bool
     ready_timeout: float
-
-_UNDEFINE_FLAGS = (libvirt.VIR_DOMAIN_UNDEFINE_MANAGED_SAVE | libvirt.VIR_DOMAIN_UNDEFINE_SNAPSHOTS_METADATA
-                   | libvirt.VIR_DOMAIN_UNDEFINE_CHECKPOINTS_METADATA | libvirt.VIR_DOMAIN_UNDEFINE_NVRAM)
-_LIVE_AND_CONFIG = libvirt.VIR_DOMAIN_AFFECT_LIVE | libvirt.VIR_DOMAIN_AFFECT_CONFIG
-
-
-def undefine(dom: libvirt.virDomain, name: str) -> None:
-    """Undefine with everything libvirt keeps beside a definition (managed save, snapshot and
-    checkpoint metadata, NVRAM); a libvirt too old for a flag gets a plain undefine, any
-    other failure is reported as it is."""
-    try:
-        dom.undefineFlags(_UNDEFINE_FLAGS)
-    except libvirt.libvirtError as exc:
-        if exc.get_error_code() not in (libvirt.VIR_ERR_INVALID_ARG, libvirt.VIR_ERR_NO_SUPPORT):
-            raise translate(exc, f"undefining domain {name}") from None
-        call(f"undefining domain {name}", dom.undefine)
-
-
-def metadata(dom: libvirt.virDomain, flags: int = libvirt.VIR_DOMAIN_XML_INACTIVE) -> dict[str, str]:
-    """The project's metadata of a domain (cluster, role, stack); empty for a domain not ours."""
-    root = ET.fromstring(dom.XMLDesc(flags))
-    found = root.find(f"./metadata/{{{METADATA_NS}}}vm")
-    return {child.tag.split("}")[-1]: child.text or "" for child in found} if found is not None else {}
 
 
 def read_definition(dom: libvirt.virDomain, live: bool = False) -> dict[str, Any]:
@@ -196,9 +174,7 @@ class DomainProvider(LibvirtProvider):
         the VM's leases are released: nothing is left behind."""
         name = props["name"]
         with connect(props["uri"]) as conn:
-            existing = self.find(conn, props)
-            if existing is not None and metadata(existing).get("stack") != props["stack"]:
-                self.refuse_existing(conn, props, f"virsh destroy {name}; virsh undefine {name}")
+            existing = self.refuse_existing(conn, props, f"virsh destroy {name}; virsh undefine {name}")
             choice = resolve_virt_type(conn, props.get("virt_type", "auto"))
             virt_type = choice.virt_type if choice else "test"
             dom = None
@@ -212,10 +188,10 @@ class DomainProvider(LibvirtProvider):
                 return CreateResult(name, self._outs(props, dom, choice, guest))
             except BaseException:
                 if dom is not None and existing is None:
-                    with contextlib.suppress(libvirt.libvirtError):
+                    with contextlib.suppress(libvirt.libvirtError, LibvirtError):
                         if dom.isActive():
                             dom.destroy()
-                        dom.undefineFlags(_UNDEFINE_FLAGS)
+                        undefine(dom, name)
                 self._release_unless_running(dom, props)
                 raise
 
@@ -273,6 +249,10 @@ class DomainProvider(LibvirtProvider):
         """Tell a running guest its disk grew (the volume was resized first)."""
         call(f"growing the disk of domain {news['name']}", dom.blockResize, news["disk_path"],
              int(news["disk_gb"]) * 2**30, libvirt.VIR_DOMAIN_BLOCK_RESIZE_BYTES)
+
+    def is_ours(self, obj: libvirt.virDomain, props: dict[str, Any]) -> bool:
+        """A domain whose metadata names this stack."""
+        return bool(metadata(obj).get("stack") == props["stack"])
 
     def find(self, conn: libvirt.virConnect, props: dict[str, Any]) -> libvirt.virDomain | None:
         """The domain named in the inputs."""

@@ -10,8 +10,8 @@ import pulumi
 from pulumi.dynamic import CreateResult, Resource, UpdateResult
 
 from aihow_infra.errors import LibvirtError
-from aihow_infra.libvirt.connection import call, connect, discard, lookup
-from aihow_infra.libvirt.render import METADATA_NS, network_xml
+from aihow_infra.libvirt.connection import call, connect, discard, lookup, network_stack
+from aihow_infra.libvirt.render import network_xml
 from providers.base import LibvirtProvider
 
 
@@ -71,9 +71,13 @@ class NetworkProvider(LibvirtProvider):
     KIND = "network"
 
     def is_ours(self, obj: libvirt.virNetwork, props: dict[str, Any]) -> bool:
-        """A network whose metadata names this stack."""
-        root = ET.fromstring(obj.XMLDesc(0))
-        return bool(root.findtext(f"./metadata/{{{METADATA_NS}}}network/{{{METADATA_NS}}}stack") == props["stack"])
+        """A network whose metadata names this stack (or none: networks made before the
+        metadata was written are this stack's, as the state that records them says)."""
+        return network_stack(obj) in (props.get("stack"), None)
+
+    def left_by_us(self, obj: libvirt.virNetwork, props: dict[str, Any]) -> bool:
+        """Taken over by a create only when its metadata names this stack."""
+        return bool(network_stack(obj) == props["stack"])
 
     def create(self, props: dict[str, Any]) -> CreateResult:
         """Define, start and autostart the network (or take over this stack's own, left by an

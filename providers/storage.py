@@ -14,7 +14,7 @@ import pulumi
 from pulumi.dynamic import CheckFailure, CheckResult, CreateResult, Resource, UpdateResult
 
 from aihow_infra.errors import LibvirtError
-from aihow_infra.libvirt.connection import call, connect, discard, lookup, translate
+from aihow_infra.libvirt.connection import call, connect, discard, lookup, pool_path, remove_pool, translate
 from aihow_infra.libvirt.render import pool_xml, volume_xml
 from providers.base import Input, LibvirtProvider
 
@@ -47,7 +47,7 @@ class PoolProvider(LibvirtProvider):
 
     def is_ours(self, obj: libvirt.virStoragePool, props: dict[str, Any]) -> bool:
         """A pool of this name on this folder (a pool has no metadata; the folder is the cluster's)."""
-        return bool(ET.fromstring(obj.XMLDesc(0)).findtext("./target/path") == props["path"])
+        return bool(pool_path(obj) == props["path"])
 
     def create(self, props: dict[str, Any]) -> CreateResult:
         """Define, build (mkdir), start and autostart (or take over this cluster's pool, left by
@@ -86,11 +86,7 @@ class PoolProvider(LibvirtProvider):
 
     def remove(self, pool: libvirt.virStoragePool, props: dict[str, Any]) -> None:
         """Stop, remove the folder when empty (files we did not make stay), undefine."""
-        if pool.isActive():
-            call(f"stopping pool {props['name']}", pool.destroy)
-        with contextlib.suppress(libvirt.libvirtError):
-            pool.delete(0)
-        call(f"undefining pool {props['name']}", pool.undefine)
+        remove_pool(pool)
 
     def observe(self, pool: libvirt.virStoragePool, props: dict[str, Any]) -> dict[str, Any]:
         """The inputs, the pool's UUID and whether it is started."""
@@ -111,6 +107,10 @@ def image_format(path: str) -> str:
 class VolumeInPool(LibvirtProvider):
     """A provider of volumes in a pool: found, removed and shown the same way for every kind."""
 
+    def is_ours(self, obj: libvirt.virStorageVol, props: dict[str, Any]) -> bool:
+        """A volume of this name in the cluster's own pool."""
+        return True
+
     def create_volume(self, conn: libvirt.virConnect, props: dict[str, Any], xml: str) -> libvirt.virStorageVol:
         """Create the volume from ``xml``. An existing volume of that name is taken over when
         ``is_ours`` (an interrupted run made it), else refused; never overwritten."""
@@ -118,7 +118,7 @@ class VolumeInPool(LibvirtProvider):
         pool = call(f"looking up pool {pool_name}", conn.storagePoolLookupByName, pool_name)
         found = self.find(conn, props)
         if found is not None:
-            if self.is_ours(found, props):
+            if self.left_by_us(found, props):
                 return found
             raise LibvirtError(f"{self.KIND} {name!r} already exists in pool {pool_name!r} outside this stack; "
                                f"remove it (virsh vol-delete {name} --pool {pool_name}) to let it be made")
@@ -150,7 +150,7 @@ class VolumeProvider(VolumeInPool):
     UPDATE = frozenset({"size_gb"})
     KIND = "volume"
 
-    def is_ours(self, obj: libvirt.virStorageVol, props: dict[str, Any]) -> bool:
+    def left_by_us(self, obj: libvirt.virStorageVol, props: dict[str, Any]) -> bool:
         """A volume of this name in the cluster's own pool with the same backing image (or none)."""
         backing = ET.fromstring(obj.XMLDesc(0)).findtext("./backingStore/path")
         return bool(backing == props.get("base_image"))

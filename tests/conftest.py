@@ -7,6 +7,7 @@ import os
 from collections.abc import Iterator
 from pathlib import Path
 
+import libvirt
 import pytest
 import yaml
 
@@ -25,7 +26,8 @@ def sandbox() -> Iterator[Sandbox]:
         yield box
     finally:
         box.cleanup()
-        conn.close()
+        with contextlib.suppress(libvirt.libvirtError):
+            box.conn.close()  # (a test may have given the box a new connection)
 
 
 @pytest.fixture

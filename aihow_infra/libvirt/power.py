@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import contextlib
 import time
+import xml.etree.ElementTree as ET
 
 import libvirt
 
 from aihow_infra.errors import LibvirtError
 from aihow_infra.ledger import LeaseRef, Ledger
-from aihow_infra.libvirt.connection import call
+from aihow_infra.libvirt.connection import call, translate
+from aihow_infra.libvirt.render import METADATA_NS
 
 STATE_NAMES = {
     libvirt.VIR_DOMAIN_NOSTATE: "nostate", libvirt.VIR_DOMAIN_RUNNING: "running",
@@ -74,3 +76,26 @@ def start_domain(dom: libvirt.virDomain, lease: LeaseRef | None = None) -> None:
         if lease:
             Ledger(lease["ledger"]).release(lease["holder"], lease["addresses"])
         raise
+
+
+_UNDEFINE_FLAGS = (libvirt.VIR_DOMAIN_UNDEFINE_MANAGED_SAVE | libvirt.VIR_DOMAIN_UNDEFINE_SNAPSHOTS_METADATA
+                   | libvirt.VIR_DOMAIN_UNDEFINE_CHECKPOINTS_METADATA | libvirt.VIR_DOMAIN_UNDEFINE_NVRAM)
+
+
+def undefine(dom: libvirt.virDomain, name: str) -> None:
+    """Undefine with everything libvirt keeps beside a definition (managed save, snapshot and
+    checkpoint metadata, NVRAM); a libvirt too old for a flag gets a plain undefine, any
+    other failure is reported as it is."""
+    try:
+        dom.undefineFlags(_UNDEFINE_FLAGS)
+    except libvirt.libvirtError as exc:
+        if exc.get_error_code() not in (libvirt.VIR_ERR_INVALID_ARG, libvirt.VIR_ERR_NO_SUPPORT):
+            raise translate(exc, f"undefining domain {name}") from None
+        call(f"undefining domain {name}", dom.undefine)
+
+
+def metadata(dom: libvirt.virDomain, flags: int = libvirt.VIR_DOMAIN_XML_INACTIVE) -> dict[str, str]:
+    """The project's metadata of a domain (cluster, role, stack); empty for a domain not ours."""
+    root = ET.fromstring(dom.XMLDesc(flags))
+    found = root.find(f"./metadata/{{{METADATA_NS}}}vm")
+    return {child.tag.split("}")[-1]: child.text or "" for child in found} if found is not None else {}

@@ -1,0 +1,268 @@
+"""Fault injection on real libvirt: an ``invoke up`` is killed or cut at its worst moments, and
+one plain ``invoke up`` afterwards converges with nothing done by hand; ``invoke destroy`` then
+leaves the host as it was, and no process the task started is still alive.
+
+Each case runs the real task (``python -m invoke up``) in its own session, watches libvirt
+for the moment to strike, strikes, and then checks the recovery.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import libvirt
+import pytest
+
+from aihow_infra.stacks import PROJECT_ROOT
+from tests.sandbox import E2E, Sandbox
+
+pytestmark = pytest.mark.e2e
+
+
+def hpc_cluster(box: Sandbox) -> dict[str, object]:
+    """A controller and two compute nodes on blank disks (nothing to boot: quick)."""
+    net = box.subnet()
+    hosts = list(net.hosts())
+    return {"hpc": box.cluster("hpc", net, [box.node(str(hosts[10])), box.node(str(hosts[11]))])}
+
+
+@dataclass
+class Task:
+    """``invoke ARGS`` for the test's workspace, started in a session of its own."""
+
+    e2e: E2E
+
+    def env(self) -> dict[str, str]:
+        return {**os.environ, "AIHOW_PROJECT_DIR": str(self.e2e.workspace.project_dir),
+                "PULUMI_BACKEND_URL": self.e2e.workspace.backend_url or ""}
+
+    def start(self, *args: str) -> subprocess.Popen[str]:
+        return subprocess.Popen([sys.executable, "-m", "invoke", "-r", str(PROJECT_ROOT), *args], env=self.env(),
+                                text=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                stdin=subprocess.DEVNULL, start_new_session=True)
+
+    def run(self, *args: str) -> subprocess.CompletedProcess[str]:
+        proc = self.start(*args)
+        out, _ = proc.communicate(timeout=900)
+        return subprocess.CompletedProcess(args, proc.returncode, out)
+
+
+def descendants(pid: int) -> list[int]:
+    """Every process below ``pid`` (children, grandchildren...)."""
+    out = subprocess.run(["ps", "-e", "-o", "pid=,ppid="], capture_output=True, text=True, check=True).stdout
+    children: dict[int, list[int]] = {}
+    for line in out.splitlines():
+        child, parent = (int(x) for x in line.split())
+        children.setdefault(parent, []).append(child)
+    found, todo = [], [pid]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            found.append(child)
+            todo.append(child)
+    return found
+
+
+def command_of(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
+    except OSError:
+        return ""
+
+
+def processes_of(workspace_root: Path) -> list[str]:
+    """Live processes whose command line or working folder is in the test's workspace."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit() or int(entry.name) == os.getpid():
+            continue
+        try:
+            cwd = os.readlink(entry / "cwd")
+        except OSError:
+            continue
+        cmd = command_of(int(entry.name))
+        if str(workspace_root) in cwd or (str(workspace_root) in cmd and "pytest" not in cmd):
+            found.append(f"{entry.name}: {cmd[:160]}")
+    return found
+
+
+def wait_for(what: str, condition: Callable[[], bool], proc: subprocess.Popen[str], timeout: float = 300) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if proc.poll() is not None:
+            out = proc.stdout.read() if proc.stdout else ""
+            raise AssertionError(f"the task ended before {what}: {out}")
+        if time.monotonic() > deadline:
+            raise AssertionError(f"no {what} within {timeout} s")
+        time.sleep(0.02)
+
+
+@pytest.fixture
+def fault(e2e: E2E) -> Iterator[tuple[E2E, Task]]:
+    e2e.configure("hpc", e2e.write_cluster_file(hpc_cluster(e2e.sandbox)))
+    e2e.workspace.ensure_stack("hpc")
+    yield e2e, Task(e2e)
+
+
+def exists(box: Sandbox, kind: str, name: str) -> Callable[[], bool]:
+    lookups = {"network": box.conn.networkLookupByName, "domain": box.conn.lookupByName,
+               "pool": box.conn.storagePoolLookupByName}
+
+    def check() -> bool:
+        try:
+            lookups[kind](f"{box.prefix}-{name}")
+        except libvirt.libvirtError:
+            return False
+        return True
+
+    return check
+
+
+ENGINE, PROVIDER = "pulumi up ", "-m pulumi.dynamic"
+
+
+def engine(task: subprocess.Popen[str], marker: str = ENGINE) -> Callable[[], int | None]:
+    """The pid of the task's process whose command line has ``marker`` (the engine, or the
+    dynamic provider)."""
+    def find() -> int | None:
+        for pid in descendants(task.pid):
+            if marker in command_of(pid):
+                return pid
+        return None
+
+    return find
+
+
+def converges(e2e: E2E, task: Task, before: dict[str, set[str]]) -> str:
+    """One plain up converges; destroy leaves the host as it was; no process is left. Returns
+    what the up printed."""
+    box = e2e.sandbox
+    done = task.run("up", "--stack", "hpc", "--yes")
+    assert done.returncode == 0, done.stdout
+    p = box.prefix
+    assert {n: box.conn.lookupByName(f"{p}-hpc-{n}").isActive() for n in ("controller", "compute-01", "compute-02")} \
+        == {"controller": True, "compute-01": True, "compute-02": True}
+    assert box.conn.networkLookupByName(f"{p}-hpc-network").isActive()
+    steps = e2e.workspace.planned_steps("hpc")
+    assert steps == {}, steps
+    gone = task.run("destroy", "--stack", "hpc", "--yes")
+    assert gone.returncode == 0, gone.stdout
+    assert box.leftovers() == []
+    assert box.snapshot() == before
+    assert processes_of(e2e.root) == []
+    return done.stdout
+
+
+@pytest.mark.parametrize("moment", ["network", "pool", "domain"])
+def test_engine_killed_during_up(fault: tuple[E2E, Task], moment: str) -> None:
+    e2e, task = fault
+    box = e2e.sandbox
+    before = box.snapshot()
+    names = {"network": "hpc-network", "pool": "hpc-pool", "domain": "hpc-controller"}
+    proc = task.start("up", "--stack", "hpc", "--yes")
+    find = engine(proc)
+    wait_for(f"the {moment}", exists(box, moment, names[moment]), proc)
+    pid = find()
+    assert pid is not None
+    os.kill(pid, signal.SIGKILL)
+    proc.communicate(timeout=120)
+    assert proc.returncode != 0
+    assert list((e2e.root / "state" / ".pulumi" / "locks").rglob("*.json")), "the killed engine left its lock"
+    recovered = converges(e2e, task, before)
+    assert f"cleared the lock of stack hpc left by pulumi process {pid}, which is gone" in recovered
+
+
+def test_provider_killed_during_up(fault: tuple[E2E, Task]) -> None:
+    e2e, task = fault
+    box = e2e.sandbox
+    before = box.snapshot()
+    proc = task.start("up", "--stack", "hpc", "--yes")
+    wait_for("the first domain", exists(box, "domain", "hpc-controller"), proc)
+    pid = engine(proc, PROVIDER)()
+    assert pid is not None, [command_of(p) for p in descendants(proc.pid)]
+    os.kill(pid, signal.SIGKILL)
+    proc.communicate(timeout=300)
+    assert proc.returncode != 0
+    converges(e2e, task, before)
+
+
+def test_ctrl_c_to_the_task_cancels_cleanly(fault: tuple[E2E, Task]) -> None:
+    e2e, task = fault
+    box = e2e.sandbox
+    before = box.snapshot()
+    proc = task.start("up", "--stack", "hpc", "--yes")
+    wait_for("the pool", exists(box, "pool", "hpc-pool"), proc)
+    os.killpg(proc.pid, signal.SIGINT)  # what a terminal sends to the foreground group
+    out, _ = proc.communicate(timeout=300)
+    assert proc.returncode != 0
+    assert "asking pulumi to cancel" in out and "the next run finishes what it left" in out, out
+    assert processes_of(e2e.root) == []
+    converges(e2e, task, before)
+
+
+def test_libvirt_connection_cut_during_up(fault: tuple[E2E, Task]) -> None:
+    e2e, task = fault
+    box = e2e.sandbox
+    before = box.snapshot()
+    proc = task.start("up", "--stack", "hpc", "--yes")
+    wait_for("the first domain", exists(box, "domain", "hpc-controller"), proc)
+    restart_libvirtd()
+    proc.communicate(timeout=300)
+    box.conn = libvirt.open("qemu:///system")  # the sandbox's own connection was cut too
+    converges(e2e, task, before)
+
+
+def restart_libvirtd() -> None:
+    """Kill libvirtd (every client connection drops; running guests keep running) and start it again."""
+    subprocess.run(["pkill", "-x", "libvirtd"], check=False)
+    for _ in range(100):
+        if subprocess.run(["pgrep", "-x", "libvirtd"], capture_output=True).returncode != 0:
+            break
+        time.sleep(0.05)
+    subprocess.run(["libvirtd", "-d"], check=True)
+    for _ in range(100):
+        if subprocess.run(["virsh", "-c", "qemu:///system", "version"], capture_output=True).returncode == 0:
+            return
+        time.sleep(0.1)
+    raise AssertionError("libvirtd did not come back")
+
+
+def test_destroy_right_after_an_interrupted_up_leaves_nothing(fault: tuple[E2E, Task]) -> None:
+    """What the killed engine made but never recorded is removed by destroy too (its metadata
+    names the stack), and the leases its VMs may hold are freed."""
+    e2e, task = fault
+    box = e2e.sandbox
+    before = box.snapshot()
+    proc = task.start("up", "--stack", "hpc", "--yes")
+    find = engine(proc)
+    wait_for("the first domain", exists(box, "domain", "hpc-controller"), proc)
+    os.kill(find() or 0, signal.SIGKILL)
+    proc.communicate(timeout=120)
+    gone = task.run("destroy", "--stack", "hpc", "--yes")
+    assert gone.returncode == 0, gone.stdout
+    assert "left by an interrupted run" in gone.stdout
+    assert box.leftovers() == [] and box.snapshot() == before
+    assert processes_of(e2e.root) == []
+
+
+def test_destroy_says_what_it_could_not_remove(fault: tuple[E2E, Task]) -> None:
+    e2e, task = fault
+    box = e2e.sandbox
+    assert task.run("up", "--stack", "hpc", "--yes").returncode == 0
+    # Someone else's domain now carries a name of the stack (it was removed and made by hand).
+    name = f"{box.prefix}-hpc-compute-02"
+    dom = box.conn.lookupByName(name)
+    dom.destroy()
+    xml = dom.XMLDesc(libvirt.VIR_DOMAIN_XML_INACTIVE)
+    dom.undefine()
+    foreign = box.conn.defineXML(xml.replace("<aihow:stack>hpc</aihow:stack>", "<aihow:stack>lab</aihow:stack>"))
+    gone = task.run("destroy", "--stack", "hpc", "--yes")
+    assert gone.returncode == 1
+    assert f"destroy of hpc left domain {name} (its metadata names stack 'lab', not 'hpc')" in gone.stdout
+    assert foreign.name() in {d.name() for d in box.conn.listAllDomains()}
