@@ -30,7 +30,8 @@ def main() -> None:
     try:
         settings = parse_settings(raw)
         key = settings.cluster_key(stack)
-        plan = plan_cluster(load_cluster_file(settings.cluster_file), key, f"cluster file {settings.cluster_file}")
+        file = load_cluster_file(settings.cluster_file, allow_system_paths=settings.allow_system_paths)
+        plan = plan_cluster(file, key, f"cluster file {settings.cluster_file}")
         key_text = login_key(settings.ssh_public_key).public if any(vm.boots for vm in plan.vms) else ""
     except ConfigError as exc:
         # First line for one-line summaries (the tasks), then every problem.

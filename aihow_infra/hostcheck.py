@@ -120,7 +120,7 @@ def check_host(root: Path, cluster_files: Iterable[str | Path]) -> Report:
     report = Report(_system_checks(host, live=root == Path("/")))
     devices: dict[str, tuple[str | None, str | None, list[str]]] = {}
     for path in cluster_files:
-        for plan in plan_all(load_cluster_file(path, check_images=False)):
+        for plan in plan_all(load_cluster_file(path, check_images=False, allow_system_paths=True)):
             for vm in plan.vms:
                 for dev in vm.devices:
                     vendor, device, users = devices.setdefault(dev.pci_address, (dev.vendor_id, dev.device_id, []))

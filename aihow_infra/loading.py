@@ -158,11 +158,24 @@ def project_root(start: Path) -> Path:
     return start
 
 
+def absolute_host_paths(data: Any, base: Path) -> Any:
+    """Relative ``base_image_path`` and ``host_path`` values made absolute against ``base``
+    (the cluster file's folder): qemu-img would take a relative backing file from the
+    overlay's folder, and libvirt from its own."""
+    if isinstance(data, list):
+        return [absolute_host_paths(v, base) for v in data]
+    if not isinstance(data, dict):
+        return data
+    return {k: os.path.normpath(base / v) if k in ("base_image_path", "host_path") and isinstance(v, str) and v
+            else absolute_host_paths(v, base) for k, v in data.items()}
+
+
 def parse_cluster_file(
     data: Any, *, env: Mapping[str, str] | None = None, base_dir: Path | None = None,
-    check_images: bool = True, source: str = "cluster file",
+    check_images: bool = True, allow_system_paths: bool = False, source: str = "cluster file",
 ) -> ClusterFile:
-    """Validate already-parsed YAML; raise ``ConfigError`` listing every problem."""
+    """Validate already-parsed YAML; raise ``ConfigError`` listing every problem. Host paths
+    are taken from ``base_dir`` (by default the current folder)."""
     base = base_dir or Path.cwd()
     variables = {"TOT": str(project_root(base)), "PWD": str(Path.cwd()), **(env if env is not None else os.environ)}
     if not isinstance(data, Mapping):
@@ -171,11 +184,12 @@ def parse_cluster_file(
     expanded, problems = expand_variables(dict(data), variables)
     if problems:
         raise ConfigError(problems, source)
+    expanded = absolute_host_paths(expanded, base)
     try:
         model = ClusterFile.model_validate(expanded)
     except ValidationError as exc:
         raise ConfigError([_describe(e, expanded) for e in _relevant(exc.errors())], source) from None
-    problems = cross_check(model, check_images=check_images)
+    problems = cross_check(model, check_images=check_images, allow_system_paths=allow_system_paths)
     if problems:
         raise ConfigError(problems, source)
     return model
@@ -183,10 +197,12 @@ def parse_cluster_file(
 
 def load_cluster_file(
     path: str | Path, *, env: Mapping[str, str] | None = None, check_images: bool = True,
+    allow_system_paths: bool = False,
 ) -> ClusterFile:
     """Read, expand and validate a cluster file.
 
-    Relative image paths are taken from the current directory, as ai-how did.
+    Relative host paths (images, shares) are taken from the file's own folder, so the file
+    means the same from wherever it is used (ai-how took them from the current folder).
     """
     file = Path(path)
     source = f"cluster file {file}"
@@ -203,4 +219,4 @@ def load_cluster_file(
         problem = getattr(exc, "problem", None) or str(exc)
         raise ConfigError([f"{file}: not valid YAML at {where}: {problem}"], source) from None
     return parse_cluster_file(data, env=env, base_dir=file.resolve().parent, check_images=check_images,
-                              source=source)
+                              allow_system_paths=allow_system_paths, source=source)

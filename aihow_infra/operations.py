@@ -103,7 +103,7 @@ class Operator:
     def cluster_file(self, settings: StackSettings) -> ClusterFile:
         """The stack's cluster file, validated."""
         with _cwd(self.workspace.project_dir):
-            return load_cluster_file(self.cluster_file_path(settings))
+            return load_cluster_file(self.cluster_file_path(settings), allow_system_paths=settings.allow_system_paths)
 
     def view(self, stack: str) -> StackView:
         """Settings and plan of one stack."""

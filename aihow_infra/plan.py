@@ -321,8 +321,6 @@ def _check_images(plans: list[ClusterPlan]) -> list[str]:
             if vm.base_image is None:
                 continue
             path = Path(vm.base_image)
-            if not path.is_absolute():
-                path = Path.cwd() / path
             if not path.is_file():
                 problems.append(f"{vm.key_path}.base_image_path: '{vm.base_image}' does not exist "
                                 f"(looked at {path}); allowed: an existing qcow2 image file, or no image "
@@ -330,8 +328,36 @@ def _check_images(plans: list[ClusterPlan]) -> list[str]:
     return problems
 
 
-def cross_check(file: ClusterFile, *, check_images: bool = True) -> list[str]:
-    """Problems that single keys cannot show: addresses, duplicates, shared devices, images."""
+# Host folders a cluster file may not hand to a guest (as a base image or a virtio-fs share)
+# unless the stack allows it (aihow:allowSystemPaths): the host's own system and secrets.
+SYSTEM_PATHS = ("/etc", "/boot", "/root", "/proc", "/sys", "/dev", "/run", "/usr", "/bin", "/sbin", "/lib",
+                "/lib32", "/lib64", "/var/lib/aihow", "/var/lib/libvirt/qemu", "/var/run", "/var/log")
+
+
+def system_path(path: str) -> str | None:
+    """The system location ``path`` is in (``/`` itself is one), or None."""
+    if Path(path) == Path("/"):
+        return "/"
+    return next((s for s in SYSTEM_PATHS if Path(path) == Path(s) or Path(s) in Path(path).parents), None)
+
+
+def _check_host_paths(plans: list[ClusterPlan]) -> list[str]:
+    problems = []
+    for plan in plans:
+        for vm in plan.vms:
+            paths = [(f"{vm.key_path}.base_image_path", vm.base_image)] + [
+                (f"{vm.key_path}.virtio_fs_mounts[{i}].host_path", m.host_path) for i, m in enumerate(vm.mounts)]
+            for key, path in paths:
+                where = system_path(path) if path else None
+                if where:
+                    problems.append(f"{key}: '{path}' is in the host's system location {where}; allowed: a path "
+                                    "outside it (or set aihow:allowSystemPaths true for this stack)")
+    return problems
+
+
+def cross_check(file: ClusterFile, *, check_images: bool = True, allow_system_paths: bool = False) -> list[str]:
+    """Problems that single keys cannot show: addresses, duplicates, shared devices, images,
+    host paths."""
     problems: list[str] = []
     for key in CLUSTER_KEYS:
         cluster = getattr(file.clusters, key)
@@ -370,6 +396,8 @@ def cross_check(file: ClusterFile, *, check_images: bool = True) -> list[str]:
                             "allowed: a different bridge name")
     if check_images:
         problems += _check_images(plans)
+    if not allow_system_paths:
+        problems += _check_host_paths(plans)
     return problems
 
 

@@ -40,6 +40,12 @@ class StackSettings(BaseModel):
     ansible_connection: Literal["ssh", "agent"] = Field("ssh", alias="ansibleConnection")
     drain_timeout: float = Field(300.0, alias="drainTimeout", ge=0)
     graphics: Literal["none", "vnc-socket"] = "none"
+    allow_system_paths: bool = Field(False, alias="allowSystemPaths")
+
+    @field_validator("libvirt_uri")
+    @classmethod
+    def _canonical_uri(cls, value: str) -> str:
+        return canonical_uri(value)
 
     @field_validator("images_dir", "ledger_path")
     @classmethod
@@ -57,6 +63,16 @@ class StackSettings(BaseModel):
         raise ConfigError([f"aihow:cluster: not set and the stack name {stack!r} is not a cluster; "
                            "allowed: name the stack 'hpc' or 'cloud', or set aihow:cluster to one of them"],
                           "stack settings")
+
+
+def canonical_uri(uri: str) -> str:
+    """One spelling per libvirt daemon: ``qemu+unix:///system`` is ``qemu:///system`` (a
+    different spelling must not replace anything)."""
+    scheme, sep, rest = uri.partition("://")
+    driver, _plus, transport = scheme.partition("+")
+    if sep and transport == "unix" and rest.startswith("/"):
+        return f"{driver}://{rest}"
+    return uri
 
 
 def parse_settings(raw: dict[str, Any]) -> StackSettings:

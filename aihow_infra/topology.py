@@ -16,7 +16,7 @@ from aihow_infra.status import PLANNED, SystemStatus, planned_status
 
 def planned_topology(cluster_file: str) -> SystemStatus:
     """The tree's data from a cluster file alone (nothing needs to exist)."""
-    plans = plan_all(load_cluster_file(cluster_file, check_images=False))
+    plans = plan_all(load_cluster_file(cluster_file, check_images=False, allow_system_paths=True))
     return planned_status(plans, shared_devices(plans))
 
 

@@ -16,6 +16,7 @@ from pulumi.runtime.rpc import UNKNOWN
 from aihow_infra.errors import LibvirtError
 from aihow_infra.libvirt.connection import connect
 from aihow_infra.libvirt.render import whole_numbers
+from aihow_infra.settings import canonical_uri
 
 T = TypeVar("T")
 # An input that may be another resource's output; the engine resolves it before a provider
@@ -97,6 +98,8 @@ class Provider(ResourceProvider):
         return CheckResult(news, failures)
 
     def _comparable(self, key: str, value: Any) -> Any:
+        if key == "uri" and isinstance(value, str):
+            return canonical_uri(value)
         if key in self.UNORDERED and isinstance(value, list):
             return sorted(json.dumps(v, sort_keys=True) for v in value)
         return value

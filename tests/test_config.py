@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import os
 import re
 from pathlib import Path
 from typing import Any
@@ -226,7 +227,9 @@ EXPECTED_MACS = {  # computed by the original ai-how tool (see shared/notes/orig
 
 
 def test_multi_gpu_example_gives_ai_how_names_roles_macs_and_sharing() -> None:
-    model = load_cluster_file(ROOT / "config" / "example-multi-gpu-clusters.yaml", check_images=False)
+    # It shares ${HOME} into the controller: an operator's home, not root's (refused, see below).
+    model = load_cluster_file(ROOT / "config" / "example-multi-gpu-clusters.yaml", check_images=False,
+                              env={**os.environ, "HOME": "/home/admin"})
     plans = plan_all(model)
     vms = {vm.name: vm for plan in plans for vm in plan.vms}
     assert {name: vm.mac for name, vm in vms.items()} == EXPECTED_MACS
@@ -242,13 +245,16 @@ def test_multi_gpu_example_gives_ai_how_names_roles_macs_and_sharing() -> None:
 
 def test_images_of_the_multi_gpu_example_are_reported_missing_here() -> None:
     with pytest.raises(ConfigError) as err:
-        load_cluster_file(ROOT / "config" / "example-multi-gpu-clusters.yaml")
+        load_cluster_file(ROOT / "config" / "example-multi-gpu-clusters.yaml", env={**os.environ, "HOME": "/home/a"})
     assert all("base_image_path" in p and "does not exist" in p for p in err.value.problems)
+    # Looked for beside the file, wherever it is loaded from.
+    assert f"(looked at {ROOT / 'config' / 'build/packer'}" in err.value.problems[0]
 
 
 @pytest.mark.parametrize("path", sorted((ROOT / "config").glob("*.yaml")), ids=lambda p: p.name)
 def test_every_shipped_config_loads(path: Path) -> None:
-    assert plan_all(load_cluster_file(path, check_images=False))
+    # As an operator's (ai-how's example shares ${HOME}; root's home is a system location).
+    assert plan_all(load_cluster_file(path, check_images=False, env={**os.environ, "HOME": "/home/operator"}))
 
 
 def seed_examples() -> list[dict[str, Any]]:
@@ -335,3 +341,43 @@ def test_image_and_base_image_path_together_are_refused() -> None:
         parse_cluster_file(data, env={}, check_images=False)
     assert err.value.problems == ["clusters.hpc.controller.image: 'hpc' given with base_image_path "
                                   "'/images/own.qcow2'; allowed: one of them"]
+
+
+@pytest.mark.parametrize(("node", "key", "where"), [
+    ({"base_image_path": "/etc/shadow"}, "base_image_path", "/etc"),
+    ({"virtio_fs_mounts": [{"tag": "all", "host_path": "/", "mount_point": "/host"}]},
+     "virtio_fs_mounts[0].host_path", "/"),
+    ({"virtio_fs_mounts": [{"tag": "leases", "host_path": "/var/lib/aihow/", "mount_point": "/l"}]},
+     "virtio_fs_mounts[0].host_path", "/var/lib/aihow"),
+])
+def test_system_locations_of_the_host_are_refused_unless_allowed(
+        tmp_path: Path, node: dict[str, Any], key: str, where: str) -> None:
+    data = base()
+    data["clusters"]["hpc"]["controller"] |= node
+    with pytest.raises(ConfigError) as err:
+        parse_cluster_file(data, check_images=False)
+    assert err.value.problems == [f"clusters.hpc.controller.{key}: '{os.path.normpath(_path_of(node))}' is in "
+                                  f"the host's system location {where}; allowed: a path outside it (or set "
+                                  "aihow:allowSystemPaths true for this stack)"]
+    parse_cluster_file(data, check_images=False, allow_system_paths=True)
+
+
+def _path_of(node: dict[str, Any]) -> str:
+    return str(node.get("base_image_path") or node["virtio_fs_mounts"][0]["host_path"])
+
+
+def test_relative_host_paths_are_taken_from_the_cluster_files_folder(tmp_path: Path,
+                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    folder = tmp_path / "site"
+    (folder / "images").mkdir(parents=True)
+    (folder / "images" / "base.qcow2").write_bytes(b"")
+    data = base()
+    data["clusters"]["hpc"]["controller"] |= {"base_image_path": "images/base.qcow2", "virtio_fs_mounts": [
+        {"tag": "data", "host_path": "../data", "mount_point": "/data"}]}
+    path = folder / "clusters.yaml"
+    path.write_text(yaml.safe_dump(data))
+    monkeypatch.chdir(tmp_path)  # elsewhere: the file still means the same
+    [hpc, _cloud] = plan_all(load_cluster_file(path))
+    controller = hpc.vms[0]
+    assert controller.base_image == str(folder / "images" / "base.qcow2")
+    assert controller.mounts[0].host_path == str(tmp_path / "data")

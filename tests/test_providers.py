@@ -12,6 +12,7 @@ import pytest
 
 from aihow_infra.errors import LibvirtError
 from aihow_infra.ledger import Ledger
+from aihow_infra.settings import parse_settings
 from providers.domain import DomainProvider, metadata, read_definition
 from providers.network import NetworkProvider
 from providers.storage import PoolProvider, VolumeProvider
@@ -256,3 +257,12 @@ def test_a_failed_define_releases_the_vms_lease(tag: str, tmp_path: Any) -> None
     with pytest.raises(LibvirtError, match="defining domain"):
         DomainProvider().create(dom_props(tag, mac="not-a-mac", lease=lease))
     assert all(not held.holder for held in Ledger(ledger).leases().values())
+
+
+def test_spellings_of_one_libvirt_daemon_replace_nothing(tag: str) -> None:
+    assert parse_settings({"clusterFile": "c.yaml", "libvirtUri": "qemu+unix:///system"}).libvirt_uri \
+        == "qemu:///system"
+    assert parse_settings({"clusterFile": "c.yaml", "libvirtUri": "qemu+ssh://gpu-host/system"}).libvirt_uri \
+        == "qemu+ssh://gpu-host/system"  # another transport is another address
+    props = dom_props(tag, uri="qemu:///system")
+    assert DomainProvider().diff("x", {**props, "uri": "qemu+unix:///system"}, props).changes is False
