@@ -26,8 +26,8 @@ PROJECT_ROOT = Path(__file__).resolve().parent.parent
 _STACKS_LOCK = threading.Lock()
 _PROTECTED = re.compile(r'resource "(urn:[^"]+)"(?: as part of replacing "[^"]+")? as it is currently marked for '
                         r"protection")
-# Stacks this process holds (Workspace.hold), by project folder.
-_HELD: set[tuple[Path, str]] = set()
+# Stacks this process's threads hold (Workspace.hold): project folder, stack, thread.
+_HELD: set[tuple[Path, str, int]] = set()
 _HELD_LOCK = threading.Lock()
 _OWN_ERROR = re.compile(r"aihow_infra\.errors\.(\w+): (.*)$")
 _ENGINE_ERROR = re.compile(r"^\s*error: (.*)$")
@@ -241,8 +241,8 @@ class Workspace:
     @contextlib.contextmanager
     def hold(self, stack: str) -> Iterator[None]:
         """Hold the stack for this task (its power records and the pulumi runs applying them);
-        another task on it waits. Re-entrant within the process."""
-        key = (self.project_dir.resolve(), stack)
+        another task on it (another process, or another thread) waits. Re-entrant in a thread."""
+        key = (self.project_dir.resolve(), stack, threading.get_ident())
         with _HELD_LOCK:
             mine = key in _HELD
             _HELD.add(key)
