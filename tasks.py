@@ -189,7 +189,7 @@ def _vm_table(rows: list[VmStatus], title: str) -> None:
     table = Table(title=title, title_justify="left")
     workload = any(r.workload for r in rows)
     for col in ("VM", "role", "state", "desired", "guest", *(["SLURM"] if workload else []), "IP", "vCPU", "GiB",
-                "GPUs (holder)"):
+                "disk", "GPUs (holder)"):
         table.add_column(col)
     for r in rows:
         colour = "green" if r.state == "running" else "yellow"
@@ -197,7 +197,8 @@ def _vm_table(rows: list[VmStatus], title: str) -> None:
         ip = r.ip or (", ".join(r.addresses) if r.addresses else "DHCP")
         gpus = ", ".join(f"{g.address} ({g.holder or 'free'})" for g in r.gpus) or "-"
         table.add_row(r.name, r.role, f"[{colour}]{r.state}[/{colour}]", r.desired, guest,
-                      *([r.workload or "-"] if workload else []), ip, str(r.vcpus), str(r.memory_gb), gpus)
+                      *([r.workload or "-"] if workload else []), ip, str(r.vcpus), str(r.memory_gb),
+                      f"{r.disk_gb} GiB" if r.disk in ("present", "-") else f"[red]{r.disk}[/red]", gpus)
     out.print(table)
 
 
@@ -283,8 +284,13 @@ def system_status(c: Context, json_: bool = False) -> None:
         out.print_json(json.dumps(status.to_dict()))
         return
     for cluster in status.clusters:
+        if cluster.error:
+            err.print(f"[red]{cluster.stack}: {cluster.error}[/red]", highlight=False, soft_wrap=True)
+            continue
         health = f"; {cluster.health}" if cluster.health else ""
-        _vm_table(cluster.vms, title=f"{cluster.name} ({cluster.stack}, {cluster.cidr}): {cluster.status}{health}")
+        infra = f"; network {cluster.network_state}, pool {cluster.pool_state}"
+        _vm_table(cluster.vms,
+                  title=f"{cluster.name} ({cluster.stack}, {cluster.cidr}): {cluster.status}{health}{infra}")
     for gpu in status.shared_gpus:
         out.print(f"[magenta]shared GPU {gpu.address}[/magenta]: {', '.join(gpu.vms)}; "
                   f"held by {gpu.holder or 'nobody'}", highlight=False)

@@ -178,9 +178,12 @@ def parse_cluster_file(
     are taken from ``base_dir`` (by default the current folder)."""
     base = base_dir or Path.cwd()
     variables = {"TOT": str(project_root(base)), "PWD": str(Path.cwd()), **(env if env is not None else os.environ)}
+    if data is None:
+        raise ConfigError(["(top level): the file is empty; allowed: a YAML mapping with 'clusters'"], source)
     if not isinstance(data, Mapping):
-        raise ConfigError([f"(top level): {type(data).__name__} given; allowed: a YAML mapping with 'clusters'"],
-                          source)
+        given = {"list": "a list", "str": "a plain string", "int": "a number", "float": "a number",
+                 "bool": "true/false"}.get(type(data).__name__, type(data).__name__)
+        raise ConfigError([f"(top level): {given} given; allowed: a YAML mapping with 'clusters'"], source)
     expanded, problems = expand_variables(dict(data), variables)
     if problems:
         raise ConfigError(problems, source)

@@ -108,9 +108,23 @@ class Operator:
     def view(self, stack: str) -> StackView:
         """Settings and plan of one stack."""
         settings = self.settings(stack)
+        self._check_one_ledger(stack, settings)
         plan = plan_cluster(self.cluster_file(settings), settings.cluster_key(stack),
                             f"cluster file {settings.cluster_file}")
         return StackView(stack, settings, plan, self.records(stack).read())
+
+    def _check_one_ledger(self, stack: str, settings: StackSettings) -> None:
+        """Every stack of a host names the same GPU lease ledger: exclusivity depends on it."""
+        for other in self.configured_stacks():
+            if other == stack:
+                continue
+            with contextlib.suppress(ConfigError):
+                theirs = self.settings(other).ledger_path
+                if theirs != settings.ledger_path:
+                    raise AihowError(
+                        f"aihow:ledgerPath: {settings.ledger_path!r} (stack {stack}) differs from {theirs!r} "
+                        f"(stack {other}); allowed: one ledger for every stack of a host, or a GPU could be "
+                        "given to two VMs at once")
 
     def records(self, stack: str) -> PowerRecords:
         """The stack's power records."""
@@ -452,21 +466,42 @@ class Operator:
             self.destroy(stack)
 
     def system_status(self) -> SystemStatus:
-        """Both clusters' VMs with their state, and who owns each shared GPU."""
-        views = self.views()
-        clusters = []
-        for view in views:
+        """Both clusters' VMs, networks, pools and disks with their state, and who owns each
+        shared GPU. A stack whose file or settings are bad is shown with its error; the other
+        is still shown."""
+        views, clusters = [], []
+        for stack in self.configured_stacks():
+            try:
+                view = self.view(stack)
+            except AihowError as exc:
+                clusters.append(ClusterStatus.unreadable(stack, str(exc)))
+                continue
+            views.append(view)
             holders = _holders(view.settings)
             with connect(view.settings.libvirt_uri) as conn:
-                rows = [self._vm_status(view, vm, conn, holders) for vm in view.plan.vms]
+                disks = self._disks(view, conn)
+                rows = [replace(self._vm_status(view, vm, conn, holders), disk=disks[vm.name])
+                        for vm in view.plan.vms]
                 workload = self._workload(view, conn)
+                network = _active_word(lookup("looking up network", conn.networkLookupByName, view.plan.network_name))
+                pool = _active_word(lookup("looking up pool", conn.storagePoolLookupByName, view.plan.pool_name))
             health = workload[1] if workload else ""
-            rows = _with_workload(rows, workload)
-            clusters.append(ClusterStatus.of(view.plan, view.stack, view.power.cluster, rows, health))
+            clusters.append(ClusterStatus.of(view.plan, view.stack, view.power.cluster, _with_workload(rows, workload),
+                                             health, network, pool))
         holders = _holders(views[0].settings) if views else {}
         shared = [SharedGpuStatus.of(device, holders.get(device.address))
                   for device in shared_devices([v.plan for v in views])]
         return SystemStatus(clusters, shared)
+
+    def _disks(self, view: StackView, conn: Any) -> dict[str, str]:
+        """``present`` or ``missing`` for each VM's disk (as the pool sees its folder now)."""
+        pool = lookup("looking up pool", conn.storagePoolLookupByName, view.plan.pool_name)
+        names: set[str] = set()
+        if pool is not None and pool.isActive():
+            with contextlib.suppress(Exception):
+                pool.refresh(0)
+            names = {vol.name() for vol in pool.listAllVolumes()}
+        return {vm.name: "present" if f"{vm.name}.qcow2" in names else "missing" for vm in view.plan.vms}
 
     def login(self, view: StackView) -> LoginKey:
         """The key (and private key file, when known) that logs into the stack's guests."""
@@ -560,6 +595,11 @@ def _with_workload(rows: list[VmStatus], workload: tuple[dict[str, str], str] | 
     return [replace(r, workload=states.get(r.name, "") if r.role == "compute" else
                     "slurmctld" if states else "no answer") if r.role in ("compute", "controller") else r
             for r in rows]
+
+
+def _active_word(obj: Any) -> str:
+    """``active``, ``inactive`` or ``missing`` for a network or pool (None: it does not exist)."""
+    return "missing" if obj is None else "active" if obj.isActive() else "inactive"
 
 
 def _slug(path: Path) -> str:

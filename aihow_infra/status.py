@@ -14,6 +14,9 @@ from typing import Any
 from aihow_infra.plan import ClusterPlan, SharedDevice, VmPlan
 
 PLANNED = "planned"
+# Cluster words: nothing of it exists; every VM as it should be (some running / none running);
+# some VM not as it should be; its file or settings cannot be read.
+NOT_DEPLOYED, RUNNING, STOPPED, DEGRADED, UNREADABLE = "not deployed", "running", "stopped", "degraded", "unreadable"
 
 
 @dataclass(frozen=True)
@@ -62,10 +65,16 @@ class VmStatus:
     guest: str = ""
     addresses: list[str] = field(default_factory=list)
     workload: str = ""  # what the cluster's software says of the node (SLURM: idle, drained...)
+    disk: str = "-"  # 'present' or 'missing' (libvirt's view of its volume)
+
+    @property
+    def as_desired(self) -> bool:
+        """True when libvirt's state is the desired one (a manual-start VM that is off counts)."""
+        return (self.state == "running") == (self.desired == "running") and self.state != "undefined"
 
     @classmethod
     def of(cls, vm: VmPlan, stack: str, state: str, wants_running: bool,
-           holders: Mapping[str, str | None], guest: GuestState | None = None) -> VmStatus:
+           holders: Mapping[str, str | None], guest: GuestState | None = None, disk: str = "-") -> VmStatus:
         """The row of a planned VM, given its live state, the ledger's holders by address, and
         what its guest agent says (``ready`` is None for a VM with nothing to boot)."""
         return cls(name=vm.name, stack=stack, cluster=vm.cluster_name, role=vm.role, state=state,
@@ -74,7 +83,8 @@ class VmStatus:
                    gpus=[GpuStatus(c.address, list(c.functions), holders.get(c.address)) for c in vm.claims],
                    image=vm.image or vm.base_image, ready=bool(guest and guest.ready) if vm.boots else None,
                    guest=_guest_word(guest) if vm.boots else "no image",
-                   addresses=[a for found in (guest.addresses if guest else {}).values() for a in found])
+                   addresses=[a for found in (guest.addresses if guest else {}).values() for a in found],
+                   disk=disk)
 
 
 def _guest_word(guest: GuestState | None) -> str:
@@ -104,7 +114,7 @@ class SharedGpuStatus:
 
 @dataclass(frozen=True)
 class ClusterStatus:
-    """One cluster (stack) and its VMs; ``status`` sums the VMs' states up."""
+    """One cluster (stack) and its VMs; ``status`` sums the VMs' states up (see ``of``)."""
 
     stack: str
     name: str
@@ -114,16 +124,32 @@ class ClusterStatus:
     status: str
     vms: list[VmStatus]
     health: str = ""  # the workload's own summary (SLURM nodes up)
+    network_state: str = "-"  # 'active', 'inactive' or 'missing'
+    pool_state: str = "-"  # the same, for its storage pool
+    error: str = ""  # why the cluster could not be read (status 'unreadable')
 
     @classmethod
-    def of(cls, plan: ClusterPlan, stack: str, power: str, vms: list[VmStatus], health: str = "") -> ClusterStatus:
-        """The row of a cluster: ``running``, ``stopped``, ``partial`` (or ``planned``)."""
-        running = sum(vm.state == "running" for vm in vms)
+    def of(cls, plan: ClusterPlan, stack: str, power: str, vms: list[VmStatus], health: str = "",
+           network_state: str = "-", pool_state: str = "-") -> ClusterStatus:
+        """The row of a cluster: ``planned`` (from a file alone), ``not deployed`` (nothing of
+        it exists), ``running`` or ``stopped`` (every VM, network and pool as they should be,
+        manual-start VMs that are off included), else ``degraded``."""
         if vms and all(vm.state == PLANNED for vm in vms):
             status = PLANNED
+        elif all(vm.state == "undefined" for vm in vms) and network_state in ("missing", "-"):
+            status = NOT_DEPLOYED
+        elif all(vm.as_desired and vm.disk != "missing" for vm in vms) and \
+                network_state in ("active", "-") and pool_state in ("active", "-"):
+            status = RUNNING if any(vm.state == "running" for vm in vms) else STOPPED
         else:
-            status = "running" if running == len(vms) else "stopped" if running == 0 else "partial"
-        return cls(stack, plan.name, plan.network_name, plan.subnet, power, status, vms, health)
+            status = DEGRADED
+        return cls(stack, plan.name, plan.network_name, plan.subnet, power, status, vms, health,
+                   network_state, pool_state)
+
+    @classmethod
+    def unreadable(cls, stack: str, error: str) -> ClusterStatus:
+        """The row of a stack whose cluster file or settings are invalid."""
+        return cls(stack, "?", "?", "?", "?", UNREADABLE, [], error=error)
 
 
 @dataclass(frozen=True)

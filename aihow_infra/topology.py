@@ -31,7 +31,11 @@ def render_tree(status: SystemStatus) -> Tree:
     for cluster in status.clusters:
         style = _state_style(cluster.status)
         node = root.add(f"[bold]{cluster.name}[/bold] ({cluster.stack}) [{style}]{cluster.status}[/{style}]")
-        net = node.add(f"[cyan]network {cluster.network} {cluster.cidr}[/cyan]")
+        if cluster.error:
+            node.add(f"[red]{cluster.error}[/red]")
+            continue
+        state = f" {cluster.network_state}" if cluster.network_state not in ("-", "active") else ""
+        net = node.add(f"[cyan]network {cluster.network} {cluster.cidr}{state}[/cyan]")
         for vm in cluster.vms:
             vs = _state_style(vm.state)
             branch = net.add(

@@ -70,7 +70,10 @@ def test_vm_lifecycle_and_system_sequence(e2e: E2E) -> None:
     assert running(box) == {"hpc-controller": True, "hpc-compute-01": True, "hpc-compute-02": False,
                             "cloud-control-plane": True, "cloud-cpu-worker-01": True, "cloud-gpu-worker-01": False}
     status = op.system_status()
-    assert [c.status for c in status.clusters] == ["partial", "partial"]
+    # Every VM as it should be (the manual-start ones off): running, not "partial".
+    assert [c.status for c in status.clusters] == ["running", "running"]
+    assert [(c.network_state, c.pool_state) for c in status.clusters] == [("active", "active")] * 2
+    assert {vm.disk for c in status.clusters for vm in c.vms} == {"present"}
     # Blank disks: running, never waited for, and status says why they are not ready.
     head = status.clusters[0].vms[0]
     assert (head.state, head.ready, head.guest) == ("running", None, "no image")

@@ -22,7 +22,7 @@ DATA = SystemStatus(
     clusters=[
         ClusterStatus("hpc", "hpc-cluster", "hpc-cluster-network", "192.168.100.0/24", "running", "running",
                       [vm("hpc-cluster-compute-01", "running", ["0000:01:00.0"])]),
-        ClusterStatus("cloud", "cloud-cluster", "cloud-cluster-network", "192.168.200.0/24", "running", "partial",
+        ClusterStatus("cloud", "cloud-cluster", "cloud-cluster-network", "192.168.200.0/24", "running", "degraded",
                       [vm("cloud-cluster-gpu-worker-01", "shutoff", ["0000:01:00.0"], auto_start=False)]),
     ],
     shared_gpus=[SharedGpuStatus("0000:01:00.0", ["hpc-cluster-compute-01", "cloud-cluster-gpu-worker-01"],
