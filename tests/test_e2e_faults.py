@@ -218,13 +218,35 @@ def test_libvirt_connection_cut_during_up(fault: tuple[E2E, Task]) -> None:
     converges(e2e, task, before)
 
 
-def restart_libvirtd() -> None:
-    """Kill libvirtd (every client connection drops; running guests keep running) and start it again."""
+def test_an_unreachable_libvirtd_is_an_error_not_up_to_date(fault: tuple[E2E, Task]) -> None:
+    e2e, task = fault
+    assert task.run("up", "--stack", "hpc", "--yes").returncode == 0
+    stop_libvirtd()
+    try:
+        done = task.run("up", "--stack", "hpc", "--yes")
+    finally:
+        start_libvirtd()
+        e2e.sandbox.conn = libvirt.open("qemu:///system")
+    assert done.returncode == 1, done.stdout
+    assert "connecting to libvirt at qemu:///system" in done.stdout and "up to date" not in done.stdout
+
+
+def stop_libvirtd() -> None:
+    """Kill libvirtd: every client connection drops; running guests keep running."""
     subprocess.run(["pkill", "-x", "libvirtd"], check=False)
     for _ in range(100):
         if subprocess.run(["pgrep", "-x", "libvirtd"], capture_output=True).returncode != 0:
-            break
+            return
         time.sleep(0.05)
+
+
+def restart_libvirtd() -> None:
+    """Kill libvirtd and start it again."""
+    stop_libvirtd()
+    start_libvirtd()
+
+
+def start_libvirtd() -> None:
     subprocess.run(["libvirtd", "-d"], check=True)
     for _ in range(100):
         if subprocess.run(["virsh", "-c", "qemu:///system", "version"], capture_output=True).returncode == 0:

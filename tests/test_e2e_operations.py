@@ -143,6 +143,16 @@ def test_system_up_rolls_back_hpc_when_cloud_fails(e2e: E2E) -> None:
     assert running(box)["cloud-cpu-worker-01"] is True and running(box)["hpc-controller"] is True
     no_changes(e2e)
 
+    # A stack whose only change was its power is put back too: after system.down, a system.up
+    # that fails in Cloud leaves HPC stopped again, as it was, and its records say so.
+    op.system_down()
+    data["cloud"]["worker_nodes"].append(box.node(None, base_image_path=str(broken)))
+    e2e.write_cluster_file(data)
+    with pytest.raises(StackError, match=r"system.up failed in cloud: .*rolled back hpc"):
+        op.system_up()
+    assert not any(running(box).values())
+    assert (op.records("hpc").read().cluster, op.records("cloud").read().cluster) == ("stopped", "stopped")
+
 
 def test_tasks_print_one_line_per_error_and_exit_non_zero(tmp_path: Path, e2e: E2E) -> None:
     bad = tmp_path / "bad.yaml"
