@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
-import json
 import os
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -29,10 +28,12 @@ from aihow_infra.desired import DesiredPower, PowerRecords, PowerState
 from aihow_infra.errors import AihowError, ConfigError, StackError
 from aihow_infra.images import ensure_image, find_image, recipe_for
 from aihow_infra.inventory import Access, build_inventory
+from aihow_infra.lastrun import LastRuns, drift, run_fingerprint
 from aihow_infra.ledger import Ledger, holder_for
-from aihow_infra.libvirt.connection import call, connect, discard, lookup, network_stack, pool_path, remove_pool
+from aihow_infra.libvirt.connection import call, connect, discard, lookup, remove_pool
 from aihow_infra.libvirt.guest import console_log_path, probe, wait_ready
-from aihow_infra.libvirt.power import UNDEFINED, metadata, start_domain, state_name, stop_domain, undefine
+from aihow_infra.libvirt.inspect import metadata, network_stack, pool_path
+from aihow_infra.libvirt.power import UNDEFINED, start_domain, state_name, stop_domain, undefine
 from aihow_infra.loading import load_cluster_file
 from aihow_infra.plan import ClusterPlan, VmPlan, plan_cluster, shared_devices
 from aihow_infra.settings import DEFAULT_LEDGER, StackSettings, parse_settings
@@ -44,9 +45,13 @@ Progress = Callable[[str], None]
 Confirm = Callable[[list[Risk]], bool]
 
 
+class Refused(AihowError):
+    """A planned change was not confirmed; nothing ran."""
+
+
 def refuse_risks(found: list[Risk]) -> bool:
     """Without a way to ask (a script): a change that loses data or interrupts a guest is refused."""
-    raise AihowError(f"{len(found)} planned change(s) delete data or interrupt a guest, first: {found[0]}; "
+    raise Refused(f"{len(found)} planned change(s) delete data or interrupt a guest, first: {found[0]}; "
                      "nothing was changed; allowed: run it again with --yes to apply them")
 
 
@@ -169,7 +174,7 @@ class Operator:
         found = risks(plan.steps)
         try:
             if found and not self.confirm(found):
-                raise AihowError("cancelled; nothing was changed")
+                raise Refused("cancelled; nothing was changed")
         except BaseException:
             if lifted:
                 self.workspace.protect(stack, lifted)
@@ -178,13 +183,50 @@ class Operator:
         if disks:
             self.workspace.unprotect(stack, disks)
 
+    @property
+    def last_runs(self) -> LastRuns:
+        """The fingerprints of each stack's last successful up."""
+        return LastRuns(self.workspace.project_dir)
+
+    def _fingerprint(self, stack: str) -> str:
+        view = self.view(stack)
+        return run_fingerprint(stack, view.settings, view.plan, view.power, self.workspace.project_dir,
+                           self.workspace.state_files(stack))
+
+    def nothing_to_do(self, stack: str) -> bool:
+        """True when nothing changed since the stack's last successful up and libvirt agrees
+        (then the engine is not started: see ``lastrun``)."""
+        if not self.last_runs.matches(stack, self._fingerprint(stack)):
+            return False
+        view = self.view(stack)
+        try:
+            found = drift(stack, view.settings, view.plan, view.power)
+        except AihowError:
+            return False  # the engine says it better (an unreachable libvirtd, ...)
+        if found:
+            self.progress(f"{stack}: {'; '.join(found)}")
+            return False
+        self.progress(f"{stack}: nothing changed since the last run and libvirt agrees; pulumi is not run")
+        return True
+
+    def _engine_up(self, stack: str) -> None:
+        """Gate, ``pulumi up``, and the record of a successful run (forgotten when it fails)."""
+        self.gate(stack)
+        self.progress(f"pulumi up -s {stack}")
+        try:
+            self.workspace.up(stack)
+        except AihowError:
+            self.last_runs.forget(stack)
+            raise
+        self.last_runs.save(stack, self._fingerprint(stack))
+
     def up(self, stack: str) -> None:
-        """``pulumi up`` of one stack (its images built first), after the gate."""
+        """``pulumi up`` of one stack (its images built first), after the gate; not even
+        started when nothing changed since the last run."""
         self.ensure_images([self.view(stack)])
         with self.workspace.hold(stack):
-            self.gate(stack)
-            self.progress(f"pulumi up -s {stack}")
-            self.workspace.up(stack)
+            if not self.nothing_to_do(stack):
+                self._engine_up(stack)
 
     def destroy(self, stack: str) -> None:
         """``pulumi destroy`` of one stack, then what an interrupted run made and never recorded
@@ -198,6 +240,7 @@ class Operator:
         self.progress(f"pulumi destroy -s {stack}")
         self.workspace.destroy(stack)
         self.deploys.forget(stack)
+        self.last_runs.forget(stack)
         if view is not None:
             self._sweep(view)
 
@@ -311,20 +354,18 @@ class Operator:
         records = self.records(stack)
         with self.workspace.hold(stack):
             before = records.read()
-            records.write(change(before))
+            after = change(before)
+            if after == before and self.nothing_to_do(stack):
+                return
+            records.write(after)
             try:
-                self.gate(stack)
-            except AihowError:
-                records.write(before)  # refused: nothing ran
-                raise
-            self.progress(f"pulumi up -s {stack}")
-            try:
-                self.workspace.up(stack)
+                self._engine_up(stack)
             except AihowError as exc:
-                records.write(before)
-                self.progress(f"{stack}: putting the power states back ({exc})")
-                with contextlib.suppress(AihowError):
-                    self.workspace.up(stack)
+                records.write(before)  # refused (nothing ran) or failed: back to what was
+                if not isinstance(exc, Refused):
+                    self.progress(f"{stack}: putting the power states back ({exc})")
+                    with contextlib.suppress(AihowError):
+                        self.workspace.up(stack)
                 raise
 
     def _apply_power(self, view: StackView, changes: dict[str, PowerState]) -> None:
@@ -434,10 +475,7 @@ class Operator:
                          + (f" (rolled back {', '.join(changed)})" if changed else "")) from None
 
     def _urns(self, stack: str) -> set[str]:
-        if not self.workspace.has_stack(stack):
-            return set()
-        data = json.loads(self.workspace.run(["stack", "export"], stack).stdout)
-        return {r["urn"] for r in data.get("deployment", {}).get("resources") or []}
+        return self.workspace.urns(stack)
 
     def _roll_back(self, stack: str, before: set[str], power: DesiredPower) -> None:
         """Put a stack back as it was: what this run created is destroyed, its power records
@@ -461,9 +499,20 @@ class Operator:
             self._apply(view.stack, lambda power: power.with_cluster("stopped"))
 
     def system_destroy(self) -> None:
-        """Cloud first, then HPC: remove every VM, volume, pool and network."""
-        for stack in reversed(self.configured_stacks()):
+        """Remove every VM, volume, pool and network of both clusters, the two at once (a
+        destroy frees GPUs, it never takes one)."""
+        stacks = self.configured_stacks()
+        with ThreadPoolExecutor(max(len(stacks), 1)) as pool:
+            failures = [exc for exc in pool.map(self._try_destroy, stacks) if exc is not None]
+        if failures:
+            raise failures[0]
+
+    def _try_destroy(self, stack: str) -> AihowError | None:
+        try:
             self.destroy(stack)
+        except AihowError as exc:
+            return exc
+        return None
 
     def system_status(self) -> SystemStatus:
         """Both clusters' VMs, networks, pools and disks with their state, and who owns each

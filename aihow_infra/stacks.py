@@ -283,11 +283,43 @@ class Workspace:
 
     def stacks(self) -> set[str]:
         """Names of the stacks the backend holds for this project (listed once; this project
-        adds stacks only through ``ensure_stack`` and never removes one)."""
+        adds stacks only through ``ensure_stack`` and never removes one). A local backend is
+        read directly: ``pulumi stack ls`` costs a second."""
         if self._stacks is None:
-            proc = self.run(["stack", "ls", "--json"])
-            self._stacks = {s["name"].split("/")[-1] for s in json.loads(proc.stdout)}
+            folder = self.backend_folder()
+            if folder is not None:
+                self._stacks = {p.name.removesuffix(".gz").removesuffix(".json")
+                                for p in (folder / ".pulumi" / "stacks").glob(f"{self.project_name()}/*.json*")
+                                if p.name.endswith((".json", ".json.gz"))}
+            else:
+                proc = self.run(["stack", "ls", "--json"])
+                self._stacks = {s["name"].split("/")[-1] for s in json.loads(proc.stdout)}
         return set(self._stacks)
+
+    def project_name(self) -> str:
+        """The project's name (``Pulumi.yaml``)."""
+        text = (self.project_dir / "Pulumi.yaml").read_text()
+        match = re.search(r"^name:\s*(\S+)", text, re.M)
+        return match.group(1) if match else "aihow"
+
+    def urns(self, stack: str) -> set[str]:
+        """The URNs the stack's state records (read from a local backend's file directly)."""
+        if not self.has_stack(stack):
+            return set()
+        for path in self.state_files(stack):
+            if path.suffix == ".json" and path.is_file():
+                latest = json.loads(path.read_text()).get("checkpoint", {}).get("latest") or {}
+                return {r["urn"] for r in latest.get("resources") or []}
+        data = json.loads(self.run(["stack", "export"], stack).stdout)
+        return {r["urn"] for r in data.get("deployment", {}).get("resources") or []}
+
+    def state_files(self, stack: str) -> list[Path]:
+        """The local backend's files of a stack's state (empty for another kind of backend)."""
+        folder = self.backend_folder()
+        if folder is None:
+            return []
+        base = folder / ".pulumi" / "stacks" / self.project_name() / stack
+        return [base.with_name(f"{stack}.json"), base.with_name(f"{stack}.json.gz")]
 
     def ensure_stack(self, stack: str) -> None:
         """Create the stack when the backend does not have it yet (safe from several threads)."""

@@ -28,7 +28,8 @@ from aihow_infra.host import Host, VirtChoice, choose_virt_type
 from aihow_infra.ledger import LeaseRef, Ledger
 from aihow_infra.libvirt.connection import call, connect, kvm_usable, lookup
 from aihow_infra.libvirt.guest import probe, wait_ready
-from aihow_infra.libvirt.power import metadata, start_domain, state_name, stop_domain, undefine
+from aihow_infra.libvirt.inspect import metadata, read_definition
+from aihow_infra.libvirt.power import start_domain, state_name, stop_domain, undefine
 from aihow_infra.libvirt.render import METADATA_NS, domain_xml
 from aihow_infra.status import GuestState
 from providers.base import Input, LibvirtProvider
@@ -98,21 +99,6 @@ class DomainArgs(TypedDict):
     lease: LeaseRef | None
     wait_ready: bool
     ready_timeout: float
-
-
-def read_definition(dom: libvirt.virDomain, live: bool = False) -> dict[str, Any]:
-    """vCPUs, memory and passed-through devices as libvirt holds them (the running instance
-    with ``live``, else the definition the next boot takes)."""
-    root = ET.fromstring(dom.XMLDesc(0 if live else libvirt.VIR_DOMAIN_XML_INACTIVE))
-    memory = root.find("memory")
-    scale = {"KiB": 1 / 1024, "MiB": 1, "GiB": 1024}.get(memory.get("unit", "KiB") if memory is not None else "KiB", 1)
-    addresses = []
-    for src in root.iterfind("./devices/hostdev[@type='pci']/source/address"):
-        addresses.append("{:04x}:{:02x}:{:02x}.{:x}".format(
-            *(int(src.get(k, "0"), 16) for k in ("domain", "bus", "slot", "function"))))
-    return {"vcpus": int(root.findtext("vcpu") or 0),
-            "memory_mib": int(int(memory.text or 0) * scale) if memory is not None else 0,
-            "addresses": addresses}
 
 
 def _interface_xml(domain_definition: str) -> str:
@@ -259,8 +245,10 @@ class DomainProvider(LibvirtProvider):
         return lookup("looking up domain", conn.lookupByName, props["name"])
 
     def remove(self, dom: libvirt.virDomain, props: dict[str, Any]) -> None:
-        """Shut down (graceful, then forced) and undefine."""
-        stop_domain(dom, props.get("stop_timeout", 60))
+        """Power off at once and undefine: a domain is removed only with its disk (a name change
+        or a destroy, both listed and confirmed first), so a shutdown would only wait for a
+        guest whose data goes anyway."""
+        stop_domain(dom, 0)
         undefine(dom, props["name"])
 
     def observe(self, dom: libvirt.virDomain, props: dict[str, Any]) -> dict[str, Any]:

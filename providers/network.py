@@ -10,7 +10,8 @@ import pulumi
 from pulumi.dynamic import CreateResult, Resource, UpdateResult
 
 from aihow_infra.errors import LibvirtError
-from aihow_infra.libvirt.connection import call, connect, discard, lookup, network_stack
+from aihow_infra.libvirt.connection import call, connect, discard, lookup
+from aihow_infra.libvirt.inspect import network_stack
 from aihow_infra.libvirt.render import network_xml
 from providers.base import LibvirtProvider
 

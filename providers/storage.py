@@ -14,7 +14,8 @@ import pulumi
 from pulumi.dynamic import CheckFailure, CheckResult, CreateResult, Resource, UpdateResult
 
 from aihow_infra.errors import LibvirtError
-from aihow_infra.libvirt.connection import call, connect, discard, lookup, pool_path, remove_pool, translate
+from aihow_infra.libvirt.connection import call, connect, discard, lookup, remove_pool, translate
+from aihow_infra.libvirt.inspect import pool_path
 from aihow_infra.libvirt.render import pool_xml, volume_xml
 from providers.base import Input, LibvirtProvider
 

@@ -144,3 +144,48 @@ def test_destroy_copes_with_checkpoints(e2e: E2E) -> None:
     assert made.returncode == 0, made.stderr
     op.destroy("hpc")
     assert box.leftovers() == []
+
+
+def test_nothing_to_do_skips_the_engine_and_any_change_goes_through_it(e2e: E2E) -> None:
+    box = e2e.sandbox
+    op, clusters = setup(e2e)
+    said: list[str] = []
+    op.progress = said.append
+
+    def engine_ran() -> bool:
+        ran = "pulumi up -s hpc" in said
+        said.clear()
+        return ran
+
+    op.up("hpc")  # (setup ran the first)
+    assert not engine_ran()
+    op.system_up(deploy=False)
+    assert not engine_ran()
+
+    # A changed cluster file, a changed setting: through the engine (and then quiet again).
+    clusters["hpc"]["controller"]["memory_gb"] = 2
+    e2e.write_cluster_file(clusters)
+    op.up("hpc")
+    assert engine_ran() and dom(box, "controller").maxMemory() == 2 * 2**20
+    op.up("hpc")
+    assert not engine_ran()
+    e2e.configure("hpc", e2e.root / "cluster.yaml", stopTimeout="3")
+    op.up("hpc")
+    assert engine_ran()
+
+    # Drift: a VM powered off by hand, a deleted network.
+    dom(box, "compute-01").destroy()
+    op.up("hpc")
+    assert engine_ran() and dom(box, "compute-01").isActive()
+    net = box.conn.networkLookupByName(f"{box.prefix}-hpc-network")
+    net.destroy()
+    net.undefine()
+    op.up("hpc")
+    assert engine_ran() and box.conn.networkLookupByName(f"{box.prefix}-hpc-network").isActive()
+
+    # A run of plain pulumi changes the state: the next task goes through the engine.
+    e2e.workspace.run(["refresh", "--yes", "--skip-preview"], "hpc")
+    op.up("hpc")
+    assert engine_ran()
+    op.up("hpc")
+    assert not engine_ran()

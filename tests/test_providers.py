@@ -12,8 +12,9 @@ import pytest
 
 from aihow_infra.errors import LibvirtError
 from aihow_infra.ledger import Ledger
+from aihow_infra.libvirt.inspect import metadata, read_definition
 from aihow_infra.settings import parse_settings
-from providers.domain import DomainProvider, metadata, read_definition
+from providers.domain import DomainProvider
 from providers.network import NetworkProvider
 from providers.storage import PoolProvider, VolumeProvider
 

@@ -8,14 +8,12 @@ state, so it must hold no connection) through ``connect``.
 from __future__ import annotations
 
 import contextlib
-import xml.etree.ElementTree as ET
 from collections.abc import Callable, Iterator
 from typing import TypeVar
 
 import libvirt
 
 from aihow_infra.errors import LibvirtError, NotFoundError
-from aihow_infra.libvirt.render import METADATA_NS
 
 T = TypeVar("T")
 
@@ -95,17 +93,6 @@ def remove_pool(pool: libvirt.virStoragePool) -> None:
     with contextlib.suppress(libvirt.libvirtError):
         pool.delete(0)
     call(f"undefining pool {name}", pool.undefine)
-
-
-def pool_path(pool: libvirt.virStoragePool) -> str:
-    """The folder of a directory pool."""
-    return ET.fromstring(pool.XMLDesc(0)).findtext("./target/path") or ""
-
-
-def network_stack(net: libvirt.virNetwork) -> str | None:
-    """The stack a network's metadata names (None for a network this project did not make)."""
-    root = ET.fromstring(net.XMLDesc(0))
-    return root.findtext(f"./metadata/{{{METADATA_NS}}}network/{{{METADATA_NS}}}stack")
 
 
 def kvm_usable(conn: libvirt.virConnect) -> bool:

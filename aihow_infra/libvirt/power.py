@@ -4,14 +4,12 @@ from __future__ import annotations
 
 import contextlib
 import time
-import xml.etree.ElementTree as ET
 
 import libvirt
 
 from aihow_infra.errors import LibvirtError
 from aihow_infra.ledger import LeaseRef, Ledger
 from aihow_infra.libvirt.connection import call, translate
-from aihow_infra.libvirt.render import METADATA_NS
 
 STATE_NAMES = {
     libvirt.VIR_DOMAIN_NOSTATE: "nostate", libvirt.VIR_DOMAIN_RUNNING: "running",
@@ -92,10 +90,3 @@ def undefine(dom: libvirt.virDomain, name: str) -> None:
         if exc.get_error_code() not in (libvirt.VIR_ERR_INVALID_ARG, libvirt.VIR_ERR_NO_SUPPORT):
             raise translate(exc, f"undefining domain {name}") from None
         call(f"undefining domain {name}", dom.undefine)
-
-
-def metadata(dom: libvirt.virDomain, flags: int = libvirt.VIR_DOMAIN_XML_INACTIVE) -> dict[str, str]:
-    """The project's metadata of a domain (cluster, role, stack); empty for a domain not ours."""
-    root = ET.fromstring(dom.XMLDesc(flags))
-    found = root.find(f"./metadata/{{{METADATA_NS}}}vm")
-    return {child.tag.split("}")[-1]: child.text or "" for child in found} if found is not None else {}

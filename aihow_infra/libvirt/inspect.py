@@ -1,0 +1,44 @@
+"""Reading what libvirt holds: a domain's metadata and definition, a pool's folder, the
+stack a network belongs to. Shared by the providers, the tasks' status and their checks."""
+
+from __future__ import annotations
+
+import xml.etree.ElementTree as ET
+from typing import Any
+
+import libvirt
+
+from aihow_infra.libvirt.render import METADATA_NS
+
+
+def metadata(dom: libvirt.virDomain, flags: int = libvirt.VIR_DOMAIN_XML_INACTIVE) -> dict[str, str]:
+    """The project's metadata of a domain (cluster, role, stack); empty for a domain not ours."""
+    root = ET.fromstring(dom.XMLDesc(flags))
+    found = root.find(f"./metadata/{{{METADATA_NS}}}vm")
+    return {child.tag.split("}")[-1]: child.text or "" for child in found} if found is not None else {}
+
+
+def read_definition(dom: libvirt.virDomain, live: bool = False) -> dict[str, Any]:
+    """vCPUs, memory and passed-through devices as libvirt holds them (the running instance
+    with ``live``, else the definition the next boot takes)."""
+    root = ET.fromstring(dom.XMLDesc(0 if live else libvirt.VIR_DOMAIN_XML_INACTIVE))
+    memory = root.find("memory")
+    scale = {"KiB": 1 / 1024, "MiB": 1, "GiB": 1024}.get(memory.get("unit", "KiB") if memory is not None else "KiB", 1)
+    addresses = []
+    for src in root.iterfind("./devices/hostdev[@type='pci']/source/address"):
+        addresses.append("{:04x}:{:02x}:{:02x}.{:x}".format(
+            *(int(src.get(k, "0"), 16) for k in ("domain", "bus", "slot", "function"))))
+    return {"vcpus": int(root.findtext("vcpu") or 0),
+            "memory_mib": int(int(memory.text or 0) * scale) if memory is not None else 0,
+            "addresses": addresses}
+
+
+def pool_path(pool: libvirt.virStoragePool) -> str:
+    """The folder of a directory pool."""
+    return ET.fromstring(pool.XMLDesc(0)).findtext("./target/path") or ""
+
+
+def network_stack(net: libvirt.virNetwork) -> str | None:
+    """The stack a network's metadata names (None for a network this project did not make)."""
+    root = ET.fromstring(net.XMLDesc(0))
+    return root.findtext(f"./metadata/{{{METADATA_NS}}}network/{{{METADATA_NS}}}stack")
