@@ -111,11 +111,14 @@ def up(c: Context, stack: str, yes: bool = False) -> None:
     out.print(f"[green]{stack} is up to date[/green]")
 
 
-@task(help={"stack": STACK_HELP})
-def preview(c: Context, stack: str) -> None:
-    """Show what `up` would change (pulumi preview)."""
-    _check_stack(stack)
-    out.print(operator().workspace.preview(stack), highlight=False)
+@task(help={"stack": STACK_HELP + " (default: every configured stack)"})
+def preview(c: Context, stack: str = "") -> None:
+    """Show what `up` would change (pulumi preview), in one stack or in every one at once."""
+    if stack:
+        _check_stack(stack)
+    op = operator()
+    for text in op.preview([stack] if stack else op.configured_stacks()).values():
+        out.print(text, highlight=False)
 
 
 @task(help={"stack": STACK_HELP, "yes": "do not ask before destroying"})

@@ -209,6 +209,17 @@ class Operator:
         self.progress(f"{stack}: nothing changed since the last run and libvirt agrees; pulumi is not run")
         return True
 
+    def preview(self, stacks: list[str]) -> dict[str, str]:
+        """What ``up`` would change in each stack, the stacks at once: the engine's preview, or
+        one line when nothing changed since the last run (no engine started)."""
+        def one(stack: str) -> str:
+            if self.nothing_to_do(stack):
+                return f"{stack}: no changes (nothing changed since the last run; libvirt agrees)"
+            return self.workspace.preview(stack)
+
+        with ThreadPoolExecutor(max(len(stacks), 1)) as pool:
+            return dict(zip(stacks, pool.map(one, stacks), strict=True))
+
     def _engine_up(self, stack: str) -> None:
         """Gate, ``pulumi up``, and the record of a successful run (forgotten when it fails)."""
         self.gate(stack)
