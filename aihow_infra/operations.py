@@ -376,7 +376,8 @@ class Operator:
                 if not isinstance(exc, Refused):
                     self.progress(f"{stack}: putting the power states back ({exc})")
                     with contextlib.suppress(AihowError):
-                        self.workspace.up(stack)
+                        # What failed may fail again: the rest is still put back.
+                        self.workspace.up(stack, ["--continue-on-error"])
                 raise
 
     def _apply_power(self, view: StackView, changes: dict[str, PowerState]) -> None:
