@@ -165,6 +165,8 @@ class Operator:
         """Before a change: the planned steps that delete a disk, or replace or restart a VM,
         go ahead only when ``confirm`` says so. The engine stops a plan at a protected disk:
         the protection is lifted to see the whole plan, and put back unless confirmed."""
+        if all("::pulumi:pulumi:Stack::" in urn for urn in self.workspace.urns(stack)):
+            return  # nothing in the stack yet: nothing to delete or restart, no preview to pay
         plan = self.workspace.preview_plan(stack)
         lifted: list[str] = []
         while plan.protected and not set(plan.protected) <= set(lifted):

@@ -397,7 +397,9 @@ class Workspace:
             return ""
         with self.hold(stack):
             self.unprotect(stack)  # the disks: a destroy is the one change that deletes them all
-            return self.run(["destroy", "--yes", "--skip-preview"], stack).stdout
+            # No refresh: deleting what is already gone succeeds, and the engine's reads would
+            # only cost time.
+            return self.run(["destroy", "--yes", "--skip-preview", "--refresh=false"], stack).stdout
 
     def has_stack(self, stack: str) -> bool:
         """True when the backend holds the stack."""
