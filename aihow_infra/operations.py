@@ -251,11 +251,27 @@ class Operator:
             view = None  # the state alone is enough to destroy; only the sweep needs the plan
             self.progress(f"{stack}: {exc}; only what the stack's state records is removed")
         self.progress(f"pulumi destroy -s {stack}")
-        self.workspace.destroy(stack)
+        with ThreadPoolExecutor(1) as early:
+            # Powering a TCG guest off takes libvirt a second or more: done while the engine
+            # starts, its disk goes anyway (the destroy was confirmed).
+            off = early.submit(self._power_off_all, view) if view is not None else None
+            self.workspace.destroy(stack)
+            if off is not None:
+                off.result()
         self.deploys.forget(stack)
         self.last_runs.forget(stack)
         if view is not None:
             self._sweep(view)
+
+    def _power_off_all(self, view: StackView) -> None:
+        """Power off every running VM of the stack at once (the stack's own only)."""
+        with connect(view.settings.libvirt_uri) as conn:
+            doms = [dom for vm in view.plan.vms
+                    if (dom := lookup("looking up domain", conn.lookupByName, vm.name)) is not None
+                    and dom.isActive() and metadata(dom).get("stack") == view.stack]
+            if doms:
+                with ThreadPoolExecutor(len(doms)) as pool:
+                    list(pool.map(lambda dom: stop_domain(dom, 0), doms))
 
     def _sweep(self, view: StackView) -> None:
         remaining = []

@@ -40,6 +40,9 @@ def stop_domain(dom: libvirt.virDomain, timeout: float) -> None:
     name = dom.name()
     if not dom.isActive():
         return
+    if timeout <= 0:
+        _power_off(dom, name)
+        return
     try:
         dom.shutdownFlags(libvirt.VIR_DOMAIN_SHUTDOWN_GUEST_AGENT)
     except libvirt.libvirtError:  # no agent (a VM with nothing to boot, or not up yet)
@@ -53,6 +56,10 @@ def stop_domain(dom: libvirt.virDomain, timeout: float) -> None:
         except libvirt.libvirtError:
             return
         time.sleep(0.25)
+    _power_off(dom, name)
+
+
+def _power_off(dom: libvirt.virDomain, name: str) -> None:
     try:
         dom.destroy()
     except libvirt.libvirtError as exc:
