@@ -83,6 +83,18 @@ def task(help: dict[str, str] | None = None) -> Callable[[Callable[..., Any]], T
     return decorate
 
 
+def _settled(deploy: bool) -> bool:
+    """True when every configured stack is as its last successful run left it (and, with
+    ``deploy``, deployed since): checked before the library's heavier imports."""
+    from aihow_infra.lastrun import LastRuns
+    from aihow_infra.stacks import Workspace
+
+    workspace = Workspace()
+    stacks = [s for s in ("hpc", "cloud") if (workspace.project_dir / f"Pulumi.{s}.yaml").exists()]
+    runs = LastRuns(workspace.project_dir)
+    return bool(stacks) and all(not runs.changes(s, workspace.state_files(s), settled=deploy) for s in stacks)
+
+
 def _check_stack(stack: str) -> None:
     if stack not in ("hpc", "cloud"):
         raise AihowError(f"--stack {stack!r} is not a cluster stack; allowed: hpc or cloud")
@@ -116,6 +128,9 @@ def preview(c: Context, stack: str = "") -> None:
     """Show what `up` would change (pulumi preview), in one stack or in every one at once."""
     if stack:
         _check_stack(stack)
+    elif _settled(deploy=False):
+        out.print("no changes (nothing changed since the last run; libvirt agrees)")
+        return
     op = operator()
     for text in op.preview([stack] if stack else op.configured_stacks()).values():
         out.print(text, highlight=False)
@@ -268,6 +283,9 @@ def image_build(c: Context, role: str = "all", force: bool = False) -> None:
 @task(help={"no_deploy": "provision and wait for ready only; do not run the playbooks", "yes": YES_HELP})
 def system_up(c: Context, no_deploy: bool = False, yes: bool = False) -> None:
     """Bring up HPC, then Cloud, wait until every VM is ready, and deploy what changed."""
+    if _settled(deploy=not no_deploy):
+        out.print("[green]system up[/green] (nothing changed since the last run; libvirt agrees)")
+        return
     operator(yes).system_up(deploy=not no_deploy)
     out.print("[green]system up[/green]")
 

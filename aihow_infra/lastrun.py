@@ -1,42 +1,45 @@
-"""The last successful ``up`` of each stack, and the check that nothing changed since: when the
-cluster's plan, the stack's settings and power records, the program, the images, and the
-stack's state are what they were, and libvirt still holds every object as it should be, the
-engine has nothing to do and is not started (it costs seconds; this check, milliseconds).
+"""The last successful ``up`` of each stack, and the check that nothing changed since.
 
-Anything else goes through the engine: an edited cluster file or setting, a new record, a
-changed program, a run of plain ``pulumi`` (the state changes), a VM powered off or started
-by hand, a stopped or deleted network or pool, a deleted disk, a lost GPU lease.
+After a successful up the tasks record a digest of everything that run read (the stack files,
+the cluster file and the environment variables it names, the power records, the stack's
+state, the program) and what libvirt and the ledger should hold (every object, started as it
+should be, with its vCPUs, memory, disk and GPU lease). When the digest is the same and libvirt
+and the ledger still agree, the engine has nothing to do and is not started: it costs seconds,
+this check milliseconds. Anything else goes through the engine: an edited cluster file or
+setting, a new power record, a changed program, a run of plain ``pulumi`` (the state changes),
+a VM powered off or started by hand, a stopped or deleted network or pool, a deleted disk, a
+lost GPU lease, a deleted image.
+
+Kept light on purpose (no pydantic, no Pulumi): ``invoke system.up`` runs it before anything
+else is imported.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import json
-from collections.abc import Iterable
+import os
+import re
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from aihow_infra.desired import DesiredPower
 from aihow_infra.files import atomic_write
-from aihow_infra.images import find_image, recipe_for
-from aihow_infra.ledger import Ledger, holder_for
 from aihow_infra.libvirt.connection import connect, lookup
 from aihow_infra.libvirt.inspect import metadata, read_definition
-from aihow_infra.plan import ClusterPlan
-from aihow_infra.settings import StackSettings
 
 ROOT = Path(__file__).resolve().parent.parent
-# What the engine runs: a change here must go through it.
-PROGRAM = ("__main__.py", "Pulumi.yaml", "aihow_infra", "providers", "templates")
+# What a run executes: a change here must go through the engine (and the deploy).
+PROGRAM = ("__main__.py", "Pulumi.yaml", "aihow_infra", "providers", "templates", "ansible")
+_VAR = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)|\$([A-Za-z_][A-Za-z0-9_]*)")
 
 
 def program_digest(root: Path = ROOT) -> str:
-    """A digest of the program's files (sources and templates)."""
+    """A digest of the program's files (sources, templates, playbooks)."""
     digest = hashlib.sha256()
     for name in PROGRAM:
         path = root / name
-        files = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix in (".py", ".j2", ".yaml")) \
+        files = sorted(p for p in path.rglob("*") if p.is_file() and "__pycache__" not in p.parts) \
             if path.is_dir() else [path]
         for file in files:
             digest.update(str(file.relative_to(root)).encode())
@@ -44,85 +47,133 @@ def program_digest(root: Path = ROOT) -> str:
     return digest.hexdigest()
 
 
-def _file_digest(paths: Iterable[Path]) -> str:
+def inputs_digest(files: list[Path], cluster_file: Path) -> str:
+    """A digest of ``files`` (absent ones too), the environment variables the cluster file
+    names, and the program."""
     digest = hashlib.sha256()
-    for path in paths:
+    for path in files:
         digest.update(str(path).encode())
         digest.update(path.read_bytes() if path.is_file() else b"(none)")
+    text = cluster_file.read_text(errors="replace") if cluster_file.is_file() else ""
+    names = sorted({m.group(1) or m.group(2) for m in _VAR.finditer(text)})
+    env = {name: os.getcwd() if name == "PWD" else os.environ.get(name) for name in names}
+    digest.update(json.dumps(env, sort_keys=True).encode())
+    digest.update(program_digest().encode())
     return digest.hexdigest()
 
 
-def run_fingerprint(stack: str, settings: StackSettings, plan: ClusterPlan, power: DesiredPower,
-                project_dir: Path, state_files: list[Path]) -> str:
-    """Everything the stack's ``up`` depends on, as one digest."""
-    images = {role: str(found.folder) if (found := find_image(recipe_for(role))) else "missing"
-              for role in sorted({vm.image for vm in plan.vms if vm.image})}
-    parts: dict[str, Any] = {
-        "stack": stack,
-        "settings": settings.model_dump(mode="json"),
-        "plan": dataclasses.asdict(plan),
-        "power": dataclasses.asdict(power),
-        "images": images,
-        "program": program_digest(),
-        "project": _file_digest([project_dir / "Pulumi.yaml", project_dir / f"Pulumi.{stack}.yaml"]),
-        "state": _file_digest(state_files),
-    }
-    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()
+@dataclass(frozen=True)
+class ExpectedVm:
+    """A VM as libvirt should hold it after the run."""
+
+    name: str
+    running: bool
+    vcpus: int
+    memory_mib: int
+    disk: str
+    gpu_functions: list[str]
 
 
-def drift(stack: str, settings: StackSettings, plan: ClusterPlan, power: DesiredPower) -> list[str]:
-    """What libvirt (and the ledger) hold that differs from what the stack wants: empty when
-    every object is there, started as it should be, and every running VM holds its GPUs."""
-    found: list[str] = []
-    leases = Ledger(settings.ledger_path).leases()
-    with connect(settings.libvirt_uri) as conn:
-        net = lookup("looking up network", conn.networkLookupByName, plan.network_name)
-        pool = lookup("looking up pool", conn.storagePoolLookupByName, plan.pool_name)
+@dataclass(frozen=True)
+class Expected:
+    """What libvirt and the ledger hold after a successful up of a stack."""
+
+    stack: str
+    uri: str
+    network: str
+    pool: str
+    ledger: str
+    vms: list[ExpectedVm]
+    images: list[str]
+
+    @classmethod
+    def of(cls, data: dict[str, Any]) -> Expected:
+        """From the record's JSON."""
+        return cls(**{**data, "vms": [ExpectedVm(**vm) for vm in data["vms"]]})
+
+
+def drift(expected: Expected) -> list[str]:
+    """What libvirt (and the ledger) hold that differs from ``expected``; empty when nothing."""
+    found = [f"image {image} is gone" for image in expected.images if not Path(image).is_dir()]
+    try:
+        leases = json.loads(Path(expected.ledger).read_text()).get("devices", {})
+    except (OSError, ValueError):
+        leases = {}
+    with connect(expected.uri) as conn:
+        net = lookup("looking up network", conn.networkLookupByName, expected.network)
+        pool = lookup("looking up pool", conn.storagePoolLookupByName, expected.pool)
         if net is None or not net.isActive():
-            found.append(f"network {plan.network_name} is not active")
+            found.append(f"network {expected.network} is not active")
         if pool is None or not pool.isActive():
-            found.append(f"pool {plan.pool_name} is not active")
-            return found
+            return [*found, f"pool {expected.pool} is not active"]
         pool.refresh(0)
         volumes = {vol.name() for vol in pool.listAllVolumes()}
-        for vm in plan.vms:
-            if f"{vm.name}.qcow2" not in volumes:
+        for vm in expected.vms:
+            if vm.disk not in volumes:
                 found.append(f"disk of {vm.name} is missing")
             dom = lookup("looking up domain", conn.lookupByName, vm.name)
-            if dom is None or metadata(dom).get("stack") != stack:
+            if dom is None or metadata(dom).get("stack") != expected.stack:
                 found.append(f"domain {vm.name} is missing")
                 continue
-            running = power.wants_running(vm.name, vm.auto_start)
-            if bool(dom.isActive()) != running:
-                found.append(f"domain {vm.name} is {'off' if running else 'on'}")
+            if bool(dom.isActive()) != vm.running:
+                found.append(f"domain {vm.name} is {'off' if vm.running else 'on'}")
             defined = read_definition(dom)
-            if (defined["vcpus"], defined["memory_mib"]) != (vm.cpu_cores, vm.memory_gb * 1024):
-                found.append(f"domain {vm.name}'s definition was edited")
-            holder = holder_for(stack, vm.name)
-            if running and any(leases.get(a) is None or leases[a].holder != holder
-                               for c in vm.claims for a in c.functions):
+            if (defined["vcpus"], defined["memory_mib"]) != (vm.vcpus, vm.memory_mib):
+                found.append(f"the definition of domain {vm.name} was edited")
+            holder = f"{expected.stack}/{vm.name}"
+            if vm.running and any((leases.get(a) or {}).get("holder") != holder for a in vm.gpu_functions):
                 found.append(f"{vm.name} does not hold its GPU lease")
     return found
 
 
 class LastRuns:
-    """The fingerprints of each stack's last successful ``up`` (``.state/runs/<stack>.json``)."""
+    """Each stack's last successful up (``.state/runs/<stack>.json`` in the project folder)."""
 
     def __init__(self, project_dir: Path) -> None:
+        self.project_dir = project_dir
         self.folder = project_dir / ".state" / "runs"
 
-    def matches(self, stack: str, current: str) -> bool:
-        """True when the stack's last successful run had this fingerprint."""
-        try:
-            return bool(json.loads((self.folder / f"{stack}.json").read_text())["fingerprint"] == current)
-        except (OSError, ValueError, KeyError, TypeError):
-            return False
+    def inputs(self, stack: str, cluster_file: Path, state_files: list[Path]) -> list[Path]:
+        """The files an up of ``stack`` reads."""
+        return [self.project_dir / "Pulumi.yaml", self.project_dir / f"Pulumi.{stack}.yaml", cluster_file,
+                self.project_dir / ".state" / "power" / f"{stack}.json", *state_files]
 
-    def save(self, stack: str, current: str) -> None:
-        """Record a successful run."""
+    def save(self, stack: str, cluster_file: Path, state_files: list[Path], expected: Expected) -> None:
+        """Record a successful up (not yet deployed: see ``settle``)."""
         self.folder.mkdir(parents=True, exist_ok=True)
-        atomic_write(self.folder / f"{stack}.json", json.dumps({"fingerprint": current}) + "\n", "last run")
+        record = {"digest": inputs_digest(self.inputs(stack, cluster_file, state_files), cluster_file),
+                  "cluster_file": str(cluster_file), "expected": asdict(expected), "settled": False}
+        atomic_write(self.folder / f"{stack}.json", json.dumps(record) + "\n", "last run")
+
+    def settle(self, stack: str) -> None:
+        """The deploy that follows the recorded up is done (or was not needed)."""
+        record = self._record(stack)
+        if record is not None:
+            atomic_write(self.folder / f"{stack}.json", json.dumps({**record, "settled": True}) + "\n", "last run")
 
     def forget(self, stack: str) -> None:
         """Forget a stack's last run (after a destroy, or a failed run)."""
         (self.folder / f"{stack}.json").unlink(missing_ok=True)
+
+    def _record(self, stack: str) -> dict[str, Any] | None:
+        try:
+            record: dict[str, Any] = json.loads((self.folder / f"{stack}.json").read_text())
+        except (OSError, ValueError):
+            return None
+        return record
+
+    def changes(self, stack: str, state_files: list[Path], settled: bool = False) -> list[str]:
+        """Why ``stack`` needs the engine (or, with ``settled``, a deploy check) since its last
+        successful up; empty when nothing changed and libvirt agrees."""
+        record = self._record(stack)
+        if record is None:
+            return ["no successful run is recorded"]
+        cluster_file = Path(record["cluster_file"])
+        if inputs_digest(self.inputs(stack, cluster_file, state_files), cluster_file) != record["digest"]:
+            return ["its files, settings, power records, state or the program changed"]
+        if settled and not record.get("settled"):
+            return ["its last deploy check did not finish"]
+        try:
+            return drift(Expected.of(record["expected"]))
+        except Exception as exc:  # whatever it is, the engine will say it better
+            return [f"libvirt could not be checked ({exc})"]

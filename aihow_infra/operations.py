@@ -28,7 +28,7 @@ from aihow_infra.desired import DesiredPower, PowerRecords, PowerState
 from aihow_infra.errors import AihowError, ConfigError, StackError
 from aihow_infra.images import ensure_image, find_image, recipe_for
 from aihow_infra.inventory import Access, build_inventory
-from aihow_infra.lastrun import LastRuns, drift, run_fingerprint
+from aihow_infra.lastrun import Expected, ExpectedVm, LastRuns
 from aihow_infra.ledger import Ledger, holder_for
 from aihow_infra.libvirt.connection import call, connect, discard, lookup, remove_pool
 from aihow_infra.libvirt.guest import console_log_path, probe, wait_ready
@@ -190,26 +190,28 @@ class Operator:
         """The fingerprints of each stack's last successful up."""
         return LastRuns(self.workspace.project_dir)
 
-    def _fingerprint(self, stack: str) -> str:
-        view = self.view(stack)
-        return run_fingerprint(stack, view.settings, view.plan, view.power, self.workspace.project_dir,
-                           self.workspace.state_files(stack))
-
-    def nothing_to_do(self, stack: str) -> bool:
+    def nothing_to_do(self, stack: str, settled: bool = False) -> bool:
         """True when nothing changed since the stack's last successful up and libvirt agrees
         (then the engine is not started: see ``lastrun``)."""
-        if not self.last_runs.matches(stack, self._fingerprint(stack)):
-            return False
-        view = self.view(stack)
-        try:
-            found = drift(stack, view.settings, view.plan, view.power)
-        except AihowError:
-            return False  # the engine says it better (an unreachable libvirtd, ...)
+        found = self.last_runs.changes(stack, self.workspace.state_files(stack), settled)
         if found:
-            self.progress(f"{stack}: {'; '.join(found)}")
+            if found != ["no successful run is recorded"]:
+                self.progress(f"{stack}: {'; '.join(found)}")
             return False
         self.progress(f"{stack}: nothing changed since the last run and libvirt agrees; pulumi is not run")
         return True
+
+    def _save_run(self, stack: str) -> None:
+        view = self.view(stack)
+        images = sorted({str(found.folder) for vm in view.plan.vms if vm.image
+                         and (found := find_image(recipe_for(vm.image))) is not None})
+        expected = Expected(
+            stack=stack, uri=view.settings.libvirt_uri, network=view.plan.network_name, pool=view.plan.pool_name,
+            ledger=view.settings.ledger_path, images=images,
+            vms=[ExpectedVm(name=vm.name, running=view.power.wants_running(vm.name, vm.auto_start),
+                            vcpus=vm.cpu_cores, memory_mib=vm.memory_gb * 1024, disk=f"{vm.name}.qcow2",
+                            gpu_functions=[a for c in vm.claims for a in c.functions]) for vm in view.plan.vms])
+        self.last_runs.save(stack, self.cluster_file_path(view.settings), self.workspace.state_files(stack), expected)
 
     def preview(self, stacks: list[str]) -> dict[str, str]:
         """What ``up`` would change in each stack, the stacks at once: the engine's preview, or
@@ -231,7 +233,7 @@ class Operator:
         except AihowError:
             self.last_runs.forget(stack)
             raise
-        self.last_runs.save(stack, self._fingerprint(stack))
+        self._save_run(stack)
 
     def up(self, stack: str) -> None:
         """``pulumi up`` of one stack (its images built first), after the gate; not even
@@ -492,9 +494,10 @@ class Operator:
                     failures[view.stack] = error
                     break
         if not failures:
-            if deploy:
-                for view in views:
+            for view in views:
+                if deploy:
                     self.deploy_if_changed(view.stack)
+                    self.last_runs.settle(view.stack)
             return
         changed = [v.stack for v in views if v.stack not in failures
                    and (self._urns(v.stack), self.records(v.stack).read()) != before[v.stack]]

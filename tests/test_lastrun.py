@@ -1,20 +1,14 @@
-"""The fingerprint of a stack's last run: what it covers (each part, a change there must go
-through the engine)."""
+"""The record of a stack's last run: what its digest covers (a change in any part must go
+through the engine), and the live check against libvirt."""
 
 from __future__ import annotations
 
-import dataclasses
 import shutil
 from pathlib import Path
 
 import pytest
 
-from aihow_infra.desired import DesiredPower
-from aihow_infra.lastrun import PROGRAM, ROOT, LastRuns, program_digest, run_fingerprint
-from aihow_infra.loading import parse_cluster_file
-from aihow_infra.plan import plan_cluster
-from aihow_infra.settings import parse_settings
-from tests.samples import base
+from aihow_infra.lastrun import PROGRAM, ROOT, Expected, ExpectedVm, LastRuns, inputs_digest, program_digest
 
 
 def test_every_file_of_the_program_is_in_its_digest(tmp_path: Path) -> None:
@@ -25,7 +19,8 @@ def test_every_file_of_the_program_is_in_its_digest(tmp_path: Path) -> None:
         else:
             shutil.copy(source, tmp_path / name)
     before = program_digest(tmp_path)
-    for changed in ("providers/domain.py", "templates/domain.xml.j2", "__main__.py", "aihow_infra/plan.py"):
+    for changed in ("providers/domain.py", "templates/domain.xml.j2", "__main__.py", "aihow_infra/plan.py",
+                    "ansible/hpc.yml"):
         path = tmp_path / changed
         text = path.read_text()
         path.write_text(text + "\n")
@@ -34,36 +29,48 @@ def test_every_file_of_the_program_is_in_its_digest(tmp_path: Path) -> None:
     assert program_digest(tmp_path) == before
 
 
-@pytest.fixture
-def parts(tmp_path: Path) -> dict[str, object]:
+def test_each_input_of_an_up_changes_the_digest(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    files = [tmp_path / n for n in ("Pulumi.yaml", "Pulumi.hpc.yaml", "cluster.yaml", "power.json", "state.json")]
+    for f in files:
+        f.write_text(f"{f.name}\n")
+    cluster = files[2]
+    cluster.write_text("base_image_path: ${IMAGES}/base.qcow2\n")
+    monkeypatch.setenv("IMAGES", "/srv/a")
+    first = inputs_digest(files, cluster)
+    assert inputs_digest(files, cluster) == first
+    for f in files:
+        text = f.read_text()
+        f.write_text(text + "#\n")
+        assert inputs_digest(files, cluster) != first, f.name
+        f.write_text(text)
+    files[3].unlink()  # the power records removed
+    assert inputs_digest(files, cluster) != first
+    files[3].write_text("power.json\n")
+    monkeypatch.setenv("IMAGES", "/srv/b")  # a variable the cluster file names
+    assert inputs_digest(files, cluster) != first
+    monkeypatch.setenv("IMAGES", "/srv/a")
+    monkeypatch.setenv("UNRELATED", "x")  # one it does not
+    assert inputs_digest(files, cluster) == first
+
+
+def test_a_recorded_run_is_checked_against_its_files_and_libvirt(tmp_path: Path) -> None:
     (tmp_path / "Pulumi.yaml").write_text("name: aihow\n")
     (tmp_path / "Pulumi.hpc.yaml").write_text("config: {}\n")
+    cluster = tmp_path / "cluster.yaml"
+    cluster.write_text("clusters: {}\n")
     state = tmp_path / "hpc.json"
     state.write_text("{}")
-    return {"stack": "hpc", "settings": parse_settings({"clusterFile": "c.yaml"}),
-            "plan": plan_cluster(parse_cluster_file(base(), check_images=False), "hpc", "t"),
-            "power": DesiredPower(), "project_dir": tmp_path, "state_files": [state]}
-
-
-def test_each_input_of_an_up_changes_the_fingerprint(parts: dict[str, object], tmp_path: Path) -> None:
-    first = run_fingerprint(**parts)  # type: ignore[arg-type]
-    assert run_fingerprint(**parts) == first  # type: ignore[arg-type]
-    plan = parts["plan"]
-    changes = {
-        "settings": parse_settings({"clusterFile": "c.yaml", "stopTimeout": "5"}),
-        "power": DesiredPower(vms={"hpc-compute-01": "stopped"}),
-        "plan": dataclasses.replace(plan, vms=plan.vms[:1]),  # type: ignore[type-var]
-    }
-    for key, value in changes.items():
-        assert run_fingerprint(**{**parts, key: value}) != first, key  # type: ignore[arg-type]
-    (tmp_path / "hpc.json").write_text('{"changed": true}')  # a plain pulumi run wrote the state
-    assert run_fingerprint(**parts) != first  # type: ignore[arg-type]
-
-
-def test_last_runs_are_recorded_and_forgotten(tmp_path: Path) -> None:
     runs = LastRuns(tmp_path)
-    assert not runs.matches("hpc", "abc")
-    runs.save("hpc", "abc")
-    assert runs.matches("hpc", "abc") and not runs.matches("hpc", "abd") and not runs.matches("cloud", "abc")
+    assert runs.changes("hpc", [state]) == ["no successful run is recorded"]
+    # Nothing of it exists on the test driver: libvirt disagrees.
+    expected = Expected(stack="hpc", uri="test:///default", network="t-net", pool="t-pool",
+                        ledger=str(tmp_path / "leases.json"), images=[str(tmp_path / "gone-image")],
+                        vms=[ExpectedVm("t-vm", True, 1, 1024, "t-vm.qcow2", [])])
+    runs.save("hpc", cluster, [state], expected)
+    assert runs.changes("hpc", [state]) == [f"image {tmp_path / 'gone-image'} is gone",
+                                            "network t-net is not active", "pool t-pool is not active"]
+    assert runs.changes("hpc", [state], settled=True) == ["its last deploy check did not finish"]
+    state.write_text('{"changed": true}')  # a plain pulumi run wrote the state
+    assert runs.changes("hpc", [state]) == ["its files, settings, power records, state or the program changed"]
     runs.forget("hpc")
-    assert not runs.matches("hpc", "abc")
+    assert runs.changes("hpc", [state]) == ["no successful run is recorded"]
