@@ -60,10 +60,15 @@ def stop_domain(dom: libvirt.virDomain, timeout: float) -> None:
 
 
 def _power_off(dom: libvirt.virDomain, name: str) -> None:
+    """Power off; a domain that is off or gone meanwhile (another process was faster) is fine."""
     try:
         dom.destroy()
     except libvirt.libvirtError as exc:
-        if dom.isActive():
+        try:
+            active = dom.isActive()
+        except libvirt.libvirtError:
+            return  # undefined meanwhile
+        if active:
             raise LibvirtError(f"powering off domain {name}: {exc.get_error_message()}") from None
 
 
