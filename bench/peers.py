@@ -31,6 +31,7 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+from measure import Sample, measured
 
 ROOT = Path(__file__).resolve().parent.parent
 CACHE = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "aihow-infra" / "peers"
@@ -115,34 +116,6 @@ def kcli_setup() -> Path:
 
 
 # --- one tool's steps ---------------------------------------------------------------------------
-
-
-@dataclass
-class Sample:
-    """One step of one round: wall time, CPU of the tool's processes, largest resident set."""
-
-    seconds: float
-    cpu: float
-    peak_mib: float
-
-
-def measured(cmd: list[str], cwd: Path, env: dict[str, str], ok: tuple[int, ...] = (0,)) -> Sample:
-    """Run ``cmd`` in a helper process, so that its children's CPU and peak memory are its own."""
-    helper = (
-        "import resource, subprocess, sys, time\n"
-        "t = time.perf_counter()\n"
-        "p = subprocess.run(sys.argv[1:], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)\n"
-        "t = time.perf_counter() - t\n"
-        "u = resource.getrusage(resource.RUSAGE_CHILDREN)\n"
-        "print(p.returncode, t, u.ru_utime + u.ru_stime, u.ru_maxrss)\n"
-        "sys.stderr.write(p.stdout[-3000:])\n"
-    )
-    proc = subprocess.run([sys.executable, "-c", helper, *cmd], cwd=cwd, env=env, capture_output=True, text=True,
-                          check=False)
-    code, seconds, cpu, kib = proc.stdout.split()
-    if int(code) not in ok:
-        raise RuntimeError(f"{' '.join(cmd)} exited {code}: {proc.stderr.strip()[-1500:]}")
-    return Sample(float(seconds), float(cpu), int(kib) / 1024)
 
 
 @dataclass

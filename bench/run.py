@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+from measure import measured
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
@@ -48,21 +49,9 @@ def timed(fn: Callable[[], Any]) -> float:
 
 
 def run_measured(cmd: list[str], env: dict[str, str] | None = None, cwd: Path | None = None) -> tuple[float, int]:
-    """Wall time and peak RSS (MiB) of the largest process in ``cmd``'s tree, via a fresh helper."""
-    helper = (
-        "import resource, subprocess, sys, time\n"
-        "t = time.perf_counter()\n"
-        "p = subprocess.run(sys.argv[1:], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)\n"
-        "t = time.perf_counter() - t\n"
-        "if p.returncode: sys.stderr.write(p.stderr); sys.exit(p.returncode)\n"
-        "print(t, resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss)\n"
-    )
-    proc = subprocess.run([sys.executable, "-c", helper, *cmd], capture_output=True, text=True, env=env, cwd=cwd,
-                          check=False)
-    if proc.returncode:
-        raise RuntimeError(f"{' '.join(cmd)} failed: {proc.stderr.strip()[-500:]}")
-    seconds, kib = proc.stdout.split()
-    return float(seconds), int(kib) // 1024
+    """Wall time and peak RSS (MiB) of the largest process in ``cmd``'s tree."""
+    sample = measured(cmd, cwd, env)
+    return sample.seconds, int(sample.peak_mib)
 
 
 # --- generated configs -------------------------------------------------------------------------

@@ -159,62 +159,62 @@ def converges(e2e: E2E, task: Task, before: dict[str, set[str]]) -> str:
     return done.stdout
 
 
-@pytest.mark.parametrize("moment", ["network", "pool", "domain"])
-def test_engine_killed_during_up(fault: tuple[E2E, Task], moment: str) -> None:
-    e2e, task = fault
-    box = e2e.sandbox
-    before = box.snapshot()
-    names = {"network": "hpc-network", "pool": "hpc-pool", "domain": "hpc-controller"}
+def interrupted_up(e2e: E2E, task: Task, kind: str, name: str,
+                   strike: Callable[[subprocess.Popen[str]], None]) -> subprocess.CompletedProcess[str]:
+    """``invoke up``, struck (``strike``) as soon as libvirt holds the ``kind`` named ``name``."""
     proc = task.start("up", "--stack", "hpc", "--yes")
-    find = engine(proc)
-    wait_for(f"the {moment}", exists(box, moment, names[moment]), proc)
-    pid = find()
-    assert pid is not None
-    os.kill(pid, signal.SIGKILL)
-    proc.communicate(timeout=120)
-    assert proc.returncode != 0
+    wait_for(f"the {kind}", exists(e2e.sandbox, kind, name), proc)
+    strike(proc)
+    out, _ = proc.communicate(timeout=300)
+    return subprocess.CompletedProcess(proc.args, proc.returncode, out)
+
+
+def kill(marker: str, killed: list[int]) -> Callable[[subprocess.Popen[str]], None]:
+    """A strike that SIGKILLs the task's process whose command line has ``marker``."""
+    def strike(proc: subprocess.Popen[str]) -> None:
+        pid = engine(proc, marker)()
+        assert pid is not None, [command_of(p) for p in descendants(proc.pid)]
+        os.kill(pid, signal.SIGKILL)
+        killed.append(pid)
+
+    return strike
+
+
+@pytest.mark.parametrize(("kind", "name"), [("network", "hpc-network"), ("pool", "hpc-pool"),
+                                            ("domain", "hpc-controller")])
+def test_engine_killed_during_up(fault: tuple[E2E, Task], kind: str, name: str) -> None:
+    e2e, task = fault
+    before = e2e.sandbox.snapshot()
+    killed: list[int] = []
+    assert interrupted_up(e2e, task, kind, name, kill(ENGINE, killed)).returncode != 0
     assert list((e2e.root / "state" / ".pulumi" / "locks").rglob("*.json")), "the killed engine left its lock"
     recovered = converges(e2e, task, before)
-    assert f"cleared the lock of stack hpc left by pulumi process {pid}, which is gone" in recovered
+    assert f"cleared the lock of stack hpc left by pulumi process {killed[0]}, which is gone" in recovered
 
 
 def test_provider_killed_during_up(fault: tuple[E2E, Task]) -> None:
     e2e, task = fault
-    box = e2e.sandbox
-    before = box.snapshot()
-    proc = task.start("up", "--stack", "hpc", "--yes")
-    wait_for("the first domain", exists(box, "domain", "hpc-controller"), proc)
-    pid = engine(proc, PROVIDER)()
-    assert pid is not None, [command_of(p) for p in descendants(proc.pid)]
-    os.kill(pid, signal.SIGKILL)
-    proc.communicate(timeout=300)
-    assert proc.returncode != 0
+    before = e2e.sandbox.snapshot()
+    assert interrupted_up(e2e, task, "domain", "hpc-controller", kill(PROVIDER, [])).returncode != 0
     converges(e2e, task, before)
 
 
 def test_ctrl_c_to_the_task_cancels_cleanly(fault: tuple[E2E, Task]) -> None:
     e2e, task = fault
-    box = e2e.sandbox
-    before = box.snapshot()
-    proc = task.start("up", "--stack", "hpc", "--yes")
-    wait_for("the pool", exists(box, "pool", "hpc-pool"), proc)
-    os.killpg(proc.pid, signal.SIGINT)  # what a terminal sends to the foreground group
-    out, _ = proc.communicate(timeout=300)
-    assert proc.returncode != 0
-    assert "asking pulumi to cancel" in out and "the next run finishes what it left" in out, out
+    before = e2e.sandbox.snapshot()
+    # What a terminal sends to the foreground process group.
+    done = interrupted_up(e2e, task, "pool", "hpc-pool", lambda proc: os.killpg(proc.pid, signal.SIGINT))
+    assert done.returncode != 0
+    assert "asking pulumi to cancel" in done.stdout and "the next run finishes what it left" in done.stdout
     assert processes_of(e2e.root) == []
     converges(e2e, task, before)
 
 
 def test_libvirt_connection_cut_during_up(fault: tuple[E2E, Task]) -> None:
     e2e, task = fault
-    box = e2e.sandbox
-    before = box.snapshot()
-    proc = task.start("up", "--stack", "hpc", "--yes")
-    wait_for("the first domain", exists(box, "domain", "hpc-controller"), proc)
-    restart_libvirtd()
-    proc.communicate(timeout=300)
-    box.conn = libvirt.open("qemu:///system")  # the sandbox's own connection was cut too
+    before = e2e.sandbox.snapshot()
+    interrupted_up(e2e, task, "domain", "hpc-controller", lambda _proc: restart_libvirtd())
+    e2e.sandbox.conn = libvirt.open("qemu:///system")  # the sandbox's own connection was cut too
     converges(e2e, task, before)
 
 
@@ -261,11 +261,7 @@ def test_destroy_right_after_an_interrupted_up_leaves_nothing(fault: tuple[E2E, 
     e2e, task = fault
     box = e2e.sandbox
     before = box.snapshot()
-    proc = task.start("up", "--stack", "hpc", "--yes")
-    find = engine(proc)
-    wait_for("the first domain", exists(box, "domain", "hpc-controller"), proc)
-    os.kill(find() or 0, signal.SIGKILL)
-    proc.communicate(timeout=120)
+    interrupted_up(e2e, task, "domain", "hpc-controller", kill(ENGINE, []))
     gone = task.run("destroy", "--stack", "hpc", "--yes")
     assert gone.returncode == 0, gone.stdout
     assert "left by an interrupted run" in gone.stdout
