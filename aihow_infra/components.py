@@ -200,7 +200,7 @@ class Cluster(pulumi.ComponentResource):
             dhcp_end=plan.dhcp_end,
             hosts=[DhcpHost(mac=vm.mac, name=vm.name, ip=vm.ip) for vm in plan.vms if vm.ip],
         ), child)
-        pool_path = f"{settings.images_dir.rstrip('/')}/{plan.name}"
+        pool_path = settings.pool_folder(plan.name)
         pool = StoragePool("pool", PoolArgs(
             uri=settings.libvirt_uri,
             name=plan.pool_name,

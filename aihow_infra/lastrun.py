@@ -31,6 +31,7 @@ from aihow_infra.libvirt.inspect import metadata, read_definition
 ROOT = Path(__file__).resolve().parent.parent
 # What a run executes: a change here must go through the engine (and the deploy).
 PROGRAM = ("__main__.py", "Pulumi.yaml", "aihow_infra", "providers", "templates", "ansible")
+NO_RECORD = "no successful run is recorded"
 _VAR = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)|\$([A-Za-z_][A-Za-z0-9_]*)")
 
 
@@ -167,7 +168,7 @@ class LastRuns:
         successful up; empty when nothing changed and libvirt agrees."""
         record = self._record(stack)
         if record is None:
-            return ["no successful run is recorded"]
+            return [NO_RECORD]
         cluster_file = Path(record["cluster_file"])
         if inputs_digest(self.inputs(stack, cluster_file, state_files), cluster_file) != record["digest"]:
             return ["its files, settings, power records, state or the program changed"]

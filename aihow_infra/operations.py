@@ -29,7 +29,7 @@ from aihow_infra.desired import DesiredPower, PowerRecords, PowerState
 from aihow_infra.errors import AihowError, ConfigError, StackError
 from aihow_infra.images import ensure_image, find_image, recipe_for
 from aihow_infra.inventory import Access, build_inventory
-from aihow_infra.lastrun import Expected, ExpectedVm, LastRuns
+from aihow_infra.lastrun import NO_RECORD, Expected, ExpectedVm, LastRuns
 from aihow_infra.ledger import Ledger, holder_for
 from aihow_infra.libvirt.connection import call, connect, discard, lookup, remove_pool
 from aihow_infra.libvirt.guest import console_log_path, probe, wait_ready
@@ -53,7 +53,7 @@ class Refused(AihowError):
 def refuse_risks(found: list[Risk]) -> bool:
     """Without a way to ask (a script): a change that loses data or interrupts a guest is refused."""
     raise Refused(f"{len(found)} planned change(s) delete data or interrupt a guest, first: {found[0]}; "
-                     "nothing was changed; allowed: run it again with --yes to apply them")
+                  "nothing was changed; allowed: run it again with --yes to apply them")
 
 
 @dataclass(frozen=True)
@@ -166,7 +166,7 @@ class Operator:
         """Before a change: the planned steps that delete a disk, or replace or restart a VM,
         go ahead only when ``confirm`` says so. The engine stops a plan at a protected disk:
         the protection is lifted to see the whole plan, and put back unless confirmed."""
-        if all("::pulumi:pulumi:Stack::" in urn for urn in self.workspace.urns(stack)):
+        if not _resources(self.workspace.urns(stack)):
             return  # nothing in the stack yet: nothing to delete or restart, no preview to pay
         plan = self.workspace.preview_plan(stack)
         lifted: list[str] = []
@@ -188,7 +188,7 @@ class Operator:
 
     @property
     def last_runs(self) -> LastRuns:
-        """The fingerprints of each stack's last successful up."""
+        """The record of each stack's last successful up."""
         return LastRuns(self.workspace.project_dir)
 
     def nothing_to_do(self, stack: str, settled: bool = False) -> bool:
@@ -196,7 +196,7 @@ class Operator:
         (then the engine is not started: see ``lastrun``)."""
         found = self.last_runs.changes(stack, self.workspace.state_files(stack), settled)
         if found:
-            if found != ["no successful run is recorded"]:
+            if found != [NO_RECORD]:
                 self.progress(f"{stack}: {'; '.join(found)}")
             return False
         self.progress(f"{stack}: nothing changed since the last run and libvirt agrees; pulumi is not run")
@@ -307,7 +307,7 @@ class Operator:
                              "if they are no longer needed")
 
     def _sweep_pool(self, view: StackView, pool: Any) -> list[str]:
-        path = f"{view.settings.images_dir.rstrip('/')}/{view.plan.name}"
+        path = view.settings.pool_folder(view.plan.name)
         if pool_path(pool) != path:
             return [f"storage pool {view.plan.pool_name} (on {pool_path(pool)}, not {path})"]
         ours = {f"{vm.name}.qcow2" for vm in view.plan.vms} | {f"{vm.name}-seed.iso" for vm in view.plan.vms}
@@ -518,7 +518,7 @@ class Operator:
         self.progress(f"rolling back {stack}")
         with self.workspace.hold(stack):
             created = sorted(self._urns(stack) - before)
-            if not [u for u in before if "::pulumi:pulumi:Stack::" not in u]:
+            if not _resources(before):
                 self.workspace.destroy(stack)
             elif created:
                 self.workspace.unprotect(stack, created)
@@ -679,6 +679,11 @@ def _with_workload(rows: list[VmStatus], workload: tuple[dict[str, str], str] | 
     return [replace(r, workload=states.get(r.name, "") if r.role == "compute" else
                     "slurmctld" if states else "no answer") if r.role in ("compute", "controller") else r
             for r in rows]
+
+
+def _resources(urns: set[str]) -> set[str]:
+    """The URNs of a stack's resources, without the stack's own."""
+    return {urn for urn in urns if "::pulumi:pulumi:Stack::" not in urn}
 
 
 def _active_word(obj: Any) -> str:

@@ -54,6 +54,10 @@ class StackSettings(BaseModel):
             raise ValueError(f"{value!r} is relative; allowed: an absolute path")
         return value
 
+    def pool_folder(self, cluster_name: str) -> str:
+        """The folder of a cluster's storage pool, below the images folder."""
+        return f"{self.images_dir.rstrip('/')}/{cluster_name}"
+
     def cluster_key(self, stack: str) -> ClusterKey:
         """The cluster this stack deploys: ``aihow:cluster``, else the stack's name."""
         if self.cluster is not None:

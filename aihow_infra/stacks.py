@@ -106,12 +106,13 @@ class Plan:
 
 
 class _Runs:
-    """The pulumi processes this task runs, each in a process group of its own.
+    """The pulumi processes this task runs, each in a session of its own.
 
     An operator's Ctrl-C (or SIGTERM, SIGHUP) is passed to each engine as the SIGINT that
     makes it cancel cleanly: it finishes the resource operations in flight, saves the stack
     and exits. A second signal terminates the engines at once. When an engine has exited,
-    its whole group is killed, so no language host or provider process outlives the run.
+    what is left of its session is killed, so no language host or provider process outlives
+    the run.
     """
 
     def __init__(self) -> None:
@@ -211,8 +212,8 @@ class Workspace:
 
     def run(self, args: Sequence[str], stack: str | None = None, check: bool = True,
             timeout: float = 1800) -> subprocess.CompletedProcess[str]:
-        """Run ``pulumi ARGS`` (with ``--stack``) in a process group of its own, reaped when it
-        ends; raise ``StackError`` with the cause in one line when it fails and ``check`` is set."""
+        """Run ``pulumi ARGS`` (with ``--stack``) in a session of its own, reaped when it ends;
+        raise ``StackError`` with the cause in one line when it fails and ``check`` is set."""
         cmd = ["pulumi", *args, "--non-interactive"]
         if stack is not None:
             cmd += ["--stack", stack]

@@ -101,6 +101,12 @@ class DomainArgs(TypedDict):
     ready_timeout: float
 
 
+def _needs_restart(dom: libvirt.virDomain, olds: dict[str, Any], news: dict[str, Any]) -> bool:
+    """True when the running instance differs from ``news`` in a key it takes only at boot
+    (vCPUs and memory as it runs now, the other keys as ``olds`` recorded them)."""
+    return bool(reboot_keys({**olds, **read_definition(dom, live=True), "running": True}, news))
+
+
 def _interface_xml(domain_definition: str) -> str:
     iface = ET.fromstring(domain_definition).find("./devices/interface")
     return ET.tostring(iface, encoding="unicode") if iface is not None else ""
@@ -167,8 +173,7 @@ class DomainProvider(LibvirtProvider):
             try:
                 uuid = existing.UUIDString() if existing is not None else None
                 dom = call(f"defining domain {name}", conn.defineXML, domain_xml(props, virt_type, uuid=uuid))
-                if existing is not None and dom.isActive() and reboot_keys(
-                        {**props, **read_definition(dom, live=True), "running": True}, props):
+                if existing is not None and dom.isActive() and _needs_restart(dom, props, props):
                     stop_domain(dom, props["stop_timeout"])
                 guest = self._converge(dom, props)
                 return CreateResult(name, self._outs(props, dom, choice, guest))
@@ -223,8 +228,7 @@ class DomainProvider(LibvirtProvider):
         if changed_keys(olds, news, DOMAIN_METADATA_KEYS) and element is not None:
             call(f"updating metadata of domain {name}", dom.setMetadata, libvirt.VIR_DOMAIN_METADATA_ELEMENT,
                  ET.tostring(element, encoding="unicode"), "aihow", METADATA_NS, libvirt.VIR_DOMAIN_AFFECT_LIVE)
-        running = {**olds, **read_definition(dom, live=True), "running": True}
-        if reboot_keys(running, news) and news["running"]:
+        if _needs_restart(dom, olds, news) and news["running"]:
             stop_domain(dom, news["stop_timeout"])
         elif changed_keys(olds, news, DOMAIN_NETWORK_KEYS):
             # The network was made anew: put the interface on its bridge again.
