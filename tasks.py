@@ -205,8 +205,9 @@ def vm_status(c: Context, name: str, json_: bool = False) -> None:
 
 def _vm_table(rows: list[VmStatus], title: str) -> None:
     table = Table(title=title, title_justify="left")
-    workload = any(r.workload for r in rows)
-    for col in ("VM", "role", "state", "desired", "guest", *(["SLURM"] if workload else []), "IP", "vCPU", "GiB",
+    names = sorted({r.workload_name for r in rows if r.workload})
+    workload = bool(names)
+    for col in ("VM", "role", "state", "desired", "guest", *(["/".join(names)] if names else []), "IP", "vCPU", "GiB",
                 "disk", "GPUs (holder)"):
         table.add_column(col)
     for r in rows:
@@ -257,6 +258,21 @@ def deploy(c: Context, stack: str, limit: str = "", playbook: str = "") -> None:
     out.print(f"[green]{stack} deployed[/green] in {result.seconds:.0f} s, {result.changed} change(s)")
 
 
+@task(help={"stack": "the Kubernetes stack (default: cloud)"})
+def kubectl(c: Context, stack: str = "cloud") -> None:
+    """kubectl on the control plane, through its guest agent: invoke kubectl -- get nodes -o wide"""
+    import shlex
+
+    args = shlex.split(c.remainder)
+    if not args:
+        raise AihowError("no kubectl arguments; allowed: invoke kubectl -- ARGS (e.g. -- get nodes -o wide)")
+    code, stdout, stderr = operator().kubectl(stack, args)
+    sys.stdout.write(stdout)
+    sys.stderr.write(stderr)
+    if code != 0:
+        raise Exit(code=code)
+
+
 # --- guest images ---------------------------------------------------------------------------
 
 
@@ -275,6 +291,20 @@ def image_build(c: Context, role: str = "all", force: bool = False) -> None:
         table.add_row(name, "yes" if built else "no (cached)", f"{image.built_seconds:.0f} s",
                       f"{image.disk_bytes / 2**20:.0f} MiB", str(image.folder))
     out.print(table)
+
+
+@task()
+def kubernetes_build(c: Context) -> None:
+    """Build Kubernetes, etcd and the pause binary from the Go module proxy (cached by version;
+    the cloud image build does it when needed)."""
+    from aihow_infra.kubebins import ensure_binaries
+
+    built = ensure_binaries(lambda line: err.print(f"[dim]{line}[/dim]", highlight=False))
+    manifest = built.manifest
+    sizes = manifest.get("bytes") or {}
+    total = sum(sizes.values()) if isinstance(sizes, dict) else 0
+    out.print(f"[green]Kubernetes {manifest['kubernetes']}[/green], etcd {manifest['etcd']}, built with "
+              f"{manifest['go']}: {total / 2**20:.0f} MiB in {built.folder}")
 
 
 # --- both clusters ---------------------------------------------------------------------------
@@ -446,6 +476,8 @@ host = Collection("host")
 host.add_task(host_check, "check")
 image = Collection("image")
 image.add_task(image_build, "build")
+kube = Collection("kubernetes")
+kube.add_task(kubernetes_build, "build")
 
-ns = Collection(up, preview, destroy, deploy, validate, switch, topology, inventory, ssh_config, test, vm, system, gpu,
-                host, image)
+ns = Collection(up, preview, destroy, deploy, kubectl, validate, switch, topology, inventory, ssh_config, test, vm,
+                system, gpu, host, image, kube)

@@ -144,6 +144,7 @@ class Node(pulumi.ComponentResource):
             "role": vm.role,
             "short_name": vm.short_name,
             "ip": vm.ip,
+            "pod_subnet": vm.pod_subnet,
             "mac": vm.mac,
             "vcpus": vm.cpu_cores,
             "memory_gb": vm.memory_gb,
@@ -222,5 +223,7 @@ class Cluster(pulumi.ComponentResource):
             "gateway": plan.gateway,
             "libvirt_uri": settings.libvirt_uri,
             "slurm_partitions": list(plan.partitions),
+            "pod_subnet": plan.pod_subnet,
+            "service_subnet": plan.service_subnet,
         }
         self.register_outputs(self.outputs)

@@ -360,12 +360,41 @@ class WorkerGroups(Model):
     gpu: list[NodeSpec] = Field(default_factory=list)
 
 
+class KubernetesConfig(Model):
+    """``kubernetes_config``: the Cloud cluster's pod and service networks.
+
+    Pods get their addresses from the CNI bridge plugin, one /24 of ``pod_subnet`` per node
+    (the node's host number in the cluster network picks it), with a route to each peer's.
+    Calico, an ingress controller or a storage class would need images from a registry, which
+    the project does not assume: those keys are refused rather than ignored.
+    """
+
+    cni: Literal["bridge"] = "bridge"
+    pod_subnet: ipaddress.IPv4Network = ipaddress.IPv4Network("10.244.0.0/16")
+    service_subnet: ipaddress.IPv4Network = ipaddress.IPv4Network("10.96.0.0/12")
+
+    @field_validator("cni", mode="before")
+    @classmethod
+    def _cni(cls, value: Any) -> Any:
+        if value != "bridge":
+            raise ValueError(f"{value!r} is not available: it needs images from a container registry; "
+                             "allowed: 'bridge' (pod subnets per node, routed between nodes)")
+        return value
+
+    @field_validator("pod_subnet", mode="after")
+    @classmethod
+    def _room_per_node(cls, value: ipaddress.IPv4Network) -> ipaddress.IPv4Network:
+        if value.prefixlen > 16:
+            raise ValueError(f"'{value}' is too small; allowed: a /16 or larger (one /24 per node)")
+        return value
+
+
 class CloudCluster(ClusterBase):
     """``clusters.cloud``: a Kubernetes control plane and CPU/GPU workers."""
 
     control_plane: NodeSpec
     worker_nodes: list[NodeSpec] | WorkerGroups = Field(default_factory=list)
-    kubernetes_config: dict[str, Any] = Field(default_factory=dict)
+    kubernetes_config: KubernetesConfig = Field(default_factory=KubernetesConfig)
 
     @field_validator("worker_nodes", mode="before")
     @classmethod

@@ -26,6 +26,8 @@ from pathlib import Path
 
 from aihow_infra.config import IMAGE_DISK_GB, ImageRole
 from aihow_infra.errors import ImageError
+from aihow_infra.kubebins import PAUSE_VERSION, KubeBinaries, build_key, ensure_binaries
+from aihow_infra.oci import ImageSpec, write_archive
 
 IMAGE_ROLES: tuple[ImageRole, ...] = ("base", "hpc", "cloud")
 Progress = Callable[[str], None]
@@ -45,8 +47,15 @@ BASE_PACKAGES = (
 ROLE_PACKAGES: dict[ImageRole, tuple[str, ...]] = {
     "base": (),
     "hpc": ("slurmctld", "slurmd", "slurm-client", "munge"),
-    "cloud": ("containerd", "runc", "containernetworking-plugins"),
+    "cloud": ("containerd", "runc", "containernetworking-plugins", "iptables", "conntrack", "busybox-static"),
 }
+# The cloud image also carries the Kubernetes binaries built here (aihow_infra.kubebins) and the
+# container images no registry can give (aihow_infra.oci); with them its root needs 3 GiB.
+ROLE_SIZE_GB: dict[ImageRole, int] = {"cloud": 3}
+KUBERNETES_BIN_DIR = "/usr/local/bin"
+OCI_DIR = "/usr/local/share/aihow/oci"
+PAUSE_IMAGE = f"registry.k8s.io/pause:{PAUSE_VERSION}"
+BUSYBOX_IMAGE = "local/busybox:1.35"
 # The initramfs holds only what a virtio guest needs to find its root (5.7 MB, not 30).
 INITRAMFS_MODULES = ("virtio_pci", "virtio_blk", "virtio_console", "virtio_net", "ext4", "crc32c_generic")
 EXCLUDED_PATHS = ("/usr/share/man/*", "/usr/share/doc/*", "/usr/share/locale/*", "/usr/share/info/*")
@@ -88,11 +97,13 @@ class Recipe:
     initramfs_modules: tuple[str, ...] = INITRAMFS_MODULES
     size_gb: int = IMAGE_DISK_GB
     build_version: int = BUILD_VERSION
+    kubernetes: str = ""  # the key of the Kubernetes build the image carries (none: "")
 
     @property
     def key(self) -> str:
-        """A short hash of the recipe."""
-        text = json.dumps(asdict(self), sort_keys=True)
+        """A short hash of the recipe (an image without Kubernetes hashes as before that field)."""
+        fields = {k: v for k, v in asdict(self).items() if k != "kubernetes" or v}
+        text = json.dumps(fields, sort_keys=True)
         return hashlib.sha256(text.encode()).hexdigest()[:12]
 
     @property
@@ -107,7 +118,8 @@ def recipe_for(role: str) -> Recipe:
         raise ImageError(f"image role {role!r} is unknown; allowed: {', '.join(IMAGE_ROLES)}")
     typed: ImageRole = role
     return Recipe(role=typed, packages=tuple(sorted({*BASE_PACKAGES, *ROLE_PACKAGES[typed]})),
-                  files=tuple(sorted(IMAGE_FILES.items())))
+                  files=tuple(sorted(IMAGE_FILES.items())), size_gb=ROLE_SIZE_GB.get(typed, IMAGE_DISK_GB),
+                  kubernetes=build_key() if typed == "cloud" else "")
 
 
 @dataclass(frozen=True)
@@ -275,6 +287,26 @@ def customize(rootfs: Path, recipe: Recipe) -> None:
                 item.unlink()
 
 
+def add_kubernetes(rootfs: Path, binaries: KubeBinaries, say: Progress) -> None:
+    """The Kubernetes commands into the image's ``/usr/local/bin``, and the pause and busybox
+    images as OCI archives for containerd to import (made from the build's pause binary and
+    the image's own busybox-static)."""
+    say(f"adding Kubernetes {binaries.manifest['kubernetes']} and the pause and busybox images")
+    bin_dir = rootfs / KUBERNETES_BIN_DIR.lstrip("/")
+    bin_dir.mkdir(parents=True, exist_ok=True)
+    for command in binaries.commands:
+        if command != "pause":
+            shutil.copyfile(binaries.path(command), bin_dir / command)
+            os.chmod(bin_dir / command, 0o755)
+    oci = rootfs / OCI_DIR.lstrip("/")
+    write_archive(ImageSpec(PAUSE_IMAGE, {"/pause": binaries.path("pause")}, ["/pause"]), oci / "pause.tar")
+    busybox = rootfs / "bin/busybox"
+    listed = subprocess.run([str(busybox), "--list-full"], check=True, capture_output=True, text=True)
+    applets = {f"/{line.strip()}": "/bin/busybox" for line in listed.stdout.splitlines()
+               if line.strip() and line.strip() != "bin/busybox"}
+    write_archive(ImageSpec(BUSYBOX_IMAGE, {"/bin/busybox": busybox}, ["/bin/sh"], applets), oci / "busybox.tar")
+
+
 def _boot_files(rootfs: Path) -> tuple[Path, Path]:
     kernels = sorted((rootfs / "boot").glob("vmlinuz-*"))
     initrds = sorted((rootfs / "boot").glob("initrd.img-*"))
@@ -299,6 +331,8 @@ def build_image(recipe: Recipe, root: Path, say: Progress) -> Image:
         say(f"mmdebstrap {recipe.suite}: {len(recipe.packages)} packages")
         _run(_mmdebstrap_command(recipe, rootfs, debs), say, f"mmdebstrap of the {recipe.role} image", env)
         customize(rootfs, recipe)
+        if recipe.kubernetes:
+            add_kubernetes(rootfs, ensure_binaries(say), say)
         kernel, initrd = _boot_files(rootfs)
         shutil.copyfile(kernel, out / "vmlinuz")
         shutil.copyfile(initrd, out / "initrd.img")

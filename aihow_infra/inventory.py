@@ -60,6 +60,8 @@ def _host_vars(node: Mapping[str, Any], access: Access, state: str) -> dict[str,
         "desired_power": node.get("desired_power"), "mac": node["mac"], "ip": node.get("ip"),
         **access.host_vars(node),
     }
+    if node.get("pod_subnet"):
+        host["pod_subnet"] = node["pod_subnet"]
     gpus = node.get("gpus") or []
     host["gpu_count"] = len(gpus)
     if gpus:
@@ -101,6 +103,8 @@ def build_inventory(outputs: Mapping[str, Any], stack: str = "STACK", access: Ac
             children["slurm_gpu"] = {"hosts": {n: {} for n in gpu_nodes}}
         return {"all": {"vars": common, "children": {"hpc": {"children": children}, **stopped}}}
 
+    common["kube_pod_subnet"] = cluster.get("pod_subnet")
+    common["kube_service_subnet"] = cluster.get("service_subnet")
     control = by_role.get("control-plane", [])
     workers = by_role.get("cpu-worker", []) + by_role.get("gpu-worker", [])
     return {"all": {"vars": common, "children": {

@@ -21,7 +21,7 @@ from typing import Any
 import libvirt
 import yaml
 
-from aihow_infra import slurm
+from aihow_infra import kubernetes, slurm
 from aihow_infra.changes import Risk, risks
 from aihow_infra.config import CLUSTER_KEYS, ClusterFile
 from aihow_infra.deploy import DeployRecord, DeployResult, fingerprint, project_playbook, run_playbook
@@ -41,6 +41,9 @@ from aihow_infra.settings import DEFAULT_LEDGER, StackSettings, parse_settings
 from aihow_infra.sshkeys import STATE_DIR, LoginKey, login_key
 from aihow_infra.stacks import Workspace
 from aihow_infra.status import ClusterStatus, SharedGpuStatus, SystemStatus, VmStatus
+
+# The node each cluster's software is asked on (and that is never drained).
+HEAD_ROLES = ("controller", "control-plane")
 
 Progress = Callable[[str], None]
 Confirm = Callable[[list[Risk]], bool]
@@ -339,12 +342,31 @@ class Operator:
                              "allowed: --playbook FILE (e.g. Kubespray's cluster.yml)")
         inventory = inventory or self.inventory(stack)
         self.progress(f"deploying {stack}: {book.name}" + (f" on {limit}" if limit else ""))
-        env = {**self.workspace.env(), "AIHOW_PROJECT_DIR": str(self.workspace.project_dir)}
+        env = {**self.workspace.env(), "AIHOW_PROJECT_DIR": str(self.workspace.project_dir),
+               "AIHOW_KUBECONFIG": str(self.kubeconfig_path(stack))}
         result = run_playbook(book, stack, env, limit, self.progress)
         if book == own and limit is None:
             self.deploys.save(stack, fingerprint(inventory, book), result)
         self.progress(f"{stack} deployed in {result.seconds:.0f} s, {result.changed} change(s)")
         return result
+
+    def kubeconfig_path(self, stack: str) -> Path:
+        """Where a deploy of a Kubernetes stack leaves its admin kubeconfig (0600, git-ignored)."""
+        return STATE_DIR / "kube" / _slug(self.workspace.project_dir) / f"{stack}-admin.conf"
+
+    def kubectl(self, stack: str, args: list[str]) -> tuple[int, str, str]:
+        """``kubectl ARGS`` on the stack's control plane, through its guest agent: the exit code,
+        standard output and standard error."""
+        view = self.view(stack)
+        if view.plan.key != "cloud":
+            raise AihowError(f"stack {stack} runs no Kubernetes; allowed: a stack of a cloud cluster")
+        with connect(view.settings.libvirt_uri) as conn:
+            head = self._head(view, conn)
+            if head is None:
+                raise AihowError(f"the control plane of {view.plan.name} is not running; "
+                                 f"run `invoke system.up` or `invoke up --stack {stack}`")
+            ran = kubernetes.kubectl(head, args, timeout=600)
+        return ran.code, ran.out, ran.err
 
     def deploy_if_changed(self, stack: str) -> DeployResult | None:
         """Deploy when anything the project's playbook depends on changed since the last deploy.
@@ -364,19 +386,25 @@ class Operator:
             return None
         return self.deploy(stack, inventory=inventory)
 
-    def _controller(self, view: StackView, conn: Any) -> Any:
-        heads = [vm for vm in view.plan.vms if vm.role == "controller"]
+    def _head(self, view: StackView, conn: Any) -> Any:
+        """The running domain that answers for the cluster's software (SLURM's controller, the
+        Kubernetes control plane), or None."""
+        heads = [vm for vm in view.plan.vms if vm.role in HEAD_ROLES]
         dom = lookup("looking up domain", conn.lookupByName, heads[0].name) if heads else None
         return dom if dom is not None and dom.isActive() else None
 
     def _drain(self, view: StackView, vms: list[VmPlan]) -> None:
-        """Drain HPC compute nodes in SLURM before they stop (when SLURM runs)."""
-        if view.plan.key != "hpc" or not vms:
+        """Drain the nodes among ``vms`` before they stop: SLURM compute nodes get no new jobs
+        and their jobs may end; Kubernetes workers are cordoned and their pods evicted."""
+        nodes = [vm.name for vm in vms if vm.role not in HEAD_ROLES]
+        if not nodes:
             return
         with connect(view.settings.libvirt_uri) as conn:
-            controller = self._controller(view, conn)
-            if controller is not None:
-                slurm.drain(controller, [vm.name for vm in vms], view.settings.drain_timeout, self.progress)
+            head = self._head(view, conn)
+            if head is None:
+                return
+            workload = slurm if view.plan.key == "hpc" else kubernetes
+            workload.drain(head, nodes, view.settings.drain_timeout, self.progress)
 
     # --- one VM ----------------------------------------------------------------------------
 
@@ -421,7 +449,7 @@ class Operator:
         """Stop a VM (ACPI shutdown with the stack's timeout, then power off; ``force`` powers
         off at once); its GPU leases are released after it is off."""
         view, vm = self.find_vm(name)
-        if vm.role == "compute" and not force:
+        if not force:
             self._drain(view, [vm])
         if force:
             self.progress(f"powering off {name}")
@@ -455,8 +483,8 @@ class Operator:
         view, vm = self.find_vm(name)
         with connect(view.settings.libvirt_uri) as conn:
             row = self._vm_status(view, vm, conn, _holders(view.settings))
-            workload = self._workload(view, conn) if vm.role in ("compute", "controller") else None
-        return _with_workload([row], workload)[0] if workload else row
+            workload = self._workload(view, conn)
+        return _with_workload([row], workload)[0]
 
     def _vm_status(self, view: StackView, vm: VmPlan, conn: Any, holders: dict[str, str | None]) -> VmStatus:
         dom = lookup("looking up domain", conn.lookupByName, vm.name)
@@ -530,7 +558,7 @@ class Operator:
     def system_down(self) -> None:
         """Cloud first, then HPC: every VM is shut down and its leases released."""
         for view in reversed(self.views()):
-            self._drain(view, [vm for vm in view.plan.vms if vm.role == "compute"])
+            self._drain(view, list(view.plan.vms))
             self._apply(view.stack, lambda power: power.with_cluster("stopped"))
 
     def system_destroy(self) -> None:
@@ -569,7 +597,7 @@ class Operator:
                 workload = self._workload(view, conn)
                 network = _active_word(lookup("looking up network", conn.networkLookupByName, view.plan.network_name))
                 pool = _active_word(lookup("looking up pool", conn.storagePoolLookupByName, view.plan.pool_name))
-            health = workload[1] if workload else ""
+            health = workload[1]
             clusters.append(ClusterStatus.of(view.plan, view.stack, view.power.cluster, _with_workload(rows, workload),
                                              health, network, pool))
         holders = _holders(views[0].settings) if views else {}
@@ -633,13 +661,17 @@ class Operator:
         view, _vm = self.find_vm(name)
         return ["virsh", "-c", view.settings.libvirt_uri, "console", name]
 
-    def _workload(self, view: StackView, conn: Any) -> tuple[dict[str, str], str] | None:
-        """SLURM's node states and health line for an HPC stack (None for other stacks)."""
-        if view.plan.key != "hpc":
-            return None
-        controller = self._controller(view, conn)
-        states = slurm.node_states(controller) if controller is not None else None
-        return states or {}, slurm.health(states)
+    def _workload(self, view: StackView, conn: Any) -> tuple[dict[str, str], str]:
+        """The cluster software's word for each node (SLURM's state, Kubernetes' readiness) and
+        its health line, asked on the cluster's head node."""
+        head = self._head(view, conn)
+        if view.plan.key == "hpc":
+            states = slurm.node_states(head) if head is not None else None
+            return states or {}, slurm.health(states)
+        nodes = kubernetes.node_states(head) if head is not None else None
+        off = frozenset(vm.name for vm in view.plan.vms if not view.power.wants_running(vm.name, vm.auto_start))
+        api = nodes is not None and head is not None and kubernetes.control_plane_ready(head)
+        return nodes or {}, kubernetes.health(nodes, off, api)
 
     def host_ledger(self) -> tuple[Ledger, str]:
         """The host's GPU lease ledger and libvirt URI, as the first configured stack names them."""
@@ -661,7 +693,7 @@ class Operator:
                 leaving = [vm for vm in view.plan.vms if vm.claims]
                 stops: dict[str, PowerState] = {vm.name: "stopped" for vm in leaving}
                 if stops:
-                    self._drain(view, [vm for vm in leaving if vm.role == "compute"])
+                    self._drain(view, leaving)
                     self.progress(f"stopping GPU VMs of {stack}: {', '.join(stops)}")
                     self._apply_power(view, stops)
         target = views[to]
@@ -671,14 +703,12 @@ class Operator:
             self._apply_power(self.view(to), starts)
 
 
-def _with_workload(rows: list[VmStatus], workload: tuple[dict[str, str], str] | None) -> list[VmStatus]:
-    """The rows with SLURM's word for each node: its state, or the controller's."""
-    if workload is None:
-        return rows
+def _with_workload(rows: list[VmStatus], workload: tuple[dict[str, str], str]) -> list[VmStatus]:
+    """The rows with the cluster software's word for each node: its own state, or for the
+    head node whether the software answers there."""
     states = workload[0]
-    return [replace(r, workload=states.get(r.name, "") if r.role == "compute" else
-                    "slurmctld" if states else "no answer") if r.role in ("compute", "controller") else r
-            for r in rows]
+    return [replace(r, workload=states.get(r.name, "") if r.role not in HEAD_ROLES or r.name in states else
+                    "answers" if states else "no answer") for r in rows]
 
 
 def _resources(urns: set[str]) -> set[str]:

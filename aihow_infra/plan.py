@@ -80,6 +80,7 @@ class VmPlan:
     acceleration: Acceleration
     mounts: tuple[VirtioFsMount, ...] = ()
     cloud_init: dict[str, Any] = field(default_factory=dict)
+    pod_subnet: str | None = None  # Cloud: this node's /24 of the cluster's pod subnet
 
     @property
     def boots(self) -> bool:
@@ -114,6 +115,8 @@ class ClusterPlan:
     dns_servers: tuple[str, ...]
     vms: tuple[VmPlan, ...] = field(default_factory=tuple)
     partitions: tuple[str, ...] = ()  # SLURM partitions (HPC), the default one first
+    pod_subnet: str | None = None  # Kubernetes (Cloud): pods' addresses, one /24 per node
+    service_subnet: str | None = None  # Kubernetes (Cloud): services' virtual addresses
 
     @property
     def network_name(self) -> str:
@@ -191,6 +194,12 @@ def _merge_user_data(first: dict[str, Any], then: dict[str, Any]) -> dict[str, A
     return {key: [*first.get(key, []), *then.get(key, [])] for key in sorted({*first, *then})}
 
 
+def _node_pod_subnet(pods: ipaddress.IPv4Network, index: int) -> ipaddress.IPv4Network:
+    """The ``index``-th /24 of the pod subnet (nodes in file order, the control plane first):
+    adding a node at the end moves no other node's pods."""
+    return ipaddress.IPv4Network((int(pods.network_address) + (index << 8), 24))
+
+
 def _partitions(cluster: HpcCluster | CloudCluster) -> tuple[str, ...]:
     if not isinstance(cluster, HpcCluster):
         return ()
@@ -208,6 +217,7 @@ def plan_cluster(file: ClusterFile, key: ClusterKey, source: str = "cluster file
                            f"cluster it defines ({', '.join(defined) or 'none'})"], source)
     net = cluster.network
     start, end = net.dhcp_range
+    kube = cluster.kubernetes_config if isinstance(cluster, CloudCluster) else None
     vms = tuple(
         VmPlan(
             name=f"{cluster.name}-{short}",
@@ -228,8 +238,9 @@ def plan_cluster(file: ClusterFile, key: ClusterKey, source: str = "cluster file
             acceleration=cluster.hardware.acceleration,
             mounts=tuple(node.virtio_fs_mounts),
             cloud_init=_merge_user_data(cluster.cloud_init.user_data(), node.cloud_init.user_data()),
+            pod_subnet=str(_node_pod_subnet(kube.pod_subnet, index)) if kube else None,
         )
-        for path, node, role, short in _node_entries(key, cluster)
+        for index, (path, node, role, short) in enumerate(_node_entries(key, cluster))
     )
     return ClusterPlan(
         key=key,
@@ -244,6 +255,8 @@ def plan_cluster(file: ClusterFile, key: ClusterKey, source: str = "cluster file
         dns_servers=tuple(str(d) for d in net.dns_servers),
         vms=vms,
         partitions=_partitions(cluster),
+        pod_subnet=str(kube.pod_subnet) if kube else None,
+        service_subnet=str(kube.service_subnet) if kube else None,
     )
 
 
@@ -287,6 +300,23 @@ def _check_addresses(plan: ClusterPlan) -> list[str]:
         if vm.ip in seen:
             problems.append(f"{where}: '{addr}' is already used by {seen[vm.ip]}; allowed: one VM per address")
         seen.setdefault(vm.ip, vm.key_path)
+    return problems
+
+
+def _check_kubernetes_networks(plan: ClusterPlan) -> list[str]:
+    if plan.pod_subnet is None or plan.service_subnet is None:
+        return []
+    prefix = f"clusters.{plan.key}.kubernetes_config"
+    nets = {"network.subnet": ipaddress.IPv4Network(plan.subnet),
+            "kubernetes_config.pod_subnet": ipaddress.IPv4Network(plan.pod_subnet),
+            "kubernetes_config.service_subnet": ipaddress.IPv4Network(plan.service_subnet)}
+    problems = [f"clusters.{plan.key}.{b}: '{nets[b]}' overlaps clusters.{plan.key}.{a} '{nets[a]}'; "
+                "allowed: disjoint subnets" for i, a in enumerate(nets) for b in list(nets)[i + 1:]
+                if nets[a].overlaps(nets[b])]
+    room = 1 << (24 - nets["kubernetes_config.pod_subnet"].prefixlen)
+    if len(plan.vms) > room:
+        problems.append(f"{prefix}.pod_subnet: '{plan.pod_subnet}' has room for {room} nodes, the cluster has "
+                        f"{len(plan.vms)}; allowed: a larger pod subnet")
     return problems
 
 
@@ -369,6 +399,7 @@ def cross_check(file: ClusterFile, *, check_images: bool = True, allow_system_pa
     for plan in plans:
         problems += _check_addresses(plan)
         problems += _check_devices(plan)
+        problems += _check_kubernetes_networks(plan)
 
     names: dict[str, str] = {}
     macs: dict[str, str] = {}

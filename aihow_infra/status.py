@@ -64,8 +64,13 @@ class VmStatus:
     ready: bool | None = None
     guest: str = ""
     addresses: list[str] = field(default_factory=list)
-    workload: str = ""  # what the cluster's software says of the node (SLURM: idle, drained...)
+    workload: str = ""  # what the cluster's software says of the node (SLURM: idle; Kubernetes: Ready...)
     disk: str = "-"  # 'present' or 'missing' (libvirt's view of its volume)
+
+    @property
+    def workload_name(self) -> str:
+        """Whose word ``workload`` is: SLURM's (HPC nodes) or Kubernetes' (Cloud nodes)."""
+        return "SLURM" if self.role in ("controller", "compute") else "Kubernetes"
 
     @property
     def as_desired(self) -> bool:

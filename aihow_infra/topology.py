@@ -42,7 +42,7 @@ def render_tree(status: SystemStatus) -> Tree:
                 f"[{vs}]{vm.name}[/{vs}] {vm.ip or 'DHCP'} {vm.role} "
                 f"{vm.vcpus} vCPU {vm.memory_gb} GiB [{vs}]{vm.state}[/{vs}]"
                 + (f" {vm.guest}" if vm.state == "running" and vm.guest not in ("", "-") else "")
-                + (f" SLURM {vm.workload}" if vm.workload and vm.role == "compute" else "")
+                + (f" {vm.workload_name} {vm.workload}" if vm.workload and vm.workload != "answers" else "")
                 + ("" if vm.auto_start else " (manual start)"))
             for gpu in vm.gpus:
                 label = f"[magenta]GPU {gpu.address}[/magenta]"

@@ -125,6 +125,19 @@ BAD_INPUTS: list[tuple[str, dict[str, Any], str]] = [
     ("template form with zero count", mutate(f"{HPC}.compute_nodes",
                                              {"count": 0, "cpu_cores": 1, "memory_gb": 1, "disk_gb": 1}),
      r"clusters\.hpc\.compute_nodes\.count: 0 is not a positive integer"),
+    ("cni that needs a registry", mutate("clusters.cloud.kubernetes_config", {"cni": "calico"}),
+     r"clusters\.cloud\.kubernetes_config\.cni: 'calico' is not available: it needs images from a container "
+     r"registry; allowed: 'bridge'"),
+    ("ingress the project cannot deploy", mutate("clusters.cloud.kubernetes_config", {"ingress": "nginx"}),
+     r"clusters\.cloud\.kubernetes_config\.ingress: unknown key 'ingress'"),
+    ("pod subnet too small", mutate("clusters.cloud.kubernetes_config", {"pod_subnet": "10.244.0.0/20"}),
+     r"kubernetes_config\.pod_subnet: '10\.244\.0\.0/20' is too small; allowed: a /16 or larger"),
+    ("pod subnet over the cluster network", mutate("clusters.cloud.kubernetes_config", {"pod_subnet": "10.2.0.0/16"}),
+     r"clusters\.cloud\.kubernetes_config\.pod_subnet: '10\.2\.0\.0/16' overlaps clusters\.cloud\.network\.subnet "
+     r"'10\.2\.0\.0/24'; allowed: disjoint subnets"),
+    ("service subnet over the pod subnet",
+     mutate("clusters.cloud.kubernetes_config", {"pod_subnet": "10.96.0.0/16", "service_subnet": "10.96.0.0/12"}),
+     r"kubernetes_config\.service_subnet: '10\.96\.0\.0/12' overlaps clusters\.cloud\.kubernetes_config\.pod_subnet"),
 ]
 
 

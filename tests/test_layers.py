@@ -18,13 +18,14 @@ LAYERS: list[list[str]] = [
     ["aihow_infra.errors"],
     ["aihow_infra.files"],
     ["aihow_infra.config"],
-    ["aihow_infra.settings", "aihow_infra.plan", "aihow_infra.changes"],
+    ["aihow_infra.settings", "aihow_infra.plan", "aihow_infra.changes", "aihow_infra.kubebins", "aihow_infra.oci"],
     ["aihow_infra.loading"],
     ["aihow_infra.ledger", "aihow_infra.desired", "aihow_infra.status", "aihow_infra.host", "aihow_infra.images",
      "aihow_infra.cloudinit",
      "aihow_infra.sshkeys"],
     ["aihow_infra.libvirt", "aihow_infra.stacks"],
-    ["providers", "aihow_infra.deploy", "aihow_infra.slurm", "aihow_infra.inventory", "aihow_infra.lastrun"],
+    ["providers", "aihow_infra.deploy", "aihow_infra.slurm", "aihow_infra.kubernetes", "aihow_infra.inventory",
+     "aihow_infra.lastrun"],
     ["aihow_infra.components", "aihow_infra.operations"],
     ["aihow_infra.topology", "aihow_infra.leases", "aihow_infra.hostcheck"],
     ["__main__", "tasks"],
@@ -32,7 +33,8 @@ LAYERS: list[list[str]] = [
 # What the tasks run: none of it may reach Pulumi, the providers or the components.
 TASK_PATH = ["aihow_infra.stacks", "aihow_infra.operations", "aihow_infra.status", "aihow_infra.topology",
              "aihow_infra.inventory", "aihow_infra.leases", "aihow_infra.hostcheck", "aihow_infra.images",
-             "aihow_infra.deploy", "aihow_infra.slurm", "aihow_infra.lastrun"]
+             "aihow_infra.deploy", "aihow_infra.slurm", "aihow_infra.kubernetes", "aihow_infra.kubebins",
+             "aihow_infra.oci", "aihow_infra.lastrun"]
 PULUMI_SIDE = ("pulumi", "providers", "aihow_infra.components")
 
 

@@ -1,0 +1,199 @@
+"""Kubernetes, etcd and the pause binary, built on this machine: no release download.
+
+Every command is compiled from the Go module proxy through the wrapper modules in
+``kubernetes/`` (``kube`` pins the Kubernetes release, ``etcd`` the etcd server; each has
+its own module so that neither shifts the other's dependencies). The version is stamped
+the way Kubernetes' own build does, since the kubelet and kubeadm check it. The pause
+binary, the sandbox every pod starts from, is compiled from the ``pause.c`` the release
+ships. Binaries are static.
+
+Builds are kept outside the work tree in a folder named by the versions and a hash of
+the wrapper modules, so a later clone on the same machine reuses them; a build happens
+in a scratch folder renamed into place when whole.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import json
+import os
+import re
+import shutil
+import subprocess
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from aihow_infra.errors import ImageError
+
+PROJECT_ROOT = Path(__file__).resolve().parent.parent
+MODULES_DIR = PROJECT_ROOT / "kubernetes"
+Progress = Callable[[str], None]
+
+# The commands of each wrapper module, in build order (the largest first: their packages
+# warm the build cache for the rest).
+KUBE_COMMANDS = ("kubelet", "kubectl", "kube-apiserver", "kube-controller-manager", "kube-scheduler",
+                 "kube-proxy", "kubeadm")
+ETCD_PACKAGE = "go.etcd.io/etcd/server/v3"
+PAUSE_SOURCE = "build/pause/linux/pause.c"
+PAUSE_VERSION = "3.10.1"  # the kubelet's default sandbox image, registry.k8s.io/pause:3.10.1
+# Bump when the build steps below change in a way the wrapper modules do not show.
+BUILD_VERSION = 1
+
+
+def _required(module: str, dependency: str) -> str:
+    text = (MODULES_DIR / module / "go.mod").read_text()
+    found = re.search(rf"^\s*(?:require\s+)?{re.escape(dependency)}\s+(v\S+)", text, re.M)
+    if not found:
+        raise ImageError(f"kubernetes/{module}/go.mod does not require {dependency}")
+    return found.group(1)
+
+
+def kubernetes_version() -> str:
+    """The Kubernetes release the wrapper module pins, e.g. ``v1.34.2``."""
+    return _required("kube", "k8s.io/kubernetes")
+
+
+def etcd_version() -> str:
+    """The etcd release the wrapper module pins."""
+    return _required("etcd", ETCD_PACKAGE)
+
+
+@functools.cache
+def go_version() -> str:
+    """The Go toolchain that builds (part of the cache key: another toolchain, another build)."""
+    if shutil.which("go") is None:
+        raise ImageError("building Kubernetes needs Go 1.24 or newer on PATH (see README: Requirements)")
+    return subprocess.run(["go", "env", "GOVERSION"], check=True, capture_output=True, text=True).stdout.strip()
+
+
+@functools.cache
+def build_key() -> str:
+    """Names one build: the versions, the toolchain and a hash of the wrapper modules."""
+    digest = hashlib.sha256(str(BUILD_VERSION).encode())
+    for module in ("kube", "etcd"):
+        for name in ("go.mod", "go.sum"):
+            digest.update((MODULES_DIR / module / name).read_bytes())
+    return f"{kubernetes_version()}-etcd{etcd_version()}-{go_version()}-{digest.hexdigest()[:12]}"
+
+
+def cache_root() -> Path:
+    """Where builds are kept (``AIHOW_KUBERNETES_CACHE`` moves it)."""
+    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(os.environ.get("AIHOW_KUBERNETES_CACHE") or Path(base) / "aihow-infra" / "kubernetes")
+
+
+@dataclass(frozen=True)
+class KubeBinaries:
+    """A whole build: one folder of static binaries and a manifest of how it was made."""
+
+    folder: Path
+    key: str
+
+    def path(self, command: str) -> Path:
+        """The binary of one command (``kubelet``, ``etcd``, ``pause``...)."""
+        return self.folder / "bin" / command
+
+    @property
+    def manifest(self) -> dict[str, object]:
+        """Versions, per-command build seconds and sizes, as recorded by the build."""
+        data: dict[str, object] = json.loads((self.folder / "build.json").read_text())
+        return data
+
+    @property
+    def commands(self) -> tuple[str, ...]:
+        """Every command the build has."""
+        return (*KUBE_COMMANDS, "etcd", "pause")
+
+
+def find_binaries(root: Path | None = None) -> KubeBinaries | None:
+    """The build of the current wrapper modules, when it is whole."""
+    key = build_key()
+    found = KubeBinaries(folder=(root or cache_root()) / key, key=key)
+    if not (found.folder / "build.json").is_file():
+        return None
+    return found if all(found.path(c).is_file() for c in found.commands) else None
+
+
+def _go(args: list[str], module: str, env: dict[str, str], what: str) -> None:
+    ran = subprocess.run(["go", *args], cwd=MODULES_DIR / module, env=env, capture_output=True, text=True)
+    if ran.returncode != 0:
+        tail = " | ".join(ran.stderr.strip().splitlines()[-3:])
+        raise ImageError(f"building {what} failed (go exit {ran.returncode}): {tail}")
+
+
+def _version_flags(version: str, build_date: str) -> str:
+    major, minor = version.lstrip("v").split(".")[:2]
+    values = {"gitVersion": version, "gitMajor": major, "gitMinor": minor, "gitTreeState": "clean",
+              "buildDate": build_date}
+    flags = ["-s", "-w"]
+    for package in ("k8s.io/component-base/version", "k8s.io/client-go/pkg/version"):
+        flags += [f"-X {package}.{name}={value}" for name, value in values.items()]
+    return " ".join(flags)
+
+
+def build_binaries(root: Path, say: Progress) -> KubeBinaries:
+    """Compile every command into ``root/<key>``; the first time downloads about 140 MB of
+    modules and takes several minutes on two cores, later builds reuse Go's caches."""
+    key, version = build_key(), kubernetes_version()
+    final = root / key
+    scratch = root / f".{key}.partial"
+    shutil.rmtree(scratch, ignore_errors=True)
+    (scratch / "bin").mkdir(parents=True)
+    epoch = int(os.environ.get("SOURCE_DATE_EPOCH", "1700000000"))
+    env = {**os.environ, "CGO_ENABLED": "0", "SOURCE_DATE_EPOCH": str(epoch), "GOFLAGS": "-mod=readonly"}
+    build_date = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(epoch))
+    seconds: dict[str, float] = {}
+    try:
+        for module in ("kube", "etcd"):
+            say(f"downloading the {module} modules (Go module proxy)")
+            _go(["mod", "download"], module, env, f"the {module} modules")
+        ldflags = _version_flags(version, build_date)
+        targets = [(c, "kube", f"k8s.io/kubernetes/cmd/{c}", ldflags) for c in KUBE_COMMANDS]
+        targets.append(("etcd", "etcd", ETCD_PACKAGE, "-s -w"))
+        for n, (command, module, package, flags) in enumerate(targets, 1):
+            say(f"[{n}/{len(targets) + 1}] go build {command}")
+            started = time.monotonic()
+            _go(["build", "-trimpath", "-tags", "selinux,notest", "-ldflags", flags,
+                 "-o", str(scratch / "bin" / command), package], module, env, command)
+            seconds[command] = round(time.monotonic() - started, 1)
+        say(f"[{len(targets) + 1}/{len(targets) + 1}] gcc pause {PAUSE_VERSION}")
+        _build_pause(scratch / "bin" / "pause", env)
+        sizes = {p.name: p.stat().st_size for p in sorted((scratch / "bin").iterdir())}
+        manifest = {"kubernetes": version, "etcd": etcd_version(), "go": go_version(), "pause": PAUSE_VERSION,
+                    "build_seconds": seconds, "bytes": sizes}
+        (scratch / "build.json").write_text(json.dumps(manifest, indent=2) + "\n")
+        if final.exists():
+            shutil.rmtree(final)
+        scratch.rename(final)
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+    built = find_binaries(root)
+    if built is None:
+        raise ImageError(f"the Kubernetes build in {final} is not whole")
+    return built
+
+
+def _build_pause(target: Path, env: dict[str, str]) -> None:
+    listed = subprocess.run(["go", "list", "-m", "-f", "{{.Dir}}", "k8s.io/kubernetes"], cwd=MODULES_DIR / "kube",
+                            env=env, check=True, capture_output=True, text=True)
+    source = Path(listed.stdout.strip()) / PAUSE_SOURCE
+    if shutil.which("gcc") is None:
+        raise ImageError("building the pause binary needs gcc and libc6-dev; run ./bootstrap")
+    ran = subprocess.run(["gcc", "-Os", "-Wall", "-Werror", "-static", f"-DVERSION=v{PAUSE_VERSION}-aihow",
+                          "-o", str(target), str(source)], capture_output=True, text=True)
+    if ran.returncode != 0:
+        raise ImageError(f"building the pause binary failed: {ran.stderr.strip().splitlines()[-1:]}")
+    subprocess.run(["strip", str(target)], check=False, capture_output=True)
+
+
+def ensure_binaries(say: Progress | None = None, root: Path | None = None) -> KubeBinaries:
+    """The build of the current wrapper modules, made when missing."""
+    root = root or cache_root()
+    found = find_binaries(root)
+    if found is not None:
+        return found
+    root.mkdir(parents=True, exist_ok=True)
+    return build_binaries(root, say or (lambda _line: None))

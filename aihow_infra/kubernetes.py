@@ -1,0 +1,85 @@
+"""Kubernetes' view of the Cloud cluster, asked on the control plane through its guest agent
+(no IP traffic from the host): node readiness, draining before a node stops, health for
+status, and any kubectl command for ``invoke kubectl``."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Sequence
+
+import libvirt
+
+from aihow_infra.errors import GuestError
+from aihow_infra.libvirt.guest import Ran, run
+
+Progress = Callable[[str], None]
+KUBECTL = "/usr/local/bin/kubectl"
+ADMIN_KUBECONFIG = "/etc/kubernetes/admin.conf"
+
+
+def kubectl(control_plane: libvirt.virDomain, args: Sequence[str], timeout: float = 120) -> Ran:
+    """Run ``kubectl ARGS`` on the control plane with the admin kubeconfig."""
+    return run(control_plane, [KUBECTL, "--kubeconfig", ADMIN_KUBECONFIG, *args], timeout=timeout)
+
+
+def node_states(control_plane: libvirt.virDomain) -> dict[str, str] | None:
+    """Each node's state by name: ``Ready``, ``NotReady`` or ``Unknown``, with
+    ``,SchedulingDisabled`` when cordoned; None when the API server does not answer (not
+    deployed yet, or the control plane is down)."""
+    try:
+        ran = kubectl(control_plane, ["get", "nodes", "-o", "json"], timeout=60)
+    except GuestError:
+        return None
+    if ran.code != 0:
+        return None
+    try:
+        items = json.loads(ran.out).get("items") or []
+    except ValueError:
+        return None
+    return {item["metadata"]["name"]: _state(item) for item in items}
+
+
+def _state(node: dict[str, object]) -> str:
+    status = node.get("status") or {}
+    conditions = status.get("conditions") if isinstance(status, dict) else None
+    ready = next((c.get("status") for c in conditions or [] if c.get("type") == "Ready"), "Unknown")
+    word = {"True": "Ready", "False": "NotReady"}.get(str(ready), "Unknown")
+    spec = node.get("spec") or {}
+    return f"{word},SchedulingDisabled" if isinstance(spec, dict) and spec.get("unschedulable") else word
+
+
+def control_plane_ready(control_plane: libvirt.virDomain) -> bool:
+    """True when the API server says it is ready (etcd included)."""
+    try:
+        return kubectl(control_plane, ["get", "--raw", "/readyz"], timeout=60).code == 0
+    except GuestError:
+        return False
+
+
+def health(states: dict[str, str] | None, stopped: frozenset[str] = frozenset(), api_ready: bool = True) -> str:
+    """One line for status: ``Kubernetes: healthy, 2/3 nodes Ready (1 stopped)`` or why it
+    cannot say. Nodes in ``stopped`` (VMs meant to be off) do not make the cluster degraded."""
+    if states is None:
+        return "Kubernetes: no answer from the control plane (not deployed, or stopped)"
+    ready = sum(state.split(",")[0] == "Ready" for state in states.values())
+    off = sum(name in stopped for name, state in states.items() if state.split(",")[0] != "Ready")
+    word = ("API server not ready" if not api_ready else
+            "healthy" if ready + off == len(states) else "degraded")
+    return f"Kubernetes: {word}, {ready}/{len(states)} nodes Ready" + (f" ({off} stopped)" if off else "")
+
+
+def drain(control_plane: libvirt.virDomain, nodes: list[str], timeout: float, progress: Progress) -> None:
+    """Cordon ``nodes`` and evict their pods, waiting up to ``timeout`` seconds. The nodes stay
+    in the cluster, unschedulable (a deploy uncordons a node that runs again); nodes the
+    cluster does not know are left alone."""
+    states = node_states(control_plane)
+    known = [n for n in nodes if states and n in states]
+    if not known:
+        return
+    names = " ".join(known)
+    progress(f"draining {names} in Kubernetes (pods may take up to {timeout:.0f} s to leave)")
+    for name in known:
+        ran = kubectl(control_plane, ["drain", name, "--ignore-daemonsets", "--delete-emptydir-data", "--force",
+                                      f"--timeout={max(int(timeout), 1)}s"], timeout=timeout + 60)
+        if ran.code != 0:
+            raise GuestError(f"draining {name} failed on {control_plane.name()}: {ran.err.strip() or ran.out.strip()}")
