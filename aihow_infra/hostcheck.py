@@ -13,6 +13,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from aihow_infra.errors import AihowError
 from aihow_infra.host import Host, choose_virt_type
 from aihow_infra.loading import load_cluster_file
 from aihow_infra.plan import plan_all
@@ -22,12 +23,20 @@ VFIO_DRIVER = "vfio-pci"
 
 @dataclass(frozen=True)
 class Check:
-    """One finding: what was checked, whether it passed, and how to fix it."""
+    """One finding: what was checked, whether it passed, and how to fix it. A check that no
+    configured device needs (IOMMU and VFIO on a host without passthrough) is reported, but
+    never makes the host not ready."""
 
     name: str
     ok: bool
     detail: str
     fix: str = ""
+    needed: bool = True
+
+    @property
+    def verdict(self) -> str:
+        """``ok``, ``FAIL`` or ``not needed``."""
+        return "ok" if self.ok else "FAIL" if self.needed else "not needed"
 
 
 @dataclass
@@ -38,15 +47,15 @@ class Report:
 
     @property
     def ready(self) -> bool:
-        """True when nothing failed."""
-        return all(c.ok for c in self.checks)
+        """True when nothing that is needed failed."""
+        return all(c.ok or not c.needed for c in self.checks)
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-friendly form."""
-        return {"ready": self.ready, "checks": [asdict(c) for c in self.checks]}
+        return {"ready": self.ready, "checks": [{**asdict(c), "verdict": c.verdict} for c in self.checks]}
 
 
-def _system_checks(host: Host, live: bool) -> list[Check]:
+def _system_checks(host: Host, live: bool, passthrough: bool) -> list[Check]:
     checks = []
     kvm = host.path("/dev/kvm").exists()
     checks.append(Check("kvm", kvm, "/dev/kvm present" if kvm else "/dev/kvm is missing",
@@ -69,10 +78,12 @@ def _system_checks(host: Host, live: bool) -> list[Check]:
     checks.append(Check(
         "iommu", bool(groups), f"{len(groups)} IOMMU groups" if groups else "no IOMMU groups: the IOMMU is off",
         "" if groups else "enable VT-d/AMD-Vi in the firmware and add `intel_iommu=on iommu=pt` (or "
-                          "`amd_iommu=on iommu=pt`) to GRUB_CMDLINE_LINUX, then `update-grub` and reboot"))
+                          "`amd_iommu=on iommu=pt`) to GRUB_CMDLINE_LINUX, then `update-grub` and reboot",
+        needed=passthrough))
     vfio = "vfio_pci" in host.modules()
     checks.append(Check("vfio", vfio, "vfio_pci loaded" if vfio else "vfio_pci is not loaded",
-                        "" if vfio else "`modprobe vfio-pci` (and add vfio-pci to /etc/modules-load.d/vfio.conf)"))
+                        "" if vfio else "`modprobe vfio-pci` (and add vfio-pci to /etc/modules-load.d/vfio.conf)",
+                        needed=passthrough))
     return checks
 
 
@@ -117,7 +128,6 @@ def _device_checks(host: Host, address: str, vendor: str | None, device: str | N
 def check_host(root: Path, cluster_files: Iterable[str | Path]) -> Report:
     """Every check for the host under ``root`` and the passthrough devices of ``cluster_files``."""
     host = Host(root)
-    report = Report(_system_checks(host, live=root == Path("/")))
     devices: dict[str, tuple[str | None, str | None, list[str]]] = {}
     for path in cluster_files:
         for plan in plan_all(load_cluster_file(path, check_images=False, allow_system_paths=True)):
@@ -125,6 +135,7 @@ def check_host(root: Path, cluster_files: Iterable[str | Path]) -> Report:
                 for dev in vm.devices:
                     vendor, device, users = devices.setdefault(dev.pci_address, (dev.vendor_id, dev.device_id, []))
                     users.append(vm.name)
+    report = Report(_system_checks(host, live=root == Path("/"), passthrough=bool(devices)))
     for address, (vendor, device, users) in sorted(devices.items()):
         report.checks += _device_checks(host, address, vendor, device, ", ".join(users))
     return report
@@ -160,6 +171,28 @@ def materialize(recording: dict[str, Any], root: Path) -> Path:
 
 
 def load_recording(path: Path) -> dict[str, Any]:
-    """A recorded host's JSON."""
-    data: dict[str, Any] = json.loads(path.read_text())
+    """A recorded host's JSON; ``AihowError`` naming the file when it is not one."""
+    try:
+        data = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise AihowError(f"--recorded: {path} does not exist; allowed: a recorded host's JSON file") from None
+    except IsADirectoryError:
+        raise AihowError(f"--recorded: {path} is a folder; allowed: a recorded host's JSON file "
+                         "(a folder laid out as /sys and /proc is --sysfs-root)") from None
+    except (OSError, UnicodeDecodeError, ValueError) as exc:
+        raise AihowError(f"--recorded: {path} is not JSON ({exc}); allowed: a recorded host's JSON file") from None
+    if not isinstance(data, dict) or not isinstance(data.get("pci_devices"), dict):
+        raise AihowError(f"--recorded: {path} has no 'pci_devices' table; allowed: a recorded host's JSON file "
+                         "(keys pci_devices, iommu_groups, dev_kvm, modules_loaded)")
     return data
+
+
+def sysfs_root(value: str) -> Path:
+    """The folder ``--sysfs-root`` names; ``AihowError`` for a file or a missing path."""
+    path = Path(value)
+    if not path.exists():
+        raise AihowError(f"--sysfs-root: {value} does not exist; allowed: a folder laid out as /sys and /proc")
+    if not path.is_dir():
+        raise AihowError(f"--sysfs-root: {value} is a file; allowed: a folder laid out as /sys and /proc "
+                         "(a recorded host's JSON is --recorded FILE)")
+    return path

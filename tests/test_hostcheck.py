@@ -10,11 +10,14 @@ import pytest
 import yaml
 
 from aihow_infra.host import Host, VirtChoice, choose_virt_type
-from aihow_infra.hostcheck import check_host, load_recording, materialize
+from aihow_infra.hostcheck import _bind_fix, check_host, load_recording, materialize
+from tests.cli import run_task
 
+ROOT = Path(__file__).resolve().parents[1]
 FIXTURES = Path(__file__).parent / "fixtures"
 READY = FIXTURES / "ready-host-sysfs.json"
-H200 = Path(__file__).resolve().parents[2] / "shared" / "fixtures" / "gpu-host-h200-sysfs.json"
+# The recorded H200 host of shared/fixtures, kept with the tests so that a lone clone has it.
+H200 = FIXTURES / "gpu-host-h200-sysfs.json"
 
 
 def cluster_file(tmp_path: Path, devices: list[dict[str, Any]]) -> str:
@@ -31,7 +34,6 @@ def failures(report: Any) -> dict[str, Any]:
     return {c.name: c for c in report.checks if not c.ok}
 
 
-@pytest.mark.skipif(not H200.exists(), reason="the recorded H200 host (shared/fixtures) is not beside this checkout")
 def test_h200_host_is_not_ready_and_says_why(tmp_path: Path) -> None:
     root = materialize(load_recording(H200), tmp_path / "root")
     config = cluster_file(tmp_path, [{"pci_address": "0000:00:06.0", "device_type": "gpu",
@@ -100,7 +102,6 @@ def test_acceleration_on_the_recorded_ready_host(tmp_path: Path) -> None:
     assert ready == VirtChoice("kvm", "KVM (kvm_intel)")
 
 
-@pytest.mark.skipif(not H200.exists(), reason="the recorded H200 host (shared/fixtures) is not beside this checkout")
 def test_acceleration_on_the_recorded_h200_host(tmp_path: Path) -> None:
     # Its recording lists no kvm module (only the GPU's): libvirt's word decides.
     h200 = choose_virt_type("auto", Host(materialize(load_recording(H200), tmp_path)), True)
@@ -111,3 +112,42 @@ def test_this_machine_gets_what_its_kvm_can_run() -> None:
     # On kvm_pvm (these CI machines) a guest kernel crashes under KVM: auto must say TCG.
     choice = choose_virt_type("auto", Host(Path("/")), True)
     assert (choice.virt_type == "qemu") == Path("/sys/module/kvm_pvm").exists(), choice
+
+
+def test_host_check_task_gives_the_recorded_h200_its_verdicts(capsys: pytest.CaptureFixture[str],
+                                                              tmp_path: Path) -> None:
+    """Nothing in the example needs passthrough: IOMMU and VFIO are 'not needed', the host is
+    ready. With the H200 configured, they fail, and each fix is printed whole, on one line."""
+    code, out, _err = run_task(capsys, "host.check", "--recorded", str(H200), "--config",
+                               str(ROOT / "config" / "default.yaml"))
+    assert code == 0, out
+    assert "not needed iommu: no IOMMU groups: the IOMMU is off" in out.splitlines()
+    assert "not needed vfio: vfio_pci is not loaded" in out.splitlines()
+    assert "ok kvm: /dev/kvm present" in out.splitlines() and "FAIL" not in out
+
+    config = cluster_file(tmp_path, [{"pci_address": "0000:00:06.0", "device_type": "gpu",
+                                      "vendor_id": "10de", "device_id": "2335"}])
+    code, out, _err = run_task(capsys, "host.check", "--recorded", str(H200), "--config", config)
+    assert code == 1
+    lines = out.splitlines()
+    assert "FAIL device 0000:00:06.0 (hpc-compute-01) driver: bound to nvidia" in lines
+    assert f"     fix: {_bind_fix('0000:00:06.0', 'nvidia')}" in lines
+    assert lines[-1] == "not ready"
+
+
+@pytest.mark.parametrize(("args", "message"), [
+    (["--sysfs-root", "{fixture}"], "--sysfs-root: {fixture} is a file; allowed: a folder laid out as /sys and "
+                                    "/proc (a recorded host's JSON is --recorded FILE)"),
+    (["--sysfs-root", "/nonexistent/root"], "--sysfs-root: /nonexistent/root does not exist; allowed: a folder "
+                                            "laid out as /sys and /proc"),
+    (["--recorded", "/nonexistent.json"], "--recorded: /nonexistent.json does not exist; allowed: a recorded "
+                                          "host's JSON file"),
+    (["--recorded", "{config}"], "--recorded: {config} is not JSON"),
+])
+def test_host_check_task_refuses_what_is_not_a_host(capsys: pytest.CaptureFixture[str], args: list[str],
+                                                    message: str) -> None:
+    names = {"fixture": str(H200), "config": str(ROOT / "config" / "default.yaml")}
+    code, out, err = run_task(capsys, "host.check", "--config", names["config"],
+                              *[a.format(**names) for a in args])
+    assert code == 1 and out == ""
+    assert err.startswith(f"error: {message.format(**names)}") and len(err.splitlines()) == 1
