@@ -31,17 +31,25 @@ class ConfigError(AihowError):
     value and what is allowed.
     """
 
-    def __init__(self, problems: list[str], source: str = "cluster file") -> None:
+    def __init__(self, problems: list[str], source: str = "cluster file",
+                 lines: list[int | None] | None = None, file: str = "") -> None:
         self.problems = problems
         self.source = source
+        self.lines = lines or [None] * len(problems)  # each problem's line in ``file``, when known
+        self.file = file
         count = len(problems)
-        head = problems[0] if count == 1 else f"{count} problems; first: {problems[0]}"
+        first = f"line {self.lines[0]}: {problems[0]}" if self.lines[0] else problems[0]
+        head = first if count == 1 else f"{count} problems; first: {first}"
         super().__init__(f"invalid {source}: {head}")
+
+    def located(self) -> list[str]:
+        """Each problem as ``FILE:LINE: problem`` where its line is known (the form editors jump to)."""
+        return [f"{self.file}:{line}: {p}" if line else p for p, line in zip(self.problems, self.lines, strict=True)]
 
     def report(self) -> str:
         """All problems, one per line, for operators who want the whole list."""
         lines = [f"invalid {self.source} ({len(self.problems)} problem(s)):"]
-        lines += [f"  - {p}" for p in self.problems]
+        lines += [f"  - {p}" for p in self.located()]
         return "\n".join(lines)
 
 

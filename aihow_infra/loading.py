@@ -6,6 +6,7 @@ allowed (see ``ConfigError``); checks that span several keys come from ``plan``.
 
 from __future__ import annotations
 
+import copy
 import difflib
 import os
 import re
@@ -116,6 +117,9 @@ def _allowed(message: str) -> str:
             message = message.removeprefix(prefix)
             break
     message = message.removeprefix("String should match pattern ")
+    # pydantic explains how it failed ("unable to parse string as an integer"); the value is
+    # already quoted, what is allowed is what the operator needs.
+    message = re.split(r", (?:unable to|got|invalid character|input is)", message)[0]
     return message.replace("not a valid", "a valid")
 
 
@@ -191,11 +195,88 @@ def parse_cluster_file(
     try:
         model = ClusterFile.model_validate(expanded)
     except ValidationError as exc:
-        raise ConfigError([_describe(e, expanded) for e in _relevant(exc.errors())], source) from None
+        errors = _relevant(exc.errors())
+        problems = [_describe(e, expanded) for e in errors]
+        problems += _cross_check_around(expanded, errors, check_images, allow_system_paths)
+        raise ConfigError(problems, source) from None
     problems = cross_check(model, check_images=check_images, allow_system_paths=allow_system_paths)
     if problems:
         raise ConfigError(problems, source)
     return model
+
+
+# Placeholders for values of the wrong type, so that the checks across keys still run: a
+# number of what is needed, a flag. Only the kind of error says what the value should be.
+_PLACEHOLDERS: dict[str, Any] = {"int_parsing": 1, "int_type": 1, "int_from_float": 1, "greater_than": 1,
+                                 "greater_than_equal": 1, "float_parsing": 1.0, "bool_parsing": False,
+                                 "bool_type": False}
+
+
+def _cross_check_around(data: dict[str, Any], errors: list[Any], check_images: bool,
+                        allow_system_paths: bool) -> list[str]:
+    """The checks across keys of a file that has errors of single keys too, so that one run
+    shows them all: each bad value is replaced by a placeholder (or an unknown key dropped)
+    and the file validated again. When a value cannot be stood in for, only the errors of
+    single keys are reported. Problems at a replaced key are not reported twice."""
+    repaired = copy.deepcopy(data)
+    replaced: list[str] = []
+    for error in errors:
+        loc = tuple(p for p in error["loc"] if not _is_union_tag(p))
+        parent = _lookup(repaired, loc[:-1])
+        if not loc or not isinstance(parent, (dict, list)):
+            return []
+        if error["type"] == "extra_forbidden" and isinstance(parent, dict):
+            del parent[loc[-1]]
+        elif error["type"] in _PLACEHOLDERS and isinstance(parent, dict) and loc[-1] in parent:
+            parent[loc[-1]] = _PLACEHOLDERS[error["type"]]
+        else:
+            return []
+        replaced.append(_format_loc(loc))
+    try:
+        model = ClusterFile.model_validate(repaired)
+    except ValidationError:
+        return []
+    found = cross_check(model, check_images=check_images, allow_system_paths=allow_system_paths)
+    return [p for p in found if not any(p.startswith(f"{path}:") for path in replaced)]
+
+
+def key_lines(text: str) -> dict[tuple[int | str, ...], int]:
+    """The line (1-based) of every key and list item of a YAML text, by its path."""
+    lines: dict[tuple[int | str, ...], int] = {}
+
+    def walk(node: yaml.Node, path: tuple[int | str, ...]) -> None:
+        if isinstance(node, yaml.MappingNode):
+            for key, value in node.value:
+                here = (*path, str(key.value))
+                lines[here] = key.start_mark.line + 1
+                walk(value, here)
+        elif isinstance(node, yaml.SequenceNode):
+            for index, item in enumerate(node.value):
+                lines[(*path, index)] = item.start_mark.line + 1
+                walk(item, (*path, index))
+
+    try:
+        root = yaml.compose(text)
+    except yaml.YAMLError:
+        return lines
+    if root is not None:
+        walk(root, ())
+    return lines
+
+
+def line_of(problem: str, lines: Mapping[tuple[int | str, ...], int]) -> int | None:
+    """The line of the key path a problem starts with (the nearest enclosing key when the key
+    itself is missing), or None."""
+    found = re.match(r"^([A-Za-z0-9_\-]+(?:\.[A-Za-z0-9_\-]+|\[\d+\])*):", problem)
+    if not found:
+        return None
+    parts = tuple(int(p) if p.isdigit() else p for p in re.findall(r"[^.\[\]]+", found.group(1)))
+    for end in range(len(parts), 0, -1):
+        if parts[:end] in lines:
+            return lines[parts[:end]]
+        if parts[end - 1] == "ip" and (*parts[:end - 1], "ip_address") in lines:
+            return lines[(*parts[:end - 1], "ip_address")]
+    return None
 
 
 def load_cluster_file(
@@ -221,5 +302,9 @@ def load_cluster_file(
         where = f"line {mark.line + 1}, column {mark.column + 1}" if mark else "somewhere"
         problem = getattr(exc, "problem", None) or str(exc)
         raise ConfigError([f"{file}: not valid YAML at {where}: {problem}"], source) from None
-    return parse_cluster_file(data, env=env, base_dir=file.resolve().parent, check_images=check_images,
-                              allow_system_paths=allow_system_paths, source=source)
+    try:
+        return parse_cluster_file(data, env=env, base_dir=file.resolve().parent, check_images=check_images,
+                                  allow_system_paths=allow_system_paths, source=source)
+    except ConfigError as exc:
+        lines = key_lines(text)
+        raise ConfigError(exc.problems, source, [line_of(p, lines) for p in exc.problems], str(file)) from None

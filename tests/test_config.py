@@ -17,7 +17,7 @@ from aihow_infra.plan import mac_for, plan_all, plan_cluster, shared_devices
 from tests.samples import base
 
 ROOT = Path(__file__).resolve().parents[1]
-SEED = ROOT.parent / "shared" / "seed" / "phase0-cloud-cluster-foundation.md"
+SEED_EXAMPLES = ROOT / "tests" / "fixtures" / "seed-examples.yaml"
 
 
 def mutate(path: str, value: Any) -> dict[str, Any]:
@@ -271,11 +271,9 @@ def test_every_shipped_config_loads(path: Path) -> None:
 
 
 def seed_examples() -> list[dict[str, Any]]:
-    blocks = re.findall(r"```yaml\n(.*?)```", SEED.read_text(), re.S)
-    return [yaml.safe_load(b) for b in blocks]
+    return list(yaml.safe_load_all(SEED_EXAMPLES.read_text()))
 
 
-@pytest.mark.skipif(not SEED.exists(), reason="the seed document (shared/seed) is not beside this checkout")
 def test_seed_examples_load_unchanged_over_a_minimal_base() -> None:
     """The seed's YAML blocks are excerpts of a full file: each is laid over name and network only."""
     full, both, gpu_list = seed_examples()
@@ -394,3 +392,41 @@ def test_relative_host_paths_are_taken_from_the_cluster_files_folder(tmp_path: P
     controller = hpc.vms[0]
     assert controller.base_image == str(folder / "images" / "base.qcow2")
     assert controller.mounts[0].host_path == str(tmp_path / "data")
+
+
+BAD_TWICE = """\
+clusters:
+  hpc:
+    name: hpc
+    network: {subnet: 10.1.0.0/24, bridge: br-hpc}
+    controller: {cpu_cores: 1, memory_gb: 1, disk_gb: 1, ip_address: 10.1.0.10}
+    compute_nodes:
+      - cpu_cores: 1
+        memory_gb: lots
+        disk_gb: 1
+        ip: 10.1.0.10
+        memroy_gb: 2
+"""
+
+
+def test_type_errors_and_errors_across_keys_come_in_one_pass_with_lines(tmp_path: Path) -> None:
+    path = tmp_path / "bad.yaml"
+    path.write_text(BAD_TWICE)
+    with pytest.raises(ConfigError) as err:
+        load_cluster_file(path, check_images=False)
+    node = "clusters.hpc.compute_nodes[0]"
+    assert err.value.located() == [
+        f"{path}:8: {node}.memory_gb: 'lots' is invalid; allowed: a valid integer",
+        f"{path}:11: {node}.memroy_gb: unknown key 'memroy_gb'; did you mean 'memory_gb'?",
+        f"{path}:10: {node}.ip: '10.1.0.10' is already used by clusters.hpc.controller; allowed: one VM per address",
+    ]
+    assert str(err.value).startswith(f"invalid cluster file {path}: 3 problems; first: line 8: {node}.memory_gb")
+
+
+def test_a_value_no_placeholder_can_stand_for_leaves_only_the_errors_of_single_keys(tmp_path: Path) -> None:
+    path = tmp_path / "bad.yaml"
+    path.write_text(BAD_TWICE.replace("ip: 10.1.0.10", "ip: ten"))
+    with pytest.raises(ConfigError) as err:
+        load_cluster_file(path, check_images=False)
+    assert [line for line in err.value.lines] == [8, 10, 11]
+    assert "is already used" not in err.value.report()

@@ -166,8 +166,10 @@ def test_tasks_print_one_line_per_error_and_exit_non_zero(tmp_path: Path, e2e: E
     proc = subprocess.run([*invoke, "validate", "--config", str(bad)], capture_output=True, text=True, env=env)
     assert proc.returncode == 1
     lines = proc.stderr.strip().splitlines()
-    # A type error stops validation before the checks that span keys (the subnet), so one line.
-    assert lines == ["error: clusters.hpc.controller.cpu_cores: 0 is invalid; allowed: greater than 0"], lines
+    # A type error does not hide the checks that span keys (the subnet): both, with their lines.
+    assert lines == [f"error: {bad}:4: clusters.hpc.controller.cpu_cores: 0 is invalid; allowed: greater than 0",
+                     f"error: {bad}:6: clusters.hpc.controller.ip: '10.2.0.1' is outside subnet 10.1.0.0/24; "
+                     "allowed: a host address of 10.1.0.0/24"], lines
     assert "Traceback" not in proc.stderr
 
     setup(e2e)
