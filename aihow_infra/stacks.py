@@ -11,8 +11,9 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import threading
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -189,6 +190,56 @@ def session_members(sid: int) -> list[int]:
 
 
 RUNS = _Runs()
+Events = Callable[[dict[str, Any]], None]
+
+
+class _EventFollower:
+    """Reads the engine's event log while it is written and hands each event on, in a thread
+    of its own; ``finish`` reads what is left once the engine has exited."""
+
+    def __init__(self, path: Path, events: Events) -> None:
+        self.path = path
+        self.events = events
+        self.done = threading.Event()
+        self.thread = threading.Thread(target=self._follow, name="pulumi-events", daemon=True)
+        self.thread.start()
+
+    def _follow(self) -> None:
+        pending = ""
+        handle = None
+        try:
+            while True:
+                finishing = self.done.is_set()
+                if handle is None and self.path.exists():
+                    handle = self.path.open(encoding="utf-8")
+                chunk = handle.read() if handle is not None else ""
+                pending += chunk
+                *lines, pending = pending.split("\n")
+                for line in lines:
+                    self._hand_on(line)
+                if finishing and not chunk:
+                    self._hand_on(pending)
+                    return
+                if not chunk:
+                    self.done.wait(0.1)
+        finally:
+            if handle is not None:
+                handle.close()
+
+    def _hand_on(self, line: str) -> None:
+        if not line.strip():
+            return
+        try:
+            event = json.loads(line)
+        except ValueError:
+            return
+        with contextlib.suppress(Exception):  # a view must never break the run it shows
+            self.events(event)
+
+    def finish(self) -> None:
+        """Read the rest and wait for the thread."""
+        self.done.set()
+        self.thread.join(30)
 
 
 @dataclass
@@ -211,21 +262,32 @@ class Workspace:
         return offline_env(PROJECT_ROOT, self.backend_url)
 
     def run(self, args: Sequence[str], stack: str | None = None, check: bool = True,
-            timeout: float = 1800) -> subprocess.CompletedProcess[str]:
+            timeout: float = 1800, events: Events | None = None) -> subprocess.CompletedProcess[str]:
         """Run ``pulumi ARGS`` (with ``--stack``) in a session of its own, reaped when it ends;
-        raise ``StackError`` with the cause in one line when it fails and ``check`` is set."""
+        raise ``StackError`` with the cause in one line when it fails and ``check`` is set.
+        ``events`` is given each engine event as it happens (``--event-log``)."""
         cmd = ["pulumi", *args, "--non-interactive"]
         if stack is not None:
             cmd += ["--stack", stack]
         RUNS.install()
-        proc = subprocess.Popen(cmd, cwd=self.project_dir, env=self.env(), text=True, start_new_session=True,
-                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-        with RUNS.tracked(proc):
-            try:
-                output, _ = proc.communicate(timeout=timeout)
-            except subprocess.TimeoutExpired:
-                raise StackError(f"pulumi {args[0]} -s {stack}: no result after {timeout:.0f} s; it was stopped "
-                                 f"(the next run finishes what it left)") from None
+        with tempfile.TemporaryDirectory(prefix="aihow-events-") as tmp:
+            log = Path(tmp) / "events.jsonl"
+            env = self.env()
+            if events is not None:
+                cmd += ["--event-log", str(log)]
+                env["PULUMI_DEBUG_COMMANDS"] = "true"  # the engine offers --event-log only then
+            proc = subprocess.Popen(cmd, cwd=self.project_dir, env=env, text=True, start_new_session=True,
+                                    stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+            follower = _EventFollower(log, events) if events is not None else None
+            with RUNS.tracked(proc):
+                try:
+                    output, _ = proc.communicate(timeout=timeout)
+                except subprocess.TimeoutExpired:
+                    raise StackError(f"pulumi {args[0]} -s {stack}: no result after {timeout:.0f} s; it was "
+                                     "stopped (the next run finishes what it left)") from None
+                finally:
+                    if follower is not None:
+                        follower.finish()
         if self.echo:
             print(output, file=sys.stderr)
         done = subprocess.CompletedProcess(cmd, proc.returncode, output)
@@ -331,17 +393,17 @@ class Workspace:
             with _STACKS_LOCK:
                 self._stacks = {*self.stacks(), stack}
 
-    def up(self, stack: str, extra: Sequence[str] = ()) -> str:
+    def up(self, stack: str, extra: Sequence[str] = (), events: Events | None = None) -> str:
         """``pulumi up --yes`` under the stack's hold. Returns the engine's output."""
         args = ["up", "--yes", "--skip-preview", *extra]
         with self.hold(stack):
             if self._stacks is not None and stack not in self._stacks:
                 self.ensure_stack(stack)
-            proc = self.run(args, stack, check=False)
+            proc = self.run(args, stack, check=False, events=events)
             if proc.returncode != 0 and f"no stack named '{stack}' found" in proc.stdout:
                 # Looking the stack up first would cost a pulumi run on every task: only a new stack pays.
                 self.ensure_stack(stack)
-                proc = self.run(args, stack, check=False)
+                proc = self.run(args, stack, check=False, events=events)
         if proc.returncode != 0:
             raise StackError(f"pulumi up -s {stack}: {self._cause(proc.stdout)}")
         return proc.stdout
@@ -391,7 +453,7 @@ class Workspace:
         with self.hold(stack):
             return self.run(["refresh", "--yes", "--skip-preview"], stack).stdout
 
-    def destroy(self, stack: str) -> str:
+    def destroy(self, stack: str, events: Events | None = None) -> str:
         """``pulumi destroy --yes`` under the stack's hold; a stack the backend does not have
         is already destroyed."""
         if not self.has_stack(stack):
@@ -400,7 +462,7 @@ class Workspace:
             self.unprotect(stack)  # the disks: a destroy is the one change that deletes them all
             # No refresh: deleting what is already gone succeeds, and the engine's reads would
             # only cost time.
-            return self.run(["destroy", "--yes", "--skip-preview", "--refresh=false"], stack).stdout
+            return self.run(["destroy", "--yes", "--skip-preview", "--refresh=false"], stack, events=events).stdout
 
     def has_stack(self, stack: str) -> bool:
         """True when the backend holds the stack."""

@@ -1,0 +1,107 @@
+"""What the Pulumi engine is doing, as the operator reads it: one line when a resource step
+starts and one when it ends (with its time), and a summary at the end ("3 created, 1
+updated, 2 unchanged" or "no changes").
+
+The lines come from the engine's structured events (``pulumi --event-log``, one JSON
+object per line), never from its text output.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import Counter
+from collections.abc import Callable, Mapping
+from typing import Any
+
+Say = Callable[[str], None]
+
+# op -> (while it runs, when it is done); refresh, read and same steps print nothing.
+_VERBS = {
+    "create": ("creating", "created"),
+    "update": ("updating", "updated"),
+    "delete": ("deleting", "deleted"),
+    "replace": ("replacing", "replaced"),
+    "create-replacement": ("creating the replacement of", "created the replacement of"),
+    "delete-replaced": ("deleting the replaced", "deleted the replaced"),
+}
+_SUMMARY_WORDS = (("create", "created"), ("update", "updated"), ("replace", "replaced"), ("delete", "deleted"),
+                  ("same", "unchanged"))
+# The summary counts what a replacement is once, under "replace".
+_COUNTED = {"create", "update", "replace", "delete", "same"}
+# What each of the project's resource types is, and the suffix its names carry (see
+# aihow_infra.components and providers/): pulumi-python:dynamic/libvirt:<Type>.
+_KINDS = {"Domain": ("VM", "-domain"), "Volume": ("disk of", "-disk"), "Seed": ("seed of", "-seed"),
+          "GpuLease": ("GPU lease of", ""), "Network": ("network", ""), "StoragePool": ("storage pool", "")}
+
+
+def describe(urn: str) -> str | None:
+    """What a resource is, in the operator's words: ``VM compute-01``, ``disk of compute-01``,
+    ``GPU lease of compute-01``, ``network``; None for the project's component resources,
+    providers and the stack itself (they only group the others)."""
+    parts = urn.split("::")
+    if len(parts) < 4:
+        return None
+    kind_name = parts[-2].rsplit("$", 1)[-1]
+    if not kind_name.startswith("pulumi-python:dynamic"):
+        return None
+    name = parts[-1]
+    kind, suffix = _KINDS.get(kind_name.rsplit(":", 1)[-1], (kind_name.rsplit(":", 1)[-1], ""))
+    if kind in ("network", "storage pool"):
+        return kind
+    if kind == "GPU lease of":
+        return f"{kind} {name.split('-lease')[0]}"
+    return f"{kind} {name.removesuffix(suffix)}"
+
+
+class EngineProgress:
+    """Receives engine events (call it with each one) and says what happens through ``say``;
+    ``summary`` holds the counts once the run has ended."""
+
+    def __init__(self, stack: str, say: Say, clock: Callable[[], float] = time.monotonic) -> None:
+        self.stack = stack
+        self.say = say
+        self.clock = clock
+        self.started: dict[str, tuple[str, float]] = {}
+        self.counts: Counter[str] = Counter()
+        self.failed: list[str] = []
+
+    def __call__(self, event: Mapping[str, Any]) -> None:
+        """Take one engine event."""
+        if "resourcePreEvent" in event:
+            self._pre(event["resourcePreEvent"].get("metadata") or {})
+        elif "resOutputsEvent" in event:
+            self._done(event["resOutputsEvent"].get("metadata") or {})
+        elif "resOpFailedEvent" in event:
+            meta = event["resOpFailedEvent"].get("metadata") or {}
+            what = describe(str(meta.get("urn", "")))
+            if what:
+                self.failed.append(what)
+                self.say(f"{self.stack}: {what} failed")
+
+    def _pre(self, meta: Mapping[str, Any]) -> None:
+        op, what = str(meta.get("op", "")), describe(str(meta.get("urn", "")))
+        if what is None:
+            return
+        if op in _COUNTED:
+            self.counts[op] += 1
+        if op in _VERBS:
+            self.started[str(meta["urn"])] = (op, self.clock())
+            self.say(f"{self.stack}: {_VERBS[op][0]} {what}")
+
+    def _done(self, meta: Mapping[str, Any]) -> None:
+        urn = str(meta.get("urn", ""))
+        if urn not in self.started:
+            return
+        op, began = self.started.pop(urn)
+        self.say(f"{self.stack}: {_VERBS[op][1]} {describe(urn)} ({self.clock() - began:.0f} s)")
+
+    @property
+    def summary(self) -> str:
+        """``3 created, 1 updated, 2 unchanged`` or ``no changes`` (and what failed)."""
+        changed = [f"{self.counts[op]} {word}" for op, word in _SUMMARY_WORDS if self.counts[op] and op != "same"]
+        text = ", ".join(changed) if changed else "no changes"
+        if changed and self.counts["same"]:
+            text += f", {self.counts['same']} unchanged"
+        if self.failed:
+            text += f"; failed: {', '.join(self.failed)}"
+        return text

@@ -1,0 +1,54 @@
+"""Engine events into the operator's lines: what counts, what is shown, how it is summed up."""
+
+from __future__ import annotations
+
+from aihow_infra.progress import EngineProgress, describe
+
+NODE = "urn:pulumi:hpc::aihow::aihow:libvirt:HpcCluster$aihow:libvirt:Node$pulumi-python:dynamic/libvirt:"
+
+
+def pre(op: str, urn: str) -> dict[str, object]:
+    return {"resourcePreEvent": {"metadata": {"op": op, "urn": urn}}}
+
+
+def done(op: str, urn: str) -> dict[str, object]:
+    return {"resOutputsEvent": {"metadata": {"op": op, "urn": urn}}}
+
+
+def test_resources_are_named_as_the_operator_knows_them() -> None:
+    assert describe(NODE + "Domain::compute-01-domain") == "VM compute-01"
+    assert describe(NODE + "Volume::compute-01-disk") == "disk of compute-01"
+    assert describe(NODE + "Seed::compute-01-seed") == "seed of compute-01"
+    assert describe(NODE + "GpuLease::compute-01-lease-0000-41-00") == "GPU lease of compute-01"
+    assert describe("urn:pulumi:hpc::aihow::aihow:libvirt:HpcCluster$pulumi-python:dynamic/libvirt:Network::network") \
+        == "network"
+    assert describe("urn:pulumi:hpc::aihow::aihow:libvirt:HpcCluster::hpc") is None
+    assert describe("urn:pulumi:hpc::aihow::pulumi:pulumi:Stack::aihow-hpc") is None
+
+
+def test_each_step_is_said_when_it_starts_and_ends_and_the_run_is_summed_up() -> None:
+    lines: list[str] = []
+    ticks = iter([0.0, 0.0, 42.4, 43.0, 44.2])
+    seen = EngineProgress("cloud", lines.append, clock=lambda: next(ticks))
+    domain, disk = NODE + "Domain::gpu-worker-01-domain", NODE + "Volume::gpu-worker-01-disk"
+    for event in (pre("refresh", domain), pre("same", disk), pre("replace", domain), pre("create-replacement", domain),
+                  done("create-replacement", domain), pre("delete-replaced", domain), done("delete-replaced", domain),
+                  {"diagnosticEvent": {"severity": "debug", "message": "noise"}}):
+        seen(event)
+    assert lines == ["cloud: replacing VM gpu-worker-01",
+                     "cloud: creating the replacement of VM gpu-worker-01",
+                     "cloud: created the replacement of VM gpu-worker-01 (42 s)",
+                     "cloud: deleting the replaced VM gpu-worker-01",
+                     "cloud: deleted the replaced VM gpu-worker-01 (1 s)"]
+    assert seen.summary == "1 replaced, 1 unchanged"
+
+
+def test_nothing_changed_and_failures_are_said_plainly() -> None:
+    lines: list[str] = []
+    seen = EngineProgress("hpc", lines.append)
+    seen(pre("same", NODE + "Domain::controller-domain"))
+    assert (seen.summary, lines) == ("no changes", [])
+    seen(pre("update", NODE + "Domain::controller-domain"))
+    seen({"resOpFailedEvent": {"metadata": {"op": "update", "urn": NODE + "Domain::controller-domain"}}})
+    assert lines[-1] == "hpc: VM controller failed"
+    assert seen.summary == "1 updated, 1 unchanged; failed: VM controller"
