@@ -63,7 +63,7 @@ def clean_errors(fn: F) -> F:
         try:
             return fn(*args, **kwargs)
         except ConfigError as exc:
-            for problem in exc.problems:
+            for problem in exc.located():
                 err.print(f"[red]error:[/red] {problem}", highlight=False, soft_wrap=True)
             raise Exit(code=1) from None
         except AihowError as exc:
@@ -96,6 +96,8 @@ def _settled(deploy: bool) -> bool:
 
 
 def _check_stack(stack: str) -> None:
+    if not stack:
+        raise AihowError("--stack is missing; allowed: --stack hpc or --stack cloud (`stacks` lists them)")
     if stack not in ("hpc", "cloud"):
         raise AihowError(f"--stack {stack!r} is not a cluster stack; allowed: hpc or cloud")
 
@@ -115,12 +117,31 @@ def _confirm(question: str, yes: bool) -> None:
 YES_HELP = "apply changes that delete a disk or replace or restart a VM without asking"
 
 
+@task(help={"json": "print JSON"})
+def stacks(c: Context, json_: bool = False) -> None:
+    """The configured stacks: cluster file, cluster, resources in Pulumi's state, last update."""
+    rows = operator().stack_summaries()
+    if json_:
+        out.print_json(json.dumps([asdict(r) for r in rows]))
+        return
+    if not rows:
+        out.print("no stacks: add a Pulumi.hpc.yaml or Pulumi.cloud.yaml naming a cluster file")
+        return
+    table = Table(title="stacks", title_justify="left")
+    for col in ("stack", "cluster file", "cluster", "resources", "last update"):
+        table.add_column(col)
+    for r in rows:
+        table.add_row(r.stack, r.cluster_file, r.cluster if not r.error else f"[red]{r.error}[/red]",
+                      str(r.resources), r.updated or "never deployed")
+    out.print(table)
+
+
 @task(help={"stack": STACK_HELP, "yes": YES_HELP})
-def up(c: Context, stack: str, yes: bool = False) -> None:
+def up(c: Context, stack: str = "", yes: bool = False) -> None:
     """Create or update one cluster (pulumi up); asks first when a disk or VM would be lost or restarted."""
     _check_stack(stack)
-    operator(yes).up(stack)
-    out.print(f"[green]{stack} is up to date[/green]")
+    summary = operator(yes).up(stack)
+    out.print(f"[green]{stack}[/green]: {summary}", highlight=False)
 
 
 @task(help={"stack": STACK_HELP + " (default: every configured stack)"})
@@ -137,11 +158,20 @@ def preview(c: Context, stack: str = "") -> None:
 
 
 @task(help={"stack": STACK_HELP, "yes": "do not ask before destroying"})
-def destroy(c: Context, stack: str, yes: bool = False) -> None:
+def destroy(c: Context, stack: str = "", yes: bool = False) -> None:
     """Remove one cluster: VMs, disks, pool and network (pulumi destroy)."""
     _check_stack(stack)
-    _confirm(f"destroy every VM, disk and network of stack {stack}?", yes)
-    operator().destroy(stack)
+    op = operator()
+    if not yes:
+        plan = op.view(stack).plan
+        err.print(f"destroying stack {stack} removes, with everything on the disks:", highlight=False)
+        err.print(f"  VMs: {', '.join(vm.name for vm in plan.vms)}", highlight=False, soft_wrap=True)
+        err.print(f"  disks: {', '.join(f'{vm.name}.qcow2' for vm in plan.vms)} (and each VM's seed ISO)",
+                  highlight=False, soft_wrap=True)
+        err.print(f"  storage pool {plan.pool_name}, network {plan.network_name}; GPU leases are freed",
+                  highlight=False, soft_wrap=True)
+    _confirm(f"destroy stack {stack}?", yes)
+    op.destroy(stack)
     out.print(f"[green]{stack} destroyed[/green]")
 
 
@@ -251,7 +281,7 @@ def ssh_config(c: Context, out_: str = "") -> None:
 
 @task(help={"stack": STACK_HELP, "limit": "only these hosts (Ansible's --limit, e.g. compute-02)",
             "playbook": "the operator's own playbook instead of the project's ansible/<stack>.yml"})
-def deploy(c: Context, stack: str, limit: str = "", playbook: str = "") -> None:
+def deploy(c: Context, stack: str = "", limit: str = "", playbook: str = "") -> None:
     """Run the stack's playbook on its running VMs (SLURM for hpc), over the live inventory."""
     _check_stack(stack)
     result = operator().deploy(stack, limit or None, Path(playbook).resolve() if playbook else None)
@@ -263,7 +293,9 @@ def kubectl(c: Context, stack: str = "cloud") -> None:
     """kubectl on the control plane, through its guest agent: invoke kubectl -- get nodes -o wide"""
     import shlex
 
-    args = shlex.split(c.remainder)
+    # invoke keeps the words after '--' joined by spaces, losing their quoting: take them
+    # from the command line itself when it is there.
+    args = sys.argv[sys.argv.index("--") + 1:] if "--" in sys.argv else shlex.split(c.remainder)
     if not args:
         raise AihowError("no kubectl arguments; allowed: invoke kubectl -- ARGS (e.g. -- get nodes -o wide)")
     code, stdout, stderr = operator().kubectl(stack, args)
@@ -378,6 +410,9 @@ def gpu_leases(c: Context, json_: bool = False) -> None:
     table = Table(title=f"GPU leases ({ledger.path})", title_justify="left")
     for col in ("address", "holder", "since", "generation", "holder state", "stale"):
         table.add_column(col)
+    if not rows:
+        out.print(f"no GPU leases: no VM holds a GPU ({ledger.path})", highlight=False)
+        return
     for r in rows:
         table.add_row(r.address, r.holder, r.granted_at or "-", str(r.generation),
                       r.holder_state, "[red]stale[/red]" if r.stale else "")
@@ -410,7 +445,7 @@ def topology(c: Context, json_: bool = False, config: str = "") -> None:
 
 
 @task(help={"stack": STACK_HELP, "out": "write the inventory to this file instead of printing it"})
-def inventory(c: Context, stack: str, out_: str = "") -> None:
+def inventory(c: Context, stack: str = "", out_: str = "") -> None:
     """An Ansible YAML inventory from the stack's outputs (Kubespray layout for cloud)."""
     from aihow_infra.inventory import to_yaml
 
@@ -424,22 +459,32 @@ def inventory(c: Context, stack: str, out_: str = "") -> None:
 
 
 @task(help={"config": "cluster file whose passthrough devices to check (default: the stacks')",
-            "sysfs_root": "read /sys and /proc under this folder (recorded hosts)",
+            "sysfs_root": "read /sys and /proc under this folder instead of the host's",
+            "recorded": "check a recorded host (JSON: pci_devices, iommu_groups, dev_kvm, modules_loaded)",
             "json": "print JSON"})
-def host_check(c: Context, config: str = "", sysfs_root: str = "/", json_: bool = False) -> None:
+def host_check(c: Context, config: str = "", sysfs_root: str = "/", recorded: str = "", json_: bool = False) -> None:
     """KVM, libvirtd, IOMMU and every passthrough device: ready or what to fix."""
-    from aihow_infra.hostcheck import check_host
+    import tempfile
+
+    from aihow_infra import hostcheck
 
     files = [Path(config)] if config else operator().cluster_file_paths()
-    report = check_host(Path(sysfs_root), files)
+    if recorded and sysfs_root != "/":
+        raise AihowError("give --recorded FILE or --sysfs-root DIR, not both")
+    with tempfile.TemporaryDirectory(prefix="aihow-host-") as tmp:
+        root = (hostcheck.materialize(hostcheck.load_recording(Path(recorded)), Path(tmp)) if recorded
+                else hostcheck.sysfs_root(sysfs_root))
+        report = hostcheck.check_host(root, files)
     if json_:
         out.print_json(json.dumps(report.to_dict()))
     else:
+        marks = {"ok": "[green]ok[/green]", "FAIL": "[red]FAIL[/red]", "not needed": "[dim]not needed[/dim]"}
         for check in report.checks:
-            mark = "[green]ok[/green]" if check.ok else "[red]FAIL[/red]"
-            out.print(f"{mark} {check.name}: {check.detail}", highlight=False)
-            if not check.ok and check.fix:
-                out.print(f"     fix: {check.fix}", highlight=False)
+            out.print(f"{marks[check.verdict]} {check.name}: {check.detail}", highlight=False)
+            if check.verdict == "FAIL" and check.fix:
+                # Whole, never wrapped: it is meant to be copied and pasted.
+                out.print(f"     fix: {check.fix}", highlight=False, soft_wrap=True)
+        out.print("[green]ready for passthrough[/green]" if report.ready else "[red]not ready[/red]")
     if not report.ready:
         raise Exit(code=1)
 
@@ -479,5 +524,5 @@ image.add_task(image_build, "build")
 kube = Collection("kubernetes")
 kube.add_task(kubernetes_build, "build")
 
-ns = Collection(up, preview, destroy, deploy, kubectl, validate, switch, topology, inventory, ssh_config, test, vm,
-                system, gpu, host, image, kube)
+ns = Collection(stacks, up, preview, destroy, deploy, kubectl, validate, switch, topology, inventory, ssh_config, test,
+                vm, system, gpu, host, image, kube)

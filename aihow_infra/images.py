@@ -55,7 +55,12 @@ ROLE_SIZE_GB: dict[ImageRole, int] = {"cloud": 3}
 KUBERNETES_BIN_DIR = "/usr/local/bin"
 OCI_DIR = "/usr/local/share/aihow/oci"
 PAUSE_IMAGE = f"registry.k8s.io/pause:{PAUSE_VERSION}"
-BUSYBOX_IMAGE = "local/busybox:1.35"
+# The kubelet names an image without a registry as docker.io's: this one names its own.
+BUSYBOX_IMAGE = "localhost/busybox:1.35"
+# Bump when add_kubernetes() puts something else into the image.
+PAYLOAD_VERSION = 2
+# What each archive of OCI_DIR holds; the image lists it in OCI_DIR/images.json for the playbook.
+CONTAINER_IMAGES = (("pause.tar", PAUSE_IMAGE), ("busybox.tar", BUSYBOX_IMAGE))
 # The initramfs holds only what a virtio guest needs to find its root (5.7 MB, not 30).
 INITRAMFS_MODULES = ("virtio_pci", "virtio_blk", "virtio_console", "virtio_net", "ext4", "crc32c_generic")
 EXCLUDED_PATHS = ("/usr/share/man/*", "/usr/share/doc/*", "/usr/share/locale/*", "/usr/share/info/*")
@@ -83,6 +88,11 @@ ENABLED_UNITS = ("systemd-networkd.service",)
 MASKED_UNITS = ("e2scrub_all.timer", "e2scrub_reap.service", "apt-daily.timer", "apt-daily-upgrade.timer")
 
 
+# Fields added after images were first cached: left out of the hash while empty, so the images
+# that do not use them keep their names.
+LATER_FIELDS = ("kubernetes", "container_images")
+
+
 @dataclass(frozen=True)
 class Recipe:
     """Everything an image is made from; its hash names the image."""
@@ -98,11 +108,12 @@ class Recipe:
     size_gb: int = IMAGE_DISK_GB
     build_version: int = BUILD_VERSION
     kubernetes: str = ""  # the key of the Kubernetes build the image carries (none: "")
+    container_images: tuple[tuple[str, str], ...] = ()  # OCI archives made into the image
 
     @property
     def key(self) -> str:
         """A short hash of the recipe (an image without Kubernetes hashes as before that field)."""
-        fields = {k: v for k, v in asdict(self).items() if k != "kubernetes" or v}
+        fields = {k: v for k, v in asdict(self).items() if k not in LATER_FIELDS or v}
         text = json.dumps(fields, sort_keys=True)
         return hashlib.sha256(text.encode()).hexdigest()[:12]
 
@@ -119,7 +130,8 @@ def recipe_for(role: str) -> Recipe:
     typed: ImageRole = role
     return Recipe(role=typed, packages=tuple(sorted({*BASE_PACKAGES, *ROLE_PACKAGES[typed]})),
                   files=tuple(sorted(IMAGE_FILES.items())), size_gb=ROLE_SIZE_GB.get(typed, IMAGE_DISK_GB),
-                  kubernetes=build_key() if typed == "cloud" else "")
+                  kubernetes=f"{build_key()}+payload{PAYLOAD_VERSION}" if typed == "cloud" else "",
+                  container_images=CONTAINER_IMAGES if typed == "cloud" else ())
 
 
 @dataclass(frozen=True)
@@ -287,7 +299,7 @@ def customize(rootfs: Path, recipe: Recipe) -> None:
                 item.unlink()
 
 
-def add_kubernetes(rootfs: Path, binaries: KubeBinaries, say: Progress) -> None:
+def add_kubernetes(rootfs: Path, binaries: KubeBinaries, images: tuple[tuple[str, str], ...], say: Progress) -> None:
     """The Kubernetes commands into the image's ``/usr/local/bin``, and the pause and busybox
     images as OCI archives for containerd to import (made from the build's pause binary and
     the image's own busybox-static)."""
@@ -299,12 +311,15 @@ def add_kubernetes(rootfs: Path, binaries: KubeBinaries, say: Progress) -> None:
             shutil.copyfile(binaries.path(command), bin_dir / command)
             os.chmod(bin_dir / command, 0o755)
     oci = rootfs / OCI_DIR.lstrip("/")
-    write_archive(ImageSpec(PAUSE_IMAGE, {"/pause": binaries.path("pause")}, ["/pause"]), oci / "pause.tar")
     busybox = rootfs / "bin/busybox"
     listed = subprocess.run([str(busybox), "--list-full"], check=True, capture_output=True, text=True)
     applets = {f"/{line.strip()}": "/bin/busybox" for line in listed.stdout.splitlines()
                if line.strip() and line.strip() != "bin/busybox"}
-    write_archive(ImageSpec(BUSYBOX_IMAGE, {"/bin/busybox": busybox}, ["/bin/sh"], applets), oci / "busybox.tar")
+    specs = {PAUSE_IMAGE: ImageSpec(PAUSE_IMAGE, {"/pause": binaries.path("pause")}, entrypoint=["/pause"]),
+             BUSYBOX_IMAGE: ImageSpec(BUSYBOX_IMAGE, {"/bin/busybox": busybox}, cmd=["sh"], symlinks=applets)}
+    for archive, reference in images:
+        write_archive(specs[reference], oci / archive)
+    (oci / "images.json").write_text(json.dumps(dict(images), indent=2) + "\n")
 
 
 def _boot_files(rootfs: Path) -> tuple[Path, Path]:
@@ -332,7 +347,7 @@ def build_image(recipe: Recipe, root: Path, say: Progress) -> Image:
         _run(_mmdebstrap_command(recipe, rootfs, debs), say, f"mmdebstrap of the {recipe.role} image", env)
         customize(rootfs, recipe)
         if recipe.kubernetes:
-            add_kubernetes(rootfs, ensure_binaries(say), say)
+            add_kubernetes(rootfs, ensure_binaries(say), recipe.container_images, say)
         kernel, initrd = _boot_files(rootfs)
         shutil.copyfile(kernel, out / "vmlinuz")
         shutil.copyfile(initrd, out / "initrd.img")

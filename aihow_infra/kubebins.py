@@ -27,6 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from aihow_infra.errors import ImageError
+from aihow_infra.files import locked
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 MODULES_DIR = PROJECT_ROOT / "kubernetes"
@@ -39,6 +40,7 @@ KUBE_COMMANDS = ("kubelet", "kubectl", "kube-apiserver", "kube-controller-manage
 ETCD_PACKAGE = "go.etcd.io/etcd/server/v3"
 PAUSE_SOURCE = "build/pause/linux/pause.c"
 PAUSE_VERSION = "3.10.1"  # the kubelet's default sandbox image, registry.k8s.io/pause:3.10.1
+BUILD_WAIT_SECONDS = 3600.0
 # Bump when the build steps below change in a way the wrapper modules do not show.
 BUILD_VERSION = 1
 
@@ -143,7 +145,8 @@ def build_binaries(root: Path, say: Progress) -> KubeBinaries:
     shutil.rmtree(scratch, ignore_errors=True)
     (scratch / "bin").mkdir(parents=True)
     epoch = int(os.environ.get("SOURCE_DATE_EPOCH", "1700000000"))
-    env = {**os.environ, "CGO_ENABLED": "0", "SOURCE_DATE_EPOCH": str(epoch), "GOFLAGS": "-mod=readonly"}
+    flags = f"{os.environ.get('GOFLAGS', '')} -mod=readonly".strip()
+    env = {**os.environ, "CGO_ENABLED": "0", "SOURCE_DATE_EPOCH": str(epoch), "GOFLAGS": flags}
     build_date = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(epoch))
     seconds: dict[str, float] = {}
     try:
@@ -195,5 +198,7 @@ def ensure_binaries(say: Progress | None = None, root: Path | None = None) -> Ku
     found = find_binaries(root)
     if found is not None:
         return found
-    root.mkdir(parents=True, exist_ok=True)
-    return build_binaries(root, say or (lambda _line: None))
+    say = say or (lambda _line: None)
+    # One build at a time: a second task waits for the first and then finds its result.
+    with locked(root / build_key(), "the Kubernetes build", BUILD_WAIT_SECONDS, say, error=ImageError):
+        return find_binaries(root) or build_binaries(root, say)

@@ -25,11 +25,13 @@ INDEX_TYPE = "application/vnd.oci.image.index.v1+json"
 @dataclass(frozen=True)
 class ImageSpec:
     """One image: its reference, its files (path in the image -> file on this host), symbolic
-    links (path -> target) and what it runs."""
+    links (path -> target) and what it runs: ``entrypoint``, to which a pod's ``args`` are
+    given, or else ``cmd``, which a pod's ``args`` replace (as busybox's own image does)."""
 
     reference: str
     files: Mapping[str, Path]
-    entrypoint: Sequence[str]
+    entrypoint: Sequence[str] = ()
+    cmd: Sequence[str] = ()
     symlinks: Mapping[str, str] = field(default_factory=dict)
     env: Sequence[str] = ("PATH=/bin:/usr/bin",)
 
@@ -70,7 +72,8 @@ def write_archive(spec: ImageSpec, target: Path) -> str:
     layer_ref, layer_digest = _blob(layer, LAYER_TYPE)
     config = json.dumps({
         "architecture": "amd64", "os": "linux", "created": "1970-01-01T00:00:00Z",
-        "config": {"Entrypoint": list(spec.entrypoint), "Env": list(spec.env)},
+        "config": {**({"Entrypoint": list(spec.entrypoint)} if spec.entrypoint else {}),
+                   **({"Cmd": list(spec.cmd)} if spec.cmd else {}), "Env": list(spec.env)},
         "rootfs": {"type": "layers", "diff_ids": [layer_digest]},
     }, sort_keys=True).encode()
     config_ref, _ = _blob(config, CONFIG_TYPE)

@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import os
+import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
@@ -37,10 +38,11 @@ from aihow_infra.libvirt.inspect import metadata, network_stack, pool_path
 from aihow_infra.libvirt.power import UNDEFINED, start_domain, state_name, stop_domain, undefine
 from aihow_infra.loading import load_cluster_file
 from aihow_infra.plan import ClusterPlan, VmPlan, plan_cluster, shared_devices
+from aihow_infra.progress import EngineProgress, describe
 from aihow_infra.settings import DEFAULT_LEDGER, StackSettings, parse_settings
 from aihow_infra.sshkeys import STATE_DIR, LoginKey, login_key
 from aihow_infra.stacks import Workspace
-from aihow_infra.status import ClusterStatus, SharedGpuStatus, SystemStatus, VmStatus
+from aihow_infra.status import ClusterStatus, SharedGpuStatus, StackSummary, SystemStatus, VmStatus
 
 # The node each cluster's software is asked on (and that is never drained).
 HEAD_ROLES = ("controller", "control-plane")
@@ -85,6 +87,26 @@ class Operator:
     def configured_stacks(self) -> list[str]:
         """The cluster stacks (hpc, cloud) that have a ``Pulumi.<stack>.yaml``, HPC first."""
         return [s for s in CLUSTER_KEYS if (self.workspace.project_dir / f"Pulumi.{s}.yaml").exists()]
+
+    def stack_summaries(self) -> list[StackSummary]:
+        """Every configured stack with its cluster file, resource count and last update; a stack
+        whose settings or file cannot be read is listed with the error."""
+        rows = []
+        for stack in self.configured_stacks():
+            states = [p for p in self.workspace.state_files(stack) if p.is_file()]
+            updated = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(max(p.stat().st_mtime for p in states))) \
+                if states else None
+            count = sum(describe(urn) is not None for urn in self.workspace.urns(stack))
+            try:
+                view = self.view(stack)
+            except AihowError as exc:
+                rows.append(StackSummary(stack, "-", "-", count, updated, str(exc)))
+                continue
+            path = self.cluster_file_path(view.settings)
+            shown = path.relative_to(self.workspace.project_dir) if path.is_relative_to(self.workspace.project_dir) \
+                else path
+            rows.append(StackSummary(stack, str(shown), view.plan.name, count, updated))
+        return rows
 
     def settings(self, stack: str) -> StackSettings:
         """The stack's ``aihow:`` settings, validated. Read from ``Pulumi.<stack>.yaml`` itself
@@ -228,24 +250,29 @@ class Operator:
         with ThreadPoolExecutor(max(len(stacks), 1)) as pool:
             return dict(zip(stacks, pool.map(one, stacks), strict=True))
 
-    def _engine_up(self, stack: str) -> None:
-        """Gate, ``pulumi up``, and the record of a successful run (forgotten when it fails)."""
+    def _engine_up(self, stack: str) -> str:
+        """Gate, ``pulumi up`` with a line per resource step, and the record of a successful
+        run (forgotten when it fails). Returns the summary of what changed."""
         self.gate(stack)
         self.progress(f"pulumi up -s {stack}")
+        seen = EngineProgress(stack, self.progress)
         try:
-            self.workspace.up(stack)
+            self.workspace.up(stack, events=seen)
         except AihowError:
             self.last_runs.forget(stack)
             raise
         self._save_run(stack)
+        self.progress(f"{stack}: {seen.summary}")
+        return seen.summary
 
-    def up(self, stack: str) -> None:
+    def up(self, stack: str) -> str:
         """``pulumi up`` of one stack (its images built first), after the gate; not even
-        started when nothing changed since the last run."""
+        started when nothing changed since the last run. Returns what changed, in a line."""
         self.ensure_images([self.view(stack)])
         with self.workspace.hold(stack):
-            if not self.nothing_to_do(stack):
-                self._engine_up(stack)
+            if self.nothing_to_do(stack):
+                return "no changes (as the last run left it; libvirt agrees)"
+            return self._engine_up(stack)
 
     def destroy(self, stack: str) -> None:
         """``pulumi destroy`` of one stack, then what an interrupted run made and never recorded
@@ -261,7 +288,9 @@ class Operator:
             # Powering a TCG guest off takes libvirt a second or more: done while the engine
             # starts, its disk goes anyway (the destroy was confirmed).
             off = early.submit(self._power_off_all, view) if view is not None else None
-            self.workspace.destroy(stack)
+            seen = EngineProgress(stack, self.progress)
+            self.workspace.destroy(stack, events=seen)
+            self.progress(f"{stack}: {seen.summary}")
             if off is not None:
                 with contextlib.suppress(AihowError, libvirt.libvirtError):
                     off.result()  # only a head start: the engine's delete is what counts
@@ -342,9 +371,15 @@ class Operator:
                              "allowed: --playbook FILE (e.g. Kubespray's cluster.yml)")
         inventory = inventory or self.inventory(stack)
         self.progress(f"deploying {stack}: {book.name}" + (f" on {limit}" if limit else ""))
+        kubeconfig = self.kubeconfig_path(stack)
+        kubeconfig.parent.mkdir(parents=True, exist_ok=True, mode=0o700)  # before the fetch writes into it
         env = {**self.workspace.env(), "AIHOW_PROJECT_DIR": str(self.workspace.project_dir),
-               "AIHOW_KUBECONFIG": str(self.kubeconfig_path(stack))}
-        result = run_playbook(book, stack, env, limit, self.progress)
+               "AIHOW_KUBECONFIG": str(kubeconfig)}
+        try:
+            result = run_playbook(book, stack, env, limit, self.progress)
+        finally:
+            if kubeconfig.exists():
+                kubeconfig.chmod(0o600)
         if book == own and limit is None:
             self.deploys.save(stack, fingerprint(inventory, book), result)
         self.progress(f"{stack} deployed in {result.seconds:.0f} s, {result.changed} change(s)")

@@ -175,3 +175,16 @@ def planned_status(plans: list[ClusterPlan], shared: list[SharedDevice]) -> Syst
                                  [VmStatus.of(vm, p.key, PLANNED, vm.auto_start, {}) for vm in p.vms])
                 for p in plans]
     return SystemStatus(clusters, [SharedGpuStatus.of(s, None) for s in shared])
+
+
+@dataclass(frozen=True)
+class StackSummary:
+    """One configured stack, for ``stacks``: its cluster file, how many resources its state
+    records, and when that state last changed (None: never deployed)."""
+
+    stack: str
+    cluster_file: str
+    cluster: str
+    resources: int
+    updated: str | None
+    error: str = ""

@@ -2,11 +2,13 @@
 
     .venv/bin/python bench/run.py              # everything (needs libvirtd and ./bootstrap)
     .venv/bin/python bench/run.py --only validate,lease,scale --sizes 10,100
+    .venv/bin/python bench/run.py --only kubebuild   # Kubernetes from empty Go caches (~10 min)
 
 Every figure is a ratio against a baseline measured in the same run, because timings on
 a shared machine are noisy: system.up against a plain libvirt-python script doing the
 same work, invoke vm.start against virsh start, cost at N VMs against cost at the
-smallest N, lease throughput under 16 contenders against one process alone.
+smallest N, lease throughput under 16 contenders against one process alone, the Kubernetes
+build from empty Go caches against a rebuild from the caches it filled.
 Real-libvirt parts use isolated networks named ``aihb<hex>`` and remove all they make.
 """
 
@@ -382,6 +384,8 @@ def bench_deploy(op: Any, folder: Path) -> list[Row]:
 
     first = timed(lambda: op.deploy("hpc"))
     again = timed(lambda: op.deploy("hpc"))
+    cloud_first = timed(lambda: op.deploy("cloud"))  # ends when every running node is Ready
+    cloud_again = timed(lambda: op.deploy("cloud"))
     static = folder / "hpc-inventory.yml"
     static.write_text(to_yaml(op.inventory("hpc")))
     env = {**op.workspace.env(), "ANSIBLE_CONFIG": str(ANSIBLE_DIR / "ansible.cfg"),
@@ -392,13 +396,45 @@ def bench_deploy(op: Any, folder: Path) -> list[Row]:
     return [("deploy hpc, first run (3 VMs, guest agent)", f"{first:.0f} s", f"no-change run {again:.0f} s",
              f"{first / again:.2f}x"),
             ("deploy hpc, nothing to change", f"{again:.0f} s", f"plain ansible-playbook {plain:.0f} s",
-             f"{again / plain:.2f}x")]
+             f"{again / plain:.2f}x"),
+            ("deploy cloud to every node Ready (Kubernetes, 2 VMs)", f"{cloud_first:.0f} s",
+             f"no-change run {cloud_again:.0f} s", f"{cloud_first / cloud_again:.2f}x")]
+
+
+def _folder_mib(path: Path) -> float:
+    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file() and not f.is_symlink()) / 2**20
+
+
+def bench_kubebuild(folder: Path) -> list[Row]:
+    """Issue 14: the one-time build of Kubernetes, etcd and pause with empty Go caches (every
+    module from the proxy), against a rebuild from the caches it filled."""
+    from aihow_infra import kubebins
+
+    caches = {"GOMODCACHE": folder / "gomod", "GOCACHE": folder / "gocache", "GOFLAGS": "-modcacherw"}
+    env_before = dict(os.environ)
+    try:
+        os.environ.update({k: str(v) for k, v in caches.items()})
+        build = ("import sys; from pathlib import Path; from aihow_infra.kubebins import ensure_binaries; "
+                 "ensure_binaries(root=Path(sys.argv[1]))")
+        cold = run_measured([sys.executable, "-c", build, str(folder / "k8s-cold")], dict(os.environ), ROOT)
+        warm = run_measured([sys.executable, "-c", build, str(folder / "k8s-warm")], dict(os.environ), ROOT)
+    finally:
+        os.environ.clear()
+        os.environ.update(env_before)
+    downloads = _folder_mib(folder / "gomod" / "cache" / "download")
+    go_caches = _folder_mib(folder / "gomod") + _folder_mib(folder / "gocache")
+    binaries = _folder_mib(folder / "k8s-cold")
+    key = kubebins.build_key()
+    return [(f"Kubernetes build, empty Go caches ({key.split('-')[0]})", f"{cold[0]:.0f} s, peak {cold[1]} MiB",
+             f"rebuild from the caches {warm[0]:.0f} s", f"{cold[0] / warm[0]:.1f}x"),
+            ("  its downloads / Go caches / binaries kept", f"{downloads:.0f} / {go_caches:.0f} / {binaries:.0f} MiB",
+             "-", "-")]
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--only", default="validate,lease,scale,images,real",
-                        help="comma-separated parts: validate, lease, scale, images, real")
+    parser.add_argument("--only", default="validate,lease,scale,images,kubebuild,real",
+                        help="comma-separated parts: validate, lease, scale, images, kubebuild, real")
     parser.add_argument("--sizes", default="10,100,500", help="VM counts for the scale part")
     args = parser.parse_args()
     parts = set(args.only.split(","))
@@ -413,6 +449,8 @@ def main() -> None:
             rows += bench_scale(folder, [int(s) for s in args.sizes.split(",")])
         if "images" in parts:
             rows += bench_images(folder)
+        if "kubebuild" in parts:
+            rows += bench_kubebuild(folder)
         if "real" in parts:
             rows += bench_real(folder)
     memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // 2**30

@@ -55,7 +55,7 @@ def _members(path: Path) -> dict[str, bytes]:
 def test_an_oci_archive_is_a_valid_image_layout_and_reproducible(tmp_path: Path) -> None:
     binary = tmp_path / "pause"
     binary.write_bytes(b"\x7fELF pretend")
-    spec = ImageSpec("registry.k8s.io/pause:3.10.1", {"/pause": binary}, ["/pause"], {"/bin/sh": "/pause"})
+    spec = ImageSpec("registry.k8s.io/pause:3.10.1", {"/pause": binary}, ["/pause"], symlinks={"/bin/sh": "/pause"})
     first = write_archive(spec, tmp_path / "a.tar")
     second = write_archive(spec, tmp_path / "b.tar")
     assert first == second and (tmp_path / "a.tar").read_bytes() == (tmp_path / "b.tar").read_bytes()
@@ -70,7 +70,7 @@ def test_an_oci_archive_is_a_valid_image_layout_and_reproducible(tmp_path: Path)
     assert entry["annotations"]["io.containerd.image.name"] == "registry.k8s.io/pause:3.10.1"
     manifest = json.loads(files[f"blobs/sha256/{first.split(':')[1]}"])
     config = json.loads(files[f"blobs/sha256/{manifest['config']['digest'].split(':')[1]}"])
-    assert config["config"]["Entrypoint"] == ["/pause"]
+    assert config["config"]["Entrypoint"] == ["/pause"] and "Cmd" not in config["config"]
     assert config["rootfs"]["diff_ids"] == [manifest["layers"][0]["digest"]]  # the layer is not compressed
     layer = tmp_path / "layer.tar"
     layer.write_bytes(files[f"blobs/sha256/{manifest['layers'][0]['digest'].split(':')[1]}"])

@@ -18,7 +18,8 @@ LAYERS: list[list[str]] = [
     ["aihow_infra.errors"],
     ["aihow_infra.files"],
     ["aihow_infra.config"],
-    ["aihow_infra.settings", "aihow_infra.plan", "aihow_infra.changes", "aihow_infra.kubebins", "aihow_infra.oci"],
+    ["aihow_infra.settings", "aihow_infra.plan", "aihow_infra.changes", "aihow_infra.kubebins", "aihow_infra.oci",
+     "aihow_infra.progress"],
     ["aihow_infra.loading"],
     ["aihow_infra.ledger", "aihow_infra.desired", "aihow_infra.status", "aihow_infra.host", "aihow_infra.images",
      "aihow_infra.cloudinit",
@@ -34,7 +35,7 @@ LAYERS: list[list[str]] = [
 TASK_PATH = ["aihow_infra.stacks", "aihow_infra.operations", "aihow_infra.status", "aihow_infra.topology",
              "aihow_infra.inventory", "aihow_infra.leases", "aihow_infra.hostcheck", "aihow_infra.images",
              "aihow_infra.deploy", "aihow_infra.slurm", "aihow_infra.kubernetes", "aihow_infra.kubebins",
-             "aihow_infra.oci", "aihow_infra.lastrun"]
+             "aihow_infra.oci", "aihow_infra.progress", "aihow_infra.lastrun"]
 PULUMI_SIDE = ("pulumi", "providers", "aihow_infra.components")
 
 
