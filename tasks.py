@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 from invoke.collection import Collection
 from invoke.context import Context
 from invoke.exceptions import Exit
+from invoke.program import Program
 from invoke.tasks import Task
 from invoke.tasks import task as invoke_task
 from rich.console import Console
@@ -35,6 +36,15 @@ out = Console() if sys.stdout.isatty() else Console(width=160)
 err = Console(stderr=True) if sys.stderr.isatty() else Console(stderr=True, width=160)
 F = TypeVar("F", bound=Callable[..., Any])
 STACK_HELP = "the cluster stack: hpc or cloud"
+
+
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("aihow-infra")
+    except PackageNotFoundError:
+        return "unknown"
 
 
 def operator(yes: bool = False) -> Any:
@@ -144,17 +154,18 @@ def up(c: Context, stack: str = "", yes: bool = False) -> None:
     out.print(f"[green]{stack}[/green]: {summary}", highlight=False)
 
 
-@task(help={"stack": STACK_HELP + " (default: every configured stack)"})
-def preview(c: Context, stack: str = "") -> None:
-    """Show what `up` would change (pulumi preview), in one stack or in every one at once."""
+@task(help={"stack": STACK_HELP + " (default: every configured stack)",
+            "diff": "the engine's own preview, with every changed property"})
+def preview(c: Context, stack: str = "", diff: bool = False) -> None:
+    """Show what `up` would change, and what of it deletes a disk or restarts a VM."""
     if stack:
         _check_stack(stack)
     elif _settled(deploy=False):
         out.print("no changes (nothing changed since the last run; libvirt agrees)")
         return
     op = operator()
-    for text in op.preview([stack] if stack else op.configured_stacks()).values():
-        out.print(text, highlight=False)
+    for text in op.preview([stack] if stack else op.configured_stacks(), diff=diff).values():
+        out.print(text, highlight=False, soft_wrap=True)
 
 
 @task(help={"stack": STACK_HELP, "yes": "do not ask before destroying"})
@@ -496,10 +507,11 @@ def host_check(c: Context, config: str = "", sysfs_root: str = "/", recorded: st
 def test(c: Context, fast: bool = False) -> None:
     """Lint (ruff), type-check (mypy) and run the tests."""
     py = sys.executable
-    c.run(f"{py} -m ruff check .", pty=False)
-    c.run(f"{py} -m mypy aihow_infra providers tasks.py __main__.py", pty=False)
-    marker = "-m 'not e2e'" if fast else ""
-    c.run(f"{py} -m pytest -q {marker}", pty=False, env={"PYTHONUNBUFFERED": "1", **os.environ})
+    with c.cd(str(Path(__file__).resolve().parent)):  # the checkout, wherever `aihow test` runs
+        c.run(f"{py} -m ruff check .", pty=False)
+        c.run(f"{py} -m mypy aihow_infra providers tasks.py __main__.py", pty=False)
+        marker = "-m 'not e2e'" if fast else ""
+        c.run(f"{py} -m pytest -q {marker}", pty=False, env={"PYTHONUNBUFFERED": "1", **os.environ})
 
 
 vm = Collection("vm")
@@ -526,3 +538,7 @@ kube.add_task(kubernetes_build, "build")
 
 ns = Collection(stacks, up, preview, destroy, deploy, kubectl, validate, switch, topology, inventory, ssh_config, test,
                 vm, system, gpu, host, image, kube)
+
+# `aihow ARGS` (pyproject's console script): the same tasks, from any folder. The project is the
+# checkout this file is in (AIHOW_PROJECT_DIR overrides it), never the current folder.
+program = Program(namespace=ns, name="aihow", binary="aihow", version=_version())

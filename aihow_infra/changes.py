@@ -49,7 +49,9 @@ class Risk:
         return f"{self.kind} {self.name}: {self.what}"
 
 
-def _kind(urn: str) -> str:
+def kind_of(urn: str) -> str:
+    """What kind of the project's resources a URN names: ``VM``, ``disk``, ``seed``, ``network``,
+    ``pool``, ``GPU lease``; ``resource`` for anything else."""
     return _TYPE_KINDS.get(urn.split("::")[-2].rsplit(":", 1)[-1], "resource")
 
 
@@ -59,7 +61,7 @@ def risks(steps: list[dict[str, Any]]) -> list[Risk]:
     found = []
     for step in steps:
         op, urn = step.get("op"), step.get("urn", "")
-        kind = _kind(urn)
+        kind = kind_of(urn)
         old = (step.get("oldState") or {}).get("outputs") or {}
         new = (step.get("newState") or {}).get("inputs") or {}
         name = str(old.get("name") or new.get("name") or urn.split("::")[-1])

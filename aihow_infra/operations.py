@@ -13,6 +13,7 @@ import contextlib
 import hashlib
 import os
 import time
+from collections import Counter
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
@@ -41,7 +42,7 @@ from aihow_infra.plan import ClusterPlan, VmPlan, plan_cluster, shared_devices
 from aihow_infra.progress import EngineProgress, describe
 from aihow_infra.settings import DEFAULT_LEDGER, StackSettings, parse_settings
 from aihow_infra.sshkeys import STATE_DIR, LoginKey, login_key
-from aihow_infra.stacks import Workspace
+from aihow_infra.stacks import Plan, Workspace
 from aihow_infra.status import ClusterStatus, SharedGpuStatus, StackSummary, SystemStatus, VmStatus
 
 # The node each cluster's software is asked on (and that is never drained).
@@ -239,13 +240,17 @@ class Operator:
                             gpu_functions=[a for c in vm.claims for a in c.functions]) for vm in view.plan.vms])
         self.last_runs.save(stack, self.cluster_file_path(view.settings), self.workspace.state_files(stack), expected)
 
-    def preview(self, stacks: list[str]) -> dict[str, str]:
-        """What ``up`` would change in each stack, the stacks at once: the engine's preview, or
-        one line when nothing changed since the last run (no engine started)."""
+    def preview(self, stacks: list[str], diff: bool = False) -> dict[str, str]:
+        """What ``up`` would change in each stack, the stacks at once: each planned step in the
+        operator's words, and what of it deletes a disk or restarts a VM (``diff``: the engine's
+        own preview with every changed property); one line when nothing changed since the
+        last run (no engine started)."""
         def one(stack: str) -> str:
             if self.nothing_to_do(stack):
                 return f"{stack}: no changes (nothing changed since the last run; libvirt agrees)"
-            return self.workspace.preview(stack)
+            if diff:
+                return self.workspace.preview(stack)
+            return planned_changes(stack, self.workspace.preview_plan(stack))
 
         with ThreadPoolExecutor(max(len(stacks), 1)) as pool:
             return dict(zip(stacks, pool.map(one, stacks), strict=True))
@@ -492,7 +497,7 @@ class Operator:
                 dom = lookup("looking up domain", conn.lookupByName, name)
                 if dom is not None:
                     stop_domain(dom, timeout=0)
-        self.progress(f"stopping {name}")
+        self.progress(f"stopping {name}: shutting down (up to {view.settings.stop_timeout:.0f} s, then powered off)")
         self._apply_power(view, {name: "stopped"})
 
     def vm_restart(self, name: str) -> None:
@@ -591,10 +596,22 @@ class Operator:
                 self._apply(stack, lambda _now: power)
 
     def system_down(self) -> None:
-        """Cloud first, then HPC: every VM is shut down and its leases released."""
-        for view in reversed(self.views()):
-            self._drain(view, list(view.plan.vms))
-            self._apply(view.stack, lambda power: power.with_cluster("stopped"))
+        """Both clusters at once (they share nothing a stop could race for): each is drained,
+        every VM shut down and its leases released. The first failure is raised once both
+        have finished."""
+        def down(view: StackView) -> AihowError | None:
+            try:
+                self._drain(view, list(view.plan.vms))
+                self._apply(view.stack, lambda power: power.with_cluster("stopped"))
+            except AihowError as exc:
+                return exc
+            return None
+
+        views = list(reversed(self.views()))
+        with ThreadPoolExecutor(max(len(views), 1)) as pool:
+            failures = [exc for exc in pool.map(down, views) if exc is not None]
+        if failures:
+            raise failures[0]
 
     def system_destroy(self) -> None:
         """Remove every VM, volume, pool and network of both clusters, the two at once (a
@@ -744,6 +761,24 @@ def _with_workload(rows: list[VmStatus], workload: tuple[dict[str, str], str]) -
     states = workload[0]
     return [replace(r, workload=states.get(r.name, "") if r.role not in HEAD_ROLES or r.name in states else
                     "answers" if states else "no answer") for r in rows]
+
+
+def planned_changes(stack: str, plan: Plan) -> str:
+    """A preview in the operator's words: ``hpc: 1 to create, 1 to update``, a line per step,
+    and the steps that lose data or stop a guest."""
+    words = {"create": "create", "update": "update", "replace": "replace", "delete": "delete"}
+    steps = [(words[step["op"]], what) for step in plan.steps
+             if step.get("op") in words and (what := describe(str(step.get("urn", "")))) is not None]
+    lines = [f"{stack}: " + (", ".join(f"{n} to {op}" for op, n in Counter(op for op, _ in steps).items())
+                              or "no changes")]
+    lines += [f"  {op} {what}" for op, what in steps]
+    lines += [f"  protected disk {urn.split('::')[-1]} would be deleted; `up` lists it and asks first"
+              for urn in plan.protected]
+    found = risks(plan.steps)
+    if found:
+        lines.append("  of these, the ones that lose data or interrupt a guest (`up` asks first):")
+        lines += [f"    - {risk}" for risk in found]
+    return "\n".join(lines)
 
 
 def _resources(urns: set[str]) -> set[str]:

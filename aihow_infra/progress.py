@@ -13,6 +13,8 @@ from collections import Counter
 from collections.abc import Callable, Mapping
 from typing import Any
 
+from aihow_infra.changes import kind_of
+
 Say = Callable[[str], None]
 
 # op -> (while it runs, when it is done); refresh, read and same steps print nothing.
@@ -28,10 +30,10 @@ _SUMMARY_WORDS = (("create", "created"), ("update", "updated"), ("replace", "rep
                   ("same", "unchanged"))
 # The summary counts what a replacement is once, under "replace".
 _COUNTED = {"create", "update", "replace", "delete", "same"}
-# What each of the project's resource types is, and the suffix its names carry (see
-# aihow_infra.components and providers/): pulumi-python:dynamic/libvirt:<Type>.
-_KINDS = {"Domain": ("VM", "-domain"), "Volume": ("disk of", "-disk"), "Seed": ("seed of", "-seed"),
-          "GpuLease": ("GPU lease of", ""), "Network": ("network", ""), "StoragePool": ("storage pool", "")}
+# How a line names each kind of resource (aihow_infra.changes), and the suffix of the names
+# aihow_infra.components gives them.
+_PHRASES = {"VM": ("VM", "-domain"), "disk": ("disk of", "-disk"), "seed": ("seed of", "-seed"),
+            "GPU lease": ("GPU lease of", ""), "network": ("network", ""), "pool": ("storage pool", "")}
 
 
 def describe(urn: str) -> str | None:
@@ -39,18 +41,15 @@ def describe(urn: str) -> str | None:
     ``GPU lease of compute-01``, ``network``; None for the project's component resources,
     providers and the stack itself (they only group the others)."""
     parts = urn.split("::")
-    if len(parts) < 4:
+    if len(parts) < 4 or not parts[-2].rsplit("$", 1)[-1].startswith("pulumi-python:dynamic"):
         return None
-    kind_name = parts[-2].rsplit("$", 1)[-1]
-    if not kind_name.startswith("pulumi-python:dynamic"):
-        return None
-    name = parts[-1]
-    kind, suffix = _KINDS.get(kind_name.rsplit(":", 1)[-1], (kind_name.rsplit(":", 1)[-1], ""))
-    if kind in ("network", "storage pool"):
-        return kind
-    if kind == "GPU lease of":
-        return f"{kind} {name.split('-lease')[0]}"
-    return f"{kind} {name.removesuffix(suffix)}"
+    kind, name = kind_of(urn), parts[-1]
+    phrase, suffix = _PHRASES.get(kind, (kind, ""))
+    if kind in ("network", "pool"):
+        return phrase
+    if kind == "GPU lease":
+        return f"{phrase} {name.split('-lease')[0]}"
+    return f"{phrase} {name.removesuffix(suffix)}"
 
 
 class EngineProgress:

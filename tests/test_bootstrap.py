@@ -38,6 +38,10 @@ PROGRAMS = {
     "pulumi-language-python": "the engine's Python host (built by bootstrap)",
     "ansible-inventory": "inventory tests (ansible-core, in .venv)",
     "ansible-playbook": "invoke deploy (ansible-core, in .venv)",
+    "aihow": "the operator's command from any folder (pyproject's console script, in .venv)",
+    "go": "the Pulumi engine and the Kubernetes binaries are built with it",
+    "gcc": "the pause binary of the Kubernetes images (gcc, libc6-dev)",
+    "strip": "the pause binary (binutils)",
 }
 
 
@@ -71,3 +75,17 @@ def test_the_shell_settings_match_the_tasks() -> None:
     clean = {k: v for k, v in os.environ.items() if not k.startswith("PULUMI_")}
     expected = {k: v for k, v in offline_env(environ=clean).items() if k.startswith("PULUMI_")}
     assert from_shell == expected
+
+
+def test_aihow_works_from_any_folder(tmp_path: Path) -> None:
+    """The console script runs the project's tasks on the project's stacks wherever it is
+    started; a folder with a tasks.py of its own changes nothing."""
+    (tmp_path / "tasks.py").write_text("raise SystemExit('the wrong tasks.py')\n")
+    aihow = ROOT / ".venv" / "bin" / "aihow"
+    listed = subprocess.run([str(aihow), "--list"], cwd=tmp_path, capture_output=True, text=True)
+    assert listed.returncode == 0, listed.stderr
+    assert "system.status" in listed.stdout and "kubectl" in listed.stdout
+    shown = subprocess.run([str(aihow), "validate", "--config", str(ROOT / "config" / "default.yaml")],
+                           cwd=tmp_path, capture_output=True, text=True)
+    assert shown.returncode == 0, shown.stderr
+    assert "aihow-hpc" in shown.stdout

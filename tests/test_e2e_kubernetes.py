@@ -20,7 +20,8 @@ from aihow_infra.images import BUSYBOX_IMAGE
 from aihow_infra.operations import Operator
 from tests.sandbox import E2E
 
-pytestmark = pytest.mark.e2e
+# Under software emulation the whole scenario takes about 20 minutes (see the phase times).
+pytestmark = [pytest.mark.e2e, pytest.mark.timeout(2700)]
 
 
 def wait_until(what: str, check: Callable[[], bool], timeout: float = 300) -> None:

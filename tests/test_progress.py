@@ -52,3 +52,26 @@ def test_nothing_changed_and_failures_are_said_plainly() -> None:
     seen({"resOpFailedEvent": {"metadata": {"op": "update", "urn": NODE + "Domain::controller-domain"}}})
     assert lines[-1] == "hpc: VM controller failed"
     assert seen.summary == "1 updated, 1 unchanged; failed: VM controller"
+
+
+def test_a_preview_lists_each_step_and_what_of_it_stops_a_guest() -> None:
+    from aihow_infra.operations import planned_changes
+    from aihow_infra.stacks import Plan
+
+    steps = [
+        {"op": "same", "urn": NODE + "Volume::controller-disk"},
+        {"op": "update", "urn": NODE + "Domain::controller-domain",
+         "oldState": {"outputs": {"name": "c-controller", "vcpus": 1, "running": True}},
+         "newState": {"inputs": {"name": "c-controller", "vcpus": 2, "running": True}}},
+        {"op": "create", "urn": NODE + "Volume::compute-02-disk"},
+        {"op": "create", "urn": NODE + "Domain::compute-02-domain"},
+    ]
+    assert planned_changes("hpc", Plan(steps, [])).splitlines() == [
+        "hpc: 1 to update, 2 to create",
+        "  update VM controller",
+        "  create disk of compute-02",
+        "  create VM compute-02",
+        "  of these, the ones that lose data or interrupt a guest (`up` asks first):",
+        "    - VM c-controller: restarted to apply vcpus",
+    ]
+    assert planned_changes("hpc", Plan(steps[:1], [])) == "hpc: no changes"
