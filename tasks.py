@@ -301,7 +301,7 @@ def deploy(c: Context, stack: str = "", limit: str = "", playbook: str = "") -> 
 
 @task(help={"stack": "the Kubernetes stack (default: cloud)"})
 def kubectl(c: Context, stack: str = "cloud") -> None:
-    """kubectl on the control plane, through its guest agent: invoke kubectl -- get nodes -o wide"""
+    """kubectl on the control plane, through its guest agent: aihow kubectl -- get nodes -o wide"""
     import shlex
 
     # invoke keeps the words after '--' joined by spaces, losing their quoting: take them
