@@ -50,6 +50,16 @@ def test_up_says_what_each_resource_does_and_sums_it_up(e2e: E2E, capsys: pytest
     assert (code, out, err.strip()) == (1, "", "error: --stack is missing; allowed: --stack hpc or --stack cloud "
                                                "(`stacks` lists them)")
 
+    # A change that restarts a running VM is listed and refused without a terminal; --yes applies it.
+    cluster["compute_nodes"][0]["memory_gb"] = 2
+    e2e.write_cluster_file({"hpc": cluster})
+    code, out, err = run_task(capsys, "up", "--stack", "hpc")
+    assert code == 1 and out == "", out
+    assert "These planned changes delete data or interrupt a guest:" in err
+    assert f"  - VM {box.prefix}-hpc-compute-01: restarted to apply memory_mib" in err.splitlines()
+    code, out, err = run_task(capsys, "up", "--stack", "hpc", "--yes")
+    assert (code, out.strip()) == (0, "hpc: 1 updated, 5 unchanged"), err
+
     lines.clear()
     op.destroy("hpc")
     assert "hpc: deleting VM controller" in lines and "hpc: 6 deleted" in lines
