@@ -28,6 +28,7 @@ from aihow_infra.config import IMAGE_DISK_GB, ImageRole
 from aihow_infra.errors import ImageError
 from aihow_infra.kubebins import PAUSE_VERSION, KubeBinaries, build_key, ensure_binaries
 from aihow_infra.oci import ImageSpec, write_archive
+from aihow_infra.steps import run_step
 
 IMAGE_ROLES: tuple[ImageRole, ...] = ("base", "hpc", "cloud")
 Progress = Callable[[str], None]
@@ -209,30 +210,6 @@ def ensure_image(role: str, *, force: bool = False, root: Path | None = None,
     return build_image(recipe, root or images_dir(), say), True
 
 
-def _run(cmd: list[str], say: Progress, what: str, env: dict[str, str] | None = None) -> None:
-    """Run a build step, passing its lines on as progress; a failure names the step and its last lines."""
-    try:
-        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
-                                start_new_session=True)
-    except OSError as exc:
-        raise ImageError(f"{what}: {cmd[0]} cannot run ({exc.strerror}); run ./bootstrap") from None
-    tail: list[str] = []
-    assert proc.stdout is not None
-    try:
-        for line in proc.stdout:
-            line = line.rstrip()
-            tail = [*tail[-9:], line]
-            say(line)
-        code = proc.wait()
-    except BaseException:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, 15)
-        proc.wait()
-        raise
-    if code != 0:
-        raise ImageError(f"{what} failed (exit {code}): {' | '.join(tail[-3:]) or 'no output'}")
-
-
 @contextlib.contextmanager
 def _build_folder(root: Path, name: str) -> Iterator[Path]:
     """A scratch folder beside the final one; removed whatever happens."""
@@ -344,7 +321,8 @@ def build_image(recipe: Recipe, root: Path, say: Progress) -> Image:
         out.mkdir()
         env = {**os.environ, "SOURCE_DATE_EPOCH": "1700000000", "LC_ALL": "C.UTF-8"}
         say(f"mmdebstrap {recipe.suite}: {len(recipe.packages)} packages")
-        _run(_mmdebstrap_command(recipe, rootfs, debs), say, f"mmdebstrap of the {recipe.role} image", env)
+        run_step(_mmdebstrap_command(recipe, rootfs, debs), say, f"mmdebstrap of the {recipe.role} image", env,
+                 error=ImageError)
         customize(rootfs, recipe)
         if recipe.kubernetes:
             add_kubernetes(rootfs, ensure_binaries(say), recipe.container_images, say)
@@ -353,10 +331,12 @@ def build_image(recipe: Recipe, root: Path, say: Progress) -> Image:
         shutil.copyfile(initrd, out / "initrd.img")
         raw = scratch / "disk.raw"
         say(f"mke2fs: {recipe.size_gb} GiB ext4 from the root file system")
-        _run(["mke2fs", "-q", "-F", "-t", "ext4", "-L", "root", "-U", ROOT_FS_UUID, "-E",
-              f"hash_seed={ROOT_FS_UUID}", "-d", str(rootfs), str(raw), f"{recipe.size_gb}G"], say, "mke2fs", env)
+        run_step(["mke2fs", "-q", "-F", "-t", "ext4", "-L", "root", "-U", ROOT_FS_UUID, "-E",
+                  f"hash_seed={ROOT_FS_UUID}", "-d", str(rootfs), str(raw), f"{recipe.size_gb}G"], say, "mke2fs", env,
+                 error=ImageError)
         say("qemu-img convert to qcow2")
-        _run(["qemu-img", "convert", "-O", "qcow2", str(raw), str(out / "disk.qcow2")], say, "qemu-img convert")
+        run_step(["qemu-img", "convert", "-O", "qcow2", str(raw), str(out / "disk.qcow2")], say, "qemu-img convert",
+                 error=ImageError)
         disk_bytes = (out / "disk.qcow2").stat().st_size
         manifest = {"role": recipe.role, "key": recipe.key, "suite": recipe.suite, "packages": list(recipe.packages),
                     "kernel_cmdline": KERNEL_CMDLINE, "built_seconds": round(time.monotonic() - started, 1),

@@ -28,6 +28,7 @@ from pathlib import Path
 
 from aihow_infra.errors import ImageError
 from aihow_infra.files import locked
+from aihow_infra.steps import run_step
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 MODULES_DIR = PROJECT_ROOT / "kubernetes"
@@ -119,13 +120,6 @@ def find_binaries(root: Path | None = None) -> KubeBinaries | None:
     return found if all(found.path(c).is_file() for c in found.commands) else None
 
 
-def _go(args: list[str], module: str, env: dict[str, str], what: str) -> None:
-    ran = subprocess.run(["go", *args], cwd=MODULES_DIR / module, env=env, capture_output=True, text=True)
-    if ran.returncode != 0:
-        tail = " | ".join(ran.stderr.strip().splitlines()[-3:])
-        raise ImageError(f"building {what} failed (go exit {ran.returncode}): {tail}")
-
-
 def _version_flags(version: str, build_date: str) -> str:
     major, minor = version.lstrip("v").split(".")[:2]
     values = {"gitVersion": version, "gitMajor": major, "gitMinor": minor, "gitTreeState": "clean",
@@ -152,18 +146,20 @@ def build_binaries(root: Path, say: Progress) -> KubeBinaries:
     try:
         for module in ("kube", "etcd"):
             say(f"downloading the {module} modules (Go module proxy)")
-            _go(["mod", "download"], module, env, f"the {module} modules")
+            run_step(["go", "mod", "download"], say, f"downloading the {module} modules", env,
+                     MODULES_DIR / module, ImageError)
         ldflags = _version_flags(version, build_date)
         targets = [(c, "kube", f"k8s.io/kubernetes/cmd/{c}", ldflags) for c in KUBE_COMMANDS]
         targets.append(("etcd", "etcd", ETCD_PACKAGE, "-s -w"))
         for n, (command, module, package, flags) in enumerate(targets, 1):
             say(f"[{n}/{len(targets) + 1}] go build {command}")
             started = time.monotonic()
-            _go(["build", "-trimpath", "-tags", "selinux,notest", "-ldflags", flags,
-                 "-o", str(scratch / "bin" / command), package], module, env, command)
+            run_step(["go", "build", "-trimpath", "-tags", "selinux,notest", "-ldflags", flags,
+                      "-o", str(scratch / "bin" / command), package], say, f"go build {command}", env,
+                     MODULES_DIR / module, ImageError)
             seconds[command] = round(time.monotonic() - started, 1)
         say(f"[{len(targets) + 1}/{len(targets) + 1}] gcc pause {PAUSE_VERSION}")
-        _build_pause(scratch / "bin" / "pause", env)
+        _build_pause(scratch / "bin" / "pause", env, say)
         sizes = {p.name: p.stat().st_size for p in sorted((scratch / "bin").iterdir())}
         manifest = {"kubernetes": version, "etcd": etcd_version(), "go": go_version(), "pause": PAUSE_VERSION,
                     "build_seconds": seconds, "bytes": sizes}
@@ -179,17 +175,13 @@ def build_binaries(root: Path, say: Progress) -> KubeBinaries:
     return built
 
 
-def _build_pause(target: Path, env: dict[str, str]) -> None:
+def _build_pause(target: Path, env: dict[str, str], say: Progress) -> None:
     listed = subprocess.run(["go", "list", "-m", "-f", "{{.Dir}}", "k8s.io/kubernetes"], cwd=MODULES_DIR / "kube",
                             env=env, check=True, capture_output=True, text=True)
     source = Path(listed.stdout.strip()) / PAUSE_SOURCE
-    if shutil.which("gcc") is None:
-        raise ImageError("building the pause binary needs gcc and libc6-dev; run ./bootstrap")
-    ran = subprocess.run(["gcc", "-Os", "-Wall", "-Werror", "-static", f"-DVERSION=v{PAUSE_VERSION}-aihow",
-                          "-o", str(target), str(source)], capture_output=True, text=True)
-    if ran.returncode != 0:
-        raise ImageError(f"building the pause binary failed: {ran.stderr.strip().splitlines()[-1:]}")
-    subprocess.run(["strip", str(target)], check=False, capture_output=True)
+    run_step(["gcc", "-Os", "-Wall", "-Werror", "-static", f"-DVERSION=v{PAUSE_VERSION}-aihow", "-o", str(target),
+              str(source)], say, "building the pause binary (gcc, libc6-dev)", error=ImageError)
+    run_step(["strip", str(target)], say, "stripping the pause binary (binutils)", error=ImageError)
 
 
 def ensure_binaries(say: Progress | None = None, root: Path | None = None) -> KubeBinaries:
