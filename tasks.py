@@ -489,10 +489,11 @@ def host_check(c: Context, config: str = "", sysfs_root: str = "/", recorded: st
     if json_:
         out.print_json(json.dumps(report.to_dict()))
     else:
-        marks = {"ok": "[green]ok[/green]", "FAIL": "[red]FAIL[/red]", "not needed": "[dim]not needed[/dim]"}
+        marks = {"ok": "[green]ok[/green]", "FAIL": "[red]FAIL[/red]", "WARN": "[yellow]WARN[/yellow]",
+                 "not needed": "[dim]not needed[/dim]"}
         for check in report.checks:
             out.print(f"{marks[check.verdict]} {check.name}: {check.detail}", highlight=False)
-            if check.verdict == "FAIL" and check.fix:
+            if check.verdict in ("FAIL", "WARN") and check.fix:
                 # Whole, never wrapped: it is meant to be copied and pasted.
                 out.print(f"     fix: {check.fix}", highlight=False, soft_wrap=True)
         out.print("[green]ready for passthrough[/green]" if report.ready else "[red]not ready[/red]")

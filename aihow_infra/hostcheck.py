@@ -25,18 +25,21 @@ VFIO_DRIVER = "vfio-pci"
 class Check:
     """One finding: what was checked, whether it passed, and how to fix it. A check that no
     configured device needs (IOMMU and VFIO on a host without passthrough) is reported, but
-    never makes the host not ready."""
+    never makes the host not ready; nor does an advisory one (no KVM: VMs run, only slower)."""
 
     name: str
     ok: bool
     detail: str
     fix: str = ""
     needed: bool = True
+    advisory: bool = False
 
     @property
     def verdict(self) -> str:
-        """``ok``, ``FAIL`` or ``not needed``."""
-        return "ok" if self.ok else "FAIL" if self.needed else "not needed"
+        """``ok``, ``FAIL``, ``WARN`` (advisory) or ``not needed``."""
+        if self.ok:
+            return "ok"
+        return "not needed" if not self.needed else "WARN" if self.advisory else "FAIL"
 
 
 @dataclass
@@ -48,7 +51,7 @@ class Report:
     @property
     def ready(self) -> bool:
         """True when nothing that is needed failed."""
-        return all(c.ok or not c.needed for c in self.checks)
+        return all(c.ok or not c.needed or c.advisory for c in self.checks)
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-friendly form."""
@@ -58,9 +61,10 @@ class Report:
 def _system_checks(host: Host, live: bool, passthrough: bool) -> list[Check]:
     checks = []
     kvm = host.path("/dev/kvm").exists()
-    checks.append(Check("kvm", kvm, "/dev/kvm present" if kvm else "/dev/kvm is missing",
+    checks.append(Check("kvm", kvm, "/dev/kvm present" if kvm else "/dev/kvm is missing: VMs run under software "
+                                                                   "emulation, many times slower",
                         "" if kvm else "enable VT-x/AMD-V in the firmware, then `modprobe kvm_intel` "
-                                       "(or `modprobe kvm_amd`)"))
+                                       "(or `modprobe kvm_amd`)", advisory=True))
     # What aihow:virtType auto picks here; software emulation works, only slower, so never a failure.
     choice = choose_virt_type("auto", host, kvm)
     checks.append(Check("acceleration", True, f"{choice.virt_type}: {choice.reason}"))
@@ -119,7 +123,7 @@ def _device_checks(host: Host, address: str, vendor: str | None, device: str | N
     others = [m for m in host.group_members(group) if host.driver(m) not in (VFIO_DRIVER, None, "pcieport")]
     checks.append(Check(
         f"{name} iommu group {group}", not others,
-        f"every device of group {group} is on {VFIO_DRIVER}" if not others else
+        f"every device of group {group} is on {VFIO_DRIVER} or on no driver" if not others else
         "also in the group and not on vfio-pci: " + ", ".join(f"{m} ({host.driver(m)})" for m in others),
         "; ".join(_bind_fix(m, host.driver(m)) for m in others)))
     return checks

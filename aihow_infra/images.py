@@ -23,6 +23,7 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Literal
 
 from aihow_infra.config import IMAGE_DISK_GB, ImageRole
 from aihow_infra.errors import ImageError
@@ -30,7 +31,11 @@ from aihow_infra.kubebins import PAUSE_VERSION, KubeBinaries, build_key, ensure_
 from aihow_infra.oci import ImageSpec, write_archive
 from aihow_infra.steps import run_step
 
+# An image is a cluster role's, or the GPU-host simulator's: a stand-in workstation with an
+# IOMMU, libvirt and qemu inside, for the passthrough tests (never a cluster node's image).
+ImageName = Literal[ImageRole, "gpuhost"]
 IMAGE_ROLES: tuple[ImageRole, ...] = ("base", "hpc", "cloud")
+IMAGE_NAMES: tuple[ImageName, ...] = (*IMAGE_ROLES, "gpuhost")
 Progress = Callable[[str], None]
 
 DEFAULT_IMAGES_DIR = Path("/var/lib/aihow/images")
@@ -45,14 +50,18 @@ BASE_PACKAGES = (
     "openssh-server", "sudo", "iproute2", "e2fsprogs", "procps", "python3", "python3-apt", "netbase",
     "ca-certificates",
 )
-ROLE_PACKAGES: dict[ImageRole, tuple[str, ...]] = {
+ROLE_PACKAGES: dict[ImageName, tuple[str, ...]] = {
     "base": (),
     "hpc": ("slurmctld", "slurmd", "slurm-client", "munge"),
     "cloud": ("containerd", "runc", "containernetworking-plugins", "iptables", "conntrack", "busybox-static"),
+    # What a workstation running the project has: libvirt with its qemu driver, qemu itself,
+    # what libvirt's networks need, and python3-venv for the project's interpreter.
+    "gpuhost": ("libvirt-daemon-system", "libvirt-daemon-driver-qemu", "qemu-system-x86", "qemu-utils",
+                "dnsmasq-base", "iptables", "python3-venv", "pciutils"),
 }
 # The cloud image also carries the Kubernetes binaries built here (aihow_infra.kubebins) and the
 # container images no registry can give (aihow_infra.oci); with them its root needs 3 GiB.
-ROLE_SIZE_GB: dict[ImageRole, int] = {"cloud": 3}
+ROLE_SIZE_GB: dict[ImageName, int] = {"cloud": 3, "gpuhost": 3}
 KUBERNETES_BIN_DIR = "/usr/local/bin"
 OCI_DIR = "/usr/local/share/aihow/oci"
 PAUSE_IMAGE = f"registry.k8s.io/pause:{PAUSE_VERSION}"
@@ -98,7 +107,7 @@ LATER_FIELDS = ("kubernetes", "container_images")
 class Recipe:
     """Everything an image is made from; its hash names the image."""
 
-    role: ImageRole
+    role: ImageName
     suite: str = SUITE
     packages: tuple[str, ...] = ()
     files: tuple[tuple[str, str], ...] = ()
@@ -127,8 +136,8 @@ class Recipe:
 def recipe_for(role: str) -> Recipe:
     """The recipe of an image role; a clear error for an unknown one."""
     if role not in ROLE_PACKAGES:
-        raise ImageError(f"image role {role!r} is unknown; allowed: {', '.join(IMAGE_ROLES)}")
-    typed: ImageRole = role
+        raise ImageError(f"image role {role!r} is unknown; allowed: {', '.join(IMAGE_NAMES)}")
+    typed: ImageName = role
     return Recipe(role=typed, packages=tuple(sorted({*BASE_PACKAGES, *ROLE_PACKAGES[typed]})),
                   files=tuple(sorted(IMAGE_FILES.items())), size_gb=ROLE_SIZE_GB.get(typed, IMAGE_DISK_GB),
                   kubernetes=f"{build_key()}+payload{PAYLOAD_VERSION}" if typed == "cloud" else "",

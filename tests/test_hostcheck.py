@@ -62,6 +62,19 @@ def test_ready_host_is_ready(tmp_path: Path) -> None:
     assert report.to_dict()["ready"] is True
 
 
+def test_a_host_without_kvm_is_warned_but_ready(tmp_path: Path) -> None:
+    # Software emulation runs the same VMs, only slower (the GPU-host simulator is such a host).
+    recording = copy.deepcopy(load_recording(READY))
+    recording["dev_kvm"] = False
+    config = cluster_file(tmp_path, [
+        {"pci_address": "0000:01:00.0", "device_type": "gpu", "vendor_id": "10de", "device_id": "2684"},
+        {"pci_address": "0000:01:00.1", "device_type": "audio", "vendor_id": "10de", "device_id": "22ba"}])
+    report = check_host(materialize(recording, tmp_path / "root"), [config])
+    kvm = next(c for c in report.checks if c.name == "kvm")
+    assert kvm.verdict == "WARN" and "software emulation" in kvm.detail and "modprobe kvm_intel" in kvm.fix
+    assert report.ready
+
+
 def test_group_member_on_another_driver_wrong_ids_and_missing_device(tmp_path: Path) -> None:
     recording = copy.deepcopy(load_recording(READY))
     recording["pci_devices"]["0000:01:00.1"]["driver"] = "snd_hda_intel"

@@ -12,6 +12,7 @@ import pytest
 
 from aihow_infra.errors import LibvirtError
 from aihow_infra.ledger import Ledger
+from aihow_infra.libvirt.connection import translate
 from aihow_infra.libvirt.inspect import metadata, read_definition
 from aihow_infra.settings import parse_settings
 from providers.domain import DomainProvider
@@ -267,3 +268,17 @@ def test_spellings_of_one_libvirt_daemon_replace_nothing(tag: str) -> None:
         == "qemu+ssh://gpu-host/system"  # another transport is another address
     props = dom_props(tag, uri="qemu:///system")
     assert DomainProvider().diff("x", {**props, "uri": "qemu+unix:///system"}, props).changes is False
+
+
+def test_libvirts_refusal_of_a_held_device_names_the_vm_that_holds_it() -> None:
+    # libvirt's own words when a domain started outside the project holds the device (seen for
+    # real in the GPU-host simulator, tests/test_e2e_gpuhost.py).
+    refusal = libvirt.libvirtError("Requested operation is not valid: PCI device 0000:00:1e.0 is in use by "
+                                   "driver QEMU, domain sim-hpc-compute-01")
+    message = str(translate(refusal, "starting domain sim-cloud-gpu-worker-01"))
+    assert message.startswith("starting domain sim-cloud-gpu-worker-01: PCI device 0000:00:1e.0 is in use by the "
+                              "running VM sim-hpc-compute-01, which the GPU lease ledger has no record of")
+    assert "stop sim-hpc-compute-01 first" in message and message.endswith("domain sim-hpc-compute-01)")
+    other = libvirt.libvirtError("internal error: qemu unexpectedly closed the monitor")
+    assert str(translate(other, "starting domain x")) == "starting domain x: internal error: qemu unexpectedly " \
+                                                         "closed the monitor"

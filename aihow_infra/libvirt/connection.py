@@ -8,6 +8,7 @@ state, so it must hold no connection) through ``connect``.
 from __future__ import annotations
 
 import contextlib
+import re
 from collections.abc import Callable, Iterator
 from typing import TypeVar
 
@@ -24,13 +25,23 @@ _NOT_FOUND = {
     libvirt.VIR_ERR_NO_STORAGE_VOL,
 }
 
+# libvirt's own refusal to give a host device to a second running domain.
+_DEVICE_IN_USE = re.compile(r"PCI device (\S+) is in use by driver \w+, domain (\S+)")
+
 # libvirt prints every error to stderr by default; we report them ourselves.
 libvirt.registerErrorHandler(lambda _ctx, _err: None, None)
 
 
 def translate(exc: libvirt.libvirtError, doing: str) -> LibvirtError:
     """The project's exception for a libvirt error, with what we were doing."""
-    message = f"{doing}: {exc.get_error_message() or exc}"
+    text = exc.get_error_message() or str(exc)
+    message = f"{doing}: {text}"
+    if held := _DEVICE_IN_USE.search(text):
+        # Only when the lease ledger was bypassed: a VM started outside the project, or a ledger moved away.
+        address, holder = held.groups()
+        message = (f"{doing}: PCI device {address} is in use by the running VM {holder}, which the GPU lease "
+                   f"ledger has no record of (started outside the project?); stop {holder} first "
+                   f"(libvirt: {text})")
     if exc.get_error_code() in _NOT_FOUND:
         return NotFoundError(message)
     return LibvirtError(message)
