@@ -52,6 +52,9 @@ SIM_ENV = {
     "COLUMNS": "200",
 }
 OUTER_MEMORY_MIB = 4096
+# Polling an agent that is not up yet fails on purpose; libvirt would print each failure.
+libvirt.registerErrorHandler(lambda _ctx, _err: None, None)
+PYTHON = f"python{sys.version_info.major}.{sys.version_info.minor}"  # the checkout's virtualenv's
 
 
 def edu_passthrough() -> dict[str, Any]:
@@ -194,13 +197,13 @@ def _prepare(host: GpuHost) -> None:
     simulator's Python, same minor version, with the checkout's packages on its path) and a
     project folder of its own where the engine may write."""
     checkout = shlex.quote(str(host.checkout))
-    site = host.checkout / ".venv" / "lib" / f"python{sys.version_info.major}.{sys.version_info.minor}" / "site-packages"
+    site = host.checkout / ".venv" / "lib" / PYTHON / "site-packages"
     host.check(f"mkdir -p {checkout} && (mountpoint -q {checkout} || mount -t virtiofs -o ro {SHARE_TAG} {checkout})")
     minor = host.check("python3 -c 'import sys; print(sys.version_info[:2])'").strip()
     if minor != str(sys.version_info[:2]):
         raise AssertionError(f"the simulator's Python is {minor}, the checkout's virtualenv {sys.version_info[:2]}")
     host.check(f"python3 -m venv {SIM}/venv", timeout=600)
-    host.write(f"{SIM}/venv/lib/python{sys.version_info.major}.{sys.version_info.minor}/site-packages/checkout.pth",
+    host.write(f"{SIM}/venv/lib/{PYTHON}/site-packages/checkout.pth",
                f"import site; site.addsitedir({str(site)!r})\n")
     host.write(f"{SIM}/venv/bin/aihow",
                f"#!{SIM}/venv/bin/python\nimport sys\n\nfrom tasks import program\n\nsys.exit(program.run())\n")
