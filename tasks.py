@@ -319,7 +319,8 @@ def kubectl(c: Context, stack: str = "cloud") -> None:
 # --- guest images ---------------------------------------------------------------------------
 
 
-@task(help={"role": "base, hpc, cloud, or all", "force": "build again even when the cache has it"})
+@task(help={"role": "base, hpc, cloud, or all of them; gpuhost: the passthrough test's GPU-host simulator",
+            "force": "build again even when the cache has it"})
 def image_build(c: Context, role: str = "all", force: bool = False) -> None:
     """Build guest images from Debian packages (cached by recipe; kept .debs make rebuilds offline)."""
     from aihow_infra.images import IMAGE_ROLES, ensure_image

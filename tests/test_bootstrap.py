@@ -7,6 +7,7 @@ libvirt-clients, and bootstrap installs without recommendations).
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
@@ -49,6 +50,14 @@ PROGRAMS = {
 def test_program_is_on_path(program: str) -> None:
     path = offline_env()["PATH"] + os.pathsep + "/usr/sbin:/sbin"
     assert shutil.which(program, path=path), f"{program} is missing: needed by {PROGRAMS[program]}; run ./bootstrap"
+
+
+def test_libvirt_finds_a_virtiofs_daemon() -> None:
+    # Shares (a node's virtiofs mounts, the GPU-host simulator's checkout) need one; libvirt looks
+    # for it in qemu's vhost-user descriptions, not on PATH (qemu-system-common brings both).
+    found = [json.loads(p.read_text()) for p in sorted(Path("/usr/share/qemu/vhost-user").glob("*.json"))]
+    daemons = [d["binary"] for d in found if d.get("type") == "fs" and Path(d.get("binary", "")).is_file()]
+    assert daemons, "no virtiofs daemon in /usr/share/qemu/vhost-user; run ./bootstrap (qemu-system-x86)"
 
 
 def test_xml_validation_works_end_to_end(tmp_path: Path) -> None:

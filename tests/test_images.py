@@ -13,6 +13,7 @@ import pytest
 from aihow_infra.errors import ImageError
 from aihow_infra.images import (
     BASE_PACKAGES,
+    IMAGE_ROLES,
     Recipe,
     customize,
     ensure_image,
@@ -31,6 +32,15 @@ def test_each_role_has_its_own_stable_key() -> None:
     assert set(BASE_PACKAGES) <= set(recipe_for("base").packages)
 
 
+def test_the_gpu_host_simulator_image_is_a_workstation_not_a_node() -> None:
+    # It carries what the project needs on a host (libvirt, qemu, a venv-capable Python) and is
+    # built only when asked: `image.build --role all` makes the cluster roles.
+    gpuhost = recipe_for("gpuhost")
+    assert {"libvirt-daemon-system", "libvirt-daemon-driver-qemu", "qemu-system-x86", "python3-venv"} <= set(
+        gpuhost.packages)
+    assert gpuhost.key not in {recipe_for(role).key for role in IMAGE_ROLES} and "gpuhost" not in IMAGE_ROLES
+
+
 def test_any_change_to_the_recipe_changes_the_key() -> None:
     base = recipe_for("base")
     changed = [Recipe(**{**base.__dict__, "packages": (*base.packages, "vim")}),
@@ -41,7 +51,7 @@ def test_any_change_to_the_recipe_changes_the_key() -> None:
 
 
 def test_unknown_role_is_one_clear_line() -> None:
-    with pytest.raises(ImageError, match=r"^image role 'gpu' is unknown; allowed: base, hpc, cloud$"):
+    with pytest.raises(ImageError, match=r"^image role 'gpu' is unknown; allowed: base, hpc, cloud, gpuhost$"):
         recipe_for("gpu")
 
 
