@@ -137,21 +137,18 @@ class Ledger:
                 payload = json.dumps({"version": FORMAT_VERSION, "devices": devices}, indent=2, sort_keys=True)
                 atomic_write(self.path, payload + "\n", "GPU lease ledger", error=LeaseError)
 
+    def check_free(self, holder: str, addresses: list[str]) -> None:
+        """Raise the ``LeaseConflictError`` that ``acquire`` would, from a snapshot: an early,
+        cheap answer before a run that would take the leases (which still decides)."""
+        _refuse_held(self._load(), holder, addresses)
+
     def acquire(self, holder: str, addresses: list[str], renew: bool = False) -> list[Lease]:
         """Grant every address to ``holder`` in one transaction, or none: a conflict raises
         ``LeaseConflictError`` naming the address, its holder, since when, and how to free it.
         Addresses the holder already has keep their generation, unless ``renew`` (a new grant:
         a release that names the older generation then leaves them alone)."""
         with self._locked() as devices:
-            for address in addresses:
-                entry = devices.get(address) or {}
-                other = entry.get("holder")
-                if other and other != holder:
-                    vm = vm_of(other)
-                    raise LeaseConflictError(
-                        f"GPU {address} is held by {other} since {entry.get('granted_at')}; "
-                        f"free it with `invoke vm.stop {vm}` (or `invoke gpu.reclaim {address}` if that VM "
-                        "is gone or shut off)")
+            _refuse_held(devices, holder, addresses)
             now = _now()
             for address in addresses:
                 entry = devices.setdefault(address, {"holder": None, "generation": 0, "granted_at": None})
@@ -200,3 +197,16 @@ class Ledger:
                     freed.append(Lease(other, holder, e["generation"], e.get("granted_at")))
                     e.update(holder=None, granted_at=None)
             return freed
+
+
+def _refuse_held(devices: dict[str, dict[str, Any]], holder: str, addresses: list[str]) -> None:
+    """``LeaseConflictError`` naming the first address someone else holds, since when, and how
+    to free it."""
+    for address in addresses:
+        entry = devices.get(address) or {}
+        other = entry.get("holder")
+        if other and other != holder:
+            raise LeaseConflictError(
+                f"GPU {address} is held by {other} since {entry.get('granted_at')}; "
+                f"free it with `invoke vm.stop {vm_of(other)}` (or `invoke gpu.reclaim {address}` if that VM "
+                "is gone or shut off)")

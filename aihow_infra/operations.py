@@ -478,6 +478,8 @@ class Operator:
         view, vm = self.find_vm(name)
         if view.power.cluster == "stopped":
             raise AihowError(f"cluster {view.plan.name} is stopped (system.down); run `invoke system.up` first")
+        # A GPU held elsewhere is refused now, not after an engine run (whose lease still decides).
+        Ledger(view.settings.ledger_path).check_free(holder_for(view.stack, name), [c.address for c in vm.claims])
         self.ensure_images([view])
         self.progress(f"starting {name}")
         self._apply_power(view, {name: "running"})

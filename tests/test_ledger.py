@@ -48,6 +48,22 @@ def test_a_conflict_grants_nothing(tmp_path: Path) -> None:
     assert ledger.holder_of(GPU[0]) is None  # all or nothing
 
 
+def test_the_early_check_refuses_as_acquire_would_and_changes_nothing(tmp_path: Path) -> None:
+    ledger = Ledger(tmp_path / "leases.json")
+    ledger.check_free("cloud/b", GPU)  # no ledger yet: free, and none is made
+    assert not ledger.path.exists()
+    ledger.acquire("hpc/a", [GPU[1]])
+    before = ledger.path.read_text()
+    with pytest.raises(LeaseConflictError) as early:
+        ledger.check_free("cloud/b", GPU)
+    with pytest.raises(LeaseConflictError) as late:
+        ledger.acquire("cloud/b", GPU)
+    assert str(early.value) == str(late.value)
+    assert str(early.value).startswith(f"GPU {GPU[1]} is held by hpc/a since ")
+    ledger.check_free("hpc/a", GPU)  # its own lease is no conflict
+    assert ledger.path.read_text() == before
+
+
 def test_corrupt_ledger_is_reported_kept_aside_and_never_overwritten(tmp_path: Path) -> None:
     path = tmp_path / "leases.json"
     path.write_text('{"version": 1, "devices": {"0000:01:00.0": {"holder": "hpc/a", "gener')
