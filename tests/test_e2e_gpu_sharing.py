@@ -19,7 +19,7 @@ from typing import Any
 
 import pytest
 
-from aihow_infra.errors import StackError
+from aihow_infra.errors import LeaseConflictError, StackError
 from aihow_infra.ledger import Ledger
 from aihow_infra.operations import Operator
 from tests.sandbox import E2E, Sandbox, gpu_passthrough
@@ -64,8 +64,9 @@ def test_seed_scenario_one_gpu_two_clusters(e2e: E2E) -> None:
     assert cloud[cloud_vm]["power_state"] == "shutoff" and cloud[cloud_vm]["desired_power"] == "stopped"
     assert set(holders(e2e).values()) == {f"hpc/{hpc_vm}"}
 
-    # 5. Starting the Cloud GPU worker is refused with the clear message; nothing is recorded.
-    with pytest.raises(StackError) as err:
+    # 5. Starting the Cloud GPU worker is refused with the clear message, before any engine
+    # run; nothing is recorded.
+    with pytest.raises(LeaseConflictError) as err:
         op.vm_start(cloud_vm)
     assert f"GPU 0000:41:00.0 is held by hpc/{hpc_vm} since " in str(err.value)
     assert f"free it with `invoke vm.stop {hpc_vm}`" in str(err.value)
