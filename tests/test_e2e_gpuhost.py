@@ -120,6 +120,9 @@ def test_one_gpu_two_clusters_over_real_vfio(simulator: GpuHost) -> None:
     assert_held_by(host, HPC_VM, CLOUD_VM)
     assert host.domain_state("sim-cloud-control-plane") == "running"
     assert steps.host_check()["ready"]
+    status = json.loads(steps.aihow("system.status", "--json").out)
+    assert {g["address"]: (g["holder"], g["vms"]) for g in status["shared_gpus"]} == dict.fromkeys(
+        FUNCTIONS, (f"hpc/{HPC_VM}", [HPC_VM, CLOUD_VM]))
 
     # The Cloud GPU worker cannot start: the lease names the holder; nothing changes.
     refused = steps.aihow("vm.start", CLOUD_VM, ok=False)
@@ -129,7 +132,12 @@ def test_one_gpu_two_clusters_over_real_vfio(simulator: GpuHost) -> None:
     # switch --to cloud: the HPC node stops and gives the device back, the Cloud worker takes it.
     steps.aihow("switch", "--to", "cloud")
     assert_held_by(host, CLOUD_VM, HPC_VM)
-    # ... and back.
+    # ... and back, in two steps: stopped, the holder gives the device back to the host (libvirt
+    # rebinds it to its own driver: none), and no lease is left.
+    steps.aihow("vm.stop", CLOUD_VM)
+    assert [host.driver(f) for f in FUNCTIONS] == [None, None]
+    assert host.vfio_users(group) == [] and host.domain_state(CLOUD_VM) == "shut off"
+    assert lease_holders(host, LEDGER) == dict.fromkeys(FUNCTIONS, None)
     steps.aihow("switch", "--to", "hpc")
     assert_held_by(host, HPC_VM, CLOUD_VM)
 
