@@ -513,7 +513,7 @@ def test(c: Context, fast: bool = False) -> None:
         c.run(f"{py} -m ruff check .", pty=False)
         c.run(f"{py} -m mypy aihow_infra providers tasks.py __main__.py", pty=False)
         marker = "-m 'not e2e'" if fast else ""
-        c.run(f"{py} -m pytest -q {marker}", pty=False, env={"PYTHONUNBUFFERED": "1", **os.environ})
+        c.run(f"{py} -m pytest -q --durations=12 {marker}", pty=False, env={"PYTHONUNBUFFERED": "1", **os.environ})
 
 
 vm = Collection("vm")
