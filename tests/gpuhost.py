@@ -234,8 +234,8 @@ def gpu_host(box: Sandbox, image: Image, checkout: Path = PROJECT_ROOT, boot_tim
     subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", "-F", "qcow2", "-b", str(image.disk), str(disk), "8G"],
                    check=True)
     dom = box.conn.defineXML(outer_xml(f"{box.prefix}-gpuhost", image, disk, checkout))
-    dom.create()
     try:
+        dom.create()
         _wait_for_agent(dom, boot_timeout)
         host = GpuHost(dom, checkout)
         _prepare(host)
