@@ -17,7 +17,6 @@ import json
 import shlex
 import subprocess
 import sys
-import time
 import xml.etree.ElementTree as ET
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -28,7 +27,7 @@ import libvirt
 import yaml
 
 from aihow_infra.images import KERNEL_CMDLINE, Image
-from aihow_infra.libvirt.guest import Ran, agent_command, console_log_path, run
+from aihow_infra.libvirt.guest import Ran, console_log_path, run, wait_ready
 from aihow_infra.stacks import PROJECT_ROOT
 from tests.sandbox import Sandbox
 
@@ -178,20 +177,6 @@ class GpuHost:
         return sorted(self.check(script).split())
 
 
-def _wait_for_agent(dom: libvirt.virDomain, timeout: float) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        with contextlib.suppress(libvirt.libvirtError):
-            agent_command(dom, "guest-ping")
-            return
-        if not dom.isActive():
-            break
-        time.sleep(2)
-    tail = console_log_path(dom.name()).read_text(errors="replace")[-2000:] if console_log_path(
-        dom.name()).exists() else ""
-    raise AssertionError(f"the GPU-host simulator's agent did not answer within {timeout:.0f} s:\n{tail}")
-
-
 def _prepare(host: GpuHost) -> None:
     """Mount the checkout read-only at its own path, give the project an interpreter there (the
     simulator's Python, same minor version, with the checkout's packages on its path) and a
@@ -236,7 +221,7 @@ def gpu_host(box: Sandbox, image: Image, checkout: Path = PROJECT_ROOT, boot_tim
     dom = box.conn.defineXML(outer_xml(f"{box.prefix}-gpuhost", image, disk, checkout))
     try:
         dom.create()
-        _wait_for_agent(dom, boot_timeout)
+        wait_ready(dom, boot_timeout, console_log_path(dom.name()))  # as for any project VM
         host = GpuHost(dom, checkout)
         _prepare(host)
         yield host
