@@ -7,6 +7,8 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import time
+from pathlib import Path
 from typing import Any
 
 import libvirt
@@ -38,11 +40,23 @@ def dom(box: Sandbox, short: str) -> libvirt.virDomain:
     return box.conn.lookupByName(f"{box.prefix}-hpc-{short}")
 
 
-def invoke(e2e: E2E, *args: str) -> subprocess.Popen[str]:
+def invoke(e2e: E2E, log: Path, *args: str) -> subprocess.Popen[str]:
+    """Run a task of this checkout on the test's project, its output going to ``log``."""
     env = {**os.environ, "AIHOW_PROJECT_DIR": str(e2e.workspace.project_dir),
            "PULUMI_BACKEND_URL": e2e.workspace.backend_url or ""}
-    return subprocess.Popen([sys.executable, "-m", "invoke", "-r", str(PROJECT_ROOT), *args], env=env, text=True,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+    with log.open("w") as out:
+        return subprocess.Popen([sys.executable, "-m", "invoke", "-r", str(PROJECT_ROOT), *args], env=env,
+                                text=True, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+
+
+def all_print(text: str, logs: list[Path], tasks: list[subprocess.Popen[str]], timeout: float = 600) -> bool:
+    """Whether every log comes to hold ``text`` before a task ends or ``timeout`` seconds pass."""
+    deadline = time.monotonic() + timeout
+    while not all(text in log.read_text() for log in logs):
+        if time.monotonic() > deadline or any(t.poll() is not None for t in tasks):
+            return False
+        time.sleep(0.2)
+    return True
 
 
 def test_power_records_drift_and_concurrent_stops(e2e: E2E) -> None:
@@ -65,16 +79,21 @@ def test_power_records_drift_and_concurrent_stops(e2e: E2E) -> None:
     op.vm_stop(f"{p}-hpc-compute-01", force=True)
     assert not dom(box, "compute-01").isActive() and not dom(box, "compute-02").isActive()
 
-    # Two tasks at once on different VMs of one stack: both records kept, both applied.
-    for _round in range(2):
+    # Two tasks at once on different VMs of one stack: both records kept, both applied. The test
+    # holds the stack until both tasks wait for it, so they overlap however slow the machine is.
+    for round_ in range(2):
         op.vm_start(f"{p}-hpc-compute-01")
         op.vm_start(f"{p}-hpc-compute-02")
-        tasks = [invoke(e2e, "vm.stop", f"{p}-hpc-{n}", "--force") for n in ("compute-01", "compute-02")]
-        outputs = [t.communicate(timeout=600)[0] for t in tasks]
-        assert [t.returncode for t in tasks] == [0, 0], outputs
+        logs = [e2e.root / f"stop-{n}-{round_}.log" for n in ("compute-01", "compute-02")]
+        with e2e.workspace.hold("hpc"):
+            tasks = [invoke(e2e, log, "vm.stop", f"{p}-hpc-{n}", "--force")
+                     for n, log in zip(("compute-01", "compute-02"), logs, strict=True)]
+            assert all_print(f"waiting for process {os.getpid()}", logs, tasks), [log.read_text() for log in logs]
+        codes = [t.wait(timeout=600) for t in tasks]
+        outputs = [log.read_text() for log in logs]
+        assert codes == [0, 0], outputs
         assert op.records("hpc").read().vms == {f"{p}-hpc-compute-01": "stopped", f"{p}-hpc-compute-02": "stopped"}
         assert not dom(box, "compute-01").isActive() and not dom(box, "compute-02").isActive()
-        assert any("waiting for process" in out for out in outputs), outputs  # one waited for the other
     assert (e2e.root / "project" / "Pulumi.hpc.yaml").read_text() == tracked  # the tracked file never changed
     assert e2e.workspace.planned_steps("hpc") == {}
 
