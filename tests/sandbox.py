@@ -6,20 +6,22 @@ from __future__ import annotations
 
 import contextlib
 import ipaddress
+import os
 import shutil
 import subprocess
+import sys
 import time
 import uuid
 import xml.etree.ElementTree as ET
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 import libvirt
 import yaml
 
-from aihow_infra.stacks import Workspace
+from aihow_infra.stacks import PROJECT_ROOT, Workspace
 
 SYSTEM_URI = "qemu:///system"
 # The GPU of the e2e tests: video and audio functions of one device (no host has it).
@@ -185,6 +187,30 @@ class E2E:
         existing = existing or {}
         existing.setdefault("config", {}).update(config)
         path.write_text(yaml.safe_dump(existing, sort_keys=False))
+
+
+@dataclass
+class Task:
+    """``invoke ARGS`` of this checkout on an E2E workspace, started in a session of its own."""
+
+    e2e: E2E
+
+    def env(self) -> dict[str, str]:
+        """The environment that points the task at the test's project folder and backend."""
+        return {**os.environ, "AIHOW_PROJECT_DIR": str(self.e2e.workspace.project_dir),
+                "PULUMI_BACKEND_URL": self.e2e.workspace.backend_url or ""}
+
+    def start(self, *args: str, output: IO[str] | int = subprocess.PIPE) -> subprocess.Popen[str]:
+        """Start the task; its output (stderr too) goes to ``output``."""
+        return subprocess.Popen([sys.executable, "-m", "invoke", "-r", str(PROJECT_ROOT), *args], env=self.env(),
+                                text=True, stdout=output, stderr=subprocess.STDOUT,
+                                stdin=subprocess.DEVNULL, start_new_session=True)
+
+    def run(self, *args: str) -> subprocess.CompletedProcess[str]:
+        """Run the task to its end (15 minutes at most)."""
+        proc = self.start(*args)
+        out, _ = proc.communicate(timeout=900)
+        return subprocess.CompletedProcess(args, proc.returncode, out)
 
 
 @contextlib.contextmanager

@@ -11,17 +11,14 @@ from __future__ import annotations
 import os
 import signal
 import subprocess
-import sys
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
 from pathlib import Path
 
 import libvirt
 import pytest
 
-from aihow_infra.stacks import PROJECT_ROOT
-from tests.sandbox import E2E, Sandbox
+from tests.sandbox import E2E, Sandbox, Task
 
 pytestmark = pytest.mark.e2e
 
@@ -31,27 +28,6 @@ def hpc_cluster(box: Sandbox) -> dict[str, object]:
     net = box.subnet()
     hosts = list(net.hosts())
     return {"hpc": box.cluster("hpc", net, [box.node(str(hosts[10])), box.node(str(hosts[11]))])}
-
-
-@dataclass
-class Task:
-    """``invoke ARGS`` for the test's workspace, started in a session of its own."""
-
-    e2e: E2E
-
-    def env(self) -> dict[str, str]:
-        return {**os.environ, "AIHOW_PROJECT_DIR": str(self.e2e.workspace.project_dir),
-                "PULUMI_BACKEND_URL": self.e2e.workspace.backend_url or ""}
-
-    def start(self, *args: str) -> subprocess.Popen[str]:
-        return subprocess.Popen([sys.executable, "-m", "invoke", "-r", str(PROJECT_ROOT), *args], env=self.env(),
-                                text=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                                stdin=subprocess.DEVNULL, start_new_session=True)
-
-    def run(self, *args: str) -> subprocess.CompletedProcess[str]:
-        proc = self.start(*args)
-        out, _ = proc.communicate(timeout=900)
-        return subprocess.CompletedProcess(args, proc.returncode, out)
 
 
 def descendants(pid: int) -> list[int]:

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import os
 import subprocess
-import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -16,8 +15,7 @@ import pytest
 
 from aihow_infra.errors import AihowError
 from aihow_infra.operations import Operator
-from aihow_infra.stacks import PROJECT_ROOT
-from tests.sandbox import E2E, Sandbox
+from tests.sandbox import E2E, Sandbox, Task
 
 pytestmark = pytest.mark.e2e
 
@@ -38,15 +36,6 @@ def setup(e2e: E2E, **compute: Any) -> tuple[Operator, dict[str, Any]]:
 
 def dom(box: Sandbox, short: str) -> libvirt.virDomain:
     return box.conn.lookupByName(f"{box.prefix}-hpc-{short}")
-
-
-def invoke(e2e: E2E, log: Path, *args: str) -> subprocess.Popen[str]:
-    """Run a task of this checkout on the test's project, its output going to ``log``."""
-    env = {**os.environ, "AIHOW_PROJECT_DIR": str(e2e.workspace.project_dir),
-           "PULUMI_BACKEND_URL": e2e.workspace.backend_url or ""}
-    with log.open("w") as out:
-        return subprocess.Popen([sys.executable, "-m", "invoke", "-r", str(PROJECT_ROOT), *args], env=env,
-                                text=True, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
 
 
 def all_print(text: str, logs: list[Path], tasks: list[subprocess.Popen[str]], timeout: float = 600) -> bool:
@@ -86,8 +75,10 @@ def test_power_records_drift_and_concurrent_stops(e2e: E2E) -> None:
         op.vm_start(f"{p}-hpc-compute-02")
         logs = [e2e.root / f"stop-{n}-{round_}.log" for n in ("compute-01", "compute-02")]
         with e2e.workspace.hold("hpc"):
-            tasks = [invoke(e2e, log, "vm.stop", f"{p}-hpc-{n}", "--force")
-                     for n, log in zip(("compute-01", "compute-02"), logs, strict=True)]
+            tasks = []
+            for n, log in zip(("compute-01", "compute-02"), logs, strict=True):
+                with log.open("w") as out:
+                    tasks.append(Task(e2e).start("vm.stop", f"{p}-hpc-{n}", "--force", output=out))
             assert all_print(f"waiting for process {os.getpid()}", logs, tasks), [log.read_text() for log in logs]
         codes = [t.wait(timeout=600) for t in tasks]
         outputs = [log.read_text() for log in logs]
