@@ -12,7 +12,6 @@ from __future__ import annotations
 from typing import Any
 
 from ansible.errors import AnsibleParserError
-
 from ansible.plugins.inventory import BaseInventoryPlugin
 
 DOCUMENTATION = r"""
