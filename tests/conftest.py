@@ -1,4 +1,5 @@
-"""Fixtures: a libvirt sandbox on qemu:///system, and the real engine in a workspace of its own."""
+"""Fixtures: a libvirt sandbox on qemu:///system, the real engine in a workspace of its own, and
+the phase times of the slow tests (printed at the end of every run, CI's log included)."""
 
 from __future__ import annotations
 
@@ -6,13 +7,33 @@ import contextlib
 import os
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import libvirt
 import pytest
 import yaml
 
 from aihow_infra.stacks import PROJECT_ROOT, Workspace
-from tests.sandbox import E2E, Sandbox, system_libvirt
+from tests.sandbox import E2E, Phases, Sandbox, system_libvirt
+
+
+@pytest.fixture
+def phases(request: pytest.FixtureRequest) -> Phases:
+    """The test's phase timer."""
+    return Phases(request.node)
+
+
+def pytest_terminal_summary(terminalreporter: Any) -> None:
+    """Print the phase times of every test that kept some."""
+    timed = [(r.nodeid, [v for k, v in r.user_properties if k == "phase"])
+             for key in ("passed", "failed") for r in terminalreporter.stats.get(key, []) if r.when == "call"]
+    timed = [(nodeid, lines) for nodeid, lines in timed if lines]
+    if timed:
+        terminalreporter.section("phase times")
+        for nodeid, lines in timed:
+            terminalreporter.write_line(nodeid)
+            for line in lines:
+                terminalreporter.write_line(f"  {line}")
 
 
 @pytest.fixture

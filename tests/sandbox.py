@@ -1,5 +1,6 @@
 """What the end-to-end tests share: a libvirt sandbox that cleans up after itself, a Pulumi
-workspace kept outside the work tree, and the passthrough device every GPU test uses.
+workspace kept outside the work tree, the passthrough device every GPU test uses, the tasks run
+as a user runs them, and the phase times of the slow tests.
 The fixtures that hand them out are in ``conftest.py``."""
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from pathlib import Path
 from typing import IO, Any
 
 import libvirt
+import pytest
 import yaml
 
 from aihow_infra.stacks import PROJECT_ROOT, Workspace
@@ -187,6 +189,28 @@ class E2E:
         existing = existing or {}
         existing.setdefault("config", {}).update(config)
         path.write_text(yaml.safe_dump(existing, sort_keys=False))
+
+
+class Phases:
+    """Times named phases of a test; they go into its report as ``phase`` properties."""
+
+    def __init__(self, node: pytest.Item) -> None:
+        self.node = node
+
+    @contextlib.contextmanager
+    def time(self, name: str) -> Iterator[None]:
+        """Time the block (kept also when it fails, marked so)."""
+        began = time.monotonic()
+        ok = False
+        try:
+            yield
+            ok = True
+        finally:
+            self.add(name if ok else f"{name} (failed)", time.monotonic() - began)
+
+    def add(self, name: str, seconds: float) -> None:
+        """Keep a phase timed elsewhere."""
+        self.node.user_properties.append(("phase", f"{seconds:7.1f} s  {name}"))
 
 
 @dataclass

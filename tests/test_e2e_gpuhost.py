@@ -24,7 +24,7 @@ import pytest
 from aihow_infra.images import ensure_image
 from aihow_infra.libvirt.guest import Ran
 from tests.gpuhost import GPU_SLOT, GpuHost, configure, edu_passthrough, gpu_host, lease_holders
-from tests.sandbox import Sandbox
+from tests.sandbox import Phases, Sandbox
 
 pytestmark = [pytest.mark.e2e, pytest.mark.gpuhost, pytest.mark.timeout(2400)]
 
@@ -60,16 +60,16 @@ def simulator(sandbox: Sandbox) -> Iterator[GpuHost]:
 
 
 class Steps:
-    """Runs the operator's commands inside and keeps how long each took (printed at the end)."""
+    """Runs the operator's commands inside and keeps how long each took (a phase each)."""
 
-    def __init__(self, host: GpuHost) -> None:
+    def __init__(self, host: GpuHost, phases: Phases) -> None:
         self.host = host
-        self.seconds: list[tuple[str, float]] = []
+        self.phases = phases
 
     def aihow(self, *args: str, ok: bool = True) -> Ran:
         started = time.monotonic()
         ran = self.host.aihow(*args)
-        self.seconds.append((" ".join(args), round(time.monotonic() - started, 1)))
+        self.phases.add(f"aihow {' '.join(args)}", time.monotonic() - started)
         if ok:
             assert ran.code == 0, f"aihow {' '.join(args)} exited {ran.code}:\n{ran.out}\n{ran.err}"
         return ran
@@ -94,8 +94,8 @@ def assert_held_by(host: GpuHost, vm: str, other: str) -> None:
     assert lease_holders(host, LEDGER) == dict.fromkeys(FUNCTIONS, f"{stack}/{vm}")
 
 
-def test_one_gpu_two_clusters_over_real_vfio(simulator: GpuHost) -> None:
-    host, steps = simulator, Steps(simulator)
+def test_one_gpu_two_clusters_over_real_vfio(simulator: GpuHost, phases: Phases) -> None:
+    host, steps = simulator, Steps(simulator, phases)
     configure(host, simulated_clusters())
     device = f"({HPC_VM}, {CLOUD_VM})"
     group = host.iommu_group(FUNCTIONS[0])
@@ -169,5 +169,3 @@ def test_one_gpu_two_clusters_over_real_vfio(simulator: GpuHost) -> None:
         host.check(fix.split("  (or ")[0])
     assert [host.driver(f) for f in FUNCTIONS] == ["vfio-pci", "vfio-pci"]
     assert steps.host_check()["ready"]
-
-    print("seconds per step inside the simulator:", *(f"{s:7.1f}  aihow {c}" for c, s in steps.seconds), sep="\n")

@@ -5,8 +5,8 @@ nothing. The manual-start worker (the seed's GPU worker, here without a device: 
 one, and the lease part is tested on libvirt's test driver) joins when started and is
 drained and cordoned before it stops.
 
-Every check runs on the control plane through the guest agent. Phase times are printed
-(pytest -s) for the measurements the README quotes."""
+Every check runs on the control plane through the guest agent. Phase times are printed at the
+end of the run (the ``phases`` fixture) for the measurements the README quotes."""
 
 from __future__ import annotations
 
@@ -18,7 +18,7 @@ import pytest
 
 from aihow_infra.images import BUSYBOX_IMAGE
 from aihow_infra.operations import Operator
-from tests.sandbox import E2E
+from tests.sandbox import E2E, Phases
 
 # Under software emulation the whole scenario takes about 20 minutes (see the phase times).
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(2700)]
@@ -31,7 +31,7 @@ def wait_until(what: str, check: Callable[[], bool], timeout: float = 300) -> No
         time.sleep(3)
 
 
-def test_cloud_cluster_runs_pods_and_the_manual_worker_joins_and_drains(e2e: E2E) -> None:
+def test_cloud_cluster_runs_pods_and_the_manual_worker_joins_and_drains(e2e: E2E, phases: Phases) -> None:
     box = e2e.sandbox
     net = box.subnet()
     hosts = list(net.hosts())
@@ -56,9 +56,8 @@ def test_cloud_cluster_runs_pods_and_the_manual_worker_joins_and_drains(e2e: E2E
         return {i["metadata"]["name"]: next(c["status"] for c in i["status"]["conditions"] if c["type"] == "Ready")
                 + (",cordoned" if i["spec"].get("unschedulable") else "") for i in items}
 
-    started = time.monotonic()
-    op.system_up()
-    print(f"system.up to a deployed cluster: {time.monotonic() - started:.0f} s")
+    with phases.time("system.up to a deployed cluster"):
+        op.system_up()
     assert nodes() == {control: "True", worker: "True"}
     status = op.system_status().clusters[0]
     assert status.health == "Kubernetes: healthy, 2/2 nodes Ready"
@@ -73,19 +72,20 @@ def test_cloud_cluster_runs_pods_and_the_manual_worker_joins_and_drains(e2e: E2E
             "--", "sh", "-c", "echo hello from $(hostname)")
     wait_until("the pod succeeds", lambda: kubectl("get", "pod", "hello", "-o", "jsonpath={.status.phase}")
                == "Succeeded")
-    print(f"pod created to succeeded: {time.monotonic() - began:.0f} s")
+    phases.add("pod created to succeeded", time.monotonic() - began)
     assert kubectl("logs", "hello").strip() == "hello from hello"
     assert kubectl("get", "pod", "hello", "-o", "jsonpath={.status.podIP}").startswith("10.244.1.")
 
     # Nothing changed: system.up does not deploy; a deploy changes nothing.
-    Operator(e2e.workspace, progress=lines.append).system_up()
+    with phases.time("system.up with nothing changed"):
+        Operator(e2e.workspace, progress=lines.append).system_up()
     assert "cloud: nothing changed since the last deploy" in lines
-    assert op.deploy("cloud").changed == 0
+    with phases.time("deploy with nothing to change"):
+        assert op.deploy("cloud").changed == 0
 
     # The manual-start worker joins when started (deploy limited to it and the control plane)...
-    began = time.monotonic()
-    op.vm_start(manual)
-    print(f"vm.start of the manual worker to Ready: {time.monotonic() - began:.0f} s")
+    with phases.time("vm.start of the manual worker to Ready"):
+        op.vm_start(manual)
     assert nodes()[manual] == "True"
     assert "deploying cloud: cloud.yml on cpu-worker-02,control-plane" in lines
     assert op.system_status().clusters[0].health == "Kubernetes: healthy, 3/3 nodes Ready"
@@ -96,7 +96,8 @@ def test_cloud_cluster_runs_pods_and_the_manual_worker_joins_and_drains(e2e: E2E
             "--", "sleep", "3600")
     wait_until("the sleeper runs", lambda: kubectl("get", "pod", "sleeper", "-o", "jsonpath={.status.phase}")
                == "Running")
-    op.vm_stop(manual)
+    with phases.time("vm.stop of the manual worker (drained first)"):
+        op.vm_stop(manual)
     assert any(line.startswith(f"draining {manual} in Kubernetes") for line in lines)
     assert not box.conn.lookupByName(manual).isActive()
     assert nodes()[manual].endswith(",cordoned")
@@ -105,8 +106,10 @@ def test_cloud_cluster_runs_pods_and_the_manual_worker_joins_and_drains(e2e: E2E
     assert op.system_status().clusters[0].health == "Kubernetes: healthy, 2/3 nodes Ready (1 stopped)"
 
     # Started again, it is back in scheduling.
-    op.vm_start(manual)
+    with phases.time("vm.start of the manual worker again"):
+        op.vm_start(manual)
     assert nodes()[manual] == "True"
 
-    op.system_destroy()
+    with phases.time("system.destroy"):
+        op.system_destroy()
     assert box.leftovers() == []

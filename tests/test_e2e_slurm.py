@@ -7,7 +7,6 @@ Every check runs on the controller through the guest agent."""
 from __future__ import annotations
 
 import ipaddress
-import os
 import subprocess
 import sys
 import time
@@ -20,7 +19,7 @@ from aihow_infra.libvirt.guest import run
 from aihow_infra.operations import Operator
 from aihow_infra.sshkeys import project_key
 from aihow_infra.stacks import PROJECT_ROOT
-from tests.sandbox import E2E, network_namespace
+from tests.sandbox import E2E, Phases, Task, network_namespace
 
 pytestmark = pytest.mark.e2e
 
@@ -53,7 +52,7 @@ def wait_for(e2e: E2E, want: dict[str, str], timeout: float = 180) -> dict[str, 
     return states
 
 
-def test_hpc_cluster_runs_jobs_drains_and_rejoins(e2e: E2E, tmp_path: Path) -> None:
+def test_hpc_cluster_runs_jobs_drains_and_rejoins(e2e: E2E, phases: Phases, tmp_path: Path) -> None:
     box = e2e.sandbox
     net = box.subnet()
     hosts = list(net.hosts())
@@ -69,7 +68,8 @@ def test_hpc_cluster_runs_jobs_drains_and_rejoins(e2e: E2E, tmp_path: Path) -> N
     p = box.prefix
     computes = [f"{p}-hpc-compute-01", f"{p}-hpc-compute-02"]
 
-    op.system_up()
+    with phases.time("system.up to a deployed cluster"):
+        op.system_up()
 
     assert wait_for(e2e, dict.fromkeys(computes, "idle")) == dict.fromkeys(computes, "idle")
     out = controller_run(e2e, "/usr/bin/srun", "-N2", "-p", "debug", "/usr/bin/hostname")
@@ -80,16 +80,20 @@ def test_hpc_cluster_runs_jobs_drains_and_rejoins(e2e: E2E, tmp_path: Path) -> N
 
     # Nothing changed: system.up does not deploy; a deploy changes nothing.
     lines: list[str] = []
-    Operator(e2e.workspace, progress=lines.append).system_up()
+    with phases.time("system.up with nothing changed"):
+        Operator(e2e.workspace, progress=lines.append).system_up()
     assert "hpc: nothing changed since the last deploy" in lines
-    assert op.deploy("hpc").changed == 0
+    with phases.time("deploy with nothing to change, through the guest agent"):
+        assert op.deploy("hpc").changed == 0
 
     # Stopping a compute node drains it first; SLURM sees it drained and down; start brings it back.
-    op.vm_stop(computes[1])
+    with phases.time("vm.stop of a compute node (drained first)"):
+        op.vm_stop(computes[1])
     assert not box.conn.lookupByName(computes[1]).isActive()
     state = wait_for(e2e, {computes[1]: "drain-"})[computes[1]]
     assert state.startswith(("drained", "down")), state
-    op.vm_start(computes[1])
+    with phases.time("vm.start of a compute node (rejoins)"):
+        op.vm_start(computes[1])
     assert wait_for(e2e, {computes[1]: "idle"})[computes[1]] == "idle"
     assert sorted(controller_run(e2e, "/usr/bin/srun", "-N2", "/usr/bin/hostname").split()) == computes
 
@@ -105,15 +109,15 @@ def test_hpc_cluster_runs_jobs_drains_and_rejoins(e2e: E2E, tmp_path: Path) -> N
 
     # The same deploy over SSH, from a network namespace of this test's own: nothing to change.
     e2e.configure("hpc", cluster_file, ansibleConnection="ssh")
-    env = {**os.environ, "AIHOW_PROJECT_DIR": str(e2e.workspace.project_dir),
-           "PULUMI_BACKEND_URL": e2e.workspace.backend_url or ""}
     address = ipaddress.IPv4Interface(f"{hosts[199]}/{net.prefixlen}")
-    with network_namespace(f"{p}n", cluster["network"]["bridge"], address) as inside:
+    with (network_namespace(f"{p}n", cluster["network"]["bridge"], address) as inside,
+          phases.time("deploy with nothing to change, over SSH")):
         proc = subprocess.run([*inside, sys.executable, "-m", "invoke", "-r", str(PROJECT_ROOT), "deploy",
-                               "--stack", "hpc"], env=env, capture_output=True, text=True, timeout=1200)
+                               "--stack", "hpc"], env=Task(e2e).env(), capture_output=True, text=True, timeout=1200)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "hpc deployed in" in proc.stdout and "0 change(s)" in proc.stdout, proc.stdout
     assert "changed=0" in proc.stderr and "unreachable=0" in proc.stderr
 
-    op.system_destroy()
+    with phases.time("system.destroy"):
+        op.system_destroy()
     assert box.leftovers() == []
