@@ -308,7 +308,7 @@ def kubectl(c: Context, stack: str = "cloud") -> None:
     # from the command line itself when it is there.
     args = sys.argv[sys.argv.index("--") + 1:] if "--" in sys.argv else shlex.split(c.remainder)
     if not args:
-        raise AihowError("no kubectl arguments; allowed: invoke kubectl -- ARGS (e.g. -- get nodes -o wide)")
+        raise AihowError("no kubectl arguments; allowed: aihow kubectl -- ARGS (e.g. -- get nodes -o wide)")
     code, stdout, stderr = operator().kubectl(stack, args)
     sys.stdout.write(stdout)
     sys.stderr.write(stderr)

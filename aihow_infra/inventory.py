@@ -78,7 +78,7 @@ def build_inventory(outputs: Mapping[str, Any], stack: str = "STACK", access: Ac
     VMs' live libvirt states by VM name (the outputs' ``power_state`` is as of the last up)."""
     cluster, nodes = outputs.get("cluster"), outputs.get("nodes") or {}
     if not cluster or not nodes:
-        raise AihowError(f"stack {stack} has no outputs yet; run `invoke up --stack {stack}` first")
+        raise AihowError(f"stack {stack} has no outputs yet; run `aihow up --stack {stack}` first")
     access = access or Access()
     live = {n["short_name"]: (states or {}).get(n["name"]) or n.get("power_state") or "unknown"
             for n in nodes.values()}

@@ -1,6 +1,6 @@
 """Kubernetes' view of the Cloud cluster, asked on the control plane through its guest agent
 (no IP traffic from the host): node readiness, draining before a node stops, health for
-status, and any kubectl command for ``invoke kubectl``."""
+status, and any kubectl command for ``aihow kubectl``."""
 
 from __future__ import annotations
 

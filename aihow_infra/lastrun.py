@@ -10,7 +10,7 @@ setting, a new power record, a changed program, a run of plain ``pulumi`` (the s
 a VM powered off or started by hand, a stopped or deleted network or pool, a deleted disk, a
 lost GPU lease, a deleted image.
 
-Kept light on purpose (no pydantic, no Pulumi): ``invoke system.up`` runs it before anything
+Kept light on purpose (no pydantic, no Pulumi): ``aihow system.up`` runs it before anything
 else is imported.
 """
 

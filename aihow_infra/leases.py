@@ -54,6 +54,6 @@ def reclaim(ledger: Ledger, uri: str, address: str, force: bool = False) -> str 
     state = holder_state(uri, lease.holder)
     if is_live(state) and not force:
         raise AihowError(f"GPU {address} is held by {lease.holder}, which is {state}; stop it with "
-                         f"`invoke vm.stop {lease.vm}`, or pass --force to reclaim anyway")
+                         f"`aihow vm.stop {lease.vm}`, or pass --force to reclaim anyway")
     freed = ledger.reclaim(address)
     return freed[0].holder if freed else None

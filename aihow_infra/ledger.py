@@ -208,5 +208,5 @@ def _refuse_held(devices: dict[str, dict[str, Any]], holder: str, addresses: lis
         if other and other != holder:
             raise LeaseConflictError(
                 f"GPU {address} is held by {other} since {entry.get('granted_at')}; "
-                f"free it with `invoke vm.stop {vm_of(other)}` (or `invoke gpu.reclaim {address}` if that VM "
+                f"free it with `aihow vm.stop {vm_of(other)}` (or `aihow gpu.reclaim {address}` if that VM "
                 "is gone or shut off)")

@@ -404,21 +404,21 @@ class Operator:
             head = self._head(view, conn)
             if head is None:
                 raise AihowError(f"the control plane of {view.plan.name} is not running; "
-                                 f"run `invoke system.up` or `invoke up --stack {stack}`")
+                                 f"run `aihow system.up` or `aihow up --stack {stack}`")
             ran = kubernetes.kubectl(head, args, timeout=600)
         return ran.code, ran.out, ran.err
 
     def deploy_if_changed(self, stack: str) -> DeployResult | None:
         """Deploy when anything the project's playbook depends on changed since the last deploy.
         A stack with a VM that boots no project image (a blank disk, or an image of the operator's
-        own) is left to ``invoke deploy``: there may be nothing there to configure."""
+        own) is left to ``aihow deploy``: there may be nothing there to configure."""
         book = project_playbook(stack)
         if book is None:
             return None
         unknown = [vm.name for vm in self.view(stack).plan.vms if not vm.waits_ready]
         if unknown:
             self.progress(f"{stack}: not deployed ({', '.join(unknown)} boot no project image); "
-                          f"run `invoke deploy --stack {stack}` when they are ready for it")
+                          f"run `aihow deploy --stack {stack}` when they are ready for it")
             return None
         inventory = self.inventory(stack)
         if self.deploys.last(stack) == fingerprint(inventory, book):
@@ -477,7 +477,7 @@ class Operator:
         """Start a VM: its GPU leases are taken first; a GPU held elsewhere fails with the holder."""
         view, vm = self.find_vm(name)
         if view.power.cluster == "stopped":
-            raise AihowError(f"cluster {view.plan.name} is stopped (system.down); run `invoke system.up` first")
+            raise AihowError(f"cluster {view.plan.name} is stopped (system.down); run `aihow system.up` first")
         # A GPU held elsewhere is refused now, not after an engine run (whose lease still decides).
         Ledger(view.settings.ledger_path).check_free(holder_for(view.stack, name), [c.address for c in vm.claims])
         self.ensure_images([view])
@@ -508,9 +508,9 @@ class Operator:
         with connect(view.settings.libvirt_uri) as conn:
             dom = lookup("looking up domain", conn.lookupByName, name)
             if dom is None:
-                raise AihowError(f"VM {name} does not exist; run `invoke up --stack {view.stack}`")
+                raise AihowError(f"VM {name} does not exist; run `aihow up --stack {view.stack}`")
             if not view.power.wants_running(name, vm.auto_start):
-                raise AihowError(f"VM {name} is meant to be stopped; use `invoke vm.start {name}`")
+                raise AihowError(f"VM {name} is meant to be stopped; use `aihow vm.start {name}`")
             self.progress(f"restarting {name}: shutting down (up to {view.settings.stop_timeout:.0f} s, "
                           "then powered off)")
             stop_domain(dom, view.settings.stop_timeout)

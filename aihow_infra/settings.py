@@ -82,7 +82,7 @@ def canonical_uri(uri: str) -> str:
 def parse_settings(raw: dict[str, Any]) -> StackSettings:
     """Validate the raw ``aihow:`` keys; raise ``ConfigError`` naming each bad key."""
     moved = [f"aihow:{key}: desired power is no longer a stack setting (it lives in .state/power, "
-             f"git-ignored); allowed: remove it (pulumi config rm aihow:{key}) and use `invoke {tasks}`"
+             f"git-ignored); allowed: remove it (pulumi config rm aihow:{key}) and use `aihow {tasks}`"
              for key, tasks in MOVED.items() if key in raw]
     if moved:
         raise ConfigError(moved, "stack settings")

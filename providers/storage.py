@@ -175,7 +175,7 @@ class VolumeProvider(VolumeInPool):
             vol = self.find(conn, news)
             if vol is None:
                 raise LibvirtError(f"volume {news['name']} is gone from pool {news['pool']}; "
-                                   "allowed: run `invoke up` again (a refresh notices it and makes it anew)")
+                                   "allowed: run `aihow up` again (a refresh notices it and makes it anew)")
             if vol.info()[1] < size:
                 try:
                     vol.resize(size, 0)

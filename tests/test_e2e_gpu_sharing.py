@@ -69,7 +69,7 @@ def test_seed_scenario_one_gpu_two_clusters(e2e: E2E) -> None:
     with pytest.raises(LeaseConflictError) as err:
         op.vm_start(cloud_vm)
     assert f"GPU 0000:41:00.0 is held by hpc/{hpc_vm} since " in str(err.value)
-    assert f"free it with `invoke vm.stop {hpc_vm}`" in str(err.value)
+    assert f"free it with `aihow vm.stop {hpc_vm}`" in str(err.value)
     assert op.records("cloud").read().vms == {}
     assert "power" not in (e2e.root / "project" / "Pulumi.cloud.yaml").read_text()
     assert set(holders(e2e).values()) == {f"hpc/{hpc_vm}"}

@@ -91,5 +91,5 @@ def test_agent_access_needs_no_address(tmp_path: Path) -> None:
 
 
 def test_a_stack_without_outputs_is_a_clear_error() -> None:
-    with pytest.raises(AihowError, match=r"no outputs yet; run `invoke up --stack"):
+    with pytest.raises(AihowError, match=r"no outputs yet; run `aihow up --stack"):
         build_inventory({})

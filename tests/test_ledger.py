@@ -31,7 +31,7 @@ def test_acquire_release_and_generations(tmp_path: Path) -> None:
         ledger.acquire("cloud/cloud-gpu-worker-01", GPU)
     message = str(err.value)
     assert "GPU 0000:01:00.0 is held by hpc/hpc-compute-01 since 20" in message
-    assert "invoke vm.stop hpc-compute-01" in message and "invoke gpu.reclaim 0000:01:00.0" in message
+    assert "aihow vm.stop hpc-compute-01" in message and "aihow gpu.reclaim 0000:01:00.0" in message
 
     assert ledger.release("cloud/cloud-gpu-worker-01", GPU) == []  # not the holder: never a steal
     assert ledger.holder_of(GPU[0]) is not None

@@ -136,7 +136,7 @@ def test_corrupt_power_records_stop_the_program(tmp_path: Path) -> None:
     ("hpc", {"clusterFile": "GOOD", "imagesDir": "images"},
      r"aihow:imagesDir: 'images' is relative; allowed: an absolute path"),
     ("hpc", {"clusterFile": "GOOD", "power": {"hpc-controller": "stopped"}},
-     r"aihow:power: desired power is no longer a stack setting .*use `invoke vm.start/vm.stop`"),
+     r"aihow:power: desired power is no longer a stack setting .*use `aihow vm.start/vm.stop`"),
     ("hpc", {"clusterFile": "GOOD", "clusterPower": "stopped"},
      r"aihow:clusterPower: desired power is no longer a stack setting"),
     ("hpc", {"clusterFile": "GOOD", "stopTimout": "5"},
