@@ -330,19 +330,48 @@ class Workspace:
 
     def _clear_stale_locks(self, stack: str) -> None:
         """Remove the engine's locks on ``stack`` left by a pulumi process that is gone (killed,
-        or its machine's session closed); a lock of a live process is left to the engine."""
+        or its machine's session closed), then mend what such a process may have cut short; a
+        lock of a live process is left to the engine."""
         folder = self.backend_folder()
         if folder is None:
             return
-        for lock in (folder / ".pulumi" / "locks").glob(f"*/*/{stack}/*.json"):
+        locks = folder / ".pulumi" / "locks"
+        dead = False
+        for lock in locks.glob(f"*/*/{stack}/*.json"):
             with contextlib.suppress(OSError, ValueError):
                 info = json.loads(lock.read_text())
                 pid, host = int(info.get("pid", 0)), info.get("hostname")
                 if host == socket.gethostname() and pid > 0 and not _alive(pid):
                     lock.unlink()
-                    if self.waiting is not None:
-                        self.waiting(f"cleared the lock of stack {stack} left by pulumi process {pid}, "
-                                     "which is gone")
+                    dead = True
+                    self._say(f"cleared the lock of stack {stack} left by pulumi process {pid}, which is gone")
+        if not any(locks.glob(f"*/*/{stack}/*.json")):
+            self._mend_backend(folder / ".pulumi", stack, dead_writer=dead)
+
+    def _mend_backend(self, pulumi: Path, stack: str, dead_writer: bool) -> None:
+        """The local backend's store writes a file's ``.attrs`` sidecar in place before it renames
+        the file into place: an engine killed in between leaves an empty or cut sidecar, and every
+        later run fails with 'failed to load checkpoint: EOF'. A sidecar that is not JSON, or whose
+        file is gone, is removed (a file without one is read as plain data, as the store intends).
+        After a dead writer, its temporary files go too."""
+        project = self.project_name()
+        places = [(pulumi / "stacks" / project, f"{stack}.json"), (pulumi / "history" / project / stack, ""),
+                  (pulumi / "backups" / project / stack, ""), *((d, "") for d in pulumi.glob(f"locks/*/*/{stack}"))]
+        for place, prefix in places:
+            for sidecar in place.glob(f"{prefix}*.attrs"):
+                if not sidecar.with_suffix("").exists() or not _is_json(sidecar):
+                    with contextlib.suppress(OSError):
+                        sidecar.unlink()
+                        self._say(f"removed {sidecar.name}, a broken or orphaned attributes file of stack {stack}'s "
+                                  "state left by a pulumi process that was stopped while saving")
+            for temp in place.glob(f"{prefix}*.tmp") if dead_writer else ():
+                with contextlib.suppress(OSError):
+                    temp.unlink()
+                    self._say(f"removed {temp.name}, a temporary file of stack {stack}'s state left by that process")
+
+    def _say(self, message: str) -> None:
+        if self.waiting is not None:
+            self.waiting(message)
 
     def stacks(self) -> set[str]:
         """Names of the stacks the backend holds for this project (listed once; this project
@@ -475,6 +504,14 @@ class Workspace:
         proc = self.run(["stack", "output", "--json"], stack)
         data: dict[str, Any] = json.loads(proc.stdout or "{}")
         return data
+
+
+def _is_json(path: Path) -> bool:
+    try:
+        json.loads(path.read_text())
+    except (OSError, ValueError):
+        return False
+    return True
 
 
 def _alive(pid: int) -> bool:

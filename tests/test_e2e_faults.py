@@ -8,8 +8,10 @@ for the moment to strike, strikes, and then checks the recovery.
 
 from __future__ import annotations
 
+import json
 import os
 import signal
+import socket
 import subprocess
 import time
 from collections.abc import Callable, Iterator
@@ -166,6 +168,25 @@ def test_engine_killed_during_up(fault: tuple[E2E, Task], kind: str, name: str) 
     assert list((e2e.root / "state" / ".pulumi" / "locks").rglob("*.json")), "the killed engine left its lock"
     recovered = converges(e2e, task, before)
     assert f"cleared the lock of stack hpc left by pulumi process {killed[0]}, which is gone" in recovered
+
+
+def test_state_cut_while_saving_is_mended(fault: tuple[E2E, Task]) -> None:
+    """What an engine killed between the store's two writes leaves (seen in one run of the kills
+    above): the state's ``.attrs`` sidecar cut to nothing, a temporary file and a dead lock. The
+    engine alone then fails every run with 'failed to load checkpoint: EOF'."""
+    e2e, task = fault
+    before = e2e.sandbox.snapshot()
+    assert task.run("up", "--stack", "hpc", "--yes").returncode == 0
+    pulumi = e2e.root / "state" / ".pulumi"
+    (pulumi / "stacks" / "aihow" / "hpc.json.attrs").write_text("")
+    (pulumi / "stacks" / "aihow" / "hpc.json.0123456789abcdef.tmp").write_text('{"vers')
+    gone = subprocess.Popen(["true"])
+    gone.wait()
+    lock = pulumi / "locks" / "organization" / "aihow" / "hpc" / "8c1f0b4e.json"
+    lock.parent.mkdir(parents=True, exist_ok=True)
+    lock.write_text(json.dumps({"pid": gone.pid, "hostname": socket.gethostname()}))
+    recovered = converges(e2e, task, before)
+    assert "removed hpc.json.attrs" in recovered and "removed hpc.json.0123456789abcdef.tmp" in recovered
 
 
 def test_provider_killed_during_up(fault: tuple[E2E, Task]) -> None:
