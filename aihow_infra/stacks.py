@@ -353,10 +353,13 @@ class Workspace:
         the file into place: an engine killed in between leaves an empty or cut sidecar, and every
         later run fails with 'failed to load checkpoint: EOF'. A sidecar that is not JSON, or whose
         file is gone, is removed (a file without one is read as plain data, as the store intends).
-        After a dead writer, its temporary files go too."""
+        The state's own are looked at before every task; after a dead writer, also those of the
+        stack's history, backups and locks, and its temporary files go too."""
         project = self.project_name()
-        places = [(pulumi / "stacks" / project, f"{stack}.json"), (pulumi / "history" / project / stack, ""),
-                  (pulumi / "backups" / project / stack, ""), *((d, "") for d in pulumi.glob(f"locks/*/*/{stack}"))]
+        places = [(pulumi / "stacks" / project, f"{stack}.json")]
+        if dead_writer:
+            places += [(pulumi / "history" / project / stack, ""), (pulumi / "backups" / project / stack, ""),
+                       *((d, "") for d in pulumi.glob(f"locks/*/*/{stack}"))]
         for place, prefix in places:
             for sidecar in place.glob(f"{prefix}*.attrs"):
                 if not sidecar.with_suffix("").exists() or not _is_json(sidecar):
