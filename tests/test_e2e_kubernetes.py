@@ -20,9 +20,10 @@ from aihow_infra.images import BUSYBOX_IMAGE
 from aihow_infra.operations import Operator
 from tests.sandbox import E2E, Phases
 
-# Under software emulation the scenario took 2002 s in a full run (2026-11-29); its phase times,
-# printed at the end of every run, say where (mostly Ansible through the agent, in each vm.start).
-pytestmark = [pytest.mark.e2e, pytest.mark.timeout(2700)]
+# Under software emulation the scenario took 2002 to 2304 s in full runs (2026-11-29); its phase
+# times, printed at the end of every run, say where (mostly Ansible through the agent, in each
+# vm.start). The timeout leaves 30% over that and still lets a hung run end within CI's 90 min.
+pytestmark = [pytest.mark.e2e, pytest.mark.timeout(3000)]
 
 
 def wait_until(what: str, check: Callable[[], bool], timeout: float = 300) -> None:
