@@ -314,7 +314,7 @@ class Workspace:
             return
         try:
             with PowerRecords(self.project_dir, stack).locked(self.waiting):
-                self._clear_stale_locks(stack)
+                self._recover_from_dead_engines(stack)
                 yield
         finally:
             with _HELD_LOCK:
@@ -328,7 +328,7 @@ class Workspace:
         folder = Path(url.removeprefix("file://"))
         return folder if folder.is_absolute() else self.project_dir / folder
 
-    def _clear_stale_locks(self, stack: str) -> None:
+    def _recover_from_dead_engines(self, stack: str) -> None:
         """Remove the engine's locks on ``stack`` left by a pulumi process that is gone (killed,
         or its machine's session closed), then mend what such a process may have cut short; a
         lock of a live process is left to the engine."""

@@ -191,6 +191,13 @@ class E2E:
         path.write_text(yaml.safe_dump(existing, sort_keys=False))
 
 
+def dead_pid() -> int:
+    """The pid of a process that has ended (what a killed engine leaves in its lock)."""
+    proc = subprocess.Popen(["true"])
+    proc.wait()
+    return proc.pid
+
+
 class Phases:
     """Times named phases of a test; they go into its report as ``phase`` properties."""
 

@@ -20,7 +20,7 @@ from pathlib import Path
 import libvirt
 import pytest
 
-from tests.sandbox import E2E, Sandbox, Task
+from tests.sandbox import E2E, Sandbox, Task, dead_pid
 
 pytestmark = pytest.mark.e2e
 
@@ -180,11 +180,9 @@ def test_state_cut_while_saving_is_mended(fault: tuple[E2E, Task]) -> None:
     pulumi = e2e.root / "state" / ".pulumi"
     (pulumi / "stacks" / "aihow" / "hpc.json.attrs").write_text("")
     (pulumi / "stacks" / "aihow" / "hpc.json.0123456789abcdef.tmp").write_text('{"vers')
-    gone = subprocess.Popen(["true"])
-    gone.wait()
     lock = pulumi / "locks" / "organization" / "aihow" / "hpc" / "8c1f0b4e.json"
     lock.parent.mkdir(parents=True, exist_ok=True)
-    lock.write_text(json.dumps({"pid": gone.pid, "hostname": socket.gethostname()}))
+    lock.write_text(json.dumps({"pid": dead_pid(), "hostname": socket.gethostname()}))
     recovered = converges(e2e, task, before)
     assert "removed hpc.json.attrs" in recovered and "removed hpc.json.0123456789abcdef.tmp" in recovered
 

@@ -7,18 +7,12 @@ from __future__ import annotations
 import json
 import os
 import socket
-import subprocess
 from pathlib import Path
 
 from aihow_infra.stacks import Workspace
+from tests.sandbox import dead_pid
 
 ATTRS = json.dumps({"user.cache_control": "", "user.content_type": "application/json"}) + "\n"
-
-
-def dead_pid() -> int:
-    proc = subprocess.Popen(["true"])
-    proc.wait()
-    return proc.pid
 
 
 def backend(tmp_path: Path, lock_pid: int) -> tuple[Workspace, Path, list[str]]:
