@@ -12,7 +12,8 @@ import pulumi
 
 from aihow_infra.components import Cluster, ClusterArgs
 from aihow_infra.desired import PowerRecords
-from aihow_infra.errors import ConfigError, StateFileError
+from aihow_infra.errors import AihowError, ConfigError, StateFileError
+from aihow_infra.hostcheck import check_subnets
 from aihow_infra.images import find_image, recipe_for
 from aihow_infra.loading import load_cluster_file
 from aihow_infra.plan import plan_cluster
@@ -36,6 +37,13 @@ def main() -> None:
     except ConfigError as exc:
         # First line for one-line summaries (the tasks), then every problem.
         raise pulumi.RunError(f"{exc}\n{exc.report()}") from None
+    try:
+        # Before anything is made: a subnet the host already uses would cut it off from its own.
+        check_subnets([plan], settings.libvirt_uri, settings.cluster_file)
+    except ConfigError as exc:
+        raise pulumi.RunError(f"{exc}\n{exc.report()}") from None
+    except AihowError as exc:
+        raise pulumi.RunError(str(exc)) from None
     try:
         # The program runs in the project folder, where the tasks keep the power records.
         power = PowerRecords(Path.cwd(), stack).read()

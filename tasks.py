@@ -189,13 +189,17 @@ def destroy(c: Context, stack: str = "", yes: bool = False) -> None:
 @task(help={"config": "cluster file to check (default: the one each stack names)"})
 def validate(c: Context, config: str = "") -> None:
     """Check a cluster file: a summary, or every error at once."""
+    from aihow_infra.hostcheck import check_subnets
     from aihow_infra.loading import load_cluster_file
     from aihow_infra.plan import plan_all, shared_devices
 
     op = operator()
-    paths = [config] if config else sorted({op.settings(s).cluster_file for s in op.configured_stacks()})
+    stacks = op.configured_stacks()
+    paths = [config] if config else sorted({op.settings(s).cluster_file for s in stacks})
+    uri = op.settings(stacks[0]).libvirt_uri if stacks else "qemu:///system"
     for path in paths:
         plans = plan_all(load_cluster_file(path))
+        check_subnets(plans, uri, path)
         table = Table(title=f"{path}: valid", title_justify="left")
         for col in ("cluster", "VMs", "auto-start", "vCPUs", "memory GiB", "disk GiB", "network", "GPUs"):
             table.add_column(col)

@@ -16,8 +16,10 @@ DOMAIN_METADATA_KEYS = frozenset({"cluster", "role", "stack"})
 DOMAIN_NETWORK_KEYS = frozenset({"network", "network_id"})
 # Written into the definition; a running domain takes them at its next boot, so a change
 # restarts it.
+# ``address`` is not in the definition: it is what the guest's seed says, which cloud-init applies
+# at boot (aihow_infra.cloudinit), so a running guest is restarted to take a new one.
 DOMAIN_REBOOT_KEYS = frozenset({"vcpus", "memory_mib", "mac", "devices", "acceleration", "mounts", "virt_type",
-                                "seed_path", "boot", "console_log", "graphics"})
+                                "seed_path", "boot", "console_log", "graphics", "address"})
 DOMAIN_DEFINITION_KEYS = DOMAIN_METADATA_KEYS | DOMAIN_NETWORK_KEYS | DOMAIN_REBOOT_KEYS
 
 _TYPE_KINDS = {"Volume": "disk", "Domain": "VM", "Seed": "seed", "Network": "network", "StoragePool": "pool",

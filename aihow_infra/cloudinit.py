@@ -27,7 +27,7 @@ class SeedSpec:
 
     hostname: str
     mac: str
-    ip: str | None
+    ip: str | None  # static, or (``dhcp``) the address the network's DHCP reserves for this MAC
     subnet: str
     gateway: str | None
     dns_servers: tuple[str, ...]
@@ -36,6 +36,7 @@ class SeedSpec:
     ssh_keys: tuple[str, ...]
     hosts: tuple[tuple[str, str], ...]
     extra: Mapping[str, Any] = field(default_factory=dict)
+    dhcp: bool = False
 
 
 class _Dumper(yaml.SafeDumper):
@@ -84,6 +85,10 @@ def user_data(spec: SeedSpec) -> str:
         "ssh_pwauth": False,
         "disable_root": True,
         "write_files": [{"path": "/etc/hosts", "content": hosts_file(spec), "permissions": "0644"}],
+        # The instance id is stable on purpose (a new one would run the first boot again: new SSH
+        # host keys, the operator's runcmd once more), so the network is applied on every boot
+        # instead: a changed address reaches the guest at its next boot (the domain restarts for it).
+        "updates": {"network": {"when": ["boot-new-instance", "boot"]}},
     }
     for key, value in spec.extra.items():
         if key in ("write_files", "runcmd", "packages", "bootcmd") and isinstance(value, list):
@@ -94,13 +99,16 @@ def user_data(spec: SeedSpec) -> str:
 
 
 def network_config(spec: SeedSpec) -> str:
-    """Network config v2: the interface with the planned MAC, static or DHCP."""
+    """Network config v2: the interface with the planned MAC, static or DHCP (the network reserves
+    the planned address for the MAC). The default route is written ``0.0.0.0/0``: cloud-init 22.4
+    (Debian 12) refuses netplan's ``default`` ("Address default is not a valid ip address") and
+    then configures no network at all."""
     net = ipaddress.IPv4Network(spec.subnet)
     eth: dict[str, Any] = {"match": {"macaddress": spec.mac}, "set-name": "eth0"}
-    if spec.ip:
+    if spec.ip and not spec.dhcp:
         eth["addresses"] = [f"{spec.ip}/{net.prefixlen}"]
         if spec.gateway:
-            eth["routes"] = [{"to": "default", "via": spec.gateway}]
+            eth["routes"] = [{"to": "0.0.0.0/0", "via": spec.gateway}]
         eth["nameservers"] = {"addresses": list(spec.dns_servers), "search": [spec.domain]}
     else:
         eth["dhcp4"] = True

@@ -38,18 +38,20 @@ class NodeArgs:
     pool_path: str
 
 
-def _seed_spec(args: NodeArgs) -> SeedSpec:
-    vm, plan = args.vm, args.cluster
+def seed_spec(vm: VmPlan, plan: ClusterPlan, user: str, key: str) -> SeedSpec:
+    """What the VM's cloud-init seed says: its name and address, the login user with ``key``, the
+    default route on NAT networks, and an /etc/hosts naming every node of the cluster."""
     return SeedSpec(
         hostname=vm.name, mac=vm.mac, ip=vm.ip, subnet=plan.subnet,
         gateway=plan.gateway if plan.forward_mode == "nat" else None,
-        dns_servers=(plan.gateway, *plan.dns_servers), domain=plan.dns_domain, user=args.settings.login_user,
-        ssh_keys=(args.login_key,), hosts=tuple((v.ip, v.name) for v in plan.vms if v.ip),
-        extra=vm.cloud_init,
+        dns_servers=(plan.gateway, *plan.dns_servers), domain=plan.dns_domain, user=user,
+        ssh_keys=(key,), hosts=tuple((v.ip, v.name) for v in plan.vms if v.ip),
+        extra=vm.cloud_init, dhcp=vm.dhcp,
     )
 
 
-def _acceleration(vm: VmPlan) -> Acceleration:
+def acceleration_args(vm: VmPlan) -> Acceleration:
+    """The domain's ``acceleration`` input from the cluster's ``hardware.acceleration``."""
     accel = vm.acceleration
     return Acceleration(
         cpu_model=accel.cpu_model,
@@ -96,7 +98,7 @@ class Node(pulumi.ComponentResource):
             uri=settings.libvirt_uri,
             pool=args.pool_name,
             name=f"{vm.name}-seed.iso",
-            files=seed_files(_seed_spec(args)),
+            files=seed_files(seed_spec(args.vm, args.cluster, args.settings.login_user, args.login_key)),
         ), child) if vm.boots else None
 
         every_function = [a for c in vm.claims for a in c.functions]
@@ -122,10 +124,11 @@ class Node(pulumi.ComponentResource):
             boot=Boot(kernel=str(image.kernel), initrd=str(image.initrd), cmdline=KERNEL_CMDLINE) if image else None,
             console_log=str(console_log_path(vm.name)),
             mac=vm.mac,
+            address=vm.ip if seed else None,
             network=args.network_name,
             network_id=args.network_id,
             devices=[HostDevice(address=d.pci_address, type=d.device_type.value) for d in vm.devices],
-            acceleration=_acceleration(vm),
+            acceleration=acceleration_args(vm),
             mounts=[Mount(tag=m.tag, host_path=m.host_path) for m in vm.mounts],
             running=running,
             stop_timeout=settings.stop_timeout,
@@ -223,6 +226,7 @@ class Cluster(pulumi.ComponentResource):
             "gateway": plan.gateway,
             "libvirt_uri": settings.libvirt_uri,
             "slurm_partitions": list(plan.partitions),
+            "slurm_max_time": plan.max_job_time,
             "pod_subnet": plan.pod_subnet,
             "service_subnet": plan.service_subnet,
         }

@@ -102,8 +102,10 @@ class VirtioFsMount(Model):
 
 
 ImageRole = Literal["base", "hpc", "cloud"]
-# The root file system of a project image; a VM's disk (an overlay on it) is at least this big.
-IMAGE_DISK_GB = 2
+# The root file system of each project image, in GiB (images.py builds them this big): a VM's disk is
+# a copy-on-write overlay on it, and one smaller than the file system cuts it off, so the guest does
+# not boot. The cloud image carries container archives no registry can give (aihow_infra.oci).
+IMAGE_ROOT_GB: dict[str, int] = {"base": 2, "hpc": 2, "cloud": 3, "gpuhost": 3}
 
 
 class WriteFile(Model):
@@ -293,12 +295,58 @@ class Hardware(Model):
     acceleration: Acceleration = Field(default_factory=Acceleration)
 
 
+# A SLURM partition name as slurm.conf can take it: one word (a space ends the value), and not
+# "DEFAULT", which slurm.conf reads as the defaults for every partition, in any case.
+PARTITION_RE = re.compile(r"^[A-Za-z0-9_.\-]{1,64}$")
+# SLURM's time formats (slurm.conf(5) MaxTime): minutes, minutes:seconds, hours:minutes:seconds,
+# days-hours, days-hours:minutes, days-hours:minutes:seconds, or a word for no limit.
+SLURM_TIME_RE = re.compile(r"^(\d+|\d+:\d{1,2}|\d+:\d{1,2}:\d{1,2}|\d+-\d+(:\d{1,2}(:\d{1,2})?)?)$")
+SLURM_NO_LIMIT = ("INFINITE", "UNLIMITED")
+
+
 class SlurmConfig(Model):
-    """SLURM settings handed to the inventory."""
+    """SLURM settings handed to the inventory: partitions (the default one first in slurm.conf)
+    and the longest a job may run in them (every partition's ``MaxTime``)."""
 
     partitions: list[str] = Field(default_factory=lambda: ["compute"])
     default_partition: str | None = None
-    max_job_time: str | None = None
+    max_job_time: str = "INFINITE"
+
+    @field_validator("partitions", mode="after")
+    @classmethod
+    def _partition_names(cls, value: list[str]) -> list[str]:
+        for name in value:
+            _check_partition(name)
+        duplicates = sorted({n for n in value if value.count(n) > 1})
+        if duplicates:
+            raise ValueError(f"{duplicates[0]!r} is listed twice; allowed: each partition once")
+        return value
+
+    @field_validator("default_partition", mode="after")
+    @classmethod
+    def _default_name(cls, value: str | None) -> str | None:
+        return None if value is None else _check_partition(value)
+
+    @field_validator("max_job_time", mode="before")
+    @classmethod
+    def _time(cls, value: Any) -> str:
+        text = str(value).strip()
+        if text.upper() in SLURM_NO_LIMIT:
+            return "INFINITE"
+        if not SLURM_TIME_RE.match(text):
+            raise ValueError(f"{value!r} is not a SLURM time; allowed: 'MM', 'MM:SS', 'HH:MM:SS', 'D-HH', "
+                             "'D-HH:MM', 'D-HH:MM:SS' or 'INFINITE', e.g. '24:00:00'")
+        return text
+
+
+def _check_partition(name: str) -> str:
+    if name.upper() == "DEFAULT":
+        raise ValueError(f"{name!r} is reserved: slurm.conf reads PartitionName=DEFAULT as the defaults of "
+                         "every partition; allowed: another name, e.g. 'compute'")
+    if not PARTITION_RE.match(name):
+        raise ValueError(f"{name!r} is not a SLURM partition name; allowed: 1-64 letters, digits, '_', '-', '.' "
+                         "(no spaces)")
+    return name
 
 
 class Storage(Model):

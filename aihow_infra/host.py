@@ -3,9 +3,12 @@ and the choice of acceleration that follows from it."""
 
 from __future__ import annotations
 
+import ipaddress
+import json
+import subprocess
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 VirtType = Literal["kvm", "qemu"]
 # TCG's default translation cache is 1 GiB a guest; 128 MiB keeps qemu near 500 MiB for a 1 GiB guest.
@@ -81,3 +84,43 @@ def choose_virt_type(wanted: str, host: Host, kvm_usable: bool) -> VirtChoice:
         return VirtChoice("qemu", "software emulation: /dev/kvm is kvm_pvm, which cannot run a real guest kernel")
     vendor = next((m for m in ("kvm_intel", "kvm_amd") if m in modules), None)
     return VirtChoice("kvm", f"KVM ({vendor})" if vendor else "KVM (libvirt reports it usable)")
+
+
+@dataclass(frozen=True)
+class SubnetInUse:
+    """An IPv4 subnet the host already uses: on an interface, by a route, or by a libvirt network."""
+
+    subnet: str
+    where: str  # e.g. "interface eth0", "route via eth0", "libvirt network 'default' (bridge virbr0)"
+    interface: str  # the interface (bridge) it is on, "" when none is known
+
+
+def host_subnets() -> list[SubnetInUse]:
+    """The subnets of this host's interfaces and routes (``ip -j -4 addr`` and ``route``), default
+    route and loopback left out."""
+    def ip_json(*args: str) -> list[dict[str, Any]]:
+        done = subprocess.run(["ip", "-j", "-4", *args], capture_output=True, text=True, check=False)
+        try:
+            data = json.loads(done.stdout or "[]")
+        except ValueError:
+            return []
+        return data if isinstance(data, list) else []
+
+    found = []
+    for link in ip_json("addr", "show"):
+        name = str(link.get("ifname", ""))
+        for addr in link.get("addr_info") or []:
+            if addr.get("local") and addr.get("prefixlen") is not None and addr.get("scope") != "host":
+                net = ipaddress.IPv4Network(f"{addr['local']}/{addr['prefixlen']}", strict=False)
+                found.append(SubnetInUse(str(net), f"interface {name}", name))
+    for route in ip_json("route", "show", "table", "all"):
+        dst, dev = str(route.get("dst", "")), str(route.get("dev", ""))
+        if dst in ("default", "") or route.get("type") in ("local", "broadcast", "multicast"):
+            continue
+        try:
+            net = ipaddress.IPv4Network(dst if "/" in dst else f"{dst}/32", strict=False)
+        except ValueError:
+            continue
+        if not net.is_loopback:
+            found.append(SubnetInUse(str(net), f"a route via {dev or 'the host'}", dev))
+    return found

@@ -12,11 +12,12 @@ from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlparse
 
-from aihow_infra.errors import AihowError
-from aihow_infra.host import Host, choose_virt_type
-from aihow_infra.loading import load_cluster_file
-from aihow_infra.plan import plan_all
+from aihow_infra.errors import AihowError, ConfigError
+from aihow_infra.host import Host, choose_virt_type, host_subnets
+from aihow_infra.loading import key_lines, line_of, load_cluster_file
+from aihow_infra.plan import ClusterPlan, plan_all, subnet_collisions
 
 VFIO_DRIVER = "vfio-pci"
 
@@ -97,7 +98,8 @@ def _bind_fix(address: str, driver: str | None) -> str:
             f"echo {address} > /sys/bus/pci/drivers_probe  (or `driverctl set-override {address} {VFIO_DRIVER}`)")
 
 
-def _device_checks(host: Host, address: str, vendor: str | None, device: str | None, users: str) -> list[Check]:
+def _device_checks(host: Host, address: str, vendor: str | None, device: str | None, users: str,
+                   configured: frozenset[str] = frozenset()) -> list[Check]:
     name = f"device {address} ({users})"
     if not host.device(address).is_dir():
         return [Check(name, False, "not present on this host",
@@ -121,12 +123,38 @@ def _device_checks(host: Host, address: str, vendor: str | None, device: str | N
                             "turn the IOMMU on (see the iommu check)"))
         return checks
     others = [m for m in host.group_members(group) if host.driver(m) not in (VFIO_DRIVER, None, "pcieport")]
+    in_use = [m for m in others if m not in configured and _host_class(host, m)]
+    if in_use:
+        # Unbinding these would take the host's disk, network or display away: never suggest it.
+        held = ", ".join(f"{m} ({_host_class(host, m)}, driver {host.driver(m)})" for m in in_use)
+        checks.append(Check(
+            f"{name} iommu group {group}", False,
+            f"cannot be passed through in this slot: IOMMU group {group} also holds {held}, which the host uses, "
+            "and VFIO takes a whole group",
+            "move the card to a slot with an IOMMU group of its own (`find /sys/kernel/iommu_groups -type l` "
+            "lists them), or enable ACS in the firmware; do not unbind the host's devices"))
+        return checks
     checks.append(Check(
         f"{name} iommu group {group}", not others,
         f"every device of group {group} is on {VFIO_DRIVER} or on no driver" if not others else
         "also in the group and not on vfio-pci: " + ", ".join(f"{m} ({host.driver(m)})" for m in others),
         "; ".join(_bind_fix(m, host.driver(m)) for m in others)))
     return checks
+
+
+# PCI base classes (the first byte of ``class``) of devices a host runs on: unbinding one from its
+# driver takes the host's storage, network, display or input away.
+HOST_CLASSES = {"01": "storage controller", "02": "network controller", "03": "display controller",
+                "0c": "serial bus controller (USB)"}
+
+
+def _host_class(host: Host, address: str) -> str:
+    """What the host uses the device for ("" for a device a VM may take): a storage, network,
+    display or USB controller bound to a driver."""
+    if host.driver(address) in (None, VFIO_DRIVER, "pcieport"):
+        return ""
+    found = (host.read(f"/sys/bus/pci/devices/{address}/class") or "").removeprefix("0x")
+    return HOST_CLASSES.get(found[:2], "")
 
 
 def check_host(root: Path, cluster_files: Iterable[str | Path]) -> Report:
@@ -141,8 +169,35 @@ def check_host(root: Path, cluster_files: Iterable[str | Path]) -> Report:
                     users.append(vm.name)
     report = Report(_system_checks(host, live=root == Path("/"), passthrough=bool(devices)))
     for address, (vendor, device, users) in sorted(devices.items()):
-        report.checks += _device_checks(host, address, vendor, device, ", ".join(users))
+        report.checks += _device_checks(host, address, vendor, device, ", ".join(users), frozenset(devices))
     return report
+
+
+def subnets_in_use(uri: str) -> list[tuple[str, str, str]]:
+    """(subnet, where, interface) of every IPv4 subnet the host uses: its interfaces and routes
+    (when libvirt runs on this machine) and every libvirt network of ``uri``, active or not."""
+    from aihow_infra.libvirt.connection import connect
+    from aihow_infra.libvirt.inspect import network_subnets
+
+    found: list[tuple[str, str, str]] = []
+    with connect(uri) as conn:
+        if conn.getType() == "QEMU" and urlparse(conn.getURI()).hostname in (None, "", "localhost"):
+            found += [(s.subnet, s.where, s.interface) for s in host_subnets()]
+        found += [(subnet, f"libvirt network '{name}' (bridge {bridge or 'none'})", bridge)
+                  for name, bridge, subnet in network_subnets(conn)]
+    return found
+
+
+def check_subnets(plans: list[ClusterPlan], uri: str, file: str | Path) -> None:
+    """``ConfigError`` naming each cluster subnet the host already uses (before anything is made),
+    with its line in the cluster ``file``."""
+    problems = subnet_collisions(plans, subnets_in_use(uri))
+    if problems:
+        try:
+            lines = key_lines(Path(file).read_text(encoding="utf-8"))
+        except OSError:
+            lines = {}
+        raise ConfigError(problems, f"cluster file {file}", [line_of(p, lines) for p in problems], str(file))
 
 
 def materialize(recording: dict[str, Any], root: Path) -> Path:

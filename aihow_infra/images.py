@@ -25,7 +25,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Literal
 
-from aihow_infra.config import IMAGE_DISK_GB, ImageRole
+from aihow_infra.config import IMAGE_ROOT_GB, ImageRole
 from aihow_infra.errors import ImageError
 from aihow_infra.kubebins import PAUSE_VERSION, KubeBinaries, build_key, ensure_binaries
 from aihow_infra.oci import ImageSpec, write_archive
@@ -59,9 +59,6 @@ ROLE_PACKAGES: dict[ImageName, tuple[str, ...]] = {
     "gpuhost": ("libvirt-daemon-system", "libvirt-daemon-driver-qemu", "qemu-system-x86", "qemu-utils",
                 "dnsmasq-base", "iptables", "python3-venv", "pciutils"),
 }
-# The cloud image also carries the Kubernetes binaries built here (aihow_infra.kubebins) and the
-# container images no registry can give (aihow_infra.oci); with them its root needs 3 GiB.
-ROLE_SIZE_GB: dict[ImageName, int] = {"cloud": 3, "gpuhost": 3}
 KUBERNETES_BIN_DIR = "/usr/local/bin"
 OCI_DIR = "/usr/local/share/aihow/oci"
 PAUSE_IMAGE = f"registry.k8s.io/pause:{PAUSE_VERSION}"
@@ -115,7 +112,7 @@ class Recipe:
     enabled_units: tuple[str, ...] = ENABLED_UNITS
     masked_units: tuple[str, ...] = MASKED_UNITS
     initramfs_modules: tuple[str, ...] = INITRAMFS_MODULES
-    size_gb: int = IMAGE_DISK_GB
+    size_gb: int = 2
     build_version: int = BUILD_VERSION
     kubernetes: str = ""  # the key of the Kubernetes build the image carries (none: "")
     container_images: tuple[tuple[str, str], ...] = ()  # OCI archives made into the image
@@ -139,7 +136,7 @@ def recipe_for(role: str) -> Recipe:
         raise ImageError(f"image role {role!r} is unknown; allowed: {', '.join(IMAGE_NAMES)}")
     typed: ImageName = role
     return Recipe(role=typed, packages=tuple(sorted({*BASE_PACKAGES, *ROLE_PACKAGES[typed]})),
-                  files=tuple(sorted(IMAGE_FILES.items())), size_gb=ROLE_SIZE_GB.get(typed, IMAGE_DISK_GB),
+                  files=tuple(sorted(IMAGE_FILES.items())), size_gb=IMAGE_ROOT_GB[typed],
                   kubernetes=f"{build_key()}+payload{PAYLOAD_VERSION}" if typed == "cloud" else "",
                   container_images=CONTAINER_IMAGES if typed == "cloud" else ())
 

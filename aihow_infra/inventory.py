@@ -96,6 +96,7 @@ def build_inventory(outputs: Mapping[str, Any], stack: str = "STACK", access: Ac
 
     if cluster["key"] == "hpc":
         common["slurm_partitions"] = cluster.get("slurm_partitions") or ["compute"]
+        common["slurm_max_time"] = cluster.get("slurm_max_time") or "INFINITE"
         compute = by_role.get("compute", [])
         gpu_nodes = [n for n in compute if hosts[n]["gpu_count"]]
         children = {"slurmctld": group(by_role.get("controller", [])), "slurmd": group(compute)}

@@ -279,6 +279,28 @@ def line_of(problem: str, lines: Mapping[tuple[int | str, ...], int]) -> int | N
     return None
 
 
+class _Loader(yaml.SafeLoader):
+    """YAML as the cluster file means it: ``24:00:00`` is a time (a string), not YAML 1.1's
+    base-60 integer 86400, as YAML 1.2 reads it too."""
+
+
+_Loader.yaml_implicit_resolvers = {
+    first: [(tag, regexp) for tag, regexp in resolvers
+            if not (tag == "tag:yaml.org,2002:int" and regexp.match("24:00:00"))]
+    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
+}
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:int",
+    re.compile(r"""^(?:[-+]?0b[0-1_]+|[-+]?0[0-7_]+|[-+]?(?:0|[1-9][0-9_]*)|[-+]?0x[0-9a-fA-F_]+)$""", re.X),
+    list("-+0123456789"),
+)
+
+
+def read_yaml(text: str) -> Any:
+    """Parse a cluster file's text (``yaml.YAMLError`` when it is not YAML)."""
+    return yaml.load(text, Loader=_Loader)
+
+
 def load_cluster_file(
     path: str | Path, *, env: Mapping[str, str] | None = None, check_images: bool = True,
     allow_system_paths: bool = False,
@@ -296,7 +318,7 @@ def load_cluster_file(
         raise ConfigError([f"{file}: cannot be read ({exc.strerror}); allowed: a readable YAML file"],
                           source) from None
     try:
-        data = yaml.safe_load(text)
+        data = read_yaml(text)
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f"line {mark.line + 1}, column {mark.column + 1}" if mark else "somewhere"

@@ -17,7 +17,7 @@ from typing import Any, Literal
 
 from aihow_infra.config import (
     CLUSTER_KEYS,
-    IMAGE_DISK_GB,
+    IMAGE_ROOT_GB,
     Acceleration,
     CloudCluster,
     ClusterFile,
@@ -34,10 +34,19 @@ from aihow_infra.errors import ConfigError
 Role = Literal["controller", "compute", "control-plane", "cpu-worker", "gpu-worker"]
 
 
+# libvirt gives each tap device the guest's MAC with the first byte set to 0xfe (so the host's bridge
+# never takes the guest's address): a guest MAC that starts with fe would equal its own tap's.
+TAP_MAC_PREFIX = 0xFE
+
+
 def mac_for(vm_name: str) -> str:
-    """A stable, locally administered unicast MAC for a VM (ai-how's algorithm, so MACs carry over)."""
+    """A stable, locally administered unicast MAC for a VM (ai-how's algorithm, so MACs carry over),
+    never starting with ``fe`` (libvirt's tap devices): the 1 name in 64 that ai-how maps there gets
+    ``7e`` instead, still locally administered and unicast."""
     digest = bytearray(hashlib.md5(vm_name.encode(), usedforsecurity=False).digest()[:6])
     digest[0] = (digest[0] & 0xFE) | 0x02
+    if digest[0] == TAP_MAC_PREFIX:
+        digest[0] = 0x7E
     return ":".join(f"{b:02x}" for b in digest)
 
 
@@ -70,7 +79,7 @@ class VmPlan:
     cpu_cores: int
     memory_gb: int
     disk_gb: int
-    ip: str | None
+    ip: str | None  # static, or the address the network's DHCP reserves for the VM (``dhcp``)
     mac: str
     auto_start: bool
     base_image: str | None
@@ -81,6 +90,7 @@ class VmPlan:
     mounts: tuple[VirtioFsMount, ...] = ()
     cloud_init: dict[str, Any] = field(default_factory=dict)
     pod_subnet: str | None = None  # Cloud: this node's /24 of the cluster's pod subnet
+    dhcp: bool = False  # the guest asks DHCP for its address (``ip: DHCP`` or none); ``ip`` is reserved for it
 
     @property
     def boots(self) -> bool:
@@ -115,6 +125,7 @@ class ClusterPlan:
     dns_servers: tuple[str, ...]
     vms: tuple[VmPlan, ...] = field(default_factory=tuple)
     partitions: tuple[str, ...] = ()  # SLURM partitions (HPC), the default one first
+    max_job_time: str = "INFINITE"  # SLURM: every partition's MaxTime
     pod_subnet: str | None = None  # Kubernetes (Cloud): pods' addresses, one /24 per node
     service_subnet: str | None = None  # Kubernetes (Cloud): services' virtual addresses
 
@@ -208,6 +219,29 @@ def _partitions(cluster: HpcCluster | CloudCluster) -> tuple[str, ...]:
     return (first, *[p for p in config.partitions if p != first])
 
 
+def _reserved_addresses(nodes: list[NodeSpec], net: ipaddress.IPv4Network, gateway: ipaddress.IPv4Address,
+                        dhcp_end: ipaddress.IPv4Address) -> list[ipaddress.IPv4Address | None]:
+    """Each node's address: its static one, or for a node without one (``ip: DHCP``) the DHCP
+    reservation the network makes for it, counted down from the end of the DHCP range in node
+    order, past static addresses (so adding a node at the end moves no other node's address).
+    None when the range is used up (``_check_addresses`` says so)."""
+    taken = {node.ip for node in nodes if node.ip is not None} | {gateway}
+    candidate = int(dhcp_end)
+    found: list[ipaddress.IPv4Address | None] = []
+    for node in nodes:
+        if node.ip is not None:
+            found.append(node.ip)
+            continue
+        while candidate > int(net.network_address) and ipaddress.IPv4Address(candidate) in taken:
+            candidate -= 1
+        if candidate <= int(net.network_address):
+            found.append(None)
+            continue
+        found.append(ipaddress.IPv4Address(candidate))
+        candidate -= 1
+    return found
+
+
 def plan_cluster(file: ClusterFile, key: ClusterKey, source: str = "cluster file") -> ClusterPlan:
     """The plan of ``clusters.<key>``; ``ConfigError`` when the file has no such cluster."""
     cluster: HpcCluster | CloudCluster | None = getattr(file.clusters, key)
@@ -218,6 +252,8 @@ def plan_cluster(file: ClusterFile, key: ClusterKey, source: str = "cluster file
     net = cluster.network
     start, end = net.dhcp_range
     kube = cluster.kubernetes_config if isinstance(cluster, CloudCluster) else None
+    entries = _node_entries(key, cluster)
+    addresses = _reserved_addresses([node for _p, node, _r, _s in entries], net.subnet, net.gateway, end)
     vms = tuple(
         VmPlan(
             name=f"{cluster.name}-{short}",
@@ -229,7 +265,8 @@ def plan_cluster(file: ClusterFile, key: ClusterKey, source: str = "cluster file
             cpu_cores=node.cpu_cores,
             memory_gb=node.memory_gb,
             disk_gb=node.disk_gb,
-            ip=str(node.ip) if node.ip else None,
+            ip=str(address) if address else None,
+            dhcp=node.ip is None,
             mac=mac_for(f"{cluster.name}-{short}"),
             auto_start=node.auto_start,
             **_disk_source(node, cluster),
@@ -240,7 +277,7 @@ def plan_cluster(file: ClusterFile, key: ClusterKey, source: str = "cluster file
             cloud_init=_merge_user_data(cluster.cloud_init.user_data(), node.cloud_init.user_data()),
             pod_subnet=str(_node_pod_subnet(kube.pod_subnet, index)) if kube else None,
         )
-        for index, (path, node, role, short) in enumerate(_node_entries(key, cluster))
+        for index, ((path, node, role, short), address) in enumerate(zip(entries, addresses, strict=True))
     )
     return ClusterPlan(
         key=key,
@@ -255,6 +292,7 @@ def plan_cluster(file: ClusterFile, key: ClusterKey, source: str = "cluster file
         dns_servers=tuple(str(d) for d in net.dns_servers),
         vms=vms,
         partitions=_partitions(cluster),
+        max_job_time=cluster.slurm_config.max_job_time if isinstance(cluster, HpcCluster) else "INFINITE",
         pod_subnet=str(kube.pod_subnet) if kube else None,
         service_subnet=str(kube.service_subnet) if kube else None,
     )
@@ -289,6 +327,10 @@ def _check_addresses(plan: ClusterPlan) -> list[str]:
     seen: dict[str, str] = {}
     for vm in plan.vms:
         if vm.ip is None:
+            problems.append(f"{vm.key_path}.ip: DHCP, but the DHCP range {plan.dhcp_start}-{plan.dhcp_end} has no "
+                            "address left to reserve for it; allowed: a static address, or a larger range")
+            continue
+        if vm.dhcp:
             continue
         addr = ipaddress.IPv4Address(vm.ip)
         where = f"{vm.key_path}.ip"
@@ -345,9 +387,10 @@ def _check_images(plans: list[ClusterPlan]) -> list[str]:
     problems = []
     for plan in plans:
         for vm in plan.vms:
-            if vm.image is not None and vm.disk_gb < IMAGE_DISK_GB:
-                problems.append(f"{vm.key_path}.disk_gb: {vm.disk_gb} is smaller than the {vm.image} image "
-                                f"({IMAGE_DISK_GB} GiB); allowed: {IMAGE_DISK_GB} or more")
+            root_gb = IMAGE_ROOT_GB[vm.image] if vm.image is not None else 0
+            if vm.disk_gb < root_gb:
+                problems.append(f"{vm.key_path}.disk_gb: {vm.disk_gb} is smaller than the {vm.image} image's root "
+                                f"file system ({root_gb} GiB); allowed: {root_gb} or more")
             if vm.base_image is None:
                 continue
             path = Path(vm.base_image)
@@ -429,6 +472,24 @@ def cross_check(file: ClusterFile, *, check_images: bool = True, allow_system_pa
         problems += _check_images(plans)
     if not allow_system_paths:
         problems += _check_host_paths(plans)
+    return problems
+
+
+def subnet_collisions(plans: list[ClusterPlan], in_use: list[tuple[str, str, str]]) -> list[str]:
+    """Each cluster subnet that overlaps one the host already uses, given as (subnet, where,
+    interface); the cluster's own bridge and libvirt network (made by an earlier ``up``) are not
+    a collision."""
+    problems = []
+    for plan in plans:
+        ours = ipaddress.IPv4Network(plan.subnet)
+        for subnet, where, interface in in_use:
+            if interface == plan.bridge or where.startswith(f"libvirt network '{plan.network_name}'"):
+                continue
+            if ours.overlaps(ipaddress.IPv4Network(subnet)):
+                problems.append(f"clusters.{plan.key}.network.subnet: '{plan.subnet}' overlaps {subnet} of {where} "
+                                "on this host; allowed: a subnet no interface, route or libvirt network of the "
+                                "host uses")
+                break
     return problems
 
 

@@ -33,6 +33,7 @@ from aihow_infra.libvirt.power import start_domain, state_name, stop_domain, und
 from aihow_infra.libvirt.render import METADATA_NS, domain_xml
 from aihow_infra.status import GuestState
 from providers.base import Input, LibvirtProvider
+from providers.network import read_hosts
 
 
 class HostDevice(TypedDict):
@@ -87,6 +88,7 @@ class DomainArgs(TypedDict):
     boot: Boot | None
     console_log: str
     mac: str
+    address: str | None  # what the seed tells the guest; a change restarts a running guest to apply it
     network: Input[str]
     network_id: Input[str]
     devices: list[HostDevice]
@@ -105,6 +107,15 @@ def _needs_restart(dom: libvirt.virDomain, olds: dict[str, Any], news: dict[str,
     """True when the running instance differs from ``news`` in a key it takes only at boot
     (vCPUs and memory as it runs now, the other keys as ``olds`` recorded them)."""
     return bool(reboot_keys({**olds, **read_definition(dom, live=True), "running": True}, news))
+
+
+def _reserved_address(conn: libvirt.virConnect, props: dict[str, Any]) -> str | None:
+    """The address the domain's network reserves for its MAC, or None."""
+    name = props.get("network")
+    net = lookup("looking up network", conn.networkLookupByName, name) if isinstance(name, str) else None
+    if net is None:
+        return None
+    return next((h["ip"] for h in read_hosts(net) if h["mac"] == props.get("mac")), None)
 
 
 def _interface_xml(domain_definition: str) -> str:
@@ -256,9 +267,13 @@ class DomainProvider(LibvirtProvider):
         undefine(dom, props["name"])
 
     def observe(self, dom: libvirt.virDomain, props: dict[str, Any]) -> dict[str, Any]:
-        """The domain's actual power state (``running``, ``state``)."""
+        """The domain's actual power state (``running``, ``state``). A state written before
+        domains recorded their ``address`` gets the one the network reserves for the domain's MAC
+        (what its seed said), so a later change of it is seen and restarts the guest."""
         choice = VirtChoice(props["actual_virt_type"], props.get("virt_type_reason", "")) \
             if props.get("actual_virt_type") in ("kvm", "qemu") else None
+        if "address" not in props and props.get("seed_path"):
+            props = {**props, "address": _reserved_address(dom.connect(), props)}
         return self._outs(props, dom, choice)
 
 

@@ -212,7 +212,9 @@ def test_template_form_expands_to_dhcp_nodes() -> None:
     data = mutate(f"{HPC}.compute_nodes", {"count": 3, "cpu_cores": 1, "memory_gb": 1, "disk_gb": 1, "ip": "DHCP"})
     plan = plan_cluster(parse_cluster_file(data, env={}), "hpc")
     assert [vm.name for vm in plan.vms] == ["hpc-controller", "hpc-compute-01", "hpc-compute-02", "hpc-compute-03"]
-    assert plan.vms[1].ip is None
+    # Each DHCP node gets a reservation, counted down from the end of the DHCP range.
+    assert [(vm.ip, vm.dhcp) for vm in plan.vms] == [
+        ("10.1.0.10", False), ("10.1.0.254", True), ("10.1.0.253", True), ("10.1.0.252", True)]
 
 
 def test_yaml_syntax_error_names_the_line(tmp_path: Path) -> None:
@@ -339,7 +341,8 @@ def test_image_mistakes(path: str, value: Any, message: str | None) -> None:
     data = mutate(path, value)
     if message is None:  # a disk smaller than the image it overlays
         data["clusters"]["hpc"]["controller"]["image"] = "hpc"
-        message = ("clusters.hpc.controller.disk_gb: 1 is smaller than the hpc image (2 GiB); allowed: 2 or more")
+        message = ("clusters.hpc.controller.disk_gb: 1 is smaller than the hpc image's root file system (2 GiB); "
+                   "allowed: 2 or more")
     with pytest.raises(ConfigError) as err:
         parse_cluster_file(data, env={})
     assert err.value.problems == [message]

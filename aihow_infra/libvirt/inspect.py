@@ -3,6 +3,7 @@ stack a network belongs to. Shared by the providers, the tasks' status and their
 
 from __future__ import annotations
 
+import ipaddress
 import xml.etree.ElementTree as ET
 from typing import Any
 
@@ -42,3 +43,19 @@ def network_stack(net: libvirt.virNetwork) -> str | None:
     """The stack a network's metadata names (None for a network this project did not make)."""
     root = ET.fromstring(net.XMLDesc(0))
     return root.findtext(f"./metadata/{{{METADATA_NS}}}network/{{{METADATA_NS}}}stack")
+
+
+def network_subnets(conn: libvirt.virConnect) -> list[tuple[str, str, str]]:
+    """(network name, bridge, subnet) of every IPv4 subnet of every libvirt network, active or
+    not (an inactive one takes its subnet back when it starts, as libvirt's stock ``default``)."""
+    found = []
+    for net in conn.listAllNetworks(0):
+        root = ET.fromstring(net.XMLDesc(libvirt.VIR_NETWORK_XML_INACTIVE))
+        bridge = root.find("./bridge")
+        for ip in root.iterfind("./ip"):
+            if ip.get("family", "ipv4") != "ipv4" or not ip.get("address"):
+                continue
+            prefix = ip.get("prefix") or ip.get("netmask") or "24"
+            subnet = ipaddress.IPv4Network(f"{ip.get('address')}/{prefix}", strict=False)
+            found.append((net.name(), bridge.get("name", "") if bridge is not None else "", str(subnet)))
+    return found

@@ -136,6 +136,9 @@ def domain_xml(props: dict[str, Any], virt_type: str, uuid: str | None = None) -
         vcpus=props["vcpus"],
         hugepages=hugepages,
         memfd=bool(mounts) or accel.get("memory_backing") == "memfd",
+        # virtiofsd (vhost-user) maps the guest's memory: libvirt refuses a virtiofs share
+        # without shared memory, hugepages too.
+        shared_memory=bool(mounts),
         cpu_pinning=bool(accel.get("cpu_pinning")),
         hide_kvm=has_gpu and virt_type == "kvm",
         cpu_mode=cpu_mode,

@@ -1,0 +1,183 @@
+"""The real consumers of the files the project generates, for tests: cloud-init and slurmctld at the
+versions the guest images install (Debian 12's packages, unpacked from the same mirror the images
+are built from, cached outside the work tree), libvirtd itself, and Ansible's own templating.
+
+Nothing here is a stand-in: a file a consumer refuses fails the test with the consumer's words.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import subprocess
+import tempfile
+import threading
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+from typing import Any
+
+import yaml
+from ansible.parsing.dataloader import DataLoader
+from ansible.template import Templar, trust_as_template
+
+ROOT = Path(__file__).resolve().parents[1]
+# Debian's python3 runs cloud-init's own code, with its Python dependencies from Debian (./bootstrap).
+DEBIAN_PYTHON = "/usr/bin/python3"
+# What slurmctld logs once it has read its whole configuration (nodes and partitions come first).
+READ_ALL = "Backfill scheduler plugin loaded"
+CLOUD_INIT_CHECK = """
+import sys, yaml
+from cloudinit.net import network_state, networkd
+from cloudinit.config import schema
+kind, path = sys.argv[1], sys.argv[2]
+text = open(path).read()
+if kind == "network-config":
+    state = network_state.parse_net_config_data(yaml.safe_load(text))
+    for name, content in networkd.Renderer({})._render_content(state).items():
+        print(f"--- {name}.network"); print(content)
+else:
+    assert text.startswith("#cloud-config\\n"), "user-data does not start with #cloud-config"
+    schema.validate_cloudconfig_schema(yaml.safe_load(text), schema.get_schema(), strict=True)
+    print("valid")
+"""
+
+
+def _cache() -> Path:
+    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(base) / "aihow-infra" / "consumers"
+
+
+def _candidate(package: str) -> str:
+    shown = subprocess.run(["apt-cache", "policy", package], capture_output=True, text=True, check=True).stdout
+    for line in shown.splitlines():
+        if line.strip().startswith("Candidate:"):
+            return line.split(":", 1)[1].strip()
+    raise RuntimeError(f"apt-cache knows no package {package}: run `apt-get update`")
+
+
+def debian_packages(*packages: str) -> Path:
+    """The packages' files unpacked (``dpkg -x``) into one folder, at the versions Debian's mirror
+    offers now (those the images install), downloaded once and cached by name and version."""
+    key = "+".join(f"{p}_{_candidate(p)}".replace(":", "%") for p in packages)
+    folder = _cache() / key
+    if (folder / ".complete").exists():
+        return folder
+    _cache().mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=_cache()) as scratch:
+        os.chmod(scratch, 0o755)  # apt's _apt user writes the downloads
+        subprocess.run(["apt-get", "download", "-q", *packages], cwd=scratch, check=True, capture_output=True)
+        unpacked = Path(scratch) / "root"
+        for deb in sorted(Path(scratch).glob("*.deb")):
+            subprocess.run(["dpkg", "-x", str(deb), str(unpacked)], check=True)
+        (unpacked / ".complete").touch()
+        shutil.rmtree(folder, ignore_errors=True)
+        unpacked.rename(folder)
+    return folder
+
+
+def cloud_init(kind: str, text: str) -> str:
+    """What the images' cloud-init makes of a seed file: ``network-config`` parsed and rendered
+    for systemd-networkd (as the images render it), ``user-data`` checked against its schema.
+    ``AssertionError`` with cloud-init's own error when it refuses the file."""
+    root = debian_packages("cloud-init")
+    with tempfile.NamedTemporaryFile("w", suffix=f".{kind}") as file:
+        file.write(text)
+        file.flush()
+        done = subprocess.run([DEBIAN_PYTHON, "-c", CLOUD_INIT_CHECK, kind, file.name], capture_output=True,
+                              text=True, env={"PATH": os.environ.get("PATH", ""), "PYTHONPATH":
+                                              str(root / "usr/lib/python3/dist-packages")})
+    assert done.returncode == 0, f"cloud-init refuses this {kind}:\n{text}\n{done.stderr.strip()}"
+    return done.stdout
+
+
+def slurmctld_reads(conf: str, tmp: Path) -> str:
+    """Start the images' slurmctld on ``conf`` until it has read all of it (its scheduler plugin
+    loads after the nodes and partitions), then stop it; its log. It runs in network and UTS
+    namespaces of its own: it listens nowhere else, and its host name is the controller's, so it
+    reads the file as the controller does. ``AssertionError`` with slurmctld's words when it
+    refuses the file."""
+    root = debian_packages("slurmctld", "slurm-wlm-basic-plugins", "libmunge2")
+    plugins = root / "usr/lib/x86_64-linux-gnu/slurm-wlm"
+    state = tmp / "slurmctld"
+    state.mkdir(exist_ok=True)
+    controller = re.search(r"^SlurmctldHost=([^(\s]+)", conf, re.M)
+    assert controller, f"slurm.conf names no SlurmctldHost:\n{conf}"
+    local = "\n".join(line for line in conf.splitlines()
+                      if not line.startswith(("SlurmUser=", "StateSaveLocation=", "SlurmctldPidFile=")))
+    path = tmp / "slurm.conf"
+    path.write_text(f"{local}\nPluginDir={plugins}\nSlurmUser=root\nStateSaveLocation={state}\n"
+                    f"SlurmctldPidFile={tmp}/slurmctld.pid\nMailProg=/bin/true\n")
+    (tmp / "gres.conf").write_text("")
+    env = {"PATH": os.environ.get("PATH", ""), "SLURM_CONF": str(path),
+           "LD_LIBRARY_PATH": f"{plugins}:{root / 'usr/lib/x86_64-linux-gnu'}"}
+    command = f"hostname {controller.group(1)} && exec {root / 'usr/sbin/slurmctld-wlm'} -D -c -v -f {path}"
+    log: list[str] = []
+    with subprocess.Popen(["unshare", "--net", "--uts", "sh", "-c", command], stdout=subprocess.PIPE,
+                          stderr=subprocess.STDOUT, text=True, env=env) as daemon:
+        timer = threading.Timer(60, daemon.kill)
+        timer.start()
+        try:
+            assert daemon.stdout is not None
+            for line in daemon.stdout:
+                log.append(line.rstrip())
+                if READ_ALL in line:
+                    break
+        finally:
+            timer.cancel()
+            daemon.kill()
+    text = "\n".join(log)
+    refused = [line for line in log if "fatal" in line or "Parse error" in line]
+    assert not refused and any(READ_ALL in line for line in log), \
+        f"slurmctld refuses this slurm.conf:\n{conf}\n" + "\n".join(refused or log[-5:])
+    return text
+
+
+def _hosts_of(pattern: str, groups: Mapping[str, list[str]]) -> list[str]:
+    return list(groups.get(pattern, []))
+
+
+def _groups(inventory: Mapping[str, Any]) -> tuple[dict[str, list[str]], dict[str, dict[str, Any]]]:
+    groups: dict[str, list[str]] = {}
+    hostvars: dict[str, dict[str, Any]] = {}
+
+    def walk(name: str, group: Mapping[str, Any]) -> list[str]:
+        members = list((group.get("hosts") or {}).keys())
+        for host, values in (group.get("hosts") or {}).items():
+            hostvars.setdefault(host, {}).update(values or {})
+        for child, sub in (group.get("children") or {}).items():
+            members += walk(child, sub)
+        groups[name] = sorted(set(members))
+        return groups[name]
+
+    walk("all", inventory["all"])
+    return groups, hostvars
+
+
+def rendered_templates(playbook: Path, inventory: Mapping[str, Any], registered: Mapping[str, Any]
+                       ) -> Iterator[tuple[str, str, str]]:
+    """(host, destination, text) of every ``ansible.builtin.template`` task of a playbook, rendered by
+    Ansible's own templating with the play's and the task's variables over the inventory, as a deploy
+    renders them; ``registered`` stands for what earlier tasks registered (``kubeadm_version``...)."""
+    groups, hostvars = _groups(inventory)
+    common = inventory["all"].get("vars") or {}
+    for name in hostvars:
+        hostvars[name] = {**common, "inventory_hostname": name, **hostvars[name]}
+    for play in yaml.safe_load(playbook.read_text()):
+        for host in _hosts_of(play["hosts"], groups):
+            play_vars = {k: trust_as_template(v) if isinstance(v, str) else v
+                         for k, v in (play.get("vars") or {}).items()}
+            for task in play.get("tasks") or []:
+                args = task.get("ansible.builtin.template")
+                if not args:
+                    continue
+                task_vars = {k: trust_as_template(v) if isinstance(v, str) else v
+                             for k, v in (task.get("vars") or {}).items()}
+                for item in task.get("loop") or [None]:
+                    variables = {**registered, **hostvars[host], "hostvars": hostvars, "groups": groups,
+                                 **play_vars, **task_vars, "item": item}
+                    templar = Templar(loader=DataLoader(), variables=variables)
+                    src = str(templar.template(trust_as_template(args["src"])))
+                    dest = str(templar.template(trust_as_template(args["dest"])))
+                    text = (playbook.parent / src).read_text()
+                    yield host, dest, str(templar.template(trust_as_template(text)))

@@ -1,0 +1,180 @@
+"""Every file the project generates, over a corpus of cluster files, read by its real consumer:
+seeds by the images' cloud-init, slurm.conf by the images' slurmctld, domain and network XML by
+libvirtd (defined, then undefined), and the Kubernetes files free of empty values. A cluster file
+``validate`` accepts must give files its consumers accept (tests/consumers.py says how each runs).
+
+A new generated file joins here with its consumer; a new case joins ``CORPUS``.
+"""
+
+from __future__ import annotations
+
+import re
+import shutil
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import libvirt
+import pytest
+
+from aihow_infra.cloudinit import seed_files
+from aihow_infra.components import acceleration_args, seed_spec
+from aihow_infra.inventory import build_inventory
+from aihow_infra.libvirt.render import domain_xml, network_xml
+from aihow_infra.loading import load_cluster_file
+from aihow_infra.plan import ClusterPlan, VmPlan, plan_all
+from tests.consumers import cloud_init, rendered_templates, slurmctld_reads
+
+ROOT = Path(__file__).resolve().parents[1]
+CASES = ROOT / "tests" / "fixtures" / "cases"
+# The shipped examples, and every case of tests/fixtures/cases that validate accepts.
+CORPUS = sorted([*(ROOT / "config").glob("*.yaml"), *(CASES / n for n in (
+    "nat-static.yaml", "dhcp-nodes.yaml", "hugepages-virtiofs.yaml", "mac-fe.yaml", "ip-change-before.yaml",
+    "ip-change-after.yaml", "gpu-group-with-nvme.yaml"))])
+KEY = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIGtestkeytestkeytestkeytestkeytestkeytestkey test"
+KUBEADM_VERSION = {"kubeadm_version": {"stdout": "v1.34.2"},
+                   "oci_index": {"content": "eyJwYXVzZSI6ICJyZWdpc3RyeS5rOHMuaW8vcGF1c2U6My4xMCJ9"}}
+
+
+# What a value left empty by a template looks like: a flag or key with nothing after it, a port
+# without its host, a prefix length without its address.
+EMPTY_VALUES = (re.compile(r"--[a-z-]+=(\s|$|[\"'])"), re.compile(r"^\s*[A-Za-z]+: *(\"\"|'')\s*$"),
+                re.compile(r"(^|[\s\"'=,\[])(:\d+)\b"), re.compile(r"(^|[\s\"'=,\[])/\d{1,2}\b"))
+
+
+def plans(path: Path) -> list[ClusterPlan]:
+    return plan_all(load_cluster_file(path, check_images=False, allow_system_paths=True))
+
+
+def vms() -> Iterator[Any]:
+    for path in CORPUS:
+        for plan in plans(path):
+            for vm in plan.vms:
+                yield pytest.param(path, plan.key, vm.name, id=f"{path.stem}:{vm.name}")
+
+
+def node_outputs(plan: ClusterPlan, vm: VmPlan) -> dict[str, Any]:
+    """What the stack's Node component outputs for a running VM (aihow_infra/components.py)."""
+    return {"name": vm.name, "cluster": vm.cluster_name, "cluster_key": vm.cluster_key, "role": vm.role,
+            "short_name": vm.short_name, "ip": vm.ip, "pod_subnet": vm.pod_subnet, "mac": vm.mac,
+            "vcpus": vm.cpu_cores, "memory_gb": vm.memory_gb, "disk_gb": vm.disk_gb,
+            "gpus": [{"address": c.address, "functions": list(c.functions), "vendor_id": c.vendor_id,
+                      "device_id": c.device_id} for c in vm.claims if c.is_gpu],
+            "power_state": "running", "desired_power": "running", "login_user": "aihow"}
+
+
+def inventory(plan: ClusterPlan) -> dict[str, Any]:
+    cluster = {"name": plan.name, "key": plan.key, "slurm_partitions": list(plan.partitions),
+               "slurm_max_time": plan.max_job_time, "pod_subnet": plan.pod_subnet,
+               "service_subnet": plan.service_subnet}
+    return build_inventory({"cluster": cluster, "nodes": {vm.name: node_outputs(plan, vm) for vm in plan.vms}},
+                           plan.key)
+
+
+def the_vm(path: Path, key: str, name: str) -> tuple[ClusterPlan, VmPlan]:
+    plan = next(p for p in plans(path) if p.key == key)
+    return plan, plan.vm(name)
+
+
+@pytest.mark.parametrize(("path", "key", "name"), list(vms()))
+def test_cloud_init_takes_every_seed(path: Path, key: str, name: str) -> None:
+    plan, vm = the_vm(path, key, name)
+    files = seed_files(seed_spec(vm, plan, "aihow", KEY))
+    rendered = cloud_init("network-config", files["network-config"])
+    assert f"MACAddress={vm.mac}" in rendered
+    if vm.dhcp:
+        assert "DHCP=ipv4" in rendered
+    else:
+        assert f"Address={vm.ip}/" in rendered
+    if plan.forward_mode == "nat" and not vm.dhcp:
+        assert "Destination=0.0.0.0/0" in rendered and f"Gateway={plan.gateway}" in rendered
+    assert cloud_init("user-data", files["user-data"]).strip() == "valid"
+
+
+@pytest.mark.parametrize("path", [p for p in CORPUS if any(pl.key == "hpc" for pl in plans(p))],
+                         ids=lambda p: p.stem)
+def test_slurmctld_reads_every_slurm_conf(path: Path, tmp_path: Path) -> None:
+    plan = next(p for p in plans(path) if p.key == "hpc")
+    files = {dest: text for host, dest, text in rendered_templates(ROOT / "ansible/hpc.yml", inventory(plan), {})
+             if host == "controller"}
+    conf = files["/etc/slurm/slurm.conf"]
+    assert not re.search(r"=(\s|$)", conf), f"an empty value in slurm.conf:\n{conf}"
+    log = slurmctld_reads(conf, tmp_path)
+    for partition in plan.partitions:
+        assert f"PartitionName={partition} " in conf
+    assert f"MaxTime={plan.max_job_time} " in conf
+    assert "started on cluster" in log
+
+
+@pytest.mark.parametrize("path", [p for p in CORPUS if any(pl.key == "cloud" for pl in plans(p))],
+                         ids=lambda p: p.stem)
+def test_kubernetes_files_have_no_empty_values(path: Path) -> None:
+    plan = next(p for p in plans(path) if p.key == "cloud")
+    rendered = list(rendered_templates(ROOT / "ansible/cloud.yml", inventory(plan), KUBEADM_VERSION))
+    assert {dest for _h, dest, _t in rendered} >= {"/etc/kubernetes/kubeadm.yaml",
+                                                   "/var/lib/kubelet/config.yaml"}
+    for host, dest, text in rendered:
+        empty = [line for line in text.splitlines() if any(p.search(line) for p in EMPTY_VALUES)]
+        assert not empty, f"{host} {dest}: empty values:\n" + "\n".join(empty)
+    kubeadm = next(t for _h, d, t in rendered if d == "/etc/kubernetes/kubeadm.yaml")
+    control = next(vm for vm in plan.vms if vm.role == "control-plane")
+    assert f"{control.ip}:6443" in kubeadm
+
+
+@pytest.fixture(scope="module")
+def libvirtd() -> Iterator[libvirt.virConnect]:
+    conn = libvirt.open("qemu:///system")
+    yield conn
+    conn.close()
+
+
+def _image_free_props(vm: VmPlan, plan: ClusterPlan, tmp: Path) -> dict[str, Any]:
+    """The domain's inputs as the Node component gives them (images not needed: a blank disk path)."""
+    return {"name": f"aihow-consumer-{vm.name}"[:60], "stack": "consumers", "cluster": vm.cluster_name,
+            "role": vm.role, "vcpus": vm.cpu_cores, "memory_mib": vm.memory_gb * 1024,
+            "disk_path": str(tmp / f"{vm.name}.qcow2"), "seed_path": str(tmp / f"{vm.name}-seed.iso"),
+            "console_log": str(tmp / f"{vm.name}.log"), "mac": vm.mac, "network": plan.network_name,
+            "devices": [], "acceleration": acceleration_args(vm),
+            "mounts": [{"tag": m.tag, "host_path": m.host_path} for m in vm.mounts], "graphics": "none"}
+
+
+@pytest.mark.parametrize(("path", "key", "name"), list(vms()))
+def test_libvirtd_defines_every_domain(libvirtd: libvirt.virConnect, path: Path, key: str, name: str,
+                                       tmp_path: Path) -> None:
+    plan, vm = the_vm(path, key, name)
+    xml = domain_xml(_image_free_props(vm, plan, tmp_path), "qemu")
+    dom = libvirtd.defineXML(xml)
+    try:
+        assert dom.name().startswith("aihow-consumer-")
+    finally:
+        dom.undefine()
+
+
+@pytest.mark.parametrize("path", CORPUS, ids=lambda p: p.stem)
+def test_libvirtd_defines_every_network(libvirtd: libvirt.virConnect, path: Path) -> None:
+    for plan in plans(path):
+        props = {"name": f"aihow-consumer-{plan.key}", "stack": "consumers", "bridge": f"aihowc-{plan.key}",
+                 "forward_mode": plan.forward_mode, "dns_domain": plan.dns_domain,
+                 "dns_servers": list(plan.dns_servers), "gateway": plan.gateway, "netmask": plan.netmask,
+                 "dhcp_start": plan.dhcp_start, "dhcp_end": plan.dhcp_end,
+                 "hosts": [{"mac": vm.mac, "name": vm.name, "ip": vm.ip} for vm in plan.vms if vm.ip]}
+        net = libvirtd.networkDefineXML(network_xml(props))
+        try:
+            hosts = re.findall(r"<host mac='([0-9a-f:]+)'", net.XMLDesc(0))
+            assert sorted(hosts) == sorted(vm.mac for vm in plan.vms)
+        finally:
+            net.undefine()
+
+
+def test_the_corpus_has_every_accepted_case() -> None:
+    """A case added to tests/fixtures/cases that validate accepts belongs in the corpus."""
+    accepted = set()
+    for path in CASES.glob("*.yaml"):
+        try:
+            plan_all(load_cluster_file(path))
+        except Exception:
+            continue
+        accepted.add(path)
+    missing = sorted(p.name for p in accepted - set(CORPUS))
+    assert not missing, f"accepted but not in CORPUS: {missing}"
+    assert shutil.which("unshare"), "util-linux's unshare runs slurmctld in a namespace of its own"
