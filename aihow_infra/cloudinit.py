@@ -37,6 +37,7 @@ class SeedSpec:
     hosts: tuple[tuple[str, str], ...]
     extra: Mapping[str, Any] = field(default_factory=dict)
     dhcp: bool = False
+    mounts: tuple[tuple[str, str, str], ...] = ()  # virtiofs shares: (tag, mount point, mount options)
 
 
 class _Dumper(yaml.SafeDumper):
@@ -90,6 +91,9 @@ def user_data(spec: SeedSpec) -> str:
         # instead: a changed address reaches the guest at its next boot (the domain restarts for it).
         "updates": {"network": {"when": ["boot-new-instance", "boot"]}},
     }
+    if spec.mounts:
+        # cloud-init's mounts module writes them to /etc/fstab and makes the mount points.
+        config["mounts"] = [[tag, point, "virtiofs", options, "0", "0"] for tag, point, options in spec.mounts]
     for key, value in spec.extra.items():
         if key in ("write_files", "runcmd", "packages", "bootcmd") and isinstance(value, list):
             config[key] = [*config.get(key, []), *value]

@@ -46,7 +46,7 @@ def seed_spec(vm: VmPlan, plan: ClusterPlan, user: str, key: str) -> SeedSpec:
         gateway=plan.gateway if plan.forward_mode == "nat" else None,
         dns_servers=(plan.gateway, *plan.dns_servers), domain=plan.dns_domain, user=user,
         ssh_keys=(key,), hosts=tuple((v.ip, v.name) for v in plan.vms if v.ip),
-        extra=vm.cloud_init, dhcp=vm.dhcp,
+        extra=vm.cloud_init, dhcp=vm.dhcp, mounts=tuple((m.tag, m.mount_point, m.options) for m in vm.mounts),
     )
 
 

@@ -219,27 +219,17 @@ def _partitions(cluster: HpcCluster | CloudCluster) -> tuple[str, ...]:
     return (first, *[p for p in config.partitions if p != first])
 
 
-def _reserved_addresses(nodes: list[NodeSpec], net: ipaddress.IPv4Network, gateway: ipaddress.IPv4Address,
-                        dhcp_end: ipaddress.IPv4Address) -> list[ipaddress.IPv4Address | None]:
+def _reserved_addresses(nodes: list[NodeSpec], gateway: ipaddress.IPv4Address,
+                        dhcp_range: tuple[ipaddress.IPv4Address, ipaddress.IPv4Address]
+                        ) -> list[ipaddress.IPv4Address | None]:
     """Each node's address: its static one, or for a node without one (``ip: DHCP``) the DHCP
     reservation the network makes for it, counted down from the end of the DHCP range in node
     order, past static addresses (so adding a node at the end moves no other node's address).
     None when the range is used up (``_check_addresses`` says so)."""
     taken = {node.ip for node in nodes if node.ip is not None} | {gateway}
-    candidate = int(dhcp_end)
-    found: list[ipaddress.IPv4Address | None] = []
-    for node in nodes:
-        if node.ip is not None:
-            found.append(node.ip)
-            continue
-        while candidate > int(net.network_address) and ipaddress.IPv4Address(candidate) in taken:
-            candidate -= 1
-        if candidate <= int(net.network_address):
-            found.append(None)
-            continue
-        found.append(ipaddress.IPv4Address(candidate))
-        candidate -= 1
-    return found
+    free = (a for a in (ipaddress.IPv4Address(n) for n in range(int(dhcp_range[1]), int(dhcp_range[0]) - 1, -1))
+            if a not in taken)
+    return [node.ip if node.ip is not None else next(free, None) for node in nodes]
 
 
 def plan_cluster(file: ClusterFile, key: ClusterKey, source: str = "cluster file") -> ClusterPlan:
@@ -253,7 +243,7 @@ def plan_cluster(file: ClusterFile, key: ClusterKey, source: str = "cluster file
     start, end = net.dhcp_range
     kube = cluster.kubernetes_config if isinstance(cluster, CloudCluster) else None
     entries = _node_entries(key, cluster)
-    addresses = _reserved_addresses([node for _p, node, _r, _s in entries], net.subnet, net.gateway, end)
+    addresses = _reserved_addresses([node for _p, node, _r, _s in entries], net.gateway, (start, end))
     vms = tuple(
         VmPlan(
             name=f"{cluster.name}-{short}",

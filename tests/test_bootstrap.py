@@ -43,6 +43,8 @@ PROGRAMS = {
     "go": "the Pulumi engine and the Kubernetes binaries are built with it",
     "gcc": "the pause binary of the Kubernetes images (gcc, libc6-dev)",
     "strip": "the pause binary (binutils)",
+    "unshare": "slurmctld reads slurm.conf in namespaces of its own (util-linux; tests/consumers.py)",
+    "apt-get": "the images' cloud-init and slurmctld are unpacked for the consumer tests (tests/consumers.py)",
 }
 
 
@@ -50,6 +52,13 @@ PROGRAMS = {
 def test_program_is_on_path(program: str) -> None:
     path = offline_env()["PATH"] + os.pathsep + "/usr/sbin:/sbin"
     assert shutil.which(program, path=path), f"{program} is missing: needed by {PROGRAMS[program]}; run ./bootstrap"
+
+
+def test_debian_python_runs_cloud_inits_dependencies() -> None:
+    # tests/consumers.py runs the images' cloud-init on Debian's python3, with its Depends from Debian.
+    done = subprocess.run(["/usr/bin/python3", "-c", "import yaml, jsonschema, jsonpatch, jinja2, configobj, "
+                           "requests, netifaces"], capture_output=True, text=True)
+    assert done.returncode == 0, f"{done.stderr.strip()}; run ./bootstrap"
 
 
 def test_libvirt_finds_a_virtiofs_daemon() -> None:

@@ -50,7 +50,7 @@ def network_subnets(conn: libvirt.virConnect) -> list[tuple[str, str, str]]:
     not (an inactive one takes its subnet back when it starts, as libvirt's stock ``default``)."""
     found = []
     for net in conn.listAllNetworks(0):
-        root = ET.fromstring(net.XMLDesc(libvirt.VIR_NETWORK_XML_INACTIVE))
+        root = ET.fromstring(net.XMLDesc(0))
         bridge = root.find("./bridge")
         for ip in root.iterfind("./ip"):
             if ip.get("family", "ipv4") != "ipv4" or not ip.get("address"):
