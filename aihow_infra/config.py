@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import ipaddress
 import re
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from enum import StrEnum
 from typing import Annotated, Any, Literal
 
@@ -492,3 +492,27 @@ class ClusterFile(Model):
         if text != "1.0":
             raise ValueError(f"{value!r} is not supported; allowed: '1.0'")
         return text
+
+
+def _types_in(annotation: Any) -> Iterator[Any]:
+    yield annotation
+    for arg in getattr(annotation, "__args__", ()) or ():
+        yield from _types_in(arg)
+    yield from getattr(annotation, "__metadata__", ()) or ()
+
+
+def accepted_fields() -> list[tuple[str, str, str]]:
+    """Every key a cluster file may hold, as (model, field, key as written in YAML): the fields of
+    every model reachable from ``ClusterFile``."""
+    found: list[tuple[str, str, str]] = []
+    pending: list[type[BaseModel]] = [ClusterFile]
+    seen: set[type[BaseModel]] = set()
+    while pending:
+        model = pending.pop()
+        if model in seen:
+            continue
+        seen.add(model)
+        for name, info in model.model_fields.items():
+            found.append((model.__name__, name, info.alias or name))
+            pending += [t for t in _types_in(info.annotation) if isinstance(t, type) and issubclass(t, BaseModel)]
+    return found

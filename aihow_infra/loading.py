@@ -10,14 +10,14 @@ import copy
 import difflib
 import os
 import re
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import yaml
-from pydantic import BaseModel, ValidationError
+from pydantic import ValidationError
 
-from aihow_infra.config import ClusterFile
+from aihow_infra.config import ClusterFile, accepted_fields
 from aihow_infra.errors import ConfigError
 from aihow_infra.plan import cross_check
 
@@ -25,27 +25,7 @@ _VAR_RE = re.compile(r"\$\$|\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}|\$([A-Z
 
 
 def _known_keys() -> set[str]:
-    keys: set[str] = set()
-    pending: list[type[BaseModel]] = [ClusterFile]
-    seen: set[type[BaseModel]] = set()
-    while pending:
-        model = pending.pop()
-        if model in seen:
-            continue
-        seen.add(model)
-        for name, field in model.model_fields.items():
-            keys.add(field.alias or name)
-            for arg in _types_in(field.annotation):
-                if isinstance(arg, type) and issubclass(arg, BaseModel):
-                    pending.append(arg)
-    return keys | {"ip_address", "count"}
-
-
-def _types_in(annotation: Any) -> Iterator[Any]:
-    yield annotation
-    for arg in getattr(annotation, "__args__", ()) or ():
-        yield from _types_in(arg)
-    yield from getattr(annotation, "__metadata__", ()) or ()
+    return {key for _model, _field, key in accepted_fields()} | {"ip_address", "count"}
 
 
 def _format_loc(loc: tuple[int | str, ...]) -> str:

@@ -7,6 +7,7 @@ run also builds the two images (cached afterwards, outside the work tree)."""
 
 from __future__ import annotations
 
+import ipaddress
 import json
 from pathlib import Path
 from typing import Any
@@ -28,7 +29,8 @@ def default_shape(box: Sandbox) -> dict[str, Any]:
     """config/default.yaml's topology, with this sandbox's names and subnets."""
     hpc_net, cloud_net = box.subnet(), box.subnet()
     h, c = list(hpc_net.hosts()), list(cloud_net.hosts())
-    hpc = box.cluster("hpc", hpc_net, [box.node(str(h[10]), disk_gb=4), box.node(str(h[11]), disk_gb=4)])
+    # The second compute node asks DHCP (ip: DHCP): the network reserves it an address.
+    hpc = box.cluster("hpc", hpc_net, [box.node(str(h[10]), disk_gb=4), box.node(None, disk_gb=4)])
     cloud = box.cluster("cloud", cloud_net, [box.node(str(c[10]), disk_gb=4)])
     for cluster, image in ((hpc, "hpc"), (cloud, "cloud")):
         cluster["image"] = image
@@ -100,6 +102,20 @@ def test_default_example_boots_every_vm_ready_and_keeps_data(e2e: E2E, tmp_path:
     assert read_file(box.conn.lookupByName(name), "/var/tmp/data") == "kept\n"
     op.vm_restart(name)
     assert read_file(box.conn.lookupByName(name), "/var/tmp/data") == "kept\n"
+
+    # A running node's new address reaches the guest: the change restarts it (asked first), and its
+    # cloud-init applies the network again at that boot; the data stays.
+    moved = str(list(ipaddress.IPv4Network(data["hpc"]["network"]["subnet"]).hosts())[30])
+    data["hpc"]["compute_nodes"][0]["ip"] = moved
+    e2e.write_cluster_file(data)
+    asked: list[str] = []
+    Operator(e2e.workspace, confirm=lambda risks: asked.extend(str(r) for r in risks) or True).up("hpc")
+    assert asked == [f"VM {name}: restarted to apply address"]
+    dom = box.conn.lookupByName(name)
+    interfaces = {i["hardware-address"]: [a["ip-address"] for a in i.get("ip-addresses", [])]
+                  for i in agent_command(dom, "guest-network-get-interfaces")}
+    assert interfaces[mac_for(name)] == [moved], interfaces
+    assert read_file(dom, "/var/tmp/data") == "kept\n"
 
     op.system_destroy()
     assert box.leftovers() == []

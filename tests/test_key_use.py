@@ -7,14 +7,9 @@ from __future__ import annotations
 
 import ast
 import re
-import typing
-from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
-from pydantic import BaseModel
-
-from aihow_infra.config import ClusterFile
+from aihow_infra.config import accepted_fields
 
 ROOT = Path(__file__).resolve().parents[1]
 # Keys ai-how files carry that the project takes but does not act on, each with the reason. The
@@ -34,26 +29,9 @@ IGNORED = {
 }
 
 
-def _types(annotation: Any) -> Iterator[Any]:
-    yield annotation
-    for arg in typing.get_args(annotation):
-        yield from _types(arg)
-
-
 def accepted_keys() -> dict[str, str]:
-    """``Model.field`` -> field name, for every model reachable from ``ClusterFile``."""
-    found: dict[str, str] = {}
-    todo: list[type[BaseModel]] = [ClusterFile]
-    seen: set[type[BaseModel]] = set()
-    while todo:
-        model = todo.pop()
-        if model in seen:
-            continue
-        seen.add(model)
-        for name, info in model.model_fields.items():
-            found[f"{model.__name__}.{name}"] = name
-            todo += [t for t in _types(info.annotation) if isinstance(t, type) and issubclass(t, BaseModel)]
-    return found
+    """``Model.field`` -> field name, for every key a cluster file may hold."""
+    return {f"{model}.{name}": name for model, name, _key in accepted_fields()}
 
 
 def names_read() -> tuple[set[str], str]:
