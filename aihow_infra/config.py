@@ -13,6 +13,7 @@ from enum import StrEnum
 from typing import Annotated, Any, Literal
 
 from pydantic import (
+    AfterValidator,
     BaseModel,
     ConfigDict,
     Field,
@@ -304,19 +305,31 @@ SLURM_TIME_RE = re.compile(r"^(\d+|\d+:\d{1,2}|\d+:\d{1,2}:\d{1,2}|\d+-\d+(:\d{1
 SLURM_NO_LIMIT = ("INFINITE", "UNLIMITED")
 
 
+def _check_partition(name: str) -> str:
+    if name.upper() == "DEFAULT":
+        raise ValueError(f"{name!r} is reserved: slurm.conf reads PartitionName=DEFAULT as the defaults of "
+                         "every partition; allowed: another name, e.g. 'compute'")
+    if not PARTITION_RE.match(name):
+        raise ValueError(f"{name!r} is not a SLURM partition name; allowed: 1-64 letters, digits, '_', '-', '.' "
+                         "(no spaces)")
+    return name
+
+
+# Each name is checked on its own, so every bad one is reported, at its index.
+PartitionName = Annotated[str, AfterValidator(_check_partition)]
+
+
 class SlurmConfig(Model):
     """SLURM settings handed to the inventory: partitions (the default one first in slurm.conf)
     and the longest a job may run in them (every partition's ``MaxTime``)."""
 
-    partitions: list[str] = Field(default_factory=lambda: ["compute"])
+    partitions: list[PartitionName] = Field(default_factory=lambda: ["compute"])
     default_partition: str | None = None
     max_job_time: str = "INFINITE"
 
     @field_validator("partitions", mode="after")
     @classmethod
-    def _partition_names(cls, value: list[str]) -> list[str]:
-        for name in value:
-            _check_partition(name)
+    def _once_each(cls, value: list[str]) -> list[str]:
         duplicates = sorted({n for n in value if value.count(n) > 1})
         if duplicates:
             raise ValueError(f"{duplicates[0]!r} is listed twice; allowed: each partition once")
@@ -339,14 +352,6 @@ class SlurmConfig(Model):
         return text
 
 
-def _check_partition(name: str) -> str:
-    if name.upper() == "DEFAULT":
-        raise ValueError(f"{name!r} is reserved: slurm.conf reads PartitionName=DEFAULT as the defaults of "
-                         "every partition; allowed: another name, e.g. 'compute'")
-    if not PARTITION_RE.match(name):
-        raise ValueError(f"{name!r} is not a SLURM partition name; allowed: 1-64 letters, digits, '_', '-', '.' "
-                         "(no spaces)")
-    return name
 
 
 class Storage(Model):

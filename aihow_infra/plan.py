@@ -381,6 +381,10 @@ def _check_images(plans: list[ClusterPlan]) -> list[str]:
             if vm.disk_gb < root_gb:
                 problems.append(f"{vm.key_path}.disk_gb: {vm.disk_gb} is smaller than the {vm.image} image's root "
                                 f"file system ({root_gb} GiB); allowed: {root_gb} or more")
+            for i, mount in enumerate(vm.mounts):
+                if not Path(mount.host_path).is_dir():
+                    problems.append(f"{vm.key_path}.virtio_fs_mounts[{i}].host_path: '{mount.host_path}' is not a "
+                                    "folder on this host; allowed: an existing folder to share")
             if vm.base_image is None:
                 continue
             path = Path(vm.base_image)

@@ -70,7 +70,7 @@ def test_a_reservation_skips_static_addresses_and_a_full_range_is_an_error() -> 
 
 @pytest.mark.parametrize(("name", "expected"), [
     ("slurm-partition-default.yaml", [
-        "clusters.hpc.slurm_config.partitions: 'default' is reserved: slurm.conf reads PartitionName=DEFAULT as "
+        "clusters.hpc.slurm_config.partitions[0]: 'default' is reserved: slurm.conf reads PartitionName=DEFAULT as "
         "the defaults of every partition; allowed: another name, e.g. 'compute'",
         "clusters.hpc.slurm_config.default_partition: 'default' is reserved: slurm.conf reads "
         "PartitionName=DEFAULT as the defaults of every partition; allowed: another name, e.g. 'compute'"]),
@@ -84,14 +84,30 @@ def test_refused_cases_name_key_value_and_allowed(name: str, expected: list[str]
     assert refusals(name) == expected
 
 
-def test_a_partition_name_with_a_space_is_refused() -> None:
+def test_a_virtiofs_share_that_is_not_a_folder_is_refused(tmp_path: Path) -> None:
+    path = tmp_path / "c.yaml"
+    path.write_text((CASES / "hugepages-virtiofs.yaml").read_text())
+    assert refusals_at(path) == [
+        f"clusters.hpc.controller.virtio_fs_mounts[0].host_path: '{tmp_path / 'share'}' is not a folder on this "
+        "host; allowed: an existing folder to share"]
+    (tmp_path / "share").mkdir()
+    assert plan_all(load_cluster_file(path))[0].vms[0].mounts[0].mount_point == "/srv/project"
+
+
+def refusals_at(path: Path) -> list[str]:
+    with pytest.raises(ConfigError) as err:
+        load_cluster_file(path)
+    return err.value.problems
+
+
+def test_partition_names_slurm_cannot_read_are_refused() -> None:
     data = base()
-    data["clusters"]["hpc"]["slurm_config"] = {"partitions": ["compute", "long jobs"]}
+    data["clusters"]["hpc"]["slurm_config"] = {"partitions": ["compute", "long jobs", "a/b"]}
     with pytest.raises(ConfigError) as err:
         parse_cluster_file(data, env={})
-    assert err.value.problems == [
-        "clusters.hpc.slurm_config.partitions: 'long jobs' is not a SLURM partition name; allowed: 1-64 letters, "
-        "digits, '_', '-', '.' (no spaces)"]
+    assert err.value.problems == [  # every bad name, at its index
+        f"clusters.hpc.slurm_config.partitions[{i}]: {name!r} is not a SLURM partition name; allowed: 1-64 "
+        "letters, digits, '_', '-', '.' (no spaces)" for i, name in ((1, "long jobs"), (2, "a/b"))]
 
 
 @pytest.mark.parametrize(("text", "expected"), [

@@ -199,13 +199,13 @@ def test_either_cluster_may_be_absent() -> None:
         plan_cluster(model, "cloud")
 
 
-def test_variables_expand_from_the_environment_with_defaults() -> None:
+def test_variables_expand_from_the_environment_with_defaults(tmp_path: Path) -> None:
     data = mutate(f"{HPC}.controller.virtio_fs_mounts",
                   [{"tag": "data", "host_path": "${DATA}", "mount_point": "${MNT:-/mnt/data}"}])
-    model = parse_cluster_file(data, env={"DATA": "/srv/data"})
+    model = parse_cluster_file(data, env={"DATA": str(tmp_path)})
     assert model.clusters.hpc is not None
     mount = model.clusters.hpc.controller.virtio_fs_mounts[0]
-    assert (mount.host_path, mount.mount_point) == ("/srv/data", "/mnt/data")
+    assert (mount.host_path, mount.mount_point) == (str(tmp_path), "/mnt/data")
 
 
 def test_template_form_expands_to_dhcp_nodes() -> None:
@@ -261,9 +261,12 @@ def test_multi_gpu_example_gives_ai_how_names_roles_macs_and_sharing() -> None:
 def test_images_of_the_multi_gpu_example_are_reported_missing_here() -> None:
     with pytest.raises(ConfigError) as err:
         load_cluster_file(ROOT / "config" / "example-multi-gpu-clusters.yaml", env={**os.environ, "HOME": "/home/a"})
-    assert all("base_image_path" in p and "does not exist" in p for p in err.value.problems)
+    images = [p for p in err.value.problems if "base_image_path" in p]
+    shares = [p for p in err.value.problems if "virtio_fs_mounts" in p]
+    assert images and all("does not exist" in p for p in images) and all("is not a folder" in p for p in shares)
+    assert len(images) + len(shares) == len(err.value.problems)
     # Looked for beside the file, wherever it is loaded from.
-    assert f"(looked at {ROOT / 'config' / 'build/packer'}" in err.value.problems[0]
+    assert f"(looked at {ROOT / 'config' / 'build/packer'}" in images[0]
 
 
 @pytest.mark.parametrize("path", sorted((ROOT / "config").glob("*.yaml")), ids=lambda p: p.name)
@@ -390,6 +393,7 @@ def test_relative_host_paths_are_taken_from_the_cluster_files_folder(tmp_path: P
         {"tag": "data", "host_path": "../data", "mount_point": "/data"}]}
     path = folder / "clusters.yaml"
     path.write_text(yaml.safe_dump(data))
+    (tmp_path / "data").mkdir()
     monkeypatch.chdir(tmp_path)  # elsewhere: the file still means the same
     [hpc, _cloud] = plan_all(load_cluster_file(path))
     controller = hpc.vms[0]
