@@ -10,6 +10,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
+from aihow_infra.plan import SubnetInUse
+
 VirtType = Literal["kvm", "qemu"]
 # TCG's default translation cache is 1 GiB a guest; 128 MiB keeps qemu near 500 MiB for a 1 GiB guest.
 TCG_CACHE_MIB = 128
@@ -84,15 +86,6 @@ def choose_virt_type(wanted: str, host: Host, kvm_usable: bool) -> VirtChoice:
         return VirtChoice("qemu", "software emulation: /dev/kvm is kvm_pvm, which cannot run a real guest kernel")
     vendor = next((m for m in ("kvm_intel", "kvm_amd") if m in modules), None)
     return VirtChoice("kvm", f"KVM ({vendor})" if vendor else "KVM (libvirt reports it usable)")
-
-
-@dataclass(frozen=True)
-class SubnetInUse:
-    """An IPv4 subnet the host already uses: on an interface, by a route, or by a libvirt network."""
-
-    subnet: str
-    where: str  # e.g. "interface eth0", "route via eth0", "libvirt network 'default' (bridge virbr0)"
-    interface: str  # the interface (bridge) it is on, "" when none is known
 
 
 def host_subnets() -> list[SubnetInUse]:

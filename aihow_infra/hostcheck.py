@@ -17,7 +17,7 @@ from urllib.parse import urlparse
 from aihow_infra.errors import AihowError, ConfigError
 from aihow_infra.host import Host, choose_virt_type, host_subnets
 from aihow_infra.loading import key_lines, line_of, load_cluster_file
-from aihow_infra.plan import ClusterPlan, plan_all, subnet_collisions
+from aihow_infra.plan import ClusterPlan, SubnetInUse, plan_all, subnet_collisions
 
 VFIO_DRIVER = "vfio-pci"
 
@@ -173,17 +173,17 @@ def check_host(root: Path, cluster_files: Iterable[str | Path]) -> Report:
     return report
 
 
-def subnets_in_use(uri: str) -> list[tuple[str, str, str]]:
-    """(subnet, where, interface) of every IPv4 subnet the host uses: its interfaces and routes
-    (when libvirt runs on this machine) and every libvirt network of ``uri``, active or not."""
+def subnets_in_use(uri: str) -> list[SubnetInUse]:
+    """Every IPv4 subnet the host uses: its interfaces and routes (when libvirt runs on this
+    machine) and every libvirt network of ``uri``, active or not."""
     from aihow_infra.libvirt.connection import connect
     from aihow_infra.libvirt.inspect import network_subnets
 
-    found: list[tuple[str, str, str]] = []
+    found: list[SubnetInUse] = []
     with connect(uri) as conn:
         if conn.getType() == "QEMU" and urlparse(conn.getURI()).hostname in (None, "", "localhost"):
-            found += [(s.subnet, s.where, s.interface) for s in host_subnets()]
-        found += [(subnet, f"libvirt network '{name}' (bridge {bridge or 'none'})", bridge)
+            found += host_subnets()
+        found += [SubnetInUse(subnet, f"libvirt network '{name}' (bridge {bridge or 'none'})", bridge, name)
                   for name, bridge, subnet in network_subnets(conn)]
     return found
 

@@ -469,20 +469,29 @@ def cross_check(file: ClusterFile, *, check_images: bool = True, allow_system_pa
     return problems
 
 
-def subnet_collisions(plans: list[ClusterPlan], in_use: list[tuple[str, str, str]]) -> list[str]:
-    """Each cluster subnet that overlaps one the host already uses, given as (subnet, where,
-    interface); the cluster's own bridge and libvirt network (made by an earlier ``up``) are not
-    a collision."""
+@dataclass(frozen=True)
+class SubnetInUse:
+    """An IPv4 subnet the host already uses: on an interface, by a route, or by a libvirt network."""
+
+    subnet: str
+    where: str  # e.g. "interface eth0", "a route via eth0", "libvirt network 'default' (bridge virbr0)"
+    interface: str = ""  # the interface (bridge) it is on, "" when none is known
+    network: str = ""  # the libvirt network that holds it, "" for none
+
+
+def subnet_collisions(plans: list[ClusterPlan], in_use: list[SubnetInUse]) -> list[str]:
+    """Each cluster subnet that overlaps one the host already uses; the cluster's own bridge and
+    libvirt network (made by an earlier ``up``) are not a collision."""
     problems = []
     for plan in plans:
         ours = ipaddress.IPv4Network(plan.subnet)
-        for subnet, where, interface in in_use:
-            if interface == plan.bridge or where.startswith(f"libvirt network '{plan.network_name}'"):
+        for used in in_use:
+            if plan.bridge == used.interface or plan.network_name == used.network:
                 continue
-            if ours.overlaps(ipaddress.IPv4Network(subnet)):
-                problems.append(f"clusters.{plan.key}.network.subnet: '{plan.subnet}' overlaps {subnet} of {where} "
-                                "on this host; allowed: a subnet no interface, route or libvirt network of the "
-                                "host uses")
+            if ours.overlaps(ipaddress.IPv4Network(used.subnet)):
+                problems.append(f"clusters.{plan.key}.network.subnet: '{plan.subnet}' overlaps {used.subnet} of "
+                                f"{used.where} on this host; allowed: a subnet no interface, route or libvirt "
+                                "network of the host uses")
                 break
     return problems
 

@@ -20,7 +20,7 @@ from aihow_infra.errors import ConfigError
 from aihow_infra.hostcheck import check_host, check_subnets, materialize
 from aihow_infra.libvirt.render import domain_xml
 from aihow_infra.loading import load_cluster_file, parse_cluster_file
-from aihow_infra.plan import ClusterPlan, mac_for, plan_all, subnet_collisions
+from aihow_infra.plan import ClusterPlan, SubnetInUse, mac_for, plan_all, subnet_collisions
 from tests.samples import base
 
 CASES = Path(__file__).resolve().parent / "fixtures" / "cases"
@@ -223,8 +223,8 @@ def test_a_subnet_the_host_uses_is_refused_naming_the_interface() -> None:
         "clusters.cloud.network.subnet: '192.168.122.0/24' overlaps 192.168.122.0/24 of libvirt network 'default' "
         "(bridge virbr0) on this host; allowed: a subnet no interface, route or libvirt network of the host uses"]
     assert err.value.lines == [6]
-    in_use = [("10.213.0.0/16", "a route via eth1", "eth1"), ("10.213.20.0/24", "interface aihow-cloud0",
-                                                              "aihow-cloud0")]
+    in_use = [SubnetInUse("10.213.0.0/16", "a route via eth1", "eth1"),
+              SubnetInUse("10.213.20.0/24", "interface aihow-cloud0", "aihow-cloud0")]
     default = plan_all(load_cluster_file(Path(__file__).resolve().parents[1] / "config/default.yaml"))
     problems = subnet_collisions(default, in_use)
     # A LAN route covering the subnet is a collision; the cluster's own bridge (an earlier up) is not.
