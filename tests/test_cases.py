@@ -233,3 +233,14 @@ def test_a_subnet_the_host_uses_is_refused_naming_the_interface() -> None:
         "allowed: a subnet no interface, route or libvirt network of the host uses",
         "clusters.cloud.network.subnet: '10.213.20.0/24' overlaps 10.213.0.0/16 of a route via eth1 on this host; "
         "allowed: a subnet no interface, route or libvirt network of the host uses"]
+
+
+def test_the_longest_names_allowed_make_host_names_every_consumer_takes() -> None:
+    """A VM's name is its host name (cloud-init, /etc/hosts, SLURM's NodeName, a Kubernetes node):
+    one DNS label, at most 63 characters of lowercase letters, digits and '-'."""
+    data = base()
+    data["clusters"]["hpc"]["name"] = "h" * 40
+    data["clusters"]["cloud"]["name"] = "c" * 40
+    names = [vm.name for plan in plan_all(parse_cluster_file(data, env={})) for vm in plan.vms]
+    assert max(len(n) for n in names) <= 63
+    assert all(re.fullmatch(r"[a-z0-9]([a-z0-9-]*[a-z0-9])?", n) for n in names), names
