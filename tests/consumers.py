@@ -7,6 +7,7 @@ Nothing here is a stand-in: a file a consumer refuses fails the test with the co
 
 from __future__ import annotations
 
+import functools
 import os
 import re
 import shutil
@@ -19,6 +20,7 @@ from typing import Any
 
 import yaml
 from ansible.parsing.dataloader import DataLoader
+from ansible.plugins.loader import init_plugin_loader
 from ansible.template import Templar, trust_as_template
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -154,30 +156,43 @@ def _groups(inventory: Mapping[str, Any]) -> tuple[dict[str, list[str]], dict[st
     return groups, hostvars
 
 
+@functools.cache
+def _plugin_loader() -> None:
+    init_plugin_loader()  # as ansible-playbook does first: lookups are found through it
+
+
 def rendered_templates(playbook: Path, inventory: Mapping[str, Any], registered: Mapping[str, Any]
                        ) -> Iterator[tuple[str, str, str]]:
-    """(host, destination, text) of every ``ansible.builtin.template`` task of a playbook, rendered by
-    Ansible's own templating with the play's and the task's variables over the inventory, as a deploy
-    renders them; ``registered`` stands for what earlier tasks registered (``kubeadm_version``...)."""
+    """(host, destination, text) of every file an ``aihow_converge`` task of a playbook writes,
+    rendered by Ansible's own templating (its ``template`` lookups included) with the play's
+    variables, its ``vars_files`` and the inventory, as a deploy renders them; ``registered``
+    stands for what earlier tasks registered, by variable name (the control plane's ``contents``...),
+    given to every host."""
     groups, hostvars = _groups(inventory)
     common = inventory["all"].get("vars") or {}
     for name in hostvars:
-        hostvars[name] = {**common, "inventory_hostname": name, **hostvars[name]}
+        hostvars[name] = {**common, "inventory_hostname": name, **hostvars[name], **registered}
+    _plugin_loader()
+    loader = DataLoader()
+    loader.set_basedir(str(playbook.parent))
+
+    def trusted(values: Mapping[str, Any]) -> dict[str, Any]:
+        return {k: trust_as_template(v) if isinstance(v, str) else v for k, v in values.items()}
+
     for play in yaml.safe_load(playbook.read_text()):
+        play_vars: dict[str, Any] = {}
+        for vars_file in play.get("vars_files") or []:
+            play_vars.update(trusted(yaml.safe_load((playbook.parent / vars_file).read_text())))
+        play_vars.update(trusted(play.get("vars") or {}))
         for host in _hosts_of(play["hosts"], groups):
-            play_vars = {k: trust_as_template(v) if isinstance(v, str) else v
-                         for k, v in (play.get("vars") or {}).items()}
             for task in play.get("tasks") or []:
-                args = task.get("ansible.builtin.template")
-                if not args:
+                args = task.get("aihow_converge")
+                if not args or "files" not in args:
                     continue
-                task_vars = {k: trust_as_template(v) if isinstance(v, str) else v
-                             for k, v in (task.get("vars") or {}).items()}
-                for item in task.get("loop") or [None]:
-                    variables = {**registered, **hostvars[host], "hostvars": hostvars, "groups": groups,
-                                 **play_vars, **task_vars, "item": item}
-                    templar = Templar(loader=DataLoader(), variables=variables)
-                    src = str(templar.template(trust_as_template(args["src"])))
-                    dest = str(templar.template(trust_as_template(args["dest"])))
-                    text = (playbook.parent / src).read_text()
-                    yield host, dest, str(templar.template(trust_as_template(text)))
+                variables = {**hostvars[host], "hostvars": hostvars, "groups": groups, **play_vars}
+                templar = Templar(loader=loader, variables=variables)
+                files = args["files"]
+                specs = templar.template(trust_as_template(files) if isinstance(files, str) else files)
+                for spec in specs:
+                    dest = str(templar.template(trust_as_template(spec["dest"])))
+                    yield host, dest, str(templar.template(trust_as_template(spec["content"])))

@@ -21,6 +21,8 @@ description: Compact live output for ai-how deploys.
 def _message(result: Any) -> str:
     data = result._result
     text = data.get("msg") or data.get("stderr") or data.get("reason") or ""
+    if data.get("rc") and data.get("stderr"):  # a command's own words, not "non-zero return code"
+        text = data["stderr"].strip().splitlines()[-1]
     if not text and data.get("results"):
         text = next((r.get("msg") or r.get("stderr") or "" for r in data["results"] if r.get("failed")), "")
     return " ".join(str(text).split())[:500] or "failed"

@@ -1,0 +1,231 @@
+#!/usr/bin/python3
+"""Ansible module: bring one node to its deployed state in a single module run.
+
+Under software emulation every module run costs seconds inside the guest (Python's start and
+the module's own imports), so a node's whole converge is one run: folders, files (written only
+when their content or mode differ), one-time commands, a systemd reload when a unit changed,
+restarts of the units whose files changed, every listed unit enabled and running, and files
+read back for other nodes. Idempotent: a second run with the same arguments changes nothing.
+"""
+
+from __future__ import annotations
+
+import base64
+import grp
+import os
+import pwd
+import subprocess
+import tempfile
+from typing import Any
+
+from ansible.module_utils.basic import AnsibleModule
+
+DOCUMENTATION = r"""
+module: aihow_converge
+short_description: a node's files, one-time commands and systemd units, in one run
+description:
+  - Steps, in order, stopping at the first failure with its step named
+    (folders, files, commands, daemon-reload, restarts, enable and start, reads).
+options:
+  folders:
+    description: folders made when missing (path, mode, owner, group); mode and owner set when they differ.
+    type: list
+    elements: dict
+    default: []
+  files:
+    description:
+      - files written when their content, mode or owner differ (dest, content, mode, owner, group,
+        restarts); C(restarts) names units restarted when the file changed. Content is never logged.
+    type: list
+    elements: dict
+    default: []
+  commands:
+    description:
+      - shell commands run (C(/bin/sh -e)) only while their C(creates) path is missing; C(restarts)
+        names units restarted when the command ran.
+    type: list
+    elements: dict
+    default: []
+  services:
+    description: systemd units enabled and running after the run.
+    type: list
+    elements: str
+    default: []
+  read:
+    description: files returned base64-encoded in C(contents), read after everything else.
+    type: list
+    elements: str
+    default: []
+"""
+
+RETURN = r"""
+changed_files: {description: files written, type: list}
+ran: {description: the C(creates) path of each command that ran, type: list}
+restarted: {description: units restarted, type: list}
+started: {description: units started or enabled, type: list}
+contents: {description: path -> base64 content of each file in C(read), type: dict}
+"""
+
+SPEC: dict[str, Any] = {
+    "folders": {"type": "list", "elements": "dict", "default": [], "options": {
+        "path": {"type": "str", "required": True},
+        "mode": {"type": "str", "default": "0755"},
+        "owner": {"type": "str", "default": "root"},
+        "group": {"type": "str", "default": "root"},
+    }},
+    "files": {"type": "list", "elements": "dict", "default": [], "options": {
+        "dest": {"type": "str", "required": True},
+        "content": {"type": "str", "required": True, "no_log": True},
+        "mode": {"type": "str", "default": "0644"},
+        "owner": {"type": "str", "default": "root"},
+        "group": {"type": "str", "default": "root"},
+        "restarts": {"type": "list", "elements": "str", "default": []},
+    }},
+    "commands": {"type": "list", "elements": "dict", "default": [], "options": {
+        "run": {"type": "str", "required": True},
+        "creates": {"type": "str", "required": True},
+        "restarts": {"type": "list", "elements": "str", "default": []},
+    }},
+    "services": {"type": "list", "elements": "str", "default": []},
+    "read": {"type": "list", "elements": "str", "default": []},
+}
+
+
+class StepFailed(Exception):
+    """A step failed; the message names it."""
+
+
+def _ids(owner: str, group: str) -> tuple[int, int]:
+    try:
+        return pwd.getpwnam(owner).pw_uid, grp.getgrnam(group).gr_gid
+    except KeyError:
+        raise StepFailed(f"owner {owner}:{group} does not exist on this node") from None
+
+
+def _set_attributes(path: str, mode: int, uid: int, gid: int) -> bool:
+    st = os.lstat(path)
+    changed = False
+    if st.st_mode & 0o7777 != mode:
+        os.chmod(path, mode)
+        changed = True
+    if (st.st_uid, st.st_gid) != (uid, gid):
+        os.chown(path, uid, gid)
+        changed = True
+    return changed
+
+
+def _folder(spec: dict[str, Any]) -> bool:
+    path, mode = spec["path"], int(spec["mode"], 8)
+    uid, gid = _ids(spec["owner"], spec["group"])
+    made = not os.path.isdir(path)
+    if made:
+        os.makedirs(path, mode=mode)
+    return _set_attributes(path, mode, uid, gid) or made
+
+
+def _file(spec: dict[str, Any]) -> bool:
+    dest, mode = spec["dest"], int(spec["mode"], 8)
+    content = spec["content"].encode()
+    uid, gid = _ids(spec["owner"], spec["group"])
+    try:
+        with open(dest, "rb") as f:
+            same = f.read() == content
+    except FileNotFoundError:
+        same = False
+    if same:
+        return _set_attributes(dest, mode, uid, gid)
+    folder = os.path.dirname(dest)
+    os.makedirs(folder, mode=0o755, exist_ok=True)
+    # Written beside the target and renamed over it: a cut run leaves the old file or the new one.
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".aihow-")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(content)
+            f.flush()
+            os.fsync(f.fileno())
+        os.chmod(tmp, mode)
+        os.chown(tmp, uid, gid)
+        os.replace(tmp, dest)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+    return True
+
+
+def _systemctl(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(["systemctl", *args], capture_output=True, text=True, check=False)
+
+
+def _must(what: str, *args: str) -> None:
+    done = _systemctl(*args)
+    if done.returncode != 0:
+        detail = " ".join((done.stderr or done.stdout).split())[:300]
+        raise StepFailed(f"{what}: systemctl {' '.join(args)} exited {done.returncode}: {detail}")
+
+
+def converge(params: dict[str, Any]) -> dict[str, Any]:
+    """Carry out every step; the result Ansible reports."""
+    changed_files: list[str] = []
+    ran: list[str] = []
+    restart: list[str] = []
+    for spec in params["folders"]:
+        if _folder(spec):
+            changed_files.append(spec["path"])
+    for spec in params["files"]:
+        try:
+            if _file(spec):
+                changed_files.append(spec["dest"])
+                restart += [u for u in spec["restarts"] if u not in restart]
+        except OSError as exc:
+            raise StepFailed(f"writing {spec['dest']}: {exc.strerror or exc}") from None
+    for spec in params["commands"]:
+        if os.path.exists(spec["creates"]):
+            continue
+        done = subprocess.run(["/bin/sh", "-ec", spec["run"]], capture_output=True, text=True, check=False)
+        if done.returncode != 0:
+            detail = " ".join((done.stderr or done.stdout).split())[-400:]
+            raise StepFailed(f"command for {spec['creates']} exited {done.returncode}: {detail}")
+        if not os.path.exists(spec["creates"]):
+            raise StepFailed(f"command for {spec['creates']} succeeded but did not make it")
+        ran.append(spec["creates"])
+        restart += [u for u in spec["restarts"] if u not in restart]
+    if any(p.startswith(("/etc/systemd/", "/lib/systemd/")) for p in changed_files):
+        _must("reloading systemd", "daemon-reload")
+    restarted: list[str] = []
+    for unit in restart:
+        # A unit that is neither running nor wanted here is only rewritten, not started.
+        if unit in params["services"] or _systemctl("is-active", "--quiet", unit).returncode == 0:
+            _must(f"restarting {unit}", "restart", unit)
+            restarted.append(unit)
+    started: list[str] = []
+    for unit in params["services"]:
+        if _systemctl("is-enabled", "--quiet", unit).returncode != 0:
+            _must(f"enabling {unit}", "enable", unit)
+            started.append(unit)
+        if unit not in restarted and _systemctl("is-active", "--quiet", unit).returncode != 0:
+            _must(f"starting {unit}", "start", unit)
+            if unit not in started:
+                started.append(unit)
+    contents: dict[str, str] = {}
+    for path in params["read"]:
+        try:
+            with open(path, "rb") as f:
+                contents[path] = base64.b64encode(f.read()).decode()
+        except OSError as exc:
+            raise StepFailed(f"reading {path}: {exc.strerror or exc}") from None
+    return {"changed": bool(changed_files or ran or restarted or started), "changed_files": changed_files,
+            "ran": ran, "restarted": restarted, "started": started, "contents": contents}
+
+
+def main() -> None:
+    """Ansible's entry point."""
+    module = AnsibleModule(argument_spec=SPEC, supports_check_mode=False)
+    try:
+        module.exit_json(**converge(module.params))
+    except StepFailed as exc:
+        module.fail_json(msg=str(exc))
+
+
+if __name__ == "__main__":
+    main()

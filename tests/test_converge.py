@@ -1,0 +1,183 @@
+"""The one-run node converge (ansible/plugins/modules/aihow_converge.py) the playbooks use: files
+written only when they differ, one-time commands, restarts of what changed, units enabled and
+running, files read back, and one clear line when a step fails.
+
+It runs here through ``ansible-playbook`` with Ansible's local connection, on files under the
+test's folder, with a stand-in ``systemctl`` on PATH that records each call and keeps unit states
+in a folder (this machine has no systemd)."""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+import stat
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from aihow_infra.deploy import DeployResult, run_playbook
+from aihow_infra.errors import DeployError
+
+SYSTEMCTL = """#!/bin/sh
+# A stand-in systemctl: records the call, keeps enabled/active units as files; refuses "broken".
+echo "$*" >> "$UNITS/calls"
+case "$1" in
+  daemon-reload) exit 0 ;;
+  is-active) [ -e "$UNITS/active/$3" ] ;;
+  is-enabled) [ -e "$UNITS/enabled/$3" ] ;;
+  start|restart) mkdir -p "$UNITS/active" && touch "$UNITS/active/$2" ;;
+  enable) [ "$2" != broken ] || { echo "unit broken.service: unknown" >&2; exit 1; }
+          mkdir -p "$UNITS/enabled" && touch "$UNITS/enabled/$2" ;;
+  *) echo "unknown: $*" >&2; exit 1 ;;
+esac
+"""
+
+
+class Node:
+    """A folder standing for a node's root, and a playbook runner against it."""
+
+    def __init__(self, tmp_path: Path) -> None:
+        self.root = tmp_path / "root"
+        self.units = tmp_path / "units"
+        self.units.mkdir()
+        bin_dir = tmp_path / "bin"
+        bin_dir.mkdir()
+        tool = bin_dir / "systemctl"
+        tool.write_text(SYSTEMCTL)
+        tool.chmod(0o755)
+        self.env = {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}", "UNITS": str(self.units)}
+        self.inventory = tmp_path / "hosts.ini"
+        self.inventory.write_text(f"node ansible_connection=local ansible_python_interpreter={sys.executable}\n")
+        self.book = tmp_path / "play.yml"
+        self.result = tmp_path / "result.json"
+
+    def converge(self, args: dict[str, Any]) -> DeployResult:
+        """One play with one ``aihow_converge`` task; its module result lands in ``self.result``."""
+        play = [{"name": "converge", "hosts": "all", "gather_facts": False, "tasks": [
+            {"name": "converge the node", "aihow_converge": args, "register": "out"},
+            {"name": "keep the result", "ansible.builtin.copy": {
+                "dest": str(self.result), "content": "{{ out | to_json }}"}, "changed_when": False},
+        ]}]
+        self.book.write_text(json.dumps(play))
+        return run_playbook(self.book, "hpc", self.env, inventory=self.inventory)
+
+    def out(self) -> dict[str, Any]:
+        """What the module returned last."""
+        data: dict[str, Any] = json.loads(self.result.read_text())
+        return data
+
+    def calls(self) -> list[str]:
+        """The systemctl calls so far, and forget them."""
+        log = self.units / "calls"
+        lines = log.read_text().splitlines() if log.exists() else []
+        log.unlink(missing_ok=True)
+        return lines
+
+
+@pytest.fixture()
+def node(tmp_path: Path) -> Node:
+    return Node(tmp_path)
+
+
+def test_files_are_written_once_and_a_second_run_changes_nothing(node: Node) -> None:
+    conf = node.root / "etc/app/app.conf"
+    args = {"folders": [{"path": str(node.root / "var/lib/app"), "mode": "0700"}],
+            "files": [{"dest": str(conf), "content": "port = 1\n", "mode": "0640", "restarts": ["app"]}],
+            "services": ["app"]}
+    first = node.converge(args)
+    assert conf.read_text() == "port = 1\n" and stat.S_IMODE(conf.stat().st_mode) == 0o640
+    assert stat.S_IMODE((node.root / "var/lib/app").stat().st_mode) == 0o700
+    assert node.out()["changed_files"] == [str(node.root / "var/lib/app"), str(conf)]
+    assert node.calls() == ["restart app", "is-enabled --quiet app", "enable app"]
+    assert first.recap["node"]["changed"] == 1
+
+    again = node.converge(args)
+    out = node.out()
+    assert (out["changed"], out["changed_files"], out["restarted"], out["started"]) == (False, [], [], [])
+    assert node.calls() == ["is-enabled --quiet app", "is-active --quiet app"]
+    assert again.recap["node"]["changed"] == 0
+
+
+def test_a_changed_file_restarts_its_running_units_only(node: Node) -> None:
+    conf = node.root / "etc/slurm/slurm.conf"
+    (node.units / "active").mkdir()
+    (node.units / "active/slurmctld").touch()
+    text = "SlurmctldHost=controller\n"
+    node.converge({"files": [{"dest": str(conf), "content": text, "restarts": ["slurmctld", "slurmd"]}]})
+    # slurmd is neither running nor asked for here (a controller): rewritten, not started.
+    assert node.calls() == ["is-active --quiet slurmctld", "restart slurmctld", "is-active --quiet slurmd"]
+    assert node.out()["restarted"] == ["slurmctld"]
+
+    conf.chmod(0o600)  # a mode changed by hand is put back, and counts as a change
+    node.converge({"files": [{"dest": str(conf), "content": text}]})
+    assert stat.S_IMODE(conf.stat().st_mode) == 0o644 and node.out()["changed_files"] == [str(conf)]
+
+
+def test_unit_files_reload_systemd_first() -> None:
+    # The module reloads when a file under /etc/systemd/ changed; a test cannot write there, so it
+    # is checked on the module's own function with the paths it sees.
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "ansible/plugins/modules"))
+    try:
+        import aihow_converge as module
+    finally:
+        sys.path.pop(0)
+    written: list[str] = []
+    calls: list[tuple[str, ...]] = []
+
+    def fake_file(spec: dict[str, Any]) -> bool:
+        written.append(spec["dest"])
+        return True
+
+    def fake_systemctl(*args: str) -> Any:
+        calls.append(args)
+        return type("Done", (), {"returncode": 0, "stdout": "", "stderr": ""})()
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(module, "_file", fake_file)
+        patch.setattr(module, "_systemctl", fake_systemctl)
+        module.converge({"folders": [], "commands": [], "read": [], "services": ["kubelet"],
+                         "files": [{"dest": "/etc/systemd/system/kubelet.service", "restarts": ["kubelet"]}]})
+    assert calls[:2] == [("daemon-reload",), ("restart", "kubelet")]
+
+
+def test_commands_run_once_and_files_come_back(node: Node) -> None:
+    made = node.root / "pki/ca.crt"
+    args = {"commands": [{"run": f"mkdir -p {made.parent} && printf 'CA' > {made}", "creates": str(made),
+                          "restarts": ["etcd"]}],
+            "read": [str(made)]}
+    node.converge(args)
+    out = node.out()
+    assert out["ran"] == [str(made)] and out["restarted"] == []  # etcd is not running here
+    assert base64.b64decode(out["contents"][str(made)]) == b"CA"
+    made.write_text("kept")  # made once: never made again while it exists
+    node.converge(args)
+    assert node.out()["ran"] == [] and made.read_text() == "kept"
+
+
+@pytest.mark.parametrize(("args", "message"), [
+    ({"commands": [{"run": "echo 'kubeadm: bad config' >&2; exit 3", "creates": "/nonexistent/x"}]},
+     "command for /nonexistent/x exited 3: kubeadm: bad config"),
+    ({"commands": [{"run": "true", "creates": "/nonexistent/x"}]},
+     "command for /nonexistent/x succeeded but did not make it"),
+    ({"files": [{"dest": "/tmp/aihow-converge-test", "content": "key material\n", "owner": "no-such-user"}]},
+     "owner no-such-user:root does not exist on this node"),
+    ({"read": ["/nonexistent/ca.crt"]}, "reading /nonexistent/ca.crt: No such file or directory"),
+    ({"services": ["broken"]}, "enabling broken: systemctl enable broken exited 1: unit broken.service: unknown"),
+])
+def test_a_failed_step_is_one_line_naming_it(node: Node, args: dict[str, Any], message: str) -> None:
+    with pytest.raises(DeployError) as err:
+        node.converge(args)
+    assert str(err.value).startswith(f"deploy of hpc failed on node, task 'converge the node': {message}")
+
+
+def test_file_content_is_never_logged(node: Node) -> None:
+    secret = "munge-key-material-4711"
+    conf = node.root / "etc/munge/munge.key"
+    with pytest.raises(DeployError) as err:
+        node.converge({"files": [{"dest": str(conf), "content": secret, "owner": "no-such-user"}]})
+    assert secret not in str(err.value)
+    node.converge({"files": [{"dest": str(conf), "content": secret}]})
+    assert secret not in node.result.read_text()
