@@ -51,6 +51,7 @@ def operator(yes: bool = False) -> Any:
     """The library object behind the tasks (imported late: tasks stay quick to list). A change
     that deletes a disk or replaces or restarts a VM is listed and asked about (``yes``: applied)."""
     from aihow_infra.operations import Operator, refuse_risks
+    from aihow_infra.stacks import RUNS
 
     def confirm(found: list[Any]) -> bool:
         err.print("[yellow]These planned changes delete data or interrupt a guest:[/yellow]")
@@ -62,6 +63,10 @@ def operator(yes: bool = False) -> Any:
             return refuse_risks(found)
         return input("Apply them? [y/N] ").strip().lower() in ("y", "yes")
 
+    # Engines run in sessions of their own, often from worker threads (both stacks at once): the
+    # task's main thread takes over SIGINT, SIGTERM and SIGHUP now, so a signal reaches every
+    # engine as a clean cancel and none is left running.
+    RUNS.install()
     return Operator(progress=lambda msg: err.print(f"[dim]... {msg}[/dim]"), confirm=confirm)
 
 
@@ -79,6 +84,12 @@ def clean_errors(fn: F) -> F:
         except AihowError as exc:
             err.print(f"[red]error:[/red] {exc}", highlight=False, soft_wrap=True)
             raise Exit(code=1) from None
+        except KeyboardInterrupt:
+            # Between engine runs (a wait, a build): what ran is recorded, and every task is
+            # idempotent, so the same command again goes on from there.
+            err.print("[red]interrupted:[/red] no engine was running; the same command again goes on from "
+                      "where this one stopped", highlight=False, soft_wrap=True)
+            raise Exit(code=130) from None
 
     return wrapper  # type: ignore[return-value]
 

@@ -84,6 +84,12 @@ def run_playbook(playbook: Path, stack: str, env: Mapping[str, str], limit: str 
                     tail = [*tail[-4:], line]
                     say(line)
             code = proc.wait()
+        except KeyboardInterrupt:
+            proc.terminate()
+            proc.wait()
+            where = f" after '{tail[-1].strip()}'" if tail else ""
+            raise DeployError(f"deploy of {stack} interrupted{where}; its VMs stay up, and "
+                              f"`aihow deploy --stack {stack}` finishes it") from None
         except BaseException:
             proc.terminate()
             proc.wait()

@@ -42,7 +42,7 @@ from aihow_infra.plan import ClusterPlan, VmPlan, plan_cluster, shared_devices
 from aihow_infra.progress import EngineProgress, describe
 from aihow_infra.settings import DEFAULT_LEDGER, StackSettings, parse_settings
 from aihow_infra.sshkeys import STATE_DIR, LoginKey, login_key
-from aihow_infra.stacks import Plan, Workspace
+from aihow_infra.stacks import RUNS, Plan, Workspace
 from aihow_infra.status import ClusterStatus, SharedGpuStatus, StackSummary, SystemStatus, VmStatus
 
 # The node each cluster's software is asked on (and that is never drained).
@@ -571,6 +571,10 @@ class Operator:
                     self.deploy_if_changed(view.stack)
                     self.last_runs.settle(view.stack)
             return
+        if RUNS.interrupted():
+            # The operator asked to stop: nothing more is started (no roll-back either).
+            left = "; ".join(f"{v.stack}: {'interrupted' if v.stack in failures else 'up'}" for v in views)
+            raise StackError(f"system.up interrupted ({left}); the next `aihow system.up` finishes what it left")
         changed = [v.stack for v in views if v.stack not in failures
                    and (self._urns(v.stack), self.records(v.stack).read()) != before[v.stack]]
         for stack in reversed(changed):

@@ -270,6 +270,9 @@ class Workspace:
         if stack is not None:
             cmd += ["--stack", stack]
         RUNS.install()
+        if RUNS.interrupted():  # a thread that gets here after the operator's signal starts nothing
+            raise StackError(f"pulumi {args[0]} -s {stack}: not started, the task was interrupted; "
+                             "the next run finishes what it left")
         with tempfile.TemporaryDirectory(prefix="aihow-events-") as tmp:
             log = Path(tmp) / "events.jsonl"
             env = self.env()

@@ -1,6 +1,7 @@
 """Running one step of a build (mmdebstrap, go build, gcc...): its output passed on as progress
-lines, an interrupt stopping the whole step, and a failure that names the step and ends with
-its last lines."""
+lines, a line of its own when the step has been quiet for a while (``go build`` of the kubelet
+prints nothing for minutes on a cold machine), an interrupt stopping the whole step, and a
+failure that names the step and ends with its last lines."""
 
 from __future__ import annotations
 
@@ -8,12 +9,43 @@ import contextlib
 import os
 import signal
 import subprocess
+import threading
+import time
 from collections.abc import Callable, Mapping
 from pathlib import Path
 
 from aihow_infra.errors import AihowError
 
 Progress = Callable[[str], None]
+# A step quiet for this long (seconds) gets a line saying it still runs, and for how long.
+QUIET_S = 15.0
+
+
+class _Heartbeat:
+    """Says ``<what>: still running (N s)`` whenever the step printed nothing for ``QUIET_S``."""
+
+    def __init__(self, what: str, say: Progress) -> None:
+        self.what, self.say = what, say
+        self.started = self.last = time.monotonic()
+        self.done = threading.Event()
+        self.thread = threading.Thread(target=self._beat, name="step-heartbeat", daemon=True)
+        self.thread.start()
+
+    def _beat(self) -> None:
+        while not self.done.wait(QUIET_S / 5):
+            now = time.monotonic()
+            if now - self.last >= QUIET_S:
+                self.last = now
+                self.say(f"{self.what}: still running ({now - self.started:.0f} s)")
+
+    def heard(self) -> None:
+        """The step printed a line."""
+        self.last = time.monotonic()
+
+    def stop(self) -> None:
+        """The step ended."""
+        self.done.set()
+        self.thread.join()
 
 
 def run_step(cmd: list[str], say: Progress, what: str, env: Mapping[str, str] | None = None,
@@ -26,10 +58,12 @@ def run_step(cmd: list[str], say: Progress, what: str, env: Mapping[str, str] | 
         raise error(f"{what}: {cmd[0]} cannot run ({exc.strerror}); run ./bootstrap") from None
     tail: list[str] = []
     assert proc.stdout is not None
+    heartbeat = _Heartbeat(what, say)
     try:
         for line in proc.stdout:
             line = line.rstrip()
             tail = [*tail[-9:], line]
+            heartbeat.heard()
             say(line)
         code = proc.wait()
     except BaseException:
@@ -37,5 +71,7 @@ def run_step(cmd: list[str], say: Progress, what: str, env: Mapping[str, str] | 
             os.killpg(proc.pid, signal.SIGTERM)
         proc.wait()
         raise
+    finally:
+        heartbeat.stop()
     if code != 0:
         raise error(f"{what} failed (exit {code}): {' | '.join(tail[-3:]) or 'no output'}")

@@ -36,8 +36,8 @@ def pytest_terminal_summary(terminalreporter: Any) -> None:
                 terminalreporter.write_line(f"  {line}")
 
 
-@pytest.fixture
-def sandbox() -> Iterator[Sandbox]:
+@contextlib.contextmanager
+def open_sandbox() -> Iterator[Sandbox]:
     """A libvirt sandbox on qemu:///system; everything it names is removed afterwards."""
     conn = system_libvirt()
     if conn is None:
@@ -51,12 +51,13 @@ def sandbox() -> Iterator[Sandbox]:
             box.conn.close()  # (a test may have given the box a new connection)
 
 
-@pytest.fixture
-def e2e(sandbox: Sandbox, tmp_path: Path) -> Iterator[E2E]:
-    """The real engine on real libvirt; every stack is destroyed afterwards, even on failure."""
+@contextlib.contextmanager
+def open_e2e(sandbox: Sandbox, root: Path) -> Iterator[E2E]:
+    """The real engine on real libvirt, its project and backend under ``root``; every stack is
+    destroyed afterwards, even on failure."""
     if not (PROJECT_ROOT / ".tools" / "bin" / "pulumi").exists():
         pytest.fail("the Pulumi engine is not built: run ./bootstrap")
-    project = tmp_path / "project"
+    project = root / "project"
     project.mkdir()
     (project / "Pulumi.yaml").write_text(yaml.safe_dump({
         "name": "aihow",
@@ -65,9 +66,9 @@ def e2e(sandbox: Sandbox, tmp_path: Path) -> Iterator[E2E]:
         "options": yaml.safe_load((PROJECT_ROOT / "Pulumi.yaml").read_text())["options"],
     }))
     os.symlink(PROJECT_ROOT / "__main__.py", project / "__main__.py")
-    (tmp_path / "state").mkdir()
-    workspace = Workspace(project_dir=project, backend_url=f"file://{tmp_path / 'state'}")
-    harness = E2E(workspace=workspace, root=tmp_path, sandbox=sandbox)
+    (root / "state").mkdir()
+    workspace = Workspace(project_dir=project, backend_url=f"file://{root / 'state'}")
+    harness = E2E(workspace=workspace, root=root, sandbox=sandbox)
     try:
         yield harness
     finally:
@@ -75,3 +76,17 @@ def e2e(sandbox: Sandbox, tmp_path: Path) -> Iterator[E2E]:
         for stack in sorted(fresh.stacks(), reverse=True):  # cloud before hpc
             with contextlib.suppress(Exception):
                 fresh.destroy(stack)
+
+
+@pytest.fixture
+def sandbox() -> Iterator[Sandbox]:
+    """A libvirt sandbox on qemu:///system for one test."""
+    with open_sandbox() as box:
+        yield box
+
+
+@pytest.fixture
+def e2e(sandbox: Sandbox, tmp_path: Path) -> Iterator[E2E]:
+    """The real engine on real libvirt for one test."""
+    with open_e2e(sandbox, tmp_path) as harness:
+        yield harness

@@ -279,3 +279,37 @@ def test_destroy_says_what_it_could_not_remove(fault: tuple[E2E, Task]) -> None:
     assert gone.returncode == 1
     assert f"destroy of hpc left domain {name} (its metadata names stack 'lab', not 'hpc')" in gone.stdout
     assert foreign.name() in {d.name() for d in box.conn.listAllDomains()}
+
+
+def test_ctrl_c_while_both_stacks_come_up_stops_every_engine(e2e: E2E) -> None:
+    """system.up runs the two stacks' engines at once, from worker threads: a Ctrl-C (SIGINT to
+    the task's process group, as a terminal sends it; the engines are in sessions of their own)
+    reaches both as a clean cancel. No traceback, no roll-back, one line saying what was left;
+    no process of the run outlives it; the same command then finishes, and destroy leaves the
+    host as it was."""
+    box = e2e.sandbox
+    before = box.snapshot()
+    net = box.subnet()
+    cloud = box.cluster("cloud", net, [box.node(str(list(net.hosts())[10]))])
+    both = e2e.write_cluster_file({**hpc_cluster(box), "cloud": cloud})
+    for stack in ("hpc", "cloud"):
+        e2e.configure(stack, both)
+        e2e.workspace.ensure_stack(stack)
+    task = Task(e2e)
+    proc = task.start("system.up", "--yes")
+    wait_for("both engines", lambda: exists(box, "pool", "hpc-pool")() and exists(box, "pool", "cloud-pool")(), proc)
+    os.killpg(proc.pid, signal.SIGINT)
+    out, _ = proc.communicate(timeout=300)
+    assert proc.returncode != 0, out
+    assert "asking pulumi to cancel" in out and "Traceback" not in out, out
+    assert "system.up interrupted (hpc: interrupted; cloud: interrupted); the next `aihow system.up` finishes " \
+           "what it left" in out, out
+    assert "rolling back" not in out
+    assert processes_of(e2e.root) == []
+
+    done = task.run("system.up", "--yes", "--no-deploy")
+    assert done.returncode == 0, done.stdout
+    gone = task.run("system.destroy", "--yes")
+    assert gone.returncode == 0, gone.stdout
+    assert box.leftovers() == [] and box.snapshot() == before
+    assert processes_of(e2e.root) == []

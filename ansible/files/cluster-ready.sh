@@ -39,8 +39,8 @@ await "the default service account" "${admin[@]}" get serviceaccount default -o 
 
 for arg in "$@"; do
   IFS=, read -ra labels <<< "${arg#*=}"
-  out=$("${admin[@]}" label --overwrite node "${arg%%=*}" "${labels[@]}")
-  [[ $out == *" labeled" ]] && changed=1
+  out=$("${admin[@]}" label node "${arg%%=*}" "${labels[@]}")
+  grep -qE '^node/\S+ labeled$' <<< "$out" && changed=1  # (not "not labeled")
 done
 out=$("${admin[@]}" uncordon "${names[@]}")
 grep -qE '^node/\S+ uncordoned$' <<< "$out" && changed=1

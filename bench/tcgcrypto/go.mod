@@ -1,0 +1,3 @@
+module aihow.dev/bench/tcgcrypto
+
+go 1.24

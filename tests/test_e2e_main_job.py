@@ -1,0 +1,275 @@
+"""The README's main job as a test: the default example's two clusters (config/default.yaml, on
+the sandbox's names and subnets) from nothing with one ``system.up``, both deployed through the
+guest agent (no IP traffic from the host): SLURM runs a job across the compute nodes and every
+Kubernetes node is Ready. The scenarios that do not break a cluster then share that one booted
+pair, in this file's order:
+
+- SLURM: nothing changed, nothing deployed; a deploy changes nothing; a compute node stopped is
+  drained first and rejoins when started; a broken playbook is one line and stops nothing; the
+  same deploy over SSH from a network namespace of the test's own.
+- Kubernetes: a pod from the image made here runs on the worker with an address of its pod
+  subnet; a deploy changes nothing; the manual-start worker (the example plus one worker with
+  ``auto_start: false``) joins when started, is drained and cordoned before it stops, and is back
+  in scheduling when started again.
+
+Every check runs on a head node through the guest agent. Phase times are printed at the end of
+the run (the ``phases`` fixture) for the measurements the README quotes."""
+
+from __future__ import annotations
+
+import ipaddress
+import json
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from aihow_infra.errors import DeployError
+from aihow_infra.images import BUSYBOX_IMAGE
+from aihow_infra.libvirt.guest import run
+from aihow_infra.operations import Operator
+from aihow_infra.sshkeys import project_key
+from aihow_infra.stacks import PROJECT_ROOT
+from tests.conftest import open_e2e, open_sandbox
+from tests.sandbox import E2E, Phases, Task, network_namespace
+
+# Both clusters boot, deploy and run every scenario here in about 15 minutes under software
+# emulation (phase times at the end of each run); the limit leaves room for a slow day.
+pytestmark = [pytest.mark.e2e, pytest.mark.timeout(2400)]
+
+
+@dataclass
+class MainJob:
+    """The booted pair every test of this file shares."""
+
+    e2e: E2E
+    op: Operator
+    lines: list[str]
+    cluster_file: Path
+    clusters: dict[str, Any]
+    up_seconds: float
+    names: dict[str, str] = field(default_factory=dict)
+
+    def vm(self, short: str) -> str:
+        """The VM's libvirt name, e.g. ``hpc-controller``."""
+        return f"{self.e2e.sandbox.prefix}-{short}"
+
+    def on(self, short: str, *argv: str, ok: bool = True) -> str:
+        """A command on a VM through the guest agent; its output."""
+        ran = run(self.e2e.sandbox.conn.lookupByName(self.vm(short)), list(argv), timeout=300)
+        assert not ok or ran.code == 0, (argv, ran.out, ran.err)
+        return ran.out
+
+
+def default_example_on(e2e: E2E) -> dict[str, Any]:
+    """config/default.yaml's clusters on the sandbox's names, bridges and subnets (each address
+    keeps its place in the subnet), plus a manual-start Cloud worker."""
+    box = e2e.sandbox
+    clusters: dict[str, Any] = yaml.safe_load((PROJECT_ROOT / "config" / "default.yaml").read_text())["clusters"]
+    for key, cluster in clusters.items():
+        old, new = ipaddress.IPv4Network(cluster["network"]["subnet"]), box.subnet()
+
+        def moved(address: str, old: ipaddress.IPv4Network = old, new: ipaddress.IPv4Network = new) -> str:
+            return str(new.network_address + (int(ipaddress.IPv4Address(address)) - int(old.network_address)))
+
+        cluster["name"] = f"{box.prefix}-{key}"
+        cluster["network"] |= {"subnet": str(new), "bridge": f"{box.prefix}{key[0]}"}
+        head = cluster.get("controller") or cluster["control_plane"]
+        head["ip_address"] = moved(head["ip_address"])
+        for node in cluster.get("compute_nodes") or cluster.get("worker_nodes") or []:
+            node["ip"] = moved(node["ip"])
+    workers = clusters["cloud"]["worker_nodes"]
+    workers.append({**workers[0], "ip": str(ipaddress.IPv4Address(workers[0]["ip"]) + 1), "auto_start": False})
+    return clusters
+
+
+@pytest.fixture(scope="module")
+def main_job(tmp_path_factory: pytest.TempPathFactory) -> Iterator[MainJob]:
+    """Both clusters up and deployed; destroyed at the end, leaving the host as it was."""
+    root = tmp_path_factory.mktemp("main-job")
+    with open_sandbox() as box, open_e2e(box, root) as e2e:
+        clusters = default_example_on(e2e)
+        cluster_file = e2e.write_cluster_file(clusters)
+        key = project_key(root / "keys")
+        for stack in ("hpc", "cloud"):
+            e2e.configure(stack, cluster_file, sshPublicKey=f"{key.private_path}.pub", ansibleConnection="agent",
+                          stopTimeout="60")
+        lines: list[str] = []
+        op = Operator(e2e.workspace, progress=lines.append)
+        began = time.monotonic()
+        op.system_up()
+        job = MainJob(e2e, op, lines, cluster_file, clusters, time.monotonic() - began)
+        yield job
+        op.system_destroy()
+        assert box.leftovers() == []
+
+
+def wait_until(what: str, check: Callable[[], bool], timeout: float = 300) -> None:
+    deadline = time.monotonic() + timeout
+    while not check():
+        assert time.monotonic() < deadline, f"{what}: not within {timeout:.0f} s"
+        time.sleep(3)
+
+
+def sinfo(job: MainJob) -> dict[str, str]:
+    out = job.on("hpc-controller", "/usr/bin/sinfo", "-h", "-N", "-o", "%N %T")
+    return dict(line.split() for line in out.splitlines())
+
+
+def slurm_states(job: MainJob, want: dict[str, str], timeout: float = 180) -> dict[str, str]:
+    """SLURM's node states once they match ``want`` (a state, or a prefix ending in '-'), or
+    the last seen. 'idle*' (not responding) is not 'idle'."""
+    def matches(state: str, wanted: str) -> bool:
+        return state.startswith(wanted[:-1]) if wanted.endswith("-") else state == wanted
+
+    deadline = time.monotonic() + timeout
+    states = sinfo(job)
+    while time.monotonic() < deadline:
+        if all(matches(states.get(node, ""), state) for node, state in want.items()):
+            break
+        time.sleep(3)
+        states = sinfo(job)
+    return states
+
+
+def kubectl(job: MainJob, *args: str) -> str:
+    code, out, err = job.op.kubectl("cloud", list(args))
+    assert code == 0, (args, out, err)
+    return out
+
+
+def k8s_nodes(job: MainJob) -> dict[str, str]:
+    code, out, _err = job.op.kubectl("cloud", ["get", "nodes", "-o", "json"])
+    items = json.loads(out)["items"] if code == 0 else []
+    return {i["metadata"]["name"]: next(c["status"] for c in i["status"]["conditions"] if c["type"] == "Ready")
+            + (",cordoned" if i["spec"].get("unschedulable") else "") for i in items}
+
+
+def test_both_clusters_deployed_a_job_runs_and_every_node_is_ready(main_job: MainJob, phases: Phases) -> None:
+    job = main_job
+    phases.add("system.up of both clusters to deployed", job.up_seconds)
+    computes = [job.vm("hpc-compute-01"), job.vm("hpc-compute-02")]
+    assert slurm_states(job, dict.fromkeys(computes, "idle")) == dict.fromkeys(computes, "idle")
+    out = job.on("hpc-controller", "/usr/bin/srun", "-N2", "-p", "debug", "/usr/bin/hostname")
+    assert sorted(out.split()) == computes
+    control, worker = job.vm("cloud-control-plane"), job.vm("cloud-cpu-worker-01")
+    assert k8s_nodes(job) == {control: "True", worker: "True"}
+
+    hpc, cloud = job.op.system_status().clusters
+    assert hpc.health == "SLURM: 2/2 nodes up"
+    assert [vm.workload for vm in hpc.vms if vm.role == "compute"] == ["idle", "idle"]
+    assert cloud.health == "Kubernetes: healthy, 2/2 nodes Ready"
+    assert {vm.name: vm.workload for vm in cloud.vms} == {control: "Ready", worker: "Ready",
+                                                          job.vm("cloud-cpu-worker-02"): ""}
+    assert kubectl(job, "get", "node", control, "-o", "jsonpath={.spec.taints[0].key}") == \
+        "node-role.kubernetes.io/control-plane"
+
+    # Nothing changed: system.up deploys neither cluster.
+    with phases.time("system.up with nothing changed"):
+        Operator(job.e2e.workspace, progress=job.lines.append).system_up()
+    assert {"hpc: nothing changed since the last deploy", "cloud: nothing changed since the last deploy"} \
+        <= set(job.lines)
+
+
+def test_slurm_deploys_nothing_twice_drains_and_rejoins(main_job: MainJob, phases: Phases, tmp_path: Path) -> None:
+    job = main_job
+    op, box = job.op, job.e2e.sandbox
+    computes = [job.vm("hpc-compute-01"), job.vm("hpc-compute-02")]
+    job.lines.clear()
+    with phases.time("SLURM deploy with nothing to change, through the guest agent"):
+        again = op.deploy("hpc")
+    assert again.changed == 0, [line for line in job.lines if line.lstrip().startswith("changed")]
+
+    # Stopping a compute node drains it first; SLURM sees it drained and down; start brings it back.
+    with phases.time("vm.stop of a compute node (drained first)"):
+        op.vm_stop(computes[1])
+    assert not box.conn.lookupByName(computes[1]).isActive()
+    state = slurm_states(job, {computes[1]: "drain-"})[computes[1]]
+    assert state.startswith(("drained", "down")), state
+    with phases.time("vm.start of a compute node (rejoins)"):
+        op.vm_start(computes[1])
+    assert slurm_states(job, {computes[1]: "idle"})[computes[1]] == "idle"
+    assert sorted(job.on("hpc-controller", "/usr/bin/srun", "-N2", "/usr/bin/hostname").split()) == computes
+
+    # A broken playbook: host, task and message; nothing stops.
+    broken = tmp_path / "broken.yml"
+    broken.write_text("- hosts: slurmctld\n  gather_facts: false\n  tasks:\n"
+                      "    - name: use a variable nobody set\n"
+                      "      ansible.builtin.debug: {msg: '{{ slurm_partition_typo }}'}\n")
+    with pytest.raises(DeployError, match=r"deploy of hpc failed on controller, task 'use a variable nobody "
+                                          r"set': .*slurm_partition_typo.* is undefined"):
+        op.deploy("hpc", playbook=broken)
+    assert all(box.conn.lookupByName(job.vm(name)).isActive()
+               for name in ("hpc-controller", "hpc-compute-01", "hpc-compute-02"))
+
+    # The same deploy over SSH, from a network namespace of this test's own: nothing to change.
+    job.e2e.configure("hpc", job.cluster_file, ansibleConnection="ssh")
+    try:
+        net = ipaddress.IPv4Network(job.clusters["hpc"]["network"]["subnet"])
+        address = ipaddress.IPv4Interface(f"{list(net.hosts())[199]}/{net.prefixlen}")
+        with (network_namespace(f"{box.prefix}n", job.clusters["hpc"]["network"]["bridge"], address) as inside,
+              phases.time("SLURM deploy with nothing to change, over SSH")):
+            proc = subprocess.run([*inside, sys.executable, "-m", "invoke", "-r", str(PROJECT_ROOT), "deploy",
+                                   "--stack", "hpc"], env=Task(job.e2e).env(), capture_output=True, text=True,
+                                  timeout=1200)
+    finally:
+        job.e2e.configure("hpc", job.cluster_file, ansibleConnection="agent", stopTimeout="60")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "hpc deployed in" in proc.stdout and "0 change(s)" in proc.stdout, proc.stdout
+    assert "changed=0" in proc.stderr and "unreachable=0" in proc.stderr
+
+
+def test_kubernetes_runs_pods_and_the_manual_worker_joins_and_drains(main_job: MainJob, phases: Phases) -> None:
+    job = main_job
+    op, box = job.op, job.e2e.sandbox
+    worker, manual = job.vm("cloud-cpu-worker-01"), job.vm("cloud-cpu-worker-02")
+
+    # A pod from the image made here, on the worker, with an address of the worker's pod subnet.
+    began = time.monotonic()
+    kubectl(job, "run", "hello", f"--image={BUSYBOX_IMAGE}", "--image-pull-policy=Never", "--restart=Never",
+            "--overrides", json.dumps({"spec": {"nodeSelector": {"kubernetes.io/hostname": worker}}}),
+            "--", "sh", "-c", "echo hello from $(hostname)")
+    wait_until("the pod succeeds", lambda: kubectl(job, "get", "pod", "hello", "-o", "jsonpath={.status.phase}")
+               == "Succeeded")
+    phases.add("pod created to succeeded", time.monotonic() - began)
+    assert kubectl(job, "logs", "hello").strip() == "hello from hello"
+    assert kubectl(job, "get", "pod", "hello", "-o", "jsonpath={.status.podIP}").startswith("10.244.1.")
+
+    job.lines.clear()
+    with phases.time("Kubernetes deploy with nothing to change"):
+        again = op.deploy("cloud")
+    assert again.changed == 0, [line for line in job.lines if line.lstrip().startswith("changed")]
+
+    # The manual-start worker joins when started (deploy limited to it and the control plane)...
+    with phases.time("vm.start of the manual worker to Ready (first join)"):
+        op.vm_start(manual)
+    assert k8s_nodes(job)[manual] == "True"
+    assert "deploying cloud: cloud.yml on cpu-worker-02,control-plane" in job.lines
+    assert op.system_status().clusters[1].health == "Kubernetes: healthy, 3/3 nodes Ready"
+
+    # ...and is drained and cordoned before it stops; pods on it are evicted first.
+    kubectl(job, "run", "sleeper", f"--image={BUSYBOX_IMAGE}", "--image-pull-policy=Never", "--restart=Never",
+            "--overrides", json.dumps({"spec": {"nodeSelector": {"kubernetes.io/hostname": manual}}}),
+            "--", "sleep", "3600")
+    wait_until("the sleeper runs", lambda: kubectl(job, "get", "pod", "sleeper", "-o", "jsonpath={.status.phase}")
+               == "Running")
+    with phases.time("vm.stop of the manual worker (drained first)"):
+        op.vm_stop(manual)
+    assert any(line.startswith(f"draining {manual} in Kubernetes") for line in job.lines)
+    assert not box.conn.lookupByName(manual).isActive()
+    assert k8s_nodes(job)[manual].endswith(",cordoned")
+    assert kubectl(job, "get", "pods", "--field-selector", f"spec.nodeName={manual}", "-o", "name") == ""
+    wait_until("the stopped node turns NotReady", lambda: not k8s_nodes(job)[manual].startswith("True"),
+               timeout=240)
+    assert op.system_status().clusters[1].health == "Kubernetes: healthy, 2/3 nodes Ready (1 stopped)"
+
+    # Started again, it is back in scheduling.
+    with phases.time("vm.start of the manual worker again"):
+        op.vm_start(manual)
+    assert k8s_nodes(job)[manual] == "True"
