@@ -10,6 +10,7 @@ from collections.abc import Callable, Sequence
 import libvirt
 
 from aihow_infra.errors import GuestError
+from aihow_infra.libvirt import guest
 from aihow_infra.libvirt.guest import Ran, run
 
 Progress = Callable[[str], None]
@@ -56,16 +57,26 @@ def control_plane_ready(control_plane: libvirt.virDomain) -> bool:
         return False
 
 
-def health(states: dict[str, str] | None, stopped: frozenset[str] = frozenset(), api_ready: bool = True) -> str:
-    """One line for status: ``Kubernetes: healthy, 2/3 nodes Ready (1 stopped)`` or why it
-    cannot say. Nodes in ``stopped`` (VMs meant to be off) do not make the cluster degraded."""
+def health(states: dict[str, str] | None, stopped: frozenset[str] = frozenset(), api_ready: bool = True,
+           silent: str = "no answer from the control plane (not deployed, or stopped)") -> str:
+    """One line for status: ``Kubernetes: healthy, 2/3 nodes Ready (1 stopped)``, or ``silent``
+    (why it cannot say: ``silence``) when ``states`` is None. Nodes in ``stopped`` (VMs meant to
+    be off) do not make the cluster degraded."""
     if states is None:
-        return "Kubernetes: no answer from the control plane (not deployed, or stopped)"
+        return f"Kubernetes: {silent}"
     ready = sum(state.split(",")[0] == "Ready" for state in states.values())
     off = sum(name in stopped for name, state in states.items() if state.split(",")[0] != "Ready")
     word = ("API server not ready" if not api_ready else
             "healthy" if ready + off == len(states) else "degraded")
     return f"Kubernetes: {word}, {ready}/{len(states)} nodes Ready" + (f" ({off} stopped)" if off else "")
+
+
+def silence(control_plane: libvirt.virDomain | None) -> str:
+    """Why the API server gave no answer: the control plane is not running, not deployed (no admin
+    kubeconfig yet), or deployed and not answering (with the guest's load)."""
+    if control_plane is None:
+        return "control plane not running"
+    return guest.silence(control_plane, ADMIN_KUBECONFIG, "API server")
 
 
 def drain(control_plane: libvirt.virDomain, nodes: list[str], timeout: float, progress: Progress) -> None:

@@ -725,11 +725,11 @@ class Operator:
         head = self._head(view, conn)
         if view.plan.key == "hpc":
             states = slurm.node_states(head) if head is not None else None
-            return states or {}, slurm.health(states)
+            return states or {}, slurm.health(states, slurm.silence(head) if states is None else "")
         nodes = kubernetes.node_states(head) if head is not None else None
         off = frozenset(vm.name for vm in view.plan.vms if not view.power.wants_running(vm.name, vm.auto_start))
         api = nodes is not None and head is not None and kubernetes.control_plane_ready(head)
-        return nodes or {}, kubernetes.health(nodes, off, api)
+        return nodes or {}, kubernetes.health(nodes, off, api, kubernetes.silence(head) if nodes is None else "")
 
     def host_ledger(self) -> tuple[Ledger, str]:
         """The host's GPU lease ledger and libvirt URI, as the first configured stack names them."""

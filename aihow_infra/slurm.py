@@ -9,6 +9,7 @@ from collections.abc import Callable
 import libvirt
 
 from aihow_infra.errors import GuestError
+from aihow_infra.libvirt import guest
 from aihow_infra.libvirt.guest import run
 
 Progress = Callable[[str], None]
@@ -27,12 +28,26 @@ def node_states(controller: libvirt.virDomain) -> dict[str, str] | None:
     return dict(line.split(None, 1) for line in ran.out.splitlines() if " " in line.strip())
 
 
-def health(states: dict[str, str] | None) -> str:
-    """One line for status: ``SLURM: 2/3 nodes idle`` or why SLURM cannot say."""
+# The file the playbook's first run leaves on the controller (ansible/hpc.yml).
+DEPLOYED_MARKER = "/etc/munge/.aihow-cluster-key"
+
+
+def health(states: dict[str, str] | None,
+           silent: str = "no answer from the controller (not deployed, or stopped)") -> str:
+    """One line for status: ``SLURM: 2/3 nodes up``, or ``silent`` (why SLURM cannot say:
+    ``silence``) when ``states`` is None."""
     if states is None:
-        return "SLURM: no answer from the controller (not deployed, or stopped)"
+        return f"SLURM: {silent}"
     usable = sum(state.rstrip("*~#") in ("idle", "allocated", "mixed", "completing") for state in states.values())
     return f"SLURM: {usable}/{len(states)} nodes up"
+
+
+def silence(controller: libvirt.virDomain | None) -> str:
+    """Why slurmctld gave no answer: the controller is not running, not deployed, or deployed and
+    not answering (with the guest's load)."""
+    if controller is None:
+        return "controller not running"
+    return guest.silence(controller, DEPLOYED_MARKER, "slurmctld")
 
 
 def drain(controller: libvirt.virDomain, nodes: list[str], timeout: float, progress: Progress) -> None:

@@ -194,5 +194,7 @@ def rendered_templates(playbook: Path, inventory: Mapping[str, Any], registered:
                 files = args["files"]
                 specs = templar.template(trust_as_template(files) if isinstance(files, str) else files)
                 for spec in specs:
+                    if "content" not in spec:  # bytes (content_base64): a key, nothing a consumer reads
+                        continue
                     dest = str(templar.template(trust_as_template(spec["dest"])))
                     yield host, dest, str(templar.template(trust_as_template(spec["content"])))

@@ -152,6 +152,11 @@ def test_commands_run_once_and_files_come_back(node: Node) -> None:
     out = node.out()
     assert out["ran"] == [str(made)] and out["restarted"] == []  # etcd is not running here
     assert base64.b64decode(out["contents"][str(made)]) == b"CA"
+    # Bytes that are not text (a munge key) travel base64-encoded, and come back the same.
+    key = node.root / "etc/munge/munge.key"
+    node.converge({"files": [{"dest": str(key), "content_base64": base64.b64encode(b"\xf8\x00\xff").decode(),
+                              "mode": "0400"}]})
+    assert key.read_bytes() == b"\xf8\x00\xff" and stat.S_IMODE(key.stat().st_mode) == 0o400
     made.write_text("kept")  # made once: never made again while it exists
     node.converge(args)
     assert node.out()["ran"] == [] and made.read_text() == "kept"
@@ -164,6 +169,8 @@ def test_commands_run_once_and_files_come_back(node: Node) -> None:
      "command for /nonexistent/x succeeded but did not make it"),
     ({"files": [{"dest": "/tmp/aihow-converge-test", "content": "key material\n", "owner": "no-such-user"}]},
      "owner no-such-user:root does not exist on this node"),
+    ({"files": [{"dest": "/tmp/aihow-converge-test"}]},
+     "/tmp/aihow-converge-test: give content (text) or content_base64 (bytes, e.g. a key), one of them"),
     ({"read": ["/nonexistent/ca.crt"]}, "reading /nonexistent/ca.crt: No such file or directory"),
     ({"services": ["broken"]}, "enabling broken: systemctl enable broken exited 1: unit broken.service: unknown"),
 ])

@@ -12,8 +12,11 @@ from pathlib import Path
 
 import pytest
 
-from aihow_infra import kubebins, kubernetes
+from aihow_infra import kubebins, kubernetes, slurm
+from aihow_infra.errors import GuestError
 from aihow_infra.inventory import build_inventory
+from aihow_infra.libvirt import guest
+from aihow_infra.libvirt.guest import Ran
 from aihow_infra.loading import parse_cluster_file
 from aihow_infra.oci import ImageSpec, write_archive
 from aihow_infra.plan import plan_cluster
@@ -121,3 +124,23 @@ def test_health_counts_nodes_meant_to_be_off_as_expected() -> None:
     assert kubernetes.health(states, frozenset({"gpu"})) == "Kubernetes: healthy, 2/3 nodes Ready (1 stopped)"
     assert kubernetes.health(states, api_ready=False).startswith("Kubernetes: API server not ready")
     assert kubernetes.health(None) == "Kubernetes: no answer from the control plane (not deployed, or stopped)"
+
+
+@pytest.mark.parametrize(("answer", "words"), [
+    (Ran(0, "12.84\n", ""), "deployed, API server not answering (guest load 12.84)"),
+    (Ran(1, "", ""), "not deployed"),
+    (GuestError("the guest agent does not answer"), "no answer from the guest agent"),
+])
+def test_status_tells_a_silent_api_server_from_a_cluster_never_deployed(
+        monkeypatch: pytest.MonkeyPatch, answer: Ran | GuestError, words: str) -> None:
+    def fake_run(_dom: object, argv: list[str], timeout: float = 0) -> Ran:
+        assert argv[-1].startswith(f"test -e {kubernetes.ADMIN_KUBECONFIG} && ")  # the deploy's own file
+        if isinstance(answer, GuestError):
+            raise answer
+        return answer
+
+    monkeypatch.setattr(guest, "run", fake_run)
+    dom = object()
+    assert kubernetes.health(None, silent=kubernetes.silence(dom)) == f"Kubernetes: {words}"  # type: ignore[arg-type]
+    assert kubernetes.silence(None) == "control plane not running"
+    assert slurm.silence(None) == "controller not running"

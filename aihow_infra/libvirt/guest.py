@@ -84,6 +84,19 @@ def read_file(dom: libvirt.virDomain, path: str) -> str | None:
         agent_command(dom, "guest-file-close", handle=handle)
 
 
+def silence(dom: libvirt.virDomain, deployed_marker: str, service: str) -> str:
+    """Why a running head node's ``service`` gave no answer, in status's words: ``not deployed``
+    (``deployed_marker``, a file a deploy leaves, is not there), ``deployed, SERVICE not answering
+    (guest load L)`` with the guest's 1-minute load average, or that its guest agent is silent."""
+    try:
+        ran = run(dom, ["/bin/sh", "-c", f"test -e {deployed_marker} && cut -d' ' -f1 /proc/loadavg"], timeout=30)
+    except GuestError:
+        return "no answer from the guest agent"
+    if ran.code != 0:
+        return "not deployed"
+    return f"deployed, {service} not answering (guest load {ran.out.strip()})"
+
+
 def addresses(dom: libvirt.virDomain) -> dict[str, list[str]]:
     """IPv4 addresses by interface, as the agent reports them (loopback left out)."""
     try:

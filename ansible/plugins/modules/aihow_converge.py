@@ -34,8 +34,9 @@ options:
     default: []
   files:
     description:
-      - files written when their content, mode or owner differ (dest, content, mode, owner, group,
-        restarts); C(restarts) names units restarted when the file changed. Content is never logged.
+      - files written when their content, mode or owner differ (dest, content or content_base64 for
+        bytes that are not text, mode, owner, group, restarts); C(restarts) names units restarted
+        when the file changed. Content is never logged.
     type: list
     elements: dict
     default: []
@@ -75,7 +76,8 @@ SPEC: dict[str, Any] = {
     }},
     "files": {"type": "list", "elements": "dict", "default": [], "options": {
         "dest": {"type": "str", "required": True},
-        "content": {"type": "str", "required": True, "no_log": True},
+        "content": {"type": "str", "no_log": True},
+        "content_base64": {"type": "str", "no_log": True},
         "mode": {"type": "str", "default": "0644"},
         "owner": {"type": "str", "default": "root"},
         "group": {"type": "str", "default": "root"},
@@ -125,7 +127,10 @@ def _folder(spec: dict[str, Any]) -> bool:
 
 def _file(spec: dict[str, Any]) -> bool:
     dest, mode = spec["dest"], int(spec["mode"], 8)
-    content = spec["content"].encode()
+    if (spec["content"] is None) == (spec["content_base64"] is None):
+        raise StepFailed(f"{dest}: give content (text) or content_base64 (bytes, e.g. a key), one of them")
+    content = (base64.b64decode(spec["content_base64"]) if spec["content"] is None
+               else spec["content"].encode())
     uid, gid = _ids(spec["owner"], spec["group"])
     try:
         with open(dest, "rb") as f:

@@ -1,0 +1,118 @@
+"""Deploy cost of the main job's two clusters: the playbooks of a baseline commit against this
+checkout's, side by side on the same booted VMs and the same static inventory, each run as plain
+``ansible-playbook`` through the guest agent.
+
+    .venv/bin/python bench/deploy.py [--baseline REV]   # default: 5f904ad, before one-run converges
+
+Needs ./bootstrap, the hpc and cloud images (``aihow image.build``) and about 25 minutes here
+(2 vCPUs, software emulation). It boots config/default.yaml's two clusters (on names and subnets
+of its own, isolated networks) without deploying, then for each stack:
+
+1. the baseline's playbook: first deploy, then again with nothing to change;
+2. this checkout's playbook on the same VMs (it takes them over), then again with nothing to change;
+3. everything destroyed, both clusters booted again, and this checkout's first deploy;
+4. ``vm.start`` of a stopped node to idle (SLURM) or Ready (Kubernetes), through the tasks' own path.
+
+Every figure of a table comes from this one run; ratios are baseline / this checkout.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from aihow_infra.inventory import to_yaml  # noqa: E402
+from aihow_infra.operations import Operator  # noqa: E402
+from tests.conftest import open_e2e, open_sandbox  # noqa: E402
+from tests.test_e2e_main_job import default_example_on  # noqa: E402
+
+STACKS = ("hpc", "cloud")
+
+
+def playbook_run(ansible_dir: Path, stack: str, inventory: Path) -> float:
+    """Seconds of one plain ``ansible-playbook`` of ``ansible_dir/<stack>.yml``; raises when it fails."""
+    env = {**os.environ, "ANSIBLE_CONFIG": str(ansible_dir / "ansible.cfg"), "ANSIBLE_FORCE_COLOR": "0"}
+    env.pop("AIHOW_KUBECONFIG", None)
+    began = time.monotonic()
+    done = subprocess.run([str(ROOT / ".venv/bin/ansible-playbook"), "-i", str(inventory), f"{stack}.yml"],
+                          cwd=ansible_dir, env=env, capture_output=True, text=True)
+    seconds = time.monotonic() - began
+    if done.returncode != 0:
+        raise RuntimeError(f"{ansible_dir.name}/{stack}.yml failed: {done.stdout[-3000:]}")
+    return seconds
+
+
+def main() -> int:
+    """Boot, deploy both ways, print the table."""
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--baseline", default="5f904ad", help="the commit whose ansible/ is the baseline")
+    args = parser.parse_args()
+    rows: list[tuple[str, float, float]] = []
+    with tempfile.TemporaryDirectory(prefix="aihow-bench-deploy-") as tmp:
+        root = Path(tmp)
+        old = root / "baseline"
+        old.mkdir()
+        archive = subprocess.run(["git", "-C", str(ROOT), "archive", args.baseline, "ansible"], check=True,
+                                 capture_output=True).stdout
+        subprocess.run(["tar", "-x", "-C", str(old), "--strip-components=1"], input=archive, check=True)
+        new = ROOT / "ansible"
+        work = root / "work"
+        work.mkdir()
+        with open_sandbox() as box, open_e2e(box, work) as e2e:
+            clusters = default_example_on(e2e)
+            cluster_file = e2e.write_cluster_file(clusters)
+            for stack in STACKS:
+                e2e.configure(stack, cluster_file, ansibleConnection="agent", stopTimeout="60")
+            op = Operator(e2e.workspace, progress=lambda line: print(f"  {line}", flush=True))
+            began = time.monotonic()
+            op.system_up(deploy=False)
+            print(f"booted both clusters in {time.monotonic() - began:.0f} s", flush=True)
+            inventories = {}
+            for stack in STACKS:
+                inventories[stack] = root / f"{stack}.yml"
+                inventories[stack].write_text(to_yaml(op.inventory(stack)))
+            figures: dict[tuple[str, str], float] = {}
+            for stack in STACKS:
+                figures[(stack, "old first")] = playbook_run(old, stack, inventories[stack])
+                figures[(stack, "old again")] = playbook_run(old, stack, inventories[stack])
+                figures[(stack, "takeover")] = playbook_run(new, stack, inventories[stack])
+                figures[(stack, "new again")] = playbook_run(new, stack, inventories[stack])
+                print(stack, {k[1]: round(v, 1) for k, v in figures.items() if k[0] == stack}, flush=True)
+            op.system_destroy()
+            began = time.monotonic()
+            op.system_up(deploy=False)
+            print(f"booted both clusters again in {time.monotonic() - began:.0f} s", flush=True)
+            for stack in STACKS:
+                inventories[stack].write_text(to_yaml(op.inventory(stack)))
+                figures[(stack, "new first")] = playbook_run(new, stack, inventories[stack])
+            p = box.prefix
+            for stack, name in (("hpc", f"{p}-hpc-compute-02"), ("cloud", f"{p}-cloud-cpu-worker-02")):
+                op.vm_stop(name)
+                began = time.monotonic()
+                op.vm_start(name)
+                figures[(stack, "vm.start")] = time.monotonic() - began
+            op.system_destroy()
+    for stack in STACKS:
+        rows += [(f"{stack}: first deploy", figures[(stack, "old first")], figures[(stack, "new first")]),
+                 (f"{stack}: deploy, nothing to change", figures[(stack, "old again")],
+                  figures[(stack, "new again")])]
+    print(f"\n| {'what':40} | baseline {args.baseline} | this checkout | ratio |")
+    print(f"| {'-' * 40} | {'-' * 17} | {'-' * 13} | {'-' * 5} |")
+    for what, base, now in rows:
+        print(f"| {what:40} | {base:15.0f} s | {now:11.0f} s | {base / now:4.1f}x |")
+    for stack in STACKS:
+        print(f"{stack}: taking over the baseline's cluster {figures[(stack, 'takeover')]:.0f} s; "
+              f"vm.start of a stopped node to ready {figures[(stack, 'vm.start')]:.0f} s")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
