@@ -84,15 +84,13 @@ def run_playbook(playbook: Path, stack: str, env: Mapping[str, str], limit: str 
                     tail = [*tail[-4:], line]
                     say(line)
             code = proc.wait()
-        except KeyboardInterrupt:
+        except BaseException as exc:
             proc.terminate()
             proc.wait()
-            where = f" after '{tail[-1].strip()}'" if tail else ""
-            raise DeployError(f"deploy of {stack} interrupted{where}; its VMs stay up, and "
-                              f"`aihow deploy --stack {stack}` finishes it") from None
-        except BaseException:
-            proc.terminate()
-            proc.wait()
+            if isinstance(exc, KeyboardInterrupt):
+                where = f" after '{tail[-1].strip()}'" if tail else ""
+                raise DeployError(f"deploy of {stack} interrupted{where}; its VMs stay up, and "
+                                  f"`aihow deploy --stack {stack}` finishes it") from None
             raise
         data: dict[str, Any] = json.loads(summary.read_text()) if summary.exists() else {}
     result = DeployResult(seconds=time.monotonic() - started, recap=data.get("recap") or {})
