@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
@@ -179,13 +179,19 @@ def subnets_in_use(uri: str) -> list[SubnetInUse]:
     from aihow_infra.libvirt.connection import connect
     from aihow_infra.libvirt.inspect import network_subnets
 
-    found: list[SubnetInUse] = []
     with connect(uri) as conn:
-        if conn.getType() == "QEMU" and urlparse(conn.getURI()).hostname in (None, "", "localhost"):
-            found += host_subnets()
-        found += [SubnetInUse(subnet, f"libvirt network '{name}' (bridge {bridge or 'none'})", bridge, name)
-                  for name, bridge, subnet in network_subnets(conn)]
-    return found
+        local = conn.getType() == "QEMU" and urlparse(conn.getURI()).hostname in (None, "", "localhost")
+        return subnets_of(host_subnets() if local else [], network_subnets(conn))
+
+
+def subnets_of(host: list[SubnetInUse], networks: list[tuple[str, str, str]]) -> list[SubnetInUse]:
+    """The host's interface and route subnets, each on a libvirt network's bridge marked as that
+    network's, then the ``(name, bridge, subnet)`` of each libvirt network. A cluster whose own
+    network (found by name) moves to a new bridge then does not collide with its old bridge."""
+    owner = {bridge: name for name, bridge, _ in networks if bridge}
+    return ([replace(used, network=owner.get(used.interface, "")) for used in host]
+            + [SubnetInUse(subnet, f"libvirt network '{name}' (bridge {bridge or 'none'})", bridge, name)
+               for name, bridge, subnet in networks])
 
 
 def check_subnets(plans: list[ClusterPlan], uri: str, file: str | Path) -> None:

@@ -17,7 +17,7 @@ from aihow_infra.changes import risks
 from aihow_infra.cloudinit import seed_files
 from aihow_infra.components import acceleration_args, seed_spec
 from aihow_infra.errors import ConfigError
-from aihow_infra.hostcheck import check_host, check_subnets, materialize
+from aihow_infra.hostcheck import check_host, check_subnets, materialize, subnets_of
 from aihow_infra.libvirt.render import domain_xml
 from aihow_infra.loading import load_cluster_file, parse_cluster_file
 from aihow_infra.plan import ClusterPlan, SubnetInUse, mac_for, plan_all, subnet_collisions
@@ -232,6 +232,23 @@ def test_a_subnet_the_host_uses_is_refused_naming_the_interface() -> None:
         "clusters.hpc.network.subnet: '10.213.10.0/24' overlaps 10.213.0.0/16 of a route via eth1 on this host; "
         "allowed: a subnet no interface, route or libvirt network of the host uses",
         "clusters.cloud.network.subnet: '10.213.20.0/24' overlaps 10.213.0.0/16 of a route via eth1 on this host; "
+        "allowed: a subnet no interface, route or libvirt network of the host uses"]
+
+
+def test_a_cluster_moving_to_a_new_bridge_does_not_collide_with_its_old_one() -> None:
+    default = plan_all(load_cluster_file(Path(__file__).resolve().parents[1] / "config/default.yaml"))
+    hpc = next(p for p in default if p.key == "hpc")
+    assert hpc.bridge != "old-br0"
+    # The host still shows the cluster's own network on the bridge it had before the change.
+    host = [SubnetInUse(hpc.subnet, "interface old-br0", "old-br0"),
+            SubnetInUse(hpc.subnet, "a route via old-br0", "old-br0")]
+    mine = subnets_of(host, [(hpc.network_name, "old-br0", hpc.subnet)])
+    assert {used.network for used in mine} == {hpc.network_name}
+    assert subnet_collisions([hpc], mine) == []
+    # The same interface on someone else's network is a collision.
+    theirs = subnets_of(host, [("lab", "old-br0", hpc.subnet)])
+    assert subnet_collisions([hpc], theirs) == [
+        f"clusters.hpc.network.subnet: '{hpc.subnet}' overlaps {hpc.subnet} of interface old-br0 on this host; "
         "allowed: a subnet no interface, route or libvirt network of the host uses"]
 
 
