@@ -50,8 +50,8 @@ def _version() -> str:
 def operator(yes: bool = False) -> Any:
     """The library object behind the tasks (imported late: tasks stay quick to list). A change
     that deletes a disk or replaces or restarts a VM is listed and asked about (``yes``: applied)."""
+    from aihow_infra.interrupts import RUNS
     from aihow_infra.operations import Operator, refuse_risks
-    from aihow_infra.stacks import RUNS
 
     def confirm(found: list[Any]) -> bool:
         err.print("[yellow]These planned changes delete data or interrupt a guest:[/yellow]")

@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from aihow_infra.errors import DeployError
+from aihow_infra.interrupts import RUNS
 
 ANSIBLE_DIR = Path(__file__).resolve().parent.parent / "ansible"
 Progress = Callable[[str], None]
@@ -75,23 +76,25 @@ def run_playbook(playbook: Path, stack: str, env: Mapping[str, str], limit: str 
         started = time.monotonic()
         tail: list[str] = []
         proc = subprocess.Popen(cmd, cwd=ANSIBLE_DIR, env=run_env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                                text=True)
+                                text=True, start_new_session=True)
         assert proc.stdout is not None
+        cut, task = False, ""
         try:
-            for line in proc.stdout:
-                line = line.rstrip()
-                if line:
-                    tail = [*tail[-4:], line]
-                    say(line)
-            code = proc.wait()
-        except BaseException as exc:
-            proc.terminate()
-            proc.wait()
-            if isinstance(exc, KeyboardInterrupt):
-                where = f" after '{tail[-1].strip()}'" if tail else ""
-                raise DeployError(f"deploy of {stack} interrupted{where}; its VMs stay up, and "
-                                  f"`aihow deploy --stack {stack}` finishes it") from None
-            raise
+            with RUNS.tracked(proc, "ansible-playbook"):
+                for line in proc.stdout:
+                    line = line.rstrip()
+                    if line:
+                        tail = [*tail[-4:], line]
+                        task = line.removeprefix("TASK ") if line.startswith("TASK ") else task
+                        say(line)
+                proc.wait()
+        except KeyboardInterrupt:  # the signal came before the program was tracked
+            cut = True
+        if cut or RUNS.interrupted():
+            where = f" at task '{task}'" if task else ""
+            raise DeployError(f"deploy of {stack} interrupted{where}; its VMs stay up, and "
+                              f"`aihow deploy --stack {stack}` finishes it")
+        code = proc.returncode
         data: dict[str, Any] = json.loads(summary.read_text()) if summary.exists() else {}
     result = DeployResult(seconds=time.monotonic() - started, recap=data.get("recap") or {})
     failures = data.get("failures") or []

@@ -30,6 +30,7 @@ from aihow_infra.deploy import DeployRecord, DeployResult, fingerprint, project_
 from aihow_infra.desired import DesiredPower, PowerRecords, PowerState
 from aihow_infra.errors import AihowError, ConfigError, StackError
 from aihow_infra.images import ensure_image, find_image, recipe_for
+from aihow_infra.interrupts import RUNS
 from aihow_infra.inventory import Access, build_inventory
 from aihow_infra.lastrun import NO_RECORD, Expected, ExpectedVm, LastRuns
 from aihow_infra.ledger import Ledger, holder_for
@@ -42,7 +43,7 @@ from aihow_infra.plan import ClusterPlan, VmPlan, plan_cluster, shared_devices
 from aihow_infra.progress import EngineProgress, describe
 from aihow_infra.settings import DEFAULT_LEDGER, StackSettings, parse_settings
 from aihow_infra.sshkeys import STATE_DIR, LoginKey, login_key
-from aihow_infra.stacks import RUNS, Plan, Workspace
+from aihow_infra.stacks import Plan, Workspace
 from aihow_infra.status import ClusterStatus, SharedGpuStatus, StackSummary, SystemStatus, VmStatus
 
 # The node each cluster's software is asked on (and that is never drained).

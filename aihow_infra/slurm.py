@@ -9,6 +9,7 @@ from collections.abc import Callable
 import libvirt
 
 from aihow_infra.errors import GuestError
+from aihow_infra.interrupts import RUNS
 from aihow_infra.libvirt import guest
 from aihow_infra.libvirt.guest import run
 
@@ -68,5 +69,5 @@ def drain(controller: libvirt.virDomain, nodes: list[str], timeout: float, progr
         jobs = run(controller, ["/usr/bin/squeue", "-h", "-w", names, "-o", "%i"], timeout=60)
         if jobs.code == 0 and not jobs.out.strip():
             return
-        time.sleep(2)
+        RUNS.pause(2, f"draining {names} in SLURM")
     progress(f"jobs still run on {names} after {timeout:.0f} s; stopping anyway")

@@ -7,7 +7,6 @@ import contextlib
 import json
 import os
 import re
-import signal
 import socket
 import subprocess
 import sys
@@ -21,6 +20,7 @@ from typing import Any
 from aihow_infra.desired import PowerRecords
 from aihow_infra.errors import StackError
 from aihow_infra.files import Waiting
+from aihow_infra.interrupts import RUNS
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 
@@ -106,90 +106,6 @@ class Plan:
     protected: list[str]
 
 
-class _Runs:
-    """The pulumi processes this task runs, each in a session of its own.
-
-    An operator's Ctrl-C (or SIGTERM, SIGHUP) is passed to each engine as the SIGINT that
-    makes it cancel cleanly: it finishes the resource operations in flight, saves the stack
-    and exits. A second signal terminates the engines at once. When an engine has exited,
-    what is left of its session is killed, so no language host or provider process outlives
-    the run.
-    """
-
-    def __init__(self) -> None:
-        self.lock = threading.Lock()
-        self.live: set[subprocess.Popen[str]] = set()
-        self.signals = 0
-        self.installed = False
-
-    def install(self) -> None:
-        """Take over the signals (from the main thread only; the handlers stay for the process)."""
-        if self.installed or threading.current_thread() is not threading.main_thread():
-            return
-        for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
-            signal.signal(sig, self._on_signal)
-        self.installed = True
-
-    def _on_signal(self, signum: int, _frame: object) -> None:
-        with self.lock:
-            self.signals += 1
-            live = list(self.live)
-        if not live:
-            raise KeyboardInterrupt
-        forward = signal.SIGINT if self.signals == 1 else signal.SIGTERM
-        if self.signals == 1:
-            print(f"{signal.Signals(signum).name}: asking pulumi to cancel; it finishes the operations in flight "
-                  "and saves the stack (signal again to stop it at once)", file=sys.stderr, flush=True)
-        for proc in live:
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(proc.pid, forward)
-
-    @contextlib.contextmanager
-    def tracked(self, proc: subprocess.Popen[str]) -> Iterator[None]:
-        with self.lock:
-            self.live.add(proc)
-        try:
-            yield
-        finally:
-            with self.lock:
-                self.live.discard(proc)
-            reap(proc)
-
-    def interrupted(self) -> bool:
-        """True once a signal asked the runs to stop."""
-        with self.lock:
-            return self.signals > 0
-
-
-def reap(proc: subprocess.Popen[str]) -> None:
-    """Stop a pulumi process (when still running) and everything left in its session: the
-    engine puts each plugin (language host, providers) in a process group of its own, but
-    they all stay in the session the task started it in."""
-    if proc.poll() is None:
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-    for pid in session_members(proc.pid):
-        with contextlib.suppress(ProcessLookupError, PermissionError):
-            os.kill(pid, signal.SIGKILL)
-
-
-def session_members(sid: int) -> list[int]:
-    """The live processes of session ``sid``."""
-    members = []
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            with contextlib.suppress(OSError):
-                if os.getsid(int(entry.name)) == sid:
-                    members.append(int(entry.name))
-    return members
-
-
-RUNS = _Runs()
 Events = Callable[[dict[str, Any]], None]
 
 
@@ -282,7 +198,7 @@ class Workspace:
             proc = subprocess.Popen(cmd, cwd=self.project_dir, env=env, text=True, start_new_session=True,
                                     stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
             follower = _EventFollower(log, events) if events is not None else None
-            with RUNS.tracked(proc):
+            with RUNS.tracked(proc, "pulumi"):
                 try:
                     output, _ = proc.communicate(timeout=timeout)
                 except subprocess.TimeoutExpired:

@@ -1,13 +1,10 @@
 """Running one step of a build (mmdebstrap, go build, gcc...): its output passed on as progress
 lines, a line of its own when the step has been quiet for a while (``go build`` of the kubelet
-prints nothing for minutes on a cold machine), an interrupt stopping the whole step, and a
-failure that names the step and ends with its last lines."""
+prints nothing for minutes on a cold machine), the operator's signal stopping the whole step
+(``interrupts``), and a failure that names the step and ends with its last lines."""
 
 from __future__ import annotations
 
-import contextlib
-import os
-import signal
 import subprocess
 import threading
 import time
@@ -15,6 +12,7 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 
 from aihow_infra.errors import AihowError
+from aihow_infra.interrupts import RUNS
 
 Progress = Callable[[str], None]
 # A step quiet for this long (seconds) gets a line saying it still runs, and for how long.
@@ -50,7 +48,9 @@ class _Heartbeat:
 
 def run_step(cmd: list[str], say: Progress, what: str, env: Mapping[str, str] | None = None,
              cwd: Path | None = None, error: type[AihowError] = AihowError) -> None:
-    """Run ``cmd`` in a session of its own; ``error`` naming ``what`` when it cannot run or fails."""
+    """Run ``cmd`` in a session of its own; ``error`` naming ``what`` when it cannot run or fails,
+    ``Interrupted`` when the operator's signal stopped it (or came before it started)."""
+    RUNS.check(what)
     try:
         proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                                 env=dict(env) if env is not None else None, cwd=cwd, start_new_session=True)
@@ -60,18 +60,15 @@ def run_step(cmd: list[str], say: Progress, what: str, env: Mapping[str, str] | 
     assert proc.stdout is not None
     heartbeat = _Heartbeat(what, say)
     try:
-        for line in proc.stdout:
-            line = line.rstrip()
-            tail = [*tail[-9:], line]
-            heartbeat.heard()
-            say(line)
-        code = proc.wait()
-    except BaseException:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, signal.SIGTERM)
-        proc.wait()
-        raise
+        with RUNS.tracked(proc, what):
+            for line in proc.stdout:
+                line = line.rstrip()
+                tail = [*tail[-9:], line]
+                heartbeat.heard()
+                say(line)
+            code = proc.wait()
     finally:
         heartbeat.stop()
+    RUNS.check(what)
     if code != 0:
         raise error(f"{what} failed (exit {code}): {' | '.join(tail[-3:]) or 'no output'}")

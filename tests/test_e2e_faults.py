@@ -194,13 +194,24 @@ def test_provider_killed_during_up(fault: tuple[E2E, Task]) -> None:
     converges(e2e, task, before)
 
 
-def test_ctrl_c_to_the_task_cancels_cleanly(fault: tuple[E2E, Task]) -> None:
+# Ctrl-C: what a terminal sends to the foreground process group; SIGTERM (kill, a service
+# manager) and SIGHUP (a closed terminal, an ssh session cut) to the task's process alone.
+SIGNALS = {"SIGINT": (signal.SIGINT, True), "SIGTERM": (signal.SIGTERM, False), "SIGHUP": (signal.SIGHUP, False)}
+
+
+def send(name: str) -> Callable[[subprocess.Popen[str]], None]:
+    sig, group = SIGNALS[name]
+    return lambda proc: os.killpg(proc.pid, sig) if group else os.kill(proc.pid, sig)
+
+
+@pytest.mark.parametrize("sig", SIGNALS)
+def test_a_signal_to_the_task_cancels_cleanly(fault: tuple[E2E, Task], sig: str) -> None:
     e2e, task = fault
     before = e2e.sandbox.snapshot()
-    # What a terminal sends to the foreground process group.
-    done = interrupted_up(e2e, task, "pool", "hpc-pool", lambda proc: os.killpg(proc.pid, signal.SIGINT))
+    done = interrupted_up(e2e, task, "pool", "hpc-pool", send(sig))
     assert done.returncode != 0
-    assert "asking pulumi to cancel" in done.stdout and "the next run finishes what it left" in done.stdout
+    assert f"{sig}: asking pulumi to cancel" in done.stdout and "the next run finishes what it left" in done.stdout
+    assert "Traceback" not in done.stdout, done.stdout
     assert processes_of(e2e.root) == []
     converges(e2e, task, before)
 
@@ -281,10 +292,11 @@ def test_destroy_says_what_it_could_not_remove(fault: tuple[E2E, Task]) -> None:
     assert foreign.name() in {d.name() for d in box.conn.listAllDomains()}
 
 
-def test_ctrl_c_while_both_stacks_come_up_stops_every_engine(e2e: E2E) -> None:
+@pytest.mark.parametrize("sig", ["SIGINT", "SIGHUP"])
+def test_a_signal_while_both_stacks_come_up_stops_every_engine(e2e: E2E, sig: str) -> None:
     """system.up runs the two stacks' engines at once, from worker threads: a Ctrl-C (SIGINT to
     the task's process group, as a terminal sends it; the engines are in sessions of their own)
-    reaches both as a clean cancel. No traceback, no roll-back, one line saying what was left;
+    or a SIGHUP to the task reaches both as a clean cancel. No traceback, no roll-back, one line saying what was left;
     no process of the run outlives it; the same command then finishes, and destroy leaves the
     host as it was."""
     box = e2e.sandbox
@@ -298,10 +310,10 @@ def test_ctrl_c_while_both_stacks_come_up_stops_every_engine(e2e: E2E) -> None:
     task = Task(e2e)
     proc = task.start("system.up", "--yes")
     wait_for("both engines", lambda: exists(box, "pool", "hpc-pool")() and exists(box, "pool", "cloud-pool")(), proc)
-    os.killpg(proc.pid, signal.SIGINT)
+    send(sig)(proc)
     out, _ = proc.communicate(timeout=300)
     assert proc.returncode != 0, out
-    assert "asking pulumi to cancel" in out and "Traceback" not in out, out
+    assert f"{sig}: asking pulumi to cancel" in out and "Traceback" not in out, out
     assert "system.up interrupted (hpc: interrupted; cloud: interrupted); the next `aihow system.up` finishes " \
            "what it left" in out, out
     assert "rolling back" not in out

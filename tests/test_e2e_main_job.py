@@ -4,13 +4,17 @@ guest agent (no IP traffic from the host): SLURM runs a job across the compute n
 Kubernetes node is Ready. The scenarios that do not break a cluster then share that one booted
 pair, in this file's order:
 
+- Guests: every VM as cloud-init left it (host name, address, keys, sudo, /etc/hosts), the DHCP
+  compute node on its reserved address; a second system.up boots and deploys nothing.
 - SLURM: nothing changed, nothing deployed; a deploy changes nothing; a compute node stopped is
-  drained first and rejoins when started; a broken playbook is one line and stops nothing; the
+  drained first and rejoins when started, its data kept; a broken playbook is one line and stops nothing; the
   same deploy over SSH from a network namespace of the test's own.
 - Kubernetes: a pod from the image made here runs on the worker with an address of its pod
   subnet; a deploy changes nothing; the manual-start worker (the example plus one worker with
   ``auto_start: false``) joins when started, is drained and cordoned before it stops, and is back
   in scheduling when started again.
+- Last, as it changes the cluster: a running compute node given a new address is restarted (asked
+  first), keeps its data, and SLURM runs jobs on it at the new address.
 
 Every check runs on a head node through the guest agent. Phase times are printed at the end of
 the run (the ``phases`` fixture) for the measurements the README quotes."""
@@ -32,8 +36,9 @@ import yaml
 
 from aihow_infra.errors import DeployError
 from aihow_infra.images import BUSYBOX_IMAGE
-from aihow_infra.libvirt.guest import run
+from aihow_infra.libvirt.guest import agent_command, read_file, run
 from aihow_infra.operations import Operator
+from aihow_infra.plan import mac_for
 from aihow_infra.sshkeys import project_key
 from aihow_infra.stacks import PROJECT_ROOT
 from tests.conftest import open_e2e, open_sandbox
@@ -54,6 +59,7 @@ class MainJob:
     cluster_file: Path
     clusters: dict[str, Any]
     up_seconds: float
+    key_file: Path
     names: dict[str, str] = field(default_factory=dict)
 
     def vm(self, short: str) -> str:
@@ -69,7 +75,8 @@ class MainJob:
 
 def default_example_on(e2e: E2E) -> dict[str, Any]:
     """config/default.yaml's clusters on the sandbox's names, bridges and subnets (each address
-    keeps its place in the subnet), plus a manual-start Cloud worker."""
+    keeps its place in the subnet), the second compute node on DHCP, plus a manual-start Cloud
+    worker."""
     box = e2e.sandbox
     clusters: dict[str, Any] = yaml.safe_load((PROJECT_ROOT / "config" / "default.yaml").read_text())["clusters"]
     for key, cluster in clusters.items():
@@ -84,6 +91,7 @@ def default_example_on(e2e: E2E) -> dict[str, Any]:
         head["ip_address"] = moved(head["ip_address"])
         for node in cluster.get("compute_nodes") or cluster.get("worker_nodes") or []:
             node["ip"] = moved(node["ip"])
+    del clusters["hpc"]["compute_nodes"][1]["ip"]  # asks DHCP: the network reserves it an address
     workers = clusters["cloud"]["worker_nodes"]
     workers.append({**workers[0], "ip": str(ipaddress.IPv4Address(workers[0]["ip"]) + 1), "auto_start": False})
     return clusters
@@ -104,7 +112,7 @@ def main_job(tmp_path_factory: pytest.TempPathFactory) -> Iterator[MainJob]:
         op = Operator(e2e.workspace, progress=lines.append)
         began = time.monotonic()
         op.system_up()
-        job = MainJob(e2e, op, lines, cluster_file, clusters, time.monotonic() - began)
+        job = MainJob(e2e, op, lines, cluster_file, clusters, time.monotonic() - began, Path(f"{key.private_path}.pub"))
         yield job
         op.system_destroy()
         assert box.leftovers() == []
@@ -153,6 +161,7 @@ def k8s_nodes(job: MainJob) -> dict[str, str]:
 
 def test_both_clusters_deployed_a_job_runs_and_every_node_is_ready(main_job: MainJob, phases: Phases) -> None:
     job = main_job
+    box = job.e2e.sandbox
     phases.add("system.up of both clusters to deployed", job.up_seconds)
     computes = [job.vm("hpc-compute-01"), job.vm("hpc-compute-02")]
     assert slurm_states(job, dict.fromkeys(computes, "idle")) == dict.fromkeys(computes, "idle")
@@ -170,11 +179,35 @@ def test_both_clusters_deployed_a_job_runs_and_every_node_is_ready(main_job: Mai
     assert kubectl(job, "get", "node", control, "-o", "jsonpath={.spec.taints[0].key}") == \
         "node-role.kubernetes.io/control-plane"
 
-    # Nothing changed: system.up deploys neither cluster.
+    # Every VM as cloud-init left it, seen through the guest agent.
+    key = job.key_file.read_text().strip()
+    for cluster in (hpc, cloud):
+        running = [vm for vm in cluster.vms if vm.state == "running"]
+        for vm in running:
+            dom = box.conn.lookupByName(vm.name)
+            assert agent_command(dom, "guest-get-host-name")["host-name"] == vm.name
+            interfaces = {i["hardware-address"]: [a["ip-address"] for a in i.get("ip-addresses", [])]
+                          for i in agent_command(dom, "guest-network-get-interfaces")}
+            assert vm.ip in interfaces[mac_for(vm.name)], interfaces
+            assert json.loads(read_file(dom, "/run/cloud-init/result.json") or "{}")["v1"]["errors"] == []
+            assert (read_file(dom, "/home/aihow/.ssh/authorized_keys") or "").strip() == key
+            assert "NOPASSWD: ALL" in job.on(vm.name.removeprefix(f"{box.prefix}-"), "/usr/bin/sudo", "-l", "-U",
+                                             "aihow")
+            hosts = read_file(dom, "/etc/hosts") or ""
+            assert all(other.name in hosts for other in running), hosts
+    # The DHCP node has the address its network reserved, as the stack's outputs say.
+    nodes = job.e2e.workspace.outputs("hpc")["nodes"]
+    assert all(node["ready"] and node["addresses"]["eth0"] == [node["ip"]] for node in nodes.values())
+
+    # Nothing changed: system.up boots nothing and deploys neither cluster.
+    ids = {d.name(): d.ID() for d in box.conn.listAllDomains() if d.name().startswith(box.prefix)}
     with phases.time("system.up with nothing changed"):
         Operator(job.e2e.workspace, progress=job.lines.append).system_up()
     assert {"hpc: nothing changed since the last deploy", "cloud: nothing changed since the last deploy"} \
         <= set(job.lines)
+    assert {d.name(): d.ID() for d in box.conn.listAllDomains() if d.name().startswith(box.prefix)} == ids
+    for stack in ("hpc", "cloud"):
+        assert job.e2e.workspace.planned_steps(stack) == {}, stack
 
 
 def test_slurm_deploys_nothing_twice_drains_and_rejoins(main_job: MainJob, phases: Phases, tmp_path: Path) -> None:
@@ -186,7 +219,9 @@ def test_slurm_deploys_nothing_twice_drains_and_rejoins(main_job: MainJob, phase
         again = op.deploy("hpc")
     assert again.changed == 0, [line for line in job.lines if line.lstrip().startswith("changed")]
 
-    # Stopping a compute node drains it first; SLURM sees it drained and down; start brings it back.
+    # Stopping a compute node drains it first; SLURM sees it drained and down; start brings it
+    # back, with what was written on its disk.
+    job.on("hpc-compute-02", "/bin/sh", "-c", "echo kept > /var/tmp/data && sync")
     with phases.time("vm.stop of a compute node (drained first)"):
         op.vm_stop(computes[1])
     assert not box.conn.lookupByName(computes[1]).isActive()
@@ -195,6 +230,7 @@ def test_slurm_deploys_nothing_twice_drains_and_rejoins(main_job: MainJob, phase
     with phases.time("vm.start of a compute node (rejoins)"):
         op.vm_start(computes[1])
     assert slurm_states(job, {computes[1]: "idle"})[computes[1]] == "idle"
+    assert job.on("hpc-compute-02", "/bin/cat", "/var/tmp/data") == "kept\n"
     assert sorted(job.on("hpc-controller", "/usr/bin/srun", "-N2", "/usr/bin/hostname").split()) == computes
 
     # A broken playbook: host, task and message; nothing stops.
@@ -273,3 +309,32 @@ def test_kubernetes_runs_pods_and_the_manual_worker_joins_and_drains(main_job: M
     with phases.time("vm.start of the manual worker again"):
         op.vm_start(manual)
     assert k8s_nodes(job)[manual] == "True"
+
+
+def test_a_running_node_given_a_new_address_restarts_with_its_data_and_runs_jobs(main_job: MainJob,
+                                                                                 phases: Phases) -> None:
+    """Last: it changes the cluster (and leaves it deployed)."""
+    job = main_job
+    name = job.vm("hpc-compute-01")
+    job.on("hpc-compute-01", "/bin/sh", "-c", "echo kept > /var/tmp/data && sync")
+    moved = str(list(ipaddress.IPv4Network(job.clusters["hpc"]["network"]["subnet"]).hosts())[30])
+    job.clusters["hpc"]["compute_nodes"][0]["ip"] = moved
+    job.e2e.write_cluster_file(job.clusters)
+    asked: list[str] = []
+
+    def confirm(risks: list[Any]) -> bool:
+        asked.extend(str(r) for r in risks)
+        return True
+
+    op = Operator(job.e2e.workspace, progress=job.lines.append, confirm=confirm)
+    with phases.time("system.up after a compute node's address change (restart and deploy)"):
+        op.system_up()
+    assert asked == [f"VM {name}: restarted to apply address"]
+    dom = job.e2e.sandbox.conn.lookupByName(name)
+    interfaces = {i["hardware-address"]: [a["ip-address"] for a in i.get("ip-addresses", [])]
+                  for i in agent_command(dom, "guest-network-get-interfaces")}
+    assert [a for a in interfaces[mac_for(name)] if ":" not in a] == [moved], interfaces  # the old one is gone
+    assert job.on("hpc-compute-01", "/bin/cat", "/var/tmp/data") == "kept\n"
+    computes = [name, job.vm("hpc-compute-02")]
+    assert slurm_states(job, dict.fromkeys(computes, "idle")) == dict.fromkeys(computes, "idle")
+    assert sorted(job.on("hpc-controller", "/usr/bin/srun", "-N2", "/usr/bin/hostname").split()) == computes

@@ -16,7 +16,8 @@ ROOT = Path(__file__).resolve().parents[1]
 # (aihow_infra.libvirt.*, providers.*); never one of its own layer or above.
 LAYERS: list[list[str]] = [
     ["aihow_infra.errors"],
-    ["aihow_infra.files", "aihow_infra.steps"],
+    ["aihow_infra.files", "aihow_infra.interrupts"],
+    ["aihow_infra.steps"],
     ["aihow_infra.config"],
     ["aihow_infra.settings", "aihow_infra.plan", "aihow_infra.changes", "aihow_infra.kubebins", "aihow_infra.oci"],
     ["aihow_infra.loading", "aihow_infra.progress"],
@@ -31,10 +32,10 @@ LAYERS: list[list[str]] = [
     ["__main__", "tasks"],
 ]
 # What the tasks run: none of it may reach Pulumi, the providers or the components.
-TASK_PATH = ["aihow_infra.stacks", "aihow_infra.operations", "aihow_infra.status", "aihow_infra.topology",
-             "aihow_infra.inventory", "aihow_infra.leases", "aihow_infra.hostcheck", "aihow_infra.images",
-             "aihow_infra.deploy", "aihow_infra.slurm", "aihow_infra.kubernetes", "aihow_infra.kubebins",
-             "aihow_infra.oci", "aihow_infra.progress", "aihow_infra.lastrun"]
+TASK_PATH = ["aihow_infra.interrupts", "aihow_infra.stacks", "aihow_infra.operations", "aihow_infra.status",
+             "aihow_infra.topology", "aihow_infra.inventory", "aihow_infra.leases", "aihow_infra.hostcheck",
+             "aihow_infra.images", "aihow_infra.deploy", "aihow_infra.slurm", "aihow_infra.kubernetes",
+             "aihow_infra.kubebins", "aihow_infra.oci", "aihow_infra.progress", "aihow_infra.lastrun"]
 PULUMI_SIDE = ("pulumi", "providers", "aihow_infra.components")
 
 

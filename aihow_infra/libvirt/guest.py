@@ -19,6 +19,7 @@ import libvirt
 import libvirt_qemu
 
 from aihow_infra.errors import GuestError
+from aihow_infra.interrupts import RUNS
 from aihow_infra.status import GuestState
 
 Progress = Callable[[str], None]
@@ -156,7 +157,7 @@ def wait_ready(dom: libvirt.virDomain, timeout: float, console_log: Path | None 
         if state.agent and not said_agent:
             say(f"{name}: guest agent answers; waiting for cloud-init")
             said_agent = True
-        time.sleep(POLL_SECONDS)
+        RUNS.pause(POLL_SECONDS, f"waiting for {name} to be ready")
     if state.errors:
         why = f"cloud-init failed: {'; '.join(state.errors)}"
     elif state.agent:

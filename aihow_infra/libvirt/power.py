@@ -8,6 +8,7 @@ import time
 import libvirt
 
 from aihow_infra.errors import LibvirtError
+from aihow_infra.interrupts import RUNS
 from aihow_infra.ledger import LeaseRef, Ledger
 from aihow_infra.libvirt.connection import call, translate
 
@@ -55,7 +56,7 @@ def stop_domain(dom: libvirt.virDomain, timeout: float) -> None:
                 return
         except libvirt.libvirtError:
             return
-        time.sleep(0.25)
+        RUNS.pause(0.25, f"shutting down {name}")
     _power_off(dom, name)
 
 

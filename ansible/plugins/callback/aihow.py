@@ -1,4 +1,4 @@
-"""Ansible stdout callback: one line per task and host as it finishes, failures with host, task
+"""Ansible stdout callback: a line as each task starts, one per task and host as it finishes, failures with host, task
 and message, and a recap. With ``AIHOW_DEPLOY_SUMMARY`` set, the failures and the recap are
 also written there as JSON, for ``invoke deploy`` to report."""
 
@@ -47,6 +47,10 @@ class CallbackModule(CallbackBase):  # type: ignore[misc]
         """A play begins."""
         self.play = play.get_name().strip()
         self._line(f"PLAY {self.play}")
+
+    def v2_playbook_on_task_start(self, task: Any, is_conditional: bool) -> None:
+        """A task begins (under emulation one can take a minute: the operator sees which)."""
+        self._line(f"TASK {task.get_name().strip()}")
 
     def v2_runner_on_ok(self, result: Any) -> None:
         """A task finished on a host, changed or not."""

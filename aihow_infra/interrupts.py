@@ -1,0 +1,141 @@
+"""An operator's Ctrl-C (SIGINT), SIGTERM or SIGHUP, wherever the task is: the programs it runs
+(pulumi, ansible-playbook, a build step) each in a session of its own, and the waits of its
+threads.
+
+The task's main thread takes the three signals over (``RUNS.install``). The first one is passed
+to each program that runs as the signal that makes it stop cleanly: SIGINT to pulumi, which
+finishes the resource operations in flight, saves the stack and exits; SIGINT to
+ansible-playbook's process group, as a terminal's Ctrl-C; SIGTERM to a build step's (it has
+nothing to save). A second signal terminates them at once. When a program has exited, what is
+left of its session is killed, so no process of the run outlives it. A wait (``RUNS.pause``) in
+any thread ends with ``Interrupted``; with nothing running and the main thread in a plain wait,
+the main thread gets ``KeyboardInterrupt`` as Python gives it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+from aihow_infra.errors import AihowError
+
+SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+# What the first signal makes each kind of program do, for the line that says so.
+_CLEAN_STOP = {"pulumi": "asking pulumi to cancel; it finishes the operations in flight and saves the stack"}
+
+
+class Interrupted(AihowError):
+    """The operator's signal ended a wait or a program of the task; nothing more is started."""
+
+
+class _Runs:
+    """The programs the task runs (each the leader of a session of its own) and the signals
+    that stop them."""
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.live: dict[subprocess.Popen[str], str] = {}
+        self.signals = 0
+        self.installed = False
+
+    def install(self) -> None:
+        """Take over the signals (from the main thread only; the handlers stay for the process)."""
+        if self.installed or threading.current_thread() is not threading.main_thread():
+            return
+        for sig in SIGNALS:
+            signal.signal(sig, self._on_signal)
+        self.installed = True
+
+    def _on_signal(self, signum: int, _frame: object) -> None:
+        with self.lock:
+            self.signals += 1
+            first = self.signals == 1
+            live = dict(self.live)
+        if not live:
+            raise KeyboardInterrupt
+        if first:
+            doing = "; ".join(sorted({_CLEAN_STOP.get(name, f"stopping {name}") for name in live.values()}))
+            print(f"{signal.Signals(signum).name}: {doing} (signal again to stop at once)", file=sys.stderr,
+                  flush=True)
+        for proc, name in live.items():
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                if not first:
+                    os.killpg(proc.pid, signal.SIGTERM)
+                elif name == "pulumi":
+                    os.kill(proc.pid, signal.SIGINT)  # the engine alone: it stops its plugins itself
+                elif name == "ansible-playbook":
+                    os.killpg(proc.pid, signal.SIGINT)  # as a terminal's Ctrl-C: it ends its tasks
+                else:
+                    # A build step has nothing to save, and a shell's background jobs ignore SIGINT.
+                    os.killpg(proc.pid, signal.SIGTERM)
+
+    @contextlib.contextmanager
+    def tracked(self, proc: subprocess.Popen[str], name: str) -> Iterator[None]:
+        """``proc`` (started with ``start_new_session=True``; ``name`` as the operator knows it)
+        gets the operator's signals while the block runs; its session is reaped after."""
+        with self.lock:
+            self.live[proc] = name
+        try:
+            yield
+        finally:
+            with self.lock:
+                self.live.pop(proc, None)
+            reap(proc)
+
+    def interrupted(self) -> bool:
+        """True once a signal asked the task to stop."""
+        with self.lock:
+            return self.signals > 0
+
+    def check(self, doing: str) -> None:
+        """``Interrupted`` naming ``doing`` when a signal asked the task to stop."""
+        if self.interrupted():
+            raise Interrupted(f"{doing}: interrupted; the same command again goes on from where it stopped")
+
+    def pause(self, seconds: float, doing: str) -> None:
+        """``time.sleep`` for a wait's poll that ends early, with ``Interrupted``, on a signal."""
+        deadline = time.monotonic() + seconds
+        while True:
+            self.check(doing)
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return
+            time.sleep(min(left, 0.2))
+
+
+def reap(proc: subprocess.Popen[str]) -> None:
+    """Stop a program (when still running) and everything left in its session: pulumi puts each
+    plugin (language host, providers) in a process group of its own, ansible-playbook its
+    workers, but they all stay in the session the task started the program in."""
+    if proc.poll() is None:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+    for pid in session_members(proc.pid):
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.kill(pid, signal.SIGKILL)
+
+
+def session_members(sid: int) -> list[int]:
+    """The live processes of session ``sid``."""
+    members = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            with contextlib.suppress(OSError):
+                if os.getsid(int(entry.name)) == sid:
+                    members.append(int(entry.name))
+    return members
+
+
+RUNS = _Runs()
