@@ -37,9 +37,10 @@ KEY = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIGtestkeytestkeytestkeytestkeytestkey
 
 
 def made(plan: ClusterPlan) -> dict[str, Any]:
-    """What the first converge read back for the other nodes' files (base64, as the module gives)."""
+    """What the first play read back for the other nodes' files (base64: the munge key as the raw
+    command prints it, the rest as the converge module gives it)."""
     if plan.key == "hpc":
-        return {"munge": {"contents": {"/etc/munge/munge.key": "a2V5"}}}
+        return {"munge": {"stdout_lines": ["a2V5"]}}
     contents = {"/etc/kubernetes/pki/ca.crt": "Q0E=", "/etc/kubernetes/kube-proxy.conf": "cA==",
                 **{f"/etc/kubernetes/nodes/{vm.name}.conf": "aw==" for vm in plan.vms}}
     return {"control_plane": {"contents": contents}}
