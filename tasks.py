@@ -354,8 +354,7 @@ def image_build(c: Context, role: str = "all", force: bool = False) -> None:
 
 @task()
 def kubernetes_build(c: Context) -> None:
-    """Build Kubernetes, etcd and the pause binary from the Go module proxy (cached by version;
-    the cloud image build does it when needed)."""
+    """Build Kubernetes, etcd and pause from the Go module proxy (cached; image.build runs it)."""
     from aihow_infra.kubebins import ensure_binaries
 
     built = ensure_binaries(lambda line: err.print(f"[dim]{line}[/dim]", highlight=False))
@@ -371,7 +370,7 @@ def kubernetes_build(c: Context) -> None:
 
 @task(help={"no_deploy": "provision and wait for ready only; do not run the playbooks", "yes": YES_HELP})
 def system_up(c: Context, no_deploy: bool = False, yes: bool = False) -> None:
-    """Bring up HPC, then Cloud, wait until every VM is ready, and deploy what changed."""
+    """Bring up both clusters (at once; HPC first when they share a GPU), and deploy what changed."""
     if _settled(deploy=not no_deploy):
         out.print("[green]system up[/green] (nothing changed since the last run; libvirt agrees)")
         return
@@ -381,7 +380,7 @@ def system_up(c: Context, no_deploy: bool = False, yes: bool = False) -> None:
 
 @task(help={"yes": YES_HELP})
 def system_down(c: Context, yes: bool = False) -> None:
-    """Shut down Cloud, then HPC (VMs stay defined; GPU leases are released)."""
+    """Shut down both clusters at once, drained first (VMs stay defined; GPU leases are released)."""
     operator(yes).system_down()
     out.print("[yellow]system down[/yellow]")
 
@@ -408,7 +407,7 @@ def system_status(c: Context, json_: bool = False) -> None:
 
 @task(help={"yes": "do not ask before destroying"})
 def system_destroy(c: Context, yes: bool = False) -> None:
-    """Destroy Cloud, then HPC."""
+    """Destroy both clusters at once: every VM, disk and network."""
     _confirm("destroy both clusters (every VM, disk and network)?", yes)
     operator().system_destroy()
     out.print("[green]system destroyed[/green]")

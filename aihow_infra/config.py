@@ -340,6 +340,21 @@ class SlurmConfig(Model):
     def _default_name(cls, value: str | None) -> str | None:
         return None if value is None else _check_partition(value)
 
+    @model_validator(mode="before")
+    @classmethod
+    def _only_a_default(cls, data: Any) -> Any:
+        """Only a default partition given: it is the cluster's one partition."""
+        if isinstance(data, Mapping) and data.get("default_partition") is not None and "partitions" not in data:
+            return {**data, "partitions": [data["default_partition"]]}
+        return data
+
+    @model_validator(mode="after")
+    def _default_is_listed(self) -> SlurmConfig:
+        if self.default_partition is None or self.default_partition in self.partitions:
+            return self
+        raise ValueError(f"default_partition: {self.default_partition!r} is not in partitions "
+                         f"{self.partitions}; allowed: one of them")
+
     @field_validator("max_job_time", mode="before")
     @classmethod
     def _time(cls, value: Any) -> str:

@@ -43,8 +43,10 @@ class ConfigError(AihowError):
         super().__init__(f"invalid {source}: {head}")
 
     def located(self) -> list[str]:
-        """Each problem as ``FILE:LINE: problem`` where its line is known (the form editors jump to)."""
-        return [f"{self.file}:{line}: {p}" if line else p for p, line in zip(self.problems, self.lines, strict=True)]
+        """Each problem as ``FILE:LINE: problem`` where its line is known (the form editors jump to),
+        ``FILE: problem`` where only the file is."""
+        return [f"{self.file}:{line}: {p}" if line else f"{self.file}: {p}" if self.file else p
+                for p, line in zip(self.problems, self.lines, strict=True)]
 
     def report(self) -> str:
         """All problems, one per line, for operators who want the whole list."""

@@ -17,7 +17,7 @@ from urllib.parse import urlparse
 from aihow_infra.errors import AihowError, ConfigError
 from aihow_infra.host import Host, choose_virt_type, host_subnets
 from aihow_infra.loading import key_lines, line_of, load_cluster_file
-from aihow_infra.plan import ClusterPlan, SubnetInUse, plan_all, subnet_collisions
+from aihow_infra.plan import ClusterPlan, SubnetInUse, VmPlan, plan_all, subnet_collisions
 
 VFIO_DRIVER = "vfio-pci"
 
@@ -157,17 +157,47 @@ def _host_class(host: Host, address: str) -> str:
     return HOST_CLASSES.get(found[:2], "")
 
 
+HUGEPAGE_KIB = {"2M": 2048, "1G": 1048576}
+
+
+def _hugepage_checks(host: Host, vms: list[VmPlan]) -> list[Check]:
+    """For each hugepage size the VMs back their memory with: the host's pool of that size
+    (``nr_hugepages``) holds every such VM's memory at once."""
+    needs: dict[str, list[VmPlan]] = {}
+    for vm in vms:
+        perf = vm.acceleration.performance
+        if perf.enable_hugepages or perf.memory_backing == "hugepages":
+            needs.setdefault(perf.hugepage_size, []).append(vm)
+    checks = []
+    for size, users in sorted(needs.items()):
+        kib = HUGEPAGE_KIB[size]
+        pool = f"/sys/kernel/mm/hugepages/hugepages-{kib}kB/nr_hugepages"
+        have = int(host.read(pool) or 0)
+        need = sum(vm.memory_gb for vm in users) * 1048576 // kib
+        names = ", ".join(vm.name for vm in users)
+        fix = "" if have >= need else (f"echo {need} > {pool} (1G pages are surest at boot: add `hugepagesz=1G "
+                                       f"hugepages={need}` to GRUB_CMDLINE_LINUX, `update-grub`, reboot)"
+                                       if size == "1G" else f"echo {need} > {pool}")
+        checks.append(Check(f"hugepages {size}", have >= need,
+                            f"{have} pages of {size} reserved; {need} needed for the memory of {names}", fix))
+    return checks
+
+
 def check_host(root: Path, cluster_files: Iterable[str | Path]) -> Report:
-    """Every check for the host under ``root`` and the passthrough devices of ``cluster_files``."""
+    """Every check for the host under ``root``, the hugepages and the passthrough devices of
+    ``cluster_files``."""
     host = Host(root)
     devices: dict[str, tuple[str | None, str | None, list[str]]] = {}
+    vms: list[VmPlan] = []
     for path in cluster_files:
         for plan in plan_all(load_cluster_file(path, check_images=False, allow_system_paths=True)):
+            vms += plan.vms
             for vm in plan.vms:
                 for dev in vm.devices:
                     vendor, device, users = devices.setdefault(dev.pci_address, (dev.vendor_id, dev.device_id, []))
                     users.append(vm.name)
     report = Report(_system_checks(host, live=root == Path("/"), passthrough=bool(devices)))
+    report.checks += _hugepage_checks(host, vms)
     for address, (vendor, device, users) in sorted(devices.items()):
         report.checks += _device_checks(host, address, vendor, device, ", ".join(users), frozenset(devices))
     return report

@@ -15,9 +15,9 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-from pydantic import ValidationError
+from pydantic import BaseModel, ValidationError
 
-from aihow_infra.config import ClusterFile, accepted_fields
+from aihow_infra.config import ClusterFile, NodeSpec, _types_in, accepted_fields
 from aihow_infra.errors import ConfigError
 from aihow_infra.plan import cross_check
 
@@ -26,6 +26,27 @@ _VAR_RE = re.compile(r"\$\$|\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}|\$([A-Z
 
 def _known_keys() -> set[str]:
     return {key for _model, _field, key in accepted_fields()} | {"ip_address", "count"}
+
+
+def _keys_at(loc: tuple[int | str, ...]) -> set[str]:
+    """The keys the model at ``loc`` (pydantic's error location, union tags included) accepts;
+    every known key when the walk loses its way."""
+    models: list[type[BaseModel]] = [ClusterFile]
+    for part in loc:
+        if isinstance(part, int):
+            continue
+        if _is_union_tag(part):
+            models = [m for m in models if m.__name__ == part] or models
+            continue
+        found = [t for m in models for f, info in m.model_fields.items() if part in (f, info.alias)
+                 for t in _types_in(info.annotation) if isinstance(t, type) and issubclass(t, BaseModel)]
+        if not found and not any(part in (f, i.alias) for m in models for f, i in m.model_fields.items()):
+            return _known_keys()
+        models = found
+    keys = {info.alias or name for m in models for name, info in m.model_fields.items()}
+    if any(issubclass(m, NodeSpec) for m in models):
+        keys |= {"ip_address", "count"}  # a head's spelling of 'ip'; N identical nodes
+    return keys or _known_keys()
 
 
 def _format_loc(loc: tuple[int | str, ...]) -> str:
@@ -71,14 +92,27 @@ def _relevant(errors: list[Any]) -> list[Any]:
                 loc(o)[:len(loc(e))] == loc(e) and len(loc(o)) > len(loc(e)) for o in errors))]
 
 
+def _hint(loc: tuple[int | str, ...]) -> str | None:
+    """The key at ``loc``'s level closest to its last part, if any is close."""
+    found = difflib.get_close_matches(str(loc[-1]), sorted(_keys_at(loc[:-1])), n=1)
+    return found[0] if found else None
+
+
+def _misspelt_not_missing(errors: list[Any]) -> list[Any]:
+    """A required key written wrong is one mistake: the unknown key (with its 'did you mean'),
+    not also the missing one."""
+    typos = {(tuple(e["loc"][:-1]), _hint(tuple(e["loc"]))) for e in errors if e["type"] == "extra_forbidden"}
+    return [e for e in errors if not (e["type"] == "missing" and (tuple(e["loc"][:-1]), e["loc"][-1]) in typos)]
+
+
 def _describe(error: Mapping[str, Any], raw: Any) -> str:
     loc = tuple(p for p in error["loc"] if not _is_union_tag(p))
     path = _format_loc(loc) or "(top level)"
     kind = error["type"]
     if kind == "extra_forbidden":
-        key = str(loc[-1])
-        hint = difflib.get_close_matches(key, sorted(_known_keys()), n=1)
-        allowed = f"did you mean '{hint[0]}'?" if hint else "remove it"
+        key, hint = str(loc[-1]), _hint(tuple(error["loc"]))
+        here = ", ".join(sorted(_keys_at(tuple(error["loc"][:-1]))))
+        allowed = f"did you mean '{hint}'?" if hint else f"allowed here: {here}"
         return f"{path}: unknown key {key!r}; {allowed}"
     if kind == "missing":
         return f"{path}: required key is missing"
@@ -175,7 +209,7 @@ def parse_cluster_file(
     try:
         model = ClusterFile.model_validate(expanded)
     except ValidationError as exc:
-        errors = _relevant(exc.errors())
+        errors = _misspelt_not_missing(_relevant(exc.errors()))
         problems = [_describe(e, expanded) for e in errors]
         problems += _cross_check_around(expanded, errors, check_images, allow_system_paths)
         raise ConfigError(problems, source) from None
@@ -309,4 +343,5 @@ def load_cluster_file(
                                   allow_system_paths=allow_system_paths, source=source)
     except ConfigError as exc:
         lines = key_lines(text)
-        raise ConfigError(exc.problems, source, [line_of(p, lines) for p in exc.problems], str(file)) from None
+        located = sorted(((p, line_of(p, lines)) for p in exc.problems), key=lambda pl: pl[1] or 0)  # file order
+        raise ConfigError([p for p, _ in located], source, [line for _, line in located], str(file)) from None

@@ -261,3 +261,15 @@ def test_the_longest_names_allowed_make_host_names_every_consumer_takes() -> Non
     names = [vm.name for plan in plan_all(parse_cluster_file(data, env={})) for vm in plan.vms]
     assert max(len(n) for n in names) <= 63
     assert all(re.fullmatch(r"[a-z0-9]([a-z0-9-]*[a-z0-9])?", n) for n in names), names
+
+
+def test_a_default_partition_must_be_one_of_the_partitions() -> None:
+    data = base()
+    data["clusters"]["hpc"]["slurm_config"] = {"partitions": ["debug"], "default_partition": "debgu"}
+    with pytest.raises(ConfigError) as err:
+        parse_cluster_file(data, env={})
+    assert err.value.problems == ["clusters.hpc.slurm_config.default_partition: 'debgu' is not in partitions "
+                                  "['debug']; allowed: one of them"]
+    # Only a default given: it is the cluster's one partition (no 'compute' beside it).
+    data["clusters"]["hpc"]["slurm_config"] = {"default_partition": "batch"}
+    assert plan_all(parse_cluster_file(data, env={}))[0].partitions == ("batch",)

@@ -338,7 +338,7 @@ def test_image_per_cluster_or_node_and_user_data_joined() -> None:
                                             "'hpc' or 'cloud'"),
     ("clusters.hpc.controller.disk_gb", 1, None),
     ("clusters.hpc.controller.cloud_init", {"bootcmd": ["x"]},
-     "clusters.hpc.controller.cloud_init.bootcmd: unknown key 'bootcmd'; remove it"),
+     "clusters.hpc.controller.cloud_init.bootcmd: unknown key 'bootcmd'; allowed here: packages, runcmd, write_files"),
 ])
 def test_image_mistakes(path: str, value: Any, message: str | None) -> None:
     data = mutate(path, value)
@@ -424,8 +424,8 @@ def test_type_errors_and_errors_across_keys_come_in_one_pass_with_lines(tmp_path
     node = "clusters.hpc.compute_nodes[0]"
     assert err.value.located() == [
         f"{path}:8: {node}.memory_gb: 'lots' is invalid; allowed: a valid integer",
-        f"{path}:11: {node}.memroy_gb: unknown key 'memroy_gb'; did you mean 'memory_gb'?",
         f"{path}:10: {node}.ip: '10.1.0.10' is already used by clusters.hpc.controller; allowed: one VM per address",
+        f"{path}:11: {node}.memroy_gb: unknown key 'memroy_gb'; did you mean 'memory_gb'?",
     ]
     assert str(err.value).startswith(f"invalid cluster file {path}: 3 problems; first: line 8: {node}.memory_gb")
 
@@ -437,3 +437,22 @@ def test_a_value_no_placeholder_can_stand_for_leaves_only_the_errors_of_single_k
         load_cluster_file(path, check_images=False)
     assert [line for line in err.value.lines] == [8, 10, 11]
     assert "is already used" not in err.value.report()
+
+
+def test_an_unknown_key_is_answered_with_the_keys_of_its_own_level(tmp_path: Path) -> None:
+    path = tmp_path / "bad.yaml"
+    path.write_text('version: "1.0"\nabout: x\nclusters:\n  hpc:\n    name: h\n'
+                    "    network: {subnet: 10.99.1.0/24, bridge: hb0, count: 3}\n"
+                    "    controller: {cpu_core: 1, memory_gb: 1, disk_gb: 2, ip_address: 10.99.1.10}\n")
+    with pytest.raises(ConfigError) as err:
+        load_cluster_file(path)
+    # In file order; a misspelt required key is one mistake, not also a missing one.
+    assert err.value.located() == [
+        f"{path}:2: about: unknown key 'about'; allowed here: clusters, global, metadata, version",
+        f"{path}:6: clusters.hpc.network.count: unknown key 'count'; allowed here: bridge, dhcp_end, dhcp_start, "
+        "dns_servers, forward_mode, gateway_ip, subnet",
+        f"{path}:7: clusters.hpc.controller.cpu_core: unknown key 'cpu_core'; did you mean 'cpu_cores'?"]
+    path.write_text("")
+    with pytest.raises(ConfigError) as err:
+        load_cluster_file(path)
+    assert err.value.located() == [f"{path}: (top level): the file is empty; allowed: a YAML mapping with 'clusters'"]

@@ -164,3 +164,27 @@ def test_host_check_task_refuses_what_is_not_a_host(capsys: pytest.CaptureFixtur
                               *[a.format(**names) for a in args])
     assert code == 1 and out == ""
     assert err.startswith(f"error: {message.format(**names)}") and len(err.splitlines()) == 1
+
+
+@pytest.mark.parametrize(("size", "kib", "reserved", "ready"), [("1G", 1048576, 0, False), ("1G", 1048576, 2, True),
+                                                               ("2M", 2048, 1000, False), ("2M", 2048, 1024, True)])
+def test_hugepage_backed_memory_needs_the_pool_reserved(tmp_path: Path, size: str, kib: int, reserved: int,
+                                                        ready: bool) -> None:
+    """What validate accepts works: VMs backed by hugepages start only when the host's pool of
+    that size holds their memory (here two 1 GiB VMs)."""
+    root = materialize(load_recording(READY), tmp_path / "root")
+    pool = root / f"sys/kernel/mm/hugepages/hugepages-{kib}kB/nr_hugepages"
+    pool.parent.mkdir(parents=True, exist_ok=True)
+    pool.write_text(f"{reserved}\n")
+    path = Path(cluster_file(tmp_path, []))
+    data = yaml.safe_load(path.read_text())
+    data["clusters"]["hpc"]["hardware"] = {"acceleration": {"performance": {"enable_hugepages": True,
+                                                                            "hugepage_size": size}}}
+    path.write_text(yaml.safe_dump(data))
+    check = next(c for c in check_host(root, [path]).checks if c.name == f"hugepages {size}")
+    need = 2 * 1048576 // kib
+    assert check.ok == ready
+    assert check.detail == f"{reserved} pages of {size} reserved; {need} needed for the memory of hpc-controller, " \
+                           "hpc-compute-01"
+    assert (check.fix.startswith(f"echo {need} > /sys/kernel/mm/hugepages/hugepages-{kib}kB/nr_hugepages")
+            if not ready else check.fix == "")
