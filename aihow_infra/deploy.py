@@ -75,12 +75,11 @@ def run_playbook(playbook: Path, stack: str, env: Mapping[str, str], limit: str 
                *(["--limit", limit] if limit else [])]
         started = time.monotonic()
         tail: list[str] = []
-        proc = subprocess.Popen(cmd, cwd=ANSIBLE_DIR, env=run_env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                                text=True, start_new_session=True)
-        assert proc.stdout is not None
         cut, task = False, ""
         try:
-            with RUNS.tracked(proc, "ansible-playbook"):
+            with RUNS.started("ansible-playbook", cmd, cwd=ANSIBLE_DIR, env=run_env, stdout=subprocess.PIPE,
+                              stderr=subprocess.STDOUT, text=True) as proc:
+                assert proc.stdout is not None
                 for line in proc.stdout:
                     line = line.rstrip()
                     if line:
@@ -88,7 +87,7 @@ def run_playbook(playbook: Path, stack: str, env: Mapping[str, str], limit: str 
                         task = line.removeprefix("TASK ") if line.startswith("TASK ") else task
                         say(line)
                 proc.wait()
-        except KeyboardInterrupt:  # the signal came before the program was tracked
+        except KeyboardInterrupt:  # a signal in a moment no program ran (its session is reaped)
             cut = True
         if cut or RUNS.interrupted():
             where = f" at task '{task}'" if task else ""

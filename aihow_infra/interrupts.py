@@ -23,6 +23,7 @@ import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 from aihow_infra.errors import AihowError
 
@@ -40,8 +41,10 @@ class _Runs:
     that stop them."""
 
     def __init__(self) -> None:
-        self.lock = threading.Lock()
+        # Reentrant: the handler runs in the main thread, which may hold the lock when it fires.
+        self.lock = threading.RLock()
         self.live: dict[subprocess.Popen[str], str] = {}
+        self.starting = 0  # programs being started: a signal now is theirs too, not a plain interrupt
         self.signals = 0
         self.installed = False
 
@@ -57,33 +60,39 @@ class _Runs:
         with self.lock:
             self.signals += 1
             first = self.signals == 1
-            live = dict(self.live)
-        if not live:
+            live, starting = dict(self.live), self.starting
+        if not live and not starting:
             raise KeyboardInterrupt
         if first:
-            doing = "; ".join(sorted({_CLEAN_STOP.get(name, f"stopping {name}") for name in live.values()}))
+            doing = "; ".join(sorted({_CLEAN_STOP.get(name, f"stopping {name}") for name in live.values()})
+                              or ["stopping what starts"])
             print(f"{signal.Signals(signum).name}: {doing} (signal again to stop at once)", file=sys.stderr,
                   flush=True)
         for proc, name in live.items():
-            with contextlib.suppress(ProcessLookupError, PermissionError):
-                if not first:
-                    os.killpg(proc.pid, signal.SIGTERM)
-                elif name == "pulumi":
-                    os.kill(proc.pid, signal.SIGINT)  # the engine alone: it stops its plugins itself
-                elif name == "ansible-playbook":
-                    os.killpg(proc.pid, signal.SIGINT)  # as a terminal's Ctrl-C: it ends its tasks
-                else:
-                    # A build step has nothing to save, and a shell's background jobs ignore SIGINT.
-                    os.killpg(proc.pid, signal.SIGTERM)
+            _stop(proc, name, first)
 
     @contextlib.contextmanager
-    def tracked(self, proc: subprocess.Popen[str], name: str) -> Iterator[None]:
-        """``proc`` (started with ``start_new_session=True``; ``name`` as the operator knows it)
-        gets the operator's signals while the block runs; its session is reaped after."""
+    def started(self, name: str, cmd: list[str], **popen: Any) -> Iterator[subprocess.Popen[str]]:
+        """``cmd`` started (``subprocess.Popen`` with ``popen``) in a session of its own; it gets
+        the operator's signals while the block runs (``name`` as the operator knows it: pulumi,
+        ansible-playbook, a build step), also one that comes while it starts; its session is
+        reaped after. ``OSError`` when it cannot start."""
         with self.lock:
-            self.live[proc] = name
+            self.starting += 1
         try:
-            yield
+            proc: subprocess.Popen[str] = subprocess.Popen(cmd, start_new_session=True, **popen)
+        except BaseException:
+            with self.lock:
+                self.starting -= 1
+            raise
+        with self.lock:  # one step from starting to live: no signal falls between
+            self.starting -= 1
+            self.live[proc] = name
+            seen = self.signals
+        if seen:  # the signal came while it started: it stops as the others did
+            _stop(proc, name, seen == 1)
+        try:
+            yield proc
         finally:
             with self.lock:
                 self.live.pop(proc, None)
@@ -108,6 +117,20 @@ class _Runs:
             if left <= 0:
                 return
             time.sleep(min(left, 0.2))
+
+
+def _stop(proc: subprocess.Popen[str], name: str, first: bool) -> None:
+    """The signal that stops ``name`` cleanly (the first time) or at once (after)."""
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        if not first:
+            os.killpg(proc.pid, signal.SIGTERM)
+        elif name == "pulumi":
+            os.kill(proc.pid, signal.SIGINT)  # the engine alone: it stops its plugins itself
+        elif name == "ansible-playbook":
+            os.killpg(proc.pid, signal.SIGINT)  # as a terminal's Ctrl-C: it ends its tasks
+        else:
+            # A build step has nothing to save, and a shell's background jobs ignore SIGINT.
+            os.killpg(proc.pid, signal.SIGTERM)
 
 
 def reap(proc: subprocess.Popen[str]) -> None:

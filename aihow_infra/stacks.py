@@ -195,10 +195,9 @@ class Workspace:
             if events is not None:
                 cmd += ["--event-log", str(log)]
                 env["PULUMI_DEBUG_COMMANDS"] = "true"  # the engine offers --event-log only then
-            proc = subprocess.Popen(cmd, cwd=self.project_dir, env=env, text=True, start_new_session=True,
-                                    stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
             follower = _EventFollower(log, events) if events is not None else None
-            with RUNS.tracked(proc, "pulumi"):
+            with RUNS.started("pulumi", cmd, cwd=self.project_dir, env=env, text=True, stdout=subprocess.PIPE,
+                              stderr=subprocess.STDOUT) as proc:
                 try:
                     output, _ = proc.communicate(timeout=timeout)
                 except subprocess.TimeoutExpired:

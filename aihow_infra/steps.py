@@ -5,6 +5,8 @@ prints nothing for minutes on a cold machine), the operator's signal stopping th
 
 from __future__ import annotations
 
+import os
+import shutil
 import subprocess
 import threading
 import time
@@ -51,16 +53,14 @@ def run_step(cmd: list[str], say: Progress, what: str, env: Mapping[str, str] | 
     """Run ``cmd`` in a session of its own; ``error`` naming ``what`` when it cannot run or fails,
     ``Interrupted`` when the operator's signal stopped it (or came before it started)."""
     RUNS.check(what)
-    try:
-        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                                env=dict(env) if env is not None else None, cwd=cwd, start_new_session=True)
-    except OSError as exc:
-        raise error(f"{what}: {cmd[0]} cannot run ({exc.strerror}); run ./bootstrap") from None
+    if shutil.which(cmd[0], path=(env if env is not None else os.environ).get("PATH")) is None:
+        raise error(f"{what}: {cmd[0]} cannot run (not found); run ./bootstrap")
     tail: list[str] = []
-    assert proc.stdout is not None
     heartbeat = _Heartbeat(what, say)
     try:
-        with RUNS.tracked(proc, what):
+        with RUNS.started(what, cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                          env=dict(env) if env is not None else None, cwd=cwd) as proc:
+            assert proc.stdout is not None
             for line in proc.stdout:
                 line = line.rstrip()
                 tail = [*tail[-9:], line]
