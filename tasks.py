@@ -60,7 +60,7 @@ def operator(yes: bool = False) -> Any:
         if yes:
             return True
         if not sys.stdin.isatty():
-            return refuse_risks(found)
+            refuse_risks(found)
         return input("Apply them? [y/N] ").strip().lower() in ("y", "yes")
 
     # Engines run in sessions of their own, often from worker threads (both stacks at once): the
@@ -206,11 +206,15 @@ def validate(c: Context, config: str = "") -> None:
 
     op = operator()
     stacks = op.configured_stacks()
-    paths = [config] if config else sorted({op.settings(s).cluster_file for s in stacks})
     uri = op.settings(stacks[0]).libvirt_uri if stacks else "qemu:///system"
-    for path in paths:
-        plans = plan_all(load_cluster_file(path))
-        check_subnets(plans, uri, path)
+    if config:  # the user's own path, from the folder they are in
+        loaded = [(Path(config), load_cluster_file(config))]
+    else:  # each stack's, from the project folder and with its settings, as `up` reads it
+        named = {op.cluster_file_path(op.settings(s)): op.settings(s) for s in stacks}
+        loaded = [(path, op.cluster_file(settings)) for path, settings in sorted(named.items())]
+    for path, cluster_file in loaded:
+        plans = plan_all(cluster_file)
+        check_subnets(plans, uri, str(path))
         table = Table(title=f"{path}: valid", title_justify="left")
         for col in ("cluster", "VMs", "auto-start", "vCPUs", "memory GiB", "disk GiB", "network", "GPUs"):
             table.add_column(col)
@@ -493,14 +497,17 @@ def host_check(c: Context, config: str = "", sysfs_root: str = "/", recorded: st
     import tempfile
 
     from aihow_infra import hostcheck
+    from aihow_infra.settings import DEFAULT_LIBVIRT_URI
 
-    files = [Path(config)] if config else operator().cluster_file_paths()
+    op = operator()
+    files = [Path(config)] if config else op.cluster_file_paths()
+    uris = sorted({op.settings(s).libvirt_uri for s in op.configured_stacks()}) or [DEFAULT_LIBVIRT_URI]
     if recorded and sysfs_root != "/":
         raise AihowError("give --recorded FILE or --sysfs-root DIR, not both")
     with tempfile.TemporaryDirectory(prefix="aihow-host-") as tmp:
         root = (hostcheck.materialize(hostcheck.load_recording(Path(recorded)), Path(tmp)) if recorded
                 else hostcheck.sysfs_root(sysfs_root))
-        report = hostcheck.check_host(root, files)
+        report = hostcheck.check_host(root, files, uris)
     if json_:
         out.print_json(json.dumps(report.to_dict()))
     else:

@@ -18,6 +18,7 @@ from aihow_infra.errors import AihowError, ConfigError
 from aihow_infra.host import Host, choose_virt_type, host_subnets
 from aihow_infra.loading import key_lines, line_of, load_cluster_file
 from aihow_infra.plan import ClusterPlan, SubnetInUse, VmPlan, plan_all, subnet_collisions
+from aihow_infra.settings import DEFAULT_LIBVIRT_URI
 
 VFIO_DRIVER = "vfio-pci"
 
@@ -59,7 +60,7 @@ class Report:
         return {"ready": self.ready, "checks": [{**asdict(c), "verdict": c.verdict} for c in self.checks]}
 
 
-def _system_checks(host: Host, live: bool, passthrough: bool) -> list[Check]:
+def _system_checks(host: Host, live: bool, passthrough: bool, uris: Iterable[str]) -> list[Check]:
     checks = []
     kvm = host.path("/dev/kvm").exists()
     checks.append(Check("kvm", kvm, "/dev/kvm present" if kvm else "/dev/kvm is missing: VMs run under software "
@@ -72,12 +73,14 @@ def _system_checks(host: Host, live: bool, passthrough: bool) -> list[Check]:
     if live:
         import libvirt
 
-        try:
-            libvirt.open("qemu:///system").close()
-            checks.append(Check("libvirtd", True, "qemu:///system answers"))
-        except libvirt.libvirtError as exc:
-            checks.append(Check("libvirtd", False, f"qemu:///system does not answer ({exc.get_error_message()})",
-                                "start it: `libvirtd -d` (or `systemctl start libvirtd`), or run ./bootstrap"))
+        for uri in uris:
+            try:
+                libvirt.open(uri).close()
+                checks.append(Check("libvirtd", True, f"{uri} answers"))
+            except libvirt.libvirtError as exc:
+                checks.append(Check("libvirtd", False, f"{uri} does not answer ({exc.get_error_message()})",
+                                    "start it: `libvirtd -d` (or `systemctl start libvirtd`), or run ./bootstrap; "
+                                    "or name the right one in the stack's aihow:libvirtUri"))
     groups_dir = host.path("/sys/kernel/iommu_groups")
     groups = list(groups_dir.iterdir()) if groups_dir.is_dir() else []
     checks.append(Check(
@@ -183,9 +186,11 @@ def _hugepage_checks(host: Host, vms: list[VmPlan]) -> list[Check]:
     return checks
 
 
-def check_host(root: Path, cluster_files: Iterable[str | Path]) -> Report:
+def check_host(root: Path, cluster_files: Iterable[str | Path],
+               libvirt_uris: Iterable[str] = (DEFAULT_LIBVIRT_URI,)) -> Report:
     """Every check for the host under ``root``, the hugepages and the passthrough devices of
-    ``cluster_files``."""
+    ``cluster_files``; on the live host (``root`` is /) each of ``libvirt_uris`` must answer (the
+    stacks' ``aihow:libvirtUri``)."""
     host = Host(root)
     devices: dict[str, tuple[str | None, str | None, list[str]]] = {}
     vms: list[VmPlan] = []
@@ -196,7 +201,7 @@ def check_host(root: Path, cluster_files: Iterable[str | Path]) -> Report:
                 for dev in vm.devices:
                     vendor, device, users = devices.setdefault(dev.pci_address, (dev.vendor_id, dev.device_id, []))
                     users.append(vm.name)
-    report = Report(_system_checks(host, live=root == Path("/"), passthrough=bool(devices)))
+    report = Report(_system_checks(host, live=root == Path("/"), passthrough=bool(devices), uris=libvirt_uris))
     report.checks += _hugepage_checks(host, vms)
     for address, (vendor, device, users) in sorted(devices.items()):
         report.checks += _device_checks(host, address, vendor, device, ", ".join(users), frozenset(devices))

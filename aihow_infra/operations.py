@@ -18,7 +18,7 @@ from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import libvirt
 import yaml
@@ -57,7 +57,7 @@ class Refused(AihowError):
     """A planned change was not confirmed; nothing ran."""
 
 
-def refuse_risks(found: list[Risk]) -> bool:
+def refuse_risks(found: list[Risk]) -> NoReturn:
     """Without a way to ask (a script): a change that loses data or interrupts a guest is refused."""
     raise Refused(f"{len(found)} planned change(s) delete data or interrupt a guest, first: {found[0]}; "
                   "nothing was changed; allowed: run it again with --yes to apply them")
@@ -492,15 +492,16 @@ class Operator:
         """Stop a VM (ACPI shutdown with the stack's timeout, then power off; ``force`` powers
         off at once); its GPU leases are released after it is off."""
         view, vm = self.find_vm(name)
-        if not force:
-            self._drain(view, [vm])
         if force:
-            self.progress(f"powering off {name}")
+            self.progress(f"powering off {name} (no drain, no shutdown)")
             with connect(view.settings.libvirt_uri) as conn:
                 dom = lookup("looking up domain", conn.lookupByName, name)
                 if dom is not None:
                     stop_domain(dom, timeout=0)
-        self.progress(f"stopping {name}: shutting down (up to {view.settings.stop_timeout:.0f} s, then powered off)")
+        else:
+            self._drain(view, [vm])
+            self.progress(f"stopping {name}: shutting down (up to {view.settings.stop_timeout:.0f} s, then "
+                          "powered off)")
         self._apply_power(view, {name: "stopped"})
 
     def vm_restart(self, name: str) -> None:

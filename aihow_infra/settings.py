@@ -22,6 +22,8 @@ DEFAULT_IMAGES_DIR = "/var/lib/libvirt/images/aihow"
 MOVED = {"power": "vm.start/vm.stop", "clusterPower": "system.up/system.down"}
 
 
+DEFAULT_LIBVIRT_URI = "qemu:///system"  # libvirt's system daemon, where VFIO passthrough works
+
 class StackSettings(BaseModel):
     """The ``aihow:*`` stack config keys (camelCase in YAML)."""
 
@@ -29,7 +31,7 @@ class StackSettings(BaseModel):
 
     cluster_file: str = Field(alias="clusterFile")
     cluster: ClusterKey | None = None
-    libvirt_uri: str = Field("qemu:///system", alias="libvirtUri")
+    libvirt_uri: str = Field(DEFAULT_LIBVIRT_URI, alias="libvirtUri")
     images_dir: str = Field(DEFAULT_IMAGES_DIR, alias="imagesDir")
     ledger_path: str = Field(DEFAULT_LEDGER, alias="ledgerPath")
     stop_timeout: float = Field(60.0, alias="stopTimeout", gt=0)

@@ -12,7 +12,7 @@ from pulumi.dynamic import CreateResult, Resource, UpdateResult
 from aihow_infra.errors import LibvirtError
 from aihow_infra.libvirt.connection import call, connect, discard, lookup
 from aihow_infra.libvirt.inspect import network_stack
-from aihow_infra.libvirt.render import network_xml
+from aihow_infra.libvirt.render import dhcp_host_xml, network_xml
 from providers.base import LibvirtProvider
 
 
@@ -43,10 +43,6 @@ class NetworkArgs(TypedDict):
 
 _SECTION = libvirt.VIR_NETWORK_SECTION_IP_DHCP_HOST
 _LIVE_AND_CONFIG = libvirt.VIR_NETWORK_UPDATE_AFFECT_LIVE | libvirt.VIR_NETWORK_UPDATE_AFFECT_CONFIG
-
-
-def _host_xml(host: DhcpHost) -> str:
-    return f"<host mac='{host['mac']}' name='{host['name']}' ip='{host['ip']}'/>"
 
 
 def _key(host: DhcpHost) -> tuple[str, str, str]:
@@ -113,12 +109,12 @@ class NetworkProvider(LibvirtProvider):
             for key in old.keys() - new.keys():
                 if key in present:
                     call(f"removing reservation {key} from {name}", net.update,
-                         libvirt.VIR_NETWORK_UPDATE_COMMAND_DELETE, _SECTION, -1, _host_xml(old[key]),
+                         libvirt.VIR_NETWORK_UPDATE_COMMAND_DELETE, _SECTION, -1, dhcp_host_xml(dict(old[key])),
                          _LIVE_AND_CONFIG)
             for key in new.keys() - old.keys():
                 if key not in present:
                     call(f"adding reservation {key} to {name}", net.update,
-                         libvirt.VIR_NETWORK_UPDATE_COMMAND_ADD_LAST, _SECTION, -1, _host_xml(new[key]),
+                         libvirt.VIR_NETWORK_UPDATE_COMMAND_ADD_LAST, _SECTION, -1, dhcp_host_xml(dict(new[key])),
                          _LIVE_AND_CONFIG)
             return UpdateResult(self.observe(net, news))
 

@@ -188,3 +188,22 @@ def test_hugepage_backed_memory_needs_the_pool_reserved(tmp_path: Path, size: st
                            "hpc-compute-01"
     assert (check.fix.startswith(f"echo {need} > /sys/kernel/mm/hugepages/hugepages-{kib}kB/nr_hugepages")
             if not ready else check.fix == "")
+
+
+def test_libvirtd_is_checked_at_each_uri_the_stacks_name() -> None:
+    """``aihow:libvirtUri`` decides where the VMs go, so that daemon is the one that must answer."""
+    missing = "qemu+unix:///system?socket=/nonexistent/libvirt-sock"
+    checks = [c for c in check_host(Path("/"), [], ["test:///default", missing]).checks if c.name == "libvirtd"]
+    assert [(c.ok, c.detail.split(" (")[0]) for c in checks] == [(True, "test:///default answers"),
+                                                                (False, f"{missing} does not answer")]
+    assert "aihow:libvirtUri" in checks[1].fix
+
+
+def test_validate_reads_the_stacks_cluster_files_from_any_folder(capsys: pytest.CaptureFixture[str],
+                                                                 tmp_path: Path,
+                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    """A stack's relative clusterFile is the project folder's, wherever `aihow` runs."""
+    monkeypatch.chdir(tmp_path)
+    code, out, err = run_task(capsys, "validate")
+    assert code == 0, out + err
+    assert f"{ROOT / 'config' / 'default.yaml'}: valid" in " ".join(out.split())

@@ -3,13 +3,14 @@ span stacks. libvirt's test driver stands in for the host (nothing is deployed t
 
 from __future__ import annotations
 
+import typing
 from pathlib import Path
 
 import pytest
 import yaml
 
 from aihow_infra.errors import AihowError
-from aihow_infra.operations import Operator
+from aihow_infra.operations import Operator, Refused, refuse_risks
 from aihow_infra.stacks import Workspace
 from tests.samples import base
 
@@ -45,3 +46,30 @@ def test_every_stack_must_name_the_same_ledger(tmp_path: Path) -> None:
     with pytest.raises(AihowError, match=r"aihow:ledgerPath: '.*leases.json' \(stack hpc\) differs from "
                                          r"'/srv/other-leases.json' \(stack cloud\); allowed: one ledger"):
         op.view("hpc")
+
+
+@pytest.mark.parametrize("force", [False, True])
+def test_a_forced_stop_powers_off_without_draining_and_a_stop_drains_then_shuts_down(
+        tmp_path: Path, force: bool) -> None:
+    good = tmp_path / "good.yaml"
+    good.write_text(yaml.safe_dump(base()))
+    op = project(tmp_path, str(good), str(good))
+    lines: list[str] = []
+    drained: list[str] = []
+    applied: list[dict[str, str]] = []
+    op.progress = lines.append
+    op._drain = lambda view, vms: drained.extend(vm.name for vm in vms)  # type: ignore[method-assign]
+    op._apply_power = lambda view, changes: applied.append(changes)  # type: ignore[method-assign]
+    name = op.view("hpc").plan.vms[1].name
+    op.vm_stop(name, force=force)
+    assert applied == [{name: "stopped"}]
+    assert drained == ([] if force else [name])
+    said = " ".join(lines)
+    assert ("powering off" in said, "shutting down" in said) == (force, not force)
+
+
+def test_refusing_risks_never_returns() -> None:
+    with pytest.raises(Refused, match=r"1 planned change\(s\) delete data or interrupt a guest, first: x; "
+                                      r"nothing was changed"):
+        refuse_risks(["x"])  # type: ignore[list-item]
+    assert typing.get_type_hints(refuse_risks)["return"] is typing.NoReturn

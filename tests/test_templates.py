@@ -7,12 +7,13 @@ from __future__ import annotations
 
 import os
 import subprocess
+import xml.etree.ElementTree as ET
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from aihow_infra.libvirt.render import domain_xml, network_xml, pool_xml, volume_xml
+from aihow_infra.libvirt.render import dhcp_host_xml, domain_xml, network_xml, pool_xml, volume_xml
 
 GOLDEN = Path(__file__).parent / "golden"
 
@@ -106,3 +107,11 @@ def test_software_emulation_has_no_host_cpu_settings() -> None:
 def test_values_are_escaped() -> None:
     nasty: dict[str, Any] = {**NETWORK, "hosts": [{"mac": "52:54:00:00:00:01", "name": "a'b<c", "ip": "10.0.0.5"}]}
     assert "name='a&#39;b&lt;c'" in network_xml(nasty)
+
+
+def test_a_dhcp_reservation_is_escaped_like_the_network_it_joins() -> None:
+    """virNetworkUpdate takes a reservation alone: the same template as the network's own, so a
+    quote or an ampersand in a value stays data."""
+    host = {"mac": "52:54:00:00:00:01", "name": "o'brien&co", "ip": "10.0.0.5"}
+    element = ET.fromstring(dhcp_host_xml(host))
+    assert (element.tag, element.attrib) == ("host", host)

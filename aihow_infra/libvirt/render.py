@@ -47,6 +47,12 @@ def _render(template: str, **values: Any) -> str:
     return _env().get_template(template).render(**whole_numbers(values))
 
 
+def dhcp_host_xml(host: dict[str, Any]) -> str:
+    """One ``<host mac name ip/>`` reservation, as the network's own XML has it (for
+    ``virNetworkUpdate``, which takes the element alone)."""
+    return _render("dhcp-host.xml.j2", host=host)
+
+
 def network_xml(props: dict[str, Any]) -> str:
     """The ``<network>`` of a cluster: bridge, gateway, DHCP range, one reservation per VM."""
     return _render(
