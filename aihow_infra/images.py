@@ -27,7 +27,7 @@ from typing import Literal
 
 from aihow_infra.config import IMAGE_ROOT_GB, ImageRole
 from aihow_infra.errors import ImageError
-from aihow_infra.kubebins import PAUSE_VERSION, KubeBinaries, build_key, ensure_binaries
+from aihow_infra.kubebins import PAUSE_VERSION, KubeBinaries, content_key, ensure_binaries
 from aihow_infra.oci import ImageSpec, write_archive
 from aihow_infra.steps import run_step
 
@@ -137,7 +137,7 @@ def recipe_for(role: str) -> Recipe:
     typed: ImageName = role
     return Recipe(role=typed, packages=tuple(sorted({*BASE_PACKAGES, *ROLE_PACKAGES[typed]})),
                   files=tuple(sorted(IMAGE_FILES.items())), size_gb=IMAGE_ROOT_GB[typed],
-                  kubernetes=f"{build_key()}+payload{PAYLOAD_VERSION}" if typed == "cloud" else "",
+                  kubernetes=f"{content_key()}+payload{PAYLOAD_VERSION}" if typed == "cloud" else "",
                   container_images=CONTAINER_IMAGES if typed == "cloud" else ())
 
 

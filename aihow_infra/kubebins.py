@@ -73,13 +73,24 @@ def go_version() -> str:
 
 
 @functools.cache
-def build_key() -> str:
-    """Names one build: the versions, the toolchain and a hash of the wrapper modules."""
+def content_key() -> str:
+    """What a build contains: the pinned versions and a hash of the wrapper modules (their
+    go.mod and go.sum, so every dependency's sum) and of the build recipe; never the toolchain.
+    An image carrying the build is named by this, so a Go upgrade renames no image and asks to
+    replace no disk."""
     digest = hashlib.sha256(str(BUILD_VERSION).encode())
     for module in ("kube", "etcd"):
         for name in ("go.mod", "go.sum"):
             digest.update((MODULES_DIR / module / name).read_bytes())
-    return f"{kubernetes_version()}-etcd{etcd_version()}-{go_version()}-{digest.hexdigest()[:12]}"
+    return f"{kubernetes_version()}-etcd{etcd_version()}-{digest.hexdigest()[:12]}"
+
+
+@functools.cache
+def build_key() -> str:
+    """Names one build's cache folder: its content and the toolchain that compiled it (another
+    toolchain builds again, beside)."""
+    version, _, digest = content_key().rpartition("-")
+    return f"{version}-{go_version()}-{digest}"
 
 
 def cache_root() -> Path:

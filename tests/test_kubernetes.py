@@ -14,6 +14,7 @@ import pytest
 
 from aihow_infra import kubebins, kubernetes, slurm
 from aihow_infra.errors import GuestError
+from aihow_infra.images import recipe_for
 from aihow_infra.inventory import build_inventory
 from aihow_infra.libvirt import guest
 from aihow_infra.libvirt.guest import Ran
@@ -91,6 +92,22 @@ def test_the_build_is_named_by_versions_toolchain_and_modules() -> None:
     for package in ("k8s.io/component-base/version", "k8s.io/client-go/pkg/version"):
         assert f"-X {package}.gitVersion=v1.34.2" in flags
         assert f"-X {package}.gitMinor=34" in flags
+
+
+def test_another_go_toolchain_builds_beside_and_renames_no_image(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The cloud image is named by what it carries: a Go upgrade must not ask to replace every
+    Cloud VM's disk (their overlays name the image)."""
+    image, folder = recipe_for("cloud").name, kubebins.build_key()
+    monkeypatch.setattr(kubebins, "go_version", lambda: "go9.99.0")
+    for cached in (kubebins.content_key, kubebins.build_key):
+        cached.cache_clear()
+    try:
+        assert recipe_for("cloud").name == image
+        assert kubebins.build_key() != folder and "go9.99.0" in kubebins.build_key()
+    finally:
+        monkeypatch.undo()
+        for cached in (kubebins.content_key, kubebins.build_key):
+            cached.cache_clear()
 
 
 def test_the_wrapper_modules_replace_every_staging_module_of_the_release() -> None:
