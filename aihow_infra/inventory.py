@@ -73,9 +73,10 @@ def _host_vars(node: Mapping[str, Any], access: Access, state: str) -> dict[str,
 
 
 def build_inventory(outputs: Mapping[str, Any], stack: str = "STACK", access: Access | None = None,
-                    states: Mapping[str, str] | None = None) -> dict[str, Any]:
+                    states: Mapping[str, str] | None = None, kube_pki_dir: str = "") -> dict[str, Any]:
     """The inventory (Ansible's YAML structure) for one stack's outputs. ``states`` are the
-    VMs' live libvirt states by VM name (the outputs' ``power_state`` is as of the last up)."""
+    VMs' live libvirt states by VM name (the outputs' ``power_state`` is as of the last up);
+    ``kube_pki_dir`` is the host folder a Kubernetes cluster's certificates are kept in."""
     cluster, nodes = outputs.get("cluster"), outputs.get("nodes") or {}
     if not cluster or not nodes:
         raise AihowError(f"stack {stack} has no outputs yet; run `aihow up --stack {stack}` first")
@@ -106,6 +107,8 @@ def build_inventory(outputs: Mapping[str, Any], stack: str = "STACK", access: Ac
 
     common["kube_pod_subnet"] = cluster.get("pod_subnet")
     common["kube_service_subnet"] = cluster.get("service_subnet")
+    if kube_pki_dir:
+        common["kube_pki_dir"] = kube_pki_dir
     control = by_role.get("control-plane", [])
     workers = by_role.get("cpu-worker", []) + by_role.get("gpu-worker", [])
     return {"all": {"vars": common, "children": {

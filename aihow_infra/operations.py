@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import os
+import shutil
 import time
 from collections import Counter
 from collections.abc import Callable, Iterator
@@ -302,6 +303,10 @@ class Operator:
                     off.result()  # only a head start: the engine's delete is what counts
         self.deploys.forget(stack)
         self.last_runs.forget(stack)
+        # A cluster made again is a new cluster: it gets new certificates, and the old admin
+        # kubeconfig would name a server that is gone.
+        shutil.rmtree(self.kube_pki_path(stack), ignore_errors=True)
+        self.kubeconfig_path(stack).unlink(missing_ok=True)
         if view is not None:
             self._sweep(view)
 
@@ -394,6 +399,10 @@ class Operator:
     def kubeconfig_path(self, stack: str) -> Path:
         """Where a deploy of a Kubernetes stack leaves its admin kubeconfig (0600, git-ignored)."""
         return STATE_DIR / "kube" / _slug(self.workspace.project_dir) / f"{stack}-admin.conf"
+
+    def kube_pki_path(self, stack: str) -> Path:
+        """Where a Kubernetes stack's certificates and kubeconfigs are kept (0700; kubepki.py)."""
+        return STATE_DIR / "kube" / _slug(self.workspace.project_dir) / f"{stack}-pki"
 
     def kubectl(self, stack: str, args: list[str]) -> tuple[int, str, str]:
         """``kubectl ARGS`` on the stack's control plane, through its guest agent: the exit code,
@@ -707,7 +716,8 @@ class Operator:
         view = self.view(stack)
         key = self.login(view).private_path
         access = Access(view.settings.ansible_connection, view.settings.libvirt_uri, str(key) if key else None)
-        return build_inventory(self.workspace.outputs(stack), stack, access, self.live_states(view))
+        return build_inventory(self.workspace.outputs(stack), stack, access, self.live_states(view),
+                               str(self.kube_pki_path(stack)))
 
     def write_ssh_config(self) -> Path:
         """``ssh_config`` into the project's state (git-ignored), for ``vm.ssh``."""

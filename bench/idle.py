@@ -1,10 +1,10 @@
 """What the main job's idle clusters cost the host: the five guests of config/default.yaml booted
-and deployed, nothing to do, against the same five booted and not yet deployed (the operating
-system's own floor) in the same run.
+and not yet deployed (the operating system's own floor), deployed by a baseline commit's
+playbooks, then by this checkout's (taking the same clusters over), nothing to do, in one run.
 
-    .venv/bin/python bench/idle.py [--settle 120] [--window 30]
+    .venv/bin/python bench/idle.py [--baseline REV] [--settle 120] [--window 30]
 
-Needs ./bootstrap and the images (``aihow image.build``); about 15 minutes here. For each state it
+Needs ./bootstrap and the images (``aihow image.build``); about 20 minutes here. For each state it
 waits ``--settle`` seconds, then over one ``--window``: each guest's qemu process CPU on the host
 (% of one host core, every thread: vCPUs and I/O), the host's whole CPU, and inside each guest
 (through the guest agent, no IP traffic) the processes that used the most CPU and how many
@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import subprocess
 import sys
 import tempfile
 import time
@@ -25,7 +26,11 @@ from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "bench"))
 
+from deploy import playbook_run  # noqa: E402  (bench/deploy.py)
+
+from aihow_infra.inventory import to_yaml  # noqa: E402
 from aihow_infra.libvirt.guest import run  # noqa: E402
 from aihow_infra.operations import Operator  # noqa: E402
 from tests.conftest import open_e2e, open_sandbox  # noqa: E402
@@ -59,8 +64,14 @@ per = {}
 for pid, (comm, ticks) in b.items():
     per[comm] = per.get(comm, 0) + ticks - (a[pid][1] if pid in a and a[pid][0] == comm else 0)
 top = sorted(per.items(), key=lambda kv: -kv[1])[:6]
-lines = subprocess.run(["journalctl", "-q", "--since", f"-{int(window)}s"], capture_output=True, text=True).stdout
-print(json.dumps({"busy": 100 * (b1 - b0) / max(t1 - t0, 1), "journal": len(lines.splitlines()),
+lines = subprocess.run(["journalctl", "-q", "--since", f"-{int(window)}s", "-o", "json",
+                        "--output-fields=SYSLOG_IDENTIFIER"], capture_output=True, text=True).stdout.splitlines()
+writers = {}
+for line in lines:
+    who = json.loads(line).get("SYSLOG_IDENTIFIER", "?")
+    writers[who] = writers.get(who, 0) + 1
+print(json.dumps({"busy": 100 * (b1 - b0) / max(t1 - t0, 1), "journal": len(lines),
+                  "writers": sorted(writers.items(), key=lambda kv: -kv[1])[:3],
                   "top": [(c, round(100 * t / 100 / window, 1)) for c, t in top if t > 0]}))
 """
 
@@ -102,8 +113,9 @@ def show(title: str, result: dict[str, Any], prefix: str) -> float:
     print(f"\n{title}: the five guests' qemu {total:.0f} % of one host core; the host {result['host_busy']:.0f} % busy")
     for name, g in result["guests"].items():
         top = ", ".join(f"{c} {p}" for c, p in g["top"])
+        writers = ", ".join(f"{w} {n}" for w, n in g.get("writers", []))
         print(f"  {name.removeprefix(prefix + '-'):24} host {g['host']:5.1f} %  in guest {g['busy']:5.1f} %  "
-              f"journal {g['journal']:4d} lines  top: {top}")
+              f"journal {g['journal']:4d} lines ({writers})  top: {top}")
     return total
 
 
@@ -111,9 +123,15 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--settle", type=float, default=120, help="seconds to wait before each window")
     parser.add_argument("--window", type=float, default=30, help="seconds measured")
+    parser.add_argument("--baseline", default="736b56d", help="the commit whose ansible/ deploys first")
     args = parser.parse_args()
-    with tempfile.TemporaryDirectory(prefix="aihow-bench-idle-") as tmp, open_sandbox() as box, \
+    with tempfile.TemporaryDirectory(prefix="aihow-bench-idle-") as tmp, \
+            tempfile.TemporaryDirectory(prefix="aihow-bench-idle-baseline-") as baseline, open_sandbox() as box, \
             open_e2e(box, Path(tmp)) as e2e:
+        old = Path(baseline)
+        archive = subprocess.run(["git", "-C", str(ROOT), "archive", args.baseline, "ansible"], check=True,
+                                 capture_output=True).stdout
+        subprocess.run(["tar", "-x", "-C", str(old), "--strip-components=1"], input=archive, check=True)
         clusters = default_example_on(e2e)
         cluster_file = e2e.write_cluster_file(clusters)
         for stack in ("hpc", "cloud"):
@@ -123,11 +141,17 @@ def main() -> int:
         names = sorted(d.name() for d in box.conn.listAllDomains() if d.isActive() and d.name().startswith(box.prefix))
         time.sleep(args.settle)
         floor = show("booted, not deployed", sample(box, names, args.window), box.prefix)
+        for stack in ("hpc", "cloud"):
+            inventory = old / f"{stack}-inventory.yml"
+            inventory.write_text(to_yaml(op.inventory(stack)))
+            playbook_run(old, stack, inventory)
+        time.sleep(args.settle)
+        before = show(f"deployed by {args.baseline}, idle", sample(box, names, args.window), box.prefix)
         op.system_up()
         time.sleep(args.settle)
-        idle = show("deployed, idle", sample(box, names, args.window), box.prefix)
-        print(f"\ndeployed and idle costs {idle / max(floor, 0.1):.1f}x the booted floor ({idle:.0f} % against "
-              f"{floor:.0f} % of one host core)")
+        idle = show("deployed by this checkout, idle", sample(box, names, args.window), box.prefix)
+        print(f"\nidle, deployed: {args.baseline} {before:.0f} %, this checkout {idle:.0f} % of one host core "
+              f"({before / max(idle, 0.1):.2f}x); the booted floor {floor:.0f} %")
         op.system_destroy()
     return 0
 

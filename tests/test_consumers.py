@@ -22,6 +22,7 @@ from aihow_infra.components import acceleration_args, seed_spec
 from aihow_infra.errors import ConfigError
 from aihow_infra.hostcheck import check_subnets
 from aihow_infra.inventory import build_inventory
+from aihow_infra.kubepki import Cluster, ensure
 from aihow_infra.libvirt.render import domain_xml, network_xml
 from aihow_infra.loading import load_cluster_file
 from aihow_infra.plan import ClusterPlan, VmPlan, plan_all
@@ -36,14 +37,18 @@ CORPUS = sorted([*(ROOT / "config").glob("*.yaml"), *(CASES / n for n in (
 KEY = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIGtestkeytestkeytestkeytestkeytestkeytestkey test"
 
 
-def made(plan: ClusterPlan) -> dict[str, Any]:
-    """What the first play read back for the other nodes' files (base64: the munge key as the raw
-    command prints it, the rest as the converge module gives it)."""
+def made(plan: ClusterPlan, folder: Path) -> dict[str, Any]:
+    """What earlier tasks registered for the nodes' files: the munge key as the raw command prints
+    it (base64); the certificates and kubeconfigs as the ``aihow_kube_pki`` action gives them,
+    made in ``folder``."""
     if plan.key == "hpc":
         return {"munge": {"stdout_lines": ["a2V5"]}}
-    contents = {"/etc/kubernetes/pki/ca.crt": "Q0E=", "/etc/kubernetes/kube-proxy.conf": "cA==",
-                **{f"/etc/kubernetes/nodes/{vm.name}.conf": "aw==" for vm in plan.vms}}
-    return {"control_plane": {"contents": contents}}
+    control = next(vm for vm in plan.vms if vm.role == "control-plane")
+    workers = tuple(vm.name for vm in plan.vms if vm.role != "control-plane")
+    pki = ensure(folder, Cluster(plan.name, control.name, str(control.ip), plan.service_subnet, workers))
+    files = {control.name: pki.control_plane_files(), **{w: pki.worker_files(w) for w in workers}}
+    return {"pki": {"files": {node: [{"dest": dest, "content": text, "mode": "0600"} for dest, text in got.items()]
+                              for node, got in files.items()}}}
 
 
 # What a value left empty by a template looks like: a flag or key with nothing after it, a port
@@ -105,7 +110,7 @@ def test_cloud_init_takes_every_seed(path: Path, key: str, name: str) -> None:
                          ids=lambda p: p.stem)
 def test_slurmctld_reads_every_slurm_conf(path: Path, tmp_path: Path) -> None:
     plan = next(p for p in plans(path) if p.key == "hpc")
-    rendered = rendered_templates(ROOT / "ansible/hpc.yml", inventory(plan), made(plan))
+    rendered = rendered_templates(ROOT / "ansible/hpc.yml", inventory(plan), made(plan, tmp_path))
     files = {dest: text for host, dest, text in rendered if host == "controller"}
     conf = files["/etc/slurm/slurm.conf"]
     assert not re.search(r"=(\s|$)", conf), f"an empty value in slurm.conf:\n{conf}"
@@ -118,18 +123,21 @@ def test_slurmctld_reads_every_slurm_conf(path: Path, tmp_path: Path) -> None:
 
 @pytest.mark.parametrize("path", [p for p in CORPUS if any(pl.key == "cloud" for pl in plans(p))],
                          ids=lambda p: p.stem)
-def test_kubernetes_files_have_no_empty_values(path: Path) -> None:
+def test_kubernetes_files_have_no_empty_values(path: Path, tmp_path: Path) -> None:
     plan = next(p for p in plans(path) if p.key == "cloud")
-    rendered = list(rendered_templates(ROOT / "ansible/cloud.yml", inventory(plan), made(plan)))
-    assert {dest for _h, dest, _t in rendered} >= {"/etc/kubernetes/kubeadm.yaml.in",
-                                                   "/var/lib/kubelet/config.yaml"}
+    rendered = list(rendered_templates(ROOT / "ansible/cloud.yml", inventory(plan), made(plan, tmp_path)))
+    control = next(vm for vm in plan.vms if vm.role == "control-plane")
+    assert {(h, d) for h, d, _t in rendered} >= {(control.short_name, "/etc/kubernetes/pki/apiserver.crt"),
+                                                 (control.short_name, "/var/lib/kubelet/config.yaml")}
     for host, dest, text in rendered:
         empty = [line for line in text.splitlines() if any(p.search(line) for p in EMPTY_VALUES)]
         assert not empty, f"{host} {dest}: empty values:\n" + "\n".join(empty)
-    kubeadm = next(t for _h, d, t in rendered if d == "/etc/kubernetes/kubeadm.yaml.in")
-    assert 'kubernetesVersion: "@KUBERNETES_VERSION@"' in kubeadm  # aihow-kubeadm puts kubeadm's own there
-    control = next(vm for vm in plan.vms if vm.role == "control-plane")
-    assert f"{control.ip}:6443" in kubeadm
+    workers = {vm.short_name for vm in plan.vms if vm.role != "control-plane"}
+    for worker in workers:
+        assert {d for h, d, _t in rendered if h == worker} >= {"/etc/kubernetes/kubelet.conf",
+                                                               "/etc/kubernetes/pki/ca.crt"}
+    apiserver = next(t for h, d, t in rendered if h == control.short_name and d.endswith("kube-apiserver.service"))
+    assert f"--advertise-address={control.ip} " in apiserver
 
 
 @pytest.fixture(scope="module")

@@ -17,7 +17,7 @@ ROOT = Path(__file__).resolve().parents[1]
 LAYERS: list[list[str]] = [
     ["aihow_infra.errors"],
     ["aihow_infra.files", "aihow_infra.interrupts"],
-    ["aihow_infra.steps"],
+    ["aihow_infra.steps", "aihow_infra.kubepki"],
     ["aihow_infra.config"],
     ["aihow_infra.settings", "aihow_infra.plan", "aihow_infra.changes", "aihow_infra.kubebins", "aihow_infra.oci"],
     ["aihow_infra.loading", "aihow_infra.progress"],
