@@ -19,6 +19,7 @@ from aihow_infra.loading import load_cluster_file
 from aihow_infra.plan import plan_cluster
 from aihow_infra.settings import parse_settings
 from aihow_infra.sshkeys import login_key
+from aihow_infra.state.layout import STATE_ROOT
 
 
 def main() -> None:
@@ -33,7 +34,7 @@ def main() -> None:
         key = settings.cluster_key(stack)
         file = load_cluster_file(settings.cluster_file, allow_system_paths=settings.allow_system_paths)
         plan = plan_cluster(file, key, f"cluster file {settings.cluster_file}")
-        key_text = login_key(settings.ssh_public_key).public if any(vm.boots for vm in plan.vms) else ""
+        key_text = login_key(settings.ssh_public_key, STATE_ROOT).public if any(vm.boots for vm in plan.vms) else ""
     except ConfigError as exc:
         # First line for one-line summaries (the tasks), then every problem.
         raise pulumi.RunError(f"{exc}\n{exc.report()}") from None

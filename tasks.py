@@ -530,7 +530,9 @@ def host_check(c: Context, config: str = "", sysfs_root: str = "/", recorded: st
 def test(c: Context, fast: bool = False) -> None:
     """Lint (ruff), type-check (mypy) and run the tests."""
     py = sys.executable
-    with c.cd(str(Path(__file__).resolve().parent)):  # the checkout, wherever `aihow test` runs
+    from aihow_infra.state.layout import CHECKOUT
+
+    with c.cd(str(CHECKOUT)):  # wherever `aihow test` runs
         c.run(f"{py} -m ruff check .", pty=False)
         c.run(f"{py} -m mypy aihow_infra providers tasks.py __main__.py", pty=False)
         marker = "-m 'not e2e'" if fast else ""

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import subprocess
 import sys
 import tempfile
@@ -21,9 +20,11 @@ from pathlib import Path
 from typing import Any
 
 from aihow_infra.errors import DeployError
+from aihow_infra.files import atomic_write
 from aihow_infra.interrupts import RUNS
+from aihow_infra.state.layout import CHECKOUT
 
-ANSIBLE_DIR = Path(__file__).resolve().parent.parent / "ansible"
+ANSIBLE_DIR = CHECKOUT / "ansible"
 Progress = Callable[[str], None]
 
 
@@ -125,10 +126,9 @@ class DeployRecord:
     def save(self, stack: str, print_: str, result: DeployResult) -> None:
         """Record a successful deploy (atomically)."""
         self.folder.mkdir(parents=True, exist_ok=True)
-        tmp = self._path(stack).with_suffix(".tmp")
-        tmp.write_text(json.dumps({"fingerprint": print_, "seconds": round(result.seconds, 1),
-                                   "changed": result.changed, "at": time.strftime("%Y-%m-%dT%H:%M:%S")}))
-        os.replace(tmp, self._path(stack))
+        atomic_write(self._path(stack), json.dumps({"fingerprint": print_, "seconds": round(result.seconds, 1),
+                                                    "changed": result.changed,
+                                                    "at": time.strftime("%Y-%m-%dT%H:%M:%S")}), "deploy record")
 
     def forget(self, stack: str) -> None:
         """A stack destroyed needs a full deploy next time."""

@@ -19,6 +19,7 @@ from typing import Literal, cast
 
 from aihow_infra.errors import StateFileError
 from aihow_infra.files import Waiting, atomic_write, locked
+from aihow_infra.state.layout import ProjectState
 
 PowerState = Literal["running", "stopped"]
 POWER_STATES: tuple[PowerState, ...] = ("running", "stopped")
@@ -28,7 +29,7 @@ STACK_LOCK_TIMEOUT = 3600.0
 
 def power_folder(project_dir: Path) -> Path:
     """Where a project keeps its power records."""
-    return project_dir / ".state" / "power"
+    return ProjectState(project_dir).power
 
 
 @dataclass(frozen=True)

@@ -29,6 +29,7 @@ from aihow_infra.config import IMAGE_ROOT_GB, ImageRole
 from aihow_infra.errors import ImageError
 from aihow_infra.kubebins import PAUSE_VERSION, KubeBinaries, content_key, ensure_binaries
 from aihow_infra.oci import ImageSpec, write_archive
+from aihow_infra.state.layout import built_images_dir
 from aihow_infra.steps import run_step
 
 # An image is a cluster role's, or the GPU-host simulator's: a stand-in workstation with an
@@ -38,7 +39,6 @@ IMAGE_ROLES: tuple[ImageRole, ...] = ("base", "hpc", "cloud")
 IMAGE_NAMES: tuple[ImageName, ...] = (*IMAGE_ROLES, "gpuhost")
 Progress = Callable[[str], None]
 
-DEFAULT_IMAGES_DIR = Path("/var/lib/aihow/images")
 SUITE = "bookworm"
 # Bump when the build steps below change in a way the recipe does not show.
 BUILD_VERSION = 1
@@ -173,11 +173,6 @@ class Image:
         return self.folder / "image.json"
 
 
-def images_dir() -> Path:
-    """Where images are kept: ``AIHOW_IMAGES_DIR``, else a folder qemu (another user) can read."""
-    return Path(os.environ.get("AIHOW_IMAGES_DIR") or DEFAULT_IMAGES_DIR)
-
-
 def debs_dir() -> Path:
     """Where downloaded packages are kept for offline rebuilds."""
     cache = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
@@ -186,7 +181,7 @@ def debs_dir() -> Path:
 
 def find_image(recipe: Recipe, root: Path | None = None) -> Image | None:
     """The built image of a recipe, or None when it is not (wholly) there."""
-    folder = (root or images_dir()) / recipe.name
+    folder = (root or built_images_dir()) / recipe.name
     manifest = folder / "image.json"
     if not manifest.is_file():
         return None
@@ -202,7 +197,7 @@ def find_image(recipe: Recipe, root: Path | None = None) -> Image | None:
 def image_for(role: str, root: Path | None = None) -> Image:
     """Where the image of a role is (or will be) once built; paths only, nothing is checked."""
     recipe = recipe_for(role)
-    return Image(folder=(root or images_dir()) / recipe.name, role=recipe.role, key=recipe.key)
+    return Image(folder=(root or built_images_dir()) / recipe.name, role=recipe.role, key=recipe.key)
 
 
 def ensure_image(role: str, *, force: bool = False, root: Path | None = None,
@@ -213,7 +208,7 @@ def ensure_image(role: str, *, force: bool = False, root: Path | None = None,
     say = progress or (lambda _line: None)
     if not force and (image := find_image(recipe, root)) is not None:
         return image, False
-    return build_image(recipe, root or images_dir(), say), True
+    return build_image(recipe, root or built_images_dir(), say), True
 
 
 @contextlib.contextmanager

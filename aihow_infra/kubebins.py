@@ -28,10 +28,10 @@ from pathlib import Path
 
 from aihow_infra.errors import ImageError
 from aihow_infra.files import locked
+from aihow_infra.state.layout import CHECKOUT
 from aihow_infra.steps import run_step
 
-PROJECT_ROOT = Path(__file__).resolve().parent.parent
-MODULES_DIR = PROJECT_ROOT / "kubernetes"
+MODULES_DIR = CHECKOUT / "kubernetes"
 Progress = Callable[[str], None]
 
 # The commands of each wrapper module, in build order (the largest first: their packages

@@ -24,18 +24,20 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+from aihow_infra.errors import LeaseError
 from aihow_infra.files import atomic_write
+from aihow_infra.ledger import Ledger, holder_for
 from aihow_infra.libvirt.connection import connect, lookup
 from aihow_infra.libvirt.inspect import metadata, read_definition
+from aihow_infra.state.layout import CHECKOUT, ProjectState
 
-ROOT = Path(__file__).resolve().parent.parent
 # What a run executes: a change here must go through the engine (and the deploy).
 PROGRAM = ("__main__.py", "Pulumi.yaml", "aihow_infra", "providers", "templates", "ansible")
 NO_RECORD = "no successful run is recorded"
 _VAR = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)|\$([A-Za-z_][A-Za-z0-9_]*)")
 
 
-def program_digest(root: Path = ROOT) -> str:
+def program_digest(root: Path = CHECKOUT) -> str:
     """A digest of the program's files (sources, templates, playbooks)."""
     digest = hashlib.sha256()
     for name in PROGRAM:
@@ -97,9 +99,10 @@ def drift(expected: Expected) -> list[str]:
     """What libvirt (and the ledger) hold that differs from ``expected``; empty when nothing."""
     found = [f"image {image} is gone" for image in expected.images if not Path(image).is_dir()]
     try:
-        leases = json.loads(Path(expected.ledger).read_text()).get("devices", {})
-    except (OSError, ValueError):
-        leases = {}
+        holders = {address: lease.holder for address, lease in Ledger(expected.ledger).leases().items()}
+    except LeaseError as exc:
+        found.append(str(exc))  # the engine's run says it again, with what to do
+        holders = {}
     with connect(expected.uri) as conn:
         net = lookup("looking up network", conn.networkLookupByName, expected.network)
         pool = lookup("looking up pool", conn.storagePoolLookupByName, expected.pool)
@@ -121,8 +124,8 @@ def drift(expected: Expected) -> list[str]:
             defined = read_definition(dom)
             if (defined["vcpus"], defined["memory_mib"]) != (vm.vcpus, vm.memory_mib):
                 found.append(f"the definition of domain {vm.name} was edited")
-            holder = f"{expected.stack}/{vm.name}"
-            if vm.running and any((leases.get(a) or {}).get("holder") != holder for a in vm.gpu_functions):
+            holder = holder_for(expected.stack, vm.name)
+            if vm.running and any(holders.get(a) != holder for a in vm.gpu_functions):
                 found.append(f"{vm.name} does not hold its GPU lease")
     return found
 
@@ -132,12 +135,12 @@ class LastRuns:
 
     def __init__(self, project_dir: Path) -> None:
         self.project_dir = project_dir
-        self.folder = project_dir / ".state" / "runs"
+        self.folder = ProjectState(project_dir).runs
 
     def inputs(self, stack: str, cluster_file: Path, state_files: list[Path]) -> list[Path]:
         """The files an up of ``stack`` reads."""
         return [self.project_dir / "Pulumi.yaml", self.project_dir / f"Pulumi.{stack}.yaml", cluster_file,
-                self.project_dir / ".state" / "power" / f"{stack}.json", *state_files]
+                ProjectState(self.project_dir).power / f"{stack}.json", *state_files]
 
     def save(self, stack: str, cluster_file: Path, state_files: list[Path], expected: Expected) -> None:
         """Record a successful up (not yet deployed: see ``settle``)."""

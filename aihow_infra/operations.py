@@ -10,7 +10,6 @@ changes nothing Pulumi records, talks to libvirt directly.
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import os
 import shutil
 import time
@@ -43,8 +42,9 @@ from aihow_infra.loading import load_cluster_file
 from aihow_infra.plan import ClusterPlan, VmPlan, plan_cluster, shared_devices
 from aihow_infra.progress import EngineProgress, describe
 from aihow_infra.settings import DEFAULT_LEDGER, StackSettings, parse_settings
-from aihow_infra.sshkeys import STATE_DIR, LoginKey, login_key
+from aihow_infra.sshkeys import LoginKey, login_key
 from aihow_infra.stacks import Plan, Workspace
+from aihow_infra.state.layout import STATE_ROOT, ProjectState
 from aihow_infra.status import ClusterStatus, SharedGpuStatus, StackSummary, SystemStatus, VmStatus
 
 # The node each cluster's software is asked on (and that is never drained).
@@ -82,6 +82,7 @@ class Operator:
         self.workspace = workspace or Workspace()
         self.progress: Progress = progress or (lambda _msg: None)
         self.confirm = confirm
+        self.state = ProjectState(self.workspace.project_dir, STATE_ROOT)
         if self.workspace.waiting is None:
             self.workspace.waiting = self.progress
 
@@ -369,7 +370,7 @@ class Operator:
     @property
     def deploys(self) -> DeployRecord:
         """The last successful deploy of each stack of this workspace."""
-        return DeployRecord(STATE_DIR / "deploy" / _slug(self.workspace.project_dir))
+        return DeployRecord(self.state.deploys)
 
     def deploy(self, stack: str, limit: str | None = None, playbook: Path | None = None,
                inventory: dict[str, Any] | None = None) -> DeployResult:
@@ -398,11 +399,11 @@ class Operator:
 
     def kubeconfig_path(self, stack: str) -> Path:
         """Where a deploy of a Kubernetes stack leaves its admin kubeconfig (0600, git-ignored)."""
-        return STATE_DIR / "kube" / _slug(self.workspace.project_dir) / f"{stack}-admin.conf"
+        return self.state.kubeconfig(stack)
 
     def kube_pki_path(self, stack: str) -> Path:
         """Where a Kubernetes stack's certificates and kubeconfigs are kept (0700; kubepki.py)."""
-        return STATE_DIR / "kube" / _slug(self.workspace.project_dir) / f"{stack}-pki"
+        return self.state.kube_pki(stack)
 
     def kubectl(self, stack: str, args: list[str]) -> tuple[int, str, str]:
         """``kubectl ARGS`` on the stack's control plane, through its guest agent: the exit code,
@@ -686,7 +687,7 @@ class Operator:
 
     def login(self, view: StackView) -> LoginKey:
         """The key (and private key file, when known) that logs into the stack's guests."""
-        return login_key(view.settings.ssh_public_key)
+        return login_key(view.settings.ssh_public_key, self.state.root)
 
     def ssh_config(self) -> str:
         """An ssh_config for every VM that boots and has an address (``ssh -F FILE <vm>``)."""
@@ -698,7 +699,7 @@ class Operator:
                     continue
                 lines = [f"Host {vm.name}", f"  HostName {vm.ip}", f"  User {view.settings.login_user}",
                          "  StrictHostKeyChecking accept-new",
-                         f"  UserKnownHostsFile {STATE_DIR / 'ssh' / 'known_hosts'}"]
+                         f"  UserKnownHostsFile {self.state.ssh / 'known_hosts'}"]
                 if key.private_path:
                     lines += [f"  IdentityFile {key.private_path}", "  IdentitiesOnly yes"]
                 blocks.append("\n".join(lines))
@@ -721,7 +722,7 @@ class Operator:
 
     def write_ssh_config(self) -> Path:
         """``ssh_config`` into the project's state (git-ignored), for ``vm.ssh``."""
-        path = STATE_DIR / "ssh" / "config"
+        path = self.state.ssh / "config"
         path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
         path.write_text(self.ssh_config())
         return path
@@ -807,12 +808,6 @@ def _resources(urns: set[str]) -> set[str]:
 def _active_word(obj: Any) -> str:
     """``active``, ``inactive`` or ``missing`` for a network or pool (None: it does not exist)."""
     return "missing" if obj is None else "active" if obj.isActive() else "inactive"
-
-
-def _slug(path: Path) -> str:
-    """A folder name for a project folder (deploy records of test workspaces stay apart)."""
-    return "default" if path.resolve() == Path(__file__).resolve().parent.parent else \
-        hashlib.sha256(str(path.resolve()).encode()).hexdigest()[:12]
 
 
 def _holders(settings: StackSettings) -> dict[str, str | None]:

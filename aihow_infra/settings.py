@@ -16,7 +16,7 @@ from aihow_infra.config import CLUSTER_KEYS, ClusterKey
 from aihow_infra.errors import ConfigError
 
 DEFAULT_LEDGER = "/var/lib/aihow/gpu-leases.json"
-DEFAULT_IMAGES_DIR = "/var/lib/libvirt/images/aihow"
+DEFAULT_POOLS_DIR = "/var/lib/libvirt/images/aihow"  # aihow:imagesDir: the clusters' disks and seeds
 
 # Former settings, now power records in the project's state (aihow_infra.desired).
 MOVED = {"power": "vm.start/vm.stop", "clusterPower": "system.up/system.down"}
@@ -32,7 +32,7 @@ class StackSettings(BaseModel):
     cluster_file: str = Field(alias="clusterFile")
     cluster: ClusterKey | None = None
     libvirt_uri: str = Field(DEFAULT_LIBVIRT_URI, alias="libvirtUri")
-    images_dir: str = Field(DEFAULT_IMAGES_DIR, alias="imagesDir")
+    images_dir: str = Field(DEFAULT_POOLS_DIR, alias="imagesDir")
     ledger_path: str = Field(DEFAULT_LEDGER, alias="ledgerPath")
     stop_timeout: float = Field(60.0, alias="stopTimeout", gt=0)
     virt_type: Literal["auto", "kvm", "qemu"] = Field("auto", alias="virtType")

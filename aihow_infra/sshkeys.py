@@ -9,8 +9,6 @@ from pathlib import Path
 
 from aihow_infra.errors import ConfigError
 
-# The project's state folder (git-ignored): where its own key is made when it needs one.
-STATE_DIR = Path(os.environ.get("AIHOW_STATE_DIR") or Path(__file__).resolve().parents[1] / ".state")
 OPERATOR_KEYS = ("id_ed25519.pub", "id_ecdsa.pub", "id_rsa.pub")
 KEY_TYPES = ("ssh-ed25519", "ssh-rsa", "ecdsa-sha2-", "sk-ssh-ed25519@", "sk-ecdsa-sha2-")
 
@@ -48,9 +46,9 @@ def project_key(state_dir: Path) -> LoginKey:
     return LoginKey(public.read_text().strip(), private, f"the project's key {public}")
 
 
-def login_key(setting: str | None, state_dir: Path = STATE_DIR, home: Path | None = None) -> LoginKey:
+def login_key(setting: str | None, state_dir: Path, home: Path | None = None) -> LoginKey:
     """The key for guests: ``aihow:sshPublicKey`` (a key or a .pub file), else the operator's
-    ``~/.ssh/id_*.pub``, else the project's own."""
+    ``~/.ssh/id_*.pub``, else the project's own (``project_key(state_dir)``)."""
     if setting:
         text = setting.strip()
         if not _valid(text):

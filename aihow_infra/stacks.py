@@ -21,8 +21,7 @@ from aihow_infra.desired import PowerRecords
 from aihow_infra.errors import StackError
 from aihow_infra.files import Waiting
 from aihow_infra.interrupts import RUNS
-
-PROJECT_ROOT = Path(__file__).resolve().parent.parent
+from aihow_infra.state.layout import CHECKOUT
 
 _STACKS_LOCK = threading.Lock()
 _PROTECTED = re.compile(r'resource "(urn:[^"]+)"(?: as part of replacing "[^"]+")? as it is currently marked for '
@@ -52,7 +51,7 @@ def _defaults(root: Path) -> dict[str, str]:
     }
 
 
-def offline_env(root: Path = PROJECT_ROOT, backend_url: str | None = None,
+def offline_env(root: Path = CHECKOUT, backend_url: str | None = None,
                 environ: Mapping[str, str] | None = None) -> dict[str, str]:
     """The environment the project's pulumi runs in (``environ``, by default this process's,
     with its own tools first on PATH, a local backend, and nothing that reaches the internet)."""
@@ -67,7 +66,7 @@ def offline_env(root: Path = PROJECT_ROOT, backend_url: str | None = None,
     return env
 
 
-def shell_env_file(root: Path = PROJECT_ROOT) -> str:
+def shell_env_file(root: Path = CHECKOUT) -> str:
     """The same settings as a file to source from a shell (``. .tools/env``), written by ./bootstrap."""
     lines = ["# Source this file to use the project's pulumi from a shell: . .tools/env",
              f'export PATH="{root / ".tools" / "bin"}:{Path(sys.executable).parent}:$PATH"']
@@ -166,7 +165,7 @@ class Workspace:
     backend to ``PULUMI_BACKEND_URL`` or the checkout's ``.state``.
     """
 
-    project_dir: Path = field(default_factory=lambda: Path(os.environ.get("AIHOW_PROJECT_DIR", PROJECT_ROOT)))
+    project_dir: Path = field(default_factory=lambda: Path(os.environ.get("AIHOW_PROJECT_DIR", CHECKOUT)))
     backend_url: str | None = None
     # Show the engine's whole output (AIHOW_ECHO_PULUMI=1), for debugging.
     echo: bool = field(default_factory=lambda: bool(os.environ.get("AIHOW_ECHO_PULUMI")))
@@ -175,7 +174,7 @@ class Workspace:
 
     def env(self) -> dict[str, str]:
         """The environment pulumi runs in."""
-        return offline_env(PROJECT_ROOT, self.backend_url)
+        return offline_env(CHECKOUT, self.backend_url)
 
     def run(self, args: Sequence[str], stack: str | None = None, check: bool = True,
             timeout: float = 1800, events: Events | None = None) -> subprocess.CompletedProcess[str]:

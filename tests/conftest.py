@@ -13,7 +13,8 @@ import libvirt
 import pytest
 import yaml
 
-from aihow_infra.stacks import PROJECT_ROOT, Workspace
+from aihow_infra.stacks import Workspace
+from aihow_infra.state.layout import CHECKOUT
 from tests.sandbox import E2E, Phases, Sandbox, system_libvirt
 
 
@@ -55,17 +56,17 @@ def open_sandbox() -> Iterator[Sandbox]:
 def open_e2e(sandbox: Sandbox, root: Path) -> Iterator[E2E]:
     """The real engine on real libvirt, its project and backend under ``root``; every stack is
     destroyed afterwards, even on failure."""
-    if not (PROJECT_ROOT / ".tools" / "bin" / "pulumi").exists():
+    if not (CHECKOUT / ".tools" / "bin" / "pulumi").exists():
         pytest.fail("the Pulumi engine is not built: run ./bootstrap")
     project = root / "project"
     project.mkdir()
     (project / "Pulumi.yaml").write_text(yaml.safe_dump({
         "name": "aihow",
         "runtime": {"name": "python", "options": {"toolchain": "pip",
-                                                   "virtualenv": str(PROJECT_ROOT / ".venv")}},
-        "options": yaml.safe_load((PROJECT_ROOT / "Pulumi.yaml").read_text())["options"],
+                                                   "virtualenv": str(CHECKOUT / ".venv")}},
+        "options": yaml.safe_load((CHECKOUT / "Pulumi.yaml").read_text())["options"],
     }))
-    os.symlink(PROJECT_ROOT / "__main__.py", project / "__main__.py")
+    os.symlink(CHECKOUT / "__main__.py", project / "__main__.py")
     (root / "state").mkdir()
     workspace = Workspace(project_dir=project, backend_url=f"file://{root / 'state'}")
     harness = E2E(workspace=workspace, root=root, sandbox=sandbox)

@@ -28,7 +28,7 @@ import yaml
 
 from aihow_infra.images import KERNEL_CMDLINE, Image
 from aihow_infra.libvirt.guest import Ran, console_log_path, run, wait_ready
-from aihow_infra.stacks import PROJECT_ROOT
+from aihow_infra.state.layout import CHECKOUT
 from tests.sandbox import Sandbox
 
 # The stand-in GPU: its functions sit on the root bus at this slot (without an explicit address
@@ -211,7 +211,7 @@ def configure(host: GpuHost, clusters: dict[str, Any], **settings: str) -> str:
 
 
 @contextlib.contextmanager
-def gpu_host(box: Sandbox, image: Image, checkout: Path = PROJECT_ROOT, boot_timeout: float = 600) -> Iterator[GpuHost]:
+def gpu_host(box: Sandbox, image: Image, checkout: Path = CHECKOUT, boot_timeout: float = 600) -> Iterator[GpuHost]:
     """Boot the simulator from the ``gpuhost`` image (an overlay in the sandbox's folder), ready
     to run the project; everything is removed by the sandbox's cleanup."""
     box.images_dir.mkdir(parents=True, exist_ok=True)

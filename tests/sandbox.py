@@ -23,7 +23,8 @@ import libvirt
 import pytest
 import yaml
 
-from aihow_infra.stacks import PROJECT_ROOT, Workspace
+from aihow_infra.stacks import Workspace
+from aihow_infra.state.layout import CHECKOUT
 
 SYSTEM_URI = "qemu:///system"
 # The GPU of the e2e tests: video and audio functions of one device (no host has it).
@@ -233,7 +234,7 @@ class Task:
 
     def start(self, *args: str, output: IO[str] | int = subprocess.PIPE) -> subprocess.Popen[str]:
         """Start the task; its output (stderr too) goes to ``output``."""
-        return subprocess.Popen([sys.executable, "-m", "invoke", "-r", str(PROJECT_ROOT), *args], env=self.env(),
+        return subprocess.Popen([sys.executable, "-m", "invoke", "-r", str(CHECKOUT), *args], env=self.env(),
                                 text=True, stdout=output, stderr=subprocess.STDOUT,
                                 stdin=subprocess.DEVNULL, start_new_session=True)
 

@@ -40,7 +40,7 @@ from aihow_infra.libvirt.guest import agent_command, read_file, run
 from aihow_infra.operations import Operator
 from aihow_infra.plan import mac_for
 from aihow_infra.sshkeys import project_key
-from aihow_infra.stacks import PROJECT_ROOT
+from aihow_infra.state.layout import CHECKOUT
 from tests.conftest import open_e2e, open_sandbox
 from tests.sandbox import E2E, Phases, Task, network_namespace
 
@@ -78,7 +78,7 @@ def default_example_on(e2e: E2E) -> dict[str, Any]:
     keeps its place in the subnet), the second compute node on DHCP, plus a manual-start Cloud
     worker."""
     box = e2e.sandbox
-    clusters: dict[str, Any] = yaml.safe_load((PROJECT_ROOT / "config" / "default.yaml").read_text())["clusters"]
+    clusters: dict[str, Any] = yaml.safe_load((CHECKOUT / "config" / "default.yaml").read_text())["clusters"]
     for key, cluster in clusters.items():
         old, new = ipaddress.IPv4Network(cluster["network"]["subnet"]), box.subnet()
 
@@ -251,7 +251,7 @@ def test_slurm_deploys_nothing_twice_drains_and_rejoins(main_job: MainJob, phase
         address = ipaddress.IPv4Interface(f"{list(net.hosts())[199]}/{net.prefixlen}")
         with (network_namespace(f"{box.prefix}n", job.clusters["hpc"]["network"]["bridge"], address) as inside,
               phases.time("SLURM deploy with nothing to change, over SSH")):
-            proc = subprocess.run([*inside, sys.executable, "-m", "invoke", "-r", str(PROJECT_ROOT), "deploy",
+            proc = subprocess.run([*inside, sys.executable, "-m", "invoke", "-r", str(CHECKOUT), "deploy",
                                    "--stack", "hpc"], env=Task(job.e2e).env(), capture_output=True, text=True,
                                   timeout=1200)
     finally:

@@ -18,7 +18,7 @@ import yaml
 from aihow_infra.errors import AihowError, StackError
 from aihow_infra.inventory import build_inventory, to_yaml
 from aihow_infra.operations import Operator
-from aihow_infra.stacks import PROJECT_ROOT
+from aihow_infra.state.layout import CHECKOUT
 from aihow_infra.topology import render_tree
 from tests.sandbox import E2E, Sandbox, gpu_passthrough
 
@@ -162,7 +162,7 @@ def test_tasks_print_one_line_per_error_and_exit_non_zero(tmp_path: Path, e2e: E
                                                                        "disk_gb": 1, "ip": "10.2.0.1"}}}}))
     env = {**os.environ, "AIHOW_PROJECT_DIR": str(e2e.workspace.project_dir),
            "PULUMI_BACKEND_URL": e2e.workspace.backend_url or ""}
-    invoke = [sys.executable, "-m", "invoke", "-r", str(PROJECT_ROOT)]
+    invoke = [sys.executable, "-m", "invoke", "-r", str(CHECKOUT)]
     proc = subprocess.run([*invoke, "validate", "--config", str(bad)], capture_output=True, text=True, env=env)
     assert proc.returncode == 1
     lines = proc.stderr.strip().splitlines()

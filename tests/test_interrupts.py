@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from aihow_infra.stacks import PROJECT_ROOT
+from aihow_infra.state.layout import CHECKOUT
 
 # The task's frame: signals taken over as tasks.operator() does, errors as clean_errors prints them.
 FRAME = """
@@ -42,9 +42,9 @@ except Exit as exc:
 def start(tmp_path: Path, body: str) -> subprocess.Popen[str]:
     script = tmp_path / "task.py"
     script.write_text(FRAME.format(body=textwrap.indent(textwrap.dedent(body), "    ")))
-    return subprocess.Popen([sys.executable, str(script)], cwd=PROJECT_ROOT, text=True, stdout=subprocess.PIPE,
+    return subprocess.Popen([sys.executable, str(script)], cwd=CHECKOUT, text=True, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, start_new_session=True,
-                            env={**os.environ, "COLUMNS": "300", "PYTHONPATH": str(PROJECT_ROOT)})
+                            env={**os.environ, "COLUMNS": "300", "PYTHONPATH": str(CHECKOUT)})
 
 
 def marked(marker: str) -> list[int]:

@@ -8,12 +8,13 @@ from pathlib import Path
 
 import pytest
 
-from aihow_infra.lastrun import PROGRAM, ROOT, Expected, ExpectedVm, LastRuns, inputs_digest, program_digest
+from aihow_infra.lastrun import PROGRAM, Expected, ExpectedVm, LastRuns, inputs_digest, program_digest
+from aihow_infra.state.layout import CHECKOUT
 
 
 def test_every_file_of_the_program_is_in_its_digest(tmp_path: Path) -> None:
     for name in PROGRAM:
-        source = ROOT / name
+        source = CHECKOUT / name
         if source.is_dir():
             shutil.copytree(source, tmp_path / name, ignore=shutil.ignore_patterns("__pycache__"))
         else:

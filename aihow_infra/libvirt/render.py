@@ -8,15 +8,15 @@ so golden-file and schema tests can render without a daemon.
 from __future__ import annotations
 
 from functools import cache
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from aihow_infra.host import TCG_CACHE_MIB
+from aihow_infra.state.layout import CHECKOUT
 
 if TYPE_CHECKING:
     import jinja2
 
-TEMPLATES = Path(__file__).resolve().parents[2] / "templates"
+TEMPLATES = CHECKOUT / "templates"
 METADATA_NS = "urn:x-aihow:vm:1"
 
 
