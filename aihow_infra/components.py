@@ -10,6 +10,7 @@ import pulumi
 from aihow_infra.cloudinit import SeedSpec, seed_files
 from aihow_infra.desired import DesiredPower
 from aihow_infra.images import KERNEL_CMDLINE, image_for
+from aihow_infra.kinds import kind_of
 from aihow_infra.ledger import LeaseRef, holder_for
 from aihow_infra.libvirt.guest import console_log_path
 from aihow_infra.plan import ClusterPlan, VmPlan
@@ -187,7 +188,7 @@ class Cluster(pulumi.ComponentResource):
     nodes: list[Node]
 
     def __init__(self, name: str, args: ClusterArgs, opts: pulumi.ResourceOptions | None = None) -> None:
-        super().__init__(f"aihow:libvirt:{'Hpc' if args.plan.key == 'hpc' else 'Cloud'}Cluster", name, None, opts)
+        super().__init__(f"aihow:libvirt:{kind_of(args.plan.key).component_type}", name, None, opts)
         plan, settings = args.plan, args.settings
         child = pulumi.ResourceOptions(parent=self)
         network = Network("network", NetworkArgs(

@@ -28,9 +28,9 @@ ANSIBLE_DIR = CHECKOUT / "ansible"
 Progress = Callable[[str], None]
 
 
-def project_playbook(stack: str) -> Path | None:
-    """The project's playbook for a stack (``ansible/<stack>.yml``), when it has one."""
-    path = ANSIBLE_DIR / f"{stack}.yml"
+def project_playbook(key: str) -> Path | None:
+    """The project's playbook for a kind of cluster (``ansible/<key>.yml``), when it has one."""
+    path = ANSIBLE_DIR / f"{key}.yml"
     return path if path.is_file() else None
 
 

@@ -1,9 +1,9 @@
 """Ansible inventories from a stack's outputs.
 
-Cloud follows Kubespray's layout (``kube_control_plane``, ``kube_node`` and ``calico_rr``
-under ``k8s_cluster``, and ``etcd``); HPC has ``slurmctld``, ``slurmd`` and ``slurm_gpu``,
-with GPU count and type as host vars for SLURM GRES. Only VMs that run are in these play
-groups; the others are in ``stopped``, with their state, so a play never waits on them.
+Each kind names its own play groups (kinds/: Kubespray's layout for Cloud; ``slurmctld``,
+``slurmd`` and ``slurm_gpu`` for HPC, with GPU count and type as host vars for SLURM GRES).
+Only VMs that run are in these play groups; the others are in ``stopped``, with their state,
+so a play never waits on them.
 
 How Ansible reaches a guest is the stack's choice (``Access``): SSH to its address with
 the login user and key, or the qemu guest agent through libvirt (no IP path at all).
@@ -18,6 +18,7 @@ from typing import Any, Literal
 import yaml
 
 from aihow_infra.errors import AihowError
+from aihow_infra.kinds import kind_of
 
 GPU_VENDORS = {"10de": "nvidia", "1002": "amd", "8086": "intel"}
 AGENT_CONNECTION = "community.libvirt.libvirt_qemu"
@@ -91,35 +92,8 @@ def build_inventory(outputs: Mapping[str, Any], stack: str = "STACK", access: Ac
     common = {"cluster_name": cluster["name"], "cluster_stack": stack,
               "ansible_python_interpreter": "/usr/bin/python3", **access.group_vars()}
     stopped = {STOPPED_GROUP: {"hosts": {n: hosts[n] for n, state in live.items() if state != "running"}}}
-
-    def group(names: list[str]) -> dict[str, Any]:
-        return {"hosts": {n: hosts[n] for n in names}}
-
-    if cluster["key"] == "hpc":
-        common["slurm_partitions"] = cluster.get("slurm_partitions") or ["compute"]
-        common["slurm_max_time"] = cluster.get("slurm_max_time") or "INFINITE"
-        compute = by_role.get("compute", [])
-        gpu_nodes = [n for n in compute if hosts[n]["gpu_count"]]
-        children = {"slurmctld": group(by_role.get("controller", [])), "slurmd": group(compute)}
-        if gpu_nodes:
-            children["slurm_gpu"] = {"hosts": {n: {} for n in gpu_nodes}}
-        return {"all": {"vars": common, "children": {"hpc": {"children": children}, **stopped}}}
-
-    common["kube_pod_subnet"] = cluster.get("pod_subnet")
-    common["kube_service_subnet"] = cluster.get("service_subnet")
-    if kube_pki_dir:
-        common["kube_pki_dir"] = kube_pki_dir
-    control = by_role.get("control-plane", [])
-    workers = by_role.get("cpu-worker", []) + by_role.get("gpu-worker", [])
-    return {"all": {"vars": common, "children": {
-        "k8s_cluster": {"children": {
-            "kube_control_plane": group(control),
-            "kube_node": group(workers),
-            "calico_rr": {"hosts": {}},
-        }},
-        "etcd": {"hosts": {n: {} for n in control}},
-        **stopped,
-    }}}
+    kind_vars, groups = kind_of(cluster["key"]).inventory_groups(cluster, hosts, by_role, kube_pki_dir)
+    return {"all": {"vars": {**common, **kind_vars}, "children": {**groups, **stopped}}}
 
 
 def to_yaml(inventory: dict[str, Any]) -> str:

@@ -23,7 +23,6 @@ from typing import Any, NoReturn
 import libvirt
 import yaml
 
-from aihow_infra import kubernetes, slurm
 from aihow_infra.changes import Risk, risks
 from aihow_infra.config import CLUSTER_KEYS, ClusterFile
 from aihow_infra.deploy import DeployRecord, DeployResult, fingerprint, project_playbook, run_playbook
@@ -32,6 +31,7 @@ from aihow_infra.errors import AihowError, ConfigError, StackError
 from aihow_infra.images import ensure_image, find_image, recipe_for
 from aihow_infra.interrupts import RUNS
 from aihow_infra.inventory import Access, build_inventory
+from aihow_infra.kinds import cloud, head_roles, kind_of
 from aihow_infra.lastrun import NO_RECORD, Expected, ExpectedVm, LastRuns
 from aihow_infra.ledger import Ledger, holder_for
 from aihow_infra.libvirt.connection import call, connect, discard, lookup, remove_pool
@@ -48,7 +48,6 @@ from aihow_infra.state.layout import STATE_ROOT, ProjectState
 from aihow_infra.status import ClusterStatus, SharedGpuStatus, StackSummary, SystemStatus, VmStatus
 
 # The node each cluster's software is asked on (and that is never drained).
-HEAD_ROLES = ("controller", "control-plane")
 
 Progress = Callable[[str], None]
 Confirm = Callable[[list[Risk]], bool]
@@ -374,12 +373,13 @@ class Operator:
 
     def deploy(self, stack: str, limit: str | None = None, playbook: Path | None = None,
                inventory: dict[str, Any] | None = None) -> DeployResult:
-        """Run the stack's playbook (the project's ``ansible/<stack>.yml`` or ``playbook``) on its
+        """Run the stack's playbook (the project's ``ansible/<kind>.yml`` or ``playbook``) on its
         running VMs; a full run of the project's playbook is recorded for ``system.up``."""
-        own = project_playbook(stack)
+        key = self.view(stack).plan.key
+        own = project_playbook(key)
         book = playbook or own
         if book is None:
-            raise AihowError(f"stack {stack} has no project playbook (ansible/{stack}.yml) yet; "
+            raise AihowError(f"stack {stack} has no project playbook (ansible/{key}.yml) yet; "
                              "allowed: --playbook FILE (e.g. Kubespray's cluster.yml)")
         inventory = inventory or self.inventory(stack)
         self.progress(f"deploying {stack}: {book.name}" + (f" on {limit}" if limit else ""))
@@ -409,24 +409,25 @@ class Operator:
         """``kubectl ARGS`` on the stack's control plane, through its guest agent: the exit code,
         standard output and standard error."""
         view = self.view(stack)
-        if view.plan.key != "cloud":
+        if kind_of(view.plan.key).software != "Kubernetes":
             raise AihowError(f"stack {stack} runs no Kubernetes; allowed: a stack of a cloud cluster")
         with connect(view.settings.libvirt_uri) as conn:
             head = self._head(view, conn)
             if head is None:
                 raise AihowError(f"the control plane of {view.plan.name} is not running; "
                                  f"run `aihow system.up` or `aihow up --stack {stack}`")
-            ran = kubernetes.kubectl(head, args, timeout=600)
+            ran = cloud.kubectl(head, args, timeout=600)
         return ran.code, ran.out, ran.err
 
     def deploy_if_changed(self, stack: str) -> DeployResult | None:
         """Deploy when anything the project's playbook depends on changed since the last deploy.
         A stack with a VM that boots no project image (a blank disk, or an image of the operator's
         own) is left to ``aihow deploy``: there may be nothing there to configure."""
-        book = project_playbook(stack)
+        view = self.view(stack)
+        book = project_playbook(view.plan.key)
         if book is None:
             return None
-        unknown = [vm.name for vm in self.view(stack).plan.vms if not vm.waits_ready]
+        unknown = [vm.name for vm in view.plan.vms if not vm.waits_ready]
         if unknown:
             self.progress(f"{stack}: not deployed ({', '.join(unknown)} boot no project image); "
                           f"run `aihow deploy --stack {stack}` when they are ready for it")
@@ -440,22 +441,21 @@ class Operator:
     def _head(self, view: StackView, conn: Any) -> Any:
         """The running domain that answers for the cluster's software (SLURM's controller, the
         Kubernetes control plane), or None."""
-        heads = [vm for vm in view.plan.vms if vm.role in HEAD_ROLES]
+        heads = [vm for vm in view.plan.vms if vm.role == kind_of(view.plan.key).head_role]
         dom = lookup("looking up domain", conn.lookupByName, heads[0].name) if heads else None
         return dom if dom is not None and dom.isActive() else None
 
     def _drain(self, view: StackView, vms: list[VmPlan]) -> None:
         """Drain the nodes among ``vms`` before they stop: SLURM compute nodes get no new jobs
         and their jobs may end; Kubernetes workers are cordoned and their pods evicted."""
-        nodes = [vm.name for vm in vms if vm.role not in HEAD_ROLES]
+        nodes = [vm.name for vm in vms if vm.role != kind_of(view.plan.key).head_role]
         if not nodes:
             return
         with connect(view.settings.libvirt_uri) as conn:
             head = self._head(view, conn)
             if head is None:
                 return
-            workload = slurm if view.plan.key == "hpc" else kubernetes
-            workload.drain(head, nodes, view.settings.drain_timeout, self.progress)
+            kind_of(view.plan.key).drain(head, nodes, view.settings.drain_timeout, self.progress)
 
     # --- one VM ----------------------------------------------------------------------------
 
@@ -494,8 +494,8 @@ class Operator:
         self.ensure_images([view])
         self.progress(f"starting {name}")
         self._apply_power(view, {name: "running"})
-        if self.deploys.last(view.stack) is not None and project_playbook(view.stack):
-            heads = [v.short_name for v in view.plan.vms if v.role in ("controller", "control-plane")]
+        if self.deploys.last(view.stack) is not None and project_playbook(view.plan.key):
+            heads = [v.short_name for v in view.plan.vms if v.role == kind_of(view.plan.key).head_role]
             self.deploy(view.stack, limit=",".join(dict.fromkeys([vm.short_name, *heads])))
 
     def vm_stop(self, name: str, force: bool = False) -> None:
@@ -735,14 +735,7 @@ class Operator:
     def _workload(self, view: StackView, conn: Any) -> tuple[dict[str, str], str]:
         """The cluster software's word for each node (SLURM's state, Kubernetes' readiness) and
         its health line, asked on the cluster's head node."""
-        head = self._head(view, conn)
-        if view.plan.key == "hpc":
-            states = slurm.node_states(head) if head is not None else None
-            return states or {}, slurm.health(states, slurm.silence(head) if states is None else "")
-        nodes = kubernetes.node_states(head) if head is not None else None
-        off = frozenset(vm.name for vm in view.plan.vms if not view.power.wants_running(vm.name, vm.auto_start))
-        api = nodes is not None and head is not None and kubernetes.control_plane_ready(head)
-        return nodes or {}, kubernetes.health(nodes, off, api, kubernetes.silence(head) if nodes is None else "")
+        return kind_of(view.plan.key).workload(self._head(view, conn), view.plan, view.power)
 
     def host_ledger(self) -> tuple[Ledger, str]:
         """The host's GPU lease ledger and libvirt URI, as the first configured stack names them."""
@@ -778,7 +771,7 @@ def _with_workload(rows: list[VmStatus], workload: tuple[dict[str, str], str]) -
     """The rows with the cluster software's word for each node: its own state, or for the
     head node whether the software answers there."""
     states = workload[0]
-    return [replace(r, workload=states.get(r.name, "") if r.role not in HEAD_ROLES or r.name in states else
+    return [replace(r, workload=states.get(r.name, "") if r.role not in head_roles() or r.name in states else
                     "answers" if states else "no answer") for r in rows]
 
 

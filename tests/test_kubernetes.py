@@ -12,10 +12,11 @@ from pathlib import Path
 
 import pytest
 
-from aihow_infra import kubebins, kubernetes, slurm
+from aihow_infra import kubebins
 from aihow_infra.errors import GuestError
 from aihow_infra.images import recipe_for
 from aihow_infra.inventory import build_inventory
+from aihow_infra.kinds import cloud, hpc
 from aihow_infra.libvirt import guest
 from aihow_infra.libvirt.guest import Ran
 from aihow_infra.loading import parse_cluster_file
@@ -132,15 +133,15 @@ NODE = {"metadata": {"name": "c-w1"}, "spec": {},
     ({**NODE, "status": {}}, "Unknown"),
 ])
 def test_node_words_follow_the_ready_condition_and_cordon(node: dict[str, object], word: str) -> None:
-    assert kubernetes._state(node) == word
+    assert cloud._state(node) == word
 
 
 def test_health_counts_nodes_meant_to_be_off_as_expected() -> None:
     states = {"cp": "Ready", "w1": "Ready", "gpu": "NotReady,SchedulingDisabled"}
-    assert kubernetes.health(states) == "Kubernetes: degraded, 2/3 nodes Ready"
-    assert kubernetes.health(states, frozenset({"gpu"})) == "Kubernetes: healthy, 2/3 nodes Ready (1 stopped)"
-    assert kubernetes.health(states, api_ready=False).startswith("Kubernetes: API server not ready")
-    assert kubernetes.health(None) == "Kubernetes: no answer from the control plane (not deployed, or stopped)"
+    assert cloud.health(states) == "Kubernetes: degraded, 2/3 nodes Ready"
+    assert cloud.health(states, frozenset({"gpu"})) == "Kubernetes: healthy, 2/3 nodes Ready (1 stopped)"
+    assert cloud.health(states, api_ready=False).startswith("Kubernetes: API server not ready")
+    assert cloud.health(None) == "Kubernetes: no answer from the control plane (not deployed, or stopped)"
 
 
 @pytest.mark.parametrize(("answer", "words"), [
@@ -151,13 +152,13 @@ def test_health_counts_nodes_meant_to_be_off_as_expected() -> None:
 def test_status_tells_a_silent_api_server_from_a_cluster_never_deployed(
         monkeypatch: pytest.MonkeyPatch, answer: Ran | GuestError, words: str) -> None:
     def fake_run(_dom: object, argv: list[str], timeout: float = 0) -> Ran:
-        assert argv[-1].startswith(f"test -e {kubernetes.ADMIN_KUBECONFIG} && ")  # the deploy's own file
+        assert argv[-1].startswith(f"test -e {cloud.ADMIN_KUBECONFIG} && ")  # the deploy's own file
         if isinstance(answer, GuestError):
             raise answer
         return answer
 
     monkeypatch.setattr(guest, "run", fake_run)
     dom = object()
-    assert kubernetes.health(None, silent=kubernetes.silence(dom)) == f"Kubernetes: {words}"  # type: ignore[arg-type]
-    assert kubernetes.silence(None) == "control plane not running"
-    assert slurm.silence(None) == "controller not running"
+    assert cloud.health(None, silent=cloud.silence(dom)) == f"Kubernetes: {words}"  # type: ignore[arg-type]
+    assert cloud.silence(None) == "control plane not running"
+    assert hpc.silence(None) == "controller not running"

@@ -5,13 +5,18 @@ status, and any kubectl command for ``aihow kubectl``."""
 from __future__ import annotations
 
 import json
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
 
 import libvirt
 
+from aihow_infra.config import ClusterKey
+from aihow_infra.desired import DesiredPower
 from aihow_infra.errors import GuestError
+from aihow_infra.kinds import Hosts, play_group
 from aihow_infra.libvirt import guest
 from aihow_infra.libvirt.guest import Ran, run
+from aihow_infra.plan import ClusterPlan, Role
 
 Progress = Callable[[str], None]
 KUBECTL = "/usr/local/bin/kubectl"
@@ -94,3 +99,43 @@ def drain(control_plane: libvirt.virDomain, nodes: list[str], timeout: float, pr
                                       f"--timeout={max(int(timeout), 1)}s"], timeout=timeout + 60)
         if ran.code != 0:
             raise GuestError(f"draining {name} failed on {control_plane.name()}: {ran.err.strip() or ran.out.strip()}")
+
+
+class _Cloud:
+    """The Cloud cluster: Kubernetes, its control plane the head."""
+
+    key: ClusterKey = "cloud"
+    software = "Kubernetes"
+    head_role: Role = "control-plane"
+    image = "cloud"
+    component_type = "CloudCluster"
+
+    def workload(self, head: libvirt.virDomain | None, plan: ClusterPlan,
+                 power: DesiredPower) -> tuple[dict[str, str], str]:
+        """Each node's readiness, and the health line (nodes meant to be off count as expected)."""
+        nodes = node_states(head) if head is not None else None
+        off = frozenset(vm.name for vm in plan.vms if not power.wants_running(vm.name, vm.auto_start))
+        api = nodes is not None and head is not None and control_plane_ready(head)
+        return nodes or {}, health(nodes, off, api, silence(head) if nodes is None else "")
+
+    def drain(self, head: libvirt.virDomain, nodes: list[str], timeout: float, progress: Progress) -> None:
+        """Cordon and evict (``drain`` above)."""
+        drain(head, nodes, timeout, progress)
+
+    def inventory_groups(self, cluster: Mapping[str, Any], hosts: Hosts, by_role: Mapping[str, list[str]],
+                         kube_pki_dir: str) -> tuple[dict[str, Any], dict[str, Any]]:
+        """Kubespray's layout: ``kube_control_plane``, ``kube_node`` and ``calico_rr`` under
+        ``k8s_cluster``, and ``etcd``; subnets and the certificate folder as group variables."""
+        control = by_role.get("control-plane", [])
+        workers = by_role.get("cpu-worker", []) + by_role.get("gpu-worker", [])
+        common = {"kube_pod_subnet": cluster.get("pod_subnet"), "kube_service_subnet": cluster.get("service_subnet")}
+        if kube_pki_dir:
+            common["kube_pki_dir"] = kube_pki_dir
+        return common, {
+            "k8s_cluster": {"children": {"kube_control_plane": play_group(hosts, control),
+                                         "kube_node": play_group(hosts, workers), "calico_rr": {"hosts": {}}}},
+            "etcd": {"hosts": {n: {} for n in control}},
+        }
+
+
+KIND = _Cloud()

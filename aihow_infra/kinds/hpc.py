@@ -4,14 +4,19 @@ traffic from the host): node states, draining before a node stops, and health fo
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
+from typing import Any
 
 import libvirt
 
+from aihow_infra.config import ClusterKey
+from aihow_infra.desired import DesiredPower
 from aihow_infra.errors import GuestError
 from aihow_infra.interrupts import RUNS
+from aihow_infra.kinds import Hosts, play_group
 from aihow_infra.libvirt import guest
 from aihow_infra.libvirt.guest import run
+from aihow_infra.plan import ClusterPlan, Role
 
 Progress = Callable[[str], None]
 DRAIN_REASON = "aihow: stopping the VM"
@@ -71,3 +76,40 @@ def drain(controller: libvirt.virDomain, nodes: list[str], timeout: float, progr
             return
         RUNS.pause(2, f"draining {names} in SLURM")
     progress(f"jobs still run on {names} after {timeout:.0f} s; stopping anyway")
+
+
+class _Hpc:
+    """The HPC cluster: SLURM, its controller the head."""
+
+    key: ClusterKey = "hpc"
+    software = "SLURM"
+    head_role: Role = "controller"
+    image = "hpc"
+    component_type = "HpcCluster"
+
+    def workload(self, head: libvirt.virDomain | None, plan: ClusterPlan,
+                 power: DesiredPower) -> tuple[dict[str, str], str]:
+        """SLURM's state of each node, and its health line."""
+        states = node_states(head) if head is not None else None
+        return states or {}, health(states, silence(head) if states is None else "")
+
+    def drain(self, head: libvirt.virDomain, nodes: list[str], timeout: float, progress: Progress) -> None:
+        """No new jobs; running ones may end (``drain`` above)."""
+        drain(head, nodes, timeout, progress)
+
+    def inventory_groups(self, cluster: Mapping[str, Any], hosts: Hosts, by_role: Mapping[str, list[str]],
+                         kube_pki_dir: str) -> tuple[dict[str, Any], dict[str, Any]]:
+        """``slurmctld``, ``slurmd`` and ``slurm_gpu`` (GPU count and type are host variables,
+        for GRES) under ``hpc``; partitions and the job time limit as group variables."""
+        compute = by_role.get("compute", [])
+        children = {"slurmctld": play_group(hosts, by_role.get("controller", [])),
+                    "slurmd": play_group(hosts, compute)}
+        gpu_nodes = [n for n in compute if hosts[n]["gpu_count"]]
+        if gpu_nodes:
+            children["slurm_gpu"] = {"hosts": {n: {} for n in gpu_nodes}}
+        common = {"slurm_partitions": cluster.get("slurm_partitions") or ["compute"],
+                  "slurm_max_time": cluster.get("slurm_max_time") or "INFINITE"}
+        return common, {"hpc": {"children": children}}
+
+
+KIND = _Hpc()
