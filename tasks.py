@@ -29,6 +29,8 @@ sys.path.insert(0, str(ROOT))
 from aihow_infra.errors import AihowError, ConfigError  # noqa: E402
 
 if TYPE_CHECKING:
+    from aihow_infra.changes import Risk
+    from aihow_infra.ops import Operator
     from aihow_infra.status import VmStatus
 
 # Wide enough for the tables when output is piped (rich assumes 80 columns then).
@@ -47,13 +49,13 @@ def _version() -> str:
         return "unknown"
 
 
-def operator(yes: bool = False) -> Any:
+def operator(yes: bool = False) -> Operator:
     """The library object behind the tasks (imported late: tasks stay quick to list). A change
     that deletes a disk or replaces or restarts a VM is listed and asked about (``yes``: applied)."""
     from aihow_infra.interrupts import RUNS
-    from aihow_infra.operations import Operator, refuse_risks
+    from aihow_infra.ops import Operator, refuse_risks
 
-    def confirm(found: list[Any]) -> bool:
+    def confirm(found: list[Risk]) -> bool:
         err.print("[yellow]These planned changes delete data or interrupt a guest:[/yellow]")
         for risk in found:
             err.print(f"  - {risk}", highlight=False, soft_wrap=True)

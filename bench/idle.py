@@ -32,7 +32,7 @@ from deploy import playbook_run  # noqa: E402  (bench/deploy.py)
 
 from aihow_infra.inventory import to_yaml  # noqa: E402
 from aihow_infra.libvirt.guest import run  # noqa: E402
-from aihow_infra.operations import Operator  # noqa: E402
+from aihow_infra.ops import Operator  # noqa: E402
 from tests.conftest import open_e2e, open_sandbox  # noqa: E402
 from tests.test_e2e_main_job import default_example_on  # noqa: E402
 

@@ -312,7 +312,7 @@ def bench_real(folder: Path) -> list[Row]:
     script; invoke vm.start (ready) against virsh start plus the same agent poll."""
     from aihow_infra.images import ensure_image
     from aihow_infra.libvirt.guest import console_log_path, wait_ready
-    from aihow_infra.operations import Operator
+    from aihow_infra.ops import Operator
 
     for role in ("hpc", "cloud"):  # both runs boot the same, already built images
         ensure_image(role)

@@ -14,7 +14,7 @@ import pytest
 
 from aihow_infra.changes import Risk, risks
 from aihow_infra.errors import AihowError, StackError
-from aihow_infra.operations import Operator
+from aihow_infra.ops import Operator
 from tests.sandbox import E2E, Sandbox, gpu_passthrough
 
 pytestmark = pytest.mark.e2e

@@ -21,7 +21,7 @@ import pytest
 
 from aihow_infra.errors import LeaseConflictError, StackError
 from aihow_infra.ledger import Ledger
-from aihow_infra.operations import Operator
+from aihow_infra.ops import Operator
 from tests.sandbox import E2E, Sandbox, gpu_passthrough
 
 pytestmark = pytest.mark.e2e

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from aihow_infra.errors import StackError
-from aihow_infra.operations import Operator
+from aihow_infra.ops import Operator
 from aihow_infra.sshkeys import project_key
 from tests.sandbox import E2E
 

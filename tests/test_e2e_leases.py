@@ -7,7 +7,7 @@ import pytest
 
 from aihow_infra.errors import AihowError
 from aihow_infra.leases import lease_report, reclaim
-from aihow_infra.operations import Operator
+from aihow_infra.ops import Operator
 from tests.sandbox import E2E
 
 pytestmark = pytest.mark.e2e

@@ -14,7 +14,7 @@ import libvirt
 import pytest
 
 from aihow_infra.errors import AihowError
-from aihow_infra.operations import Operator
+from aihow_infra.ops import Operator
 from tests.sandbox import E2E, Sandbox, Task
 
 pytestmark = pytest.mark.e2e

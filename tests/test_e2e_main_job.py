@@ -37,7 +37,7 @@ import yaml
 from aihow_infra.errors import DeployError
 from aihow_infra.images import BUSYBOX_IMAGE
 from aihow_infra.libvirt.guest import agent_command, read_file, run
-from aihow_infra.operations import Operator
+from aihow_infra.ops import Operator
 from aihow_infra.plan import mac_for
 from aihow_infra.sshkeys import project_key
 from aihow_infra.state.layout import CHECKOUT

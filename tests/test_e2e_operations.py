@@ -17,7 +17,7 @@ import yaml
 
 from aihow_infra.errors import AihowError, StackError
 from aihow_infra.inventory import build_inventory, to_yaml
-from aihow_infra.operations import Operator
+from aihow_infra.ops import Operator
 from aihow_infra.state.layout import CHECKOUT
 from aihow_infra.topology import render_tree
 from tests.sandbox import E2E, Sandbox, gpu_passthrough

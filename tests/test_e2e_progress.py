@@ -9,7 +9,7 @@ import re
 
 import pytest
 
-from aihow_infra.operations import Operator
+from aihow_infra.ops import Operator
 from tests.cli import run_task
 from tests.sandbox import E2E
 

@@ -10,7 +10,7 @@ import pytest
 import yaml
 
 from aihow_infra.errors import AihowError
-from aihow_infra.operations import Operator, Refused, refuse_risks
+from aihow_infra.ops import Operator, Refused, refuse_risks
 from aihow_infra.stacks import Workspace
 from tests.samples import base
 

@@ -55,7 +55,7 @@ def test_nothing_changed_and_failures_are_said_plainly() -> None:
 
 
 def test_a_preview_lists_each_step_and_what_of_it_stops_a_guest() -> None:
-    from aihow_infra.operations import planned_changes
+    from aihow_infra.ops import planned_changes
     from aihow_infra.stacks import Plan
 
     steps = [

@@ -46,7 +46,7 @@ class InventoryModule(BaseInventoryPlugin):  # type: ignore[misc]
         super().parse(inventory, loader, path, cache)
         self._read_config_data(path)
         from aihow_infra.errors import AihowError
-        from aihow_infra.operations import Operator
+        from aihow_infra.ops import Operator
 
         try:
             data = Operator().inventory(self.get_option("stack"))

@@ -1,0 +1,57 @@
+"""Access to the guests (ssh_config, the serial console, kubectl on the control plane), and the
+whole Operator: every part of ops/ in one typed object the tasks get."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from aihow_infra.errors import AihowError
+from aihow_infra.kinds import cloud, kind_of
+from aihow_infra.libvirt.connection import connect
+from aihow_infra.ops.status import Status
+
+
+class Operator(Status):
+    """The operations behind ``tasks.py``; each raises an ``AihowError`` with one clear line."""
+
+    def ssh_config(self) -> str:
+        """An ssh_config for every VM that boots and has an address (``ssh -F FILE <vm>``)."""
+        blocks = []
+        for view in self.views():
+            key = self.login(view)
+            for vm in view.plan.vms:
+                if not (vm.boots and vm.ip):
+                    continue
+                lines = [f"Host {vm.name}", f"  HostName {vm.ip}", f"  User {view.settings.login_user}",
+                         "  StrictHostKeyChecking accept-new",
+                         f"  UserKnownHostsFile {self.state.ssh / 'known_hosts'}"]
+                if key.private_path:
+                    lines += [f"  IdentityFile {key.private_path}", "  IdentitiesOnly yes"]
+                blocks.append("\n".join(lines))
+        return "\n\n".join(blocks) + "\n" if blocks else ""
+
+    def write_ssh_config(self) -> Path:
+        """``ssh_config`` into the project's state (git-ignored), for ``vm.ssh``."""
+        path = self.state.ssh / "config"
+        path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+        path.write_text(self.ssh_config())
+        return path
+
+    def console_command(self, name: str) -> list[str]:
+        """The command that attaches to a VM's serial console (leave it with Ctrl-]) ."""
+        view, _vm = self.find_vm(name)
+        return ["virsh", "-c", view.settings.libvirt_uri, "console", name]
+
+    def kubectl(self, stack: str, args: list[str]) -> tuple[int, str, str]:
+        """``kubectl ARGS`` on the stack's control plane, through its guest agent: the exit code,
+        standard output and standard error."""
+        view = self.view(stack)
+        if kind_of(view.plan.key).software != "Kubernetes":
+            raise AihowError(f"stack {stack} runs no Kubernetes; allowed: a stack of a cloud cluster")
+        with connect(view.settings.libvirt_uri) as conn:
+            head = self._head(view, conn)
+            if head is None:
+                raise AihowError(f"the control plane of {view.plan.name} is not running; "
+                                 f"run `aihow system.up` or `aihow up --stack {stack}`")
+            ran = cloud.kubectl(head, args, timeout=600)
+        return ran.code, ran.out, ran.err

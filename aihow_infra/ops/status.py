@@ -1,0 +1,94 @@
+"""Status: each VM's state, disk, GPU holder and its cluster software's word for it, each
+cluster's health, and the GPUs both clusters share."""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import replace
+from typing import Any
+
+from aihow_infra.errors import AihowError
+from aihow_infra.kinds import head_roles, kind_of
+from aihow_infra.libvirt.connection import connect, lookup
+from aihow_infra.libvirt.guest import probe
+from aihow_infra.libvirt.power import UNDEFINED, state_name
+from aihow_infra.ops.project import StackView, lease_holders
+from aihow_infra.ops.teardown import Teardown
+from aihow_infra.plan import VmPlan, shared_devices
+from aihow_infra.status import ClusterStatus, SharedGpuStatus, SystemStatus, VmStatus
+
+
+class Status(Teardown):
+    """What is running and how it is."""
+
+    def system_status(self) -> SystemStatus:
+        """Both clusters' VMs, networks, pools and disks with their state, and who owns each
+        shared GPU. A stack whose file or settings are bad is shown with its error; the other
+        is still shown."""
+        views, clusters = [], []
+        for stack in self.configured_stacks():
+            try:
+                view = self.view(stack)
+            except AihowError as exc:
+                clusters.append(ClusterStatus.unreadable(stack, str(exc)))
+                continue
+            views.append(view)
+            holders = lease_holders(view.settings)
+            with connect(view.settings.libvirt_uri) as conn:
+                disks = self._disks(view, conn)
+                rows = [replace(self._vm_status(view, vm, conn, holders), disk=disks[vm.name])
+                        for vm in view.plan.vms]
+                workload = self._workload(view, conn)
+                network = _active_word(lookup("looking up network", conn.networkLookupByName, view.plan.network_name))
+                pool = _active_word(lookup("looking up pool", conn.storagePoolLookupByName, view.plan.pool_name))
+            health = workload[1]
+            clusters.append(ClusterStatus.of(view.plan, view.stack, view.power.cluster, _with_workload(rows, workload),
+                                             health, network, pool))
+        holders = lease_holders(views[0].settings) if views else {}
+        shared = [SharedGpuStatus.of(device, holders.get(device.address))
+                  for device in shared_devices([v.plan for v in views])]
+        return SystemStatus(clusters, shared)
+
+    def vm_status(self, name: str) -> VmStatus:
+        """State, guest, IP, vCPUs, memory, GPUs and who holds each GPU's lease, and SLURM's
+        state of an HPC node."""
+        view, vm = self.find_vm(name)
+        with connect(view.settings.libvirt_uri) as conn:
+            row = self._vm_status(view, vm, conn, lease_holders(view.settings))
+            workload = self._workload(view, conn)
+        return _with_workload([row], workload)[0]
+
+    def _vm_status(self, view: StackView, vm: VmPlan, conn: Any, holders: dict[str, str | None]) -> VmStatus:
+        dom = lookup("looking up domain", conn.lookupByName, vm.name)
+        state = state_name(dom) if dom is not None else UNDEFINED
+        guest = probe(dom) if dom is not None and vm.boots and state == "running" else None
+        return VmStatus.of(vm, view.stack, state, view.power.wants_running(vm.name, vm.auto_start), holders,
+                           guest=guest)
+
+    def _disks(self, view: StackView, conn: Any) -> dict[str, str]:
+        """``present`` or ``missing`` for each VM's disk (as the pool sees its folder now)."""
+        pool = lookup("looking up pool", conn.storagePoolLookupByName, view.plan.pool_name)
+        names: set[str] = set()
+        if pool is not None and pool.isActive():
+            with contextlib.suppress(Exception):
+                pool.refresh(0)
+            names = {vol.name() for vol in pool.listAllVolumes()}
+        return {vm.name: "present" if f"{vm.name}.qcow2" in names else "missing" for vm in view.plan.vms}
+
+    def _workload(self, view: StackView, conn: Any) -> tuple[dict[str, str], str]:
+        """The cluster software's word for each node (SLURM's state, Kubernetes' readiness) and
+        its health line, asked on the cluster's head node."""
+        return kind_of(view.plan.key).workload(self._head(view, conn), view.plan, view.power)
+
+
+def _with_workload(rows: list[VmStatus], workload: tuple[dict[str, str], str]) -> list[VmStatus]:
+    """The rows with the cluster software's word for each node: its own state, or for the
+    head node whether the software answers there."""
+    states = workload[0]
+    return [replace(r, workload=states.get(r.name, "") if r.role not in head_roles() or r.name in states else
+                    "answers" if states else "no answer") for r in rows]
+
+
+def _active_word(obj: Any) -> str:
+    """``active``, ``inactive`` or ``missing`` for a network or pool (None: it does not exist)."""
+    return "missing" if obj is None else "active" if obj.isActive() else "inactive"
