@@ -14,7 +14,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -23,9 +23,9 @@ from aihow_infra.errors import DeployError
 from aihow_infra.files import atomic_write
 from aihow_infra.interrupts import RUNS
 from aihow_infra.state.layout import CHECKOUT
+from aihow_infra.steps import Progress
 
 ANSIBLE_DIR = CHECKOUT / "ansible"
-Progress = Callable[[str], None]
 
 
 def project_playbook(key: str) -> Path | None:

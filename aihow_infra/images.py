@@ -20,7 +20,7 @@ import os
 import shutil
 import subprocess
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -30,14 +30,13 @@ from aihow_infra.errors import ImageError
 from aihow_infra.kubebins import PAUSE_VERSION, KubeBinaries, content_key, ensure_binaries
 from aihow_infra.oci import ImageSpec, write_archive
 from aihow_infra.state.layout import built_images_dir
-from aihow_infra.steps import run_step
+from aihow_infra.steps import Progress, run_step
 
 # An image is a cluster role's, or the GPU-host simulator's: a stand-in workstation with an
 # IOMMU, libvirt and qemu inside, for the passthrough tests (never a cluster node's image).
 ImageName = Literal[ImageRole, "gpuhost"]
 IMAGE_ROLES: tuple[ImageRole, ...] = ("base", "hpc", "cloud")
 IMAGE_NAMES: tuple[ImageName, ...] = (*IMAGE_ROLES, "gpuhost")
-Progress = Callable[[str], None]
 
 SUITE = "bookworm"
 # Bump when the build steps below change in a way the recipe does not show.

@@ -22,17 +22,15 @@ import re
 import shutil
 import subprocess
 import time
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 from aihow_infra.errors import ImageError
 from aihow_infra.files import locked
 from aihow_infra.state.layout import CHECKOUT
-from aihow_infra.steps import run_step
+from aihow_infra.steps import Progress, run_step
 
 MODULES_DIR = CHECKOUT / "kubernetes"
-Progress = Callable[[str], None]
 
 # The commands of each wrapper module, in build order (the largest first: their packages
 # warm the build cache for the rest).

@@ -16,6 +16,7 @@ from pathlib import Path
 from aihow_infra.errors import AihowError
 from aihow_infra.interrupts import RUNS
 
+# Told one line for the operator at a time (a step, a phase, a wait); the project's one such type.
 Progress = Callable[[str], None]
 # A step quiet for this long (seconds) gets a line saying it still runs, and for how long.
 QUIET_S = 15.0

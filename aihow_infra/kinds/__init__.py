@@ -11,7 +11,7 @@ its Pulumi component type (part of every resource's URN: never renamed).
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from typing import Any, Protocol
 
 import libvirt
@@ -19,8 +19,8 @@ import libvirt
 from aihow_infra.config import CLUSTER_KEYS, ClusterKey
 from aihow_infra.desired import DesiredPower
 from aihow_infra.plan import ClusterPlan, Role
+from aihow_infra.steps import Progress
 
-Progress = Callable[[str], None]
 Hosts = Mapping[str, Mapping[str, Any]]
 
 

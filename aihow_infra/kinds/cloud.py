@@ -5,7 +5,7 @@ status, and any kubectl command for ``aihow kubectl``."""
 from __future__ import annotations
 
 import json
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import libvirt
@@ -17,8 +17,8 @@ from aihow_infra.kinds import Hosts, play_group
 from aihow_infra.libvirt import guest
 from aihow_infra.libvirt.guest import Ran, run
 from aihow_infra.plan import ClusterPlan, Role
+from aihow_infra.steps import Progress
 
-Progress = Callable[[str], None]
 KUBECTL = "/usr/local/bin/kubectl"
 ADMIN_KUBECONFIG = "/etc/kubernetes/admin.conf"
 

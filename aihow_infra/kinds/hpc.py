@@ -4,7 +4,7 @@ traffic from the host): node states, draining before a node stops, and health fo
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from typing import Any
 
 import libvirt
@@ -17,8 +17,8 @@ from aihow_infra.kinds import Hosts, play_group
 from aihow_infra.libvirt import guest
 from aihow_infra.libvirt.guest import run
 from aihow_infra.plan import ClusterPlan, Role
+from aihow_infra.steps import Progress
 
-Progress = Callable[[str], None]
 DRAIN_REASON = "aihow: stopping the VM"
 
 

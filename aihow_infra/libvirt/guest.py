@@ -10,7 +10,6 @@ from __future__ import annotations
 import base64
 import json
 import time
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -21,8 +20,8 @@ import libvirt_qemu
 from aihow_infra.errors import GuestError
 from aihow_infra.interrupts import RUNS
 from aihow_infra.status import GuestState
+from aihow_infra.steps import Progress
 
-Progress = Callable[[str], None]
 RESULT_FILE = "/run/cloud-init/result.json"
 CONSOLE_LOG_DIR = Path("/var/log/libvirt/qemu")
 POLL_SECONDS = 2.0

@@ -14,9 +14,10 @@ from aihow_infra.desired import DesiredPower, PowerState
 from aihow_infra.errors import AihowError
 from aihow_infra.images import ensure_image, find_image, recipe_for
 from aihow_infra.lastrun import NO_RECORD, Expected, ExpectedVm
-from aihow_infra.ops.project import Progress, ProjectOps, Refused, StackView
+from aihow_infra.ops.project import ProjectOps, Refused, StackView
 from aihow_infra.progress import EngineProgress, describe
 from aihow_infra.stacks import Plan
+from aihow_infra.steps import Progress
 
 
 class Converging(ProjectOps):

@@ -30,8 +30,8 @@ from aihow_infra.sshkeys import LoginKey, login_key
 from aihow_infra.stacks import Workspace
 from aihow_infra.state.layout import STATE_ROOT, ProjectState
 from aihow_infra.status import StackSummary
+from aihow_infra.steps import Progress
 
-Progress = Callable[[str], None]
 Confirm = Callable[[list[Risk]], bool]
 
 
