@@ -165,7 +165,7 @@ class DomainProvider(LibvirtProvider):
         if not props["running"]:
             stop_domain(dom, props["stop_timeout"])
             return None
-        start_domain(dom, props.get("lease"))
+        start_domain(dom)
         if not props.get("wait_ready"):
             return None
         return wait_ready(dom, props.get("ready_timeout") or 600, Path(props["console_log"]))

@@ -118,3 +118,14 @@ def test_the_layer_checker_sees_a_wrong_edge(tmp_path: Path) -> None:
     path.write_text("from typing import TYPE_CHECKING\nif TYPE_CHECKING:\n    from aihow_infra.operations import X\n"
                     "def f():\n    import aihow_infra.plan\n")
     assert {"aihow_infra.operations", "aihow_infra.plan"} <= _imports(path)
+
+
+def test_libvirt_knows_nothing_of_leases_and_kinds_nothing_of_the_operator() -> None:
+    """The libvirt package works without Pulumi and without the GPU ledger (the providers take
+    and release leases); a kind of cluster never reaches back into the Operator."""
+    modules = _modules()
+    forbidden = {"aihow_infra.libvirt": ("aihow_infra.ledger", "aihow_infra.ops"), "aihow_infra.kinds": ("aihow_infra.ops",)}
+    wrong = [f"{module} imports {target}" for module, path in sorted(modules.items())
+             for package, targets in forbidden.items() if module.startswith(package)
+             for target in _project_imports(path, modules) if target.startswith(targets)]
+    assert wrong == []

@@ -9,7 +9,6 @@ import libvirt
 
 from aihow_infra.errors import LibvirtError
 from aihow_infra.interrupts import RUNS
-from aihow_infra.ledger import LeaseRef, Ledger
 from aihow_infra.libvirt.connection import call, translate
 
 STATE_NAMES = {
@@ -73,20 +72,12 @@ def _power_off(dom: libvirt.virDomain, name: str) -> None:
             raise LibvirtError(f"powering off domain {name}: {exc.get_error_message()}") from None
 
 
-def start_domain(dom: libvirt.virDomain, lease: LeaseRef | None = None) -> None:
-    """Start a defined domain; a domain already running is left as it is.
-
-    When the start fails, the GPU leases taken for it (``lease``: ledger, holder,
-    addresses) are released, so a VM that never ran holds nothing.
-    """
+def start_domain(dom: libvirt.virDomain) -> None:
+    """Start a defined domain; a domain already running is left as it is. (The GPU leases of a
+    VM that did not start are released by the one that took them: providers/domain.py.)"""
     if dom.isActive():
         return
-    try:
-        call(f"starting domain {dom.name()}", dom.create)
-    except BaseException:
-        if lease:
-            Ledger(lease["ledger"]).release(lease["holder"], lease["addresses"])
-        raise
+    call(f"starting domain {dom.name()}", dom.create)
 
 
 _UNDEFINE_FLAGS = (libvirt.VIR_DOMAIN_UNDEFINE_MANAGED_SAVE | libvirt.VIR_DOMAIN_UNDEFINE_SNAPSHOTS_METADATA
