@@ -124,7 +124,8 @@ def test_libvirt_knows_nothing_of_leases_and_kinds_nothing_of_the_operator() -> 
     """The libvirt package works without Pulumi and without the GPU ledger (the providers take
     and release leases); a kind of cluster never reaches back into the Operator."""
     modules = _modules()
-    forbidden = {"aihow_infra.libvirt": ("aihow_infra.ledger", "aihow_infra.ops"), "aihow_infra.kinds": ("aihow_infra.ops",)}
+    forbidden = {"aihow_infra.libvirt": ("aihow_infra.ledger", "aihow_infra.ops"),
+                 "aihow_infra.kinds": ("aihow_infra.ops",)}
     wrong = [f"{module} imports {target}" for module, path in sorted(modules.items())
              for package, targets in forbidden.items() if module.startswith(package)
              for target in _project_imports(path, modules) if target.startswith(targets)]
