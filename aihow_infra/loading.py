@@ -18,8 +18,8 @@ import yaml
 from pydantic import BaseModel, ValidationError
 
 from aihow_infra.config import ClusterFile, NodeSpec, _types_in, accepted_fields
+from aihow_infra.crosscheck import cross_check
 from aihow_infra.errors import ConfigError
-from aihow_infra.plan import cross_check
 
 _VAR_RE = re.compile(r"\$\$|\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}|\$([A-Za-z_][A-Za-z0-9_]*)")
 

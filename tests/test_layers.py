@@ -20,6 +20,7 @@ LAYERS: list[list[str]] = [
     ["aihow_infra.steps", "aihow_infra.kubepki"],
     ["aihow_infra.config"],
     ["aihow_infra.settings", "aihow_infra.plan", "aihow_infra.changes", "aihow_infra.kubebins", "aihow_infra.oci"],
+    ["aihow_infra.crosscheck"],
     ["aihow_infra.loading", "aihow_infra.progress"],
     ["aihow_infra.ledger", "aihow_infra.desired", "aihow_infra.status", "aihow_infra.host", "aihow_infra.images",
      "aihow_infra.cloudinit",
