@@ -17,7 +17,7 @@ from typing import Any
 import yaml
 from pydantic import BaseModel, ValidationError
 
-from aihow_infra.config import ClusterFile, NodeSpec, _types_in, accepted_fields
+from aihow_infra.config import ClusterFile, NodeSpec, accepted_fields, types_in
 from aihow_infra.crosscheck import cross_check
 from aihow_infra.errors import ConfigError
 
@@ -39,7 +39,7 @@ def _keys_at(loc: tuple[int | str, ...]) -> set[str]:
             models = [m for m in models if m.__name__ == part] or models
             continue
         found = [t for m in models for f, info in m.model_fields.items() if part in (f, info.alias)
-                 for t in _types_in(info.annotation) if isinstance(t, type) and issubclass(t, BaseModel)]
+                 for t in types_in(info.annotation) if isinstance(t, type) and issubclass(t, BaseModel)]
         if not found and not any(part in (f, i.alias) for m in models for f, i in m.model_fields.items()):
             return _known_keys()
         models = found

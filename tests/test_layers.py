@@ -39,7 +39,8 @@ TASK_PATH = ["aihow_infra.interrupts", "aihow_infra.stacks", "aihow_infra.ops", 
              "aihow_infra.images", "aihow_infra.deploy", "aihow_infra.kinds",
              "aihow_infra.kubebins", "aihow_infra.oci", "aihow_infra.progress", "aihow_infra.lastrun"]
 # Packages whose modules may import each other (each keeps its own order: ops/ is a chain).
-OWN_PACKAGES = ("aihow_infra.libvirt", "aihow_infra.kinds", "aihow_infra.state", "aihow_infra.ops", "providers")
+OWN_PACKAGES = ("aihow_infra.config", "aihow_infra.libvirt", "aihow_infra.kinds", "aihow_infra.state",
+                "aihow_infra.ops", "providers")
 PULUMI_SIDE = ("pulumi", "providers", "aihow_infra.components")
 
 
