@@ -21,7 +21,7 @@ from aihow_infra.desired import PowerRecords
 from aihow_infra.errors import StackError
 from aihow_infra.eventlog import EventFollower, Events
 from aihow_infra.files import Waiting
-from aihow_infra.interrupts import RUNS
+from aihow_infra.interrupts import RUNS, Stop
 from aihow_infra.state.layout import CHECKOUT
 
 _STACKS_LOCK = threading.Lock()
@@ -144,8 +144,8 @@ class Workspace:
                 cmd += ["--event-log", str(log)]
                 env["PULUMI_DEBUG_COMMANDS"] = "true"  # the engine offers --event-log only then
             follower = EventFollower(log, events) if events is not None else None
-            with RUNS.started("pulumi", cmd, cwd=self.project_dir, env=env, text=True, stdout=subprocess.PIPE,
-                              stderr=subprocess.STDOUT) as proc:
+            with RUNS.started("pulumi", cmd, Stop.ENGINE, cwd=self.project_dir, env=env, text=True,
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT) as proc:
                 try:
                     output, _ = proc.communicate(timeout=timeout)
                 except subprocess.TimeoutExpired:
