@@ -21,7 +21,7 @@ from typing import Any
 
 from aihow_infra.errors import DeployError
 from aihow_infra.files import atomic_write
-from aihow_infra.interrupts import RUNS
+from aihow_infra.interrupts import RUNS, Stop
 from aihow_infra.state.layout import CHECKOUT
 from aihow_infra.steps import Progress
 
@@ -78,8 +78,8 @@ def run_playbook(playbook: Path, stack: str, env: Mapping[str, str], limit: str 
         tail: list[str] = []
         cut, task = False, ""
         try:
-            with RUNS.started("ansible-playbook", cmd, cwd=ANSIBLE_DIR, env=run_env, stdout=subprocess.PIPE,
-                              stderr=subprocess.STDOUT, text=True) as proc:
+            with RUNS.started("ansible-playbook", cmd, Stop.TERMINAL, cwd=ANSIBLE_DIR, env=run_env,
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) as proc:
                 assert proc.stdout is not None
                 for line in proc.stdout:
                     line = line.rstrip()

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-from aihow_infra.plan import SubnetInUse
+from aihow_infra.crosscheck import SubnetInUse
 
 VirtType = Literal["kvm", "qemu"]
 # TCG's default translation cache is 1 GiB a guest; 128 MiB keeps qemu near 500 MiB for a 1 GiB guest.

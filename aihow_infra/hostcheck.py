@@ -14,10 +14,11 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
 
+from aihow_infra.crosscheck import SubnetInUse, subnet_collisions
 from aihow_infra.errors import AihowError, ConfigError
 from aihow_infra.host import Host, choose_virt_type, host_subnets
 from aihow_infra.loading import key_lines, line_of, load_cluster_file
-from aihow_infra.plan import ClusterPlan, SubnetInUse, VmPlan, plan_all, subnet_collisions
+from aihow_infra.plan import ClusterPlan, VmPlan, plan_all
 from aihow_infra.settings import DEFAULT_LIBVIRT_URI
 
 VFIO_DRIVER = "vfio-pci"

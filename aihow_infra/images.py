@@ -49,6 +49,9 @@ BASE_PACKAGES = (
     "openssh-server", "sudo", "iproute2", "e2fsprogs", "procps", "python3", "python3-apt", "netbase",
     "ca-certificates",
 )
+# The roles whose image carries the Kubernetes build and the container images (their nodes run
+# the kubelet).
+KUBERNETES_ROLES: frozenset[ImageName] = frozenset({"cloud"})
 ROLE_PACKAGES: dict[ImageName, tuple[str, ...]] = {
     "base": (),
     "hpc": ("slurmctld", "slurmd", "slurm-client", "munge"),
@@ -134,10 +137,11 @@ def recipe_for(role: str) -> Recipe:
     if role not in ROLE_PACKAGES:
         raise ImageError(f"image role {role!r} is unknown; allowed: {', '.join(IMAGE_NAMES)}")
     typed: ImageName = role
+    carries = typed in KUBERNETES_ROLES
     return Recipe(role=typed, packages=tuple(sorted({*BASE_PACKAGES, *ROLE_PACKAGES[typed]})),
                   files=tuple(sorted(IMAGE_FILES.items())), size_gb=IMAGE_ROOT_GB[typed],
-                  kubernetes=f"{content_key()}+payload{PAYLOAD_VERSION}" if typed == "cloud" else "",
-                  container_images=CONTAINER_IMAGES if typed == "cloud" else ())
+                  kubernetes=f"{content_key()}+payload{PAYLOAD_VERSION}" if carries else "",
+                  container_images=CONTAINER_IMAGES if carries else ())
 
 
 @dataclass(frozen=True)

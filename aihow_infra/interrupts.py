@@ -22,14 +22,31 @@ import sys
 import threading
 import time
 from collections.abc import Iterator
+from enum import Enum
 from pathlib import Path
 from typing import Any
 
 from aihow_infra.errors import AihowError
 
 SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
-# What the first signal makes each kind of program do, for the line that says so.
-_CLEAN_STOP = {"pulumi": "asking pulumi to cancel; it finishes the operations in flight and saves the stack"}
+
+
+class Stop(Enum):
+    """How a program stops cleanly when the operator's first signal comes."""
+
+    # pulumi: SIGINT to the engine alone; it finishes the resource operations in flight, saves
+    # the stack and stops its plugins itself.
+    ENGINE = "SIGINT to the program"
+    # ansible-playbook: SIGINT to its whole process group, as a terminal's Ctrl-C; it ends its tasks.
+    TERMINAL = "SIGINT to its group"
+    # A build step: SIGTERM to its group (nothing to save, and a shell's background jobs ignore SIGINT).
+    TERMINATE = "SIGTERM to its group"
+
+    def doing(self, name: str) -> str:
+        """What the line printed at the first signal says the program ``name`` does."""
+        if self is Stop.ENGINE:
+            return f"asking {name} to cancel; it finishes the operations in flight and saves the stack"
+        return f"stopping {name}"
 
 
 class Interrupted(AihowError):
@@ -43,7 +60,7 @@ class _Runs:
     def __init__(self) -> None:
         # Reentrant: the handler runs in the main thread, which may hold the lock when it fires.
         self.lock = threading.RLock()
-        self.live: dict[subprocess.Popen[str], str] = {}
+        self.live: dict[subprocess.Popen[str], tuple[str, Stop]] = {}
         self.starting = 0  # programs being started: a signal now is theirs too, not a plain interrupt
         self.signals = 0
         self.installed = False
@@ -64,19 +81,19 @@ class _Runs:
         if not live and not starting:
             raise KeyboardInterrupt
         if first:
-            doing = "; ".join(sorted({_CLEAN_STOP.get(name, f"stopping {name}") for name in live.values()})
+            doing = "; ".join(sorted({stop.doing(name) for name, stop in live.values()})
                               or ["stopping what starts"])
             print(f"{signal.Signals(signum).name}: {doing} (signal again to stop at once)", file=sys.stderr,
                   flush=True)
-        for proc, name in live.items():
-            _stop(proc, name, first)
+        for proc, (_name, stop) in live.items():
+            _stop(proc, stop, first)
 
     @contextlib.contextmanager
-    def started(self, name: str, cmd: list[str], **popen: Any) -> Iterator[subprocess.Popen[str]]:
-        """``cmd`` started (``subprocess.Popen`` with ``popen``) in a session of its own; it gets
-        the operator's signals while the block runs (``name`` as the operator knows it: pulumi,
-        ansible-playbook, a build step), also one that comes while it starts; its session is
-        reaped after. ``OSError`` when it cannot start."""
+    def started(self, name: str, cmd: list[str], stop: Stop, **popen: Any) -> Iterator[subprocess.Popen[str]]:
+        """``cmd`` started (``subprocess.Popen`` with ``popen``) in a session of its own; the
+        operator's signals stop it as ``stop`` says while the block runs, also one that comes
+        while it starts (``name``: as the operator knows it, for the line that says so); its
+        session is reaped after. ``OSError`` when it cannot start."""
         with self.lock:
             self.starting += 1
         try:
@@ -87,10 +104,10 @@ class _Runs:
             raise
         with self.lock:  # one step from starting to live: no signal falls between
             self.starting -= 1
-            self.live[proc] = name
+            self.live[proc] = (name, stop)
             seen = self.signals
         if seen:  # the signal came while it started: it stops as the others did
-            _stop(proc, name, seen == 1)
+            _stop(proc, stop, seen == 1)
         try:
             yield proc
         finally:
@@ -119,17 +136,17 @@ class _Runs:
             time.sleep(min(left, 0.2))
 
 
-def _stop(proc: subprocess.Popen[str], name: str, first: bool) -> None:
-    """The signal that stops ``name`` cleanly (the first time) or at once (after)."""
+def _stop(proc: subprocess.Popen[str], stop: Stop, first: bool) -> None:
+    """The signal that stops a program cleanly as ``stop`` says (the first time), or at once
+    (after)."""
     with contextlib.suppress(ProcessLookupError, PermissionError):
         if not first:
             os.killpg(proc.pid, signal.SIGTERM)
-        elif name == "pulumi":
-            os.kill(proc.pid, signal.SIGINT)  # the engine alone: it stops its plugins itself
-        elif name == "ansible-playbook":
-            os.killpg(proc.pid, signal.SIGINT)  # as a terminal's Ctrl-C: it ends its tasks
+        elif stop is Stop.ENGINE:
+            os.kill(proc.pid, signal.SIGINT)
+        elif stop is Stop.TERMINAL:
+            os.killpg(proc.pid, signal.SIGINT)
         else:
-            # A build step has nothing to save, and a shell's background jobs ignore SIGINT.
             os.killpg(proc.pid, signal.SIGTERM)
 
 

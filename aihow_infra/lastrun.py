@@ -50,16 +50,16 @@ def program_digest(root: Path = CHECKOUT) -> str:
     return digest.hexdigest()
 
 
-def inputs_digest(files: list[Path], cluster_file: Path) -> str:
+def inputs_digest(files: list[Path], cluster_file: Path, pwd: Path | None = None) -> str:
     """A digest of ``files`` (absent ones too), the environment variables the cluster file
-    names, and the program."""
+    names (``PWD`` is ``pwd``: the project folder, as the program sees it), and the program."""
     digest = hashlib.sha256()
     for path in files:
         digest.update(str(path).encode())
         digest.update(path.read_bytes() if path.is_file() else b"(none)")
     text = cluster_file.read_text(errors="replace") if cluster_file.is_file() else ""
     names = sorted({m.group(1) or m.group(2) for m in _VAR.finditer(text)})
-    env = {name: os.getcwd() if name == "PWD" else os.environ.get(name) for name in names}
+    env = {name: str(pwd or os.getcwd()) if name == "PWD" else os.environ.get(name) for name in names}
     digest.update(json.dumps(env, sort_keys=True).encode())
     digest.update(program_digest().encode())
     return digest.hexdigest()
@@ -145,7 +145,8 @@ class LastRuns:
     def save(self, stack: str, cluster_file: Path, state_files: list[Path], expected: Expected) -> None:
         """Record a successful up (not yet deployed: see ``settle``)."""
         self.folder.mkdir(parents=True, exist_ok=True)
-        record = {"digest": inputs_digest(self.inputs(stack, cluster_file, state_files), cluster_file),
+        digest = inputs_digest(self.inputs(stack, cluster_file, state_files), cluster_file, self.project_dir)
+        record = {"digest": digest,
                   "cluster_file": str(cluster_file), "expected": asdict(expected), "settled": False}
         atomic_write(self.folder / f"{stack}.json", json.dumps(record) + "\n", "last run")
 
@@ -173,7 +174,8 @@ class LastRuns:
         if record is None:
             return [NO_RECORD]
         cluster_file = Path(record["cluster_file"])
-        if inputs_digest(self.inputs(stack, cluster_file, state_files), cluster_file) != record["digest"]:
+        digest = inputs_digest(self.inputs(stack, cluster_file, state_files), cluster_file, self.project_dir)
+        if digest != record["digest"]:
             return ["its files, settings, power records, state or the program changed"]
         if settled and not record.get("settled"):
             return ["its last deploy check did not finish"]

@@ -17,9 +17,9 @@ from typing import Any
 import yaml
 from pydantic import BaseModel, ValidationError
 
-from aihow_infra.config import ClusterFile, NodeSpec, _types_in, accepted_fields
+from aihow_infra.config import ClusterFile, NodeSpec, accepted_fields, types_in
+from aihow_infra.crosscheck import cross_check
 from aihow_infra.errors import ConfigError
-from aihow_infra.plan import cross_check
 
 _VAR_RE = re.compile(r"\$\$|\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}|\$([A-Za-z_][A-Za-z0-9_]*)")
 
@@ -39,7 +39,7 @@ def _keys_at(loc: tuple[int | str, ...]) -> set[str]:
             models = [m for m in models if m.__name__ == part] or models
             continue
         found = [t for m in models for f, info in m.model_fields.items() if part in (f, info.alias)
-                 for t in _types_in(info.annotation) if isinstance(t, type) and issubclass(t, BaseModel)]
+                 for t in types_in(info.annotation) if isinstance(t, type) and issubclass(t, BaseModel)]
         if not found and not any(part in (f, i.alias) for m in models for f, i in m.model_fields.items()):
             return _known_keys()
         models = found
@@ -191,11 +191,13 @@ def absolute_host_paths(data: Any, base: Path) -> Any:
 def parse_cluster_file(
     data: Any, *, env: Mapping[str, str] | None = None, base_dir: Path | None = None,
     check_images: bool = True, allow_system_paths: bool = False, source: str = "cluster file",
+    pwd: Path | None = None,
 ) -> ClusterFile:
     """Validate already-parsed YAML; raise ``ConfigError`` listing every problem. Host paths
-    are taken from ``base_dir`` (by default the current folder)."""
+    are taken from ``base_dir`` and ``${PWD}`` is ``pwd`` (each by default the current folder)."""
     base = base_dir or Path.cwd()
-    variables = {"TOT": str(project_root(base)), "PWD": str(Path.cwd()), **(env if env is not None else os.environ)}
+    variables = {"TOT": str(project_root(base)), "PWD": str(pwd or Path.cwd()),
+                 **(env if env is not None else os.environ)}
     if data is None:
         raise ConfigError(["(top level): the file is empty; allowed: a YAML mapping with 'clusters'"], source)
     if not isinstance(data, Mapping):
@@ -317,12 +319,14 @@ def read_yaml(text: str) -> Any:
 
 def load_cluster_file(
     path: str | Path, *, env: Mapping[str, str] | None = None, check_images: bool = True,
-    allow_system_paths: bool = False,
+    allow_system_paths: bool = False, pwd: Path | None = None,
 ) -> ClusterFile:
     """Read, expand and validate a cluster file.
 
     Relative host paths (images, shares) are taken from the file's own folder, so the file
-    means the same from wherever it is used (ai-how took them from the current folder).
+    means the same from wherever it is used (ai-how took them from the current folder);
+    ``${PWD}`` is ``pwd`` (the project folder, where the Pulumi program runs), by default the
+    current folder.
     """
     file = Path(path)
     source = f"cluster file {file}"
@@ -340,7 +344,7 @@ def load_cluster_file(
         raise ConfigError([f"{file}: not valid YAML at {where}: {problem}"], source) from None
     try:
         return parse_cluster_file(data, env=env, base_dir=file.resolve().parent, check_images=check_images,
-                                  allow_system_paths=allow_system_paths, source=source)
+                                  allow_system_paths=allow_system_paths, source=source, pwd=pwd)
     except ConfigError as exc:
         lines = key_lines(text)
         located = sorted(((p, line_of(p, lines)) for p in exc.problems), key=lambda pl: pl[1] or 0)  # file order

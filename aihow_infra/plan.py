@@ -1,8 +1,8 @@
 """Facts derived from a cluster file, in one place.
 
 VM names, roles, MAC addresses, the physical devices each VM takes, the libvirt
-object names of a cluster, the checks that span several keys, and the report
-of GPUs configured on more than one VM. Everything else (the Pulumi program,
+object names of a cluster, and the report of GPUs configured on more than one VM (the
+checks that span several keys are in crosscheck.py). Everything else (the Pulumi program,
 tasks, inventories, topology) reads these instead of deriving its own.
 """
 
@@ -12,12 +12,10 @@ import hashlib
 import ipaddress
 from collections import defaultdict
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, Literal
 
 from aihow_infra.config import (
     CLUSTER_KEYS,
-    IMAGE_ROOT_GB,
     Acceleration,
     CloudCluster,
     ClusterFile,
@@ -169,7 +167,7 @@ def _claims(devices: list[PciDevice]) -> tuple[DeviceClaim, ...]:
     return tuple(sorted(claims, key=lambda c: c.slot))
 
 
-def _node_entries(key: ClusterKey, cluster: HpcCluster | CloudCluster) -> list[tuple[str, NodeSpec, Role, str]]:
+def node_entries(key: ClusterKey, cluster: HpcCluster | CloudCluster) -> list[tuple[str, NodeSpec, Role, str]]:
     """(key path, node, role, short name) for each node, in file order."""
     prefix = f"clusters.{key}"
     if isinstance(cluster, HpcCluster):
@@ -242,7 +240,7 @@ def plan_cluster(file: ClusterFile, key: ClusterKey, source: str = "cluster file
     net = cluster.network
     start, end = net.dhcp_range
     kube = cluster.kubernetes_config if isinstance(cluster, CloudCluster) else None
-    entries = _node_entries(key, cluster)
+    entries = node_entries(key, cluster)
     addresses = _reserved_addresses([node for _p, node, _r, _s in entries], net.gateway, (start, end))
     vms = tuple(
         VmPlan(
@@ -291,209 +289,6 @@ def plan_cluster(file: ClusterFile, key: ClusterKey, source: str = "cluster file
 def plan_all(file: ClusterFile) -> list[ClusterPlan]:
     """Plans of every cluster the file defines, HPC first."""
     return [plan_cluster(file, key) for key in CLUSTER_KEYS if getattr(file.clusters, key) is not None]
-
-
-# --- checks that span several keys --------------------------------------------
-
-
-def _check_worker_types(key: ClusterKey, cluster: HpcCluster | CloudCluster) -> list[str]:
-    problems = []
-    for path, node, role, _short in _node_entries(key, cluster):
-        declared = node.worker_type or (path.split(".")[-1].split("[")[0]
-                                        if ".worker_nodes.cpu[" in path or ".worker_nodes.gpu[" in path else None)
-        if declared and f"{declared}-worker" != role:
-            problems.append(
-                f"{path}: declared a {declared} worker but {'has' if node.has_gpu else 'has no'} GPU passthrough; "
-                f"allowed: a gpu worker passes through a device_type 'gpu', a cpu worker none"
-            )
-    return problems
-
-
-def _check_addresses(plan: ClusterPlan) -> list[str]:
-    problems = []
-    net = ipaddress.IPv4Network(plan.subnet)
-    reserved = {net.network_address: "network address", net.broadcast_address: "broadcast address",
-                ipaddress.IPv4Address(plan.gateway): "gateway"}
-    seen: dict[str, str] = {}
-    for vm in plan.vms:
-        if vm.ip is None:
-            problems.append(f"{vm.key_path}.ip: DHCP, but the DHCP range {plan.dhcp_start}-{plan.dhcp_end} has no "
-                            "address left to reserve for it; allowed: a static address, or a larger range")
-            continue
-        if vm.dhcp:
-            continue
-        addr = ipaddress.IPv4Address(vm.ip)
-        where = f"{vm.key_path}.ip"
-        if addr not in net:
-            problems.append(f"{where}: '{addr}' is outside subnet {net}; allowed: a host address of {net}")
-        elif addr in reserved:
-            problems.append(f"{where}: '{addr}' is the {reserved[addr]} of {net}; "
-                            "allowed: a host address other than network, gateway and broadcast")
-        if vm.ip in seen:
-            problems.append(f"{where}: '{addr}' is already used by {seen[vm.ip]}; allowed: one VM per address")
-        seen.setdefault(vm.ip, vm.key_path)
-    return problems
-
-
-def _check_kubernetes_networks(plan: ClusterPlan) -> list[str]:
-    if plan.pod_subnet is None or plan.service_subnet is None:
-        return []
-    prefix = f"clusters.{plan.key}.kubernetes_config"
-    nets = {"network.subnet": ipaddress.IPv4Network(plan.subnet),
-            "kubernetes_config.pod_subnet": ipaddress.IPv4Network(plan.pod_subnet),
-            "kubernetes_config.service_subnet": ipaddress.IPv4Network(plan.service_subnet)}
-    problems = [f"clusters.{plan.key}.{b}: '{nets[b]}' overlaps clusters.{plan.key}.{a} '{nets[a]}'; "
-                "allowed: disjoint subnets" for i, a in enumerate(nets) for b in list(nets)[i + 1:]
-                if nets[a].overlaps(nets[b])]
-    room = 1 << (24 - nets["kubernetes_config.pod_subnet"].prefixlen)
-    if len(plan.vms) > room:
-        problems.append(f"{prefix}.pod_subnet: '{plan.pod_subnet}' has room for {room} nodes, the cluster has "
-                        f"{len(plan.vms)}; allowed: a larger pod subnet")
-    return problems
-
-
-def _check_devices(plan: ClusterPlan) -> list[str]:
-    problems = []
-    holders: dict[str, list[VmPlan]] = defaultdict(list)
-    for vm in plan.vms:
-        addresses = [d.pci_address for d in vm.devices]
-        for address in sorted({a for a in addresses if addresses.count(a) > 1}):
-            problems.append(f"{vm.key_path}.pcie_passthrough.devices: '{address}' is listed twice; "
-                            "allowed: each PCI function once")
-        for address in set(addresses):
-            holders[address].append(vm)
-    for address, vms in sorted(holders.items()):
-        starting = [vm for vm in vms if vm.auto_start]
-        if len(starting) > 1:
-            names = ", ".join(vm.name for vm in starting)
-            problems.append(
-                f"{starting[1].key_path}.pcie_passthrough: '{address}' is also taken by {starting[0].name} and "
-                f"both start automatically ({names}); allowed: set auto_start: false on all but one"
-            )
-    return problems
-
-
-def _check_images(plans: list[ClusterPlan]) -> list[str]:
-    problems = []
-    for plan in plans:
-        for vm in plan.vms:
-            root_gb = IMAGE_ROOT_GB[vm.image] if vm.image is not None else 0
-            if vm.disk_gb < root_gb:
-                problems.append(f"{vm.key_path}.disk_gb: {vm.disk_gb} is smaller than the {vm.image} image's root "
-                                f"file system ({root_gb} GiB); allowed: {root_gb} or more")
-            for i, mount in enumerate(vm.mounts):
-                if not Path(mount.host_path).is_dir():
-                    problems.append(f"{vm.key_path}.virtio_fs_mounts[{i}].host_path: '{mount.host_path}' is not a "
-                                    "folder on this host; allowed: an existing folder to share")
-            if vm.base_image is None:
-                continue
-            path = Path(vm.base_image)
-            if not path.is_file():
-                problems.append(f"{vm.key_path}.base_image_path: '{vm.base_image}' does not exist "
-                                f"(looked at {path}); allowed: an existing qcow2 image file, or no image "
-                                "for a blank disk")
-    return problems
-
-
-# Host folders a cluster file may not hand to a guest (as a base image or a virtio-fs share)
-# unless the stack allows it (aihow:allowSystemPaths): the host's own system and secrets.
-SYSTEM_PATHS = ("/etc", "/boot", "/root", "/proc", "/sys", "/dev", "/run", "/usr", "/bin", "/sbin", "/lib",
-                "/lib32", "/lib64", "/var/lib/aihow", "/var/lib/libvirt/qemu", "/var/run", "/var/log")
-
-
-def system_path(path: str) -> str | None:
-    """The system location ``path`` is in (``/`` itself is one), or None."""
-    if Path(path) == Path("/"):
-        return "/"
-    return next((s for s in SYSTEM_PATHS if Path(path) == Path(s) or Path(s) in Path(path).parents), None)
-
-
-def _check_host_paths(plans: list[ClusterPlan]) -> list[str]:
-    problems = []
-    for plan in plans:
-        for vm in plan.vms:
-            paths = [(f"{vm.key_path}.base_image_path", vm.base_image)] + [
-                (f"{vm.key_path}.virtio_fs_mounts[{i}].host_path", m.host_path) for i, m in enumerate(vm.mounts)]
-            for key, path in paths:
-                where = system_path(path) if path else None
-                if where:
-                    problems.append(f"{key}: '{path}' is in the host's system location {where}; allowed: a path "
-                                    "outside it (or set aihow:allowSystemPaths true for this stack)")
-    return problems
-
-
-def cross_check(file: ClusterFile, *, check_images: bool = True, allow_system_paths: bool = False) -> list[str]:
-    """Problems that single keys cannot show: addresses, duplicates, shared devices, images,
-    host paths."""
-    problems: list[str] = []
-    for key in CLUSTER_KEYS:
-        cluster = getattr(file.clusters, key)
-        if cluster is not None:
-            problems += _check_worker_types(key, cluster)
-    if problems:
-        return problems
-    plans = plan_all(file)
-    for plan in plans:
-        problems += _check_addresses(plan)
-        problems += _check_devices(plan)
-        problems += _check_kubernetes_networks(plan)
-
-    names: dict[str, str] = {}
-    macs: dict[str, str] = {}
-    for plan in plans:
-        for vm in plan.vms:
-            if vm.name in names:
-                problems.append(f"{vm.key_path}: VM name '{vm.name}' is also the name of {names[vm.name]}; "
-                                "allowed: distinct cluster names")
-            elif vm.mac in macs:
-                problems.append(f"{vm.key_path}: MAC '{vm.mac}' of '{vm.name}' equals that of {macs[vm.mac]}; "
-                                "allowed: distinct VM names")
-            names.setdefault(vm.name, vm.key_path)
-            macs.setdefault(vm.mac, vm.name)
-
-    if len(plans) == 2:
-        hpc, cloud = plans
-        if hpc.name == cloud.name:
-            problems.append(f"clusters.cloud.name: '{cloud.name}' equals clusters.hpc.name; "
-                            "allowed: a different name (it prefixes every libvirt object)")
-        if ipaddress.IPv4Network(hpc.subnet).overlaps(ipaddress.IPv4Network(cloud.subnet)):
-            problems.append(f"clusters.cloud.network.subnet: '{cloud.subnet}' overlaps clusters.hpc.network.subnet "
-                            f"'{hpc.subnet}'; allowed: a subnet disjoint from it")
-        if hpc.bridge == cloud.bridge:
-            problems.append(f"clusters.cloud.network.bridge: '{cloud.bridge}' equals clusters.hpc.network.bridge; "
-                            "allowed: a different bridge name")
-    if check_images:
-        problems += _check_images(plans)
-    if not allow_system_paths:
-        problems += _check_host_paths(plans)
-    return problems
-
-
-@dataclass(frozen=True)
-class SubnetInUse:
-    """An IPv4 subnet the host already uses: on an interface, by a route, or by a libvirt network."""
-
-    subnet: str
-    where: str  # e.g. "interface eth0", "a route via eth0", "libvirt network 'default' (bridge virbr0)"
-    interface: str = ""  # the interface (bridge) it is on, "" when none is known
-    network: str = ""  # the libvirt network that holds it, "" for none
-
-
-def subnet_collisions(plans: list[ClusterPlan], in_use: list[SubnetInUse]) -> list[str]:
-    """Each cluster subnet that overlaps one the host already uses; the cluster's own bridge and
-    libvirt network (made by an earlier ``up``) are not a collision."""
-    problems = []
-    for plan in plans:
-        ours = ipaddress.IPv4Network(plan.subnet)
-        for used in in_use:
-            if plan.bridge == used.interface or plan.network_name == used.network:
-                continue
-            if ours.overlaps(ipaddress.IPv4Network(used.subnet)):
-                problems.append(f"clusters.{plan.key}.network.subnet: '{plan.subnet}' overlaps {used.subnet} of "
-                                f"{used.where} on this host; allowed: a subnet no interface, route or libvirt "
-                                "network of the host uses")
-                break
-    return problems
 
 
 # --- sharing report ------------------------------------------------------------

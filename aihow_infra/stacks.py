@@ -7,20 +7,21 @@ import contextlib
 import json
 import os
 import re
-import socket
 import subprocess
 import sys
 import tempfile
 import threading
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from aihow_infra.backend import recover_from_dead_engines
 from aihow_infra.desired import PowerRecords
 from aihow_infra.errors import StackError
+from aihow_infra.eventlog import EventFollower, Events
 from aihow_infra.files import Waiting
-from aihow_infra.interrupts import RUNS
+from aihow_infra.interrupts import RUNS, Stop
 from aihow_infra.state.layout import CHECKOUT
 
 _STACKS_LOCK = threading.Lock()
@@ -105,58 +106,6 @@ class Plan:
     protected: list[str]
 
 
-Events = Callable[[dict[str, Any]], None]
-
-
-class _EventFollower:
-    """Reads the engine's event log while it is written and hands each event on, in a thread
-    of its own; ``finish`` reads what is left once the engine has exited."""
-
-    def __init__(self, path: Path, events: Events) -> None:
-        self.path = path
-        self.events = events
-        self.done = threading.Event()
-        self.thread = threading.Thread(target=self._follow, name="pulumi-events", daemon=True)
-        self.thread.start()
-
-    def _follow(self) -> None:
-        pending = ""
-        handle = None
-        try:
-            while True:
-                finishing = self.done.is_set()
-                if handle is None and self.path.exists():
-                    handle = self.path.open(encoding="utf-8")
-                chunk = handle.read() if handle is not None else ""
-                pending += chunk
-                *lines, pending = pending.split("\n")
-                for line in lines:
-                    self._hand_on(line)
-                if finishing and not chunk:
-                    self._hand_on(pending)
-                    return
-                if not chunk:
-                    self.done.wait(0.1)
-        finally:
-            if handle is not None:
-                handle.close()
-
-    def _hand_on(self, line: str) -> None:
-        if not line.strip():
-            return
-        try:
-            event = json.loads(line)
-        except ValueError:
-            return
-        with contextlib.suppress(Exception):  # a view must never break the run it shows
-            self.events(event)
-
-    def finish(self) -> None:
-        """Read the rest and wait for the thread."""
-        self.done.set()
-        self.thread.join(30)
-
-
 @dataclass
 class Workspace:
     """A Pulumi project folder and the backend its stacks live in.
@@ -194,9 +143,9 @@ class Workspace:
             if events is not None:
                 cmd += ["--event-log", str(log)]
                 env["PULUMI_DEBUG_COMMANDS"] = "true"  # the engine offers --event-log only then
-            follower = _EventFollower(log, events) if events is not None else None
-            with RUNS.started("pulumi", cmd, cwd=self.project_dir, env=env, text=True, stdout=subprocess.PIPE,
-                              stderr=subprocess.STDOUT) as proc:
+            follower = EventFollower(log, events) if events is not None else None
+            with RUNS.started("pulumi", cmd, Stop.ENGINE, cwd=self.project_dir, env=env, text=True,
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT) as proc:
                 try:
                     output, _ = proc.communicate(timeout=timeout)
                 except subprocess.TimeoutExpired:
@@ -246,48 +195,10 @@ class Workspace:
         return folder if folder.is_absolute() else self.project_dir / folder
 
     def _recover_from_dead_engines(self, stack: str) -> None:
-        """Remove the engine's locks on ``stack`` left by a pulumi process that is gone (killed,
-        or its machine's session closed), then mend what such a process may have cut short; a
-        lock of a live process is left to the engine."""
+        """What a pulumi process that is gone left on ``stack`` (backend.py), cleared and said."""
         folder = self.backend_folder()
-        if folder is None:
-            return
-        locks = folder / ".pulumi" / "locks"
-        dead = False
-        for lock in locks.glob(f"*/*/{stack}/*.json"):
-            with contextlib.suppress(OSError, ValueError):
-                info = json.loads(lock.read_text())
-                pid, host = int(info.get("pid", 0)), info.get("hostname")
-                if host == socket.gethostname() and pid > 0 and not _alive(pid):
-                    lock.unlink()
-                    dead = True
-                    self._say(f"cleared the lock of stack {stack} left by pulumi process {pid}, which is gone")
-        if not any(locks.glob(f"*/*/{stack}/*.json")):
-            self._mend_backend(folder / ".pulumi", stack, dead_writer=dead)
-
-    def _mend_backend(self, pulumi: Path, stack: str, dead_writer: bool) -> None:
-        """The local backend's store writes a file's ``.attrs`` sidecar in place before it renames
-        the file into place: an engine killed in between leaves an empty or cut sidecar, and every
-        later run fails with 'failed to load checkpoint: EOF'. A sidecar that is not JSON, or whose
-        file is gone, is removed (a file without one is read as plain data, as the store intends).
-        The state's own are looked at before every task; after a dead writer, also those of the
-        stack's history, backups and locks, and its temporary files go too."""
-        project = self.project_name()
-        places = [(pulumi / "stacks" / project, f"{stack}.json")]
-        if dead_writer:
-            places += [(pulumi / "history" / project / stack, ""), (pulumi / "backups" / project / stack, ""),
-                       *((d, "") for d in pulumi.glob(f"locks/*/*/{stack}"))]
-        for place, prefix in places:
-            for sidecar in place.glob(f"{prefix}*.attrs"):
-                if not sidecar.with_suffix("").exists() or not _is_json(sidecar):
-                    with contextlib.suppress(OSError):
-                        sidecar.unlink()
-                        self._say(f"removed {sidecar.name}, a broken or orphaned attributes file of stack {stack}'s "
-                                  "state left by a pulumi process that was stopped while saving")
-            for temp in place.glob(f"{prefix}*.tmp") if dead_writer else ():
-                with contextlib.suppress(OSError):
-                    temp.unlink()
-                    self._say(f"removed {temp.name}, a temporary file of stack {stack}'s state left by that process")
+        if folder is not None:
+            recover_from_dead_engines(folder / ".pulumi", self.project_name(), stack, self._say)
 
     def _say(self, message: str) -> None:
         if self.waiting is not None:
@@ -424,21 +335,3 @@ class Workspace:
         proc = self.run(["stack", "output", "--json"], stack)
         data: dict[str, Any] = json.loads(proc.stdout or "{}")
         return data
-
-
-def _is_json(path: Path) -> bool:
-    try:
-        json.loads(path.read_text())
-    except (OSError, ValueError):
-        return False
-    return True
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True

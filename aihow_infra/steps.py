@@ -14,7 +14,7 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 
 from aihow_infra.errors import AihowError
-from aihow_infra.interrupts import RUNS
+from aihow_infra.interrupts import RUNS, Stop
 
 # Told one line for the operator at a time (a step, a phase, a wait); the project's one such type.
 Progress = Callable[[str], None]
@@ -59,7 +59,7 @@ def run_step(cmd: list[str], say: Progress, what: str, env: Mapping[str, str] | 
     tail: list[str] = []
     heartbeat = _Heartbeat(what, say)
     try:
-        with RUNS.started(what, cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        with RUNS.started(what, cmd, Stop.TERMINATE, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                           env=dict(env) if env is not None else None, cwd=cwd) as proc:
             assert proc.stdout is not None
             for line in proc.stdout:

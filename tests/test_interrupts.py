@@ -1,7 +1,7 @@
 """An operator's SIGINT, SIGTERM or SIGHUP in the phases of a task that are not an engine run (those
 are in test_e2e_faults.py): a build step, a deploy (real ``ansible-playbook``, local connection),
 and waits in worker threads. Each runs as a task would, in a process of its own with the signals
-taken over and errors as one line (tasks.clean_errors), and is signalled alone, as ``kill`` or a
+taken over and errors as one line (aihow_infra.cli.common.clean_errors), and is signalled alone, as ``kill`` or a
 closed terminal does. Then: one line says what was cut, no traceback, and no process it started
 is left."""
 
@@ -20,12 +20,12 @@ import pytest
 
 from aihow_infra.state.layout import CHECKOUT
 
-# The task's frame: signals taken over as tasks.operator() does, errors as clean_errors prints them.
+# The task's frame: signals taken over as the tasks' operator() does, errors as clean_errors prints them.
 FRAME = """
 import sys
 from invoke.exceptions import Exit
 from aihow_infra.interrupts import RUNS
-from tasks import clean_errors
+from aihow_infra.cli.common import clean_errors
 RUNS.install()
 
 @clean_errors

@@ -16,10 +16,11 @@ ROOT = Path(__file__).resolve().parents[1]
 # (aihow_infra.libvirt.*, .kinds.*, .state.*, providers.*); never one of its own layer or above.
 LAYERS: list[list[str]] = [
     ["aihow_infra.errors"],
-    ["aihow_infra.state", "aihow_infra.files", "aihow_infra.interrupts"],
+    ["aihow_infra.state", "aihow_infra.files", "aihow_infra.interrupts", "aihow_infra.backend", "aihow_infra.eventlog"],
     ["aihow_infra.steps", "aihow_infra.kubepki"],
     ["aihow_infra.config"],
     ["aihow_infra.settings", "aihow_infra.plan", "aihow_infra.changes", "aihow_infra.kubebins", "aihow_infra.oci"],
+    ["aihow_infra.crosscheck"],
     ["aihow_infra.loading", "aihow_infra.progress"],
     ["aihow_infra.ledger", "aihow_infra.desired", "aihow_infra.status", "aihow_infra.host", "aihow_infra.images",
      "aihow_infra.cloudinit",
@@ -30,15 +31,17 @@ LAYERS: list[list[str]] = [
     ["aihow_infra.inventory"],
     ["aihow_infra.components", "aihow_infra.ops"],
     ["aihow_infra.topology", "aihow_infra.leases", "aihow_infra.hostcheck"],
+    ["aihow_infra.cli"],
     ["__main__", "tasks"],
 ]
 # What the tasks run: none of it may reach Pulumi, the providers or the components.
-TASK_PATH = ["aihow_infra.interrupts", "aihow_infra.stacks", "aihow_infra.ops", "aihow_infra.status",
+TASK_PATH = ["aihow_infra.cli", "aihow_infra.interrupts", "aihow_infra.stacks", "aihow_infra.ops", "aihow_infra.status",
              "aihow_infra.topology", "aihow_infra.inventory", "aihow_infra.leases", "aihow_infra.hostcheck",
              "aihow_infra.images", "aihow_infra.deploy", "aihow_infra.kinds",
              "aihow_infra.kubebins", "aihow_infra.oci", "aihow_infra.progress", "aihow_infra.lastrun"]
 # Packages whose modules may import each other (each keeps its own order: ops/ is a chain).
-OWN_PACKAGES = ("aihow_infra.libvirt", "aihow_infra.kinds", "aihow_infra.state", "aihow_infra.ops", "providers")
+OWN_PACKAGES = ("aihow_infra.cli", "aihow_infra.config", "aihow_infra.libvirt", "aihow_infra.kinds",
+                "aihow_infra.state", "aihow_infra.ops", "providers")
 PULUMI_SIDE = ("pulumi", "providers", "aihow_infra.components")
 
 
@@ -130,3 +133,14 @@ def test_libvirt_knows_nothing_of_leases_and_kinds_nothing_of_the_operator() -> 
              for package, targets in forbidden.items() if module.startswith(package)
              for target in _project_imports(path, modules) if target.startswith(targets)]
     assert wrong == []
+
+
+def test_every_package_is_packaged() -> None:
+    """pyproject.toml names its packages one by one: a new room must be among them, or an
+    installed (not editable) copy would miss it."""
+    import tomllib
+
+    listed = set(tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"])
+    found = {".".join(p.parent.relative_to(ROOT).parts) for p in [*ROOT.glob("aihow_infra/**/__init__.py"),
+                                                                   *ROOT.glob("providers/__init__.py")]}
+    assert found == listed

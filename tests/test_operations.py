@@ -4,14 +4,16 @@ span stacks. libvirt's test driver stands in for the host (nothing is deployed t
 from __future__ import annotations
 
 import typing
+from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import pytest
 import yaml
 
-from aihow_infra.errors import AihowError
+from aihow_infra.errors import AihowError, StackError
 from aihow_infra.ops import Operator, Refused, refuse_risks
-from aihow_infra.stacks import Workspace
+from aihow_infra.stacks import Plan, Workspace
 from tests.samples import base
 
 
@@ -73,3 +75,66 @@ def test_refusing_risks_never_returns() -> None:
                                       r"nothing was changed"):
         refuse_risks(["x"])  # type: ignore[list-item]
     assert typing.get_type_hints(refuse_risks)["return"] is typing.NoReturn
+
+
+class FakeEngine(Workspace):
+    """A workspace whose engine is a script: ``up`` fails as often as told, and every call is
+    kept; the stack holds one resource, and a preview plans what it is given."""
+
+    def __init__(self, project_dir: Path, failures: int, steps: list[dict[str, Any]]) -> None:
+        super().__init__(project_dir=project_dir, backend_url="file:///nonexistent")
+        self.failures, self.steps, self.calls = failures, steps, []  # type: list[tuple[str, ...]]
+
+    def urns(self, stack: str) -> set[str]:
+        return {f"urn:pulumi:{stack}::aihow::aihow:libvirt:HpcCluster::cluster"}
+
+    def preview_plan(self, stack: str) -> Plan:
+        return Plan(self.steps, [])
+
+    def up(self, stack: str, extra: Sequence[str] = (), events: Any = None) -> str:
+        self.calls.append(("up", stack, *extra))
+        if self.failures:
+            self.failures -= 1
+            raise StackError(f"pulumi up -s {stack}: the domain failed to start")
+        return ""
+
+
+def engine_operator(tmp_path: Path, failures: int, steps: list[dict[str, Any]] | None = None,
+                    confirm: Any = refuse_risks) -> tuple[Operator, FakeEngine, list[str]]:
+    good = tmp_path / "good.yaml"
+    good.write_text(yaml.safe_dump(base()))
+    folder = project(tmp_path, str(good), str(good)).workspace.project_dir
+    (folder / "Pulumi.yaml").write_text("name: aihow\nruntime: python\n")
+    engine = FakeEngine(folder, failures, steps or [])
+    lines: list[str] = []
+    return Operator(engine, progress=lines.append, confirm=confirm), engine, lines
+
+
+def test_a_failed_run_puts_the_power_records_back_and_the_stack_with_them(tmp_path: Path) -> None:
+    op, engine, lines = engine_operator(tmp_path, failures=1)
+    name = op.view("hpc").plan.vms[1].name
+    before = op.records("hpc").read()
+    with pytest.raises(StackError, match="the domain failed to start"):
+        op._apply_power(op.view("hpc"), {name: "stopped"})
+    assert op.records("hpc").read() == before
+    assert engine.calls == [("up", "hpc"), ("up", "hpc", "--continue-on-error")]
+    assert any(line.startswith("hpc: putting the power states back") for line in lines)
+
+
+def test_a_refused_change_runs_nothing_and_changes_no_record(tmp_path: Path) -> None:
+    replace_disk = {"op": "replace", "urn": "urn:pulumi:hpc::aihow::aihow:libvirt:Volume::compute-01-disk",
+                    "oldState": {"type": "pulumi-python:dynamic:Resource"}, "newState": {}}
+    op, engine, _lines = engine_operator(tmp_path, failures=0, steps=[replace_disk])
+    name = op.view("hpc").plan.vms[1].name
+    before = op.records("hpc").read()
+    with pytest.raises(Refused):
+        op._apply_power(op.view("hpc"), {name: "stopped"})
+    assert op.records("hpc").read() == before and engine.calls == []
+
+
+def test_a_good_run_keeps_the_new_records(tmp_path: Path) -> None:
+    op, engine, _lines = engine_operator(tmp_path, failures=0)
+    name = op.view("hpc").plan.vms[1].name
+    op._apply_power(op.view("hpc"), {name: "stopped"})
+    assert op.records("hpc").read().vms == {name: "stopped"}
+    assert engine.calls == [("up", "hpc")]

@@ -4,9 +4,8 @@ where its records are. The base of every other part of the Operator (ops/)."""
 from __future__ import annotations
 
 import contextlib
-import os
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import NoReturn
@@ -117,8 +116,8 @@ class ProjectOps:
 
     def cluster_file(self, settings: StackSettings) -> ClusterFile:
         """The stack's cluster file, validated."""
-        with _cwd(self.workspace.project_dir):
-            return load_cluster_file(self.cluster_file_path(settings), allow_system_paths=settings.allow_system_paths)
+        return load_cluster_file(self.cluster_file_path(settings), allow_system_paths=settings.allow_system_paths,
+                                 pwd=self.workspace.project_dir)
 
     def view(self, stack: str) -> StackView:
         """Settings and plan of one stack."""
@@ -191,13 +190,3 @@ class ProjectOps:
 def lease_holders(settings: StackSettings) -> dict[str, str | None]:
     """Who holds each address of the stack's ledger."""
     return {address: lease.holder for address, lease in Ledger(settings.ledger_path).leases().items()}
-
-
-@contextlib.contextmanager
-def _cwd(path: Path) -> Iterator[None]:
-    old = Path.cwd()
-    os.chdir(path)
-    try:
-        yield
-    finally:
-        os.chdir(old)

@@ -1,0 +1,124 @@
+"""What every task shares: the consoles, the Operator the tasks get (signals taken over, risky
+changes asked about), one clean line per error, and the checks of common options."""
+
+from __future__ import annotations
+
+import functools
+import sys
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any, TypeVar
+
+from invoke.exceptions import Exit
+from invoke.tasks import Task
+from invoke.tasks import task as invoke_task
+from rich.console import Console
+
+from aihow_infra.errors import AihowError, ConfigError
+
+if TYPE_CHECKING:
+    from aihow_infra.changes import Risk
+    from aihow_infra.ops import Operator
+
+# Wide enough for the tables when output is piped (rich assumes 80 columns then).
+out = Console() if sys.stdout.isatty() else Console(width=160)
+err = Console(stderr=True) if sys.stderr.isatty() else Console(stderr=True, width=160)
+F = TypeVar("F", bound=Callable[..., Any])
+STACK_HELP = "the cluster stack: hpc or cloud"
+YES_HELP = "apply changes that delete a disk or replace or restart a VM without asking"
+
+
+def version() -> str:
+    """This package's version, as installed."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("aihow-infra")
+    except PackageNotFoundError:
+        return "unknown"
+
+
+def operator(yes: bool = False) -> Operator:
+    """The library object behind the tasks (imported late: tasks stay quick to list). A change
+    that deletes a disk or replaces or restarts a VM is listed and asked about (``yes``: applied)."""
+    from aihow_infra.interrupts import RUNS
+    from aihow_infra.ops import Operator, refuse_risks
+
+    def confirm(found: list[Risk]) -> bool:
+        err.print("[yellow]These planned changes delete data or interrupt a guest:[/yellow]")
+        for risk in found:
+            err.print(f"  - {risk}", highlight=False, soft_wrap=True)
+        if yes:
+            return True
+        if not sys.stdin.isatty():
+            refuse_risks(found)
+        return input("Apply them? [y/N] ").strip().lower() in ("y", "yes")
+
+    # Engines run in sessions of their own, often from worker threads (both stacks at once): the
+    # task's main thread takes over SIGINT, SIGTERM and SIGHUP now, so a signal reaches every
+    # engine as a clean cancel and none is left running.
+    RUNS.install()
+    return Operator(progress=lambda msg: err.print(f"[dim]... {msg}[/dim]"), confirm=confirm)
+
+
+def clean_errors(fn: F) -> F:
+    """One red line per error and exit code 1, instead of a traceback."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return fn(*args, **kwargs)
+        except ConfigError as exc:
+            for problem in exc.located():
+                err.print(f"[red]error:[/red] {problem}", highlight=False, soft_wrap=True)
+            raise Exit(code=1) from None
+        except AihowError as exc:
+            err.print(f"[red]error:[/red] {exc}", highlight=False, soft_wrap=True)
+            raise Exit(code=1) from None
+        except KeyboardInterrupt:
+            # Between engine runs (a wait, a build): what ran is recorded, and every task is
+            # idempotent, so the same command again goes on from there.
+            err.print("[red]interrupted:[/red] no engine was running; the same command again goes on from "
+                      "where this one stopped", highlight=False, soft_wrap=True)
+            raise Exit(code=130) from None
+
+    return wrapper  # type: ignore[return-value]
+
+
+def task(help: dict[str, str] | None = None) -> Callable[[Callable[..., Any]], Task[Any]]:
+    """An invoke task whose errors are one clean line (every operator task is one)."""
+
+    def decorate(fn: Callable[..., Any]) -> Task[Any]:
+        made: Task[Any] = invoke_task(help=help or {})(clean_errors(fn))
+        return made
+
+    return decorate
+
+
+def _settled(deploy: bool) -> bool:
+    """True when every configured stack is as its last successful run left it (and, with
+    ``deploy``, deployed since): checked before the library's heavier imports."""
+    from aihow_infra.lastrun import LastRuns
+    from aihow_infra.stacks import Workspace
+
+    workspace = Workspace()
+    stacks = [s for s in ("hpc", "cloud") if (workspace.project_dir / f"Pulumi.{s}.yaml").exists()]
+    runs = LastRuns(workspace.project_dir)
+    return bool(stacks) and all(not runs.changes(s, workspace.state_files(s), settled=deploy) for s in stacks)
+
+
+def _check_stack(stack: str) -> None:
+    if not stack:
+        raise AihowError("--stack is missing; allowed: --stack hpc or --stack cloud (`stacks` lists them)")
+    if stack not in ("hpc", "cloud"):
+        raise AihowError(f"--stack {stack!r} is not a cluster stack; allowed: hpc or cloud")
+
+
+def _confirm(question: str, yes: bool) -> None:
+    if yes:
+        return
+    if not sys.stdin.isatty():
+        raise AihowError(f"{question} needs confirmation; pass --yes to run without a terminal")
+    if input(f"{question} [y/N] ").strip().lower() not in ("y", "yes"):
+        raise Exit("cancelled", code=1)
+
+

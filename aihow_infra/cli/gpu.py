@@ -1,0 +1,43 @@
+"""Tasks on the GPU lease ledger (``gpu.*``)."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict
+
+from invoke.context import Context
+from rich.table import Table
+
+from aihow_infra.cli.common import operator, out, task
+
+
+@task(help={"json": "print JSON"})
+def gpu_leases(c: Context, json_: bool = False) -> None:
+    """Every GPU lease in the host's ledger, marking stale ones (holder gone or shut off)."""
+    from aihow_infra.leases import lease_report
+
+    ledger, uri = operator().host_ledger()
+    rows = lease_report(ledger, uri)
+    if json_:
+        out.print_json(json.dumps([{**asdict(r), "stale": r.stale} for r in rows]))
+        return
+    table = Table(title=f"GPU leases ({ledger.path})", title_justify="left")
+    for col in ("address", "holder", "since", "generation", "holder state", "stale"):
+        table.add_column(col)
+    if not rows:
+        out.print(f"no GPU leases: no VM holds a GPU ({ledger.path})", highlight=False)
+        return
+    for r in rows:
+        table.add_row(r.address, r.holder, r.granted_at or "-", str(r.generation),
+                      r.holder_state, "[red]stale[/red]" if r.stale else "")
+    out.print(table)
+
+
+@task(help={"address": "PCI address, e.g. 0000:01:00.0", "force": "reclaim even while the holder runs"})
+def gpu_reclaim(c: Context, address: str, force: bool = False) -> None:
+    """Free a stale GPU lease; refused while its holder runs unless --force."""
+    from aihow_infra.leases import reclaim
+
+    ledger, uri = operator().host_ledger()
+    freed = reclaim(ledger, uri, address, force=force)
+    out.print(f"[yellow]freed {address} (was held by {freed})[/yellow]" if freed else f"{address} was not held")

@@ -1,0 +1,73 @@
+"""Views: the topology, an Ansible inventory, and whether the host is ready (``host.check``)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from invoke.context import Context
+from invoke.exceptions import Exit
+
+from aihow_infra.cli.common import STACK_HELP, _check_stack, err, operator, out, task
+from aihow_infra.errors import AihowError
+
+
+@task(help={"json": "print JSON instead of the tree", "config": "show a cluster file instead of the stacks"})
+def topology(c: Context, json_: bool = False, config: str = "") -> None:
+    """The clusters as a tree: networks, VMs, GPUs; shared GPUs marked."""
+    from aihow_infra.topology import planned_topology, render_tree
+
+    status = planned_topology(config) if config else operator().system_status()
+    if json_:
+        out.print_json(json.dumps(status.to_dict()))
+    else:
+        out.print(render_tree(status))
+
+
+@task(help={"stack": STACK_HELP, "out": "write the inventory to this file instead of printing it"})
+def inventory(c: Context, stack: str = "", out_: str = "") -> None:
+    """An Ansible YAML inventory from the stack's outputs (Kubespray layout for cloud)."""
+    from aihow_infra.inventory import to_yaml
+
+    _check_stack(stack)
+    text = to_yaml(operator().inventory(stack))
+    if out_:
+        Path(out_).write_text(text)
+        err.print(f"wrote {out_}")
+    else:
+        print(text, end="")
+
+
+@task(help={"config": "cluster file whose passthrough devices to check (default: the stacks')",
+            "sysfs_root": "read /sys and /proc under this folder instead of the host's",
+            "recorded": "check a recorded host (JSON: pci_devices, iommu_groups, dev_kvm, modules_loaded)",
+            "json": "print JSON"})
+def host_check(c: Context, config: str = "", sysfs_root: str = "/", recorded: str = "", json_: bool = False) -> None:
+    """KVM, libvirtd, IOMMU and every passthrough device: ready or what to fix."""
+    import tempfile
+
+    from aihow_infra import hostcheck
+    from aihow_infra.settings import DEFAULT_LIBVIRT_URI
+
+    op = operator()
+    files = [Path(config)] if config else op.cluster_file_paths()
+    uris = sorted({op.settings(s).libvirt_uri for s in op.configured_stacks()}) or [DEFAULT_LIBVIRT_URI]
+    if recorded and sysfs_root != "/":
+        raise AihowError("give --recorded FILE or --sysfs-root DIR, not both")
+    with tempfile.TemporaryDirectory(prefix="aihow-host-") as tmp:
+        root = (hostcheck.materialize(hostcheck.load_recording(Path(recorded)), Path(tmp)) if recorded
+                else hostcheck.sysfs_root(sysfs_root))
+        report = hostcheck.check_host(root, files, uris)
+    if json_:
+        out.print_json(json.dumps(report.to_dict()))
+    else:
+        marks = {"ok": "[green]ok[/green]", "FAIL": "[red]FAIL[/red]", "WARN": "[yellow]WARN[/yellow]",
+                 "not needed": "[dim]not needed[/dim]"}
+        for check in report.checks:
+            out.print(f"{marks[check.verdict]} {check.name}: {check.detail}", highlight=False)
+            if check.verdict in ("FAIL", "WARN") and check.fix:
+                # Whole, never wrapped: it is meant to be copied and pasted.
+                out.print(f"     fix: {check.fix}", highlight=False, soft_wrap=True)
+        out.print("[green]ready for passthrough[/green]" if report.ready else "[red]not ready[/red]")
+    if not report.ready:
+        raise Exit(code=1)

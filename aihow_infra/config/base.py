@@ -1,0 +1,36 @@
+"""What every cluster-file model shares: the strict base model, the formats of names and
+addresses, the cluster keys and the image roles."""
+
+from __future__ import annotations
+
+import re
+from typing import Literal
+
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+)
+
+PCI_ADDRESS_RE = re.compile(r"^[0-9a-f]{4}:[0-9a-f]{2}:[0-9a-f]{2}\.[0-7]$")
+HEX_ID_RE = re.compile(r"^[0-9a-f]{4}$")
+# Linux interface names: at most 15 bytes, no '/', ':' or whitespace.
+BRIDGE_RE = re.compile(r"^[A-Za-z0-9_.\-]{1,15}$")
+CLUSTER_NAME_RE = re.compile(r"^[a-z0-9]([a-z0-9\-]*[a-z0-9])?$")
+
+ClusterKey = Literal["hpc", "cloud"]
+CLUSTER_KEYS: tuple[ClusterKey, ...] = ("hpc", "cloud")
+
+
+class Model(BaseModel):
+    """Base of every cluster-file model: unknown keys are errors."""
+
+    model_config = ConfigDict(extra="forbid", populate_by_name=True, frozen=True)
+
+
+ImageRole = Literal["base", "hpc", "cloud"]
+# The root file system of each project image, in GiB (images.py builds them this big): a VM's disk is
+# a copy-on-write overlay on it, and one smaller than the file system cuts it off, so the guest does
+# not boot. The cloud image carries container archives no registry can give (aihow_infra.oci).
+IMAGE_ROOT_GB: dict[str, int] = {"base": 2, "hpc": 2, "cloud": 3, "gpuhost": 3}
+
+
