@@ -13,7 +13,7 @@ import pulumi
 from aihow_infra.components import Cluster, ClusterArgs
 from aihow_infra.desired import PowerRecords
 from aihow_infra.errors import AihowError, ConfigError, StateFileError
-from aihow_infra.hostcheck import check_subnets
+from aihow_infra.hostcheck import check_hugepages, check_subnets
 from aihow_infra.images import find_image, recipe_for
 from aihow_infra.loading import load_cluster_file
 from aihow_infra.plan import plan_cluster
@@ -41,6 +41,7 @@ def main() -> None:
     try:
         # Before anything is made: a subnet the host already uses would cut it off from its own.
         check_subnets([plan], settings.libvirt_uri, settings.cluster_file)
+        check_hugepages([plan], settings.cluster_file)
     except ConfigError as exc:
         raise pulumi.RunError(f"{exc}\n{exc.report()}") from None
     except AihowError as exc:

@@ -68,9 +68,14 @@ def _system_checks(host: Host, live: bool, passthrough: bool, uris: Iterable[str
                                                                    "emulation, many times slower",
                         "" if kvm else "enable VT-x/AMD-V in the firmware, then `modprobe kvm_intel` "
                                        "(or `modprobe kvm_amd`)", advisory=True))
-    # What aihow:virtType auto picks here; software emulation works, only slower, so never a failure.
+    # What aihow:virtType auto picks here; software emulation works, only slower, so never a
+    # failure. A /dev/kvm that cannot run a real guest (kvm_pvm) is a warning of its own (a missing
+    # one is the kvm check's).
     choice = choose_virt_type("auto", host, kvm)
-    checks.append(Check("acceleration", True, f"{choice.virt_type}: {choice.reason}"))
+    unusable = kvm and choice.virt_type != "kvm"
+    checks.append(Check("acceleration", not unusable, f"{choice.virt_type}: {choice.reason}",
+                        "nothing to fix for the VMs to work; for KVM speed, a host whose /dev/kvm runs real "
+                        "guests (kvm_intel or kvm_amd)" if unusable else "", advisory=True))
     if live:
         import libvirt
 
@@ -164,27 +169,55 @@ def _host_class(host: Host, address: str) -> str:
 HUGEPAGE_KIB = {"2M": 2048, "1G": 1048576}
 
 
-def _hugepage_checks(host: Host, vms: list[VmPlan]) -> list[Check]:
-    """For each hugepage size the VMs back their memory with: the host's pool of that size
-    (``nr_hugepages``) holds every such VM's memory at once."""
+@dataclass(frozen=True)
+class HugepageNeed:
+    """The hugepages of one size the VMs back their memory with, against the host's pool."""
+
+    size: str
+    users: list[VmPlan]
+    have: int  # pages reserved (nr_hugepages)
+    need: int  # pages for every such VM's memory at once
+    fix: str  # the command that reserves them ("" when enough are)
+
+
+def _hugepage_needs(host: Host, vms: list[VmPlan]) -> list[HugepageNeed]:
     needs: dict[str, list[VmPlan]] = {}
     for vm in vms:
         perf = vm.acceleration.performance
         if perf.enable_hugepages or perf.memory_backing == "hugepages":
             needs.setdefault(perf.hugepage_size, []).append(vm)
-    checks = []
+    found = []
     for size, users in sorted(needs.items()):
         kib = HUGEPAGE_KIB[size]
         pool = f"/sys/kernel/mm/hugepages/hugepages-{kib}kB/nr_hugepages"
         have = int(host.read(pool) or 0)
         need = sum(vm.memory_gb for vm in users) * 1048576 // kib
-        names = ", ".join(vm.name for vm in users)
         fix = "" if have >= need else (f"echo {need} > {pool} (1G pages are surest at boot: add `hugepagesz=1G "
                                        f"hugepages={need}` to GRUB_CMDLINE_LINUX, `update-grub`, reboot)"
                                        if size == "1G" else f"echo {need} > {pool}")
-        checks.append(Check(f"hugepages {size}", have >= need,
-                            f"{have} pages of {size} reserved; {need} needed for the memory of {names}", fix))
-    return checks
+        found.append(HugepageNeed(size, users, have, need, fix))
+    return found
+
+
+def _hugepage_checks(host: Host, vms: list[VmPlan]) -> list[Check]:
+    """For each hugepage size the VMs back their memory with: the host's pool of that size
+    (``nr_hugepages``) holds every such VM's memory at once."""
+    return [Check(f"hugepages {n.size}", n.have >= n.need, f"{n.have} pages of {n.size} reserved; {n.need} needed "
+                  f"for the memory of {', '.join(vm.name for vm in n.users)}", n.fix)
+            for n in _hugepage_needs(host, vms)]
+
+
+def check_hugepages(plans: list[ClusterPlan], file: str | Path, root: Path = Path("/")) -> None:
+    """``ConfigError`` when this host does not reserve the hugepages the VMs' memory is backed by
+    (libvirt would refuse to start them), naming the key and its line in the cluster ``file``."""
+    problems = []
+    for n in _hugepage_needs(Host(root), [vm for plan in plans for vm in plan.vms]):
+        if n.have < n.need:
+            key = f"clusters.{n.users[0].cluster_key}.hardware.acceleration.performance.hugepage_size"
+            problems.append(f"{key}: '{n.size}' pages back the memory of {', '.join(vm.name for vm in n.users)}, "
+                            f"{n.need} of them, and this host reserves {n.have}; allowed: reserve them first "
+                            f"({n.fix}), or turn hugepages off")
+    _refuse(problems, file)
 
 
 def check_host(root: Path, cluster_files: Iterable[str | Path],
@@ -234,6 +267,11 @@ def check_subnets(plans: list[ClusterPlan], uri: str, file: str | Path) -> None:
     """``ConfigError`` naming each cluster subnet the host already uses (before anything is made),
     with its line in the cluster ``file``."""
     problems = subnet_collisions(plans, subnets_in_use(uri))
+    _refuse(problems, file)
+
+
+def _refuse(problems: list[str], file: str | Path) -> None:
+    """``ConfigError`` for ``problems`` (none: nothing), each with its line in the cluster ``file``."""
     if problems:
         try:
             lines = key_lines(Path(file).read_text(encoding="utf-8"))

@@ -207,3 +207,32 @@ def test_validate_reads_the_stacks_cluster_files_from_any_folder(capsys: pytest.
     code, out, err = run_task(capsys, "validate")
     assert code == 0, out + err
     assert f"{ROOT / 'config' / 'default.yaml'}: valid" in " ".join(out.split())
+
+
+def test_validate_refuses_hugepages_the_host_does_not_reserve(tmp_path: Path) -> None:
+    """libvirt would refuse to start a VM whose memory the host's hugepages cannot back: the
+    check names the key, the VMs, what is reserved and the command that reserves enough."""
+    from aihow_infra.errors import ConfigError
+    from aihow_infra.hostcheck import check_hugepages
+    from aihow_infra.loading import load_cluster_file
+    from aihow_infra.plan import plan_all
+
+    path = tmp_path / "cluster.yaml"
+    text = Path(ROOT / "tests/fixtures/cases/hugepages-virtiofs.yaml").read_text()
+    path.write_text(text)
+    (tmp_path / "share").mkdir()
+    plans = plan_all(load_cluster_file(path))
+    root = materialize({"pci_devices": {}, "iommu_groups": {}}, tmp_path / "host")
+    pool = root / "sys/kernel/mm/hugepages/hugepages-1048576kB"
+    pool.mkdir(parents=True)
+    (pool / "nr_hugepages").write_text("4\n")
+    with pytest.raises(ConfigError) as caught:
+        check_hugepages(plans, path, root)
+    assert caught.value.problems == [
+        "clusters.hpc.hardware.acceleration.performance.hugepage_size: '1G' pages back the memory of "
+        "hp-hpc-controller, hp-hpc-compute-01, 20 of them, and this host reserves 4; allowed: reserve them first "
+        "(echo 20 > "
+        "/sys/kernel/mm/hugepages/hugepages-1048576kB/nr_hugepages (1G pages are surest at boot: add `hugepagesz=1G "
+        "hugepages=20` to GRUB_CMDLINE_LINUX, `update-grub`, reboot)), or turn hugepages off"]
+    (pool / "nr_hugepages").write_text("20\n")
+    check_hugepages(plans, path, root)

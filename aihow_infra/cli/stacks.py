@@ -74,7 +74,7 @@ def destroy(c: Context, stack: str = "", yes: bool = False) -> None:
 @task(help={"config": "cluster file to check (default: the one each stack names)"})
 def validate(c: Context, config: str = "") -> None:
     """Check a cluster file: a summary, or every error at once."""
-    from aihow_infra.hostcheck import check_subnets
+    from aihow_infra.hostcheck import check_hugepages, check_subnets
     from aihow_infra.loading import load_cluster_file
     from aihow_infra.plan import plan_all, shared_devices
 
@@ -89,6 +89,7 @@ def validate(c: Context, config: str = "") -> None:
     for path, cluster_file in loaded:
         plans = plan_all(cluster_file)
         check_subnets(plans, uri, str(path))
+        check_hugepages(plans, str(path))
         table = Table(title=f"{path}: valid", title_justify="left")
         for col in ("cluster", "VMs", "auto-start", "vCPUs", "memory GiB", "disk GiB", "network", "GPUs"):
             table.add_column(col)

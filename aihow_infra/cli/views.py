@@ -68,6 +68,8 @@ def host_check(c: Context, config: str = "", sysfs_root: str = "/", recorded: st
             if check.verdict in ("FAIL", "WARN") and check.fix:
                 # Whole, never wrapped: it is meant to be copied and pasted.
                 out.print(f"     fix: {check.fix}", highlight=False, soft_wrap=True)
-        out.print("[green]ready for passthrough[/green]" if report.ready else "[red]not ready[/red]")
+        passthrough = any(check.name.startswith("device ") for check in report.checks)
+        out.print("[red]not ready[/red]" if not report.ready else "[green]ready for passthrough[/green]"
+                  if passthrough else "[green]ready (no passthrough configured)[/green]")
     if not report.ready:
         raise Exit(code=1)
