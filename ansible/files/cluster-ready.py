@@ -7,9 +7,9 @@ changed anything.
 
     cluster-ready.py NODE=LABEL[,LABEL...] ...     (a LABEL is KEY=VALUE; VALUE may be empty)
 
-Under software emulation each kubectl run costs seconds, so one ``kubectl get`` reads everything
-it checks, polled until the cluster is there; a cluster with nothing to change costs that one
-read.
+Under software emulation each kubectl run costs seconds, so after the API server's /readyz one
+``kubectl get`` reads everything it checks, polled until the cluster is there; a cluster with
+nothing to change costs those two reads.
 """
 
 from __future__ import annotations
@@ -45,10 +45,15 @@ def read(nodes: list[str]) -> tuple[dict[tuple[str, str], Any] | None, str]:
     objects = [f"clusterrolebinding/{b}" for b in BINDINGS] + ["serviceaccount/default"] + [f"node/{n}" for n in nodes]
     done = kubectl("--namespace", "default", "get", *objects, "--ignore-not-found", "--output", "json")
     if done.returncode != 0:
-        return None, done.stderr.strip().splitlines()[-1] if done.stderr.strip() else f"exit {done.returncode}"
+        return None, last_line(done.stderr, done.returncode)
     listed = json.loads(done.stdout) if done.stdout.strip() else {}
     items = listed.get("items", [listed] if listed.get("kind") else [])
     return {(i["kind"], i["metadata"]["name"]): i for i in items}, ""
+
+
+def last_line(stderr: str, code: int) -> str:
+    """What kubectl said last, or its exit code."""
+    return stderr.strip().splitlines()[-1] if stderr.strip() else f"exit {code}"
 
 
 def ready(node: Any) -> bool:
@@ -66,7 +71,11 @@ def main(args: list[str]) -> int:
     nodes, changed = list(wanted), False
     deadline = time.monotonic() + TIMEOUT_SECONDS
     while True:
-        found, why = read(nodes)
+        # Ready first: the API server answers reads a while before every check of /readyz
+        # passes, and status calls a cluster whose API server is not ready unhealthy.
+        ready_z = kubectl("get", "--raw", "/readyz")
+        found, why = read(nodes) if ready_z.returncode == 0 else (None, "the API server to be ready: "
+                                                                   + last_line(ready_z.stderr, ready_z.returncode))
         if found is not None:
             for binding, how in BINDINGS.items():
                 if ("ClusterRoleBinding", binding) not in found:
