@@ -3,12 +3,13 @@ recorded so that ``system.up`` deploys only what changed."""
 
 from __future__ import annotations
 
+import tempfile
 from pathlib import Path
 from typing import Any
 
 from aihow_infra.deploy import DeployResult, fingerprint, project_playbook, run_playbook
 from aihow_infra.errors import AihowError
-from aihow_infra.inventory import Access, build_inventory
+from aihow_infra.inventory import Access, build_inventory, to_yaml
 from aihow_infra.ops.converge import Converging
 
 
@@ -40,11 +41,17 @@ class Deploying(Converging):
         kubeconfig.parent.mkdir(parents=True, exist_ok=True, mode=0o700)  # before the fetch writes into it
         env = {**self.workspace.env(), "AIHOW_PROJECT_DIR": str(self.workspace.project_dir),
                "AIHOW_KUBECONFIG": str(kubeconfig)}
-        try:
-            result = run_playbook(book, stack, env, limit, self.progress)
-        finally:
-            if kubeconfig.exists():
-                kubeconfig.chmod(0o600)
+        # The inventory just computed, as a file: the live inventory plugin would compute it again
+        # inside ansible-playbook (the stack's outputs from the engine, libvirt's states), seconds
+        # of a deploy with nothing to change.
+        with tempfile.TemporaryDirectory(prefix="aihow-inventory-") as tmp:
+            static = Path(tmp) / f"{stack}.yml"
+            static.write_text(to_yaml(inventory))
+            try:
+                result = run_playbook(book, stack, env, limit, self.progress, inventory=static)
+            finally:
+                if kubeconfig.exists():
+                    kubeconfig.chmod(0o600)
         if book == own and limit is None:
             self.deploys.save(stack, fingerprint(inventory, book), result)
         self.progress(f"{stack} deployed in {result.seconds:.0f} s, {result.changed} change(s)")
