@@ -52,6 +52,13 @@ def playbook_run(ansible_dir: Path, stack: str, inventory: Path) -> float:
     return seconds
 
 
+def baseline_ansible(rev: str, folder: Path) -> None:
+    """The ``ansible/`` folder of commit ``rev``, laid out in ``folder`` (its playbooks run there)."""
+    archive = subprocess.run(["git", "-C", str(ROOT), "archive", rev, "ansible"], check=True,
+                             capture_output=True).stdout
+    subprocess.run(["tar", "-x", "-C", str(folder), "--strip-components=1"], input=archive, check=True)
+
+
 def main() -> int:
     """Boot, deploy both ways, print the table."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -62,9 +69,7 @@ def main() -> int:
         root = Path(tmp)
         old = root / "baseline"
         old.mkdir()
-        archive = subprocess.run(["git", "-C", str(ROOT), "archive", args.baseline, "ansible"], check=True,
-                                 capture_output=True).stdout
-        subprocess.run(["tar", "-x", "-C", str(old), "--strip-components=1"], input=archive, check=True)
+        baseline_ansible(args.baseline, old)
         new = ROOT / "ansible"
         work = root / "work"
         work.mkdir()

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import subprocess
 import sys
 import tempfile
 import time
@@ -28,7 +27,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
-from deploy import playbook_run  # noqa: E402  (bench/deploy.py)
+from deploy import baseline_ansible, playbook_run  # noqa: E402  (bench/deploy.py)
 
 from aihow_infra.inventory import to_yaml  # noqa: E402
 from aihow_infra.libvirt.guest import run  # noqa: E402
@@ -129,9 +128,7 @@ def main() -> int:
             tempfile.TemporaryDirectory(prefix="aihow-bench-idle-baseline-") as baseline, open_sandbox() as box, \
             open_e2e(box, Path(tmp)) as e2e:
         old = Path(baseline)
-        archive = subprocess.run(["git", "-C", str(ROOT), "archive", args.baseline, "ansible"], check=True,
-                                 capture_output=True).stdout
-        subprocess.run(["tar", "-x", "-C", str(old), "--strip-components=1"], input=archive, check=True)
+        baseline_ansible(args.baseline, old)
         clusters = default_example_on(e2e)
         cluster_file = e2e.write_cluster_file(clusters)
         for stack in ("hpc", "cloud"):
