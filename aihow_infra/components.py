@@ -9,9 +9,9 @@ import pulumi
 
 from aihow_infra.cloudinit import SeedSpec, seed_files
 from aihow_infra.desired import DesiredPower
+from aihow_infra.gpu.ledger import LeaseRef, holder_for
 from aihow_infra.images import KERNEL_CMDLINE, image_for
 from aihow_infra.kinds import kind_of
-from aihow_infra.ledger import LeaseRef, holder_for
 from aihow_infra.libvirt.guest import console_log_path
 from aihow_infra.plan import ClusterPlan, VmPlan
 from aihow_infra.settings import StackSettings

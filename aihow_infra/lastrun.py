@@ -26,7 +26,7 @@ from typing import Any
 
 from aihow_infra.errors import LeaseError
 from aihow_infra.files import atomic_write
-from aihow_infra.ledger import Ledger, holder_for
+from aihow_infra.gpu.ledger import Ledger, holder_for
 from aihow_infra.libvirt.connection import connect, lookup
 from aihow_infra.libvirt.inspect import metadata, read_definition
 from aihow_infra.state.layout import CHECKOUT, ProjectState

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from rich.tree import Tree
 
-from aihow_infra.ledger import vm_of
+from aihow_infra.gpu.ledger import vm_of
 from aihow_infra.loading import load_cluster_file
 from aihow_infra.plan import plan_all, shared_devices
 from aihow_infra.status import PLANNED, SystemStatus, planned_status

@@ -37,7 +37,7 @@ from measure import measured
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from aihow_infra.ledger import Ledger  # noqa: E402
+from aihow_infra.gpu.ledger import Ledger  # noqa: E402
 from aihow_infra.loading import load_cluster_file  # noqa: E402
 from aihow_infra.stacks import Workspace  # noqa: E402
 

@@ -24,8 +24,8 @@ from aihow_infra.changes import (
     reboot_keys,
 )
 from aihow_infra.errors import LibvirtError
+from aihow_infra.gpu.ledger import LeaseRef, Ledger
 from aihow_infra.host import Host, VirtChoice, choose_virt_type
-from aihow_infra.ledger import LeaseRef, Ledger
 from aihow_infra.libvirt.connection import call, connect, kvm_usable, lookup
 from aihow_infra.libvirt.guest import probe, wait_ready
 from aihow_infra.libvirt.inspect import metadata, read_definition

@@ -15,7 +15,7 @@ from typing import Any
 import pulumi
 from pulumi.dynamic import CreateResult, DiffResult, ReadResult, Resource, UpdateResult
 
-from aihow_infra.ledger import LeaseRef, Ledger
+from aihow_infra.gpu.ledger import LeaseRef, Ledger
 from providers.base import Provider
 
 

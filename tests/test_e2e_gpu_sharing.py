@@ -20,7 +20,7 @@ from typing import Any
 import pytest
 
 from aihow_infra.errors import LeaseConflictError, StackError
-from aihow_infra.ledger import Ledger
+from aihow_infra.gpu.ledger import Ledger
 from aihow_infra.ops import Operator
 from tests.sandbox import E2E, Sandbox, gpu_passthrough
 

@@ -6,7 +6,7 @@ import libvirt
 import pytest
 
 from aihow_infra.errors import AihowError
-from aihow_infra.leases import lease_report, reclaim
+from aihow_infra.gpu.leases import lease_report, reclaim
 from aihow_infra.ops import Operator
 from tests.sandbox import E2E
 

@@ -22,7 +22,8 @@ LAYERS: list[list[str]] = [
     ["aihow_infra.settings", "aihow_infra.plan", "aihow_infra.changes", "aihow_infra.kubebins", "aihow_infra.oci"],
     ["aihow_infra.crosscheck"],
     ["aihow_infra.loading", "aihow_infra.progress"],
-    ["aihow_infra.ledger", "aihow_infra.desired", "aihow_infra.status", "aihow_infra.host", "aihow_infra.images",
+    ["aihow_infra.gpu", "aihow_infra.gpu.ledger", "aihow_infra.desired", "aihow_infra.status", "aihow_infra.host",
+     "aihow_infra.images",
      "aihow_infra.cloudinit",
      "aihow_infra.sshkeys"],
     ["aihow_infra.libvirt", "aihow_infra.stacks"],
@@ -30,13 +31,13 @@ LAYERS: list[list[str]] = [
     ["aihow_infra.kinds"],
     ["aihow_infra.inventory"],
     ["aihow_infra.components", "aihow_infra.ops"],
-    ["aihow_infra.topology", "aihow_infra.leases", "aihow_infra.hostcheck"],
+    ["aihow_infra.topology", "aihow_infra.gpu.leases", "aihow_infra.hostcheck"],
     ["aihow_infra.cli"],
     ["__main__", "tasks"],
 ]
 # What the tasks run: none of it may reach Pulumi, the providers or the components.
 TASK_PATH = ["aihow_infra.cli", "aihow_infra.interrupts", "aihow_infra.stacks", "aihow_infra.ops", "aihow_infra.status",
-             "aihow_infra.topology", "aihow_infra.inventory", "aihow_infra.leases", "aihow_infra.hostcheck",
+             "aihow_infra.topology", "aihow_infra.inventory", "aihow_infra.gpu.leases", "aihow_infra.hostcheck",
              "aihow_infra.images", "aihow_infra.deploy", "aihow_infra.kinds",
              "aihow_infra.kubebins", "aihow_infra.oci", "aihow_infra.progress", "aihow_infra.lastrun"]
 # Packages whose modules may import each other (each keeps its own order: ops/ is a chain).
@@ -61,12 +62,13 @@ def _modules() -> dict[str, Path]:
 
 
 def _layer(module: str) -> tuple[int, str]:
-    """(layer index, the group the module belongs to: a package or the module itself)."""
-    for index, group in enumerate(LAYERS):
-        for name in group:
-            if module == name or module.startswith(name + "."):
-                return index, name
-    raise AssertionError(f"{module} is in no layer: add it to LAYERS")
+    """(layer index, the group the module belongs to: a package or the module itself). The
+    longest name wins, so a package's modules may sit on different layers (aihow_infra.gpu)."""
+    found = [(index, name) for index, group in enumerate(LAYERS) for name in group
+             if module == name or module.startswith(name + ".")]
+    if not found:
+        raise AssertionError(f"{module} is in no layer: add it to LAYERS")
+    return max(found, key=lambda item: len(item[1]))
 
 
 def _imports(path: Path) -> set[str]:
@@ -127,7 +129,7 @@ def test_libvirt_knows_nothing_of_leases_and_kinds_nothing_of_the_operator() -> 
     """The libvirt package works without Pulumi and without the GPU ledger (the providers take
     and release leases); a kind of cluster never reaches back into the Operator."""
     modules = _modules()
-    forbidden = {"aihow_infra.libvirt": ("aihow_infra.ledger", "aihow_infra.ops"),
+    forbidden = {"aihow_infra.libvirt": ("aihow_infra.gpu", "aihow_infra.ops"),
                  "aihow_infra.kinds": ("aihow_infra.ops",)}
     wrong = [f"{module} imports {target}" for module, path in sorted(modules.items())
              for package, targets in forbidden.items() if module.startswith(package)

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from aihow_infra.errors import BusyError, LeaseConflictError, LeaseError
-from aihow_infra.ledger import Ledger
+from aihow_infra.gpu.ledger import Ledger
 from providers.gpu_lease import GpuLeaseProvider
 
 GPU = ["0000:01:00.0", "0000:01:00.1"]

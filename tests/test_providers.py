@@ -11,7 +11,7 @@ import libvirt
 import pytest
 
 from aihow_infra.errors import LibvirtError
-from aihow_infra.ledger import Ledger
+from aihow_infra.gpu.ledger import Ledger
 from aihow_infra.libvirt.connection import translate
 from aihow_infra.libvirt.inspect import metadata, read_definition
 from aihow_infra.settings import parse_settings

@@ -14,7 +14,7 @@ from aihow_infra.cli.common import operator, out, task
 @task(help={"json": "print JSON"})
 def gpu_leases(c: Context, json_: bool = False) -> None:
     """Every GPU lease in the host's ledger, marking stale ones (holder gone or shut off)."""
-    from aihow_infra.leases import lease_report
+    from aihow_infra.gpu.leases import lease_report
 
     ledger, uri = operator().host_ledger()
     rows = lease_report(ledger, uri)
@@ -36,7 +36,7 @@ def gpu_leases(c: Context, json_: bool = False) -> None:
 @task(help={"address": "PCI address, e.g. 0000:01:00.0", "force": "reclaim even while the holder runs"})
 def gpu_reclaim(c: Context, address: str, force: bool = False) -> None:
     """Free a stale GPU lease; refused while its holder runs unless --force."""
-    from aihow_infra.leases import reclaim
+    from aihow_infra.gpu.leases import reclaim
 
     ledger, uri = operator().host_ledger()
     freed = reclaim(ledger, uri, address, force=force)

@@ -9,9 +9,9 @@ from typing import Any
 from aihow_infra.deploy import project_playbook
 from aihow_infra.desired import PowerState
 from aihow_infra.errors import AihowError, StackError
+from aihow_infra.gpu.ledger import Ledger, holder_for
 from aihow_infra.interrupts import RUNS
 from aihow_infra.kinds import kind_of
-from aihow_infra.ledger import Ledger, holder_for
 from aihow_infra.libvirt.connection import connect, lookup
 from aihow_infra.libvirt.guest import console_log_path, wait_ready
 from aihow_infra.libvirt.power import start_domain, stop_domain

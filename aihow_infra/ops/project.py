@@ -17,8 +17,8 @@ from aihow_infra.config import CLUSTER_KEYS, ClusterFile
 from aihow_infra.deploy import DeployRecord
 from aihow_infra.desired import DesiredPower, PowerRecords
 from aihow_infra.errors import AihowError, ConfigError
+from aihow_infra.gpu.ledger import Ledger
 from aihow_infra.lastrun import LastRuns
-from aihow_infra.ledger import Ledger
 from aihow_infra.libvirt.connection import connect, lookup
 from aihow_infra.libvirt.power import UNDEFINED, state_name
 from aihow_infra.loading import load_cluster_file

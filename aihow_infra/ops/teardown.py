@@ -11,7 +11,7 @@ from typing import Any
 import libvirt
 
 from aihow_infra.errors import AihowError, ConfigError, StackError
-from aihow_infra.ledger import Ledger, holder_for
+from aihow_infra.gpu.ledger import Ledger, holder_for
 from aihow_infra.libvirt.connection import call, connect, discard, lookup, remove_pool
 from aihow_infra.libvirt.inspect import metadata, network_stack, pool_path
 from aihow_infra.libvirt.power import stop_domain, undefine

@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from aihow_infra.errors import AihowError
-from aihow_infra.ledger import Ledger, vm_of
+from aihow_infra.gpu.ledger import Ledger, vm_of
 from aihow_infra.libvirt.connection import connect, lookup
 from aihow_infra.libvirt.power import UNDEFINED, is_live, state_name
 
