@@ -6,15 +6,8 @@ Every task prints one clear line per error and exits non-zero on failure.
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
-
 from invoke.collection import Collection
 from invoke.program import Program
-
-# The checkout on the import path first, so `aihow` works from any folder (the library computes
-# the checkout itself once, in aihow_infra/state/layout.py).
-sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from aihow_infra.cli.common import version
 from aihow_infra.cli.dev import test

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import copy
+import os
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -207,6 +210,17 @@ def test_validate_reads_the_stacks_cluster_files_from_any_folder(capsys: pytest.
     code, out, err = run_task(capsys, "validate")
     assert code == 0, out + err
     assert f"{ROOT / 'config' / 'default.yaml'}: valid" in " ".join(out.split())
+
+
+def test_the_installed_command_runs_from_any_folder(tmp_path: Path) -> None:
+    """`aihow` as bootstrap installs it (the console script of an editable install) finds the
+    tasks and the library from any folder, with nothing on PYTHONPATH."""
+    command = Path(sys.executable).parent / "aihow"
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    ran = subprocess.run([str(command), "validate"], cwd=tmp_path, env=env, capture_output=True, text=True,
+                         timeout=120, check=False)
+    assert ran.returncode == 0, ran.stdout + ran.stderr
+    assert f"{ROOT / 'config' / 'default.yaml'}: valid" in " ".join(ran.stdout.split())
 
 
 def test_validate_refuses_hugepages_the_host_does_not_reserve(tmp_path: Path) -> None:

@@ -50,6 +50,32 @@ def test_every_stack_must_name_the_same_ledger(tmp_path: Path) -> None:
         op.view("hpc")
 
 
+def test_a_task_parses_each_cluster_file_once_and_again_only_when_it_changes(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """view() is called from every part of a task; the parse and validation happen once, while
+    an edited file (as tests and operators make between calls) is read again."""
+    import aihow_infra.ops.project as project_module
+
+    good = tmp_path / "good.yaml"
+    good.write_text(yaml.safe_dump(base()))
+    op = project(tmp_path, str(good), str(good))
+    loads: list[Path] = []
+    real = project_module.load_cluster_file
+    monkeypatch.setattr(project_module, "load_cluster_file",
+                        lambda path, **kw: loads.append(Path(path)) or real(path, **kw))
+    first = [op.view("hpc") for _ in range(3)]
+    assert len(loads) == 1 and first[0].plan is first[2].plan
+    data = base()
+    data["clusters"]["hpc"]["compute_nodes"][0]["memory_gb"] = 3
+    good.write_text(yaml.safe_dump(data))
+    changed = op.view("hpc")
+    assert len(loads) == 2 and changed.plan is not first[0].plan
+    assert (first[0].plan.vms[1].memory_gb, changed.plan.vms[1].memory_gb) == (2, 3)
+    monkeypatch.setenv("AIHOW_TEST_UNRELATED", "1")  # a ${VAR} could now read differently
+    op.view("hpc")
+    assert len(loads) == 3
+
+
 @pytest.mark.parametrize("force", [False, True])
 def test_a_forced_stop_powers_off_without_draining_and_a_stop_drains_then_shuts_down(
         tmp_path: Path, force: bool) -> None:

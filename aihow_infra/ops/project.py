@@ -4,6 +4,8 @@ where its records are. The base of every other part of the Operator (ops/)."""
 from __future__ import annotations
 
 import contextlib
+import hashlib
+import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -64,6 +66,7 @@ class ProjectOps:
         self.progress: Progress = progress or (lambda _msg: None)
         self.confirm = confirm
         self.state = ProjectState(self.workspace.project_dir, STATE_ROOT)
+        self._plans: dict[tuple[str, StackSettings, str, int], ClusterPlan] = {}
         if self.workspace.waiting is None:
             self.workspace.waiting = self.progress
 
@@ -120,11 +123,25 @@ class ProjectOps:
                                  pwd=self.workspace.project_dir)
 
     def view(self, stack: str) -> StackView:
-        """Settings and plan of one stack."""
+        """Settings and plan of one stack, and its power records as they are now.
+
+        The settings and the cluster file are parsed and validated once per task: a later call
+        reuses that work while both files read the same (and the environment their ``${VAR}``
+        come from is unchanged); a changed file is loaded again. Power records are read every
+        time: the task itself writes them."""
         settings = self.settings(stack)
         self._check_one_ledger(stack, settings)
-        plan = plan_cluster(self.cluster_file(settings), settings.cluster_key(stack),
-                            f"cluster file {settings.cluster_file}")
+        path = self.cluster_file_path(settings)
+        try:
+            text = path.read_bytes()
+        except OSError:
+            text = b""  # load_cluster_file says why, in the project's words
+        key = (stack, settings, hashlib.sha256(text).hexdigest(), hash(frozenset(os.environ.items())))
+        plan = self._plans.get(key)
+        if plan is None:
+            plan = plan_cluster(self.cluster_file(settings), settings.cluster_key(stack),
+                                f"cluster file {settings.cluster_file}")
+            self._plans = {key: plan, **{k: v for k, v in self._plans.items() if k[0] != stack}}
         return StackView(stack, settings, plan, self.records(stack).read())
 
     def _check_one_ledger(self, stack: str, settings: StackSettings) -> None:
