@@ -15,11 +15,11 @@ from typing import Any
 import pytest
 import yaml
 
+from aihow_infra.cli.render import topology_tree
 from aihow_infra.errors import AihowError, StackError
 from aihow_infra.inventory import build_inventory, to_yaml
 from aihow_infra.ops import Operator
 from aihow_infra.state.layout import CHECKOUT
-from aihow_infra.topology import render_tree
 from tests.sandbox import E2E, Sandbox, gpu_passthrough
 
 pytestmark = pytest.mark.e2e
@@ -109,7 +109,7 @@ def test_vm_lifecycle_and_system_sequence(e2e: E2E) -> None:
     no_changes(e2e)
 
     # Topology: the shared GPU is marked on both VMs, nobody holds it.
-    tree = render_tree(op.system_status())
+    tree = topology_tree(op.system_status())
     text = _plain(tree)
     assert f"GPU 0000:41:00.0 shared with {p}-cloud-gpu-worker-01; free" in text
     assert f"network {p}-hpc-network" in text

@@ -6,8 +6,9 @@ from pathlib import Path
 
 from rich.tree import Tree
 
+from aihow_infra.cli.render import topology_tree
 from aihow_infra.status import ClusterStatus, GpuStatus, SharedGpuStatus, SystemStatus, VmStatus
-from aihow_infra.topology import planned_topology, render_tree
+from aihow_infra.topology import planned_topology
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -38,7 +39,7 @@ def labels(tree: Tree) -> list[str]:
 
 
 def test_tree_marks_the_shared_gpu_its_holder_and_colours() -> None:
-    text = labels(render_tree(DATA))
+    text = labels(topology_tree(DATA))
     assert "[cyan]network hpc-cluster-network 192.168.100.0/24[/cyan]" in text
     running = next(t for t in text if "hpc-cluster-compute-01[/" in t)
     stopped = next(t for t in text if "cloud-cluster-gpu-worker-01[/" in t)
@@ -54,5 +55,5 @@ def test_tree_from_a_cluster_file_shows_the_plan() -> None:
     assert [c.name for c in data.clusters] == ["hpc-cluster", "cloud-cluster"]
     assert [c.status for c in data.clusters] == ["planned", "planned"]
     assert [s.address for s in data.shared_gpus] == ["0000:01:00.0", "0000:01:00.1"]
-    text = labels(render_tree(data))
+    text = labels(topology_tree(data))
     assert any("shared with cloud-cluster-gpu-worker-01; free" in t for t in text)

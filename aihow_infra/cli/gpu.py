@@ -6,9 +6,9 @@ import json
 from dataclasses import asdict
 
 from invoke.context import Context
-from rich.table import Table
 
 from aihow_infra.cli.common import operator, out, task
+from aihow_infra.cli.render import leases_table
 
 
 @task(help={"json": "print JSON"})
@@ -21,16 +21,10 @@ def gpu_leases(c: Context, json_: bool = False) -> None:
     if json_:
         out.print_json(json.dumps([{**asdict(r), "stale": r.stale} for r in rows]))
         return
-    table = Table(title=f"GPU leases ({ledger.path})", title_justify="left")
-    for col in ("address", "holder", "since", "generation", "holder state", "stale"):
-        table.add_column(col)
     if not rows:
         out.print(f"no GPU leases: no VM holds a GPU ({ledger.path})", highlight=False)
         return
-    for r in rows:
-        table.add_row(r.address, r.holder, r.granted_at or "-", str(r.generation),
-                      r.holder_state, "[red]stale[/red]" if r.stale else "")
-    out.print(table)
+    out.print(leases_table(rows, ledger.path))
 
 
 @task(help={"address": "PCI address, e.g. 0000:01:00.0", "force": "reclaim even while the holder runs"})

@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 from invoke.context import Context
-from rich.table import Table
 
 from aihow_infra.cli.common import err, out, task
+from aihow_infra.cli.render import images_table
 
 
 @task(help={"role": "base, hpc, cloud, or all of them; gpuhost: the passthrough test's GPU-host simulator",
@@ -15,15 +15,12 @@ def image_build(c: Context, role: str = "all", force: bool = False) -> None:
     from aihow_infra.images import IMAGE_ROLES, ensure_image
 
     roles = list(IMAGE_ROLES) if role == "all" else [role]
-    table = Table(title="guest images", title_justify="left")
-    for col in ("role", "built now", "build time", "disk", "folder"):
-        table.add_column(col)
+    rows = []
     for name in roles:
         image, built = ensure_image(name, force=force, progress=lambda line: err.print(f"[dim]{line}[/dim]",
                                                                                          highlight=False))
-        table.add_row(name, "yes" if built else "no (cached)", f"{image.built_seconds:.0f} s",
-                      f"{image.disk_bytes / 2**20:.0f} MiB", str(image.folder))
-    out.print(table)
+        rows.append((name, image, built))
+    out.print(images_table(rows))
 
 
 @task()

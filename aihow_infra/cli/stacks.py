@@ -7,9 +7,9 @@ from dataclasses import asdict
 from pathlib import Path
 
 from invoke.context import Context
-from rich.table import Table
 
 from aihow_infra.cli.common import STACK_HELP, YES_HELP, _check_stack, _confirm, _settled, err, operator, out, task
+from aihow_infra.cli.render import stacks_table, valid_table
 
 
 @task(help={"json": "print JSON"})
@@ -22,13 +22,7 @@ def stacks(c: Context, json_: bool = False) -> None:
     if not rows:
         out.print("no stacks: add a Pulumi.hpc.yaml or Pulumi.cloud.yaml naming a cluster file")
         return
-    table = Table(title="stacks", title_justify="left")
-    for col in ("stack", "cluster file", "cluster", "resources", "last update"):
-        table.add_column(col)
-    for r in rows:
-        table.add_row(r.stack, r.cluster_file, r.cluster if not r.error else f"[red]{r.error}[/red]",
-                      str(r.resources), r.updated or "never deployed")
-    out.print(table)
+    out.print(stacks_table(rows))
 
 
 @task(help={"stack": STACK_HELP, "yes": YES_HELP})
@@ -90,15 +84,7 @@ def validate(c: Context, config: str = "") -> None:
         plans = plan_all(cluster_file)
         check_subnets(plans, uri, str(path))
         check_hugepages(plans, str(path))
-        table = Table(title=f"{path}: valid", title_justify="left")
-        for col in ("cluster", "VMs", "auto-start", "vCPUs", "memory GiB", "disk GiB", "network", "GPUs"):
-            table.add_column(col)
-        for plan in plans:
-            table.add_row(plan.name, str(len(plan.vms)), str(sum(vm.auto_start for vm in plan.vms)),
-                          str(sum(vm.cpu_cores for vm in plan.vms)), str(sum(vm.memory_gb for vm in plan.vms)),
-                          str(sum(vm.disk_gb for vm in plan.vms)), f"{plan.subnet} ({plan.bridge})",
-                          str(sum(len(vm.gpu_addresses) for vm in plan.vms)))
-        out.print(table)
+        out.print(valid_table(path, plans))
         for shared in shared_devices(plans):
             colour = "red" if shared.conflict else "magenta"
             out.print(f"[{colour}]shared {shared.describe()}[/{colour}]", highlight=False)

@@ -40,8 +40,8 @@ def system_status(c: Context, json_: bool = False) -> None:
             continue
         health = f"; {cluster.health}" if cluster.health else ""
         infra = f"; network {cluster.network_state}, pool {cluster.pool_state}"
-        vm_table(cluster.vms,
-                  title=f"{cluster.name} ({cluster.stack}, {cluster.cidr}): {cluster.status}{health}{infra}")
+        title = f"{cluster.name} ({cluster.stack}, {cluster.cidr}): {cluster.status}{health}{infra}"
+        out.print(vm_table(cluster.vms, title))
     for gpu in status.shared_gpus:
         out.print(f"[magenta]shared GPU {gpu.address}[/magenta]: {', '.join(gpu.vms)}; "
                   f"held by {gpu.holder or 'nobody'}", highlight=False)

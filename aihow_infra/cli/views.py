@@ -15,13 +15,14 @@ from aihow_infra.errors import AihowError
 @task(help={"json": "print JSON instead of the tree", "config": "show a cluster file instead of the stacks"})
 def topology(c: Context, json_: bool = False, config: str = "") -> None:
     """The clusters as a tree: networks, VMs, GPUs; shared GPUs marked."""
-    from aihow_infra.topology import planned_topology, render_tree
+    from aihow_infra.cli.render import topology_tree
+    from aihow_infra.topology import planned_topology
 
     status = planned_topology(config) if config else operator().system_status()
     if json_:
         out.print_json(json.dumps(status.to_dict()))
     else:
-        out.print(render_tree(status))
+        out.print(topology_tree(status))
 
 
 @task(help={"stack": STACK_HELP, "out": "write the inventory to this file instead of printing it"})

@@ -44,7 +44,7 @@ def vm_status(c: Context, name: str, json_: bool = False) -> None:
     if json_:
         out.print_json(json.dumps(asdict(row)))
         return
-    vm_table([row], title=name)
+    out.print(vm_table([row], title=name))
 
 
 @task(help={"name": "VM name"})
