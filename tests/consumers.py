@@ -164,10 +164,12 @@ def _plugin_loader() -> None:
 def rendered_templates(playbook: Path, inventory: Mapping[str, Any], registered: Mapping[str, Any]
                        ) -> Iterator[tuple[str, str, str]]:
     """(host, destination, text) of every file an ``aihow_converge`` task of a playbook writes,
-    rendered by Ansible's own templating (its ``template`` lookups included) with the play's
-    variables, its ``vars_files`` and the inventory, as a deploy renders them; ``registered``
-    stands for what earlier tasks registered, by variable name (the control plane's ``contents``...),
-    given to every host."""
+    rendered by Ansible's own templating (its ``template`` and ``file`` lookups included, found
+    in the role's folder first) with the play's variables, its ``vars_files``, its roles' vars and
+    the inventory, as a deploy renders them. The plays' tasks and their roles' tasks run in order
+    as far as files go: a role whose ``when`` is false is skipped, ``set_fact`` sets its facts
+    (``converge_parts``), ``aihow_converge`` yields its files; ``registered`` stands for what the
+    other tasks registered, by variable name (the munge key, ``pki``), given to every host."""
     groups, hostvars = _groups(inventory)
     common = inventory["all"].get("vars") or {}
     for name in hostvars:
@@ -176,8 +178,26 @@ def rendered_templates(playbook: Path, inventory: Mapping[str, Any], registered:
     loader = DataLoader()
     loader.set_basedir(str(playbook.parent))
 
-    def trusted(values: Mapping[str, Any]) -> dict[str, Any]:
-        return {k: trust_as_template(v) if isinstance(v, str) else v for k, v in values.items()}
+    def trusted(values: Any) -> Any:
+        if isinstance(values, str):
+            return trust_as_template(values)
+        if isinstance(values, Mapping):
+            return {k: trusted(v) for k, v in values.items()}
+        if isinstance(values, list):
+            return [trusted(v) for v in values]
+        return values
+
+    def steps(play: Mapping[str, Any]) -> Iterator[tuple[Path, Any, dict[str, Any], Mapping[str, Any]]]:
+        """(search folder, when, role vars, task) of the play's roles' tasks, then its own tasks."""
+        for entry in play.get("roles") or []:
+            role = entry if isinstance(entry, str) else entry["role"]
+            folder = playbook.parent / "roles" / role
+            role_vars = folder / "vars" / "main.yml"
+            values = trusted(yaml.safe_load(role_vars.read_text())) if role_vars.exists() else {}
+            for task in yaml.safe_load((folder / "tasks" / "main.yml").read_text()) or []:
+                yield folder, None if isinstance(entry, str) else entry.get("when"), values, task
+        for task in play.get("tasks") or []:
+            yield playbook.parent, None, {}, task
 
     for play in yaml.safe_load(playbook.read_text()):
         play_vars: dict[str, Any] = {}
@@ -185,12 +205,21 @@ def rendered_templates(playbook: Path, inventory: Mapping[str, Any], registered:
             play_vars.update(trusted(yaml.safe_load((playbook.parent / vars_file).read_text())))
         play_vars.update(trusted(play.get("vars") or {}))
         for host in _hosts_of(play["hosts"], groups):
-            for task in play.get("tasks") or []:
+            facts: dict[str, Any] = {}
+            for folder, when, role_vars, task in steps(play):
+                variables = {**hostvars[host], "hostvars": hostvars, "groups": groups, **play_vars, **role_vars,
+                             **trusted(task.get("vars") or {}), **facts,
+                             "ansible_search_path": [str(folder), str(playbook.parent)]}
+                templar = Templar(loader=loader, variables=variables)
+                if when is not None and not templar.template(trust_as_template(f"{{{{ {when} }}}}")):
+                    continue
+                if "ansible.builtin.set_fact" in task:
+                    for key, value in task["ansible.builtin.set_fact"].items():
+                        facts[key] = templar.template(trusted(value))
+                    continue
                 args = task.get("aihow_converge")
                 if not args or "files" not in args:
                     continue
-                variables = {**hostvars[host], "hostvars": hostvars, "groups": groups, **play_vars}
-                templar = Templar(loader=loader, variables=variables)
                 files = args["files"]
                 specs = templar.template(trust_as_template(files) if isinstance(files, str) else files)
                 for spec in specs:

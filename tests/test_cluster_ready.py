@@ -1,4 +1,4 @@
-"""ansible/files/cluster-ready.py, the control plane's one check of the whole cluster, against a
+"""ansible/roles/cluster_ready/files/cluster-ready.py, the control plane's one check of the whole cluster, against a
 fake kubectl that keeps the cluster's objects in a JSON file and logs every call: what it makes
 on a new cluster, and that a cluster with nothing to change costs two reads (/readyz, then
 everything else in one)."""
@@ -12,7 +12,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-SCRIPT = Path(__file__).resolve().parents[1] / "ansible" / "files" / "cluster-ready.py"
+SCRIPT = Path(__file__).resolve().parents[1] / "ansible" / "roles" / "cluster_ready" / "files" / "cluster-ready.py"
 
 FAKE_KUBECTL = r'''#!PYTHON
 import json, os, sys

@@ -135,7 +135,9 @@ def test_kubernetes_files_have_no_empty_values(path: Path, tmp_path: Path) -> No
     workers = {vm.short_name for vm in plan.vms if vm.role != "control-plane"}
     for worker in workers:
         assert {d for h, d, _t in rendered if h == worker} >= {"/etc/kubernetes/kubelet.conf",
-                                                               "/etc/kubernetes/pki/ca.crt"}
+                                                               "/etc/kubernetes/pki/ca.crt",
+                                                               "/etc/systemd/system/kubelet.service"}
+        assert not {d for h, d, _t in rendered if h == worker and "kube-apiserver" in d}, "a control-plane role ran"
     apiserver = next(t for h, d, t in rendered if h == control.short_name and d.endswith("kube-apiserver.service"))
     assert f"--advertise-address={control.ip} " in apiserver
 
