@@ -15,7 +15,7 @@ from aihow_infra.cli.gpu import gpu_leases, gpu_reclaim
 from aihow_infra.cli.images import image_build, kubernetes_build
 from aihow_infra.cli.stacks import destroy, preview, stacks, up, validate
 from aihow_infra.cli.system import switch, system_destroy, system_down, system_status, system_up
-from aihow_infra.cli.views import host_check, inventory, topology
+from aihow_infra.cli.views import host_check, host_record, inventory, topology
 from aihow_infra.cli.vm import (
     deploy,
     kubectl,
@@ -45,6 +45,7 @@ gpu.add_task(gpu_leases, "leases")
 gpu.add_task(gpu_reclaim, "reclaim")
 host = Collection("host")
 host.add_task(host_check, "check")
+host.add_task(host_record, "record")
 image = Collection("image")
 image.add_task(image_build, "build")
 kube = Collection("kubernetes")

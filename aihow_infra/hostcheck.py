@@ -1,13 +1,12 @@
 """Host checks for VFIO passthrough: KVM, libvirtd, IOMMU, VFIO, and every configured device.
 
 Everything is read from sysfs and /proc under a root folder, so a recorded host
-(see ``materialize``) is checked exactly like the live one. Each failure comes
-with the command that fixes it.
+(hostrecord.py: ``record_host``, ``materialize``) is checked exactly like the live one. Each
+failure comes with the command that fixes it.
 """
 
 from __future__ import annotations
 
-import json
 from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -126,6 +125,7 @@ def _device_checks(host: Host, address: str, vendor: str | None, device: str | N
     driver = host.driver(address)
     checks.append(Check(f"{name} driver", driver == VFIO_DRIVER, f"bound to {driver or 'no driver'}",
                         "" if driver == VFIO_DRIVER else _bind_fix(address, driver)))
+    checks.append(_reset_check(host, address, name))
     group = host.iommu_group(address)
     if group is None:
         checks.append(Check(f"{name} iommu group", False, "has no IOMMU group",
@@ -149,6 +149,21 @@ def _device_checks(host: Host, address: str, vendor: str | None, device: str | N
         "also in the group and not on vfio-pci: " + ", ".join(f"{m} ({host.driver(m)})" for m in others),
         "; ".join(_bind_fix(m, host.driver(m)) for m in others)))
     return checks
+
+
+def _reset_check(host: Host, address: str, name: str) -> Check:
+    """How the kernel resets the device between VMs (sysfs ``reset_method``, kernel 5.15 and later:
+    flr, pm, bus, ...). Without one a VM restart or a hand-over finds the device as the last guest
+    left it: advisory, the VMs still start."""
+    methods = (host.read(f"/sys/bus/pci/devices/{address}/reset_method") or "").split()
+    if methods:
+        return Check(f"{name} reset", True, f"reset by {', '.join(methods)}")
+    return Check(f"{name} reset", False,
+                 "has no reset method: a VM restart or a hand-over to another VM gets the device as the last "
+                 "guest left it (a GPU may hang until the host reboots)",
+                 "put the card in a slot where it is alone behind its bridge (the kernel can then reset the bus; "
+                 f"`cat /sys/bus/pci/devices/{address}/reset_method` says `bus`), or keep one VM holding it and "
+                 "reboot the host to recover it", advisory=True)
 
 
 # PCI base classes (the first byte of ``class``) of devices a host runs on: unbinding one from its
@@ -278,52 +293,6 @@ def _refuse(problems: list[str], file: str | Path) -> None:
         except OSError:
             lines = {}
         raise ConfigError(problems, f"cluster file {file}", [line_of(p, lines) for p in problems], str(file))
-
-
-def materialize(recording: dict[str, Any], root: Path) -> Path:
-    """Lay a recorded host (the JSON of ``shared/fixtures``) out as sysfs and /proc under ``root``."""
-    devices = root / "sys/bus/pci/devices"
-    drivers = root / "sys/bus/pci/drivers"
-    groups = root / "sys/kernel/iommu_groups"
-    for folder in (devices, drivers, groups, root / "proc", root / "dev", root / "sys/module"):
-        folder.mkdir(parents=True, exist_ok=True)
-    for address, attrs in recording.get("pci_devices", {}).items():
-        dev = devices / address
-        dev.mkdir()
-        for key in ("vendor", "device", "class", "subsystem_vendor", "subsystem_device"):
-            if attrs.get(key) is not None:
-                (dev / key).write_text(f"{attrs[key]}\n")
-        if attrs.get("driver"):
-            (drivers / attrs["driver"]).mkdir(exist_ok=True)
-            (dev / "driver").symlink_to(f"../../drivers/{attrs['driver']}")
-        if attrs.get("iommu_group") is not None:
-            (groups / str(attrs["iommu_group"]) / "devices").mkdir(parents=True, exist_ok=True)
-            (groups / str(attrs["iommu_group"]) / "devices" / address).symlink_to(dev)
-            (dev / "iommu_group").symlink_to(groups / str(attrs["iommu_group"]))
-    for group in recording.get("iommu_groups", {}):
-        (groups / str(group) / "devices").mkdir(parents=True, exist_ok=True)
-    if recording.get("dev_kvm"):
-        (root / "dev/kvm").touch()
-    modules = recording.get("modules_loaded", [])
-    (root / "proc/modules").write_text("".join(f"{m} 16384 0 - Live 0x0\n" for m in modules))
-    return root
-
-
-def load_recording(path: Path) -> dict[str, Any]:
-    """A recorded host's JSON; ``AihowError`` naming the file when it is not one."""
-    try:
-        data = json.loads(path.read_text())
-    except FileNotFoundError:
-        raise AihowError(f"--recorded: {path} does not exist; allowed: a recorded host's JSON file") from None
-    except IsADirectoryError:
-        raise AihowError(f"--recorded: {path} is a folder; allowed: a recorded host's JSON file "
-                         "(a folder laid out as /sys and /proc is --sysfs-root)") from None
-    except (OSError, UnicodeDecodeError, ValueError) as exc:
-        raise AihowError(f"--recorded: {path} is not JSON ({exc}); allowed: a recorded host's JSON file") from None
-    if not isinstance(data, dict) or not isinstance(data.get("pci_devices"), dict):
-        raise AihowError(f"--recorded: {path} has no 'pci_devices' table; allowed: a recorded host's JSON file "
-                         "(keys pci_devices, iommu_groups, dev_kvm, modules_loaded)")
-    return data
 
 
 def sysfs_root(value: str) -> Path:

@@ -2,20 +2,24 @@
 and not yet deployed (the operating system's own floor), deployed by a baseline commit's
 playbooks, then by this checkout's (taking the same clusters over), nothing to do, in one run.
 
-    .venv/bin/python bench/idle.py [--baseline REV] [--settle 120] [--window 30]
+    .venv/bin/python bench/idle.py [--baseline REV] [--settle 120] [--window 30] [--windows 3] [--again]
 
-Needs ./bootstrap and the images (``aihow image.build``); about 20 minutes here. For each state it
-waits ``--settle`` seconds, then over one ``--window``: each guest's qemu process CPU on the host
-(% of one host core, every thread: vCPUs and I/O), the host's whole CPU, and inside each guest
-(through the guest agent, no IP traffic) the processes that used the most CPU and how many
-journal lines were written. Under software emulation a guest's work costs the host many times
-what it would under KVM, so idle work inside a guest is what this looks for.
+Needs ./bootstrap and the images (``aihow image.build``); about 20 minutes here (30 with
+``--windows 3 --again``). For each state it waits ``--settle`` seconds, then over ``--windows``
+windows of ``--window`` seconds: each guest's qemu process CPU on the host (% of one host core,
+every thread: vCPUs and I/O), the host's whole CPU, and inside each guest (through the guest
+agent, no IP traffic) the processes that used the most CPU and how many journal lines were
+written. Under software emulation a guest's work costs the host many times what it would under
+KVM, so idle work inside a guest is what this looks for. A state's figure is the median of its
+windows (the spread is printed beside it); ``--again`` deploys the baseline once more at the end
+and measures it again, so a drift over the run shows apart from a change.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import sys
 import tempfile
 import time
@@ -107,6 +111,16 @@ def sample(box: Any, names: list[str], window: float) -> dict[str, Any]:
     return result
 
 
+def measure(box: Any, names: list[str], args: argparse.Namespace, title: str) -> float:
+    """Settle, then ``args.windows`` windows; the median of the guests' total, with each window shown."""
+    time.sleep(args.settle)
+    totals = [show(f"{title}, window {n + 1}/{args.windows}", sample(box, names, args.window), box.prefix)
+              for n in range(args.windows)]
+    median = statistics.median(totals)
+    print(f"{title}: median {median:.0f} % of one host core (windows {', '.join(f'{t:.0f}' for t in totals)})")
+    return median
+
+
 def show(title: str, result: dict[str, Any], prefix: str) -> float:
     total: float = sum(g["host"] for g in result["guests"].values())
     print(f"\n{title}: the five guests' qemu {total:.0f} % of one host core; the host {result['host_busy']:.0f} % busy")
@@ -120,9 +134,11 @@ def show(title: str, result: dict[str, Any], prefix: str) -> float:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--settle", type=float, default=120, help="seconds to wait before each window")
-    parser.add_argument("--window", type=float, default=30, help="seconds measured")
+    parser.add_argument("--settle", type=float, default=120, help="seconds to wait before each state's windows")
+    parser.add_argument("--window", type=float, default=30, help="seconds in one window")
+    parser.add_argument("--windows", type=int, default=1, help="windows per state (their median is its figure)")
     parser.add_argument("--baseline", default="736b56d", help="the commit whose ansible/ deploys first")
+    parser.add_argument("--again", action="store_true", help="deploy the baseline again at the end, and measure")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(prefix="aihow-bench-idle-") as tmp, \
             tempfile.TemporaryDirectory(prefix="aihow-bench-idle-baseline-") as baseline, open_sandbox() as box, \
@@ -136,19 +152,24 @@ def main() -> int:
         op = Operator(e2e.workspace, progress=lambda line: print(f"  {line}", flush=True))
         op.system_up(deploy=False)
         names = sorted(d.name() for d in box.conn.listAllDomains() if d.isActive() and d.name().startswith(box.prefix))
-        time.sleep(args.settle)
-        floor = show("booted, not deployed", sample(box, names, args.window), box.prefix)
-        for stack in ("hpc", "cloud"):
-            inventory = old / f"{stack}-inventory.yml"
-            inventory.write_text(to_yaml(op.inventory(stack)))
-            playbook_run(old, stack, inventory)
-        time.sleep(args.settle)
-        before = show(f"deployed by {args.baseline}, idle", sample(box, names, args.window), box.prefix)
+
+        def deploy_baseline() -> None:
+            for stack in ("hpc", "cloud"):
+                inventory = old / f"{stack}-inventory.yml"
+                inventory.write_text(to_yaml(op.inventory(stack)))
+                playbook_run(old, stack, inventory)
+
+        floor = measure(box, names, args, "booted, not deployed")
+        deploy_baseline()
+        before = measure(box, names, args, f"deployed by {args.baseline}, idle")
         op.system_up()
-        time.sleep(args.settle)
-        idle = show("deployed by this checkout, idle", sample(box, names, args.window), box.prefix)
+        idle = measure(box, names, args, "deployed by this checkout, idle")
         print(f"\nidle, deployed: {args.baseline} {before:.0f} %, this checkout {idle:.0f} % of one host core "
               f"({before / max(idle, 0.1):.2f}x); the booted floor {floor:.0f} %")
+        if args.again:
+            deploy_baseline()
+            again = measure(box, names, args, f"deployed by {args.baseline} again, idle")
+            print(f"idle, {args.baseline} again: {again:.0f} % ({again / max(idle, 0.1):.2f}x this checkout's)")
         op.system_destroy()
     return 0
 

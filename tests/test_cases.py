@@ -18,7 +18,8 @@ from aihow_infra.cloudinit import seed_files
 from aihow_infra.components import acceleration_args, seed_spec
 from aihow_infra.crosscheck import SubnetInUse, subnet_collisions
 from aihow_infra.errors import ConfigError
-from aihow_infra.hostcheck import check_host, check_subnets, materialize, subnets_of
+from aihow_infra.hostcheck import check_host, check_subnets, subnets_of
+from aihow_infra.hostrecord import materialize
 from aihow_infra.libvirt.render import domain_xml
 from aihow_infra.loading import load_cluster_file, parse_cluster_file
 from aihow_infra.plan import ClusterPlan, mac_for, plan_all

@@ -1,4 +1,5 @@
-"""Views: the topology, an Ansible inventory, and whether the host is ready (``host.check``)."""
+"""Views: the topology, an Ansible inventory, whether the host is ready (``host.check``) and a
+recording of it (``host.record``)."""
 
 from __future__ import annotations
 
@@ -41,13 +42,14 @@ def inventory(c: Context, stack: str = "", out_: str = "") -> None:
 
 @task(help={"config": "cluster file whose passthrough devices to check (default: the stacks')",
             "sysfs_root": "read /sys and /proc under this folder instead of the host's",
-            "recorded": "check a recorded host (JSON: pci_devices, iommu_groups, dev_kvm, modules_loaded)",
+            "recorded": "check a recorded host (the JSON host.record writes)",
             "json": "print JSON"})
 def host_check(c: Context, config: str = "", sysfs_root: str = "/", recorded: str = "", json_: bool = False) -> None:
     """KVM, libvirtd, IOMMU and every passthrough device: ready or what to fix."""
     import tempfile
 
     from aihow_infra import hostcheck
+    from aihow_infra.hostrecord import load_recording, materialize
     from aihow_infra.settings import DEFAULT_LIBVIRT_URI
 
     op = operator()
@@ -56,7 +58,7 @@ def host_check(c: Context, config: str = "", sysfs_root: str = "/", recorded: st
     if recorded and sysfs_root != "/":
         raise AihowError("give --recorded FILE or --sysfs-root DIR, not both")
     with tempfile.TemporaryDirectory(prefix="aihow-host-") as tmp:
-        root = (hostcheck.materialize(hostcheck.load_recording(Path(recorded)), Path(tmp)) if recorded
+        root = (materialize(load_recording(Path(recorded)), Path(tmp)) if recorded
                 else hostcheck.sysfs_root(sysfs_root))
         report = hostcheck.check_host(root, files, uris)
     if json_:
@@ -74,3 +76,20 @@ def host_check(c: Context, config: str = "", sysfs_root: str = "/", recorded: st
                   if passthrough else "[green]ready (no passthrough configured)[/green]")
     if not report.ready:
         raise Exit(code=1)
+
+
+@task(help={"file": "where to write the recording (JSON)",
+            "sysfs_root": "record /sys, /proc and /dev under this folder instead of the host's"})
+def host_record(c: Context, file: str, sysfs_root: str = "/") -> None:
+    """Record this host as host.check reads it (PCI functions, IOMMU groups, modules, /dev/kvm
+    and /dev/vfio, hugepages, CPU flags): `host.check --recorded FILE` then gives the same verdicts."""
+    from aihow_infra import hostcheck
+    from aihow_infra.hostrecord import record_host, write_recording
+
+    if file.startswith("-"):  # invoke hands `aihow host.record --help` the option as the file name
+        raise AihowError(f"host.record: file {file!r} starts with '-'; allowed: a path to write "
+                         "(help: aihow --help host.record)")
+    recording = record_host(hostcheck.sysfs_root(sysfs_root))
+    write_recording(recording, Path(file))
+    out.print(f"wrote {file}: {len(recording['pci_devices'])} PCI functions, {len(recording['iommu_groups'])} "
+              f"IOMMU groups, /dev/kvm {'present' if recording['dev_kvm'] else 'missing'}", highlight=False)
