@@ -78,6 +78,19 @@ def debian_packages(*packages: str) -> Path:
     return folder
 
 
+def containerd_reads(text: str, tmp: Path) -> str:
+    """The configuration containerd (the images' Debian package) makes of ``text``, as
+    ``containerd config dump`` prints it: the file merged over containerd's defaults.
+    ``AssertionError`` with containerd's words when it refuses the file."""
+    root = debian_packages("containerd")
+    path = tmp / "config.toml"
+    path.write_text(text)
+    done = subprocess.run([str(root / "usr/bin/containerd"), "--config", str(path), "config", "dump"],
+                          capture_output=True, text=True, timeout=60, check=False)
+    assert done.returncode == 0, f"containerd refuses this config.toml:\n{text}\n{done.stderr[-2000:]}"
+    return done.stdout
+
+
 def cloud_init(kind: str, text: str) -> str:
     """What the images' cloud-init makes of a seed file: ``network-config`` parsed and rendered
     for systemd-networkd (as the images render it), ``user-data`` checked against its schema.

@@ -9,7 +9,9 @@ A new generated file joins here with its consumer; a new case joins ``CORPUS``.
 from __future__ import annotations
 
 import re
+import shlex
 import shutil
+import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -22,11 +24,12 @@ from aihow_infra.components import acceleration_args, seed_spec
 from aihow_infra.errors import ConfigError
 from aihow_infra.hostcheck import check_subnets
 from aihow_infra.inventory import build_inventory
+from aihow_infra.kubebins import ensure_binaries
 from aihow_infra.kubepki import Cluster, ensure
 from aihow_infra.libvirt.render import domain_xml, network_xml
 from aihow_infra.loading import load_cluster_file
 from aihow_infra.plan import ClusterPlan, VmPlan, plan_all
-from tests.consumers import cloud_init, rendered_templates, slurmctld_reads
+from tests.consumers import cloud_init, containerd_reads, rendered_templates, slurmctld_reads
 
 ROOT = Path(__file__).resolve().parents[1]
 CASES = ROOT / "tests" / "fixtures" / "cases"
@@ -200,3 +203,37 @@ def test_the_corpus_has_every_accepted_case() -> None:
     missing = sorted(p.name for p in accepted - set(CORPUS))
     assert not missing, f"accepted but not in CORPUS: {missing}"
     assert shutil.which("unshare"), "util-linux's unshare runs slurmctld in a namespace of its own"
+
+
+def test_containerd_reads_its_config_as_the_nodes_need_it(tmp_path: Path) -> None:
+    """Debian's containerd takes the file and applies what the nodes count on: systemd cgroups (the
+    kubelet's cgroupDriver), the pause image the image carries, Debian's CNI plugins, snapshot
+    stats every 30 s."""
+    plan = next(p for p in plans(ROOT / "config" / "default.yaml") if p.key == "cloud")
+    text = next(t for _h, d, t in rendered_templates(ROOT / "ansible/cloud.yml", inventory(plan),
+                                                     made(plan, tmp_path)) if d == "/etc/containerd/config.toml")
+    dumped = containerd_reads(text, tmp_path)
+    for line in ('sandbox_image = "localhost/aihow/pause:image"', "SystemdCgroup = true",
+                 'bin_dir = "/usr/lib/cni"', "stats_collect_period = 30"):
+        assert line in dumped, line
+
+
+def test_every_kubernetes_unit_is_accepted_by_its_binary(tmp_path: Path) -> None:
+    """Each service's command line (etcd, the API server, the controller manager, the scheduler,
+    the kubelet, kube-proxy), as the roles render it, parsed by the binary the image carries:
+    ``--version`` after the flags makes it parse them all and stop, refusing an unknown or
+    malformed one (checked: an unknown flag fails)."""
+    binaries = ensure_binaries()
+    plan = next(p for p in plans(ROOT / "config" / "default.yaml") if p.key == "cloud")
+    seen = set()
+    for host, dest, text in rendered_templates(ROOT / "ansible/cloud.yml", inventory(plan), made(plan, tmp_path)):
+        start = re.search(r"^ExecStart=/usr/local/bin/(.*)$", text.replace("\\\n", " "), re.M)
+        if not dest.startswith("/etc/systemd/system/") or not start:
+            continue
+        name, *flags = shlex.split(start.group(1))
+        seen.add(name)
+        for extra, accepted in (([], True), (["--no-such-flag"], False)):
+            done = subprocess.run([str(binaries.path(name)), *flags, *extra, "--version"], capture_output=True,
+                                  text=True, timeout=60, check=False)
+            assert (done.returncode == 0) == accepted, f"{host} {dest}: {done.stderr[-1500:]}"
+    assert seen == {"etcd", "kube-apiserver", "kube-controller-manager", "kube-scheduler", "kubelet", "kube-proxy"}
