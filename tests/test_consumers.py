@@ -207,14 +207,13 @@ def test_the_corpus_has_every_accepted_case() -> None:
 
 def test_containerd_reads_its_config_as_the_nodes_need_it(tmp_path: Path) -> None:
     """Debian's containerd takes the file and applies what the nodes count on: systemd cgroups (the
-    kubelet's cgroupDriver), the pause image the image carries, Debian's CNI plugins, snapshot
-    stats every 30 s."""
+    kubelet's cgroupDriver), the pause image the image carries, Debian's CNI plugins."""
     plan = next(p for p in plans(ROOT / "config" / "default.yaml") if p.key == "cloud")
     text = next(t for _h, d, t in rendered_templates(ROOT / "ansible/cloud.yml", inventory(plan),
                                                      made(plan, tmp_path)) if d == "/etc/containerd/config.toml")
     dumped = containerd_reads(text, tmp_path)
     for line in ('sandbox_image = "localhost/aihow/pause:image"', "SystemdCgroup = true",
-                 'bin_dir = "/usr/lib/cni"', "stats_collect_period = 30"):
+                 'bin_dir = "/usr/lib/cni"', 'conf_dir = "/etc/cni/net.d"'):
         assert line in dumped, line
 
 
