@@ -6,6 +6,7 @@
     │   └── NotFoundError       the object does not exist
     ├── LeaseError              the GPU lease ledger cannot be read or written
     │   └── LeaseConflictError  another VM holds the GPU
+    ├── CustodyError            a device cannot be handed to a VM safely now (held open on the host)
     ├── ImageError              a guest image cannot be built or found
     ├── GuestError              a guest did not become ready
     ├── DeployError             a playbook failed (host, task, message)
@@ -69,6 +70,12 @@ class LeaseError(AihowError):
 
 class LeaseConflictError(LeaseError):
     """A GPU is held by another VM; the message names the holder and how to free it."""
+
+
+class CustodyError(AihowError):
+    """A PCI device cannot be handed to a VM safely now: a host process holds it open, or the
+    host still drives a function of its IOMMU group. The message names the device, what was found
+    and what to do; the VM was not started."""
 
 
 class ImageError(AihowError):

@@ -24,6 +24,7 @@ from aihow_infra.changes import (
     reboot_keys,
 )
 from aihow_infra.errors import LibvirtError
+from aihow_infra.gpu.custody import local_host, refuse_blind_handover
 from aihow_infra.gpu.ledger import LeaseRef, Ledger
 from aihow_infra.host import Host, VirtChoice, choose_virt_type
 from aihow_infra.libvirt.connection import call, connect, kvm_usable, lookup
@@ -165,6 +166,9 @@ class DomainProvider(LibvirtProvider):
         if not props["running"]:
             stop_domain(dom, props["stop_timeout"])
             return None
+        host = local_host(props["uri"])
+        if host is not None and props.get("devices") and not dom.isActive():
+            refuse_blind_handover(host, props["name"], [d["address"] for d in props["devices"]])
         start_domain(dom)
         if not props.get("wait_ready"):
             return None

@@ -27,7 +27,7 @@ LAYERS: list[list[str]] = [
      "aihow_infra.images",
      "aihow_infra.cloudinit",
      "aihow_infra.sshkeys"],
-    ["aihow_infra.libvirt", "aihow_infra.stacks"],
+    ["aihow_infra.libvirt", "aihow_infra.stacks", "aihow_infra.gpu.custody"],
     ["providers", "aihow_infra.deploy", "aihow_infra.lastrun"],
     ["aihow_infra.kinds"],
     ["aihow_infra.inventory"],

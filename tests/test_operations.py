@@ -96,6 +96,38 @@ def test_a_forced_stop_powers_off_without_draining_and_a_stop_drains_then_shuts_
     assert ("powering off" in said, "shutting down" in said) == (force, not force)
 
 
+def test_vm_start_refuses_a_device_held_open_before_any_engine_run(tmp_path: Path,
+                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    """The early check of vm.start (the domain provider checks again at the start itself): one
+    line naming the holder, and nothing ran, no lease taken."""
+    import aihow_infra.ops.lifecycle as lifecycle
+    from aihow_infra.errors import CustodyError
+    from aihow_infra.gpu.ledger import Ledger
+    from aihow_infra.host import Host
+    from aihow_infra.hostrecord import load_recording, materialize
+    from tests.test_custody import hold
+
+    good = tmp_path / "good.yaml"
+    good.write_text(yaml.safe_dump(base()))
+    op = project(tmp_path, str(good), str(good))
+    root = materialize(load_recording(Path(__file__).parent / "fixtures" / "ready-host-sysfs.json"), tmp_path / "r")
+    (root / "dev/vfio").mkdir(exist_ok=True)
+    (root / "dev/vfio/14").touch()
+    monkeypatch.setattr(lifecycle, "local_host", lambda uri: Host(root))
+    op.ensure_images = lambda views: pytest.fail("an engine run was prepared")  # type: ignore[method-assign]
+    name = op.view("hpc").plan.vms[1].name
+    started: list[typing.Any] = []
+    try:
+        holder = hold(started, root / "dev/vfio/14")
+        with pytest.raises(CustodyError, match=rf"device 0000:01:00.0 is held open on the host: pid {holder.pid}"):
+            op.vm_start(name)
+    finally:
+        for process in started:
+            process.kill()
+            process.wait()
+    assert Ledger(str(tmp_path / "leases.json")).leases() == {}
+
+
 def test_refusing_risks_never_returns() -> None:
     with pytest.raises(Refused, match=r"1 planned change\(s\) delete data or interrupt a guest, first: x; "
                                       r"nothing was changed"):

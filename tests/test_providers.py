@@ -5,13 +5,16 @@ from __future__ import annotations
 import subprocess
 import uuid
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import libvirt
 import pytest
 
-from aihow_infra.errors import LibvirtError
+from aihow_infra.errors import CustodyError, LibvirtError
 from aihow_infra.gpu.ledger import Ledger
+from aihow_infra.host import Host
+from aihow_infra.hostrecord import load_recording, materialize
 from aihow_infra.libvirt.connection import translate
 from aihow_infra.libvirt.inspect import metadata, read_definition
 from aihow_infra.settings import parse_settings
@@ -259,6 +262,41 @@ def test_a_failed_define_releases_the_vms_lease(tag: str, tmp_path: Any) -> None
     with pytest.raises(LibvirtError, match="defining domain"):
         DomainProvider().create(dom_props(tag, mac="not-a-mac", lease=lease))
     assert all(not held.holder for held in Ledger(ledger).leases().values())
+
+
+def test_a_device_held_open_on_the_host_is_never_handed_to_the_vm(tag: str, tmp_path: Path,
+                                                                   conn: libvirt.virConnect,
+                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    """The domain provider checks the host just before it starts a VM that takes devices: a
+    process holding the GPU's VFIO group open stops the start; nothing is left (no domain, no
+    lease). The test driver has no devices, so a host laid out under a temp folder stands in."""
+    import providers.domain
+    from tests.test_custody import hold
+
+    root = materialize(load_recording(Path(__file__).parent / "fixtures" / "ready-host-sysfs.json"), tmp_path / "r")
+    (root / "dev/vfio").mkdir(exist_ok=True)
+    (root / "dev/vfio/14").touch()
+    monkeypatch.setattr(providers.domain, "local_host", lambda uri: Host(root))
+    ledger = str(tmp_path / "leases.json")
+    lease = {"ledger": ledger, "holder": f"test/t{tag}-vm", "addresses": ["0000:01:00.0", "0000:01:00.1"]}
+    Ledger(ledger).acquire(lease["holder"], lease["addresses"])
+    started: list[subprocess.Popen[bytes]] = []
+    try:
+        holder = hold(started, root / "dev/vfio/14")
+        with pytest.raises(CustodyError, match=rf"device 0000:01:00.0 is held open on the host: pid {holder.pid} "
+                                               rf"\(sleep\) has .*; t{tag}-vm was not started"):
+            DomainProvider().create(dom_props(tag, lease=lease))
+    finally:
+        for process in started:
+            process.kill()
+            process.wait()
+    assert f"t{tag}-vm" not in [d.name() for d in conn.listAllDomains()]
+    assert all(not held.holder for held in Ledger(ledger).leases().values())
+    created = DomainProvider().create(dom_props(tag, lease=lease))  # let go: it starts
+    try:
+        assert conn.lookupByName(f"t{tag}-vm").isActive()
+    finally:
+        DomainProvider().delete(created.id, created.outs)
 
 
 def test_spellings_of_one_libvirt_daemon_replace_nothing(tag: str) -> None:
