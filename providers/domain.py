@@ -168,7 +168,9 @@ class DomainProvider(LibvirtProvider):
             return None
         host = local_host(props["uri"])
         if host is not None and props.get("devices") and not dom.isActive():
-            refuse_blind_handover(host, props["name"], [d["address"] for d in props["devices"]])
+            lease = props.get("lease")
+            refuse_blind_handover(host, props["name"], [d["address"] for d in props["devices"]],
+                                  Ledger(lease["ledger"]) if lease else None)
         start_domain(dom)
         if not props.get("wait_ready"):
             return None

@@ -12,10 +12,12 @@ from pathlib import Path
 
 import pytest
 
-from aihow_infra.errors import CustodyError
-from aihow_infra.gpu.custody import OpenFile, device_files, open_by, refuse_blind_handover
+from aihow_infra.errors import CustodyError, LeaseConflictError
+from aihow_infra.gpu.custody import OpenFile, card_identity, device_files, open_by, refuse_blind_handover, serial_number
+from aihow_infra.gpu.ledger import Ledger
 from aihow_infra.host import Host
 from aihow_infra.hostrecord import load_recording, materialize
+from tests.cli import run_task
 
 READY = Path(__file__).parent / "fixtures" / "ready-host-sysfs.json"
 GPU, AUDIO = "0000:01:00.0", "0000:01:00.1"
@@ -128,3 +130,70 @@ def test_a_vm_holding_the_device_is_named_with_how_to_stop_it(host: Host, tmp_pa
     message = str(refused.value)
     assert f"pid {process.pid} (qemu-system-x86, the running VM hpc-compute-01) has" in message
     assert "allowed: stop hpc-compute-01 first (`aihow vm.stop NAME`" in message and "kill" not in message
+
+
+def config_space(*capabilities: tuple[int, int, bytes]) -> bytes:
+    """4096 bytes of configuration space with PCIe extended capabilities (offset, id, body),
+    each pointing at the next."""
+    space = bytearray(4096)
+    for index, (offset, cap, body) in enumerate(capabilities):
+        following = capabilities[index + 1][0] if index + 1 < len(capabilities) else 0
+        space[offset:offset + 4] = (cap | 1 << 16 | following << 20).to_bytes(4, "little")
+        space[offset + 4:offset + 4 + len(body)] = body
+    return bytes(space)
+
+
+def test_the_pcie_serial_number_is_read_from_the_configuration_space() -> None:
+    serial = (0x0123456789ABCDEF).to_bytes(8, "little")
+    assert serial_number(config_space((0x100, 0x0001, b""), (0x148, 0x0003, serial))) == "0123456789abcdef"
+    assert serial_number(config_space((0x100, 0x0001, b""))) is None  # no serial capability
+    assert serial_number(bytes(256)) is None  # what a user who is not root reads
+    looping = bytearray(config_space((0x100, 0x0001, b"")))
+    looping[0x100:0x104] = (0x0001 | 1 << 16 | 0x100 << 20).to_bytes(4, "little")
+    assert serial_number(bytes(looping)) is None
+
+
+def test_a_card_that_is_not_the_one_first_handed_over_is_refused(host: Host, tmp_path: Path) -> None:
+    ledger = Ledger(tmp_path / "leases.json")
+    config = host.root / "sys/bus/pci/devices" / GPU / "config"
+    config.write_bytes(config_space((0x100, 0x0003, (0xAB).to_bytes(8, "little"))))
+    refuse_blind_handover(host, "vm-1", [GPU, AUDIO], ledger)  # first hand-over: recorded
+    assert card_identity(host, GPU) == {"vendor": "0x10de", "device": "0x2684", "subsystem_vendor": "0x10de",
+                                        "subsystem_device": "0x0000", "serial": "00000000000000ab"}
+    refuse_blind_handover(host, "vm-2", [GPU, AUDIO], ledger)  # the same card: handed over again
+    config.write_bytes(config_space((0x100, 0x0003, (0xCD).to_bytes(8, "little"))))  # another card, same ids
+    with pytest.raises(CustodyError) as refused:
+        refuse_blind_handover(host, "vm-2", [GPU, AUDIO], ledger)
+    message = str(refused.value)
+    assert message.startswith(f"device {GPU} is not the card first handed over there: 10de:2684 (subsystem "
+                              "10de:0000, serial 00000000000000ab) was recorded at ")
+    assert "10de:2684 (subsystem 10de:0000, serial 00000000000000cd) is there now; vm-2 was not started" in message
+    assert f"`aihow gpu.forget {GPU}`" in message
+    ledger.acquire("hpc/vm-1", [GPU])
+    with pytest.raises(LeaseConflictError, match=f"GPU {GPU} is held by hpc/vm-1; stop that VM first"):
+        ledger.forget_card(GPU)
+    ledger.release("hpc/vm-1", [GPU])
+    assert ledger.forget_card(GPU) is not None
+    refuse_blind_handover(host, "vm-2", [GPU, AUDIO], ledger)  # the new card, recorded now
+    assert ledger.known_card(GPU, card_identity(host, GPU)) is None
+
+
+def test_the_forget_task_takes_a_pci_function_and_forgets_the_card(capsys: pytest.CaptureFixture[str],
+                                                                   tmp_path: Path,
+                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    project = tmp_path / "project"
+    project.mkdir()
+    ledger = Ledger(tmp_path / "leases.json")
+    settings = f"config:\n  aihow:clusterFile: c.yaml\n  aihow:ledgerPath: {ledger.path}\n"
+    (project / "Pulumi.hpc.yaml").write_text(settings)
+    monkeypatch.setenv("AIHOW_PROJECT_DIR", str(project))
+    code, out, err = run_task(capsys, "gpu.forget", "01:00.0")
+    assert (code, out) == (1, "")
+    assert err.strip() == "error: gpu.forget: address '01:00.0' is not a PCI function; allowed: domain:bus:slot." \
+                          "function in lower-case hex, e.g. 0000:01:00.0 (`lspci -D` lists them)"
+    code, out, err = run_task(capsys, "gpu.forget", GPU)
+    assert code == 0 and "no card was recorded at 0000:01:00.0" in out
+    ledger.known_card(GPU, {"vendor": "0x10de", "device": "0x2684"})
+    code, out, err = run_task(capsys, "gpu.forget", GPU)
+    assert code == 0 and "forgot the card recorded at 0000:01:00.0 (0x10de:0x2684, recorded " in " ".join(out.split())
+    assert ledger.known_card(GPU, {"vendor": "0x10de", "device": "0x2204"}) is None  # the next card is recorded

@@ -238,6 +238,17 @@ def test_the_installed_command_runs_from_any_folder(tmp_path: Path) -> None:
     assert f"{ROOT / 'config' / 'default.yaml'}: valid" in " ".join(ran.stdout.split())
 
 
+def test_an_error_prints_the_operators_values_as_they_are(capsys: pytest.CaptureFixture[str],
+                                                          tmp_path: Path) -> None:
+    """A value quoted in an error is text: rich's markup ([b]) and emoji codes (:bus:) are not
+    applied to it."""
+    path = tmp_path / "cluster.yaml"
+    path.write_text('clusters:\n  hpc:\n    name: hpc\n    "[b]oops[/b]:bus:": 1\n')
+    code, out, err = run_task(capsys, "validate", "--config", str(path))
+    assert code == 1 and out == ""
+    assert f"error: {path}: clusters.hpc.[b]oops[/b]:bus:: unknown key '[b]oops[/b]:bus:'; allowed here: " in err
+
+
 def test_validate_refuses_hugepages_the_host_does_not_reserve(tmp_path: Path) -> None:
     """libvirt would refuse to start a VM whose memory the host's hugepages cannot back: the
     check names the key, the VMs, what is reserved and the command that reserves enough."""

@@ -12,6 +12,7 @@ from invoke.exceptions import Exit
 from invoke.tasks import Task
 from invoke.tasks import task as invoke_task
 from rich.console import Console
+from rich.markup import escape
 
 from aihow_infra.errors import AihowError, ConfigError
 
@@ -20,8 +21,9 @@ if TYPE_CHECKING:
     from aihow_infra.ops import Operator
 
 # Wide enough for the tables when output is piped (rich assumes 80 columns then).
-out = Console() if sys.stdout.isatty() else Console(width=160)
-err = Console(stderr=True) if sys.stderr.isatty() else Console(stderr=True, width=160)
+# No emoji codes: a value such as "domain:bus:slot" is text, never a picture.
+out = Console(emoji=False) if sys.stdout.isatty() else Console(width=160, emoji=False)
+err = Console(stderr=True, emoji=False) if sys.stderr.isatty() else Console(stderr=True, width=160, emoji=False)
 F = TypeVar("F", bound=Callable[..., Any])
 STACK_HELP = "the cluster stack: hpc or cloud"
 YES_HELP = "apply changes that delete a disk or replace or restart a VM without asking"
@@ -69,10 +71,11 @@ def clean_errors(fn: F) -> F:
             return fn(*args, **kwargs)
         except ConfigError as exc:
             for problem in exc.located():
-                err.print(f"[red]error:[/red] {problem}", highlight=False, soft_wrap=True)
+                err.print(f"[red]error:[/red] {escape(problem)}", highlight=False, soft_wrap=True)
             raise Exit(code=1) from None
         except AihowError as exc:
-            err.print(f"[red]error:[/red] {exc}", highlight=False, soft_wrap=True)
+            # The message quotes the operator's values: printed as they are, never read as markup.
+            err.print(f"[red]error:[/red] {escape(str(exc))}", highlight=False, soft_wrap=True)
             raise Exit(code=1) from None
         except KeyboardInterrupt:
             # Between engine runs (a wait, a build): what ran is recorded, and every task is

@@ -35,3 +35,21 @@ def gpu_reclaim(c: Context, address: str, force: bool = False) -> None:
     ledger, uri = operator().host_ledger()
     freed = reclaim(ledger, uri, address, force=force)
     out.print(f"[yellow]freed {address} (was held by {freed})[/yellow]" if freed else f"{address} was not held")
+
+
+@task(help={"address": "PCI address of the card, e.g. 0000:01:00.0"})
+def gpu_forget(c: Context, address: str) -> None:
+    """Forget the card recorded at ADDRESS (replaced on purpose): the next start records the one there."""
+    from aihow_infra.config import PCI_ADDRESS_RE
+    from aihow_infra.errors import AihowError
+
+    if not PCI_ADDRESS_RE.match(address):
+        raise AihowError(f"gpu.forget: address {address!r} is not a PCI function; allowed: domain:bus:slot.function "
+                         "in lower-case hex, e.g. 0000:01:00.0 (`lspci -D` lists them)")
+    ledger, _uri = operator().host_ledger()
+    card = ledger.forget_card(address)
+    if card is None:
+        out.print(f"no card was recorded at {address} ({ledger.path}); nothing to forget", highlight=False)
+        return
+    out.print(f"[yellow]forgot the card recorded at {address}[/yellow] ({card.get('vendor')}:{card.get('device')}, "
+              f"recorded {card.get('recorded_at')}); the next start records the card found there", highlight=False)

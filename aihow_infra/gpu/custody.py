@@ -8,6 +8,9 @@ through starts (the moment libvirt takes them from the host).
   (reported to LXD); the refusal names the pids and their commands.
 - Every other function of its IOMMU group is on vfio-pci or on no driver (VFIO takes a whole
   group: qemu would fail with "group is not viable" after the host lost the others).
+- The card at the address is the one first handed over there (vendor, device and subsystem ids,
+  and the PCIe serial number where the card has one), as the GPU lease ledger recorded it: a card
+  that moved slots, or another card in its slot, is never passed through silently.
 
 Devices are read under a root folder (``Host``), so a test stands in for the live host; processes
 are always this machine's (``proc``, /proc).
@@ -24,6 +27,7 @@ from pathlib import Path
 from urllib.parse import urlparse
 
 from aihow_infra.errors import CustodyError
+from aihow_infra.gpu.ledger import Ledger
 from aihow_infra.host import Host
 
 VFIO_DRIVER = "vfio-pci"
@@ -120,10 +124,55 @@ def open_by(host: Host, paths: Iterable[Path], proc: Path = Path("/proc")) -> li
     return sorted(found, key=lambda f: (f.pid, f.path))
 
 
-def refuse_blind_handover(host: Host, vm: str, addresses: Iterable[str], proc: Path = Path("/proc")) -> None:
+# PCI Express extended capabilities start at this offset of the configuration space; the Device
+# Serial Number capability (id 3) carries a 64-bit serial after its header.
+EXTENDED_CAPABILITIES = 0x100
+DEVICE_SERIAL_NUMBER = 0x0003
+
+
+def serial_number(config: bytes) -> str | None:
+    """The PCIe Device Serial Number in a function's configuration space (``config`` as sysfs
+    gives it: all 4096 bytes to root, the first 256 to others), as 16 hex digits; None without one."""
+    offset, seen = EXTENDED_CAPABILITIES, set()
+    while EXTENDED_CAPABILITIES <= offset <= len(config) - 12 and offset not in seen:
+        seen.add(offset)
+        header = int.from_bytes(config[offset:offset + 4], "little")
+        if header in (0, 0xFFFFFFFF):
+            return None
+        if header & 0xFFFF == DEVICE_SERIAL_NUMBER:
+            return f"{int.from_bytes(config[offset + 4:offset + 12], 'little'):016x}"
+        offset = (header >> 20) & 0xFFC
+    return None
+
+
+def card_identity(host: Host, address: str) -> dict[str, str]:
+    """What names the card at ``address``: vendor, device and subsystem ids as sysfs writes them,
+    and ``serial`` when its configuration space carries one."""
+    device = f"/sys/bus/pci/devices/{address}"
+    found = {key: host.read(f"{device}/{key}") or "" for key in
+             ("vendor", "device", "subsystem_vendor", "subsystem_device")}
+    try:
+        serial = serial_number(host.path(f"{device}/config").read_bytes())
+    except OSError:
+        serial = None
+    return {**found, **({"serial": serial} if serial else {})}
+
+
+def _describe(card: dict[str, str]) -> str:
+    def pair(first: str, second: str) -> str:
+        return f"{card.get(first, '?').removeprefix('0x')}:{card.get(second, '?').removeprefix('0x')}"
+
+    serial = f", serial {card['serial']}" if card.get("serial") else ""
+    return f"{pair('vendor', 'device')} (subsystem {pair('subsystem_vendor', 'subsystem_device')}{serial})"
+
+
+def refuse_blind_handover(host: Host, vm: str, addresses: Iterable[str], ledger: Ledger | None = None,
+                          proc: Path = Path("/proc")) -> None:
     """``CustodyError`` (one line: the device, what was found, what to do) when a PCI function of
-    ``addresses`` cannot be handed to ``vm`` now: a host process holds it open, or a function of
-    its IOMMU group that ``vm`` does not take is on a host driver. Nothing is changed."""
+    ``addresses`` cannot be handed to ``vm`` now: a host process holds it open, a function of its
+    IOMMU group that ``vm`` does not take is on a host driver, or (with the ``ledger``) the card
+    there is not the one recorded at the first hand-over (which records it, when it is the first).
+    Nothing else is changed."""
     taking = list(addresses)
     for address in taking:
         holders = open_by(host, device_files(host, address), proc)
@@ -149,6 +198,18 @@ def refuse_blind_handover(host: Host, vm: str, addresses: Iterable[str], proc: P
                 f"device {address} shares IOMMU group {group} with {drivers}, which the host still drives; {vm} "
                 "was not started and nothing was changed; allowed: pass every function of the group through, "
                 "or bind them to vfio-pci (`aihow host.check` prints the commands)")
+    if ledger is None:
+        return
+    for address in taking:
+        found = card_identity(host, address)
+        changed = ledger.known_card(address, found)
+        if changed is not None:
+            recorded, since = changed
+            raise CustodyError(
+                f"device {address} is not the card first handed over there: {_describe(recorded)} was recorded "
+                f"at {since}, {_describe(found)} is there now; {vm} was not started and nothing was changed; "
+                f"allowed: put that card back, or fix pci_address in the cluster files, or, if it was replaced "
+                f"on purpose, `aihow gpu.forget {address}` and start the VM again")
 
 
 def local_host(uri: str) -> Host | None:

@@ -156,6 +156,31 @@ class Ledger:
                     entry.update(holder=holder, generation=entry["generation"] + 1, granted_at=now)
             return [Lease(a, holder, devices[a]["generation"], devices[a]["granted_at"]) for a in addresses]
 
+    def known_card(self, address: str, found: dict[str, str]) -> tuple[dict[str, str], str] | None:
+        """The card recorded at ``address`` with when it was recorded, when it differs from
+        ``found`` (ids and serial as custody.card_identity reads them); None when it matches. The
+        first card seen at an address is recorded (the start that hands it to a VM the first time)."""
+        with self._locked() as devices:
+            entry = devices.setdefault(address, {"holder": None, "generation": 0, "granted_at": None})
+            recorded = entry.get("card")
+            if not isinstance(recorded, dict):
+                entry["card"] = {**found, "recorded_at": _now()}
+                return None
+            card = {k: v for k, v in recorded.items() if k != "recorded_at"}
+            return None if card == found else (card, str(recorded.get("recorded_at")))
+
+    def forget_card(self, address: str) -> dict[str, str] | None:
+        """Forget the card recorded at ``address`` (it was replaced on purpose): the next start
+        records the card found there. Refused while a VM holds the address. Returns what was
+        recorded."""
+        with self._locked() as devices:
+            entry = devices.get(address) or {}
+            if entry.get("holder"):
+                raise LeaseConflictError(f"GPU {address} is held by {entry['holder']}; stop that VM first "
+                                         f"(`aihow vm.stop {vm_of(entry['holder'])}`), then forget the card")
+            card = entry.pop("card", None)
+            return card if isinstance(card, dict) else None
+
     def release(self, holder: str, addresses: list[str], generations: dict[str, int] | None = None) -> list[str]:
         """Free the addresses ``holder`` holds; others are left alone (never a steal). With
         ``generations``, an address granted again since (a newer generation, even to the same

@@ -53,7 +53,7 @@ class Lifecycle(Deploying):
         Ledger(view.settings.ledger_path).check_free(holder_for(view.stack, name), [c.address for c in vm.claims])
         host = local_host(view.settings.libvirt_uri)
         if host is not None and vm.devices and not is_live(self.live_states(view)[name]):
-            refuse_blind_handover(host, name, [d.pci_address for d in vm.devices])
+            refuse_blind_handover(host, name, [d.pci_address for d in vm.devices], Ledger(view.settings.ledger_path))
         self.ensure_images([view])
         self.progress(f"starting {name}")
         self._apply_power(view, {name: "running"})
