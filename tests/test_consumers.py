@@ -133,6 +133,8 @@ def test_kubernetes_files_have_no_empty_values(path: Path, tmp_path: Path) -> No
     assert {(h, d) for h, d, _t in rendered} >= {(control.short_name, "/etc/kubernetes/pki/apiserver.crt"),
                                                  (control.short_name, "/var/lib/kubelet/config.yaml")}
     for host, dest, text in rendered:
+        if text.startswith("-----BEGIN "):  # a certificate or key: random base64 that no template fills
+            continue
         empty = [line for line in text.splitlines() if any(p.search(line) for p in EMPTY_VALUES)]
         assert not empty, f"{host} {dest}: empty values:\n" + "\n".join(empty)
     workers = {vm.short_name for vm in plan.vms if vm.role != "control-plane"}
