@@ -15,7 +15,7 @@ from urllib.parse import urlparse
 
 from aihow_infra.crosscheck import SubnetInUse, subnet_collisions
 from aihow_infra.errors import AihowError, ConfigError
-from aihow_infra.host import Host, choose_virt_type, host_subnets
+from aihow_infra.host import Host, VirtChoice, choose_virt_type, host_subnets
 from aihow_infra.loading import key_lines, line_of, load_cluster_file
 from aihow_infra.plan import ClusterPlan, VmPlan, plan_all
 from aihow_infra.settings import DEFAULT_LIBVIRT_URI
@@ -70,7 +70,7 @@ def _system_checks(host: Host, live: bool, passthrough: bool, uris: Iterable[str
     # What aihow:virtType auto picks here; software emulation works, only slower, so never a
     # failure. A /dev/kvm that cannot run a real guest (kvm_pvm) is a warning of its own (a missing
     # one is the kvm check's).
-    choice = choose_virt_type("auto", host, kvm)
+    choice = choose_virt_type("auto", host, kvm) if kvm else VirtChoice("qemu", "software emulation: no /dev/kvm")
     unusable = kvm and choice.virt_type != "kvm"
     checks.append(Check("acceleration", not unusable, f"{choice.virt_type}: {choice.reason}",
                         "nothing to fix for the VMs to work; for KVM speed, a host whose /dev/kvm runs real "
@@ -158,6 +158,11 @@ def _reset_check(host: Host, address: str, name: str) -> Check:
     methods = (host.read(f"/sys/bus/pci/devices/{address}/reset_method") or "").split()
     if methods:
         return Check(f"{name} reset", True, f"reset by {', '.join(methods)}")
+    if not any(host.path("/sys/bus/pci/devices").glob("*/reset_method")):
+        # No function shows one: a kernel before 5.15, or a recording that did not keep them.
+        return Check(f"{name} reset", False, "reset method unknown: no device of this host shows one",
+                     f"`lspci -vv -s {address}` lists FLReset+ under DevCap when the device resets itself; "
+                     "record the host again with `aihow host.record FILE` on Linux 5.15 or later", advisory=True)
     return Check(f"{name} reset", False,
                  "has no reset method: a VM restart or a hand-over to another VM gets the device as the last "
                  "guest left it (a GPU may hang until the host reboots)",

@@ -297,7 +297,20 @@ def line_of(problem: str, lines: Mapping[tuple[int | str, ...], int]) -> int | N
 
 class _Loader(yaml.SafeLoader):
     """YAML as the cluster file means it: ``24:00:00`` is a time (a string), not YAML 1.1's
-    base-60 integer 86400, as YAML 1.2 reads it too."""
+    base-60 integer 86400, as YAML 1.2 reads it too; a key given twice in one mapping is an error
+    (PyYAML would keep the last value silently; YAML 1.2 forbids it)."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        seen: dict[Any, int] = {}
+        for key_node, _value in node.value:
+            key = self.construct_object(key_node, deep=True)
+            if isinstance(key, str | int) and key in seen:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"key {key!r} appears twice in one mapping (first on line {seen[key]}); allowed: "
+                    "each key once", key_node.start_mark)
+            if isinstance(key, str | int):
+                seen[key] = key_node.start_mark.line + 1
+        return super().construct_mapping(node, deep)
 
 
 _Loader.yaml_implicit_resolvers = {

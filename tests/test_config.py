@@ -224,6 +224,16 @@ def test_yaml_syntax_error_names_the_line(tmp_path: Path) -> None:
         load_cluster_file(bad)
 
 
+def test_a_key_given_twice_is_refused_not_overwritten(tmp_path: Path) -> None:
+    """PyYAML keeps the last of two equal keys silently (`disk_gb: 4, disk_gb: 9` gave 9)."""
+    bad = tmp_path / "twice.yaml"
+    bad.write_text("clusters:\n  hpc:\n    name: hpc\n    controller:\n      disk_gb: 4\n      cpu_cores: 1\n"
+                   "      disk_gb: 9\n")
+    with pytest.raises(ConfigError, match=r"twice\.yaml: not valid YAML at line 7, column 7: key 'disk_gb' appears "
+                                          r"twice in one mapping \(first on line 5\); allowed: each key once$"):
+        load_cluster_file(bad)
+
+
 def test_missing_file_is_a_config_error(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match=r"cannot be read"):
         load_cluster_file(tmp_path / "nope.yaml")

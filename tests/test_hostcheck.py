@@ -97,6 +97,11 @@ def test_a_device_without_a_reset_method_is_warned_and_told_what_to_do(tmp_path:
     assert audio.verdict == "WARN" and audio.detail.startswith("has no reset method")
     assert "alone behind its bridge" in audio.fix and "0000:01:00.1/reset_method" in audio.fix
     assert report.ready
+    # A host (or a recording) where no function shows a reset method says it does not know.
+    unknown = check_host(materialize(load_recording(READY), tmp_path / "older"), [config])
+    gpu = next(c for c in unknown.checks if c.name == "device 0000:01:00.0 (hpc-compute-01) reset")
+    assert (gpu.verdict, gpu.detail) == ("WARN", "reset method unknown: no device of this host shows one")
+    assert "lspci -vv -s 0000:01:00.0" in gpu.fix
 
 
 def test_group_member_on_another_driver_wrong_ids_and_missing_device(tmp_path: Path) -> None:

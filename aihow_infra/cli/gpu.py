@@ -9,6 +9,16 @@ from invoke.context import Context
 
 from aihow_infra.cli.common import operator, out, task
 from aihow_infra.cli.render import leases_table
+from aihow_infra.errors import AihowError
+
+
+def _check_address(task: str, address: str) -> None:
+    """``AihowError`` for an ``address`` that is not a PCI function as the ledger records them."""
+    from aihow_infra.config import PCI_ADDRESS_RE
+
+    if not PCI_ADDRESS_RE.match(address):
+        raise AihowError(f"{task}: address {address!r} is not a PCI function; allowed: domain:bus:slot.function "
+                         "in lower-case hex, e.g. 0000:01:00.0 (`lspci -D` lists them)")
 
 
 @task(help={"json": "print JSON"})
@@ -32,6 +42,7 @@ def gpu_reclaim(c: Context, address: str, force: bool = False) -> None:
     """Free a stale GPU lease; refused while its holder runs unless --force."""
     from aihow_infra.gpu.leases import reclaim
 
+    _check_address("gpu.reclaim", address)
     ledger, uri = operator().host_ledger()
     freed = reclaim(ledger, uri, address, force=force)
     out.print(f"[yellow]freed {address} (was held by {freed})[/yellow]" if freed else f"{address} was not held")
@@ -40,12 +51,7 @@ def gpu_reclaim(c: Context, address: str, force: bool = False) -> None:
 @task(help={"address": "PCI address of the card, e.g. 0000:01:00.0"})
 def gpu_forget(c: Context, address: str) -> None:
     """Forget the card recorded at ADDRESS (replaced on purpose): the next start records the one there."""
-    from aihow_infra.config import PCI_ADDRESS_RE
-    from aihow_infra.errors import AihowError
-
-    if not PCI_ADDRESS_RE.match(address):
-        raise AihowError(f"gpu.forget: address {address!r} is not a PCI function; allowed: domain:bus:slot.function "
-                         "in lower-case hex, e.g. 0000:01:00.0 (`lspci -D` lists them)")
+    _check_address("gpu.forget", address)
     ledger, _uri = operator().host_ledger()
     card = ledger.forget_card(address)
     if card is None:

@@ -67,7 +67,8 @@ def host_check(c: Context, config: str = "", sysfs_root: str = "/", recorded: st
         marks = {"ok": "[green]ok[/green]", "FAIL": "[red]FAIL[/red]", "WARN": "[yellow]WARN[/yellow]",
                  "not needed": "[dim]not needed[/dim]"}
         for check in report.checks:
-            out.print(f"{marks[check.verdict]} {check.name}: {check.detail}", highlight=False)
+            # Whole, never wrapped: a grep for FAIL gets the reason with it.
+            out.print(f"{marks[check.verdict]} {check.name}: {check.detail}", highlight=False, soft_wrap=True)
             if check.verdict in ("FAIL", "WARN") and check.fix:
                 # Whole, never wrapped: it is meant to be copied and pasted.
                 out.print(f"     fix: {check.fix}", highlight=False, soft_wrap=True)
@@ -81,8 +82,10 @@ def host_check(c: Context, config: str = "", sysfs_root: str = "/", recorded: st
 @task(help={"file": "where to write the recording (JSON)",
             "sysfs_root": "record /sys, /proc and /dev under this folder instead of the host's"})
 def host_record(c: Context, file: str, sysfs_root: str = "/") -> None:
-    """Record this host as host.check reads it (PCI functions, IOMMU groups, modules, /dev/kvm
-    and /dev/vfio, hugepages, CPU flags): `host.check --recorded FILE` then gives the same verdicts."""
+    """Record this host as host.check reads it, as JSON: `host.check --recorded FILE` then agrees.
+
+    Every PCI function (ids, driver, IOMMU group, reset method), the IOMMU groups, the loaded and
+    built-in kernel modules, /dev/kvm and /dev/vfio, the hugepage pools and the CPU's flags."""
     from aihow_infra import hostcheck
     from aihow_infra.hostrecord import record_host, write_recording
 
@@ -91,5 +94,7 @@ def host_record(c: Context, file: str, sysfs_root: str = "/") -> None:
                          "(help: aihow --help host.record)")
     recording = record_host(hostcheck.sysfs_root(sysfs_root))
     write_recording(recording, Path(file))
-    out.print(f"wrote {file}: {len(recording['pci_devices'])} PCI functions, {len(recording['iommu_groups'])} "
-              f"IOMMU groups, /dev/kvm {'present' if recording['dev_kvm'] else 'missing'}", highlight=False)
+    groups = len(recording["iommu_groups"])
+    out.print(f"wrote {file}: {len(recording['pci_devices'])} PCI functions, {groups} IOMMU "
+              f"group{'' if groups == 1 else 's'}, /dev/kvm {'present' if recording['dev_kvm'] else 'missing'}",
+              highlight=False)

@@ -78,8 +78,9 @@ def ssh_config(c: Context, out_: str = "") -> None:
 @task(help={"stack": STACK_HELP, "limit": "only these hosts (Ansible's --limit, e.g. compute-02)",
             "playbook": "the operator's own playbook instead of the project's ansible/<stack>.yml"})
 def deploy(c: Context, stack: str = "", limit: str = "", playbook: str = "") -> None:
-    """Run the stack's playbook on its running VMs (SLURM for hpc), over the inventory of its
-    outputs and the VMs' states as they are now (`aihow inventory`)."""
+    """Run the stack's playbook on its running VMs (SLURM for hpc, Kubernetes for cloud).
+
+    The inventory is the stack's outputs and the VMs' states as they are now (`aihow inventory`)."""
     _check_stack(stack)
     result = operator().deploy(stack, limit or None, Path(playbook).resolve() if playbook else None)
     out.print(f"[green]{stack} deployed[/green] in {result.seconds:.0f} s, {result.changed} change(s)")
