@@ -163,6 +163,10 @@ def test_both_clusters_deployed_a_job_runs_and_every_node_is_ready(main_job: Mai
     job = main_job
     box = job.e2e.sandbox
     phases.add("system.up of both clusters to deployed", job.up_seconds)
+    for stack, what in (("hpc", "SLURM"), ("cloud", "Kubernetes")):  # each deploy's own time, within it
+        deployed = [line for line in job.lines if line.startswith(f"{stack} deployed in ")]
+        assert len(deployed) == 1, job.lines
+        phases.add(f"{what} first deploy (both clusters booted)", float(deployed[0].split()[3]))
     computes = [job.vm("hpc-compute-01"), job.vm("hpc-compute-02")]
     assert slurm_states(job, dict.fromkeys(computes, "idle")) == dict.fromkeys(computes, "idle")
     out = job.on("hpc-controller", "/usr/bin/srun", "-N2", "-p", "debug", "/usr/bin/hostname")
