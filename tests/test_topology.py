@@ -4,11 +4,13 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
 from rich.tree import Tree
 
 from aihow_infra.cli.render import topology_tree
 from aihow_infra.status import ClusterStatus, GpuStatus, SharedGpuStatus, SystemStatus, VmStatus
 from aihow_infra.topology import planned_topology
+from tests.cli import run_task
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -57,3 +59,13 @@ def test_tree_from_a_cluster_file_shows_the_plan() -> None:
     assert [s.address for s in data.shared_gpus] == ["0000:01:00.0", "0000:01:00.1"]
     text = labels(topology_tree(data))
     assert any("shared with cloud-cluster-gpu-worker-01; free" in t for t in text)
+
+
+def test_the_task_says_a_planned_tree_is_not_checked_against_this_host(capsys: pytest.CaptureFixture[str]) -> None:
+    """A file whose images, host paths or subnets this host refuses still draws (nothing needs to
+    exist); the last line says which command checks it here."""
+    config = str(ROOT / "config" / "default.yaml")
+    code, out, _err = run_task(capsys, "topology", "--config", config)
+    assert code == 0
+    assert out.splitlines()[-1] == f"planned from {config} alone; `aihow validate --config {config}` checks it " \
+                                   "against this host"

@@ -22,8 +22,11 @@ def topology(c: Context, json_: bool = False, config: str = "") -> None:
     status = planned_topology(config) if config else operator().system_status()
     if json_:
         out.print_json(json.dumps(status.to_dict()))
-    else:
-        out.print(topology_tree(status))
+        return
+    out.print(topology_tree(status))
+    if config:  # its keys are checked; the images, host paths and subnets of this host are not
+        out.print(f"planned from {config} alone; `aihow validate --config {config}` checks it against this host",
+                  highlight=False, soft_wrap=True, markup=False)
 
 
 @task(help={"stack": STACK_HELP, "out": "write the inventory to this file instead of printing it"})
