@@ -13,6 +13,7 @@ from typing import Any, Literal
 from aihow_infra.crosscheck import SubnetInUse
 
 VirtType = Literal["kvm", "qemu"]
+VFIO_DRIVER = "vfio-pci"  # the host driver a function must be on to be passed through
 # TCG's default translation cache is 1 GiB a guest; 128 MiB keeps qemu near 500 MiB for a 1 GiB guest.
 TCG_CACHE_MIB = 128
 

@@ -15,12 +15,10 @@ from urllib.parse import urlparse
 
 from aihow_infra.crosscheck import SubnetInUse, subnet_collisions
 from aihow_infra.errors import AihowError, ConfigError
-from aihow_infra.host import Host, VirtChoice, choose_virt_type, host_subnets
+from aihow_infra.host import VFIO_DRIVER, Host, VirtChoice, choose_virt_type, host_subnets
 from aihow_infra.loading import key_lines, line_of, load_cluster_file
 from aihow_infra.plan import ClusterPlan, VmPlan, plan_all
 from aihow_infra.settings import DEFAULT_LIBVIRT_URI
-
-VFIO_DRIVER = "vfio-pci"
 
 
 @dataclass(frozen=True)

@@ -23,18 +23,24 @@ READY = Path(__file__).parent / "fixtures" / "ready-host-sysfs.json"
 GPU, AUDIO = "0000:01:00.0", "0000:01:00.1"
 
 
+def ready_host(root: Path) -> Host:
+    """The ready host of the fixtures laid out under ``root``: GPU and audio function in IOMMU
+    group 14, both on vfio-pci, with the group's /dev/vfio node."""
+    materialize(load_recording(READY), root)
+    (root / "dev/vfio").mkdir(exist_ok=True)
+    (root / "dev/vfio/14").touch()
+    return Host(root)
+
+
 @pytest.fixture
 def host(tmp_path: Path) -> Host:
-    """The ready host of the fixtures (GPU and audio function in IOMMU group 14, both on
-    vfio-pci), with a GPU the nvidia driver knows as minor 3, and its BAR and config files."""
-    root = materialize(load_recording(READY), tmp_path / "root")
+    """The ready host, with a GPU the nvidia driver knows as minor 3, and its BAR and config files."""
+    root = ready_host(tmp_path / "root").root
     information = root / "proc/driver/nvidia/gpus" / GPU / "information"
     information.parent.mkdir(parents=True)
     information.write_text("Model: NVIDIA Stand-in\nDevice Minor: 3\n")
     for name in ("config", "resource", "resource0"):
         (root / "sys/bus/pci/devices" / GPU / name).write_bytes(b"\0" * 4096)
-    (root / "dev/vfio").mkdir(exist_ok=True)
-    (root / "dev/vfio/14").touch()
     (root / "dev/nvidia3").touch()
     return Host(root)
 

@@ -104,15 +104,12 @@ def test_vm_start_refuses_a_device_held_open_before_any_engine_run(tmp_path: Pat
     from aihow_infra.errors import CustodyError
     from aihow_infra.gpu.ledger import Ledger
     from aihow_infra.host import Host
-    from aihow_infra.hostrecord import load_recording, materialize
-    from tests.test_custody import hold
+    from tests.test_custody import hold, ready_host
 
     good = tmp_path / "good.yaml"
     good.write_text(yaml.safe_dump(base()))
     op = project(tmp_path, str(good), str(good))
-    root = materialize(load_recording(Path(__file__).parent / "fixtures" / "ready-host-sysfs.json"), tmp_path / "r")
-    (root / "dev/vfio").mkdir(exist_ok=True)
-    (root / "dev/vfio/14").touch()
+    root = ready_host(tmp_path / "r").root
     monkeypatch.setattr(lifecycle, "local_host", lambda uri: Host(root))
     op.ensure_images = lambda views: pytest.fail("an engine run was prepared")  # type: ignore[method-assign]
     name = op.view("hpc").plan.vms[1].name

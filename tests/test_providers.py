@@ -14,7 +14,6 @@ import pytest
 from aihow_infra.errors import CustodyError, LibvirtError
 from aihow_infra.gpu.ledger import Ledger
 from aihow_infra.host import Host
-from aihow_infra.hostrecord import load_recording, materialize
 from aihow_infra.libvirt.connection import translate
 from aihow_infra.libvirt.inspect import metadata, read_definition
 from aihow_infra.settings import parse_settings
@@ -271,11 +270,9 @@ def test_a_device_held_open_on_the_host_is_never_handed_to_the_vm(tag: str, tmp_
     process holding the GPU's VFIO group open stops the start; nothing is left (no domain, no
     lease). The test driver has no devices, so a host laid out under a temp folder stands in."""
     import providers.domain
-    from tests.test_custody import hold
+    from tests.test_custody import hold, ready_host
 
-    root = materialize(load_recording(Path(__file__).parent / "fixtures" / "ready-host-sysfs.json"), tmp_path / "r")
-    (root / "dev/vfio").mkdir(exist_ok=True)
-    (root / "dev/vfio/14").touch()
+    root = ready_host(tmp_path / "r").root
     monkeypatch.setattr(providers.domain, "local_host", lambda uri: Host(root))
     ledger = str(tmp_path / "leases.json")
     lease = {"ledger": ledger, "holder": f"test/t{tag}-vm", "addresses": ["0000:01:00.0", "0000:01:00.1"]}

@@ -28,9 +28,8 @@ from urllib.parse import urlparse
 
 from aihow_infra.errors import CustodyError
 from aihow_infra.gpu.ledger import Ledger
-from aihow_infra.host import Host
+from aihow_infra.host import VFIO_DRIVER, Host
 
-VFIO_DRIVER = "vfio-pci"
 # Drivers a function may keep while its group-mate is passed through: a PCIe port is the bridge
 # above it, never handed to a VM.
 GROUP_SAFE_DRIVERS = (VFIO_DRIVER, None, "pcieport")
