@@ -11,7 +11,7 @@ from invoke.program import Program
 
 from aihow_infra.cli.common import version
 from aihow_infra.cli.dev import test
-from aihow_infra.cli.gpu import gpu_forget, gpu_leases, gpu_reclaim
+from aihow_infra.cli.gpu import gpu_forget, gpu_home, gpu_leases, gpu_reclaim
 from aihow_infra.cli.images import image_build, kubernetes_build
 from aihow_infra.cli.stacks import destroy, preview, stacks, up, validate
 from aihow_infra.cli.system import switch, system_destroy, system_down, system_status, system_up
@@ -42,6 +42,7 @@ system.add_task(system_status, "status")
 system.add_task(system_destroy, "destroy")
 gpu = Collection("gpu")
 gpu.add_task(gpu_leases, "leases")
+gpu.add_task(gpu_home, "home")
 gpu.add_task(gpu_reclaim, "reclaim")
 gpu.add_task(gpu_forget, "forget")
 host = Collection("host")

@@ -14,6 +14,8 @@ from aihow_infra.crosscheck import SubnetInUse
 
 VirtType = Literal["kvm", "qemu"]
 VFIO_DRIVER = "vfio-pci"  # the host driver a function must be on to be passed through
+# Where modprobe reads module options (modprobe.d(5)), e.g. ``options vfio-pci ids=10de:2335``.
+MODPROBE_FOLDERS = ("/etc/modprobe.d", "/run/modprobe.d", "/usr/lib/modprobe.d", "/lib/modprobe.d")
 # TCG's default translation cache is 1 GiB a guest; 128 MiB keeps qemu near 500 MiB for a 1 GiB guest.
 TCG_CACHE_MIB = 128
 
@@ -35,6 +37,18 @@ class Host:
         except OSError:
             return None
 
+    def write(self, absolute: str, text: str) -> None:
+        """Write ``text`` to a file under the root (a sysfs attribute: one write, no temp file);
+        ``OSError`` as the kernel gives it (EBUSY, ENODEV, EINVAL)."""
+        with self.path(absolute).open("w") as file:
+            file.write(text)
+
+    def load_driver(self, name: str) -> None:
+        """Make PCI driver ``name`` available (``modprobe``) on the live host when it is not
+        loaded yet; under any other root there is no kernel to ask."""
+        if self.root == Path("/") and not self.path(f"/sys/bus/pci/drivers/{name}").is_dir():
+            subprocess.run(["modprobe", name], capture_output=True, check=False)
+
     def device(self, address: str) -> Path:
         """The sysfs folder of a PCI function."""
         return self.path(f"/sys/bus/pci/devices/{address}")
@@ -53,6 +67,15 @@ class Host:
         """Every PCI function in an IOMMU group."""
         folder = self.path(f"/sys/kernel/iommu_groups/{group}/devices")
         return sorted(p.name for p in folder.iterdir()) if folder.is_dir() else []
+
+    def reset_methods(self, address: str) -> list[str] | None:
+        """How the kernel can reset a PCI function between VMs (sysfs ``reset_method``, Linux 5.15
+        and later: ``flr``, ``pm``, ``bus``, ...); empty when it has none; None when unknown (no
+        function of this host shows the attribute: an older kernel, or a recording without it)."""
+        methods = (self.read(f"/sys/bus/pci/devices/{address}/reset_method") or "").split()
+        if methods or any(self.path("/sys/bus/pci/devices").glob("*/reset_method")):
+            return methods
+        return None
 
     def modules(self) -> set[str]:
         """Loaded kernel modules, plus built-in ones visible under /sys/module."""

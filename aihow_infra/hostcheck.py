@@ -7,7 +7,7 @@ failure comes with the command that fixes it.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -15,6 +15,9 @@ from urllib.parse import urlparse
 
 from aihow_infra.crosscheck import SubnetInUse, subnet_collisions
 from aihow_infra.errors import AihowError, ConfigError
+from aihow_infra.gpu.custody import device_files, open_by
+from aihow_infra.gpu.homes import at_home, boot_binding, describe_driver
+from aihow_infra.gpu.ledger import DEFAULT_HOME, Home
 from aihow_infra.host import VFIO_DRIVER, Host, VirtChoice, choose_virt_type, host_subnets
 from aihow_infra.loading import key_lines, line_of, load_cluster_file
 from aihow_infra.plan import ClusterPlan, VmPlan, plan_all
@@ -58,7 +61,7 @@ class Report:
         return {"ready": self.ready, "checks": [{**asdict(c), "verdict": c.verdict} for c in self.checks]}
 
 
-def _system_checks(host: Host, live: bool, passthrough: bool, uris: Iterable[str]) -> list[Check]:
+def _system_checks(host: Host, live: bool, passthrough: bool, uris: Iterable[str], kept_on_vfio: bool) -> list[Check]:
     checks = []
     kvm = host.path("/dev/kvm").exists()
     checks.append(Check("kvm", kvm, "/dev/kvm present" if kvm else "/dev/kvm is missing: VMs run under software "
@@ -91,10 +94,14 @@ def _system_checks(host: Host, live: bool, passthrough: bool, uris: Iterable[str
         "" if groups else "enable VT-d/AMD-Vi in the firmware and add `intel_iommu=on iommu=pt` (or "
                           "`amd_iommu=on iommu=pt`) to GRUB_CMDLINE_LINUX, then `update-grub` and reboot",
         needed=passthrough))
+    # A device kept on vfio-pci needs the driver loaded; one whose home is the host's driver does
+    # not: libvirt loads it when the VM that takes the device starts.
     vfio = "vfio_pci" in host.modules()
-    checks.append(Check("vfio", vfio, "vfio_pci loaded" if vfio else "vfio_pci is not loaded",
+    checks.append(Check("vfio", vfio, "vfio_pci loaded" if vfio else "vfio_pci is not loaded"
+                        + ("; libvirt loads it when a VM that passes a device through starts"
+                           if passthrough and not kept_on_vfio else ""),
                         "" if vfio else "`modprobe vfio-pci` (and add vfio-pci to /etc/modules-load.d/vfio.conf)",
-                        needed=passthrough))
+                        needed=kept_on_vfio))
     return checks
 
 
@@ -104,8 +111,46 @@ def _bind_fix(address: str, driver: str | None) -> str:
             f"echo {address} > /sys/bus/pci/drivers_probe  (or `driverctl set-override {address} {VFIO_DRIVER}`)")
 
 
+def _home_checks(host: Host, address: str, name: str, home: Home, live: bool) -> list[Check]:
+    """The device against its home (gpu/homes.py): at home, held by a VM, or stuck; and the
+    home agreeing with the boot configuration. On the live host, a host process holding it open
+    (a VM start is refused until it ends)."""
+    driver = host.driver(address)
+    holders = open_by(host, device_files(host, address)) if live else []
+    vms = sorted({h.vm for h in holders if h.vm})
+    checks = []
+    where = boot_binding(host, address) if home == "host" else None
+    if where:
+        checks.append(Check(f"{name} home", False,
+                            f"home host (the GPU lease ledger) but {where} binds it to {VFIO_DRIVER} at boot: a home "
+                            "set differently in two places",
+                            f"aihow gpu.home {address} --to {VFIO_DRIVER}, or remove that boot setting"))
+    if vms:
+        checks.append(Check(f"{name} driver", driver == VFIO_DRIVER,
+                            f"{describe_driver(driver)}, held by the running VM {', '.join(vms)} (home: {home})"))
+        return checks
+    if at_home(driver, home):
+        detail = f"at home {describe_driver(driver)} (home: {home})"
+        checks.append(Check(f"{name} driver", True, detail + ("; libvirt binds it to vfio-pci when its VM starts"
+                                                              if home == "host" else "")))
+    elif home == "host":
+        checks.append(Check(f"{name} driver", False, f"stuck on {VFIO_DRIVER} with no holder (home: the host's "
+                            "driver): the host cannot use it", f"aihow gpu.home {address}", advisory=True))
+    else:
+        checks.append(Check(f"{name} driver", False, f"bound to {driver or 'no driver'} (home: {VFIO_DRIVER})",
+                            f"aihow gpu.home {address}  (or by hand: {_bind_fix(address, driver)})"))
+    others = [h for h in holders if not h.vm]
+    if others:
+        checks.append(Check(f"{name} open", False, "held open on the host: " + "; ".join(str(h) for h in others)
+                            + ": a VM start is refused until that ends",
+                            f"end those first (`kill {' '.join(str(p) for p in sorted({h.pid for h in others}))}`, "
+                            "or stop the program that uses the device)"))
+    return checks
+
+
 def _device_checks(host: Host, address: str, vendor: str | None, device: str | None, users: str,
-                   configured: frozenset[str] = frozenset()) -> list[Check]:
+                   configured: frozenset[str] = frozenset(), home: Home = DEFAULT_HOME,
+                   live: bool = False) -> list[Check]:
     name = f"device {address} ({users})"
     if not host.device(address).is_dir():
         return [Check(name, False, "not present on this host",
@@ -120,16 +165,17 @@ def _device_checks(host: Host, address: str, vendor: str | None, device: str | N
                         "; ".join(mismatch) or f"{found_vendor}:{found_device} as configured",
                         f"set vendor_id: '{found_vendor}' and device_id: '{found_device}' for {address}"
                         if mismatch else ""))
-    driver = host.driver(address)
-    checks.append(Check(f"{name} driver", driver == VFIO_DRIVER, f"bound to {driver or 'no driver'}",
-                        "" if driver == VFIO_DRIVER else _bind_fix(address, driver)))
+    checks += _home_checks(host, address, name, home, live)
     checks.append(_reset_check(host, address, name))
     group = host.iommu_group(address)
     if group is None:
         checks.append(Check(f"{name} iommu group", False, "has no IOMMU group",
                             "turn the IOMMU on (see the iommu check)"))
         return checks
-    others = [m for m in host.group_members(group) if host.driver(m) not in (VFIO_DRIVER, None, "pcieport")]
+    # The device and the other configured ones have driver checks of their own (at home on the
+    # host's driver, libvirt detaches them when their VM starts).
+    others = [m for m in host.group_members(group)
+              if m != address and m not in configured and host.driver(m) not in (VFIO_DRIVER, None, "pcieport")]
     in_use = [m for m in others if m not in configured and _host_class(host, m)]
     if in_use:
         # Unbinding these would take the host's disk, network or display away: never suggest it.
@@ -153,11 +199,10 @@ def _reset_check(host: Host, address: str, name: str) -> Check:
     """How the kernel resets the device between VMs (sysfs ``reset_method``, kernel 5.15 and later:
     flr, pm, bus, ...). Without one a VM restart or a hand-over finds the device as the last guest
     left it: advisory, the VMs still start."""
-    methods = (host.read(f"/sys/bus/pci/devices/{address}/reset_method") or "").split()
+    methods = host.reset_methods(address)
     if methods:
         return Check(f"{name} reset", True, f"reset by {', '.join(methods)}")
-    if not any(host.path("/sys/bus/pci/devices").glob("*/reset_method")):
-        # No function shows one: a kernel before 5.15, or a recording that did not keep them.
+    if methods is None:
         return Check(f"{name} reset", False, "reset method unknown: no device of this host shows one",
                      f"`lspci -vv -s {address}` lists FLReset+ under DevCap when the device resets itself; "
                      "record the host again with `aihow host.record FILE` on Linux 5.15 or later", advisory=True)
@@ -239,10 +284,11 @@ def check_hugepages(plans: list[ClusterPlan], file: str | Path, root: Path = Pat
 
 
 def check_host(root: Path, cluster_files: Iterable[str | Path],
-               libvirt_uris: Iterable[str] = (DEFAULT_LIBVIRT_URI,)) -> Report:
+               libvirt_uris: Iterable[str] = (DEFAULT_LIBVIRT_URI,), homes: Mapping[str, Home] | None = None) -> Report:
     """Every check for the host under ``root``, the hugepages and the passthrough devices of
     ``cluster_files``; on the live host (``root`` is /) each of ``libvirt_uris`` must answer (the
-    stacks' ``aihow:libvirtUri``)."""
+    stacks' ``aihow:libvirtUri``) and no host process may hold a device open. ``homes``: each
+    device's home as the host's GPU lease ledger records it (``host`` when absent)."""
     host = Host(root)
     devices: dict[str, tuple[str | None, str | None, list[str]]] = {}
     vms: list[VmPlan] = []
@@ -253,10 +299,15 @@ def check_host(root: Path, cluster_files: Iterable[str | Path],
                 for dev in vm.devices:
                     vendor, device, users = devices.setdefault(dev.pci_address, (dev.vendor_id, dev.device_id, []))
                     users.append(vm.name)
-    report = Report(_system_checks(host, live=root == Path("/"), passthrough=bool(devices), uris=libvirt_uris))
+    live = root == Path("/")
+    homes = homes or {}
+    kept_on_vfio = any(homes.get(address, DEFAULT_HOME) == VFIO_DRIVER for address in devices)
+    report = Report(_system_checks(host, live=live, passthrough=bool(devices), uris=libvirt_uris,
+                                   kept_on_vfio=kept_on_vfio))
     report.checks += _hugepage_checks(host, vms)
     for address, (vendor, device, users) in sorted(devices.items()):
-        report.checks += _device_checks(host, address, vendor, device, ", ".join(users), frozenset(devices))
+        report.checks += _device_checks(host, address, vendor, device, ", ".join(users), frozenset(devices),
+                                        homes.get(address, DEFAULT_HOME), live)
     return report
 
 

@@ -14,7 +14,9 @@ The format is the one of shared/fixtures/gpu-host-h200-live.json (a real NVIDIA 
 - ``modules_loaded``: /proc/modules' names; ``sys_module_kvm``: the names under /sys/module that
   contain kvm, vfio or iommu (a built-in module, kvm_pvm say, shows only there);
 - ``hugepages``: ``nr_hugepages`` by page size in KiB; ``cpu_virt_flags``: vmx, svm and
-  hypervisor as /proc/cpuinfo has them; ``proc_cmdline``; ``uname``; ``about``: who recorded it.
+  hypervisor as /proc/cpuinfo has them; ``proc_cmdline``; ``uname``; ``about``: who recorded it;
+- ``boot_vfio``: the boot configuration that binds devices to vfio-pci, by path: the lines of
+  modprobe.d files that name vfio, and driverctl's overrides (/etc/driverctl.d).
 
 A recording made before ``reset_method`` was a device attribute keeps it in ``gpu_extra``; it is
 read from there too.
@@ -32,6 +34,7 @@ from typing import Any
 
 from aihow_infra.errors import AihowError
 from aihow_infra.files import atomic_write
+from aihow_infra.host import MODPROBE_FOLDERS
 
 # The attributes of a PCI function a recording keeps (files of /sys/bus/pci/devices/<address>/).
 DEVICE_ATTRIBUTES = ("vendor", "device", "class", "subsystem_vendor", "subsystem_device", "numa_node", "enable",
@@ -49,6 +52,19 @@ def _read(path: Path) -> str | None:
 
 def _link_name(path: Path) -> str | None:
     return Path(os.readlink(path)).name if path.is_symlink() else None
+
+
+def _boot_vfio(root: Path) -> dict[str, str]:
+    """Boot-time vfio-pci bindings: modprobe.d lines naming vfio, driverctl overrides."""
+    found = {}
+    for folder in MODPROBE_FOLDERS:
+        for conf in sorted((root / folder.lstrip("/")).glob("*.conf")):
+            lines = [line for line in (_read(conf) or "").splitlines() if "vfio" in line]
+            if lines:
+                found[f"{folder}/{conf.name}"] = "\n".join(lines)
+    for override in sorted((root / "etc/driverctl.d").glob("pci-*")):
+        found[f"/etc/driverctl.d/{override.name}"] = _read(override) or ""
+    return found
 
 
 def record_host(root: Path = Path("/"), about: str = "") -> dict[str, Any]:
@@ -87,6 +103,7 @@ def record_host(root: Path = Path("/"), about: str = "") -> dict[str, Any]:
         # The kernel's own parameters: what follows "--" is init's, which may carry secrets.
         "proc_cmdline": (_read(root / "proc/cmdline") or "").split(" -- ")[0],
         "uname": " ".join(os.uname()) if root == Path("/") else "",
+        "boot_vfio": _boot_vfio(root),
     }
 
 
@@ -131,6 +148,9 @@ def materialize(recording: dict[str, Any], root: Path) -> Path:
         (folder / "nr_hugepages").write_text(f"{pages}\n")
     (root / "proc/cpuinfo").write_text(f"flags\t\t: {recording.get('cpu_virt_flags', '')}\n")
     (root / "proc/cmdline").write_text(f"{recording.get('proc_cmdline', '')}\n")
+    for path, text in (recording.get("boot_vfio") or {}).items():
+        (root / path.lstrip("/")).parent.mkdir(parents=True, exist_ok=True)
+        (root / path.lstrip("/")).write_text(f"{text}\n")
     return root
 
 

@@ -158,11 +158,26 @@ class ClusterStatus:
 
 
 @dataclass(frozen=True)
+class DeviceHome:
+    """A passthrough device against its home (gpu/homes.py): ``now`` in words (``held by ...``,
+    ``at home, on nvidia``, ``stuck on vfio-pci with no holder ...``), ``fix`` the command that
+    takes a stuck one home."""
+
+    address: str
+    home: str
+    now: str
+    stuck: bool
+    fix: str
+
+
+@dataclass(frozen=True)
 class SystemStatus:
-    """Every cluster, and the GPUs they share."""
+    """Every cluster, the GPUs they share, and where each passthrough device is against its home
+    (empty when the host is not this machine)."""
 
     clusters: list[ClusterStatus]
     shared_gpus: list[SharedGpuStatus]
+    homes: list[DeviceHome] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready data (``--json``)."""

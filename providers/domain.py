@@ -23,8 +23,9 @@ from aihow_infra.changes import (
     changed_keys,
     reboot_keys,
 )
-from aihow_infra.errors import LibvirtError
+from aihow_infra.errors import CustodyError, LeaseError, LibvirtError
 from aihow_infra.gpu.custody import local_host, refuse_blind_handover
+from aihow_infra.gpu.homes import send_home
 from aihow_infra.gpu.ledger import LeaseRef, Ledger
 from aihow_infra.host import Host, VirtChoice, choose_virt_type
 from aihow_infra.libvirt.connection import call, connect, kvm_usable, lookup
@@ -104,6 +105,22 @@ class DomainArgs(TypedDict):
     ready_timeout: float
 
 
+def _send_devices_home(props: dict[str, Any]) -> None:
+    """After the domain stopped: each device it passed through goes to its home as the ledger
+    records it (libvirt's managed reattach took it to the host's driver already; a device whose
+    home is vfio-pci is bound back). What does not get there is left for the operator's command
+    to report (``aihow vm.stop`` says so and how to free it; ``system.status`` shows it): the VM
+    did stop, which is what this resource is asked."""
+    host = local_host(props["uri"])
+    lease = props.get("lease")
+    if host is None or not lease:
+        return
+    ledger = Ledger(lease["ledger"])
+    for device in props.get("devices") or []:
+        with contextlib.suppress(CustodyError, LeaseError, OSError):
+            send_home(host, device["address"], ledger.home_of(device["address"]))
+
+
 def _needs_restart(dom: libvirt.virDomain, olds: dict[str, Any], news: dict[str, Any]) -> bool:
     """True when the running instance differs from ``news`` in a key it takes only at boot
     (vCPUs and memory as it runs now, the other keys as ``olds`` recorded them)."""
@@ -165,6 +182,7 @@ class DomainProvider(LibvirtProvider):
         with an image to be ready."""
         if not props["running"]:
             stop_domain(dom, props["stop_timeout"])
+            _send_devices_home(props)
             return None
         host = local_host(props["uri"])
         if host is not None and props.get("devices") and not dom.isActive():
@@ -270,6 +288,7 @@ class DomainProvider(LibvirtProvider):
         or a destroy, both listed and confirmed first), so a shutdown would only wait for a
         guest whose data goes anyway."""
         stop_domain(dom, 0)
+        _send_devices_home(props)
         undefine(dom, props["name"])
 
     def observe(self, dom: libvirt.virDomain, props: dict[str, Any]) -> dict[str, Any]:

@@ -1,11 +1,13 @@
 """A GPU workstation, simulated: an outer VM with QEMU's virtual Intel IOMMU and a two-function
-PCI device standing in for a GPU (QEMU's ``edu``: "video" at ``.0``, "audio" at ``.1``), with
-libvirt and qemu inside it. The project's own checkout, virtualenv and engine are shared into it
-read-only, at the same path, and run there against its libvirtd: inner domains get the device
-through the real VFIO path (libvirt's managed detach, vfio-pci, ``/dev/vfio/<group>``).
+PCI device standing in for a GPU (QEMU's ``edu``: "video" at ``.0``, "audio" at ``.1``, no host
+driver), beside a device the host has a driver for (QEMU's ``vmxnet3`` NIC, driven by the
+kernel's ``vmxnet3``, with no network behind it), with libvirt and qemu inside it. The project's
+own checkout, virtualenv and engine are shared into it read-only, at the same path, and run there
+against its libvirtd: inner domains get the devices through the real VFIO path (libvirt's managed
+detach, vfio-pci, ``/dev/vfio/<group>``).
 
 Test equipment, not a product feature: the outer VM is defined here, not by the project, and
-needs no network at all (every command goes through its guest agent). See
+needs no network at all (its NIC has no backend) (every command goes through its guest agent). See
 ``../shared/notes/vfio-nested.md`` for what was measured before this was built.
 """
 
@@ -35,6 +37,11 @@ from tests.sandbox import Sandbox
 # edu takes slot 1, where libvirt's first root port must go).
 GPU_SLOT = "0000:00:1e"
 EDU_IDS = ("1234", "11e8")
+# A device with an in-tree host driver, to show a round trip home (host driver -> vfio-pci -> VM ->
+# host driver). The simulator's kernel (Debian's cloud flavour) has vmxnet3 but not e1000e.
+NIC = "0000:00:1d.0"
+NIC_IDS = ("15ad", "07b0")
+NIC_DRIVER = "vmxnet3"
 SHARE_TAG = "aihow-checkout"
 # Inside the simulator: where the project keeps what it writes (the checkout is read-only there).
 SIM = "/opt/aihow-sim"
@@ -62,6 +69,13 @@ def edu_passthrough() -> dict[str, Any]:
     return {"enabled": True, "devices": [
         {"pci_address": f"{GPU_SLOT}.0", "device_type": "gpu", "vendor_id": vendor, "device_id": device},
         {"pci_address": f"{GPU_SLOT}.1", "device_type": "audio", "vendor_id": vendor, "device_id": device}]}
+
+
+def nic_passthrough() -> dict[str, Any]:
+    """A cluster file's ``pcie_passthrough`` block for the simulator's NIC."""
+    vendor, device = NIC_IDS
+    return {"enabled": True, "devices": [
+        {"pci_address": NIC, "device_type": "network", "vendor_id": vendor, "device_id": device}]}
 
 
 def outer_xml(name: str, image: Image, disk: Path, checkout: Path) -> str:
@@ -112,6 +126,8 @@ def outer_xml(name: str, image: Image, disk: Path, checkout: Path) -> str:
     <qemu:arg value='edu,bus=pcie.0,addr=0x1e.0,multifunction=on'/>
     <qemu:arg value='-device'/>
     <qemu:arg value='edu,bus=pcie.0,addr=0x1e.1'/>
+    <qemu:arg value='-device'/>
+    <qemu:arg value='vmxnet3,bus=pcie.0,addr=0x1d.0'/>
   </qemu:commandline>
 </domain>
 """
@@ -232,8 +248,17 @@ def gpu_host(box: Sandbox, image: Image, checkout: Path = CHECKOUT, boot_timeout
             dom.undefine()
 
 
+def _ledger_entries(host: GpuHost, ledger: str) -> dict[str, dict[str, Any]]:
+    text = host.check(f"cat {ledger} 2>/dev/null || echo '{{}}'")
+    entries: dict[str, dict[str, Any]] = json.loads(text).get("devices", {})
+    return entries
+
+
 def lease_holders(host: GpuHost, ledger: str = "/var/lib/aihow/gpu-leases.json") -> dict[str, str | None]:
     """Who holds each address in a ledger inside, as the ledger file says."""
-    text = host.check(f"cat {ledger} 2>/dev/null || echo '{{}}'")
-    leases = json.loads(text).get("devices", {})
-    return {address: lease.get("holder") for address, lease in leases.items()}
+    return {address: lease.get("holder") for address, lease in _ledger_entries(host, ledger).items()}
+
+
+def ledger_homes(host: GpuHost, ledger: str = "/var/lib/aihow/gpu-leases.json") -> dict[str, str]:
+    """Each address's home in a ledger inside (``host`` where none was set)."""
+    return {address: lease.get("home", "host") for address, lease in _ledger_entries(host, ledger).items()}

@@ -1,8 +1,10 @@
-"""The seed's GPU hand-over (CLOUD-0.3) through real VFIO, inside the GPU-host simulator.
+"""The seed's GPU hand-over (CLOUD-0.3) through real VFIO, inside the GPU-host simulator, and
+GPU custody: every device goes back to its home, and is never handed over blind.
 
-The project runs inside an outer VM that has an IOMMU and a two-function stand-in GPU
-(tests/gpuhost.py), against that VM's own libvirtd, exactly as an operator runs it on a
-workstation: ``aihow host.check``, ``system.up``, ``vm.start``, ``switch``, ``system.destroy``.
+The project runs inside an outer VM that has an IOMMU, a two-function stand-in GPU and a NIC
+with a host driver (tests/gpuhost.py), against that VM's own libvirtd, exactly as an operator
+runs it on a workstation: ``aihow host.check``, ``gpu.home``, ``system.up``, ``vm.start``,
+``switch``, ``system.destroy``.
 Every step is checked from libvirt's and the kernel's own view inside: the driver each function
 is bound to, the hostdevs of the running domain's live XML, which qemu holds ``/dev/vfio/<group>``
 open, and the lease ledger. The inner domains boot nothing (a blank disk): holding the device
@@ -23,19 +25,32 @@ import pytest
 
 from aihow_infra.images import ensure_image
 from aihow_infra.libvirt.guest import Ran
-from tests.gpuhost import GPU_SLOT, GpuHost, configure, edu_passthrough, gpu_host, lease_holders
+from tests.gpuhost import (
+    GPU_SLOT,
+    NIC,
+    NIC_DRIVER,
+    GpuHost,
+    configure,
+    edu_passthrough,
+    gpu_host,
+    lease_holders,
+    ledger_homes,
+    nic_passthrough,
+)
 from tests.sandbox import Phases, Sandbox
 
 pytestmark = [pytest.mark.e2e, pytest.mark.gpuhost, pytest.mark.timeout(2400)]
 
 HPC_VM, CLOUD_VM = "sim-hpc-compute-01", "sim-cloud-gpu-worker-01"
+NIC_VM = "sim-hpc-compute-02"  # takes the NIC; does not start by itself
 FUNCTIONS = (f"{GPU_SLOT}.0", f"{GPU_SLOT}.1")  # the stand-in GPU's "video" and "audio" functions
 LEDGER = "/var/lib/aihow/gpu-leases.json"
 
 
 def simulated_clusters() -> dict[str, Any]:
     """The seed's shape, small: the device in the HPC compute node and in the Cloud GPU worker
-    (which does not start by itself); nodes with nothing to boot."""
+    (which does not start by itself), the NIC in a second compute node (nor does it); nodes with
+    nothing to boot."""
     def node(ip: str, **extra: Any) -> dict[str, Any]:
         return {"cpu_cores": 1, "memory_gb": 1, "disk_gb": 1, "ip": ip, **extra}
 
@@ -45,7 +60,8 @@ def simulated_clusters() -> dict[str, Any]:
 
     return {
         "hpc": {**cluster("hpc", 1), "controller": node("10.77.1.10"),
-                "compute_nodes": [node("10.77.1.11", pcie_passthrough=edu_passthrough())]},
+                "compute_nodes": [node("10.77.1.11", pcie_passthrough=edu_passthrough()),
+                                  node("10.77.1.12", auto_start=False, pcie_passthrough=nic_passthrough())]},
         "cloud": {**cluster("cloud", 2), "control_plane": node("10.77.2.10"),
                   "worker_nodes": {"gpu": [node("10.77.2.11", auto_start=False, pcie_passthrough=edu_passthrough())]}},
     }
@@ -91,7 +107,8 @@ def assert_held_by(host: GpuHost, vm: str, other: str) -> None:
     assert host.live_hostdevs(vm) == list(FUNCTIONS)
     assert host.vfio_users(group) == [vm]
     stack = vm.split("-")[1]
-    assert lease_holders(host, LEDGER) == dict.fromkeys(FUNCTIONS, f"{stack}/{vm}")
+    holders = lease_holders(host, LEDGER)
+    assert {f: holders.get(f) for f in FUNCTIONS} == dict.fromkeys(FUNCTIONS, f"{stack}/{vm}")
 
 
 def test_one_gpu_two_clusters_over_real_vfio(simulator: GpuHost, phases: Phases) -> None:
@@ -101,28 +118,54 @@ def test_one_gpu_two_clusters_over_real_vfio(simulator: GpuHost, phases: Phases)
     group = host.iommu_group(FUNCTIONS[0])
     assert host.iommu_group(FUNCTIONS[1]) == group  # one device: its functions share a group
     assert [host.driver(f) for f in FUNCTIONS] == [None, None]
+    assert host.driver(NIC) == NIC_DRIVER and host.iommu_group(NIC) != group
 
-    # host.check before anything is bound: the driver, the group, and the commands that fix it.
+    # host.check before anything: every device is at home (the host's driver, or none), which is
+    # where libvirt takes it from when a VM starts.
     before = steps.host_check()
     checks = checks_by_name(before)
-    assert not before["ready"]
+    assert before["ready"], [c for c in before["checks"] if c["verdict"] == "FAIL"]
     assert checks["kvm"]["verdict"] == "WARN"  # software emulation inside: slower, never a failure
     assert checks["iommu"]["ok"] and checks["libvirtd"]["ok"]
     for function in FUNCTIONS:
         driver = checks[f"device {function} {device} driver"]
-        assert driver["verdict"] == "FAIL" and driver["detail"] == "bound to no driver"
-        assert f"echo vfio-pci > /sys/bus/pci/devices/{function}/driver_override" in driver["fix"]
+        assert driver["ok"] and driver["detail"].startswith("at home on no driver (home: host)")
         assert checks[f"device {function} {device} iommu group {group}"]["ok"]
         assert checks[f"device {function} {device} ids"]["ok"]
+    assert checks[f"device {NIC} ({NIC_VM}) driver"]["detail"].startswith(f"at home on {NIC_DRIVER} (home: host)")
 
-    # system.up: the HPC node starts holding both functions; libvirt bound them to vfio-pci itself.
+    # The stand-in GPU's home becomes vfio-pci (kept ready for VMs): both functions, bound now.
+    homed = steps.aihow("gpu.home", FUNCTIONS[0], "--to", "vfio-pci").out
+    assert [host.driver(f) for f in FUNCTIONS] == ["vfio-pci", "vfio-pci"]
+    assert ledger_homes(host, LEDGER) == dict.fromkeys(FUNCTIONS, "vfio-pci")
+    assert f"{FUNCTIONS[1]}: home vfio-pci; at home, on vfio-pci" in homed.splitlines()
+
+    # system.up: the HPC node starts holding both functions.
     steps.aihow("system.up")
     assert_held_by(host, HPC_VM, CLOUD_VM)
     assert host.domain_state("sim-cloud-control-plane") == "running"
+    assert host.domain_state(NIC_VM) == "shut off" and host.driver(NIC) == NIC_DRIVER
     assert steps.host_check()["ready"]
     status = json.loads(steps.aihow("system.status", "--json").out)
     assert {g["address"]: (g["holder"], g["vms"]) for g in status["shared_gpus"]} == dict.fromkeys(
         FUNCTIONS, (f"hpc/{HPC_VM}", [HPC_VM, CLOUD_VM]))
+    assert {h["address"]: h["now"] for h in status["homes"]} == {
+        **dict.fromkeys(FUNCTIONS, f"held by hpc/{HPC_VM}"), NIC: f"at home, on {NIC_DRIVER}"}
+
+    # The NIC's round trip: held open by a host process, it is not handed over (the pid is named,
+    # nothing starts); once that ends, vfio-pci -> the VM -> back home on its own driver.
+    holder = host.check(f"setsid sleep 600 < /sys/bus/pci/devices/{NIC}/config > /dev/null 2>&1 & echo $!").strip()
+    refused = steps.aihow("vm.start", NIC_VM, ok=False)
+    refusal = " ".join(refused.err.split())
+    assert refused.code == 1 and f"device {NIC} is held open on the host: pid {holder} (sleep) has " in refusal
+    assert f"{NIC_VM} was not started and nothing was changed" in refusal
+    assert host.domain_state(NIC_VM) == "shut off" and host.driver(NIC) == NIC_DRIVER
+    host.check(f"kill {holder}")
+    steps.aihow("vm.start", NIC_VM)
+    assert host.driver(NIC) == "vfio-pci" and host.live_hostdevs(NIC_VM) == [NIC]
+    stopped = steps.aihow("vm.stop", NIC_VM)
+    assert host.driver(NIC) == NIC_DRIVER and host.domain_state(NIC_VM) == "shut off"
+    assert f"... device {NIC}: at home, on {NIC_DRIVER}" in stopped.err.splitlines()  # the progress lines
 
     # The Cloud GPU worker cannot start: the lease names the holder; nothing changes.
     refused = steps.aihow("vm.start", CLOUD_VM, ok=False)
@@ -132,12 +175,13 @@ def test_one_gpu_two_clusters_over_real_vfio(simulator: GpuHost, phases: Phases)
     # switch --to cloud: the HPC node stops and gives the device back, the Cloud worker takes it.
     steps.aihow("switch", "--to", "cloud")
     assert_held_by(host, CLOUD_VM, HPC_VM)
-    # ... and back, in two steps: stopped, the holder gives the device back to the host (libvirt
-    # rebinds it to its own driver: none), and no lease is left.
-    steps.aihow("vm.stop", CLOUD_VM)
-    assert [host.driver(f) for f in FUNCTIONS] == [None, None]
+    # ... and back, in two steps: stopped, the holder gives the device back to its home (vfio-pci:
+    # libvirt's reattach took it off, the project bound it back), and no lease is left.
+    stopped = steps.aihow("vm.stop", CLOUD_VM)
+    assert [host.driver(f) for f in FUNCTIONS] == ["vfio-pci", "vfio-pci"]
     assert host.vfio_users(group) == [] and host.domain_state(CLOUD_VM) == "shut off"
-    assert lease_holders(host, LEDGER) == dict.fromkeys(FUNCTIONS, None)
+    assert {f: lease_holders(host, LEDGER)[f] for f in FUNCTIONS} == dict.fromkeys(FUNCTIONS, None)
+    assert f"... device {FUNCTIONS[0]}: at home, on vfio-pci" in stopped.err.splitlines()
     steps.aihow("switch", "--to", "hpc")
     assert_held_by(host, HPC_VM, CLOUD_VM)
 
@@ -159,16 +203,25 @@ def test_one_gpu_two_clusters_over_real_vfio(simulator: GpuHost, phases: Phases)
     host.check(f"mv {LEDGER}.kept {LEDGER}")
     assert_held_by(host, HPC_VM, CLOUD_VM)
 
-    # system.destroy: no domain is left, and libvirt gave the device back to the host.
+    # system.destroy: no domain is left, and every device is at its home.
     steps.aihow("system.destroy", "--yes")
     assert host.check("virsh -q list --all --name").split() == []
-    assert [host.driver(f) for f in FUNCTIONS] == [None, None]
-    assert lease_holders(host, LEDGER) == dict.fromkeys(FUNCTIONS, None)
+    assert [host.driver(f) for f in FUNCTIONS] == ["vfio-pci", "vfio-pci"] and host.driver(NIC) == NIC_DRIVER
+    assert {f: lease_holders(host, LEDGER)[f] for f in FUNCTIONS} == dict.fromkeys(FUNCTIONS, None)
 
-    # Bound by hand with the commands host.check prints, the host is ready without libvirt's help.
-    after = checks_by_name(steps.host_check())
-    for function in FUNCTIONS:
-        fix = after[f"device {function} {device} driver"]["fix"]
-        host.check(fix.split("  (or ")[0])
-    assert [host.driver(f) for f in FUNCTIONS] == ["vfio-pci", "vfio-pci"]
+    # A device stuck on vfio-pci with no holder (bound by hand, its home the host's driver) is said
+    # by host.check and status, with the command that frees it; that command takes it home.
+    steps.aihow("gpu.home", FUNCTIONS[0], "--to", "host")
+    assert [host.driver(f) for f in FUNCTIONS] == [None, None]
+    host.check(f"echo {NIC} > /sys/bus/pci/drivers/{NIC_DRIVER}/unbind; "
+               f"echo vfio-pci > /sys/bus/pci/devices/{NIC}/driver_override; echo {NIC} > /sys/bus/pci/drivers_probe")
+    assert host.driver(NIC) == "vfio-pci"
+    stuck = checks_by_name(steps.host_check())[f"device {NIC} ({NIC_VM}) driver"]
+    assert stuck["verdict"] == "WARN" and stuck["detail"].startswith("stuck on vfio-pci with no holder")
+    assert stuck["fix"] == f"aihow gpu.home {NIC}"
+    status = json.loads(steps.aihow("system.status", "--json").out)
+    assert [(h["address"], h["stuck"], h["fix"]) for h in status["homes"] if h["stuck"]] == [
+        (NIC, True, f"aihow gpu.home {NIC}")]
+    steps.aihow("gpu.home", NIC)
+    assert host.driver(NIC) == NIC_DRIVER
     assert steps.host_check()["ready"]

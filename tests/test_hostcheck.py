@@ -13,7 +13,7 @@ import pytest
 import yaml
 
 from aihow_infra.host import Host, VirtChoice, choose_virt_type
-from aihow_infra.hostcheck import _bind_fix, check_host
+from aihow_infra.hostcheck import check_host
 from aihow_infra.hostrecord import load_recording, materialize
 from tests.cli import run_task
 
@@ -46,14 +46,18 @@ def test_h200_host_is_not_ready_and_says_why(tmp_path: Path) -> None:
     report = check_host(root, [config])
     assert not report.ready
     failed = failures(report)
-    assert set(failed) == {"iommu", "vfio", "device 0000:00:06.0 (hpc-compute-01) driver",
-                           "device 0000:00:06.0 (hpc-compute-01) iommu group", "acceleration"}
+    assert set(failed) == {"iommu", "vfio", "device 0000:00:06.0 (hpc-compute-01) iommu group", "acceleration"}
     assert failed["acceleration"].verdict == "WARN" and "kvm_pvm" in failed["acceleration"].detail
     assert "no IOMMU groups" in failed["iommu"].detail and "intel_iommu=on" in failed["iommu"].fix
-    driver = failed["device 0000:00:06.0 (hpc-compute-01) driver"]
-    assert driver.detail == "bound to nvidia"
-    assert "/sys/bus/pci/drivers/nvidia/unbind" in driver.fix and "vfio-pci" in driver.fix
     assert "modprobe vfio-pci" in failed["vfio"].fix
+    # On nvidia, its home when none is set: where libvirt takes it from when its VM starts.
+    driver = next(c for c in report.checks if c.name == "device 0000:00:06.0 (hpc-compute-01) driver")
+    assert driver.ok and driver.detail.startswith("at home on nvidia (home: host)")
+    # Kept on vfio-pci instead, it is not home, and the fix binds it.
+    kept = failures(check_host(root, [config], homes={"0000:00:06.0": "vfio-pci"}))
+    driver = kept["device 0000:00:06.0 (hpc-compute-01) driver"]
+    assert driver.detail == "bound to nvidia (home: vfio-pci)"
+    assert "/sys/bus/pci/drivers/nvidia/unbind" in driver.fix and "aihow gpu.home 0000:00:06.0" in driver.fix
     passed = {c.name: c.detail for c in report.checks if c.ok}
     assert {"kvm", "device 0000:00:06.0 (hpc-compute-01) ids"} <= set(passed)
     assert passed["device 0000:00:06.0 (hpc-compute-01) reset"] == "reset by flr"
@@ -166,8 +170,10 @@ def test_host_check_task_gives_the_recorded_h200_its_verdicts(capsys: pytest.Cap
     code, out, _err = run_task(capsys, "host.check", "--recorded", str(H200), "--config", config)
     assert code == 1
     lines = out.splitlines()
-    assert "FAIL device 0000:00:06.0 (hpc-compute-01) driver: bound to nvidia" in lines
-    assert f"     fix: {_bind_fix('0000:00:06.0', 'nvidia')}" in lines
+    assert "ok device 0000:00:06.0 (hpc-compute-01) driver: at home on nvidia (home: host); libvirt binds it to " \
+           "vfio-pci when its VM starts" in lines
+    assert "FAIL device 0000:00:06.0 (hpc-compute-01) iommu group: has no IOMMU group" in lines
+    assert "     fix: turn the IOMMU on (see the iommu check)" in lines
     assert lines[-1] == "not ready"
 
 

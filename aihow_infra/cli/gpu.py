@@ -8,7 +8,7 @@ from dataclasses import asdict
 from invoke.context import Context
 
 from aihow_infra.cli.common import operator, out, task
-from aihow_infra.cli.render import leases_table
+from aihow_infra.cli.render import homes_table, leases_table
 from aihow_infra.errors import AihowError
 
 
@@ -23,18 +23,40 @@ def _check_address(task: str, address: str) -> None:
 
 @task(help={"json": "print JSON"})
 def gpu_leases(c: Context, json_: bool = False) -> None:
-    """Every GPU lease in the host's ledger, marking stale ones (holder gone or shut off)."""
-    from aihow_infra.gpu.leases import lease_report
+    """Every GPU lease in the host's ledger, marking stale ones (holder gone or shut off), and
+    each device's home with where it is now."""
+    from aihow_infra.gpu.leases import home_report, lease_report
 
     ledger, uri = operator().host_ledger()
     rows = lease_report(ledger, uri)
+    places = home_report(ledger, uri)
     if json_:
-        out.print_json(json.dumps([{**asdict(r), "stale": r.stale} for r in rows]))
+        out.print_json(json.dumps({
+            "leases": [{**asdict(r), "stale": r.stale} for r in rows],
+            "homes": [{**asdict(p), "now": str(p), "at_home": p.at_home, "stuck": p.stuck, "fix": p.fix}
+                      for p in places]}))
         return
     if not rows:
         out.print(f"no GPU leases: no VM holds a GPU ({ledger.path})", highlight=False)
-        return
-    out.print(leases_table(rows, ledger.path))
+    else:
+        out.print(leases_table(rows, ledger.path))
+    if places:
+        out.print(homes_table(places))
+
+
+@task(help={"address": "PCI address of the card, e.g. 0000:01:00.0",
+            "to": "set its home first: host (the host's own driver) or vfio-pci (kept ready for VMs)"})
+def gpu_home(c: Context, address: str, to: str = "") -> None:
+    """Take the card at ADDRESS home now (every function no running VM holds); with --to, set its
+    home on this host first (recorded in the GPU lease ledger, for every stack)."""
+    from aihow_infra.gpu.homes import parse_home
+    from aihow_infra.gpu.leases import bring_home
+
+    _check_address("gpu.home", address)
+    home = parse_home(to, "--to") if to else None
+    ledger, uri = operator().host_ledger()
+    for line in bring_home(ledger, uri, address, home):
+        out.print(line, highlight=False)
 
 
 @task(help={"address": "PCI address, e.g. 0000:01:00.0", "force": "reclaim even while the holder runs"})

@@ -14,6 +14,7 @@ from aihow_infra.gpu.ledger import vm_of
 from aihow_infra.status import PLANNED
 
 if TYPE_CHECKING:
+    from aihow_infra.gpu.homes import Place
     from aihow_infra.gpu.leases import LeaseRow
     from aihow_infra.images import Image
     from aihow_infra.plan import ClusterPlan
@@ -72,6 +73,15 @@ def leases_table(rows: list[LeaseRow], ledger: Path) -> Table:
     for r in rows:
         table.add_row(r.address, r.holder, r.granted_at or "-", str(r.generation),
                       r.holder_state, "[red]stale[/red]" if r.stale else "")
+    return table
+
+
+def homes_table(places: list[Place]) -> Table:
+    """Each device the ledger knows: its home, where it is now, and the command that takes a
+    stuck one home."""
+    table = _table("GPU homes (where each device lives when no VM holds it)", "address", "home", "now", "fix")
+    for p in places:
+        table.add_row(p.address, p.home, f"[red]{p}[/red]" if p.stuck else str(p), p.fix)
     return table
 
 

@@ -42,9 +42,15 @@ def system_status(c: Context, json_: bool = False) -> None:
         infra = f"; network {cluster.network_state}, pool {cluster.pool_state}"
         title = f"{cluster.name} ({cluster.stack}, {cluster.cidr}): {cluster.status}{health}{infra}"
         out.print(vm_table(cluster.vms, title))
+    homes = {h.address: h for h in status.homes}
     for gpu in status.shared_gpus:
+        home = homes.get(gpu.address)
+        where = f"; home {home.home}, {home.now}" if home and not home.stuck else ""
         out.print(f"[magenta]shared GPU {gpu.address}[/magenta]: {', '.join(gpu.vms)}; "
-                  f"held by {gpu.holder or 'nobody'}", highlight=False)
+                  f"held by {gpu.holder or 'nobody'}{where}", highlight=False)
+    for home in status.homes:
+        if home.stuck:
+            out.print(f"[red]device {home.address}: {home.now}[/red]; free it with `{home.fix}`", highlight=False)
 
 
 @task(help={"yes": "do not ask before destroying"})

@@ -1,4 +1,5 @@
-"""The operator's view of GPU leases: which are stale, and reclaiming one on purpose.
+"""The operator's view of GPU leases: which are stale, reclaiming one on purpose, and taking a
+device home on purpose.
 
 A lease is *stale* when its holder VM is gone or shut off. Stale leases are
 listed, never freed silently: ``reclaim`` is an explicit operator command, and
@@ -9,8 +10,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from aihow_infra.errors import AihowError
-from aihow_infra.gpu.ledger import Ledger, vm_of
+from aihow_infra.errors import AihowError, CustodyError
+from aihow_infra.gpu.custody import local_host
+from aihow_infra.gpu.homes import Place, boot_conflict, card_functions, place_of, send_home
+from aihow_infra.gpu.ledger import DEFAULT_HOME, Home, Lease, Ledger, vm_of
 from aihow_infra.libvirt.connection import connect, lookup
 from aihow_infra.libvirt.power import UNDEFINED, is_live, state_name
 
@@ -24,6 +27,7 @@ class LeaseRow:
     granted_at: str | None
     generation: int
     holder_state: str
+    home: Home = DEFAULT_HOME
 
     @property
     def stale(self) -> bool:
@@ -41,8 +45,23 @@ def holder_state(uri: str, holder: str) -> str:
 def lease_report(ledger: Ledger, uri: str) -> list[LeaseRow]:
     """Every held lease with its holder's state."""
     return [LeaseRow(lease.address, lease.holder, lease.granted_at, lease.generation,
-                     holder_state(uri, lease.holder))
+                     holder_state(uri, lease.holder), lease.home)
             for lease in ledger.leases().values() if lease.holder]
+
+
+def _running_holder(uri: str, lease: Lease | None) -> str | None:
+    """The lease's holder when that VM runs (a stale lease holds nothing on the host)."""
+    return lease.holder if lease and lease.holder and is_live(holder_state(uri, lease.holder)) else None
+
+
+def home_report(ledger: Ledger, uri: str) -> list[Place]:
+    """Where each device the ledger knows is now, against its home; empty when the host is not
+    this machine (its sysfs is not here)."""
+    host = local_host(uri)
+    if host is None:
+        return []
+    return [place_of(host, address, lease.home, _running_holder(uri, lease))
+            for address, lease in ledger.leases().items()]
 
 
 def reclaim(ledger: Ledger, uri: str, address: str, force: bool = False) -> str | None:
@@ -57,3 +76,34 @@ def reclaim(ledger: Ledger, uri: str, address: str, force: bool = False) -> str 
                          f"`aihow vm.stop {lease.vm}`, or pass --force to reclaim anyway")
     freed = ledger.reclaim(address)
     return freed[0].holder if freed else None
+
+
+def bring_home(ledger: Ledger, uri: str, address: str, to: Home | None = None) -> list[str]:
+    """Set the home of the card at ``address`` (every function of it) when ``to`` is given, then
+    take each function that no running VM holds to its home now. One line per function says where
+    it is. ``CustodyError`` when the host is not this machine, the card is not on it, the boot
+    configuration disagrees with ``to`` (nothing is recorded then), or a host process holds a
+    function open (it stays where it is)."""
+    host = local_host(uri)
+    if host is None:
+        raise CustodyError(f"{uri} is not this machine: a device's home is kept, and its driver changed, on the host "
+                           "that has it; allowed: run `aihow gpu.home` there")
+    if not host.device(address).is_dir():
+        raise CustodyError(f"device {address} is not present on this host; allowed: an address `lspci -D` lists")
+    functions = card_functions(host, address)
+    if to is not None:
+        conflicts = [c for f in functions if (c := boot_conflict(host, f, to))]
+        if conflicts:
+            raise CustodyError(conflicts[0])
+        ledger.set_home(functions, to)
+    lines = []
+    for function in functions:
+        lease = ledger.leases().get(function)
+        home = lease.home if lease else DEFAULT_HOME
+        place = place_of(host, function, home, _running_holder(uri, lease))
+        if place.holder is not None:
+            lines.append(f"{function}: home {home}; {place}, it goes home when that VM stops")
+            continue
+        send_home(host, function, home)
+        lines.append(f"{function}: home {home}; {place_of(host, function, home, None)}")
+    return lines

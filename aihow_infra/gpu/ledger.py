@@ -19,12 +19,16 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, TypedDict
+from typing import Any, Literal, TypedDict, cast
 
 from aihow_infra.errors import LeaseConflictError, LeaseError
 from aihow_infra.files import Waiting, atomic_write, locked
 
 FORMAT_VERSION = 1
+# Where a device lives when no VM holds it (gpu/homes.py): the host's own driver, or vfio-pci.
+Home = Literal["host", "vfio-pci"]
+HOMES: tuple[Home, ...] = ("host", "vfio-pci")
+DEFAULT_HOME: Home = "host"  # what libvirt's managed reattach does by itself
 # Every change holds the lock for milliseconds: a longer wait means a stuck process.
 LOCK_TIMEOUT = 30.0
 
@@ -56,6 +60,7 @@ class Lease:
     holder: str | None
     generation: int
     granted_at: str | None
+    home: Home = DEFAULT_HOME
 
     @property
     def vm(self) -> str | None:
@@ -88,6 +93,8 @@ class Ledger:
         for address, entry in devices.items():
             if not isinstance(entry, dict) or not isinstance(entry.get("generation"), int):
                 raise ValueError(f"entry {address!r} is malformed")
+            if entry.get("home", DEFAULT_HOME) not in HOMES:
+                raise ValueError(f"entry {address!r} has home {entry['home']!r}; allowed: {', '.join(HOMES)}")
         return devices
 
     def _load(self) -> dict[str, dict[str, Any]]:
@@ -117,8 +124,24 @@ class Ledger:
 
     def leases(self) -> dict[str, Lease]:
         """Every address the ledger knows, held or free (a consistent snapshot, no lock needed)."""
-        return {address: Lease(address, e.get("holder"), e["generation"], e.get("granted_at"))
+        return {address: Lease(address, e.get("holder"), e["generation"], e.get("granted_at"), _home(e))
                 for address, e in sorted(self._load().items())}
+
+    def home_of(self, address: str) -> Home:
+        """The home recorded for ``address`` (``host`` when none was set)."""
+        entry = self._load().get(address)
+        return _home(entry) if entry else DEFAULT_HOME
+
+    def set_home(self, addresses: list[str], home: Home) -> dict[str, Home]:
+        """Record ``home`` for every address (the functions of one card); returns the homes they
+        had before."""
+        with self._locked() as devices:
+            before = {}
+            for address in addresses:
+                entry = devices.setdefault(address, {"holder": None, "generation": 0, "granted_at": None})
+                before[address] = _home(entry)
+                entry["home"] = home
+            return before
 
     def holder_of(self, address: str) -> Lease | None:
         """The lease on ``address`` when someone holds it."""
@@ -222,6 +245,11 @@ class Ledger:
                     freed.append(Lease(other, holder, e["generation"], e.get("granted_at")))
                     e.update(holder=None, granted_at=None)
             return freed
+
+
+def _home(entry: dict[str, Any]) -> Home:
+    """An entry's home (``_parse`` refused any other value)."""
+    return cast(Home, entry.get("home", DEFAULT_HOME))
 
 
 def _refuse_held(devices: dict[str, dict[str, Any]], holder: str, addresses: list[str]) -> None:

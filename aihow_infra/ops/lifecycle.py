@@ -3,13 +3,15 @@ and handing the GPUs from one cluster to the other."""
 
 from __future__ import annotations
 
+from collections.abc import Collection
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from aihow_infra.deploy import project_playbook
 from aihow_infra.desired import PowerState
-from aihow_infra.errors import AihowError, StackError
+from aihow_infra.errors import AihowError, CustodyError, StackError
 from aihow_infra.gpu.custody import local_host, refuse_blind_handover
+from aihow_infra.gpu.homes import place_of, send_home
 from aihow_infra.gpu.ledger import Ledger, holder_for
 from aihow_infra.interrupts import RUNS
 from aihow_infra.kinds import kind_of
@@ -42,6 +44,30 @@ class Lifecycle(Deploying):
             if head is None:
                 return
             kind_of(view.plan.key).drain(head, nodes, view.settings.drain_timeout, self.progress)
+
+    def report_homes(self, view: StackView, names: Collection[str]) -> None:
+        """After VMs of ``names`` stopped (or were removed): say where each device they passed
+        through is now. One that is not home (libvirt's reattach and the domain provider's rebind
+        both left it elsewhere) is sent home once more; what stops it is said in one line, with
+        the command that frees it. The VMs did stop: this warns, it does not fail."""
+        host = local_host(view.settings.libvirt_uri)
+        if host is None:
+            return
+        ledger = Ledger(view.settings.ledger_path)
+        leases = ledger.leases()
+        addresses = dict.fromkeys(d.pci_address for vm in view.plan.vms if vm.name in names for d in vm.devices)
+        for address in addresses:
+            lease = leases.get(address)
+            home = lease.home if lease else ledger.home_of(address)
+            place = place_of(host, address, home, lease.holder if lease else None)
+            if place.stuck:
+                try:
+                    send_home(host, address, home)
+                except (CustodyError, OSError) as exc:
+                    self.progress(f"warning: {exc}")
+                    continue
+                place = place_of(host, address, home, None)
+            self.progress(f"device {address}: {place}")
 
     def vm_start(self, name: str) -> None:
         """Start a VM: its GPU leases are taken first; a GPU held elsewhere fails with the holder."""
@@ -76,6 +102,7 @@ class Lifecycle(Deploying):
             self.progress(f"stopping {name}: shutting down (up to {view.settings.stop_timeout:.0f} s, then "
                           "powered off)")
         self._apply_power(view, {name: "stopped"})
+        self.report_homes(view, [name])
 
     def vm_restart(self, name: str) -> None:
         """Shut down and start again; the VM keeps its leases (nothing Pulumi records changes)."""
@@ -86,6 +113,10 @@ class Lifecycle(Deploying):
                 raise AihowError(f"VM {name} does not exist; run `aihow up --stack {view.stack}`")
             if not view.power.wants_running(name, vm.auto_start):
                 raise AihowError(f"VM {name} is meant to be stopped; use `aihow vm.start {name}`")
+            host = local_host(view.settings.libvirt_uri)
+            for address in [d.pci_address for d in vm.devices if host and host.reset_methods(d.pci_address) == []]:
+                self.progress(f"warning: device {address} has no reset method: {name} gets it back as it left it "
+                              "(a GPU may hang until the host reboots; `aihow host.check` says what helps)")
             self.progress(f"restarting {name}: shutting down (up to {view.settings.stop_timeout:.0f} s, "
                           "then powered off)")
             stop_domain(dom, view.settings.stop_timeout)
@@ -148,6 +179,7 @@ class Lifecycle(Deploying):
             try:
                 self._drain(view, list(view.plan.vms))
                 self._apply(view.stack, lambda power: power.with_cluster("stopped"))
+                self.report_homes(view, [vm.name for vm in view.plan.vms])
             except AihowError as exc:
                 return exc
             return None
@@ -173,6 +205,7 @@ class Lifecycle(Deploying):
                     self._drain(view, leaving)
                     self.progress(f"stopping GPU VMs of {stack}: {', '.join(stops)}")
                     self._apply_power(view, stops)
+                    self.report_homes(view, stops)
         target = views[to]
         starts: dict[str, PowerState] = {vm.name: "running" for vm in target.plan.vms if vm.claims}
         if starts:

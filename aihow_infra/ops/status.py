@@ -8,6 +8,9 @@ from dataclasses import replace
 from typing import Any
 
 from aihow_infra.errors import AihowError
+from aihow_infra.gpu.custody import local_host
+from aihow_infra.gpu.homes import place_of
+from aihow_infra.gpu.ledger import DEFAULT_HOME, Ledger, vm_of
 from aihow_infra.kinds import head_roles, kind_of
 from aihow_infra.libvirt.connection import connect, lookup
 from aihow_infra.libvirt.guest import probe
@@ -15,7 +18,24 @@ from aihow_infra.libvirt.power import UNDEFINED, state_name
 from aihow_infra.ops.project import StackView, lease_holders
 from aihow_infra.ops.teardown import Teardown
 from aihow_infra.plan import VmPlan, shared_devices
-from aihow_infra.status import ClusterStatus, SharedGpuStatus, SystemStatus, VmStatus
+from aihow_infra.status import ClusterStatus, DeviceHome, SharedGpuStatus, SystemStatus, VmStatus
+
+
+def _homes(views: list[StackView], running: set[str]) -> list[DeviceHome]:
+    """Each passthrough device of the stacks against its home, on this machine's sysfs (a VM
+    holds it when its lease's holder runs, or its qemu has the device open)."""
+    host = local_host(views[0].settings.libvirt_uri) if views else None
+    if host is None:
+        return []
+    ledger = Ledger(views[0].settings.ledger_path)
+    leases = ledger.leases()
+    rows = []
+    for address in sorted({d.pci_address for view in views for vm in view.plan.vms for d in vm.devices}):
+        lease = leases.get(address)
+        holder = lease.holder if lease and lease.holder and vm_of(lease.holder) in running else None
+        place = place_of(host, address, lease.home if lease else DEFAULT_HOME, holder)
+        rows.append(DeviceHome(address, place.home, str(place), place.stuck, place.fix))
+    return rows
 
 
 class Status(Teardown):
@@ -47,7 +67,8 @@ class Status(Teardown):
         holders = lease_holders(views[0].settings) if views else {}
         shared = [SharedGpuStatus.of(device, holders.get(device.address))
                   for device in shared_devices([v.plan for v in views])]
-        return SystemStatus(clusters, shared)
+        running = {vm.name for cluster in clusters for vm in cluster.vms if vm.state == "running"}
+        return SystemStatus(clusters, shared, _homes(views, running))
 
     def vm_status(self, name: str) -> VmStatus:
         """State, guest, IP, vCPUs, memory, GPUs and who holds each GPU's lease, and SLURM's

@@ -51,6 +51,7 @@ class Teardown(Lifecycle):
         self.kubeconfig_path(stack).unlink(missing_ok=True)
         if view is not None:
             self._sweep(view)
+            self.report_homes(view, [vm.name for vm in view.plan.vms])
 
     def _power_off_all(self, view: StackView) -> None:
         """Power off every running VM of the stack at once (the stack's own only)."""
