@@ -125,6 +125,41 @@ def test_vm_start_refuses_a_device_held_open_before_any_engine_run(tmp_path: Pat
     assert Ledger(str(tmp_path / "leases.json")).leases() == {}
 
 
+def test_vm_restart_names_a_device_without_a_reset_method(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The kernel cannot reset the audio function between the two boots: the VM gets it back as
+    it left it, and the restart says so before it starts."""
+    import libvirt
+
+    import aihow_infra.ops.lifecycle as lifecycle
+    from aihow_infra.host import Host
+    from tests.test_custody import AUDIO, GPU, ready_host
+
+    good = tmp_path / "good.yaml"
+    good.write_text(yaml.safe_dump(base()))
+    op = project(tmp_path, str(good), str(good))
+    root = ready_host(tmp_path / "r").root
+    (root / "sys/bus/pci/devices" / GPU / "reset_method").write_text("flr\n")
+    monkeypatch.setattr(lifecycle, "local_host", lambda uri: Host(root))
+    name = op.view("hpc").plan.vms[1].name
+    conn = libvirt.open("test:///default")  # the test driver's state is shared by its connections
+    dom = conn.defineXML(f"<domain type='test'><name>{name}</name><memory>65536</memory><os><type>hvm</type></os>"
+                         "</domain>")
+    try:
+        dom.create()
+        said: list[str] = []
+        op.progress = said.append
+        op.vm_restart(name)
+        assert dom.isActive()
+        warned = [line for line in said if line.startswith("warning:")]
+        assert warned == [f"warning: device {AUDIO} has no reset method: {name} gets it back as it left it (a GPU "
+                          "may hang until the host reboots; `aihow host.check` says what helps)"]
+    finally:
+        if dom.isActive():
+            dom.destroy()
+        dom.undefine()
+        conn.close()
+
+
 def test_refusing_risks_never_returns() -> None:
     with pytest.raises(Refused, match=r"1 planned change\(s\) delete data or interrupt a guest, first: x; "
                                       r"nothing was changed"):
