@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -91,3 +92,14 @@ def e2e(sandbox: Sandbox, tmp_path: Path) -> Iterator[E2E]:
     """The real engine on real libvirt for one test."""
     with open_e2e(sandbox, tmp_path) as harness:
         yield harness
+
+
+@pytest.fixture
+def holding() -> Iterator[list[subprocess.Popen[bytes]]]:
+    """Processes a test starts to hold a device's files open (tests/test_custody.hold); each is
+    killed afterwards, also when the test fails."""
+    started: list[subprocess.Popen[bytes]] = []
+    yield started
+    for process in started:
+        process.kill()
+        process.wait()

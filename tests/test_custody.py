@@ -7,7 +7,6 @@ from __future__ import annotations
 import copy
 import subprocess
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -43,15 +42,6 @@ def host(tmp_path: Path) -> Host:
         (root / "sys/bus/pci/devices" / GPU / name).write_bytes(b"\0" * 4096)
     (root / "dev/nvidia3").touch()
     return Host(root)
-
-
-@pytest.fixture
-def holding() -> Iterator[list[subprocess.Popen[bytes]]]:
-    started: list[subprocess.Popen[bytes]] = []
-    yield started
-    for process in started:
-        process.kill()
-        process.wait()
 
 
 def hold(started: list[subprocess.Popen[bytes]], path: Path, how: str = "open") -> subprocess.Popen[bytes]:

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import subprocess
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -57,15 +56,6 @@ def kernel(tmp_path: Path) -> KernelHost:
     """The ready host (GPU and audio on vfio-pci, group 14) whose GPU's own driver is nvidia and
     whose audio function has none."""
     return KernelHost(ready_host(tmp_path / "root").root, {GPU: "nvidia", AUDIO: None})
-
-
-@pytest.fixture
-def holding() -> Iterator[list[subprocess.Popen[bytes]]]:
-    started: list[subprocess.Popen[bytes]] = []
-    yield started
-    for process in started:
-        process.kill()
-        process.wait()
 
 
 def test_what_at_home_means() -> None:
