@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import yaml
 
 from aihow_infra.errors import CustodyError, LeaseConflictError
 from aihow_infra.gpu.custody import OpenFile, card_identity, device_files, open_by, refuse_blind_handover, serial_number
@@ -174,15 +175,21 @@ def test_a_card_that_is_not_the_one_first_handed_over_is_refused(host: Host, tmp
     assert ledger.known_card(GPU, card_identity(host, GPU)) is None
 
 
-def test_the_forget_task_takes_a_pci_function_and_forgets_the_card(capsys: pytest.CaptureFixture[str],
-                                                                   tmp_path: Path,
-                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+def ledger_project(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Ledger:
+    """A project whose one stack names a ledger in ``tmp_path``, for the ``gpu.*`` tasks; the ledger."""
     project = tmp_path / "project"
     project.mkdir()
     ledger = Ledger(tmp_path / "leases.json")
-    settings = f"config:\n  aihow:clusterFile: c.yaml\n  aihow:ledgerPath: {ledger.path}\n"
-    (project / "Pulumi.hpc.yaml").write_text(settings)
+    settings = {"config": {"aihow:clusterFile": "c.yaml", "aihow:ledgerPath": str(ledger.path)}}
+    (project / "Pulumi.hpc.yaml").write_text(yaml.safe_dump(settings))
     monkeypatch.setenv("AIHOW_PROJECT_DIR", str(project))
+    return ledger
+
+
+def test_the_forget_task_takes_a_pci_function_and_forgets_the_card(capsys: pytest.CaptureFixture[str],
+                                                                   tmp_path: Path,
+                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    ledger = ledger_project(tmp_path, monkeypatch)
     code, out, err = run_task(capsys, "gpu.forget", "01:00.0")
     assert (code, out) == (1, "")
     assert err.strip() == "error: gpu.forget: address '01:00.0' is not a PCI function; allowed: domain:bus:slot." \

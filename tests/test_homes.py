@@ -21,7 +21,7 @@ from aihow_infra.host import Host
 from aihow_infra.hostcheck import _home_checks, check_host
 from aihow_infra.hostrecord import load_recording, materialize, record_host
 from tests.cli import run_task
-from tests.test_custody import AUDIO, GPU, READY, hold, ready_host
+from tests.test_custody import AUDIO, GPU, READY, hold, ledger_project, ready_host
 
 
 class KernelHost(Host):
@@ -216,12 +216,7 @@ def test_setting_a_home_takes_the_whole_card_there(kernel: KernelHost, tmp_path:
 
 def test_the_home_task_refuses_bad_input_in_one_line(capsys: pytest.CaptureFixture[str], tmp_path: Path,
                                                      monkeypatch: pytest.MonkeyPatch) -> None:
-    project = tmp_path / "project"
-    project.mkdir()
-    ledger = Ledger(tmp_path / "leases.json")
-    settings = f"config:\n  aihow:clusterFile: c.yaml\n  aihow:ledgerPath: {ledger.path}\n"
-    (project / "Pulumi.hpc.yaml").write_text(settings)
-    monkeypatch.setenv("AIHOW_PROJECT_DIR", str(project))
+    ledger = ledger_project(tmp_path, monkeypatch)
     for args, message in [
         (["01:00.0"], "gpu.home: address '01:00.0' is not a PCI function; allowed: domain:bus:slot.function"),
         ([GPU, "--to", "nvidia"], "--to: 'nvidia' is not a home; allowed: host, vfio-pci (the host's own driver, "
