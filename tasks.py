@@ -7,9 +7,8 @@ Every task prints one clear line per error and exits non-zero on failure.
 from __future__ import annotations
 
 from invoke.collection import Collection
-from invoke.program import Program
 
-from aihow_infra.cli.common import version
+from aihow_infra.cli.common import AihowProgram, version
 from aihow_infra.cli.dev import test
 from aihow_infra.cli.gpu import gpu_forget, gpu_home, gpu_leases, gpu_reclaim
 from aihow_infra.cli.images import image_build, kubernetes_build
@@ -58,4 +57,4 @@ ns = Collection(stacks, up, preview, destroy, deploy, kubectl, validate, switch,
 
 # `aihow ARGS` (pyproject's console script): the same tasks, from any folder. The project is the
 # checkout this file is in (AIHOW_PROJECT_DIR overrides it), never the current folder.
-program = Program(namespace=ns, name="aihow", binary="aihow", version=version())
+program = AihowProgram(namespace=ns, name="aihow", binary="aihow", version=version())

@@ -3,12 +3,16 @@ changes asked about), one clean line per error, and the checks of common options
 
 from __future__ import annotations
 
+import difflib
 import functools
+import re
 import sys
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, TypeVar
 
-from invoke.exceptions import Exit
+from invoke.exceptions import Exit, ParseError
+from invoke.parser.context import ParserContext
+from invoke.program import Program
 from invoke.tasks import Task
 from invoke.tasks import task as invoke_task
 from rich.console import Console
@@ -125,3 +129,36 @@ def _confirm(question: str, yes: bool) -> None:
         raise Exit("cancelled", code=1)
 
 
+
+
+class AihowProgram(Program):
+    """invoke's ``Program``, saying an unknown task or option in the project's words: what is
+    allowed, and the nearest name when one is close (``sytem.up`` -> ``system.up``)."""
+
+    def parse_core(self, argv: list[str] | None) -> None:
+        """Parse the options before the first task; a ``ParseError`` names the nearest one."""
+        try:
+            super().parse_core(argv)
+        except ParseError as exc:
+            raise ParseError(self._explained(str(exc), exc.context), exc.context) from None
+
+    def parse_tasks(self) -> None:
+        """Parse the task names and their options; a ``ParseError`` names the nearest one."""
+        try:
+            super().parse_tasks()
+        except ParseError as exc:
+            raise ParseError(self._explained(str(exc), exc.context), exc.context) from None
+
+    def _explained(self, message: str, context: ParserContext | None) -> str:
+        unknown = re.fullmatch(r"No idea what '(.+)' is!", message)
+        if unknown is None:
+            return f"error: {message}"
+        word = unknown.group(1)
+        if word.startswith("-") and context is not None:
+            flags = sorted(f for f in context.flags if f.startswith("--"))
+            near = difflib.get_close_matches(word, flags, n=1)
+            hint = f"; did you mean {near[0]}?" if near else ""
+            return f"error: {context.name or 'aihow'} has no option {word}{hint} (allowed: {', '.join(flags)})"
+        near = difflib.get_close_matches(word, list(self.collection.task_names), n=1)
+        hint = f"; did you mean {near[0]}?" if near else ""
+        return f"error: no task named {word!r}{hint} (`aihow --list` lists them)"
