@@ -6,6 +6,7 @@ The fixtures that hand them out are in ``conftest.py``."""
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import ipaddress
 import os
 import shutil
@@ -199,6 +200,21 @@ def dead_pid() -> int:
     return proc.pid
 
 
+def cpu_reference() -> float:
+    """Seconds this machine takes, now, for a fixed piece of single-threaded work (hashing and a
+    Python loop, about a second on a quiet host here): printed beside phase times, it tells a
+    slow machine (a busy neighbour, a throttled host) from slow code when runs are compared."""
+    began = time.monotonic()
+    digest = hashlib.sha256()
+    block = b"\xa5" * (1 << 20)
+    for _ in range(256):
+        digest.update(block)
+    total = 0
+    for i in range(3_000_000):
+        total += i * i % 7
+    return time.monotonic() - began
+
+
 class Phases:
     """Times named phases of a test; they go into its report as ``phase`` properties."""
 
@@ -219,6 +235,10 @@ class Phases:
     def add(self, name: str, seconds: float) -> None:
         """Keep a phase timed elsewhere."""
         self.node.user_properties.append(("phase", f"{seconds:7.1f} s  {name}"))
+
+    def reference(self, when: str) -> None:
+        """Keep the machine's ``cpu_reference`` now, as a phase of its own."""
+        self.add(f"CPU reference {when} (fixed work; a slower machine takes longer)", cpu_reference())
 
 
 @dataclass

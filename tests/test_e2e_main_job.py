@@ -162,6 +162,7 @@ def k8s_nodes(job: MainJob) -> dict[str, str]:
 def test_both_clusters_deployed_a_job_runs_and_every_node_is_ready(main_job: MainJob, phases: Phases) -> None:
     job = main_job
     box = job.e2e.sandbox
+    phases.reference("with both clusters up")
     phases.add("system.up of both clusters to deployed", job.up_seconds)
     for stack, what in (("hpc", "SLURM"), ("cloud", "Kubernetes")):  # each deploy's own time, within it
         deployed = [line for line in job.lines if line.startswith(f"{stack} deployed in ")]
@@ -342,3 +343,4 @@ def test_a_running_node_given_a_new_address_restarts_with_its_data_and_runs_jobs
     computes = [name, job.vm("hpc-compute-02")]
     assert slurm_states(job, dict.fromkeys(computes, "idle")) == dict.fromkeys(computes, "idle")
     assert sorted(job.on("hpc-controller", "/usr/bin/srun", "-N2", "/usr/bin/hostname").split()) == computes
+    phases.reference("at the end")
