@@ -49,12 +49,20 @@ class StackSettings(BaseModel):
     def _canonical_uri(cls, value: str) -> str:
         return canonical_uri(value)
 
-    @field_validator("images_dir", "ledger_path")
+    @field_validator("images_dir")
     @classmethod
     def _absolute(cls, value: str) -> str:
         if not Path(value).is_absolute():
             raise ValueError(f"{value!r} is relative; allowed: an absolute path")
         return value
+
+    @field_validator("ledger_path")
+    @classmethod
+    def _ledger(cls, value: str) -> str:
+        if value.startswith(("postgresql://", "postgres://")) or Path(value).is_absolute():
+            return value
+        raise ValueError(f"{value!r} is neither an absolute path nor a PostgreSQL URL; allowed: a file such as "
+                         f"{DEFAULT_LEDGER}, or postgresql://USER@HOST/DATABASE (one ledger several hosts share)")
 
     def pool_folder(self, cluster_name: str) -> str:
         """The folder of a cluster's storage pool, below the images folder."""

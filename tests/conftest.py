@@ -103,3 +103,13 @@ def holding() -> Iterator[list[subprocess.Popen[bytes]]]:
     for process in started:
         process.kill()
         process.wait()
+
+
+@pytest.fixture(scope="session")
+def postgres_server() -> Iterator[str]:
+    """One private PostgreSQL server for the session (tests/postgres.py), on a unix socket only;
+    its URL. Tests keep apart by the ledger name (``&ledger=``) or database objects they make."""
+    from tests.postgres import private_postgres
+
+    with private_postgres() as url:
+        yield url

@@ -48,6 +48,14 @@ PROGRAMS = {
 }
 
 
+def test_postgresql_is_installed_for_the_shared_ledger_tests() -> None:
+    from tests.postgres import PG_BIN
+
+    for program in ("initdb", "pg_ctl", "createdb", "postgres"):
+        assert (PG_BIN / program).exists(), f"{PG_BIN / program} is missing: the ledger's PostgreSQL tests start a " \
+                                            "private server with it (postgresql-15); run ./bootstrap"
+
+
 @pytest.mark.parametrize("program", sorted(PROGRAMS))
 def test_program_is_on_path(program: str) -> None:
     path = offline_env()["PATH"] + os.pathsep + "/usr/sbin:/sbin"

@@ -1,4 +1,7 @@
-"""The GPU lease ledger: grants, releases, corruption, and a stress test with SIGKILL."""
+"""The GPU lease ledger: grants, releases, corruption, and a stress test with SIGKILL. What a
+ledger means is tested on both places it can be kept: a file, and a private PostgreSQL server
+(tests/postgres.py); what only one of them can do wrong (a corrupt file, a full disk, a lock file
+held, a server that is gone) is tested on that one."""
 
 from __future__ import annotations
 
@@ -22,8 +25,18 @@ from providers.gpu_lease import GpuLeaseProvider
 GPU = ["0000:01:00.0", "0000:01:00.1"]
 
 
-def test_acquire_release_and_generations(tmp_path: Path) -> None:
-    ledger = Ledger(tmp_path / "leases.json")
+@pytest.fixture(params=["file", "postgresql"])
+def where(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    """Where a test's ledger is kept: a file in its folder, or a row of its own (named after the
+    test) in the session's PostgreSQL server."""
+    if request.param == "file":
+        return str(tmp_path / "leases.json")
+    url: str = request.getfixturevalue("postgres_server")
+    return f"{url}&ledger={tmp_path.name}"
+
+
+def test_acquire_release_and_generations(where: str) -> None:
+    ledger = Ledger(where)
     granted = ledger.acquire("hpc/hpc-compute-01", GPU)
     assert [(g.address, g.generation) for g in granted] == [(GPU[0], 1), (GPU[1], 1)]
     assert ledger.acquire("hpc/hpc-compute-01", GPU)[0].generation == 1  # already ours: no new grant
@@ -40,8 +53,8 @@ def test_acquire_release_and_generations(tmp_path: Path) -> None:
     assert ledger.acquire("cloud/cloud-gpu-worker-01", GPU)[0].generation == 2
 
 
-def test_a_conflict_grants_nothing(tmp_path: Path) -> None:
-    ledger = Ledger(tmp_path / "leases.json")
+def test_a_conflict_grants_nothing(where: str) -> None:
+    ledger = Ledger(where)
     ledger.acquire("hpc/a", [GPU[1]])
     with pytest.raises(LeaseConflictError):
         ledger.acquire("cloud/b", GPU)
@@ -84,8 +97,8 @@ def test_unwritable_folder_is_a_clear_error(tmp_path: Path) -> None:
         Ledger(blocker / "leases.json").acquire("hpc/a", GPU)
 
 
-def test_reclaim_frees_the_whole_device_whoever_holds_it(tmp_path: Path) -> None:
-    ledger = Ledger(tmp_path / "leases.json")
+def test_reclaim_frees_the_whole_device_whoever_holds_it(where: str) -> None:
+    ledger = Ledger(where)
     ledger.acquire("hpc/a", GPU)
     ledger.acquire("hpc/b", ["0000:02:00.0"])
     freed = ledger.reclaim(GPU[1])  # the audio function names the device too
@@ -95,8 +108,8 @@ def test_reclaim_frees_the_whole_device_whoever_holds_it(tmp_path: Path) -> None
     assert ledger.reclaim(GPU[0]) == []
 
 
-def test_release_of_an_old_grant_leaves_a_newer_one_alone(tmp_path: Path) -> None:
-    ledger = Ledger(tmp_path / "leases.json")
+def test_release_of_an_old_grant_leaves_a_newer_one_alone(where: str) -> None:
+    ledger = Ledger(where)
     old = {lease.address: lease.generation for lease in ledger.acquire("hpc/a", GPU)}
     ledger.acquire("hpc/a", GPU, renew=True)  # a new lease resource of the same VM
     assert ledger.release("hpc/a", GPU, old) == []
@@ -105,8 +118,8 @@ def test_release_of_an_old_grant_leaves_a_newer_one_alone(tmp_path: Path) -> Non
     assert ledger.release("hpc/a", GPU, newer) == GPU
 
 
-def test_a_vm_with_two_gpus_gets_both_or_neither(tmp_path: Path) -> None:
-    ledger = Ledger(tmp_path / "leases.json")
+def test_a_vm_with_two_gpus_gets_both_or_neither(where: str) -> None:
+    ledger = Ledger(where)
     ledger.acquire("cloud/b", ["0000:02:00.0"])
     with pytest.raises(LeaseConflictError, match=r"0000:02:00\.0 is held by cloud/b"):
         ledger.acquire("hpc/a", [*GPU, "0000:02:00.0"])
@@ -118,7 +131,7 @@ def test_a_lock_held_too_long_is_a_clear_error(tmp_path: Path) -> None:
     told: list[str] = []
     holder = subprocess.Popen([sys.executable, "-c", (
         "import fcntl, os, sys, time\n"
-        f"fd = os.open({str(ledger.lock_path)!r}, os.O_RDWR | os.O_CREAT)\n"
+        f"fd = os.open({str(ledger.path) + '.lock'!r}, os.O_RDWR | os.O_CREAT)\n"
         "fcntl.flock(fd, fcntl.LOCK_EX); os.pwrite(fd, str(os.getpid()).encode(), 0)\n"
         "print('locked', flush=True); time.sleep(30)")], stdout=subprocess.PIPE, text=True)
     try:
@@ -130,6 +143,49 @@ def test_a_lock_held_too_long_is_a_clear_error(tmp_path: Path) -> None:
         holder.kill()
         holder.wait()
     ledger.acquire("hpc/a", GPU)  # free again once the holder is gone
+
+
+def test_a_row_held_too_long_is_a_clear_error(postgres_server: str, tmp_path: Path) -> None:
+    """PostgreSQL: another transaction holding the ledger's row (an operator's psql, a stuck
+    process) makes a change wait at most the lock timeout, then say so in one line."""
+    import psycopg
+
+    where = f"{postgres_server}&ledger={tmp_path.name}"
+    Ledger(where).acquire("hpc/a", [GPU[0]])  # the row exists
+    with psycopg.connect(postgres_server) as other, other.transaction():
+        other.execute("SELECT document FROM aihow_gpu_ledger WHERE name = %s FOR UPDATE", (tmp_path.name,))
+        with pytest.raises(BusyError, match=r"^GPU lease ledger postgresql://aihow@/aihow\?host=.*&ledger=.* is "
+                                            r"locked by another transaction for more than 0 s; wait for it"):
+            Ledger(where, lock_timeout=0.3).acquire("cloud/b", [GPU[1]])
+        assert Ledger(where).holder_of(GPU[0]) is not None  # a reader does not wait
+    Ledger(where).acquire("cloud/b", [GPU[1]])  # free again once it ended
+
+
+def test_a_server_that_is_gone_is_one_line_without_the_password(tmp_path: Path) -> None:
+    where = f"postgresql://aihow:s3cret@/aihow?host={tmp_path}"  # no server listens there
+    for attempt in (lambda: Ledger(where).acquire("hpc/a", GPU), Ledger(where).leases):
+        with pytest.raises(LeaseError) as refused:
+            attempt()
+        message = str(refused.value)
+        assert message.startswith(f"GPU lease ledger postgresql://aihow@/aihow?host={tmp_path} cannot be reached (")
+        assert message.endswith("allowed: the URL of a running PostgreSQL server this user may connect to")
+        assert "s3cret" not in message and "\n" not in message
+
+
+def test_a_corrupt_row_is_reported_and_never_overwritten(postgres_server: str, tmp_path: Path) -> None:
+    import psycopg
+
+    where = f"{postgres_server}&ledger={tmp_path.name}"
+    Ledger(where).acquire("hpc/a", [GPU[0]])
+    with psycopg.connect(postgres_server) as conn:
+        conn.execute("UPDATE aihow_gpu_ledger SET document = '{\"version\": 7}' WHERE name = %s", (tmp_path.name,))
+    for attempt in (lambda: Ledger(where).acquire("cloud/b", GPU), Ledger(where).leases):
+        with pytest.raises(LeaseError, match=rf"is corrupt \(not a version-1 ledger\); nothing was changed; repair "
+                                             rf"row '{tmp_path.name}' of table aihow_gpu_ledger by hand"):
+            attempt()
+    with psycopg.connect(postgres_server) as conn:
+        row = conn.execute("SELECT document FROM aihow_gpu_ledger WHERE name = %s", (tmp_path.name,)).fetchone()
+    assert row is not None and row[0] == {"version": 7}
 
 
 def test_a_full_disk_is_one_line_and_keeps_the_ledger(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -219,22 +275,23 @@ def _worker(path: str, marks: str, log: str, index: int, grants: int, seed: int)
             ledger.release(holder, [address])
 
 
-def test_stress_sixteen_processes_with_sigkill(tmp_path: Path) -> None:
-    path, marks = tmp_path / "leases.json", tmp_path / "marks"
+def test_stress_sixteen_processes_with_sigkill(where: str, tmp_path: Path) -> None:
+    path, marks = Path(where), tmp_path / "marks"
+    on_file = not where.startswith("postgresql://")
     marks.mkdir()
     ctx = multiprocessing.get_context("fork")
     procs = {}
     for i in range(16):
         log = tmp_path / f"w{i}.log"
-        procs[i] = ctx.Process(target=_worker, args=(str(path), str(marks), str(log), i, GRANTS, i))
+        procs[i] = ctx.Process(target=_worker, args=(where, str(marks), str(log), i, GRANTS, i))
         procs[i].start()
 
     killed: set[int] = set()
-    ledger = Ledger(path)
+    ledger = Ledger(where)
     deadline = time.monotonic() + 120
     rng = random.Random(7)
     while any(p.is_alive() for p in procs.values()) and time.monotonic() < deadline:
-        if path.exists():  # a reader never sees a partial file
+        if on_file and path.exists():  # a reader never sees a partial file
             json.loads(path.read_text())
         victim = rng.randrange(16)
         if len(killed) < 5 and victim not in killed and procs[victim].is_alive() and rng.random() < 0.3:
@@ -271,4 +328,19 @@ def test_stress_sixteen_processes_with_sigkill(tmp_path: Path) -> None:
     for i in set(range(16)) - killed:
         assert len((tmp_path / f"w{i}.log").read_text().splitlines()) == GRANTS
     assert killed, "the test killed no worker"
-    json.loads(path.read_text())
+    if on_file:
+        json.loads(path.read_text())
+
+
+def test_the_ledger_setting_takes_a_file_or_a_postgresql_url() -> None:
+    from aihow_infra.errors import ConfigError
+    from aihow_infra.settings import parse_settings
+
+    for value in ("/var/lib/aihow/gpu-leases.json", "postgresql://aihow@db.lab/aihow",
+                  "postgres://aihow@/aihow?host=/run/postgresql&ledger=lab"):
+        assert parse_settings({"clusterFile": "c.yaml", "ledgerPath": value}).ledger_path == value
+    with pytest.raises(ConfigError) as refused:
+        parse_settings({"clusterFile": "c.yaml", "ledgerPath": "leases.json"})
+    assert str(refused.value).splitlines()[-1].strip().endswith(
+        "aihow:ledgerPath: 'leases.json' is neither an absolute path nor a PostgreSQL URL; allowed: a file such as "
+        "/var/lib/aihow/gpu-leases.json, or postgresql://USER@HOST/DATABASE (one ledger several hosts share)")

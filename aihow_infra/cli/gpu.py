@@ -37,9 +37,9 @@ def gpu_leases(c: Context, json_: bool = False) -> None:
                       for p in places]}))
         return
     if not rows:
-        out.print(f"no GPU leases: no VM holds a GPU ({ledger.path})", highlight=False)
+        out.print(f"no GPU leases: no VM holds a GPU ({ledger.shown})", highlight=False)
     else:
-        out.print(leases_table(rows, ledger.path))
+        out.print(leases_table(rows, ledger.shown))
     if places:
         out.print(homes_table(places))
 
@@ -77,7 +77,7 @@ def gpu_forget(c: Context, address: str) -> None:
     ledger, _uri = operator().host_ledger()
     card = ledger.forget_card(address)
     if card is None:
-        out.print(f"no card was recorded at {address} ({ledger.path}); nothing to forget", highlight=False)
+        out.print(f"no card was recorded at {address} ({ledger.shown}); nothing to forget", highlight=False)
         return
     out.print(f"[yellow]forgot the card recorded at {address}[/yellow] ({card.get('vendor')}:{card.get('device')}, "
               f"recorded {card.get('recorded_at')}); the next start records the card found there", highlight=False)

@@ -67,7 +67,7 @@ def valid_table(path: Path, plans: list[ClusterPlan]) -> Table:
     return table
 
 
-def leases_table(rows: list[LeaseRow], ledger: Path) -> Table:
+def leases_table(rows: list[LeaseRow], ledger: str) -> Table:
     """Held GPU leases, stale ones marked (holder gone or shut off)."""
     table = _table(f"GPU leases ({ledger})", "address", "holder", "since", "generation", "holder state", "stale")
     for r in rows:

@@ -1,12 +1,18 @@
-"""The GPU lease ledger: one JSON file on the host that every stack consults.
+"""The GPU lease ledger: one document that every stack consults, kept in a JSON file on the host
+(the default) or in a PostgreSQL database that several hosts and operators share.
 
-For each PCI address it records the holder (``<stack>/<vm>``), a generation
-bumped on every grant, and when the lease was granted. Every change happens
-under an exclusive ``flock`` on a lock file beside the ledger, and is written
-atomically (temp file, fsync, rename, fsync of the folder), so a reader never
-sees a half-written ledger and a process killed mid-write loses nothing. A
-ledger that cannot be parsed stops every change with a clear error; it is
-never overwritten, and a copy is kept aside for the operator.
+For each PCI address it records the holder (``<stack>/<vm>``), a generation bumped on every
+grant, when the lease was granted, the device's home and the card first handed over there.
+
+- A file: every change happens under an exclusive ``flock`` on a lock file beside the ledger, and
+  is written atomically (temp file, fsync, rename, fsync of the folder), so a reader never sees a
+  half-written ledger and a process killed mid-write loses nothing.
+- PostgreSQL (psycopg 3): the same document in one row of table ``aihow_gpu_ledger``; every
+  change is one transaction holding that row (``SELECT ... FOR UPDATE``), so a process killed
+  mid-change leaves the row as it was (the server rolls the transaction back).
+
+A ledger that cannot be parsed stops every change with a clear error; it is never overwritten
+(a file's copy is kept aside for the operator).
 """
 
 from __future__ import annotations
@@ -20,8 +26,9 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Literal, TypedDict, cast
+from urllib.parse import parse_qsl, urlencode, urlsplit
 
-from aihow_infra.errors import LeaseConflictError, LeaseError
+from aihow_infra.errors import BusyError, LeaseConflictError, LeaseError
 from aihow_infra.files import Waiting, atomic_write, locked
 
 FORMAT_VERSION = 1
@@ -72,32 +79,39 @@ def _now() -> str:
     return datetime.now(UTC).isoformat(timespec="seconds")
 
 
-class Ledger:
-    """Arbitrates PCI devices between stacks. Cheap to create: it holds only the path."""
+def is_database_url(location: str) -> bool:
+    """Whether a ledger location names a PostgreSQL database rather than a file."""
+    return location.startswith(("postgresql://", "postgres://"))
 
-    def __init__(self, path: str | os.PathLike[str], lock_timeout: float = LOCK_TIMEOUT,
-                 waiting: Waiting | None = None) -> None:
-        self.path = Path(path)
-        self.lock_path = self.path.with_name(self.path.name + ".lock")
+
+def _parse(text: str) -> dict[str, dict[str, Any]]:
+    """The devices of a ledger document; ``ValueError`` saying what is wrong with it."""
+    data = json.loads(text)
+    if not isinstance(data, dict) or data.get("version") != FORMAT_VERSION or \
+            not isinstance(data.get("devices"), dict):
+        raise ValueError(f"not a version-{FORMAT_VERSION} ledger")
+    devices: dict[str, dict[str, Any]] = data["devices"]
+    for address, entry in devices.items():
+        if not isinstance(entry, dict) or not isinstance(entry.get("generation"), int):
+            raise ValueError(f"entry {address!r} is malformed")
+        if entry.get("home", DEFAULT_HOME) not in HOMES:
+            raise ValueError(f"entry {address!r} has home {entry['home']!r}; allowed: {', '.join(HOMES)}")
+    return devices
+
+
+def _document(devices: dict[str, dict[str, Any]]) -> str:
+    return json.dumps({"version": FORMAT_VERSION, "devices": devices}, indent=2, sort_keys=True)
+
+
+class _FileStore:
+    """The ledger as one JSON file: ``flock`` on a lock file beside it, atomic writes."""
+
+    def __init__(self, path: Path, lock_timeout: float, waiting: Waiting | None) -> None:
+        self.path = path
         self.lock_timeout = lock_timeout
         self.waiting = waiting
 
-    # --- reading ------------------------------------------------------------
-
-    def _parse(self, text: str) -> dict[str, dict[str, Any]]:
-        data = json.loads(text)
-        if not isinstance(data, dict) or data.get("version") != FORMAT_VERSION or \
-                not isinstance(data.get("devices"), dict):
-            raise ValueError(f"not a version-{FORMAT_VERSION} ledger")
-        devices: dict[str, dict[str, Any]] = data["devices"]
-        for address, entry in devices.items():
-            if not isinstance(entry, dict) or not isinstance(entry.get("generation"), int):
-                raise ValueError(f"entry {address!r} is malformed")
-            if entry.get("home", DEFAULT_HOME) not in HOMES:
-                raise ValueError(f"entry {address!r} has home {entry['home']!r}; allowed: {', '.join(HOMES)}")
-        return devices
-
-    def _load(self) -> dict[str, dict[str, Any]]:
+    def load(self) -> dict[str, dict[str, Any]]:
         try:
             text = self.path.read_text(encoding="utf-8")
         except FileNotFoundError:
@@ -106,7 +120,7 @@ class Ledger:
             raise LeaseError(f"GPU lease ledger {self.path} cannot be read ({exc.strerror}); "
                              "allowed: a readable file (check its permissions)") from None
         try:
-            return self._parse(text)
+            return _parse(text)
         except (ValueError, json.JSONDecodeError) as exc:
             kept = self._keep_aside(text)
             raise LeaseError(
@@ -121,6 +135,121 @@ class Ledger:
             with contextlib.suppress(OSError):
                 kept.write_text(text, encoding="utf-8")
         return kept
+
+    @contextlib.contextmanager
+    def locked(self) -> Iterator[dict[str, dict[str, Any]]]:
+        with locked(self.path, "GPU lease ledger", self.lock_timeout, self.waiting, LeaseError):
+            devices = self.load()
+            before = json.dumps(devices, sort_keys=True)
+            yield devices
+            if json.dumps(devices, sort_keys=True) != before:
+                atomic_write(self.path, _document(devices) + "\n", "GPU lease ledger", error=LeaseError)
+
+
+# One row per ledger (the URL's ``ledger`` parameter names it, ``default`` otherwise), holding the
+# same document the file holds: every change is one transaction on that row (SELECT ... FOR UPDATE),
+# as every change of the file is one flock.
+LEDGER_TABLE = "aihow_gpu_ledger"
+
+
+class _DatabaseStore:
+    """The ledger as a row of a PostgreSQL table (psycopg 3): shared by every host and operator
+    that names the same database, each change one transaction."""
+
+    def __init__(self, url: str, lock_timeout: float) -> None:
+        parsed = urlsplit(url)
+        query = parse_qsl(parsed.query)
+        self.name = next((v for k, v in query if k == "ledger"), "default")
+        rest = urlencode([(k, v) for k, v in query if k != "ledger"], safe="/")
+        self.conninfo = f"{parsed.scheme}://{parsed.netloc}{parsed.path}" + (f"?{rest}" if rest else "")
+        credentials, at, where = parsed.netloc.rpartition("@")
+        user = f"{credentials.split(':', 1)[0]}@" if at else ""
+        self.shown = f"{parsed.scheme}://{user}{where}{parsed.path}" + (f"?{parsed.query}" if parsed.query else "")
+        self.lock_timeout = lock_timeout
+
+    def _connect(self) -> Any:
+        import psycopg
+
+        try:
+            conn = psycopg.connect(self.conninfo, connect_timeout=10)
+        except psycopg.Error as exc:
+            raise LeaseError(f"GPU lease ledger {self.shown} cannot be reached ({str(exc).strip().splitlines()[0]}); "
+                             "allowed: the URL of a running PostgreSQL server this user may connect to") from None
+        try:
+            with conn.transaction():
+                conn.execute(f"CREATE TABLE IF NOT EXISTS {LEDGER_TABLE} (name text PRIMARY KEY, "
+                             "document jsonb NOT NULL, updated_at timestamptz NOT NULL DEFAULT now())")
+        except (psycopg.errors.UniqueViolation, psycopg.errors.DuplicateTable):
+            pass  # made by another process at the same moment
+        return conn
+
+    def _devices(self, document: Any) -> dict[str, dict[str, Any]]:
+        try:
+            return _parse(json.dumps(document)) if document is not None else {}
+        except ValueError as exc:
+            raise LeaseError(f"GPU lease ledger {self.shown} is corrupt ({exc}); nothing was changed; repair row "
+                             f"{self.name!r} of table {LEDGER_TABLE} by hand") from None
+
+    def load(self) -> dict[str, dict[str, Any]]:
+        with self._connect() as conn:
+            row = conn.execute(f"SELECT document FROM {LEDGER_TABLE} WHERE name = %s", (self.name,)).fetchone()
+            return self._devices(row[0] if row else None)
+
+    @contextlib.contextmanager
+    def locked(self) -> Iterator[dict[str, dict[str, Any]]]:
+        import psycopg
+
+        with self._connect() as conn:
+            try:
+                with conn.transaction():
+                    conn.execute(f"SET LOCAL lock_timeout = {int(self.lock_timeout * 1000)}")
+                    conn.execute(f"INSERT INTO {LEDGER_TABLE} (name, document) VALUES (%s, %s) "
+                                 "ON CONFLICT (name) DO NOTHING", (self.name, _document({})))
+                    row = conn.execute(f"SELECT document FROM {LEDGER_TABLE} WHERE name = %s FOR UPDATE",
+                                       (self.name,)).fetchone()
+                    devices = self._devices(row[0] if row else None)
+                    before = json.dumps(devices, sort_keys=True)
+                    yield devices
+                    if json.dumps(devices, sort_keys=True) != before:
+                        conn.execute(f"UPDATE {LEDGER_TABLE} SET document = %s, updated_at = now() WHERE name = %s",
+                                     (_document(devices), self.name))
+            except psycopg.errors.LockNotAvailable:
+                raise BusyError(f"GPU lease ledger {self.shown} is locked by another transaction for more than "
+                                f"{self.lock_timeout:.0f} s; wait for it to finish, or stop it") from None
+            except psycopg.OperationalError as exc:
+                raise LeaseError(f"GPU lease ledger {self.shown}: the server broke the transaction off "
+                                 f"({str(exc).strip().splitlines()[0]}); nothing was changed") from None
+
+
+class Ledger:
+    """Arbitrates PCI devices between stacks. Cheap to create: it holds only where the ledger is,
+    a file's path or a PostgreSQL URL (``postgresql://USER@HOST/DB``, or over a unix socket
+    ``postgresql://USER@/DB?host=/run/postgresql``; ``&ledger=NAME`` keeps several ledgers in one
+    database)."""
+
+    def __init__(self, path: str | os.PathLike[str], lock_timeout: float = LOCK_TIMEOUT,
+                 waiting: Waiting | None = None) -> None:
+        self.location = str(path)
+        self._store: _FileStore | _DatabaseStore = (
+            _DatabaseStore(self.location, lock_timeout) if is_database_url(self.location)
+            else _FileStore(Path(path), lock_timeout, waiting))
+
+    @property
+    def path(self) -> Path:
+        """The ledger file (``TypeError`` for a ledger kept in PostgreSQL)."""
+        if isinstance(self._store, _FileStore):
+            return self._store.path
+        raise TypeError(f"the GPU lease ledger {self.shown} is a database, not a file")
+
+    @property
+    def shown(self) -> str:
+        """Where the ledger is, as the operator is told (a URL without its password)."""
+        return self._store.shown if isinstance(self._store, _DatabaseStore) else str(self._store.path)
+
+    # --- reading ------------------------------------------------------------
+
+    def _load(self) -> dict[str, dict[str, Any]]:
+        return self._store.load()
 
     def leases(self) -> dict[str, Lease]:
         """Every address the ledger knows, held or free (a consistent snapshot, no lock needed)."""
@@ -152,13 +281,9 @@ class Ledger:
 
     @contextlib.contextmanager
     def _locked(self) -> Iterator[dict[str, dict[str, Any]]]:
-        with locked(self.path, "GPU lease ledger", self.lock_timeout, self.waiting, LeaseError):
-            devices = self._load()
-            before = json.dumps(devices, sort_keys=True)
+        """The devices, exclusively: written back when the block changed them."""
+        with self._store.locked() as devices:
             yield devices
-            if json.dumps(devices, sort_keys=True) != before:
-                payload = json.dumps({"version": FORMAT_VERSION, "devices": devices}, indent=2, sort_keys=True)
-                atomic_write(self.path, payload + "\n", "GPU lease ledger", error=LeaseError)
 
     def check_free(self, holder: str, addresses: list[str]) -> None:
         """Raise the ``LeaseConflictError`` that ``acquire`` would, from a snapshot: an early,
