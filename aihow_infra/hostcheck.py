@@ -89,17 +89,23 @@ def _system_checks(host: Host, live: bool, passthrough: bool, uris: Iterable[str
                                     "or name the right one in the stack's aihow:libvirtUri"))
     groups_dir = host.path("/sys/kernel/iommu_groups")
     groups = list(groups_dir.iterdir()) if groups_dir.is_dir() else []
+    # A host that is itself a VM (a cloud GPU instance) has no firmware setting to turn: its
+    # hypervisor must give it a virtual IOMMU.
+    in_vm = "hypervisor" in (host.read("/proc/cpuinfo") or "").split()
+    enable = ("this host is itself a VM: give it a virtual IOMMU from its hypervisor (QEMU: `-device "
+              "intel-iommu,intremap=on,caching-mode=on`), then add" if in_vm else
+              "enable VT-d/AMD-Vi in the firmware and add")
     checks.append(Check(
         "iommu", bool(groups), f"{len(groups)} IOMMU groups" if groups else "no IOMMU groups: the IOMMU is off",
-        "" if groups else "enable VT-d/AMD-Vi in the firmware and add `intel_iommu=on iommu=pt` (or "
-                          "`amd_iommu=on iommu=pt`) to GRUB_CMDLINE_LINUX, then `update-grub` and reboot",
+        "" if groups else f"{enable} `intel_iommu=on iommu=pt` (or `amd_iommu=on iommu=pt`) to GRUB_CMDLINE_LINUX, "
+                          "then `update-grub` and reboot",
         needed=passthrough))
     # A device kept on vfio-pci needs the driver loaded; one whose home is the host's driver does
     # not: libvirt loads it when the VM that takes the device starts.
     vfio = "vfio_pci" in host.modules()
-    checks.append(Check("vfio", vfio, "vfio_pci loaded" if vfio else "vfio_pci is not loaded"
-                        + ("; libvirt loads it when a VM that passes a device through starts"
-                           if passthrough and not kept_on_vfio else ""),
+    on_demand = passthrough and not kept_on_vfio
+    checks.append(Check("vfio", vfio or on_demand, "vfio_pci loaded" if vfio else "vfio_pci is not loaded"
+                        + ("; libvirt loads it when a VM that passes a device through starts" if on_demand else ""),
                         "" if vfio else "`modprobe vfio-pci` (and add vfio-pci to /etc/modules-load.d/vfio.conf)",
                         needed=kept_on_vfio))
     return checks
@@ -111,11 +117,16 @@ def _bind_fix(address: str, driver: str | None) -> str:
             f"echo {address} > /sys/bus/pci/drivers_probe  (or `driverctl set-override {address} {VFIO_DRIVER}`)")
 
 
-def _home_checks(host: Host, address: str, name: str, home: Home, live: bool) -> list[Check]:
+def _home_checks(host: Host, address: str, name: str, home: Home | None, live: bool) -> list[Check]:
     """The device against its home (gpu/homes.py): at home, held by a VM, or stuck; and the
     home agreeing with the boot configuration. On the live host, a host process holding it open
-    (a VM start is refused until it ends)."""
+    (a VM start is refused until it ends). ``home`` None: not known here (a recorded host's
+    homes are in its own ledger), so any driver passes."""
     driver = host.driver(address)
+    if home is None:
+        return [Check(f"{name} driver", True, f"{describe_driver(driver)} (its home is in that host's GPU lease "
+                                              "ledger)" + ("" if driver == VFIO_DRIVER else
+                                                           "; libvirt binds it to vfio-pci when its VM starts"))]
     holders = open_by(host, device_files(host, address)) if live else []
     vms = sorted({h.vm for h in holders if h.vm})
     checks = []
@@ -149,7 +160,7 @@ def _home_checks(host: Host, address: str, name: str, home: Home, live: bool) ->
 
 
 def _device_checks(host: Host, address: str, vendor: str | None, device: str | None, users: str,
-                   configured: frozenset[str] = frozenset(), home: Home = DEFAULT_HOME,
+                   configured: frozenset[str] = frozenset(), home: Home | None = DEFAULT_HOME,
                    live: bool = False) -> list[Check]:
     name = f"device {address} ({users})"
     if not host.device(address).is_dir():
@@ -288,7 +299,8 @@ def check_host(root: Path, cluster_files: Iterable[str | Path],
     """Every check for the host under ``root``, the hugepages and the passthrough devices of
     ``cluster_files``; on the live host (``root`` is /) each of ``libvirt_uris`` must answer (the
     stacks' ``aihow:libvirtUri``) and no host process may hold a device open. ``homes``: each
-    device's home as the host's GPU lease ledger records it (``host`` when absent)."""
+    device's home as the host's GPU lease ledger records it (``host`` when absent); None when
+    they are not known (a recorded host: any driver passes)."""
     host = Host(root)
     devices: dict[str, tuple[str | None, str | None, list[str]]] = {}
     vms: list[VmPlan] = []
@@ -300,14 +312,13 @@ def check_host(root: Path, cluster_files: Iterable[str | Path],
                     vendor, device, users = devices.setdefault(dev.pci_address, (dev.vendor_id, dev.device_id, []))
                     users.append(vm.name)
     live = root == Path("/")
-    homes = homes or {}
-    kept_on_vfio = any(homes.get(address, DEFAULT_HOME) == VFIO_DRIVER for address in devices)
+    kept_on_vfio = homes is not None and any(homes.get(a, DEFAULT_HOME) == VFIO_DRIVER for a in devices)
     report = Report(_system_checks(host, live=live, passthrough=bool(devices), uris=libvirt_uris,
                                    kept_on_vfio=kept_on_vfio))
     report.checks += _hugepage_checks(host, vms)
     for address, (vendor, device, users) in sorted(devices.items()):
         report.checks += _device_checks(host, address, vendor, device, ", ".join(users), frozenset(devices),
-                                        homes.get(address, DEFAULT_HOME), live)
+                                        None if homes is None else homes.get(address, DEFAULT_HOME), live)
     return report
 
 

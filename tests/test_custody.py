@@ -193,7 +193,7 @@ def test_the_forget_task_takes_a_pci_function_and_forgets_the_card(capsys: pytes
     code, out, err = run_task(capsys, "gpu.forget", "01:00.0")
     assert (code, out) == (1, "")
     assert err.strip() == "error: gpu.forget: address '01:00.0' is not a PCI function; allowed: domain:bus:slot." \
-                          "function in lower-case hex, e.g. 0000:01:00.0 (`lspci -D` lists them)"
+                          "function in hex, e.g. 0000:01:00.0 (`lspci -D` lists them)"
     code, out, err = run_task(capsys, "gpu.reclaim", "0000:zz:00.0")
     assert (code, out) == (1, "") and err.startswith("error: gpu.reclaim: address '0000:zz:00.0' is not a PCI")
     code, out, err = run_task(capsys, "gpu.forget", GPU)

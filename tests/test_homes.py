@@ -11,6 +11,7 @@ import subprocess
 from pathlib import Path
 
 import pytest
+import yaml
 
 from aihow_infra.errors import CustodyError, LeaseError
 from aihow_infra.gpu import leases
@@ -21,6 +22,7 @@ from aihow_infra.host import Host
 from aihow_infra.hostcheck import _home_checks, check_host
 from aihow_infra.hostrecord import load_recording, materialize, record_host
 from tests.cli import run_task
+from tests.samples import base
 from tests.test_custody import AUDIO, GPU, READY, hold, ledger_project, ready_host
 
 
@@ -107,6 +109,9 @@ def test_where_a_device_is_said_in_words() -> None:
     away = Place(GPU, "vfio-pci", "nvidia", None)
     assert (str(away), away.fix) == ("away from home: on nvidia (home: vfio-pci)", f"aihow gpu.home {GPU}")
     assert Place(GPU, "vfio-pci", "vfio-pci", None).at_home and not Place(GPU, "vfio-pci", "vfio-pci", "x").at_home
+    gone = Place(GPU, "vfio-pci", None, None, present=False)  # a cluster file's address this host lacks
+    assert (str(gone), gone.stuck, gone.at_home, gone.fix) == (
+        "not present on this host (check pci_address with `lspci -D`)", False, False, "")
 
 
 def test_the_ledger_keeps_one_home_per_address(tmp_path: Path) -> None:
@@ -144,7 +149,7 @@ def test_a_home_set_differently_at_boot_is_found(kernel: KernelHost, path: str, 
         f"boot: a home set differently in two places; allowed: `aihow gpu.home {GPU} --to vfio-pci`, or remove "
         "that boot setting")
     assert boot_conflict(kernel, GPU, "vfio-pci") is None  # the two agree
-    checks = {c.name: c for c in check_host(kernel.root, [_cluster(kernel.root.parent)]).checks}
+    checks = {c.name: c for c in check_host(kernel.root, [_cluster(kernel.root.parent)], homes={}).checks}
     home = checks[f"device {GPU} (hpc-compute-01) home"]
     assert home.verdict == "FAIL" and where in home.detail and "set differently in two places" in home.detail
     # ... and a recording keeps it: the recorded host gives the same verdict.
@@ -173,7 +178,7 @@ def test_host_check_measures_each_device_against_its_home(tmp_path: Path) -> Non
     root = materialize(recording, tmp_path / "root")
     config = _cluster(tmp_path)
 
-    checks = {c.name: c for c in check_host(root, [config]).checks}  # home: host (the default)
+    checks = {c.name: c for c in check_host(root, [config], homes={}).checks}  # home: host (the default)
     gpu = checks[f"device {GPU} (hpc-compute-01) driver"]
     assert gpu.ok and gpu.detail == "at home on nvidia (home: host); libvirt binds it to vfio-pci when its VM starts"
     audio = checks[f"device {AUDIO} (hpc-compute-01) driver"]
@@ -203,27 +208,58 @@ def test_setting_a_home_takes_the_whole_card_there(kernel: KernelHost, tmp_path:
                                                    monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(leases, "local_host", lambda uri: kernel)
     ledger = Ledger(tmp_path / "leases.json")
-    assert bring_home(ledger, "qemu:///system", AUDIO, "host") == [
+    card = {GPU, AUDIO}
+    with pytest.raises(CustodyError, match=r"^device 0000:00:1f.0 is not passed through by any VM of the cluster "
+                                           rf"files, so its driver is not the project's to change; allowed: a "
+                                           rf"pcie_passthrough address \({GPU}, {AUDIO}\)"):
+        bring_home(ledger, "qemu:///system", "0000:00:1f.0", card, "vfio-pci")  # the host's own, never touched
+    assert bring_home(ledger, "qemu:///system", AUDIO, card, "host") == [
         f"{GPU}: home host; at home, on nvidia", f"{AUDIO}: home host; at home, on no driver"]
     (kernel.root / "proc/cmdline").write_text("root=/dev/sda1 vfio-pci.ids=10de:2684\n")
-    assert bring_home(ledger, "qemu:///system", GPU, "vfio-pci") == [
+    only_gpu = bring_home(ledger, "qemu:///system", GPU, {GPU}, "vfio-pci")  # audio is not passed through
+    assert only_gpu == [f"{GPU}: home vfio-pci; at home, on vfio-pci"] and kernel.driver(AUDIO) is None
+    assert bring_home(ledger, "qemu:///system", GPU, card, "vfio-pci") == [
         f"{GPU}: home vfio-pci; at home, on vfio-pci", f"{AUDIO}: home vfio-pci; at home, on vfio-pci"]
     with pytest.raises(CustodyError, match=rf"^device {GPU}: its home is the host's driver \(the GPU lease ledger\) "
                                            r"but vfio-pci.ids=10de:2684 on the kernel command line"):
-        bring_home(ledger, "qemu:///system", GPU, "host")
+        bring_home(ledger, "qemu:///system", GPU, card, "host")
     assert ledger.home_of(GPU) == "vfio-pci" and kernel.driver(GPU) == "vfio-pci"  # nothing recorded, nothing moved
 
 
 def test_the_home_task_refuses_bad_input_in_one_line(capsys: pytest.CaptureFixture[str], tmp_path: Path,
                                                      monkeypatch: pytest.MonkeyPatch) -> None:
     ledger = ledger_project(tmp_path, monkeypatch)
+    clusters = base()
+    clusters["clusters"]["hpc"]["compute_nodes"][0]["pcie_passthrough"]["devices"] = [
+        {"pci_address": "0000:ff:1f.7", "device_type": "gpu"}]
+    clusters["clusters"]["cloud"]["worker_nodes"][1]["pcie_passthrough"]["devices"] = [
+        {"pci_address": "0000:ff:1f.7", "device_type": "gpu"}]
+    (tmp_path / "project" / "c.yaml").write_text(yaml.safe_dump(clusters))
     for args, message in [
         (["01:00.0"], "gpu.home: address '01:00.0' is not a PCI function; allowed: domain:bus:slot.function"),
         ([GPU, "--to", "nvidia"], "--to: 'nvidia' is not a home; allowed: host, vfio-pci (the host's own driver, "
                                   "or kept on vfio-pci for VMs)"),
-        (["0000:ff:1f.7"], "device 0000:ff:1f.7 is not present on this host; allowed: an address `lspci -D` lists"),
+        (["0000:FF:1F.7"], "device 0000:ff:1f.7 is not present on this host; allowed: an address `lspci -D` lists"),
+        (["0000:00:00.0", "--to", "vfio-pci"], "device 0000:00:00.0 is not passed through by any VM of the cluster "
+                                               "files, so its driver is not the project's to change; allowed: a "
+                                               "pcie_passthrough address (0000:ff:1f.7)"),
     ]:
         code, out, err = run_task(capsys, "gpu.home", *args)
         assert (code, out) == (1, "") and err.startswith(f"error: {message}"), err
         assert len(err.strip().splitlines()) == 1
     assert not ledger.path.exists()
+
+
+def test_the_gpu_tasks_refuse_stacks_that_name_two_ledgers(capsys: pytest.CaptureFixture[str], tmp_path: Path,
+                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    project = tmp_path / "project"
+    project.mkdir()
+    for stack in ("hpc", "cloud"):
+        settings = {"config": {"aihow:clusterFile": "c.yaml", "aihow:ledgerPath": str(tmp_path / f"{stack}.json")}}
+        (project / f"Pulumi.{stack}.yaml").write_text(yaml.safe_dump(settings))
+    monkeypatch.setenv("AIHOW_PROJECT_DIR", str(project))
+    for argv in (["gpu.leases"], ["gpu.home", GPU], ["gpu.reclaim", GPU], ["gpu.forget", GPU]):
+        code, out, err = run_task(capsys, *argv)
+        assert (code, out) == (1, ""), argv
+        assert " ".join(err.split()).startswith(f"error: aihow:ledgerPath: '{tmp_path}/hpc.json' (stack hpc) differs "
+                                                f"from '{tmp_path}/cloud.json' (stack cloud); allowed: one ledger")

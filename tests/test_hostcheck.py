@@ -46,18 +46,25 @@ def test_h200_host_is_not_ready_and_says_why(tmp_path: Path) -> None:
     report = check_host(root, [config])
     assert not report.ready
     failed = failures(report)
-    assert set(failed) == {"iommu", "vfio", "device 0000:00:06.0 (hpc-compute-01) iommu group", "acceleration"}
+    assert set(failed) == {"iommu", "device 0000:00:06.0 (hpc-compute-01) iommu group", "acceleration"}
     assert failed["acceleration"].verdict == "WARN" and "kvm_pvm" in failed["acceleration"].detail
     assert "no IOMMU groups" in failed["iommu"].detail and "intel_iommu=on" in failed["iommu"].fix
-    assert "modprobe vfio-pci" in failed["vfio"].fix
-    # On nvidia, its home when none is set: where libvirt takes it from when its VM starts.
+    # The H200 host is itself a VM (a cloud instance): no firmware switch, its hypervisor's IOMMU.
+    assert failed["iommu"].fix.startswith("this host is itself a VM: give it a virtual IOMMU from its hypervisor")
+    # A recording's homes are in its own host's ledger: any driver passes; vfio-pci is loaded on demand.
     driver = next(c for c in report.checks if c.name == "device 0000:00:06.0 (hpc-compute-01) driver")
+    assert driver.ok and driver.detail.startswith("on nvidia (its home is in that host's GPU lease ledger)")
+    vfio = next(c for c in report.checks if c.name == "vfio")
+    assert vfio.ok and vfio.detail.endswith("libvirt loads it when a VM that passes a device through starts")
+    # On this host with no home set, nvidia is home; kept on vfio-pci instead, it is not home, and
+    # the fix binds it (and vfio-pci must be loaded).
+    driver = next(c for c in check_host(root, [config], homes={}).checks if c.name.endswith("driver"))
     assert driver.ok and driver.detail.startswith("at home on nvidia (home: host)")
-    # Kept on vfio-pci instead, it is not home, and the fix binds it.
     kept = failures(check_host(root, [config], homes={"0000:00:06.0": "vfio-pci"}))
     driver = kept["device 0000:00:06.0 (hpc-compute-01) driver"]
     assert driver.detail == "bound to nvidia (home: vfio-pci)"
     assert "/sys/bus/pci/drivers/nvidia/unbind" in driver.fix and "aihow gpu.home 0000:00:06.0" in driver.fix
+    assert kept["vfio"].verdict == "FAIL" and "modprobe vfio-pci" in kept["vfio"].fix
     passed = {c.name: c.detail for c in report.checks if c.ok}
     assert {"kvm", "device 0000:00:06.0 (hpc-compute-01) ids"} <= set(passed)
     assert passed["device 0000:00:06.0 (hpc-compute-01) reset"] == "reset by flr"
@@ -170,8 +177,8 @@ def test_host_check_task_gives_the_recorded_h200_its_verdicts(capsys: pytest.Cap
     code, out, _err = run_task(capsys, "host.check", "--recorded", str(H200), "--config", config)
     assert code == 1
     lines = out.splitlines()
-    assert "ok device 0000:00:06.0 (hpc-compute-01) driver: at home on nvidia (home: host); libvirt binds it to " \
-           "vfio-pci when its VM starts" in lines
+    assert "ok device 0000:00:06.0 (hpc-compute-01) driver: on nvidia (its home is in that host's GPU lease " \
+           "ledger); libvirt binds it to vfio-pci when its VM starts" in lines
     assert "FAIL device 0000:00:06.0 (hpc-compute-01) iommu group: has no IOMMU group" in lines
     assert "     fix: turn the IOMMU on (see the iommu check)" in lines
     assert lines[-1] == "not ready"

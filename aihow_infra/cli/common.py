@@ -150,15 +150,36 @@ class AihowProgram(Program):
             raise ParseError(self._explained(str(exc), exc.context), exc.context) from None
 
     def _explained(self, message: str, context: ParserContext | None) -> str:
+        needs = re.fullmatch(r"Flag <Argument: (\S+?)(?: \(\w\))?> needed value and was not given one!", message)
+        if needs is not None:
+            where = context.name if context is not None and context.name else "aihow"
+            return f"error: {where} --{needs.group(1).replace('_', '-')} needs a value"
+        if "did not receive required positional arguments" in message:
+            name = context.name if context is not None else ""
+            return f"error: {message} (`aihow --help {name}` shows them)"
         unknown = re.fullmatch(r"No idea what '(.+)' is!", message)
         if unknown is None:
             return f"error: {message}"
         word = unknown.group(1)
         if word.startswith("-") and context is not None:
-            flags = sorted(f for f in context.flags if f.startswith("--"))
-            near = difflib.get_close_matches(word, flags, n=1)
-            hint = f"; did you mean {near[0]}?" if near else ""
-            return f"error: {context.name or 'aihow'} has no option {word}{hint} (allowed: {', '.join(flags)})"
+            return _unknown_option(word, context)
+        # invoke takes an unknown option before a task's positional value for that value, and
+        # then finds the next word no task: the option is the mistake.
+        contexts = {name: c for c in self.collection.to_contexts() for name in (c.name, *c.aliases)}
+        task = None
+        for token in (self.argv or [])[1:]:
+            if token in contexts:
+                task = contexts[token]
+            elif token.startswith("--") and task is not None and token.split("=")[0] not in task.flags:
+                return _unknown_option(token.split("=")[0], task)
         near = difflib.get_close_matches(word, list(self.collection.task_names), n=1)
         hint = f"; did you mean {near[0]}?" if near else ""
         return f"error: no task named {word!r}{hint} (`aihow --list` lists them)"
+
+
+def _unknown_option(flag: str, context: ParserContext) -> str:
+    """One line: the task has no such option, the nearest one, and those it has."""
+    flags = sorted(f for f in context.flags if f.startswith("--"))
+    near = difflib.get_close_matches(flag, flags, n=1, cutoff=0.75)
+    hint = f"; did you mean {near[0]}?" if near else ""
+    return f"error: {context.name or 'aihow'} has no option {flag}{hint} (allowed: {', '.join(flags)})"

@@ -12,19 +12,22 @@ from aihow_infra.cli.render import homes_table, leases_table
 from aihow_infra.errors import AihowError
 
 
-def _check_address(task: str, address: str) -> None:
-    """``AihowError`` for an ``address`` that is not a PCI function as the ledger records them."""
+def _check_address(task: str, address: str) -> str:
+    """``address`` as the ledger records PCI functions (lower-case hex); ``AihowError`` when it
+    is not one."""
     from aihow_infra.config import PCI_ADDRESS_RE
 
-    if not PCI_ADDRESS_RE.match(address):
+    if not PCI_ADDRESS_RE.match(address.lower()):
         raise AihowError(f"{task}: address {address!r} is not a PCI function; allowed: domain:bus:slot.function "
-                         "in lower-case hex, e.g. 0000:01:00.0 (`lspci -D` lists them)")
+                         "in hex, e.g. 0000:01:00.0 (`lspci -D` lists them)")
+    return address.lower()
 
 
 @task(help={"json": "print JSON"})
 def gpu_leases(c: Context, json_: bool = False) -> None:
-    """Every GPU lease in the host's ledger, marking stale ones (holder gone or shut off), and
-    each device's home with where it is now."""
+    """Every GPU lease (stale ones marked), and where each device is against its home.
+
+    A lease is stale when its holder VM is gone or shut off."""
     from aihow_infra.gpu.leases import home_report, lease_report
 
     ledger, uri = operator().host_ledger()
@@ -47,15 +50,19 @@ def gpu_leases(c: Context, json_: bool = False) -> None:
 @task(help={"address": "PCI address of the card, e.g. 0000:01:00.0",
             "to": "set its home first: host (the host's own driver) or vfio-pci (kept ready for VMs)"})
 def gpu_home(c: Context, address: str, to: str = "") -> None:
-    """Take the card at ADDRESS home now (every function no running VM holds); with --to, set its
-    home on this host first (recorded in the GPU lease ledger, for every stack)."""
+    """Take the card at ADDRESS to its home now; --to sets the home on this host first.
+
+    Every function of the card that a VM passes through and no running VM holds is moved now; the
+    home is recorded in the GPU lease ledger, for every stack."""
     from aihow_infra.gpu.homes import parse_home
     from aihow_infra.gpu.leases import bring_home
 
-    _check_address("gpu.home", address)
+    address = _check_address("gpu.home", address)
     home = parse_home(to, "--to") if to else None
-    ledger, uri = operator().host_ledger()
-    for line in bring_home(ledger, uri, address, home):
+    op = operator()
+    ledger, uri = op.host_ledger()
+    configured = {d.pci_address for view in op.views() for vm in view.plan.vms for d in vm.devices}
+    for line in bring_home(ledger, uri, address, configured, home):
         out.print(line, highlight=False)
 
 
@@ -64,7 +71,7 @@ def gpu_reclaim(c: Context, address: str, force: bool = False) -> None:
     """Free a stale GPU lease; refused while its holder runs unless --force."""
     from aihow_infra.gpu.leases import reclaim
 
-    _check_address("gpu.reclaim", address)
+    address = _check_address("gpu.reclaim", address)
     ledger, uri = operator().host_ledger()
     freed = reclaim(ledger, uri, address, force=force)
     out.print(f"[yellow]freed {address} (was held by {freed})[/yellow]" if freed else f"{address} was not held")
@@ -73,7 +80,7 @@ def gpu_reclaim(c: Context, address: str, force: bool = False) -> None:
 @task(help={"address": "PCI address of the card, e.g. 0000:01:00.0"})
 def gpu_forget(c: Context, address: str) -> None:
     """Forget the card recorded at ADDRESS (replaced on purpose): the next start records the one there."""
-    _check_address("gpu.forget", address)
+    address = _check_address("gpu.forget", address)
     ledger, _uri = operator().host_ledger()
     card = ledger.forget_card(address)
     if card is None:

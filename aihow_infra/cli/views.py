@@ -64,7 +64,7 @@ def host_check(c: Context, config: str = "", sysfs_root: str = "/", recorded: st
         root = (materialize(load_recording(Path(recorded)), Path(tmp)) if recorded
                 else hostcheck.sysfs_root(sysfs_root))
         # The homes are this host's: a recording of another host is checked with the default.
-        homes = {} if recorded or sysfs_root != "/" else \
+        homes = None if recorded or sysfs_root != "/" else \
             {a: lease.home for a, lease in op.host_ledger()[0].leases().items()}
         report = hostcheck.check_host(root, files, uris, homes)
     if json_:

@@ -120,17 +120,18 @@ class Place:
     home: Home
     driver: str | None
     holder: str | None  # the VM holding it (its lease, or its qemu having the device open)
+    present: bool = True  # False: the host has no such PCI function
 
     @property
     def at_home(self) -> bool:
-        """Not held, and at home."""
-        return self.holder is None and at_home(self.driver, self.home)
+        """Present, not held, and at home."""
+        return self.present and self.holder is None and at_home(self.driver, self.home)
 
     @property
     def stuck(self) -> bool:
-        """Not held and not at home: the host lost the device (home ``host``) or a host driver
-        took it (home ``vfio-pci``)."""
-        return self.holder is None and not at_home(self.driver, self.home)
+        """Present, not held and not at home: the host lost the device (home ``host``) or a host
+        driver took it (home ``vfio-pci``)."""
+        return self.present and self.holder is None and not at_home(self.driver, self.home)
 
     @property
     def fix(self) -> str:
@@ -138,6 +139,8 @@ class Place:
         return f"aihow gpu.home {self.address}" if self.stuck else ""
 
     def __str__(self) -> str:
+        if not self.present:
+            return "not present on this host (check pci_address with `lspci -D`)"
         if self.holder is not None:
             return f"held by {self.holder}"
         if self.stuck and self.driver == VFIO_DRIVER:
@@ -150,6 +153,8 @@ class Place:
 def place_of(host: Host, address: str, home: Home, holder: str | None, proc: Path = Path("/proc")) -> Place:
     """Where the device is: ``holder`` (the ledger's, when that VM runs) or a VM whose qemu has
     the device open."""
+    if not host.device(address).is_dir():
+        return Place(address, home, None, holder, present=False)
     if holder is None:
         vms = sorted({f.vm for f in open_by(host, device_files(host, address), proc) if f.vm})
         holder = ", ".join(vms) or None

@@ -8,12 +8,14 @@ it refuses while the holder runs unless forced.
 
 from __future__ import annotations
 
+from collections.abc import Collection
 from dataclasses import dataclass
 
 from aihow_infra.errors import AihowError, CustodyError
 from aihow_infra.gpu.custody import local_host
 from aihow_infra.gpu.homes import Place, boot_conflict, card_functions, place_of, send_home
 from aihow_infra.gpu.ledger import DEFAULT_HOME, Home, Lease, Ledger, vm_of
+from aihow_infra.host import VFIO_DRIVER
 from aihow_infra.libvirt.connection import connect, lookup
 from aihow_infra.libvirt.power import UNDEFINED, is_live, state_name
 
@@ -78,19 +80,30 @@ def reclaim(ledger: Ledger, uri: str, address: str, force: bool = False) -> str 
     return freed[0].holder if freed else None
 
 
-def bring_home(ledger: Ledger, uri: str, address: str, to: Home | None = None) -> list[str]:
-    """Set the home of the card at ``address`` (every function of it) when ``to`` is given, then
-    take each function that no running VM holds to its home now. One line per function says where
-    it is. ``CustodyError`` when the host is not this machine, the card is not on it, the boot
-    configuration disagrees with ``to`` (nothing is recorded then), or a host process holds a
-    function open (it stays where it is)."""
+def bring_home(ledger: Ledger, uri: str, address: str, configured: Collection[str],
+               to: Home | None = None) -> list[str]:
+    """Set the home of the card at ``address`` when ``to`` is given, then take each of its
+    functions that no running VM holds to its home now; only functions the cluster files pass
+    through (``configured``) are touched, never another device of the host. One line per function
+    says where it is. ``CustodyError``, with nothing recorded or moved, when the host is not this
+    machine, the address is not one a VM passes through or not on this host, vfio-pci cannot take
+    it (no IOMMU group), or the boot configuration disagrees with ``to``; and when a host process
+    holds a function open (it stays where it is)."""
     host = local_host(uri)
     if host is None:
         raise CustodyError(f"{uri} is not this machine: a device's home is kept, and its driver changed, on the host "
                            "that has it; allowed: run `aihow gpu.home` there")
+    if address not in configured:
+        listed = ", ".join(sorted(configured)) or "none"
+        raise CustodyError(f"device {address} is not passed through by any VM of the cluster files, so its driver is "
+                           f"not the project's to change; allowed: a pcie_passthrough address ({listed})")
     if not host.device(address).is_dir():
         raise CustodyError(f"device {address} is not present on this host; allowed: an address `lspci -D` lists")
-    functions = card_functions(host, address)
+    functions = [f for f in card_functions(host, address) if f in configured]
+    if to == VFIO_DRIVER and host.iommu_group(address) is None:
+        raise CustodyError(f"device {address} has no IOMMU group (the IOMMU is off), so vfio-pci cannot take it; "
+                           "nothing was recorded; allowed: turn the IOMMU on (`aihow host.check` says how), then set "
+                           "its home")
     if to is not None:
         conflicts = [c for f in functions if (c := boot_conflict(host, f, to))]
         if conflicts:

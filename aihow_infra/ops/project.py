@@ -186,11 +186,13 @@ class ProjectOps:
         return DeployRecord(self.state.deploys)
 
     def host_ledger(self) -> tuple[Ledger, str]:
-        """The host's GPU lease ledger and libvirt URI, as the first configured stack names them."""
+        """The host's GPU lease ledger and libvirt URI, as the first configured stack names them
+        (``AihowError`` when another stack names another ledger)."""
         stacks = self.configured_stacks()
         if not stacks:
             return Ledger(DEFAULT_LEDGER), "qemu:///system"
         settings = self.settings(stacks[0])
+        self._check_one_ledger(stacks[0], settings)
         return Ledger(settings.ledger_path), settings.libvirt_uri
 
     def live_states(self, view: StackView) -> dict[str, str]:
