@@ -60,6 +60,8 @@ class Lifecycle(Deploying):
             lease = leases.get(address)
             home = lease.home if lease else ledger.home_of(address)
             place = place_of(host, address, home, lease.holder if lease else None)
+            if not place.present:
+                continue  # no VM ever held it here (status and host.check say the address is wrong)
             if place.stuck:
                 try:
                     send_home(host, address, home)
