@@ -18,7 +18,8 @@ or it was home, to the first where the new one has it, or it is home). The basel
 same script: libvirt alone (``virsh start`` / ``virsh destroy`` of the same domain, ``--baseline``
 rounds), the floor any tool on this host pays; a hand-over's figure is also given as a ratio of it.
 
-About 45 minutes here (software emulation, 2 vCPUs; the first run builds the ``gpuhost`` image).
+About an hour here (58 min on 2026-12-01; software emulation, 2 vCPUs; the first run builds the
+``gpuhost`` image).
 Needs ./bootstrap. Prints a summary and writes it as JSON with ``--out``.
 """
 
