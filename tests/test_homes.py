@@ -263,3 +263,17 @@ def test_the_gpu_tasks_refuse_stacks_that_name_two_ledgers(capsys: pytest.Captur
         assert (code, out) == (1, ""), argv
         assert " ".join(err.split()).startswith(f"error: aihow:ledgerPath: '{tmp_path}/hpc.json' (stack hpc) differs "
                                                 f"from '{tmp_path}/cloud.json' (stack cloud); allowed: one ledger")
+
+
+def test_a_write_the_kernel_refuses_is_one_line(tmp_path: Path) -> None:
+    class Refusing(KernelHost):
+        def write(self, absolute: str, text: str) -> None:
+            if absolute.endswith("/unbind"):
+                raise OSError(16, "Device or resource busy")
+            super().write(absolute, text)
+
+    host = Refusing(ready_host(tmp_path / "root").root, {GPU: "nvidia"})
+    with pytest.raises(CustodyError, match=rf"^device {GPU} cannot go home \(host\): writing /sys/bus/pci/drivers/"
+                                           r"vfio-pci/unbind failed \(Device or resource busy\); it is on vfio-pci; "
+                                           rf"allowed: run as root, or look at `dmesg`"):
+        send_home(host, GPU, "host")

@@ -176,14 +176,18 @@ def send_home(host: Host, address: str, home: Home, proc: Path = Path("/proc"), 
             f"{describe_driver(driver)} and nothing was changed; allowed: end those first, then "
             f"`aihow gpu.home {address}`")
     base = f"/sys/bus/pci/devices/{address}"
+    writes = [(f"{base}/driver_override", VFIO_DRIVER if home == VFIO_DRIVER else "\n"),  # "\n": any driver
+              *([(f"/sys/bus/pci/drivers/{driver}/unbind", address)] if driver is not None else []),
+              ("/sys/bus/pci/drivers_probe", address)]
     if home == VFIO_DRIVER:
         host.load_driver(VFIO_DRIVER)
-        host.write(f"{base}/driver_override", VFIO_DRIVER)
-    else:
-        host.write(f"{base}/driver_override", "\n")  # an empty override: any driver that matches
-    if driver is not None:
-        host.write(f"/sys/bus/pci/drivers/{driver}/unbind", address)
-    host.write("/sys/bus/pci/drivers_probe", address)
+    for path, text in writes:
+        try:
+            host.write(path, text)
+        except OSError as exc:
+            raise CustodyError(f"device {address} cannot go home ({home}): writing {path} failed ({exc.strerror}); "
+                               f"it is {describe_driver(host.driver(address))}; allowed: run as root, or look at "
+                               f"`dmesg` for the driver's error, then `aihow gpu.home {address}`") from None
     deadline = time.monotonic() + bound
     while not at_home(now := host.driver(address), home):
         if time.monotonic() >= deadline:
