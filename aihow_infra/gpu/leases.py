@@ -110,8 +110,9 @@ def bring_home(ledger: Ledger, uri: str, address: str, configured: Collection[st
             raise CustodyError(conflicts[0])
         ledger.set_home(functions, to)
     lines = []
+    leases = ledger.leases()
     for function in functions:
-        lease = ledger.leases().get(function)
+        lease = leases.get(function)
         home = lease.home if lease else DEFAULT_HOME
         place = place_of(host, function, home, _running_holder(uri, lease))
         if place.holder is not None:

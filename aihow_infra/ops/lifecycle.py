@@ -12,7 +12,7 @@ from aihow_infra.desired import PowerState
 from aihow_infra.errors import AihowError, CustodyError, StackError
 from aihow_infra.gpu.custody import local_host, refuse_blind_handover
 from aihow_infra.gpu.homes import place_of, send_home
-from aihow_infra.gpu.ledger import Ledger, holder_for
+from aihow_infra.gpu.ledger import DEFAULT_HOME, Ledger, holder_for
 from aihow_infra.interrupts import RUNS
 from aihow_infra.kinds import kind_of
 from aihow_infra.libvirt.connection import connect, lookup
@@ -53,12 +53,11 @@ class Lifecycle(Deploying):
         host = local_host(view.settings.libvirt_uri)
         if host is None:
             return
-        ledger = Ledger(view.settings.ledger_path)
-        leases = ledger.leases()
+        leases = Ledger(view.settings.ledger_path).leases()
         addresses = dict.fromkeys(d.pci_address for vm in view.plan.vms if vm.name in names for d in vm.devices)
         for address in addresses:
             lease = leases.get(address)
-            home = lease.home if lease else ledger.home_of(address)
+            home = lease.home if lease else DEFAULT_HOME
             place = place_of(host, address, home, lease.holder if lease else None)
             if not place.present:
                 continue  # no VM ever held it here (status and host.check say the address is wrong)
