@@ -50,10 +50,11 @@ def program_digest(root: Path = CHECKOUT) -> str:
     return digest.hexdigest()
 
 
-def inputs_digest(files: list[Path], cluster_file: Path, pwd: Path | None = None) -> str:
+def inputs_digest(files: list[Path], cluster_file: Path, pwd: Path | None = None, state: str = "") -> str:
     """A digest of ``files`` (absent ones too), the environment variables the cluster file
-    names (``PWD`` is ``pwd``: the project folder, as the program sees it), and the program."""
-    digest = hashlib.sha256()
+    names (``PWD`` is ``pwd``: the project folder, as the program sees it), the program, and
+    ``state`` (the stack state's stamp, ``Workspace.state_stamp``)."""
+    digest = hashlib.sha256(state.encode())
     for path in files:
         digest.update(str(path).encode())
         digest.update(path.read_bytes() if path.is_file() else b"(none)")
@@ -137,15 +138,16 @@ class LastRuns:
         self.project_dir = project_dir
         self.folder = ProjectState(project_dir).runs
 
-    def inputs(self, stack: str, cluster_file: Path, state_files: list[Path]) -> list[Path]:
-        """The files an up of ``stack`` reads."""
+    def inputs(self, stack: str, cluster_file: Path) -> list[Path]:
+        """The files an up of ``stack`` reads (besides its state)."""
         return [self.project_dir / "Pulumi.yaml", self.project_dir / f"Pulumi.{stack}.yaml", cluster_file,
-                ProjectState(self.project_dir).power / f"{stack}.json", *state_files]
+                ProjectState(self.project_dir).power / f"{stack}.json"]
 
-    def save(self, stack: str, cluster_file: Path, state_files: list[Path], expected: Expected) -> None:
-        """Record a successful up (not yet deployed: see ``settle``)."""
+    def save(self, stack: str, cluster_file: Path, state: str, expected: Expected) -> None:
+        """Record a successful up (not yet deployed: see ``settle``); ``state`` is the stamp of
+        the stack's state it left."""
         self.folder.mkdir(parents=True, exist_ok=True)
-        digest = inputs_digest(self.inputs(stack, cluster_file, state_files), cluster_file, self.project_dir)
+        digest = inputs_digest(self.inputs(stack, cluster_file), cluster_file, self.project_dir, state)
         record = {"digest": digest,
                   "cluster_file": str(cluster_file), "expected": asdict(expected), "settled": False}
         atomic_write(self.folder / f"{stack}.json", json.dumps(record) + "\n", "last run")
@@ -167,14 +169,15 @@ class LastRuns:
             return None
         return record
 
-    def changes(self, stack: str, state_files: list[Path], settled: bool = False) -> list[str]:
+    def changes(self, stack: str, state: str, settled: bool = False) -> list[str]:
         """Why ``stack`` needs the engine (or, with ``settled``, a deploy check) since its last
-        successful up; empty when nothing changed and libvirt agrees."""
+        successful up (``state``: the stamp of its state now); empty when nothing changed and
+        libvirt agrees."""
         record = self._record(stack)
         if record is None:
             return [NO_RECORD]
         cluster_file = Path(record["cluster_file"])
-        digest = inputs_digest(self.inputs(stack, cluster_file, state_files), cluster_file, self.project_dir)
+        digest = inputs_digest(self.inputs(stack, cluster_file), cluster_file, self.project_dir, state)
         if digest != record["digest"]:
             return ["its files, settings, power records, state or the program changed"]
         if settled and not record.get("settled"):

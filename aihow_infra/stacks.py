@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from aihow_infra.backend import recover_from_dead_engines
+from aihow_infra.backend import FolderBackend, StateBackend, configured_url, engine_url, open_backend
 from aihow_infra.desired import PowerRecords
 from aihow_infra.errors import StackError
 from aihow_infra.eventlog import EventFollower, Events
@@ -33,6 +33,8 @@ _HELD_LOCK = threading.Lock()
 _OWN_ERROR = re.compile(r"aihow_infra\.errors\.(\w+): (.*)$")
 _ENGINE_ERROR = re.compile(r"^\s*error: (.*)$")
 _EXCEPTION_LINE = re.compile(r"^[A-Za-z_.]*(Error|Exception): .+")
+# The engine's lock on a stack (backend/diy/lock.go): one line per lock after the error.
+_LOCKED_BY = re.compile(r": created by (\S+) \(pid (\d+)\) at (\S+)")
 
 
 # Settings that keep the engine offline; always these values.
@@ -47,22 +49,29 @@ def _defaults(root: Path) -> dict[str, str]:
     """Settings an operator may override from the environment."""
     return {
         "PULUMI_HOME": str(root / ".tools" / "pulumi-home"),
-        "PULUMI_BACKEND_URL": f"file://{root / '.state'}",
         "PULUMI_CONFIG_PASSPHRASE": "",
     }
 
 
+def default_backend_url(root: Path = CHECKOUT) -> str:
+    """The state backend when nothing names one: the checkout's ``.state`` folder."""
+    return f"file://{root / '.state'}"
+
+
 def offline_env(root: Path = CHECKOUT, backend_url: str | None = None,
-                environ: Mapping[str, str] | None = None) -> dict[str, str]:
+                environ: Mapping[str, str] | None = None, project_dir: Path | None = None) -> dict[str, str]:
     """The environment the project's pulumi runs in (``environ``, by default this process's,
-    with its own tools first on PATH, a local backend, and nothing that reaches the internet)."""
+    with its own tools first on PATH, nothing that reaches the internet, and the state backend:
+    ``backend_url``, else the one ``backend.configured_url`` finds for ``project_dir``).
+    ``ConfigError`` when that backend is not one the project can use."""
     env = dict(os.environ if environ is None else environ)
     env["PATH"] = os.pathsep.join([str(root / ".tools" / "bin"), str(Path(sys.executable).parent), env["PATH"]])
     for key, value in _defaults(root).items():
         if not env.get(key) and not (key == "PULUMI_CONFIG_PASSPHRASE" and key in env):
             env[key] = value
-    if backend_url:
-        env["PULUMI_BACKEND_URL"] = backend_url
+    url, source = (backend_url, "the backend") if backend_url else \
+        configured_url(project_dir or root, env, default_backend_url(root))
+    env["PULUMI_BACKEND_URL"] = engine_url(url, source)
     env.update(_OFFLINE)
     return env
 
@@ -74,6 +83,9 @@ def shell_env_file(root: Path = CHECKOUT) -> str:
     for key, value in _defaults(root).items():
         keep = "-" if key == "PULUMI_CONFIG_PASSPHRASE" else ":-"  # an empty passphrase is a choice
         lines.append(f'export {key}="${{{key}{keep}{value}}}"')
+    # What a task would use; a backend.url set in Pulumi.yaml later needs ./bootstrap again.
+    url, source = configured_url(root, {}, default_backend_url(root))
+    lines.append(f'export PULUMI_BACKEND_URL="${{PULUMI_BACKEND_URL:-{engine_url(url, source)}}}"')
     lines += [f"export {key}={value}" for key, value in _OFFLINE.items()]
     return "\n".join(lines) + "\n"
 
@@ -84,6 +96,11 @@ def summarize_failure(output: str) -> str:
     ours = [m.group(2) for line in output.splitlines() if (m := _OWN_ERROR.search(line))]
     if ours:
         return ours[0]
+    locks = _LOCKED_BY.findall(output) if "the stack is currently locked" in output else []
+    if locks:
+        holders = ", ".join(f"{who} (pid {pid}) since {when}" for who, pid, when in locks)
+        return (f"the stack is locked by another pulumi run: {holders}; wait for it to end "
+                "(if that process is gone: `pulumi cancel`)")
     engine = [m.group(1).strip() for line in output.splitlines() if (m := _ENGINE_ERROR.match(line))]
     generic = ("update failed", "preview failed", "destroy failed", "an unhandled error occurred")
     specific = [e for e in engine if not e.startswith(generic)]
@@ -110,8 +127,9 @@ class Plan:
 class Workspace:
     """A Pulumi project folder and the backend its stacks live in.
 
-    The folder defaults to this checkout (``AIHOW_PROJECT_DIR`` overrides it), the
-    backend to ``PULUMI_BACKEND_URL`` or the checkout's ``.state``.
+    The folder defaults to this checkout (``AIHOW_PROJECT_DIR`` overrides it); the state
+    backend is ``backend_url``, else ``PULUMI_BACKEND_URL``, else ``backend.url`` in the project's
+    ``Pulumi.yaml``, else the checkout's ``.state`` (backend.py).
     """
 
     project_dir: Path = field(default_factory=lambda: Path(os.environ.get("AIHOW_PROJECT_DIR", CHECKOUT)))
@@ -120,10 +138,18 @@ class Workspace:
     echo: bool = field(default_factory=lambda: bool(os.environ.get("AIHOW_ECHO_PULUMI")))
     waiting: Waiting | None = None
     _stacks: set[str] | None = field(default=None, repr=False)
+    _backend: StateBackend | None = field(default=None, repr=False)
 
     def env(self) -> dict[str, str]:
         """The environment pulumi runs in."""
-        return offline_env(CHECKOUT, self.backend_url)
+        return offline_env(CHECKOUT, self.backend_url, project_dir=self.project_dir)
+
+    @property
+    def backend(self) -> StateBackend:
+        """Where the stacks' state lives (``ConfigError`` for a backend the project cannot use)."""
+        if self._backend is None:
+            self._backend = open_backend(self.env()["PULUMI_BACKEND_URL"], self.project_dir)
+        return self._backend
 
     def run(self, args: Sequence[str], stack: str | None = None, check: bool = True,
             timeout: float = 1800, events: Events | None = None) -> subprocess.CompletedProcess[str]:
@@ -179,44 +205,24 @@ class Workspace:
             yield
             return
         try:
-            with PowerRecords(self.project_dir, stack).locked(self.waiting):
-                self._recover_from_dead_engines(stack)
+            with PowerRecords(self.project_dir, stack).locked(self.waiting), \
+                    self.backend.hold(self.project_name(), stack, self.waiting):
+                self.backend.recover(self.project_name(), stack, self._say)
                 yield
         finally:
             with _HELD_LOCK:
                 _HELD.discard(key)
-
-    def backend_folder(self) -> Path | None:
-        """The local backend's folder (None for another kind of backend)."""
-        url = self.env()["PULUMI_BACKEND_URL"]
-        if not url.startswith("file://"):
-            return None
-        folder = Path(url.removeprefix("file://"))
-        return folder if folder.is_absolute() else self.project_dir / folder
-
-    def _recover_from_dead_engines(self, stack: str) -> None:
-        """What a pulumi process that is gone left on ``stack`` (backend.py), cleared and said."""
-        folder = self.backend_folder()
-        if folder is not None:
-            recover_from_dead_engines(folder / ".pulumi", self.project_name(), stack, self._say)
 
     def _say(self, message: str) -> None:
         if self.waiting is not None:
             self.waiting(message)
 
     def stacks(self) -> set[str]:
-        """Names of the stacks the backend holds for this project (listed once; this project
-        adds stacks only through ``ensure_stack`` and never removes one). A local backend is
-        read directly: ``pulumi stack ls`` costs a second."""
+        """Names of the stacks the backend holds for this project (read once, from the backend
+        itself: ``pulumi stack ls`` costs a second; this project adds stacks only through
+        ``ensure_stack`` and never removes one)."""
         if self._stacks is None:
-            folder = self.backend_folder()
-            if folder is not None:
-                self._stacks = {p.name.removesuffix(".gz").removesuffix(".json")
-                                for p in (folder / ".pulumi" / "stacks").glob(f"{self.project_name()}/*.json*")
-                                if p.name.endswith((".json", ".json.gz"))}
-            else:
-                proc = self.run(["stack", "ls", "--json"])
-                self._stacks = {s["name"].split("/")[-1] for s in json.loads(proc.stdout)}
+            self._stacks = self.backend.stacks(self.project_name())
         return set(self._stacks)
 
     def project_name(self) -> str:
@@ -226,23 +232,24 @@ class Workspace:
         return match.group(1) if match else "aihow"
 
     def urns(self, stack: str) -> set[str]:
-        """The URNs the stack's state records (read from a local backend's file directly)."""
+        """The URNs the stack's state records (read from the backend directly)."""
         if not self.has_stack(stack):
             return set()
-        for path in self.state_files(stack):
-            if path.suffix == ".json" and path.is_file():
-                latest = json.loads(path.read_text()).get("checkpoint", {}).get("latest") or {}
-                return {r["urn"] for r in latest.get("resources") or []}
-        data = json.loads(self.run(["stack", "export"], stack).stdout)
-        return {r["urn"] for r in data.get("deployment", {}).get("resources") or []}
+        latest = (self.backend.checkpoint(self.project_name(), stack) or {}).get("checkpoint", {}).get("latest") or {}
+        return {r["urn"] for r in latest.get("resources") or []}
+
+    def state_stamp(self, stack: str) -> str:
+        """A digest that changes whenever the stack's state does (whoever wrote it)."""
+        return self.backend.stamp(self.project_name(), stack)
+
+    def state_updated(self, stack: str) -> float | None:
+        """When the stack's state was last written (seconds since the epoch; None before any)."""
+        return self.backend.updated(self.project_name(), stack)
 
     def state_files(self, stack: str) -> list[Path]:
-        """The local backend's files of a stack's state (empty for another kind of backend)."""
-        folder = self.backend_folder()
-        if folder is None:
-            return []
-        base = folder / ".pulumi" / "stacks" / self.project_name() / stack
-        return [base.with_name(f"{stack}.json"), base.with_name(f"{stack}.json.gz")]
+        """The local backend's files of a stack's state (empty for a database)."""
+        backend = self.backend
+        return backend.state_files(self.project_name(), stack) if isinstance(backend, FolderBackend) else []
 
     def ensure_stack(self, stack: str) -> None:
         """Create the stack when the backend does not have it yet (safe from several threads)."""

@@ -1,12 +1,14 @@
 """What aihow_infra/stacks.py counts on from the Pulumi engine this checkout builds (engine/go.mod
 pins it), checked against that engine, so that a version bump fails here first rather than in a
-user's run: the local backend's file layout the project reads directly, the text of a stack that
-does not exist, and ``--event-log`` (offered only with PULUMI_DEBUG_COMMANDS)."""
+user's run: the layout of both state backends (a folder, PostgreSQL) the project reads directly,
+the text of a stack that does not exist, and ``--event-log`` (offered only with
+PULUMI_DEBUG_COMMANDS)."""
 
 from __future__ import annotations
 
 import json
 import re
+import time
 from pathlib import Path
 
 import pytest
@@ -33,14 +35,32 @@ def test_the_engine_is_the_pinned_one(workspace: Workspace) -> None:
     assert said == ENGINE_VERSION.group(1), f"pulumi says {said}; engine/go.mod pins {ENGINE_VERSION.group(1)}"
 
 
-def test_a_new_stack_lies_where_the_project_reads_it(workspace: Workspace) -> None:
-    """stacks(), state_files() and urns() read the local backend's files, not the CLI."""
+@pytest.mark.parametrize("where", ["folder", "postgresql"])
+def test_a_stack_and_its_resources_lie_where_the_project_reads_them(
+        where: str, workspace: Workspace, request: pytest.FixtureRequest) -> None:
+    """stacks(), urns(), state_stamp() and state_updated() read the backend itself, not the CLI,
+    and agree with what the engine wrote, in a folder and in PostgreSQL."""
+    if where == "postgresql":
+        url = request.getfixturevalue("postgres_server") + "&table=contract_state"
+        workspace = Workspace(project_dir=workspace.project_dir, backend_url=url)
+    (workspace.project_dir / "__main__.py").write_text(
+        "import pulumi\n\n\nclass Thing(pulumi.ComponentResource):\n"
+        "    def __init__(self, name: str) -> None:\n        super().__init__('contract:x:Thing', name)\n\n\n"
+        "Thing('one')\npulumi.export('answer', 42)\n")
     workspace.ensure_stack("hpc")
-    assert workspace.backend_folder() is not None
-    assert any(path.is_file() for path in workspace.state_files("hpc")), \
-        sorted(str(p) for p in (workspace.backend_folder() or Path()).rglob("*"))
-    assert Workspace(project_dir=workspace.project_dir, backend_url=workspace.backend_url).stacks() == {"hpc"}
-    assert workspace.urns("hpc") == set()
+    fresh = Workspace(project_dir=workspace.project_dir, backend_url=workspace.backend_url)
+    assert fresh.stacks() == {"hpc"}
+    assert fresh.urns("hpc") == set()
+    empty = fresh.state_stamp("hpc")
+    workspace.up("hpc")
+    assert workspace.outputs("hpc") == {"answer": 42}
+    assert {urn.split("::")[-1] for urn in fresh.urns("hpc")} == {"contract-hpc", "one"}
+    assert fresh.state_stamp("hpc") != empty
+    updated = fresh.state_updated("hpc")
+    assert updated is not None and abs(updated - time.time()) < 600
+    assert fresh.state_stamp("hpc") == fresh.state_stamp("hpc")
+    assert fresh.stacks() == {"hpc"} and fresh.state_stamp("cloud") == Workspace(
+        project_dir=workspace.project_dir, backend_url=workspace.backend_url).state_stamp("cloud")
 
 
 def test_a_missing_stack_is_said_in_the_words_up_looks_for(workspace: Workspace) -> None:

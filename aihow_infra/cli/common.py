@@ -110,7 +110,7 @@ def _settled(deploy: bool) -> bool:
     workspace = Workspace()
     stacks = [s for s in ("hpc", "cloud") if (workspace.project_dir / f"Pulumi.{s}.yaml").exists()]
     runs = LastRuns(workspace.project_dir)
-    return bool(stacks) and all(not runs.changes(s, workspace.state_files(s), settled=deploy) for s in stacks)
+    return bool(stacks) and all(not runs.changes(s, workspace.state_stamp(s), settled=deploy) for s in stacks)
 
 
 def _check_stack(stack: str) -> None:

@@ -26,8 +26,8 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Literal, TypedDict, cast
-from urllib.parse import parse_qsl, urlencode, urlsplit
 
+from aihow_infra.database import Database, first_line, is_database_url
 from aihow_infra.errors import BusyError, LeaseConflictError, LeaseError
 from aihow_infra.files import Waiting, atomic_write, locked
 
@@ -77,11 +77,6 @@ class Lease:
 
 def _now() -> str:
     return datetime.now(UTC).isoformat(timespec="seconds")
-
-
-def is_database_url(location: str) -> bool:
-    """Whether a ledger location names a PostgreSQL database rather than a file."""
-    return location.startswith(("postgresql://", "postgres://"))
 
 
 def _parse(text: str) -> dict[str, dict[str, Any]]:
@@ -157,24 +152,15 @@ class _DatabaseStore:
     that names the same database, each change one transaction."""
 
     def __init__(self, url: str, lock_timeout: float) -> None:
-        parsed = urlsplit(url)
-        query = parse_qsl(parsed.query)
-        self.name = next((v for k, v in query if k == "ledger"), "default")
-        rest = urlencode([(k, v) for k, v in query if k != "ledger"], safe="/")
-        self.conninfo = f"{parsed.scheme}://{parsed.netloc}{parsed.path}" + (f"?{rest}" if rest else "")
-        credentials, at, where = parsed.netloc.rpartition("@")
-        user = f"{credentials.split(':', 1)[0]}@" if at else ""
-        self.shown = f"{parsed.scheme}://{user}{where}{parsed.path}" + (f"?{parsed.query}" if parsed.query else "")
+        self.database = Database(url, own=("ledger",))
+        self.name = self.database.param("ledger", "default")
+        self.shown = self.database.shown
         self.lock_timeout = lock_timeout
 
     def _connect(self) -> Any:
         import psycopg
 
-        try:
-            conn = psycopg.connect(self.conninfo, connect_timeout=10)
-        except psycopg.Error as exc:
-            raise LeaseError(f"GPU lease ledger {self.shown} cannot be reached ({str(exc).strip().splitlines()[0]}); "
-                             "allowed: the URL of a running PostgreSQL server this user may connect to") from None
+        conn = self.database.connect("GPU lease ledger", LeaseError)
         try:
             with conn.transaction():
                 conn.execute(f"CREATE TABLE IF NOT EXISTS {LEDGER_TABLE} (name text PRIMARY KEY, "
@@ -218,7 +204,7 @@ class _DatabaseStore:
                                 f"{self.lock_timeout:.0f} s; wait for it to finish, or stop it") from None
             except psycopg.OperationalError as exc:
                 raise LeaseError(f"GPU lease ledger {self.shown}: the server broke the transaction off "
-                                 f"({str(exc).strip().splitlines()[0]}); nothing was changed") from None
+                                 f"({first_line(exc)}); nothing was changed") from None
 
 
 class Ledger:

@@ -60,7 +60,7 @@ class Converging(ProjectOps):
     def nothing_to_do(self, stack: str, settled: bool = False) -> bool:
         """True when nothing changed since the stack's last successful up and libvirt agrees
         (then the engine is not started: see ``lastrun``)."""
-        found = self.last_runs.changes(stack, self.workspace.state_files(stack), settled)
+        found = self.last_runs.changes(stack, self.workspace.state_stamp(stack), settled)
         if found:
             if found != [NO_RECORD]:
                 self.progress(f"{stack}: {'; '.join(found)}")
@@ -78,7 +78,7 @@ class Converging(ProjectOps):
             vms=[ExpectedVm(name=vm.name, running=view.power.wants_running(vm.name, vm.auto_start),
                             vcpus=vm.cpu_cores, memory_mib=vm.memory_gb * 1024, disk=f"{vm.name}.qcow2",
                             gpu_functions=[a for c in vm.claims for a in c.functions]) for vm in view.plan.vms])
-        self.last_runs.save(stack, self.cluster_file_path(view.settings), self.workspace.state_files(stack), expected)
+        self.last_runs.save(stack, self.cluster_file_path(view.settings), self.workspace.state_stamp(stack), expected)
 
     def preview(self, stacks: list[str], diff: bool = False) -> dict[str, str]:
         """What ``up`` would change in each stack, the stacks at once: each planned step in the

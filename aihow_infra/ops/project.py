@@ -79,9 +79,8 @@ class ProjectOps:
         whose settings or file cannot be read is listed with the error."""
         rows = []
         for stack in self.configured_stacks():
-            states = [p for p in self.workspace.state_files(stack) if p.is_file()]
-            updated = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(max(p.stat().st_mtime for p in states))) \
-                if states else None
+            when = self.workspace.state_updated(stack)
+            updated = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(when)) if when is not None else None
             count = sum(describe(urn) is not None for urn in self.workspace.urns(stack))
             try:
                 view = self.view(stack)
