@@ -6,6 +6,7 @@ builds the cluster's components, and exports what tasks and inventories read.
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pulumi
@@ -47,8 +48,9 @@ def main() -> None:
     except AihowError as exc:
         raise pulumi.RunError(str(exc)) from None
     try:
-        # The program runs in the project folder, where the tasks keep the power records.
-        power = PowerRecords(Path.cwd(), stack).read()
+        # The program runs in the project folder, with the engine's backend: where the tasks keep
+        # the power records.
+        power = PowerRecords(Path.cwd(), stack, os.environ.get("PULUMI_BACKEND_URL"), pulumi.get_project()).read()
     except StateFileError as exc:
         raise pulumi.RunError(str(exc)) from None
 

@@ -80,3 +80,16 @@ def checked_name(value: str, key: str) -> str:
     if not _NAME.match(value):
         raise ValueError(f"{key}: {value!r} is not allowed; allowed: a table name of letters, digits and _")
     return value
+
+
+def ensure_document_table(conn: Any, table: str) -> None:
+    """Make ``table`` (``name`` -> a JSON ``document``, with ``updated_at``) unless it exists: the
+    shape of every table the project keeps (the GPU ledger, power records)."""
+    import psycopg
+
+    try:
+        with conn.transaction():
+            conn.execute(f"CREATE TABLE IF NOT EXISTS {checked_name(table, 'table')} (name text PRIMARY KEY, "
+                         "document jsonb NOT NULL, updated_at timestamptz NOT NULL DEFAULT now())")
+    except (psycopg.errors.UniqueViolation, psycopg.errors.DuplicateTable):
+        pass  # made by another process at the same moment

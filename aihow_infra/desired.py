@@ -1,5 +1,7 @@
 """Desired power: what the operator asked of each VM and each cluster, kept in the project's
-git-ignored state (``.state/power/<stack>.json``), never in the tracked stack files.
+git-ignored state (``.state/power/<stack>.json``), never in the tracked stack files; where the
+stacks' Pulumi state is in PostgreSQL (several operators share it), in that database beside it
+(table ``aihow_power``, one row per project and stack), so every operator's tasks see one record.
 
 One record per VM (``running`` or ``stopped``; no record means the cluster file's
 ``auto_start``) and one for the cluster (``stopped`` after ``system.down``). Records are
@@ -11,12 +13,14 @@ tasks on different VMs of one stack never lose each other's record.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Literal, cast
+from typing import Any, Literal, cast
 
+from aihow_infra.database import Database, ensure_document_table, first_line, is_database_url
 from aihow_infra.errors import StateFileError
 from aihow_infra.files import Waiting, atomic_write, locked
 from aihow_infra.state.layout import ProjectState
@@ -25,6 +29,7 @@ PowerState = Literal["running", "stopped"]
 POWER_STATES: tuple[PowerState, ...] = ("running", "stopped")
 # A task waits this long for another task on the same stack (a first up can take minutes).
 STACK_LOCK_TIMEOUT = 3600.0
+POWER_TABLE = "aihow_power"
 
 
 def power_folder(project_dir: Path) -> Path:
@@ -56,37 +61,81 @@ class DesiredPower:
 
 
 class PowerRecords:
-    """The power records of one stack of a project."""
+    """The power records of one stack of a project: in its folder, or in the database that holds
+    the stacks' state (``backend_url``, a ``postgres://`` URL; ``project`` names the row)."""
 
-    def __init__(self, project_dir: Path, stack: str) -> None:
+    def __init__(self, project_dir: Path, stack: str, backend_url: str | None = None, project: str = "aihow") -> None:
         self.path = power_folder(project_dir) / f"{stack}.json"
         self.stack = stack
+        self._database = Database(backend_url, own=("table",)) \
+            if backend_url and is_database_url(backend_url) else None
+        self._row = f"{project}/{stack}"
+
+    @property
+    def shown(self) -> str:
+        """Where the records are, as the operator is told."""
+        if self._database is None:
+            return str(self.path)
+        return f"{self._database.shown} (table {POWER_TABLE}, row {self._row})"
+
+    def _text(self) -> str | None:
+        """The records as stored (None when none were written)."""
+        if self._database is None:
+            try:
+                return self.path.read_text(encoding="utf-8")
+            except FileNotFoundError:
+                return None
+            except OSError as exc:
+                raise StateFileError(f"power records {self.path} cannot be read ({exc.strerror})") from None
+        rows = self._query(f"SELECT document::text FROM {POWER_TABLE} WHERE name = %s", self._row)
+        return str(rows[0][0]) if rows else None
+
+    def _query(self, sql: str, *args: Any) -> list[tuple[Any, ...]]:
+        import psycopg
+
+        assert self._database is not None
+        with self._database.connect("power records", StateFileError, autocommit=True) as conn:
+            ensure_document_table(conn, POWER_TABLE)
+            try:
+                cursor = conn.execute(sql, args)
+                return list(cursor.fetchall()) if cursor.description else []
+            except psycopg.Error as exc:
+                raise StateFileError(f"power records {self.shown}: {first_line(exc)}") from None
+
+    def stamp(self) -> str:
+        """A digest that changes whenever the records do."""
+        return hashlib.sha256((self._text() or "(none)").encode()).hexdigest()
 
     def read(self) -> DesiredPower:
-        """The records (defaults when none were written); a corrupt file is a one-line error."""
-        try:
-            data = json.loads(self.path.read_text(encoding="utf-8"))
-        except FileNotFoundError:
+        """The records (defaults when none were written); a corrupt record is a one-line error."""
+        text = self._text()
+        if text is None:
             return DesiredPower()
-        except (OSError, ValueError) as exc:
-            raise StateFileError(f"power records {self.path} cannot be read ({exc}); allowed: a JSON file "
-                                 "written by the tasks (remove it to go back to the cluster file's auto_start)") \
-                from None
+        try:
+            data = json.loads(text)
+        except ValueError as exc:
+            raise StateFileError(f"power records {self.shown} cannot be read ({exc}); allowed: JSON written by "
+                                 "the tasks (remove it to go back to the cluster file's auto_start)") from None
         cluster, vms = data.get("cluster", "running"), data.get("vms", {})
         if cluster not in POWER_STATES or not isinstance(vms, dict) or \
                 any(v not in POWER_STATES for v in vms.values()):
-            raise StateFileError(f"power records {self.path}: unexpected content; allowed: cluster and vms "
+            raise StateFileError(f"power records {self.shown}: unexpected content; allowed: cluster and vms "
                                  f"set to {' or '.join(POWER_STATES)}")
         return DesiredPower(cast(PowerState, cluster), {str(k): cast(PowerState, v) for k, v in vms.items()})
 
     def write(self, power: DesiredPower) -> None:
-        """Replace the records (call under ``locked``)."""
+        """Replace the records (call under ``locked``; in a database, one statement)."""
+        payload = json.dumps({"cluster": power.cluster, "vms": dict(sorted(power.vms.items()))}, indent=2) + "\n"
+        if self._database is not None:
+            self._query(f"INSERT INTO {POWER_TABLE} (name, document) VALUES (%s, %s) ON CONFLICT (name) "
+                        "DO UPDATE SET document = EXCLUDED.document, updated_at = now()", self._row, payload)
+            return
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        payload = {"cluster": power.cluster, "vms": dict(sorted(power.vms.items()))}
-        atomic_write(self.path, json.dumps(payload, indent=2) + "\n", "power records")
+        atomic_write(self.path, payload, "power records")
 
     @contextlib.contextmanager
     def locked(self, waiting: Waiting | None = None, timeout: float = STACK_LOCK_TIMEOUT) -> Iterator[None]:
-        """Hold the stack for one task: its records and the pulumi runs that apply them."""
+        """Hold the stack for one task of this project folder: its records and the pulumi runs
+        that apply them (other operators' tasks: the state backend's hold, backend.py)."""
         with locked(self.path, f"stack {self.stack}", timeout, waiting):
             yield

@@ -139,9 +139,8 @@ class LastRuns:
         self.folder = ProjectState(project_dir).runs
 
     def inputs(self, stack: str, cluster_file: Path) -> list[Path]:
-        """The files an up of ``stack`` reads (besides its state)."""
-        return [self.project_dir / "Pulumi.yaml", self.project_dir / f"Pulumi.{stack}.yaml", cluster_file,
-                ProjectState(self.project_dir).power / f"{stack}.json"]
+        """The files an up of ``stack`` reads (besides its state and power records: ``state``)."""
+        return [self.project_dir / "Pulumi.yaml", self.project_dir / f"Pulumi.{stack}.yaml", cluster_file]
 
     def save(self, stack: str, cluster_file: Path, state: str, expected: Expected) -> None:
         """Record a successful up (not yet deployed: see ``settle``); ``state`` is the stamp of

@@ -239,8 +239,13 @@ class Workspace:
         return {r["urn"] for r in latest.get("resources") or []}
 
     def state_stamp(self, stack: str) -> str:
-        """A digest that changes whenever the stack's state does (whoever wrote it)."""
-        return self.backend.stamp(self.project_name(), stack)
+        """A digest that changes whenever the stack's state or its power records do (whoever
+        wrote them)."""
+        return self.backend.stamp(self.project_name(), stack) + self.power_records(stack).stamp()
+
+    def power_records(self, stack: str) -> PowerRecords:
+        """The stack's power records, kept beside its state (desired.py)."""
+        return PowerRecords(self.project_dir, stack, self.backend.url, self.project_name())
 
     def state_updated(self, stack: str) -> float | None:
         """When the stack's state was last written (seconds since the epoch; None before any)."""

@@ -16,7 +16,8 @@ ROOT = Path(__file__).resolve().parents[1]
 # (aihow_infra.libvirt.*, .kinds.*, .state.*, providers.*); never one of its own layer or above.
 LAYERS: list[list[str]] = [
     ["aihow_infra.errors"],
-    ["aihow_infra.state", "aihow_infra.files", "aihow_infra.interrupts", "aihow_infra.database", "aihow_infra.eventlog"],
+    ["aihow_infra.state", "aihow_infra.files", "aihow_infra.interrupts", "aihow_infra.database",
+     "aihow_infra.eventlog"],
     ["aihow_infra.steps", "aihow_infra.kubepki", "aihow_infra.backend"],
     ["aihow_infra.config"],
     ["aihow_infra.settings", "aihow_infra.plan", "aihow_infra.changes", "aihow_infra.kubebins", "aihow_infra.oci"],

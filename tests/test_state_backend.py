@@ -20,7 +20,8 @@ import psycopg
 import pytest
 
 from aihow_infra.backend import configured_url, engine_url
-from aihow_infra.errors import ConfigError, StackError
+from aihow_infra.desired import DesiredPower
+from aihow_infra.errors import ConfigError, StackError, StateFileError
 from aihow_infra.stacks import Workspace, summarize_failure
 from tests.cli import run_task
 from tests.sandbox import dead_pid
@@ -153,3 +154,26 @@ def test_a_dead_engines_lock_row_is_cleared_and_a_live_ones_kept(postgres_server
     said = summarize_failure(proc.stdout)
     assert said == (f"the stack is locked by another pulumi run: root@{socket.gethostname()} (pid {alive}) since "
                     "2026-12-01T18:00:00Z; wait for it to end (if that process is gone: `pulumi cancel`)"), said
+
+
+def test_power_records_kept_beside_a_shared_state_are_one_record_for_every_operator(
+        postgres_server: str, tmp_path: Path) -> None:
+    """What one operator's ``vm.stop`` records, another's ``system.up`` reads (else it would
+    start the VM again), and the change counts as a change for both (no-op detection)."""
+    url = postgres_server + "&table=shared_power"
+    alice = Workspace(project_dir=project(tmp_path / "alice"), backend_url=url)
+    bob = Workspace(project_dir=project(tmp_path / "bob"), backend_url=url)
+    before = bob.state_stamp("hpc")
+    with alice.hold("hpc"):
+        alice.power_records("hpc").write(DesiredPower(vms={"hpc-compute-01": "stopped"}))
+    assert bob.power_records("hpc").read() == DesiredPower(vms={"hpc-compute-01": "stopped"})
+    assert bob.state_stamp("hpc") != before
+    assert bob.power_records("cloud").read() == DesiredPower()
+    assert not (tmp_path / "alice" / ".state" / "power" / "hpc.json").exists()  # only the folder's own lock
+    # A corrupt row is one line naming where it is.
+    with psycopg.connect(postgres_server) as conn:
+        conn.execute("UPDATE aihow_power SET document = '{\"cluster\": \"sideways\"}' WHERE name = 'shared/hpc'")
+    with pytest.raises(StateFileError) as caught:
+        bob.power_records("hpc").read()
+    assert str(caught.value).startswith("power records postgres://aihow@/aihow?host=")
+    assert "(table aihow_power, row shared/hpc): unexpected content" in str(caught.value)

@@ -27,7 +27,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Literal, TypedDict, cast
 
-from aihow_infra.database import Database, first_line, is_database_url
+from aihow_infra.database import Database, ensure_document_table, first_line, is_database_url
 from aihow_infra.errors import BusyError, LeaseConflictError, LeaseError
 from aihow_infra.files import Waiting, atomic_write, locked
 
@@ -158,15 +158,9 @@ class _DatabaseStore:
         self.lock_timeout = lock_timeout
 
     def _connect(self) -> Any:
-        import psycopg
 
         conn = self.database.connect("GPU lease ledger", LeaseError)
-        try:
-            with conn.transaction():
-                conn.execute(f"CREATE TABLE IF NOT EXISTS {LEDGER_TABLE} (name text PRIMARY KEY, "
-                             "document jsonb NOT NULL, updated_at timestamptz NOT NULL DEFAULT now())")
-        except (psycopg.errors.UniqueViolation, psycopg.errors.DuplicateTable):
-            pass  # made by another process at the same moment
+        ensure_document_table(conn, LEDGER_TABLE)
         return conn
 
     def _devices(self, document: Any) -> dict[str, dict[str, Any]]:

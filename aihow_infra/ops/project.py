@@ -158,7 +158,7 @@ class ProjectOps:
 
     def records(self, stack: str) -> PowerRecords:
         """The stack's power records."""
-        return PowerRecords(self.workspace.project_dir, stack)
+        return self.workspace.power_records(stack)
 
     def views(self) -> list[StackView]:
         """Every configured stack's view, HPC first."""
