@@ -14,6 +14,7 @@ import pulumi
 from aihow_infra.components import Cluster, ClusterArgs
 from aihow_infra.desired import PowerRecords
 from aihow_infra.errors import AihowError, ConfigError, StateFileError
+from aihow_infra.gpu.hosts import host_ledger
 from aihow_infra.hostcheck import check_hugepages, check_subnets
 from aihow_infra.images import find_image, recipe_for
 from aihow_infra.loading import load_cluster_file
@@ -58,8 +59,12 @@ def main() -> None:
     if missing:
         raise pulumi.RunError(f"guest image(s) {', '.join(missing)} not built; allowed: build them first with "
                               + " and ".join(f"`invoke image.build --role {role}`" for role in missing))
+    try:
+        ledger = host_ledger(settings.ledger_path, settings.libvirt_uri)
+    except AihowError as exc:
+        raise pulumi.RunError(str(exc)) from None
     cluster = Cluster(plan.key, ClusterArgs(plan=plan, settings=settings, stack=stack, login_key=key_text,
-                                            power=power))
+                                            power=power, ledger=ledger))
     pulumi.export("cluster", cluster.outputs)
     pulumi.export("nodes", {node.outputs["name"]: node.outputs for node in cluster.nodes})
 

@@ -37,6 +37,7 @@ class NodeArgs:
     network_id: pulumi.Output[str]
     pool_name: pulumi.Output[str]
     pool_path: str
+    ledger: str  # the GPU leases of the stack's host (libvirt/identity.py host_ledger)
 
 
 def seed_spec(vm: VmPlan, plan: ClusterPlan, user: str, key: str) -> SeedSpec:
@@ -106,7 +107,7 @@ class Node(pulumi.ComponentResource):
         # Named after the first device: a one-GPU VM keeps the lease of earlier versions.
         self.leases = [
             GpuLease(f"{name}-lease-{vm.claims[0].slot.replace(':', '-')}",
-                     LeaseRef(ledger=settings.ledger_path, holder=holder, addresses=every_function), child)
+                     LeaseRef(ledger=args.ledger, holder=holder, addresses=every_function), child)
         ] if running and vm.claims else []
 
         self.domain = Domain(f"{name}-domain", DomainArgs(
@@ -135,7 +136,7 @@ class Node(pulumi.ComponentResource):
             stop_timeout=settings.stop_timeout,
             virt_type=settings.virt_type,
             graphics=settings.graphics,
-            lease=LeaseRef(ledger=settings.ledger_path, holder=holder, addresses=every_function)
+            lease=LeaseRef(ledger=args.ledger, holder=holder, addresses=every_function)
             if running and vm.claims else None,
             wait_ready=vm.waits_ready,
             ready_timeout=settings.ready_timeout,
@@ -176,6 +177,7 @@ class ClusterArgs:
     stack: str
     login_key: str
     power: DesiredPower
+    ledger: str = ""  # the GPU leases of the stack's host (host_ledger); "" is aihow:ledgerPath itself
 
 
 class Cluster(pulumi.ComponentResource):
@@ -215,7 +217,8 @@ class Cluster(pulumi.ComponentResource):
             Node(vm.short_name, NodeArgs(vm=vm, cluster=plan, settings=settings, stack=args.stack,
                                          login_key=args.login_key, power=args.power, network_name=network.name,
                                          network_id=network.uuid,
-                                         pool_name=pool.name, pool_path=pool_path), child)
+                                         pool_name=pool.name, pool_path=pool_path,
+                                         ledger=args.ledger or settings.ledger_path), child)
             for vm in plan.vms
         ]
         self.outputs = {

@@ -19,6 +19,9 @@ from urllib.parse import parse_qsl, urlencode, urlsplit
 from aihow_infra.errors import AihowError
 
 SCHEMES = ("postgresql://", "postgres://")
+# A ledger URL's parameter naming the libvirt host its leases belong to (gpu/ledger.py for_host):
+# set by the project, refused from an operator.
+HOST_PARAM = "libvirt_host"
 CONNECT_TIMEOUT = 10  # seconds; a server that does not answer in this time is called unreachable
 _NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,62}$")
 

@@ -13,6 +13,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from aihow_infra.config import CLUSTER_KEYS, ClusterKey
+from aihow_infra.database import HOST_PARAM, is_database_url
 from aihow_infra.errors import ConfigError
 
 DEFAULT_LEDGER = "/var/lib/aihow/gpu-leases.json"
@@ -59,7 +60,10 @@ class StackSettings(BaseModel):
     @field_validator("ledger_path")
     @classmethod
     def _ledger(cls, value: str) -> str:
-        if value.startswith(("postgresql://", "postgres://")) or Path(value).is_absolute():
+        if f"{HOST_PARAM}=" in value:
+            raise ValueError(f"{value!r} names {HOST_PARAM}; allowed: a URL without it (the project keys leases "
+                             "by the libvirt host it finds)")
+        if is_database_url(value) or Path(value).is_absolute():
             return value
         raise ValueError(f"{value!r} is neither an absolute path nor a PostgreSQL URL; allowed: a file such as "
                          f"{DEFAULT_LEDGER}, or postgresql://USER@HOST/DATABASE (one ledger several hosts share)")

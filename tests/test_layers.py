@@ -28,7 +28,7 @@ LAYERS: list[list[str]] = [
      "aihow_infra.cloudinit",
      "aihow_infra.sshkeys"],
     ["aihow_infra.libvirt", "aihow_infra.stacks", "aihow_infra.gpu.custody", "aihow_infra.hostrecord"],
-    ["aihow_infra.gpu.homes"],
+    ["aihow_infra.gpu.homes", "aihow_infra.gpu.hosts"],
     ["providers", "aihow_infra.deploy", "aihow_infra.lastrun"],
     ["aihow_infra.kinds"],
     ["aihow_infra.inventory"],
@@ -40,7 +40,8 @@ LAYERS: list[list[str]] = [
 # What the tasks run: none of it may reach Pulumi, the providers or the components.
 TASK_PATH = ["aihow_infra.cli", "aihow_infra.interrupts", "aihow_infra.stacks", "aihow_infra.ops", "aihow_infra.status",
              "aihow_infra.topology", "aihow_infra.inventory", "aihow_infra.gpu.leases", "aihow_infra.hostcheck",
-             "aihow_infra.gpu.homes", "aihow_infra.gpu.custody", "aihow_infra.hostrecord", "aihow_infra.images",
+             "aihow_infra.gpu.homes", "aihow_infra.gpu.hosts", "aihow_infra.gpu.custody", "aihow_infra.hostrecord",
+             "aihow_infra.images",
              "aihow_infra.deploy", "aihow_infra.kinds",
              "aihow_infra.kubebins", "aihow_infra.oci", "aihow_infra.progress", "aihow_infra.lastrun"]
 # Packages whose modules may import each other (each keeps its own order: ops/ is a chain).

@@ -11,6 +11,7 @@ import multiprocessing
 import os
 import random
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -19,7 +20,8 @@ from pathlib import Path
 import pytest
 
 from aihow_infra.errors import BusyError, LeaseConflictError, LeaseError
-from aihow_infra.gpu.ledger import Ledger
+from aihow_infra.gpu.hosts import host_ledger
+from aihow_infra.gpu.ledger import Ledger, for_host
 from providers.gpu_lease import GpuLeaseProvider
 
 GPU = ["0000:01:00.0", "0000:01:00.1"]
@@ -344,3 +346,24 @@ def test_the_ledger_setting_takes_a_file_or_a_postgresql_url() -> None:
     assert str(refused.value).splitlines()[-1].strip().endswith(
         "aihow:ledgerPath: 'leases.json' is neither an absolute path nor a PostgreSQL URL; allowed: a file such as "
         "/var/lib/aihow/gpu-leases.json, or postgresql://USER@HOST/DATABASE (one ledger several hosts share)")
+    with pytest.raises(ConfigError) as refused:
+        parse_settings({"clusterFile": "c.yaml", "ledgerPath": "postgresql://aihow@db.lab/aihow?libvirt_host=x"})
+    assert "names libvirt_host; allowed: a URL without it" in str(refused.value)
+
+
+def test_a_shared_ledger_keys_leases_by_host(postgres_server: str, tmp_path: Path) -> None:
+    """In one database, each libvirt host has its own leases: the same address on two hosts is
+    two GPUs, and two URIs naming one host (the same identity) share one lease. A file ledger is
+    one host's, and libvirt is not asked about it."""
+    url = f"{postgres_server}&ledger={tmp_path.name}"
+    gpu_host, workstation = Ledger(for_host(url, "4c4c4544-0042")), Ledger(for_host(url, "hostname:ws1"))
+    gpu_host.acquire("cloud/cloud-gpu-worker-01", GPU)
+    workstation.acquire("hpc/hpc-compute-01", GPU)  # another machine's card at the same address
+    assert {lease.holder for lease in gpu_host.leases().values()} == {"cloud/cloud-gpu-worker-01"}
+    with pytest.raises(LeaseConflictError, match="held by cloud/cloud-gpu-worker-01"):
+        Ledger(for_host(url, "4c4c4544-0042")).acquire("hpc/hpc-compute-02", GPU)  # the same host, reached again
+    assert host_ledger("/var/lib/aihow/gpu-leases.json", "qemu+ssh://nowhere.invalid/system") == \
+        "/var/lib/aihow/gpu-leases.json"
+    on_test_driver = host_ledger(url, "test:///default")  # no SMBIOS there: the host's name
+    assert on_test_driver == for_host(url, f"hostname:{socket.gethostname()}")
+    assert Ledger(on_test_driver).leases() == {}

@@ -26,8 +26,9 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Literal, TypedDict, cast
+from urllib.parse import urlencode
 
-from aihow_infra.database import Database, ensure_document_table, first_line, is_database_url
+from aihow_infra.database import HOST_PARAM, Database, ensure_document_table, first_line, is_database_url
 from aihow_infra.errors import BusyError, LeaseConflictError, LeaseError
 from aihow_infra.files import Waiting, atomic_write, locked
 
@@ -47,6 +48,16 @@ class LeaseRef(TypedDict):
     ledger: str
     holder: str
     addresses: list[str]
+
+
+def for_host(location: str, host: str) -> str:
+    """The ledger at ``location`` as one libvirt host sees it (``host``: its identity,
+    libvirt/identity.py). In a database every host has its own row (``<ledger>@<host>``): two
+    URIs naming one host share leases, and one address on two hosts is two GPUs. A file ledger
+    serves the host it is on and is returned unchanged."""
+    if not is_database_url(location):
+        return location
+    return f"{location}{'&' if '?' in location else '?'}{urlencode({HOST_PARAM: host})}"
 
 
 def holder_for(stack: str, vm: str) -> str:
@@ -152,8 +163,9 @@ class _DatabaseStore:
     that names the same database, each change one transaction."""
 
     def __init__(self, url: str, lock_timeout: float) -> None:
-        self.database = Database(url, own=("ledger",))
-        self.name = self.database.param("ledger", "default")
+        self.database = Database(url, own=("ledger", HOST_PARAM))
+        host = self.database.param(HOST_PARAM, "")
+        self.name = self.database.param("ledger", "default") + (f"@{host}" if host else "")
         self.shown = self.database.shown
         self.lock_timeout = lock_timeout
 

@@ -14,7 +14,7 @@ from aihow_infra.desired import DesiredPower, PowerState
 from aihow_infra.errors import AihowError
 from aihow_infra.images import ensure_image, find_image, recipe_for
 from aihow_infra.lastrun import NO_RECORD, Expected, ExpectedVm
-from aihow_infra.ops.project import ProjectOps, Refused, StackView
+from aihow_infra.ops.project import ProjectOps, Refused, StackView, ledger_of
 from aihow_infra.progress import EngineProgress, describe
 from aihow_infra.stacks import Plan
 from aihow_infra.steps import Progress
@@ -74,7 +74,7 @@ class Converging(ProjectOps):
                          and (found := find_image(recipe_for(vm.image))) is not None})
         expected = Expected(
             stack=stack, uri=view.settings.libvirt_uri, network=view.plan.network_name, pool=view.plan.pool_name,
-            ledger=view.settings.ledger_path, images=images,
+            ledger=ledger_of(view.settings).location, images=images,
             vms=[ExpectedVm(name=vm.name, running=view.power.wants_running(vm.name, vm.auto_start),
                             vcpus=vm.cpu_cores, memory_mib=vm.memory_gb * 1024, disk=f"{vm.name}.qcow2",
                             gpu_functions=[a for c in vm.claims for a in c.functions]) for vm in view.plan.vms])

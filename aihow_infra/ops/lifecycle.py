@@ -12,14 +12,14 @@ from aihow_infra.desired import PowerState
 from aihow_infra.errors import AihowError, CustodyError, StackError
 from aihow_infra.gpu.custody import local_host, refuse_blind_handover
 from aihow_infra.gpu.homes import place_of, send_home
-from aihow_infra.gpu.ledger import DEFAULT_HOME, Ledger, holder_for
+from aihow_infra.gpu.ledger import DEFAULT_HOME, holder_for
 from aihow_infra.interrupts import RUNS
 from aihow_infra.kinds import kind_of
 from aihow_infra.libvirt.connection import connect, lookup
 from aihow_infra.libvirt.guest import console_log_path, wait_ready
 from aihow_infra.libvirt.power import is_live, start_domain, stop_domain
 from aihow_infra.ops.ansible import Deploying
-from aihow_infra.ops.project import StackView
+from aihow_infra.ops.project import StackView, ledger_of
 from aihow_infra.plan import VmPlan, shared_devices
 
 
@@ -53,7 +53,7 @@ class Lifecycle(Deploying):
         host = local_host(view.settings.libvirt_uri)
         if host is None:
             return
-        leases = Ledger(view.settings.ledger_path).leases()
+        leases = ledger_of(view.settings).leases()
         addresses = dict.fromkeys(d.pci_address for vm in view.plan.vms if vm.name in names for d in vm.devices)
         for address in addresses:
             lease = leases.get(address)
@@ -77,10 +77,10 @@ class Lifecycle(Deploying):
             raise AihowError(f"cluster {view.plan.name} is stopped (system.down); run `aihow system.up` first")
         # A GPU held elsewhere, or held open by a host process, is refused now, not after an engine
         # run (whose lease and the domain provider still decide).
-        Ledger(view.settings.ledger_path).check_free(holder_for(view.stack, name), [c.address for c in vm.claims])
+        ledger_of(view.settings).check_free(holder_for(view.stack, name), [c.address for c in vm.claims])
         host = local_host(view.settings.libvirt_uri)
         if host is not None and vm.devices and not is_live(self.live_states(view)[name]):
-            refuse_blind_handover(host, name, [d.pci_address for d in vm.devices], Ledger(view.settings.ledger_path))
+            refuse_blind_handover(host, name, [d.pci_address for d in vm.devices], ledger_of(view.settings))
         self.ensure_images([view])
         self.progress(f"starting {name}")
         self._apply_power(view, {name: "running"})

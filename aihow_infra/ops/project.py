@@ -19,6 +19,7 @@ from aihow_infra.config import CLUSTER_KEYS, ClusterFile
 from aihow_infra.deploy import DeployRecord
 from aihow_infra.desired import DesiredPower, PowerRecords
 from aihow_infra.errors import AihowError, ConfigError
+from aihow_infra.gpu.hosts import host_ledger
 from aihow_infra.gpu.ledger import Ledger
 from aihow_infra.lastrun import LastRuns
 from aihow_infra.libvirt.connection import connect, lookup
@@ -192,7 +193,7 @@ class ProjectOps:
             return Ledger(DEFAULT_LEDGER), "qemu:///system"
         settings = self.settings(stacks[0])
         self._check_one_ledger(stacks[0], settings)
-        return Ledger(settings.ledger_path), settings.libvirt_uri
+        return ledger_of(settings), settings.libvirt_uri
 
     def live_states(self, view: StackView) -> dict[str, str]:
         """libvirt's state of each of the stack's VMs, by name."""
@@ -205,6 +206,11 @@ class ProjectOps:
         return login_key(view.settings.ssh_public_key, self.state.root)
 
 
+def ledger_of(settings: StackSettings) -> Ledger:
+    """The GPU lease ledger of the stack's libvirt host (libvirt/identity.py)."""
+    return Ledger(host_ledger(settings.ledger_path, settings.libvirt_uri))
+
+
 def lease_holders(settings: StackSettings) -> dict[str, str | None]:
     """Who holds each address of the stack's ledger."""
-    return {address: lease.holder for address, lease in Ledger(settings.ledger_path).leases().items()}
+    return {address: lease.holder for address, lease in ledger_of(settings).leases().items()}

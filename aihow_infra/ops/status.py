@@ -10,12 +10,12 @@ from typing import Any
 from aihow_infra.errors import AihowError
 from aihow_infra.gpu.custody import local_host
 from aihow_infra.gpu.homes import place_of
-from aihow_infra.gpu.ledger import DEFAULT_HOME, Ledger, vm_of
+from aihow_infra.gpu.ledger import DEFAULT_HOME, vm_of
 from aihow_infra.kinds import head_roles, kind_of
 from aihow_infra.libvirt.connection import connect, lookup
 from aihow_infra.libvirt.guest import probe
 from aihow_infra.libvirt.power import UNDEFINED, state_name
-from aihow_infra.ops.project import StackView, lease_holders
+from aihow_infra.ops.project import StackView, lease_holders, ledger_of
 from aihow_infra.ops.teardown import Teardown
 from aihow_infra.plan import VmPlan, shared_devices
 from aihow_infra.status import ClusterStatus, DeviceHome, SharedGpuStatus, SystemStatus, VmStatus
@@ -27,7 +27,7 @@ def _homes(views: list[StackView], running: set[str]) -> list[DeviceHome]:
     host = local_host(views[0].settings.libvirt_uri) if views else None
     if host is None:
         return []
-    ledger = Ledger(views[0].settings.ledger_path)
+    ledger = ledger_of(views[0].settings)
     leases = ledger.leases()
     rows = []
     for address in sorted({d.pci_address for view in views for vm in view.plan.vms for d in vm.devices}):

@@ -11,12 +11,12 @@ from typing import Any
 import libvirt
 
 from aihow_infra.errors import AihowError, ConfigError, StackError
-from aihow_infra.gpu.ledger import Ledger, holder_for
+from aihow_infra.gpu.ledger import holder_for
 from aihow_infra.libvirt.connection import call, connect, discard, lookup, remove_pool
 from aihow_infra.libvirt.inspect import metadata, network_stack, pool_path
 from aihow_infra.libvirt.power import stop_domain, undefine
 from aihow_infra.ops.lifecycle import Lifecycle
-from aihow_infra.ops.project import StackView
+from aihow_infra.ops.project import StackView, ledger_of
 from aihow_infra.progress import EngineProgress
 
 
@@ -77,7 +77,7 @@ class Teardown(Lifecycle):
                 self.progress(f"removing domain {vm.name}, left by an interrupted run")
                 stop_domain(dom, 0)  # its disk goes too: nothing to shut down for
                 undefine(dom, vm.name)
-            Ledger(view.settings.ledger_path).release_all([holder_for(view.stack, vm.name) for vm in view.plan.vms])
+            ledger_of(view.settings).release_all([holder_for(view.stack, vm.name) for vm in view.plan.vms])
             pool = lookup("looking up pool", conn.storagePoolLookupByName, view.plan.pool_name)
             if pool is not None:
                 remaining += self._sweep_pool(view, pool)
