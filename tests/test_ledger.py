@@ -16,6 +16,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -367,3 +368,62 @@ def test_a_shared_ledger_keys_leases_by_host(postgres_server: str, tmp_path: Pat
     on_test_driver = host_ledger(url, "test:///default")  # no SMBIOS there: the host's name
     assert on_test_driver == for_host(url, f"hostname:{socket.gethostname()}")
     assert Ledger(on_test_driver).leases() == {}
+
+
+def _operator(location: str, holder: str, start: Any, out: Any) -> None:
+    """One operator's grant of the GPU (both functions), as its GpuLease would take it."""
+    start.wait()
+    try:
+        Ledger(location).acquire(holder, GPU)
+        out.put((holder, "won"))
+    except LeaseConflictError:
+        out.put((holder, "refused"))
+
+
+def test_two_operators_grant_one_gpu_exactly_once_over_200_rounds_with_sigkill(
+        postgres_server: str, tmp_path: Path) -> None:
+    """Two operators (each its own process, the host reached under one identity) ask for the same
+    GPU at once, 200 times; in about a third of the rounds one of them is SIGKILLed at a random
+    moment. Each round: at most one holder, all functions or none, and when neither was killed
+    exactly one won; a killed winner's lease stays until reclaimed (never silently freed)."""
+    url, host = f"{postgres_server}&ledger={tmp_path.name}", "4c4c4544-0042-3510-8052-b4c04f384e32"
+    alice, bob = "hpc/hpc-compute-01", "cloud/cloud-gpu-worker-01"
+    ctx = multiprocessing.get_context("fork")
+    rng = random.Random(28)
+    ledger = Ledger(for_host(url, host))
+    tally = {"won once": 0, "killed": 0}
+    for _round in range(200):
+        start, out = ctx.Event(), ctx.Queue()
+        procs = {who: ctx.Process(target=_operator, args=(for_host(url, host), who, start, out))
+                 for who in (alice, bob)}
+        for proc in procs.values():
+            proc.start()
+        start.set()
+        victim = rng.choice([alice, bob]) if rng.random() < 0.35 else None
+        if victim is not None:
+            time.sleep(rng.random() / 50)
+            os.kill(procs[victim].pid, signal.SIGKILL)  # type: ignore[arg-type]
+            tally["killed"] += 1
+        for proc in procs.values():
+            proc.join(timeout=30)
+            assert not proc.is_alive()
+        said = {}
+        while not out.empty():
+            who, result = out.get()
+            said[who] = result
+        leases = ledger.leases()
+        holders = {leases[a].holder for a in GPU if a in leases}
+        assert len(holders - {None}) <= 1 and len(holders) == 1, f"round {_round}: {leases}"
+        winners = [who for who, result in said.items() if result == "won"]
+        assert len(winners) <= 1, f"round {_round}: both won {said}"
+        if victim is None:
+            assert winners == list(holders), f"round {_round}: {said} {leases}"
+            tally["won once"] += 1
+        holder = holders.pop()
+        if holder is not None:
+            if holder == victim:
+                ledger.reclaim(GPU[0])  # the operator's command for a dead holder's lease
+            else:
+                ledger.release(holder, GPU)
+        assert all(lease.holder is None for lease in ledger.leases().values())
+    assert tally["killed"] >= 40 and tally["won once"] >= 100, tally
