@@ -257,11 +257,17 @@ class Workspace:
         return backend.state_files(self.project_name(), stack) if isinstance(backend, FolderBackend) else []
 
     def ensure_stack(self, stack: str) -> None:
-        """Create the stack when the backend does not have it yet (safe from several threads)."""
+        """Create the stack when the backend does not have it yet: safe from several threads,
+        and from other operators sharing the backend (a stack one of them made since this
+        workspace listed the stacks is read again, or found by ``stack init`` and kept)."""
         with _STACKS_LOCK:
+            if stack not in self.stacks():
+                self._stacks = None  # another operator may have made it since
             known = self.stacks()
         if stack not in known:
-            self.run(["stack", "init", stack])
+            proc = self.run(["stack", "init", stack], check=False)
+            if proc.returncode != 0 and "already exists" not in proc.stdout:
+                raise StackError(f"pulumi stack init -s {stack}: {self._cause(proc.stdout)}")
             with _STACKS_LOCK:
                 self._stacks = {*self.stacks(), stack}
 

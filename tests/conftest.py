@@ -54,13 +54,15 @@ def open_sandbox() -> Iterator[Sandbox]:
 
 
 @contextlib.contextmanager
-def open_e2e(sandbox: Sandbox, root: Path) -> Iterator[E2E]:
-    """The real engine on real libvirt, its project and backend under ``root``; every stack is
-    destroyed afterwards, even on failure."""
+def open_e2e(sandbox: Sandbox, root: Path, backend_url: str | None = None,
+             shared_ledger: str | None = None) -> Iterator[E2E]:
+    """The real engine on real libvirt, its project under ``root`` with its backend there too,
+    or at ``backend_url`` (with ``shared_ledger``: another project folder's, as a second operator
+    has it); every stack is destroyed afterwards, even on failure."""
     if not (CHECKOUT / ".tools" / "bin" / "pulumi").exists():
         pytest.fail("the Pulumi engine is not built: run ./bootstrap")
     project = root / "project"
-    project.mkdir()
+    project.mkdir(parents=True)
     (project / "Pulumi.yaml").write_text(yaml.safe_dump({
         "name": "aihow",
         "runtime": {"name": "python", "options": {"toolchain": "pip",
@@ -69,8 +71,8 @@ def open_e2e(sandbox: Sandbox, root: Path) -> Iterator[E2E]:
     }))
     os.symlink(CHECKOUT / "__main__.py", project / "__main__.py")
     (root / "state").mkdir()
-    workspace = Workspace(project_dir=project, backend_url=f"file://{root / 'state'}")
-    harness = E2E(workspace=workspace, root=root, sandbox=sandbox)
+    workspace = Workspace(project_dir=project, backend_url=backend_url or f"file://{root / 'state'}")
+    harness = E2E(workspace=workspace, root=root, sandbox=sandbox, shared_ledger=shared_ledger)
     try:
         yield harness
     finally:

@@ -40,6 +40,20 @@ def gpu_passthrough(slot: str = GPU_SLOT) -> dict[str, Any]:
 IMAGES_ROOT = Path("/var/lib/libvirt/images")
 
 
+def shared_gpu_clusters(box: Sandbox, cloud_auto_start: bool) -> dict[str, Any]:
+    """Both clusters of a cluster file passing the same GPU: an HPC compute node (auto start) and
+    a Cloud GPU worker (``cloud_auto_start``) beside a CPU worker."""
+    hpc_net, cloud_net = box.subnet(), box.subnet()
+    h, c = list(hpc_net.hosts()), list(cloud_net.hosts())
+    return {
+        "hpc": box.cluster("hpc", hpc_net, [box.node(str(h[10]), pcie_passthrough=gpu_passthrough())]),
+        "cloud": box.cluster("cloud", cloud_net, [
+            box.node(str(c[10])),
+            box.node(str(c[11]), auto_start=cloud_auto_start, pcie_passthrough=gpu_passthrough()),
+        ]),
+    }
+
+
 def system_libvirt() -> libvirt.virConnect | None:
     try:
         return libvirt.open(SYSTEM_URI)
@@ -156,11 +170,17 @@ class E2E:
     workspace: Workspace
     root: Path
     sandbox: Sandbox
+    shared_ledger: str | None = None  # a PostgreSQL ledger the test shares between project folders
 
     @property
     def ledger(self) -> Path:
-        """The test's own GPU lease ledger."""
+        """The test's own GPU lease ledger file (see ``ledger_path`` for the one its stacks name)."""
         return self.root / "ledger" / "gpu-leases.json"
+
+    @property
+    def ledger_path(self) -> str:
+        """The ledger its stacks name: the shared one, else its own file."""
+        return self.shared_ledger or str(self.ledger)
 
     def write_cluster_file(self, clusters: dict[str, Any], name: str = "cluster.yaml") -> Path:
         """Write a cluster file and point every stack at it."""
@@ -180,7 +200,7 @@ class E2E:
         config = {
             "aihow:clusterFile": str(cluster_file),
             "aihow:imagesDir": str(self.sandbox.images_dir),
-            "aihow:ledgerPath": str(self.ledger),
+            "aihow:ledgerPath": self.ledger_path,
             "aihow:stopTimeout": "2",
             # The network rule: Ansible reaches test guests through the agent, never over IP.
             "aihow:ansibleConnection": "agent",

@@ -15,29 +15,15 @@ from __future__ import annotations
 
 import json
 import threading
-from typing import Any
 
 import pytest
 
 from aihow_infra.errors import LeaseConflictError, StackError
 from aihow_infra.gpu.ledger import Ledger
 from aihow_infra.ops import Operator
-from tests.sandbox import E2E, Sandbox, gpu_passthrough
+from tests.sandbox import E2E, shared_gpu_clusters
 
 pytestmark = pytest.mark.e2e
-
-
-
-def shared_gpu_clusters(box: Sandbox, cloud_auto_start: bool) -> dict[str, Any]:
-    hpc_net, cloud_net = box.subnet(), box.subnet()
-    h, c = list(hpc_net.hosts()), list(cloud_net.hosts())
-    return {
-        "hpc": box.cluster("hpc", hpc_net, [box.node(str(h[10]), pcie_passthrough=gpu_passthrough())]),
-        "cloud": box.cluster("cloud", cloud_net, [
-            box.node(str(c[10])),
-            box.node(str(c[11]), auto_start=cloud_auto_start, pcie_passthrough=gpu_passthrough()),
-        ]),
-    }
 
 
 def holders(e2e: E2E) -> dict[str, str | None]:
