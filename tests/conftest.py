@@ -113,5 +113,5 @@ def postgres_server() -> Iterator[str]:
     its URL. Tests keep apart by the ledger name (``&ledger=``) or database objects they make."""
     from tests.postgres import private_postgres
 
-    with private_postgres() as url:
-        yield url
+    with private_postgres() as server:
+        yield server.url

@@ -7,7 +7,9 @@ one VM at a time whichever operator asks."""
 
 from __future__ import annotations
 
+import contextlib
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -114,3 +116,56 @@ def test_two_operators_share_stacks_power_records_and_the_gpu(operators: tuple[E
     assert ups == {"alice": "ok", "bob": "ok"}
     waited = [line for lines in told.values() for line in lines if line.startswith("waiting for aihow ")]
     assert len(waited) == 1 and waited[0].endswith("to release stack cloud (up to 3600 s)"), told
+
+
+def test_a_server_restarted_during_an_up_is_finished_by_the_next_plain_up(sandbox: Sandbox, tmp_path: Path) -> None:
+    """PostgreSQL crashes (every session cut) and is back 3 s later, while the engine runs an up
+    that takes the GPU:
+    that up may fail, in one line; the next plain up finishes it: the VM runs and holds the GPU
+    once, no lock row is left, nothing is left to change."""
+    from tests.postgres import private_postgres
+
+    with private_postgres() as server:
+        backend = server.url.replace("postgresql://", "postgres://", 1)
+        with open_e2e(sandbox, tmp_path, backend, f"{server.url}&ledger=restart") as e2e:
+            cluster_file = e2e.write_cluster_file(shared_gpu_clusters(sandbox, cloud_auto_start=False))
+            e2e.configure("hpc", cluster_file, libvirtUri="test:///default")
+            ws = e2e.workspace
+            ws.ensure_stack("hpc")
+            outcome: list[str] = []
+
+            def up() -> None:
+                try:
+                    ws.up("hpc")
+                    outcome.append("ok")
+                except StackError as exc:
+                    outcome.append(str(exc))
+
+            runner = threading.Thread(target=up)
+            runner.start()
+            deadline = time.monotonic() + 120
+            while not lock_rows(server.url) and runner.is_alive():  # the engine holds the stack
+                assert time.monotonic() < deadline, "the engine never locked the stack"
+                time.sleep(0.1)
+            assert runner.is_alive(), f"the up ended before the restart: {outcome}"
+            server.stop("immediate")  # as a crash: no session is told; down for a while
+            time.sleep(3)
+            server.start()
+            runner.join(timeout=600)
+            assert len(outcome) == 1 and "\n" not in outcome[0], outcome
+            ws.up("hpc")
+            vm = f"{sandbox.prefix}-hpc-compute-01"
+            assert ws.outputs("hpc")["nodes"][vm]["power_state"] == "running"
+            assert set(holders(e2e).values()) == {f"hpc/{vm}"}
+            assert lock_rows(server.url) == []
+            assert ws.planned_steps("hpc") == {}
+            print("the up cut by the restart:", outcome[0])
+
+
+def lock_rows(url: str) -> list[str]:
+    """The engine's lock rows (backend/diy/lock.go) in the default state table."""
+    import psycopg
+
+    with contextlib.suppress(psycopg.Error), psycopg.connect(url, connect_timeout=2) as conn:
+        return [k for (k,) in conn.execute("SELECT key FROM pulumi_state WHERE key LIKE '%/.pulumi/locks/%'")]
+    return []

@@ -14,6 +14,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -427,3 +428,37 @@ def test_two_operators_grant_one_gpu_exactly_once_over_200_rounds_with_sigkill(
                 ledger.release(holder, GPU)
         assert all(lease.holder is None for lease in ledger.leases().values())
     assert tally["killed"] >= 40 and tally["won once"] >= 100, tally
+
+
+def test_a_server_restarted_during_a_grant_grants_nothing_and_the_next_grant_goes_through(tmp_path: Path) -> None:
+    """The grant waits on the ledger's row (held, as by another host's transaction); the server
+    restarts meanwhile: one line, nothing granted; asked again, the grant goes through."""
+    import psycopg
+
+    from aihow_infra.gpu.ledger import LEDGER_TABLE
+    from tests.postgres import private_postgres
+
+    with private_postgres() as server:
+        ledger = Ledger(f"{server.url}&ledger=restart")
+        ledger.acquire("hpc/hpc-compute-01", GPU)
+        ledger.release("hpc/hpc-compute-01", GPU)
+        other = psycopg.connect(server.url)
+        other.execute(f"SELECT document FROM {LEDGER_TABLE} WHERE name = 'restart' FOR UPDATE")
+        failed: list[BaseException] = []
+
+        def grant() -> None:
+            try:
+                ledger.acquire("cloud/cloud-gpu-worker-01", GPU)
+            except LeaseError as exc:
+                failed.append(exc)
+
+        waiter = threading.Thread(target=grant)
+        waiter.start()
+        time.sleep(1.5)  # the grant now waits for the row
+        server.restart("fast")
+        waiter.join(timeout=60)
+        other.close()
+        assert len(failed) == 1 and "the server broke the transaction off" in str(failed[0]), failed
+        assert "nothing was changed" in str(failed[0]) and "\n" not in str(failed[0])
+        assert {lease.holder for lease in ledger.leases().values()} == {None}
+        assert [lease.generation for lease in ledger.acquire("cloud/cloud-gpu-worker-01", GPU)] == [2, 2]
