@@ -95,10 +95,13 @@ class PowerRecords:
 
         assert self._database is not None
         with self._database.connect("power records", StateFileError, autocommit=True) as conn:
-            ensure_document_table(conn, POWER_TABLE)
+            if sql.startswith("INSERT"):
+                ensure_document_table(conn, POWER_TABLE)
             try:
                 cursor = conn.execute(sql, args)
                 return list(cursor.fetchall()) if cursor.description else []
+            except psycopg.errors.UndefinedTable:
+                return []  # nothing was ever written
             except psycopg.Error as exc:
                 raise StateFileError(f"power records {self.shown}: {first_line(exc)}") from None
 
