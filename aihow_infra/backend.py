@@ -47,12 +47,22 @@ def configured_url(project_dir: Path, environ: dict[str, str], default: str) -> 
     or ``default``), in the engine's order. A Pulumi.yaml that cannot be read is left to the
     engine, which says why."""
     if environ.get("PULUMI_BACKEND_URL"):
-        return environ["PULUMI_BACKEND_URL"], "PULUMI_BACKEND_URL"
+        return _absolute(environ["PULUMI_BACKEND_URL"], Path.cwd()), "PULUMI_BACKEND_URL"
     with contextlib.suppress(OSError, yaml.YAMLError, AttributeError, TypeError):
         url = (yaml.safe_load((project_dir / "Pulumi.yaml").read_text()) or {}).get("backend", {}).get("url")
         if isinstance(url, str) and url:
-            return url, "backend.url in Pulumi.yaml"
+            return _absolute(url, project_dir), "backend.url in Pulumi.yaml"
     return default, "the default"
+
+
+def _absolute(url: str, base: Path) -> str:
+    """A ``file://`` URL with a relative folder made absolute against ``base`` (the project
+    folder for Pulumi.yaml's, as the engine reads it; the working folder for the environment's),
+    so that it names the same folder from wherever a task or a shell runs."""
+    folder = url.removeprefix("file://")
+    if not url.startswith("file://") or folder.startswith("/"):
+        return url
+    return f"file://{(base / folder).resolve()}"
 
 
 def engine_url(url: str, source: str) -> str:

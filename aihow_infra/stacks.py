@@ -226,8 +226,12 @@ class Workspace:
         return set(self._stacks)
 
     def project_name(self) -> str:
-        """The project's name (``Pulumi.yaml``)."""
-        text = (self.project_dir / "Pulumi.yaml").read_text()
+        """The project's name (``Pulumi.yaml``; ``aihow`` without one, where the engine will say
+        what is missing)."""
+        try:
+            text = (self.project_dir / "Pulumi.yaml").read_text()
+        except OSError:
+            text = ""
         match = re.search(r"^name:\s*(\S+)", text, re.M)
         return match.group(1) if match else "aihow"
 

@@ -83,7 +83,9 @@ def test_seed_scenario_one_gpu_two_clusters(e2e: E2E) -> None:
 
 
 def test_simultaneous_ups_grant_the_gpu_exactly_once(e2e: E2E) -> None:
-    """Both clusters start the same GPU automatically; launched together, exactly one wins."""
+    """Both clusters start the same GPU automatically; launched together, exactly one wins.
+    Five rounds through the whole engine path; the ledger's own exactness under contention and
+    SIGKILLs is shown over hundreds of rounds in tests/test_ledger.py."""
     box, ws = e2e.sandbox, e2e.workspace
     clusters = shared_gpu_clusters(box, cloud_auto_start=True)
     clusters["cloud"]["worker_nodes"] = clusters["cloud"]["worker_nodes"][1:]
@@ -93,7 +95,7 @@ def test_simultaneous_ups_grant_the_gpu_exactly_once(e2e: E2E) -> None:
         ws.ensure_stack(stack)
 
     winners = []
-    for _round in range(20):
+    for _round in range(5):
         results: dict[str, str] = {}
         barrier = threading.Barrier(2)
 

@@ -41,16 +41,15 @@ from tests.sandbox import Phases, Sandbox
 
 pytestmark = [pytest.mark.e2e, pytest.mark.gpuhost, pytest.mark.timeout(2400)]
 
-HPC_VM, CLOUD_VM = "sim-hpc-compute-01", "sim-cloud-gpu-worker-01"
-NIC_VM = "sim-hpc-compute-02"  # takes the NIC; does not start by itself
+HPC_VM, CLOUD_VM = "sim-hpc-compute-01", "sim-cloud-gpu-worker-01"  # the HPC node takes the NIC too
 FUNCTIONS = (f"{GPU_SLOT}.0", f"{GPU_SLOT}.1")  # the stand-in GPU's "video" and "audio" functions
 LEDGER = "/var/lib/aihow/gpu-leases.json"
 
 
 def simulated_clusters() -> dict[str, Any]:
     """The seed's shape, small: the device in the HPC compute node and in the Cloud GPU worker
-    (which does not start by itself), the NIC in a second compute node (nor does it); nodes with
-    nothing to boot."""
+    (which does not start by itself), the NIC in the HPC compute node too (its round trip home
+    rides on the GPU's hand-overs); nodes with nothing to boot."""
     def node(ip: str, **extra: Any) -> dict[str, Any]:
         return {"cpu_cores": 1, "memory_gb": 1, "disk_gb": 1, "ip": ip, **extra}
 
@@ -60,8 +59,8 @@ def simulated_clusters() -> dict[str, Any]:
 
     return {
         "hpc": {**cluster("hpc", 1), "controller": node("10.77.1.10"),
-                "compute_nodes": [node("10.77.1.11", pcie_passthrough=edu_passthrough()),
-                                  node("10.77.1.12", auto_start=False, pcie_passthrough=nic_passthrough())]},
+                "compute_nodes": [node("10.77.1.11", pcie_passthrough={
+                    "enabled": True, "devices": edu_passthrough()["devices"] + nic_passthrough()["devices"]})]},
         "cloud": {**cluster("cloud", 2), "control_plane": node("10.77.2.10"),
                   "worker_nodes": {"gpu": [node("10.77.2.11", auto_start=False, pcie_passthrough=edu_passthrough())]}},
     }
@@ -100,11 +99,13 @@ def checks_by_name(report: dict[str, Any]) -> dict[str, dict[str, Any]]:
 
 
 def assert_held_by(host: GpuHost, vm: str, other: str) -> None:
-    """``vm`` runs with both functions through VFIO, ``other`` is off, the ledger agrees."""
+    """``vm`` runs with both functions through VFIO (the HPC node with the NIC too), ``other``
+    is off, the ledger agrees."""
     group = host.iommu_group(FUNCTIONS[0])
     assert [host.driver(f) for f in FUNCTIONS] == ["vfio-pci", "vfio-pci"]
     assert host.domain_state(vm) == "running" and host.domain_state(other) == "shut off"
-    assert host.live_hostdevs(vm) == list(FUNCTIONS)
+    assert host.live_hostdevs(vm) == sorted([*FUNCTIONS, *([NIC] if vm == HPC_VM else [])])
+    assert host.driver(NIC) == ("vfio-pci" if vm == HPC_VM else NIC_DRIVER)
     assert host.vfio_users(group) == [vm]
     stack = vm.split("-")[1]
     holders = lease_holders(host, LEDGER)
@@ -132,7 +133,7 @@ def test_one_gpu_two_clusters_over_real_vfio(simulator: GpuHost, phases: Phases)
         assert driver["ok"] and driver["detail"].startswith("at home on no driver (home: host)")
         assert checks[f"device {function} {device} iommu group {group}"]["ok"]
         assert checks[f"device {function} {device} ids"]["ok"]
-    assert checks[f"device {NIC} ({NIC_VM}) driver"]["detail"].startswith(f"at home on {NIC_DRIVER} (home: host)")
+    assert checks[f"device {NIC} ({HPC_VM}) driver"]["detail"].startswith(f"at home on {NIC_DRIVER} (home: host)")
 
     # The stand-in GPU's home becomes vfio-pci (kept ready for VMs): both functions, bound now.
     homed = steps.aihow("gpu.home", FUNCTIONS[0], "--to", "vfio-pci").out
@@ -140,41 +141,27 @@ def test_one_gpu_two_clusters_over_real_vfio(simulator: GpuHost, phases: Phases)
     assert ledger_homes(host, LEDGER) == dict.fromkeys(FUNCTIONS, "vfio-pci")
     assert f"{FUNCTIONS[1]}: home vfio-pci; at home, on vfio-pci" in homed.splitlines()
 
-    # system.up: the HPC node starts holding both functions.
+    # system.up: the HPC node starts holding both functions, and the NIC (vmxnet3 -> vfio-pci).
     steps.aihow("system.up")
     assert_held_by(host, HPC_VM, CLOUD_VM)
     assert host.domain_state("sim-cloud-control-plane") == "running"
-    assert host.domain_state(NIC_VM) == "shut off" and host.driver(NIC) == NIC_DRIVER
     assert steps.host_check()["ready"]
     status = json.loads(steps.aihow("system.status", "--json").out)
     assert {g["address"]: (g["holder"], g["vms"]) for g in status["shared_gpus"]} == dict.fromkeys(
         FUNCTIONS, (f"hpc/{HPC_VM}", [HPC_VM, CLOUD_VM]))
-    assert {h["address"]: h["now"] for h in status["homes"]} == {
-        **dict.fromkeys(FUNCTIONS, f"held by hpc/{HPC_VM}"), NIC: f"at home, on {NIC_DRIVER}"}
-
-    # The NIC's round trip: held open by a host process, it is not handed over (the pid is named,
-    # nothing starts); once that ends, vfio-pci -> the VM -> back home on its own driver.
-    holder = host.check(f"setsid sleep 600 < /sys/bus/pci/devices/{NIC}/config > /dev/null 2>&1 & echo $!").strip()
-    refused = steps.aihow("vm.start", NIC_VM, ok=False)
-    refusal = " ".join(refused.err.split())
-    assert refused.code == 1 and f"device {NIC} is held open on the host: pid {holder} (sleep) has " in refusal
-    assert f"{NIC_VM} was not started and nothing was changed" in refusal
-    assert host.domain_state(NIC_VM) == "shut off" and host.driver(NIC) == NIC_DRIVER
-    host.check(f"kill {holder}")
-    steps.aihow("vm.start", NIC_VM)
-    assert host.driver(NIC) == "vfio-pci" and host.live_hostdevs(NIC_VM) == [NIC]
-    stopped = steps.aihow("vm.stop", NIC_VM)
-    assert host.driver(NIC) == NIC_DRIVER and host.domain_state(NIC_VM) == "shut off"
-    assert f"... device {NIC}: at home, on {NIC_DRIVER}" in stopped.err.splitlines()  # the progress lines
+    assert {h["address"]: h["now"] for h in status["homes"]} == dict.fromkeys([*FUNCTIONS, NIC],
+                                                                              f"held by hpc/{HPC_VM}")
 
     # The Cloud GPU worker cannot start: the lease names the holder; nothing changes.
     refused = steps.aihow("vm.start", CLOUD_VM, ok=False)
     assert refused.code == 1 and f"GPU {FUNCTIONS[0]} is held by hpc/{HPC_VM} since " in refused.err
     assert_held_by(host, HPC_VM, CLOUD_VM)
 
-    # switch --to cloud: the HPC node stops and gives the device back, the Cloud worker takes it.
-    steps.aihow("switch", "--to", "cloud")
+    # switch --to cloud: the HPC node stops and gives the device back, the Cloud worker takes it;
+    # the NIC goes back home to its own driver, said as it happens.
+    switched = steps.aihow("switch", "--to", "cloud")
     assert_held_by(host, CLOUD_VM, HPC_VM)
+    assert f"... device {NIC}: at home, on {NIC_DRIVER}" in switched.err.splitlines()  # the progress lines
     # ... and back, in two steps: stopped, the holder gives the device back to its home (vfio-pci:
     # libvirt's reattach took it off, the project bound it back), and no lease is left.
     stopped = steps.aihow("vm.stop", CLOUD_VM)
@@ -182,6 +169,16 @@ def test_one_gpu_two_clusters_over_real_vfio(simulator: GpuHost, phases: Phases)
     assert host.vfio_users(group) == [] and host.domain_state(CLOUD_VM) == "shut off"
     assert {f: lease_holders(host, LEDGER)[f] for f in FUNCTIONS} == dict.fromkeys(FUNCTIONS, None)
     assert f"... device {FUNCTIONS[0]}: at home, on vfio-pci" in stopped.err.splitlines()
+    # The NIC held open by a host process: it is not handed over (the pid is named, nothing
+    # starts, no lease is taken); once that process ends, the HPC node takes both again.
+    holder = host.check(f"setsid sleep 600 < /sys/bus/pci/devices/{NIC}/config > /dev/null 2>&1 & echo $!").strip()
+    refused = steps.aihow("vm.start", HPC_VM, ok=False)
+    refusal = " ".join(refused.err.split())
+    assert refused.code == 1 and f"device {NIC} is held open on the host: pid {holder} (sleep) has " in refusal
+    assert f"{HPC_VM} was not started and nothing was changed" in refusal
+    assert host.domain_state(HPC_VM) == "shut off" and host.driver(NIC) == NIC_DRIVER
+    assert {f: lease_holders(host, LEDGER)[f] for f in FUNCTIONS} == dict.fromkeys(FUNCTIONS, None)
+    host.check(f"kill {holder}")
     steps.aihow("switch", "--to", "hpc")
     assert_held_by(host, HPC_VM, CLOUD_VM)
 
@@ -216,7 +213,7 @@ def test_one_gpu_two_clusters_over_real_vfio(simulator: GpuHost, phases: Phases)
     host.check(f"echo {NIC} > /sys/bus/pci/drivers/{NIC_DRIVER}/unbind; "
                f"echo vfio-pci > /sys/bus/pci/devices/{NIC}/driver_override; echo {NIC} > /sys/bus/pci/drivers_probe")
     assert host.driver(NIC) == "vfio-pci"
-    stuck = checks_by_name(steps.host_check())[f"device {NIC} ({NIC_VM}) driver"]
+    stuck = checks_by_name(steps.host_check())[f"device {NIC} ({HPC_VM}) driver"]
     assert stuck["verdict"] == "WARN" and stuck["detail"].startswith("stuck on vfio-pci with no holder")
     assert stuck["fix"] == f"aihow gpu.home {NIC}"
     status = json.loads(steps.aihow("system.status", "--json").out)

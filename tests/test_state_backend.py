@@ -42,6 +42,9 @@ def test_the_backend_is_the_environments_then_the_project_files_then_the_checkou
                                                                                          "PULUMI_BACKEND_URL")
     assert configured_url(folder, {}, "file:///d") == ("postgres://ops@db.lab/state", "backend.url in Pulumi.yaml")
     assert configured_url(project(tmp_path / "q"), {}, "file:///d") == ("file:///d", "the default")
+    # A relative folder is the project's (as the engine reads Pulumi.yaml), from wherever a task runs.
+    assert configured_url(project(tmp_path / "r", "file://./.state"), {}, "file:///d") == (
+        f"file://{tmp_path / 'r' / '.state'}", "backend.url in Pulumi.yaml")
     # The engine knows the scheme postgres:// only; TLS means nothing over a unix socket.
     assert engine_url("postgresql://ops@/state?host=/run/postgresql", "x") == \
         "postgres://ops@/state?host=/run/postgresql&sslmode=disable"
