@@ -91,14 +91,27 @@ def test_files_are_written_once_and_a_second_run_changes_nothing(node: Node) -> 
     assert conf.read_text() == "port = 1\n" and stat.S_IMODE(conf.stat().st_mode) == 0o640
     assert stat.S_IMODE((node.root / "var/lib/app").stat().st_mode) == 0o700
     assert node.out()["changed_files"] == [str(node.root / "var/lib/app"), str(conf)]
-    assert node.calls() == ["restart app", "is-enabled --quiet app", "enable app"]
-    assert first.recap["node"]["changed"] == 1
+    # The action's check (one shell command), then the module's own steps.
+    assert node.calls() == ["is-enabled --quiet app", "is-active --quiet app",
+                            "restart app", "is-enabled --quiet app", "enable app"]
+    assert first.recap["node"]["changed"] == 1 and "checked_only" not in node.out()
 
+    # Nothing to change: the check finds it so, and the module does not run at all.
     again = node.converge(args)
     out = node.out()
     assert (out["changed"], out["changed_files"], out["restarted"], out["started"]) == (False, [], [], [])
+    assert out["checked_only"] is True
     assert node.calls() == ["is-enabled --quiet app", "is-active --quiet app"]
     assert again.recap["node"]["changed"] == 0
+
+    # Anything the check sees differ (content edited by hand, a unit stopped) goes to the module.
+    conf.write_text("port = 2\n")
+    node.converge(args)
+    assert conf.read_text() == "port = 1\n" and node.out()["changed_files"] == [str(conf)]
+    assert "checked_only" not in node.out()
+    (node.units / "active/app").unlink()
+    node.converge(args)
+    assert node.out()["started"] == ["app"] and "checked_only" not in node.out()
 
 
 def test_a_changed_file_restarts_its_running_units_only(node: Node) -> None:
