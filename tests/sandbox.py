@@ -12,10 +12,11 @@ import os
 import shutil
 import subprocess
 import sys
+import threading
 import time
 import uuid
 import xml.etree.ElementTree as ET
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
@@ -211,6 +212,33 @@ class E2E:
         existing = existing or {}
         existing.setdefault("config", {}).update(config)
         path.write_text(yaml.safe_dump(existing, sort_keys=False))
+
+
+def at_once(calls: dict[str, Callable[[], object]], errors: tuple[type[BaseException], ...] = ()) -> dict[str, str]:
+    """Run every call in a thread of its own, released together; by name, ``ok`` or the message
+    of one of ``errors`` it raised (any other error fails the test: it is re-raised here)."""
+    results: dict[str, str] = {}
+    failures: list[BaseException] = []
+    barrier = threading.Barrier(len(calls))
+
+    def run(name: str, call: Callable[[], object]) -> None:
+        barrier.wait()
+        try:
+            call()
+            results[name] = "ok"
+        except errors as exc:
+            results[name] = str(exc)
+        except BaseException as exc:  # re-raised in the test's own thread
+            failures.append(exc)
+
+    threads = [threading.Thread(target=run, args=item) for item in calls.items()]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    if failures:
+        raise failures[0]
+    return results
 
 
 def dead_pid() -> int:

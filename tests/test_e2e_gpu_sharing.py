@@ -14,14 +14,13 @@ is proven on ``qemu:///system`` in the last test.
 from __future__ import annotations
 
 import json
-import threading
 
 import pytest
 
 from aihow_infra.errors import LeaseConflictError, StackError
 from aihow_infra.gpu.ledger import Ledger
 from aihow_infra.ops import Operator
-from tests.sandbox import E2E, shared_gpu_clusters
+from tests.sandbox import E2E, at_once, shared_gpu_clusters
 
 pytestmark = pytest.mark.e2e
 
@@ -96,22 +95,7 @@ def test_simultaneous_ups_grant_the_gpu_exactly_once(e2e: E2E) -> None:
 
     winners = []
     for _round in range(5):
-        results: dict[str, str] = {}
-        barrier = threading.Barrier(2)
-
-        def run(stack: str, results: dict[str, str] = results, barrier: threading.Barrier = barrier) -> None:
-            barrier.wait()
-            try:
-                ws.up(stack)
-                results[stack] = "ok"
-            except StackError as exc:
-                results[stack] = str(exc)
-
-        threads = [threading.Thread(target=run, args=(s,)) for s in ("hpc", "cloud")]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join()
+        results = at_once({stack: lambda stack=stack: ws.up(stack) for stack in ("hpc", "cloud")}, (StackError,))
         won = [s for s, r in results.items() if r == "ok"]
         assert len(won) == 1, results
         lost = "cloud" if won == ["hpc"] else "hpc"

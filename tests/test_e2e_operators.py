@@ -20,7 +20,7 @@ from aihow_infra.gpu.hosts import host_ledger
 from aihow_infra.gpu.ledger import Ledger
 from aihow_infra.ops import Operator
 from tests.conftest import open_e2e
-from tests.sandbox import E2E, Sandbox, shared_gpu_clusters
+from tests.sandbox import E2E, Sandbox, at_once, shared_gpu_clusters
 
 pytestmark = pytest.mark.e2e
 
@@ -74,22 +74,8 @@ def test_two_operators_share_stacks_power_records_and_the_gpu(operators: tuple[E
     assert holders(alice) == {"0000:41:00.0": None, "0000:41:00.1": None}
 
     # Both start a GPU VM at once, each on a stack of their own: exactly one gets the GPU.
-    results: dict[str, str] = {}
-    barrier = threading.Barrier(2)
-
-    def start(name: str, vm: str) -> None:
-        barrier.wait()
-        try:
-            ops[name].vm_start(vm)
-            results[name] = "ok"
-        except (LeaseConflictError, StackError) as exc:
-            results[name] = str(exc)
-
-    threads = [threading.Thread(target=start, args=a) for a in (("alice", hpc_vm), ("bob", cloud_vm))]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join()
+    results = at_once({"alice": lambda: ops["alice"].vm_start(hpc_vm), "bob": lambda: ops["bob"].vm_start(cloud_vm)},
+                      (LeaseConflictError, StackError))
     won = [name for name, result in results.items() if result == "ok"]
     assert len(won) == 1, results
     lost = "bob" if won == ["alice"] else "alice"
@@ -100,19 +86,7 @@ def test_two_operators_share_stacks_power_records_and_the_gpu(operators: tuple[E
     # Two ups of one stack at once: one runs, the other waits for it and says whom it waits for.
     told["alice"].clear()
     told["bob"].clear()
-    barrier = threading.Barrier(2)
-    ups: dict[str, str] = {}
-
-    def up(name: str, person: E2E) -> None:
-        barrier.wait()
-        person.workspace.up("cloud")
-        ups[name] = "ok"
-
-    threads = [threading.Thread(target=up, args=a) for a in (("alice", alice), ("bob", bob))]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join()
+    ups = at_once({"alice": lambda: alice.workspace.up("cloud"), "bob": lambda: bob.workspace.up("cloud")})
     assert ups == {"alice": "ok", "bob": "ok"}
     waited = [line for lines in told.values() for line in lines if line.startswith("waiting for aihow ")]
     assert len(waited) == 1 and waited[0].endswith("to release stack cloud (up to 3600 s)"), told
