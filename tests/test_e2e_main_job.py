@@ -306,8 +306,7 @@ def test_kubernetes_runs_pods_and_the_manual_worker_joins_and_drains(main_job: M
     assert not box.conn.lookupByName(manual).isActive()
     assert k8s_nodes(job)[manual].endswith(",cordoned")
     assert kubectl(job, "get", "pods", "--field-selector", f"spec.nodeName={manual}", "-o", "name") == ""
-    wait_until("the stopped node turns NotReady", lambda: not k8s_nodes(job)[manual].startswith("True"),
-               timeout=240)
+    # Said at once, before Kubernetes notices the node gone (its grace period, 40 s or more).
     assert op.system_status().clusters[1].health == "Kubernetes: healthy, 2/3 nodes Ready (1 stopped)"
 
     # Started again, it is back in scheduling.

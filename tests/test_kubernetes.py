@@ -140,6 +140,8 @@ def test_health_counts_nodes_meant_to_be_off_as_expected() -> None:
     states = {"cp": "Ready", "w1": "Ready", "gpu": "NotReady,SchedulingDisabled"}
     assert cloud.health(states) == "Kubernetes: degraded, 2/3 nodes Ready"
     assert cloud.health(states, frozenset({"gpu"})) == "Kubernetes: healthy, 2/3 nodes Ready (1 stopped)"
+    # A node just stopped that Kubernetes has not yet noticed is not counted Ready.
+    assert cloud.health(states, frozenset({"gpu", "w1"})) == "Kubernetes: healthy, 1/3 nodes Ready (2 stopped)"
     assert cloud.health(states, api_ready=False).startswith("Kubernetes: API server not ready")
     assert cloud.health(None) == "Kubernetes: no answer from the control plane (not deployed, or stopped)"
 

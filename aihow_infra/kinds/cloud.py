@@ -66,11 +66,12 @@ def health(states: dict[str, str] | None, stopped: frozenset[str] = frozenset(),
            silent: str = "no answer from the control plane (not deployed, or stopped)") -> str:
     """One line for status: ``Kubernetes: healthy, 2/3 nodes Ready (1 stopped)``, or ``silent``
     (why it cannot say: ``silence``) when ``states`` is None. Nodes in ``stopped`` (VMs meant to
-    be off) do not make the cluster degraded."""
+    be off) do not make the cluster degraded, and are not counted Ready even while Kubernetes
+    still says so (it notices a node gone only after its grace period, 40 s or more)."""
     if states is None:
         return f"Kubernetes: {silent}"
-    ready = sum(state.split(",")[0] == "Ready" for state in states.values())
-    off = sum(name in stopped for name, state in states.items() if state.split(",")[0] != "Ready")
+    ready = sum(state.split(",")[0] == "Ready" for name, state in states.items() if name not in stopped)
+    off = sum(name in stopped for name in states)
     word = ("API server not ready" if not api_ready else
             "healthy" if ready + off == len(states) else "degraded")
     return f"Kubernetes: {word}, {ready}/{len(states)} nodes Ready" + (f" ({off} stopped)" if off else "")
