@@ -132,10 +132,11 @@ class ClusterStatus:
     network_state: str = "-"  # 'active', 'inactive' or 'missing'
     pool_state: str = "-"  # the same, for its storage pool
     error: str = ""  # why the cluster could not be read (status 'unreadable')
+    host: str = ""  # the libvirt host it is placed on, by the name libvirt gives it ("" when planned)
 
     @classmethod
     def of(cls, plan: ClusterPlan, stack: str, power: str, vms: list[VmStatus], health: str = "",
-           network_state: str = "-", pool_state: str = "-") -> ClusterStatus:
+           network_state: str = "-", pool_state: str = "-", host: str = "") -> ClusterStatus:
         """The row of a cluster: ``planned`` (from a file alone), ``not deployed`` (nothing of
         it exists), ``running`` or ``stopped`` (every VM, network and pool as they should be,
         manual-start VMs that are off included), else ``degraded``."""
@@ -149,7 +150,7 @@ class ClusterStatus:
         else:
             status = DEGRADED
         return cls(stack, plan.name, plan.network_name, plan.subnet, power, status, vms, health,
-                   network_state, pool_state)
+                   network_state, pool_state, host=host)
 
     @classmethod
     def unreadable(cls, stack: str, error: str) -> ClusterStatus:

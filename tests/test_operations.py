@@ -3,6 +3,7 @@ span stacks. libvirt's test driver stands in for the host (nothing is deployed t
 
 from __future__ import annotations
 
+import socket
 import typing
 from collections.abc import Sequence
 from pathlib import Path
@@ -35,6 +36,7 @@ def test_a_bad_cluster_file_does_not_hide_the_other_cluster(tmp_path: Path) -> N
     status = Operator.system_status(project(tmp_path, str(good), str(bad)))
     hpc, cloud = status.clusters
     assert (hpc.stack, hpc.status, hpc.network_state) == ("hpc", "not deployed", "missing")
+    assert hpc.host == f"{socket.gethostname()} (test:///default)"  # the libvirt host it is placed on
     assert {vm.state for vm in hpc.vms} == {"undefined"}
     assert (cloud.stack, cloud.status) == ("cloud", "unreadable")
     assert cloud.error == f"invalid cluster file {bad}: (top level): the file is empty; allowed: a YAML mapping " \

@@ -107,7 +107,8 @@ def topology_tree(status: SystemStatus) -> Tree:
     root = Tree("[bold]ai-how infrastructure[/bold]")
     for cluster in status.clusters:
         style = _state_style(cluster.status)
-        node = root.add(f"[bold]{cluster.name}[/bold] ({cluster.stack}) [{style}]{cluster.status}[/{style}]")
+        host = f" on {cluster.host}" if cluster.host else ""
+        node = root.add(f"[bold]{cluster.name}[/bold] ({cluster.stack}){host} [{style}]{cluster.status}[/{style}]")
         if cluster.error:
             node.add(f"[red]{cluster.error}[/red]")
             continue

@@ -40,7 +40,8 @@ def system_status(c: Context, json_: bool = False) -> None:
             continue
         health = f"; {cluster.health}" if cluster.health else ""
         infra = f"; network {cluster.network_state}, pool {cluster.pool_state}"
-        title = f"{cluster.name} ({cluster.stack}, {cluster.cidr}): {cluster.status}{health}{infra}"
+        host = f" on {cluster.host}" if cluster.host else ""
+        title = f"{cluster.name} ({cluster.stack}, {cluster.cidr}){host}: {cluster.status}{health}{infra}"
         out.print(vm_table(cluster.vms, title))
     homes = {h.address: h for h in status.homes}
     for gpu in status.shared_gpus:

@@ -12,7 +12,7 @@ from aihow_infra.gpu.custody import local_host
 from aihow_infra.gpu.homes import place_of
 from aihow_infra.gpu.ledger import DEFAULT_HOME, vm_of
 from aihow_infra.kinds import head_roles, kind_of
-from aihow_infra.libvirt.connection import connect, lookup
+from aihow_infra.libvirt.connection import call, connect, lookup
 from aihow_infra.libvirt.guest import probe
 from aihow_infra.libvirt.power import UNDEFINED, state_name
 from aihow_infra.ops.project import StackView, lease_holders, ledger_of
@@ -61,9 +61,10 @@ class Status(Teardown):
                 workload = self._workload(view, conn)
                 network = _active_word(lookup("looking up network", conn.networkLookupByName, view.plan.network_name))
                 pool = _active_word(lookup("looking up pool", conn.storagePoolLookupByName, view.plan.pool_name))
+                host = f"{call('reading the host name', conn.getHostname)} ({view.settings.libvirt_uri})"
             health = workload[1]
             clusters.append(ClusterStatus.of(view.plan, view.stack, view.power.cluster, _with_workload(rows, workload),
-                                             health, network, pool))
+                                             health, network, pool, host))
         holders = lease_holders(views[0].settings) if views else {}
         shared = [SharedGpuStatus.of(device, holders.get(device.address))
                   for device in shared_devices([v.plan for v in views])]
