@@ -86,16 +86,18 @@ class PowerRecords:
             except FileNotFoundError:
                 return None
             except OSError as exc:
-                raise StateFileError(f"power records {self.path} cannot be read ({exc.strerror})") from None
+                raise StateFileError(f"power records {self.path} cannot be read ({exc.strerror}); allowed: a "
+                                     "readable file") from None
         rows = self._query(f"SELECT document::text FROM {POWER_TABLE} WHERE name = %s", self._row)
         return str(rows[0][0]) if rows else None
 
-    def _query(self, sql: str, *args: Any) -> list[tuple[Any, ...]]:
+    def _query(self, sql: str, *args: Any, writes: bool = False) -> list[tuple[Any, ...]]:
+        """Rows of one statement; a statement that ``writes`` makes the table first."""
         import psycopg
 
         assert self._database is not None
         with self._database.connect("power records", StateFileError, autocommit=True) as conn:
-            if sql.startswith("INSERT"):
+            if writes:
                 ensure_document_table(conn, POWER_TABLE)
             try:
                 cursor = conn.execute(sql, args)
@@ -131,7 +133,8 @@ class PowerRecords:
         payload = json.dumps({"cluster": power.cluster, "vms": dict(sorted(power.vms.items()))}, indent=2) + "\n"
         if self._database is not None:
             self._query(f"INSERT INTO {POWER_TABLE} (name, document) VALUES (%s, %s) ON CONFLICT (name) "
-                        "DO UPDATE SET document = EXCLUDED.document, updated_at = now()", self._row, payload)
+                        "DO UPDATE SET document = EXCLUDED.document, updated_at = now()", self._row, payload,
+                        writes=True)
             return
         self.path.parent.mkdir(parents=True, exist_ok=True)
         atomic_write(self.path, payload, "power records")
