@@ -33,7 +33,7 @@ from urllib.parse import parse_qsl, urlencode, urlsplit
 import yaml
 from typing_extensions import override
 
-from aihow_infra.database import SCHEMES, Database, checked_name, first_line
+from aihow_infra.database import SCHEMES, Database, checked_name, first_line, redacted
 from aihow_infra.errors import BusyError, ConfigError, StackError
 from aihow_infra.files import Waiting
 
@@ -72,7 +72,7 @@ def engine_url(url: str, source: str) -> str:
     if url.startswith("file://"):
         return url
     if not url.startswith(SCHEMES):
-        raise ConfigError([f"{source}: {url!r} is not allowed; allowed: {ALLOWED}"], source="state backend")
+        raise ConfigError([f"{source}: {redacted(url)!r} is not allowed; allowed: {ALLOWED}"], source="state backend")
     parsed = urlsplit("postgres://" + url.split("://", 1)[1])
     query = parse_qsl(parsed.query)
     table = dict(query).get("table", "pulumi_state")

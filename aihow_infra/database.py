@@ -44,9 +44,10 @@ class Database:
         self.params = {k: v for k, v in query if k in own}
         rest = urlencode([(k, v) for k, v in query if k not in own], safe="/")
         self.conninfo = f"{parsed.scheme}://{parsed.netloc}{parsed.path}" + (f"?{rest}" if rest else "")
-        credentials, at, where = parsed.netloc.rpartition("@")
-        user = f"{credentials.split(':', 1)[0]}@" if at else ""
-        self.shown = f"{parsed.scheme}://{user}{where}{parsed.path}" + (f"?{parsed.query}" if parsed.query else "")
+        self.shown = redacted(url, hide=(HOST_PARAM,))
+        self.host = self.params.get(HOST_PARAM, "")
+        if self.host:
+            self.shown += f" (leases of host {self.host})"
 
     def param(self, name: str, default: str) -> str:
         """One of the project's own query parameters."""
@@ -62,8 +63,20 @@ class Database:
             return psycopg.connect(self.conninfo, connect_timeout=CONNECT_TIMEOUT, autocommit=autocommit,
                                    application_name=holder_name())
         except psycopg.Error as exc:
-            raise error(f"{what} {self.shown} cannot be reached ({first_line(exc)}); allowed: the URL of a "
-                        "running PostgreSQL server this user may connect to") from None
+            raise error(f"{what} {self.shown} cannot be used ({first_line(exc)}); allowed: the URL of a "
+                        "running PostgreSQL server, and a database and role on it this user may connect as") \
+                from None
+
+
+def redacted(url: str, hide: Iterable[str] = ()) -> str:
+    """``url`` as an operator is shown it: without the password (in the user part or a
+    ``password=`` parameter) and without the parameters in ``hide``."""
+    parsed = urlsplit(url)
+    credentials, at, where = parsed.netloc.rpartition("@")
+    user = f"{credentials.split(':', 1)[0]}@" if at else ""
+    query = [(k, "****" if k == "password" else v) for k, v in parse_qsl(parsed.query) if k not in set(hide)]
+    rest = urlencode(query, safe="/*")
+    return f"{parsed.scheme}://{user}{where}{parsed.path}" + (f"?{rest}" if rest else "")
 
 
 def holder_name() -> str:

@@ -13,7 +13,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from aihow_infra.config import CLUSTER_KEYS, ClusterKey
-from aihow_infra.database import HOST_PARAM, is_database_url
+from aihow_infra.database import HOST_PARAM, is_database_url, redacted
 from aihow_infra.errors import ConfigError
 
 DEFAULT_LEDGER = "/var/lib/aihow/gpu-leases.json"
@@ -61,8 +61,8 @@ class StackSettings(BaseModel):
     @classmethod
     def _ledger(cls, value: str) -> str:
         if f"{HOST_PARAM}=" in value:
-            raise ValueError(f"{value!r} names {HOST_PARAM}; allowed: a URL without it (the project keys leases "
-                             "by the libvirt host it finds)")
+            raise ValueError(f"{redacted(value)!r} names {HOST_PARAM}; allowed: a URL without it (the project keys "
+                             "leases by the libvirt host it finds)")
         if is_database_url(value) or Path(value).is_absolute():
             return value
         raise ValueError(f"{value!r} is neither an absolute path nor a PostgreSQL URL; allowed: a file such as "

@@ -83,9 +83,8 @@ def shell_env_file(root: Path = CHECKOUT) -> str:
     for key, value in _defaults(root).items():
         keep = "-" if key == "PULUMI_CONFIG_PASSPHRASE" else ":-"  # an empty passphrase is a choice
         lines.append(f'export {key}="${{{key}{keep}{value}}}"')
-    # What a task would use; a backend.url set in Pulumi.yaml later needs ./bootstrap again.
-    url, source = configured_url(root, {}, default_backend_url(root))
-    lines.append(f'export PULUMI_BACKEND_URL="${{PULUMI_BACKEND_URL:-{engine_url(url, source)}}}"')
+    # No PULUMI_BACKEND_URL: the engine then reads backend.url in Pulumi.yaml, as the tasks do
+    # (backend.configured_url), whatever it says when pulumi runs.
     lines += [f"export {key}={value}" for key, value in _OFFLINE.items()]
     return "\n".join(lines) + "\n"
 

@@ -14,6 +14,7 @@ import subprocess
 from pathlib import Path
 
 import pytest
+import yaml
 
 from aihow_infra.stacks import offline_env
 
@@ -100,6 +101,12 @@ def test_the_shell_settings_match_the_tasks() -> None:
     from_shell = dict(line.split("=", 1) for line in shell.stdout.splitlines() if line.startswith("PULUMI_"))
     clean = {k: v for k, v in os.environ.items() if not k.startswith("PULUMI_")}
     expected = {k: v for k, v in offline_env(environ=clean).items() if k.startswith("PULUMI_")}
+    # The backend is not set there: a plain pulumi reads backend.url in Pulumi.yaml, whatever it
+    # says at the time (a PostgreSQL URL set after ./bootstrap included), which the tasks resolve
+    # to the same folder or database.
+    assert "PULUMI_BACKEND_URL" not in from_shell
+    assert expected.pop("PULUMI_BACKEND_URL") == f"file://{ROOT / '.state'}"
+    assert yaml.safe_load((ROOT / "Pulumi.yaml").read_text())["backend"]["url"] == "file://./.state"
     assert from_shell == expected
 
 

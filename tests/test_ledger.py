@@ -166,14 +166,18 @@ def test_a_row_held_too_long_is_a_clear_error(postgres_server: str, tmp_path: Pa
 
 
 def test_a_server_that_is_gone_is_one_line_without_the_password(tmp_path: Path) -> None:
-    where = f"postgresql://aihow:s3cret@/aihow?host={tmp_path}"  # no server listens there
-    for attempt in (lambda: Ledger(where).acquire("hpc/a", GPU), Ledger(where).leases):
+    where = f"postgresql://aihow:s3cret@/aihow?host={tmp_path}&password=an0ther"  # no server listens there
+    for attempt in (lambda: Ledger(where).acquire("hpc/a", GPU), Ledger(where).leases,
+                    lambda: Ledger(for_host(where, "hostname:ws1")).leases()):
         with pytest.raises(LeaseError) as refused:
             attempt()
         message = str(refused.value)
-        assert message.startswith(f"GPU lease ledger postgresql://aihow@/aihow?host={tmp_path} cannot be reached (")
-        assert message.endswith("allowed: the URL of a running PostgreSQL server this user may connect to")
-        assert "s3cret" not in message and "\n" not in message
+        assert message.startswith(f"GPU lease ledger postgresql://aihow@/aihow?host={tmp_path}&password=**** ")
+        assert message.endswith("allowed: the URL of a running PostgreSQL server, and a database and role on it "
+                                "this user may connect as")
+        assert "s3cret" not in message and "an0ther" not in message and "\n" not in message
+    # The host a ledger's leases are kept for is said in words, not as a parameter no one may write.
+    assert Ledger(for_host(where, "hostname:ws1")).shown.endswith("&password=**** (leases of host hostname:ws1)")
 
 
 def test_a_corrupt_row_is_reported_and_never_overwritten(postgres_server: str, tmp_path: Path) -> None:
@@ -349,8 +353,10 @@ def test_the_ledger_setting_takes_a_file_or_a_postgresql_url() -> None:
         "aihow:ledgerPath: 'leases.json' is neither an absolute path nor a PostgreSQL URL; allowed: a file such as "
         "/var/lib/aihow/gpu-leases.json, or postgresql://USER@HOST/DATABASE (one ledger several hosts share)")
     with pytest.raises(ConfigError) as refused:
-        parse_settings({"clusterFile": "c.yaml", "ledgerPath": "postgresql://aihow@db.lab/aihow?libvirt_host=x"})
-    assert "names libvirt_host; allowed: a URL without it" in str(refused.value)
+        parse_settings({"clusterFile": "c.yaml", "ledgerPath": "postgresql://aihow:pw@db.lab/aihow?libvirt_host=x"})
+    assert "'postgresql://aihow@db.lab/aihow?libvirt_host=x' names libvirt_host; allowed: a URL without it" in str(
+        refused.value)
+    assert "pw" not in str(refused.value)
 
 
 def test_a_shared_ledger_keys_leases_by_host(postgres_server: str, tmp_path: Path) -> None:
