@@ -96,7 +96,8 @@ class PowerRecords:
         import psycopg
 
         assert self._database is not None
-        with self._database.connect("power records", StateFileError, autocommit=True) as conn:
+        with self._database.connect("power records in the Pulumi state backend", StateFileError,
+                                    autocommit=True) as conn:
             if writes:
                 ensure_document_table(conn, POWER_TABLE)
             try:

@@ -18,12 +18,14 @@ from pathlib import Path
 
 import psycopg
 import pytest
+import yaml
 
 from aihow_infra.backend import configured_url, engine_url
 from aihow_infra.desired import DesiredPower
 from aihow_infra.errors import ConfigError, StackError, StateFileError
 from aihow_infra.stacks import Workspace, summarize_failure
 from tests.cli import run_task
+from tests.samples import base
 from tests.sandbox import dead_pid
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -66,15 +68,27 @@ def test_a_backend_the_project_cannot_use_is_one_line_naming_it(tmp_path: Path, 
     assert not (tmp_path / "p" / ".state").exists()
 
 
-def test_the_command_says_a_bad_backend_in_one_line_and_creates_nothing(
-        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
-    folder = project(tmp_path / "p", "s3://bucket/state")
-    (folder / "Pulumi.hpc.yaml").write_text("config:\n  aihow:clusterFile: cluster.yaml\n")
+@pytest.mark.parametrize("argv", [["stacks"], ["system.status"], ["topology"], ["system.destroy", "--yes"]])
+@pytest.mark.parametrize(("backend", "said"), [
+    ("s3://bucket/state", "'s3://bucket/state' is not allowed"),
+    ("postgres://aihow:pw@/aihow?host=/nonexistent", "Pulumi state backend postgres://aihow@/aihow?host=/nonexistent"),
+])
+def test_a_backend_that_cannot_be_used_is_one_line_for_every_command_and_creates_nothing(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], argv: list[str],
+        backend: str, said: str) -> None:
+    folder = project(tmp_path / "p", backend)
+    cluster = tmp_path / "cluster.yaml"
+    cluster.write_text(yaml.safe_dump(base()))
+    for stack in ("hpc", "cloud"):
+        (folder / f"Pulumi.{stack}.yaml").write_text(yaml.safe_dump({"config": {
+            "aihow:clusterFile": str(cluster), "aihow:libvirtUri": "test:///default",
+            "aihow:ledgerPath": str(tmp_path / "leases.json")}}))
     monkeypatch.setenv("AIHOW_PROJECT_DIR", str(folder))
-    code, _out, err = run_task(capsys, "stacks")
-    assert code != 0
-    assert "'s3://bucket/state' is not allowed" in err and len(err.strip().splitlines()) == 1, err
-    assert sorted(p.name for p in folder.iterdir()) == ["Pulumi.hpc.yaml", "Pulumi.yaml"]
+    code, out, err = run_task(capsys, *argv)
+    assert code == 1, (out, err)
+    assert said in err and len(err.strip().splitlines()) == 1 and "pw" not in err, err
+    assert out.strip() == ""
+    assert sorted(p.name for p in folder.iterdir()) == ["Pulumi.cloud.yaml", "Pulumi.hpc.yaml", "Pulumi.yaml"]
 
 
 def test_an_unreachable_server_is_one_line_naming_it(tmp_path: Path) -> None:

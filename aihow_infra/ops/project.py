@@ -77,8 +77,10 @@ class ProjectOps:
 
     def stack_summaries(self) -> list[StackSummary]:
         """Every configured stack with its cluster file, resource count and last update; a stack
-        whose settings or file cannot be read is listed with the error."""
+        whose settings or file cannot be read is listed with the error (a state backend that
+        cannot be used is one error for all)."""
         rows = []
+        self.workspace.stacks()
         for stack in self.configured_stacks():
             when = self.workspace.state_updated(stack)
             updated = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(when)) if when is not None else None

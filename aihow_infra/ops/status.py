@@ -44,8 +44,9 @@ class Status(Teardown):
     def system_status(self) -> SystemStatus:
         """Both clusters' VMs, networks, pools and disks with their state, and who owns each
         shared GPU. A stack whose file or settings are bad is shown with its error; the other
-        is still shown."""
+        is still shown; a state backend that cannot be used is one error for both."""
         views, clusters = [], []
+        self.workspace.stacks()
         for stack in self.configured_stacks():
             try:
                 view = self.view(stack)

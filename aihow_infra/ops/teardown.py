@@ -111,6 +111,7 @@ class Teardown(Lifecycle):
         """Remove every VM, volume, pool and network of both clusters, the two at once (a
         destroy frees GPUs, it never takes one)."""
         stacks = self.configured_stacks()
+        self.workspace.stacks()  # a state backend that cannot be used is one line, before anything
         with ThreadPoolExecutor(max(len(stacks), 1)) as pool:
             failures = [exc for exc in pool.map(self._try_destroy, stacks) if exc is not None]
         if failures:
