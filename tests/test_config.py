@@ -466,3 +466,18 @@ def test_an_unknown_key_is_answered_with_the_keys_of_its_own_level(tmp_path: Pat
     with pytest.raises(ConfigError) as err:
         load_cluster_file(path)
     assert err.value.located() == [f"{path}: (top level): the file is empty; allowed: a YAML mapping with 'clusters'"]
+
+
+def test_a_mistake_in_slurm_config_does_not_hide_another() -> None:
+    """The default partition is checked against the list as a field of its own: a bad time
+    beside it does not hide it (both are said in one run)."""
+    data = base()
+    data["clusters"]["hpc"]["slurm_config"] = {"partitions": ["compute", "gpu"], "default_partition": "nope",
+                                               "max_job_time": "one day"}
+    with pytest.raises(ConfigError) as err:
+        parse_cluster_file(data)
+    problems = err.value.problems
+    assert len(problems) == 2, problems
+    assert any(p.startswith("clusters.hpc.slurm_config.default_partition: 'nope' is not in partitions "
+                            "['compute', 'gpu']; allowed: one of them") for p in problems), problems
+    assert any(p.startswith("clusters.hpc.slurm_config.max_job_time: 'one day' is not a SLURM time") for p in problems)

@@ -13,6 +13,7 @@ from pydantic import (
     BaseModel,
     ConfigDict,
     Field,
+    ValidationInfo,
     field_validator,
     model_validator,
 )
@@ -130,8 +131,16 @@ class SlurmConfig(Model):
 
     @field_validator("default_partition", mode="after")
     @classmethod
-    def _default_name(cls, value: str | None) -> str | None:
-        return None if value is None else _check_partition(value)
+    def _default_name(cls, value: str | None, info: ValidationInfo) -> str | None:
+        """A partition name, and one of ``partitions`` (checked here, not after the model, so a
+        mistake elsewhere in the block does not hide this one)."""
+        if value is None:
+            return None
+        _check_partition(value)
+        listed = info.data.get("partitions")  # absent when the list has a mistake of its own
+        if listed is not None and value not in listed:
+            raise ValueError(f"{value!r} is not in partitions {listed}; allowed: one of them")
+        return value
 
     @model_validator(mode="before")
     @classmethod
@@ -140,13 +149,6 @@ class SlurmConfig(Model):
         if isinstance(data, Mapping) and data.get("default_partition") is not None and "partitions" not in data:
             return {**data, "partitions": [data["default_partition"]]}
         return data
-
-    @model_validator(mode="after")
-    def _default_is_listed(self) -> SlurmConfig:
-        if self.default_partition is None or self.default_partition in self.partitions:
-            return self
-        raise ValueError(f"default_partition: {self.default_partition!r} is not in partitions "
-                         f"{self.partitions}; allowed: one of them")
 
     @field_validator("max_job_time", mode="before")
     @classmethod
