@@ -33,7 +33,7 @@ from urllib.parse import parse_qsl, urlencode, urlsplit
 import yaml
 from typing_extensions import override
 
-from aihow_infra.database import SCHEMES, Database, checked_name, first_line, redacted
+from aihow_infra.database import SCHEMES, Database, checked_name, redacted
 from aihow_infra.errors import BusyError, ConfigError, StackError
 from aihow_infra.files import Waiting
 
@@ -178,15 +178,8 @@ class DatabaseBackend(StateBackend):
         self.prefix = f"{urlsplit(url).path.strip('/')}/.pulumi/"
 
     def _rows(self, sql: str, *args: Any) -> list[tuple[Any, ...]]:
-        import psycopg
-
-        with self.database.connect("Pulumi state backend", StackError, autocommit=True) as conn:
-            try:
-                return list(conn.execute(sql.replace("{table}", self.table), args).fetchall())
-            except psycopg.errors.UndefinedTable:
-                return []  # the engine makes the table on its first run
-            except psycopg.Error as exc:
-                raise StackError(f"Pulumi state backend {self.database.shown}: {first_line(exc)}") from None
+        """Rows of one statement on the state table (none before the engine's first run made it)."""
+        return self.database.rows("Pulumi state backend", StackError, sql.replace("{table}", self.table), args)
 
     def _state_keys(self, project: str, stack: str) -> list[str]:
         return [f"{self.prefix}stacks/{project}/{stack}.json", f"{self.prefix}stacks/{project}/{stack}.json.gz"]
@@ -244,7 +237,7 @@ class DatabaseBackend(StateBackend):
                 info = json.loads(base64.b64decode(data))
                 pid, host = int(info.get("pid", 0)), info.get("hostname")
                 if host == socket.gethostname() and pid > 0 and not _alive(pid):
-                    self._rows("DELETE FROM {table} WHERE key = %s RETURNING key", key)
+                    self._rows("DELETE FROM {table} WHERE key = %s", key)
                     say(f"cleared the lock of stack {stack} left by pulumi process {pid}, which is gone")
 
 

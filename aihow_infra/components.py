@@ -170,14 +170,14 @@ class Node(pulumi.ComponentResource):
 
 @dataclass(frozen=True)
 class ClusterArgs:
-    """A cluster's plan, the stack's settings and its power records."""
+    """A cluster's plan, the stack's settings, its power records and its host's GPU lease ledger."""
 
     plan: ClusterPlan
     settings: StackSettings
     stack: str
     login_key: str
     power: DesiredPower
-    ledger: str = ""  # the GPU leases of the stack's host (host_ledger); "" is aihow:ledgerPath itself
+    ledger: str  # the GPU leases of the stack's host (gpu/hosts.py host_ledger)
 
 
 class Cluster(pulumi.ComponentResource):
@@ -218,7 +218,7 @@ class Cluster(pulumi.ComponentResource):
                                          login_key=args.login_key, power=args.power, network_name=network.name,
                                          network_id=network.uuid,
                                          pool_name=pool.name, pool_path=pool_path,
-                                         ledger=args.ledger or settings.ledger_path), child)
+                                         ledger=args.ledger), child)
             for vm in plan.vms
         ]
         self.outputs = {

@@ -12,7 +12,7 @@ import getpass
 import os
 import re
 import socket
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from typing import Any
 from urllib.parse import parse_qsl, urlencode, urlsplit
 
@@ -66,6 +66,26 @@ class Database:
             raise error(f"{what} {self.shown} cannot be used ({first_line(exc)}); allowed: the URL of a "
                         "running PostgreSQL server, and a database and role on it this user may connect as") \
                 from None
+
+    def rows(self, what: str, error: type[AihowError], sql: str, args: Sequence[Any] = (),
+             makes: str | None = None, said: str | None = None) -> list[tuple[Any, ...]]:
+        """The rows of one statement, in a connection of its own (none for a statement that
+        returns none, and none while a table it reads does not exist yet); ``makes`` names a
+        table made first (``ensure_document_table``) for a statement that writes it. ``error``
+        in one line when the server cannot be used (``what``) or refuses the statement
+        (``said``, by default ``what`` and the URL)."""
+        import psycopg
+
+        with self.connect(what, error, autocommit=True) as conn:
+            if makes is not None:
+                ensure_document_table(conn, makes)
+            try:
+                cursor = conn.execute(sql, args)
+                return list(cursor.fetchall()) if cursor.description else []
+            except psycopg.errors.UndefinedTable:
+                return []
+            except psycopg.Error as exc:
+                raise error(f"{said or f'{what} {self.shown}'}: {first_line(exc)}") from None
 
 
 def redacted(url: str, hide: Iterable[str] = ()) -> str:

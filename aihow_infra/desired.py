@@ -20,7 +20,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal, cast
 
-from aihow_infra.database import Database, ensure_document_table, first_line, is_database_url
+from aihow_infra.database import Database, is_database_url
 from aihow_infra.errors import StateFileError
 from aihow_infra.files import Waiting, atomic_write, locked
 from aihow_infra.state.layout import ProjectState
@@ -93,20 +93,9 @@ class PowerRecords:
 
     def _query(self, sql: str, *args: Any, writes: bool = False) -> list[tuple[Any, ...]]:
         """Rows of one statement; a statement that ``writes`` makes the table first."""
-        import psycopg
-
         assert self._database is not None
-        with self._database.connect("power records in the Pulumi state backend", StateFileError,
-                                    autocommit=True) as conn:
-            if writes:
-                ensure_document_table(conn, POWER_TABLE)
-            try:
-                cursor = conn.execute(sql, args)
-                return list(cursor.fetchall()) if cursor.description else []
-            except psycopg.errors.UndefinedTable:
-                return []  # nothing was ever written
-            except psycopg.Error as exc:
-                raise StateFileError(f"power records {self.shown}: {first_line(exc)}") from None
+        return self._database.rows("power records in the Pulumi state backend", StateFileError, sql, args,
+                                   makes=POWER_TABLE if writes else None, said=f"power records {self.shown}")
 
     def stamp(self) -> str:
         """A digest that changes whenever the records do."""

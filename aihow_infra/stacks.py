@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from aihow_infra.backend import FolderBackend, StateBackend, configured_url, engine_url, open_backend
+from aihow_infra.backend import StateBackend, configured_url, engine_url, open_backend
 from aihow_infra.desired import PowerRecords
 from aihow_infra.errors import StackError
 from aihow_infra.eventlog import EventFollower, Events
@@ -253,11 +253,6 @@ class Workspace:
     def state_updated(self, stack: str) -> float | None:
         """When the stack's state was last written (seconds since the epoch; None before any)."""
         return self.backend.updated(self.project_name(), stack)
-
-    def state_files(self, stack: str) -> list[Path]:
-        """The local backend's files of a stack's state (empty for a database)."""
-        backend = self.backend
-        return backend.state_files(self.project_name(), stack) if isinstance(backend, FolderBackend) else []
 
     def ensure_stack(self, stack: str) -> None:
         """Create the stack when the backend does not have it yet: safe from several threads,
