@@ -118,8 +118,9 @@ def test_a_vm_holding_the_device_is_named_with_how_to_stop_it(host: Host, tmp_pa
     process = subprocess.Popen(["sh", "-c", f'exec "{qemu}" -c "import time; time.sleep(60)" '
                                             f'-name guest=hpc-compute-01,debug-threads=on 3<"{node}"'])
     holding.append(process)
-    for _ in range(200):
-        if open_by(host, [node]):
+    comm = Path(f"/proc/{process.pid}/comm")
+    for _ in range(500):  # the shell opens the node before it execs: wait for qemu's name too
+        if open_by(host, [node]) and comm.read_text().strip() == "qemu-system-x86":
             break
         subprocess.run(["sleep", "0.02"], check=True)
     with pytest.raises(CustodyError) as refused:
