@@ -103,9 +103,12 @@ def summarize_failure(output: str) -> str:
     engine = [m.group(1).strip() for line in output.splitlines() if (m := _ENGINE_ERROR.match(line))]
     generic = ("update failed", "preview failed", "destroy failed", "an unhandled error occurred")
     specific = [e for e in engine if not e.startswith(generic)]
+    crash = [line.strip() for line in output.splitlines() if _EXCEPTION_LINE.match(line.strip())]
+    if specific and crash and specific[0].endswith(":"):
+        # "Program failed with an unhandled exception:" announces a traceback: its last line says why.
+        return f"{specific[0]} {crash[-1]}"
     if specific:
         return specific[0]
-    crash = [line.strip() for line in output.splitlines() if _EXCEPTION_LINE.match(line.strip())]
     if crash:
         return crash[-1]
     if engine:

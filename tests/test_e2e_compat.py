@@ -21,13 +21,14 @@ pytestmark = pytest.mark.e2e
 # The last commit before the Operator, the kinds and the state layout moved (aihow_infra/ops,
 # kinds, state): its program and providers make the stacks.
 PREVIOUS = "736b56d"
+CODE = ("__main__.py", "aihow_infra", "providers", "templates")
 
 
 def test_a_stack_made_by_the_previous_layout_converges_with_no_change(e2e: E2E, tmp_path: Path) -> None:
     old = tmp_path / "previous"
     old.mkdir()
-    archive = subprocess.run(["git", "-C", str(CHECKOUT), "archive", PREVIOUS, "__main__.py", "aihow_infra",
-                              "providers", "templates"], check=True, capture_output=True).stdout
+    archive = subprocess.run(["git", "-C", str(CHECKOUT), "archive", PREVIOUS, *CODE],
+                             check=True, capture_output=True).stdout
     subprocess.run(["tar", "-x", "-C", str(old)], input=archive, check=True)
     box = e2e.sandbox
     clusters = {}
@@ -35,13 +36,18 @@ def test_a_stack_made_by_the_previous_layout_converges_with_no_change(e2e: E2E, 
         net = box.subnet()
         clusters[kind] = box.cluster(kind, net, [box.node(str(list(net.hosts())[10]))])
     cluster_file = e2e.write_cluster_file(clusters)
-    program = e2e.workspace.project_dir / "__main__.py"
+    project = e2e.workspace.project_dir
+    program = project / "__main__.py"
     program.unlink()
-    program.symlink_to(old / "__main__.py")
+    # The program's folder comes first on the engine's sys.path: the previous program imports
+    # the previous code, not this checkout's (installed in the venv).
+    for name in CODE:
+        (project / name).symlink_to(old / name)
     for stack in ("hpc", "cloud"):
         e2e.configure(stack, cluster_file)
         e2e.workspace.up(stack)
-    program.unlink()
+    for name in CODE:
+        (project / name).unlink()
     program.symlink_to(CHECKOUT / "__main__.py")
     for stack in ("hpc", "cloud"):
         assert e2e.workspace.planned_steps(stack) == {}, stack

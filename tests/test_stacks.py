@@ -9,7 +9,7 @@ import os
 import socket
 from pathlib import Path
 
-from aihow_infra.stacks import Workspace
+from aihow_infra.stacks import Workspace, summarize_failure
 from tests.sandbox import dead_pid
 
 ATTRS = json.dumps({"user.cache_control": "", "user.content_type": "application/json"}) + "\n"
@@ -89,3 +89,17 @@ def test_without_a_dead_engine_only_the_states_broken_sidecar_goes(tmp_path: Pat
     assert (pulumi / "history" / "aihow" / "hpc" / "hpc-1795953464.history.json.attrs").exists()
     assert told == ["removed hpc.json.attrs, a broken or orphaned attributes file of stack hpc's state left by "
                     "a pulumi process that was stopped while saving"]
+
+
+def test_a_program_crash_is_said_with_its_exception() -> None:
+    output = """Diagnostics:
+  pulumi:pulumi:Stack (aihow-hpc):
+    error: Program failed with an unhandled exception:
+    Traceback (most recent call last):
+      File "/p/__main__.py", line 57, in main
+        cluster = Cluster(plan.key, ClusterArgs(plan=plan))
+    TypeError: ClusterArgs.__init__() missing 1 required positional argument: 'ledger'
+"""
+    assert summarize_failure(output) == (
+        "Program failed with an unhandled exception: TypeError: ClusterArgs.__init__() missing 1 "
+        "required positional argument: 'ledger'")
