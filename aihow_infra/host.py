@@ -18,6 +18,12 @@ VFIO_DRIVER = "vfio-pci"  # the host driver a function must be on to be passed t
 MODPROBE_FOLDERS = ("/etc/modprobe.d", "/run/modprobe.d", "/usr/lib/modprobe.d", "/lib/modprobe.d")
 # TCG's default translation cache is 1 GiB a guest; 128 MiB keeps qemu near 500 MiB for a 1 GiB guest.
 TCG_CACHE_MIB = 128
+# Added to a software-emulated guest's kernel command line. Its clocksource watchdog, checking the
+# TSC against jiffies (which lag whenever the host is busy), marks the TSC unstable within a second
+# of boot; the kernel then reads time from the ACPI PM timer, an emulated I/O port: every clock
+# read a system call and a device exit instead of a vDSO read (2.5x the cost of a Python
+# ``time.time()``, bench/guest_clock.py). TCG's TSC is the host's, invariant: reliable.
+TCG_CMDLINE = "tsc=reliable"
 
 
 class Host:

@@ -20,6 +20,7 @@ import ipaddress
 import multiprocessing
 import os
 import platform
+import re
 import shutil
 import statistics
 import subprocess
@@ -173,11 +174,12 @@ def bench_scale(folder: Path, sizes: list[int]) -> list[Row]:
 # --- real libvirt: system.up and vm.start ---------------------------------------------------------
 
 
-def plain_libvirt_up(plan_file: Path, images: Path, uri: str = "qemu:///system") -> tuple[Callable[[], None],
-                                                                                   dict[str, float]]:
+def plain_libvirt_up(plan_file: Path, images: Path, uri: str = "qemu:///system",
+                     cmdline: str | None = None) -> tuple[Callable[[], None], dict[str, float]]:
     """The baseline: a plain libvirt-python script that defines and starts the same networks,
     pools, volumes (overlays on the same image), seeds and domains, then polls the same guest
-    agent until every VM is ready. Returns its teardown and each VM's start-to-ready seconds."""
+    agent until every VM is ready. Returns its teardown and each VM's start-to-ready seconds.
+    ``cmdline``: the guests' whole kernel command line (default: what the project renders)."""
     import libvirt
 
     from aihow_infra.cloudinit import SeedSpec, seed_files, seed_iso
@@ -192,53 +194,7 @@ def plain_libvirt_up(plan_file: Path, images: Path, uri: str = "qemu:///system")
     virt_type = choose_virt_type("auto", Host(Path("/")), _kvm(conn)).virt_type  # as the project decides
     made: list[Callable[[], None]] = []
     started: dict[str, tuple[Any, float]] = {}
-    key = login_key(None).public
-    for plan in plan_all(load_cluster_file(plan_file)):
-        net = conn.networkDefineXML(network_xml({
-            "name": plan.network_name, "bridge": plan.bridge, "forward_mode": plan.forward_mode,
-            "dns_domain": plan.dns_domain, "dns_servers": [], "gateway": plan.gateway,
-            "netmask": plan.netmask, "dhcp_start": plan.dhcp_start, "dhcp_end": plan.dhcp_end,
-            "hosts": [{"mac": v.mac, "name": v.name, "ip": v.ip} for v in plan.vms if v.ip]}))
-        net.create()
-        made.append(lambda n=net: (n.destroy(), n.undefine()))
-        pool = conn.storagePoolDefineXML(pool_xml({"name": plan.pool_name, "path": str(images / plan.name)}), 0)
-        pool.build(0)
-        pool.create(0)
-        made.append(lambda p=pool: (p.destroy(), p.delete(0), p.undefine()))
-        for vm in plan.vms:
-            image = image_for(vm.image) if vm.image else None
-            vol = pool.createXML(volume_xml({"name": f"{vm.name}.qcow2", "size_gb": vm.disk_gb,
-                                             "base_image": str(image.disk) if image else None}), 0)
-            made.append(lambda v=vol: v.delete(0))
-            spec = SeedSpec(vm.name, vm.mac, vm.ip, plan.subnet, None, (plan.gateway,), plan.dns_domain, "aihow",
-                            (key,), tuple((v.ip, v.name) for v in plan.vms if v.ip))
-            data = seed_iso(seed_files(spec))
-            seed = pool.createXML(volume_xml({"name": f"{vm.name}-seed.iso", "size_bytes": len(data),
-                                              "format": "raw"}), 0)
-            stream = conn.newStream(0)
-            seed.upload(stream, 0, len(data), 0)
-            stream.send(data)
-            stream.finish()
-            made.append(lambda v=seed: v.delete(0))
-            boot = {"kernel": str(image.kernel), "initrd": str(image.initrd), "cmdline": KERNEL_CMDLINE} \
-                if image else None
-            dom = conn.defineXML(domain_xml({
-                "name": vm.name, "cluster": vm.cluster_name, "role": vm.role, "stack": "plain",
-                "vcpus": vm.cpu_cores, "memory_mib": vm.memory_gb * 1024, "disk_path": vol.path(), "mac": vm.mac,
-                "network": plan.network_name, "devices": [], "mounts": [], "seed_path": seed.path(), "boot": boot,
-                "console_log": str(console_log_path(vm.name)),
-                "acceleration": {"cpu_model": vm.acceleration.cpu_model}}, virt_type))
-            if vm.auto_start:
-                dom.create()
-                started[vm.name] = (dom, time.perf_counter())
-            made.append(lambda d=dom: (d.isActive() and d.destroy(), d.undefine()))
-    ready: dict[str, float] = {}
-    deadline = time.perf_counter() + 1800
-    while len(ready) < len(started) and time.perf_counter() < deadline:
-        for name, (dom, when) in started.items():
-            if name not in ready and probe(dom).ready:
-                ready[name] = time.perf_counter() - when
-        time.sleep(1)
+    key = login_key(None, plan_file.parent).public
 
     def teardown() -> None:
         for undo in reversed(made):
@@ -246,6 +202,63 @@ def plain_libvirt_up(plan_file: Path, images: Path, uri: str = "qemu:///system")
                 undo()
         conn.close()
 
+    try:
+        for plan in plan_all(load_cluster_file(plan_file)):
+            net = conn.networkDefineXML(network_xml({
+                "name": plan.network_name, "bridge": plan.bridge, "forward_mode": plan.forward_mode,
+                "dns_domain": plan.dns_domain, "dns_servers": [], "gateway": plan.gateway,
+                "netmask": plan.netmask, "dhcp_start": plan.dhcp_start, "dhcp_end": plan.dhcp_end,
+                "hosts": [{"mac": v.mac, "name": v.name, "ip": v.ip} for v in plan.vms if v.ip]}))
+            made.append(lambda n=net: n.undefine())
+            made.append(lambda n=net: n.isActive() and n.destroy())
+            net.create()
+            pool = conn.storagePoolDefineXML(pool_xml({"name": plan.pool_name, "path": str(images / plan.name)}), 0)
+            made.append(lambda p=pool: p.undefine())
+            pool.build(0)
+            made.append(lambda p=pool: p.delete(0))
+            made.append(lambda p=pool: p.isActive() and p.destroy())
+            pool.create(0)
+            for vm in plan.vms:
+                image = image_for(vm.image) if vm.image else None
+                vol = pool.createXML(volume_xml({"name": f"{vm.name}.qcow2", "size_gb": vm.disk_gb,
+                                                 "base_image": str(image.disk) if image else None}), 0)
+                made.append(lambda v=vol: v.delete(0))
+                spec = SeedSpec(vm.name, vm.mac, vm.ip, plan.subnet, None, (plan.gateway,), plan.dns_domain, "aihow",
+                                (key,), tuple((v.ip, v.name) for v in plan.vms if v.ip))
+                data = seed_iso(seed_files(spec))
+                seed = pool.createXML(volume_xml({"name": f"{vm.name}-seed.iso", "size_bytes": len(data),
+                                                  "format": "raw"}), 0)
+                stream = conn.newStream(0)
+                seed.upload(stream, 0, len(data), 0)
+                stream.send(data)
+                stream.finish()
+                made.append(lambda v=seed: v.delete(0))
+                boot = {"kernel": str(image.kernel), "initrd": str(image.initrd), "cmdline": KERNEL_CMDLINE} \
+                    if image else None
+                xml = domain_xml({
+                    "name": vm.name, "cluster": vm.cluster_name, "role": vm.role, "stack": "plain",
+                    "vcpus": vm.cpu_cores, "memory_mib": vm.memory_gb * 1024, "disk_path": vol.path(), "mac": vm.mac,
+                    "network": plan.network_name, "devices": [], "mounts": [], "seed_path": seed.path(), "boot": boot,
+                    "console_log": str(console_log_path(vm.name)),
+                    "acceleration": {"cpu_model": vm.acceleration.cpu_model}}, virt_type)
+                if cmdline is not None:
+                    xml = re.sub(r"<cmdline>.*</cmdline>", f"<cmdline>{cmdline}</cmdline>", xml)
+                dom = conn.defineXML(xml)
+                made.append(lambda d=dom: d.undefine())
+                made.append(lambda d=dom: d.isActive() and d.destroy())
+                if vm.auto_start:
+                    dom.create()
+                    started[vm.name] = (dom, time.perf_counter())
+        ready: dict[str, float] = {}
+        deadline = time.perf_counter() + 1800
+        while len(ready) < len(started) and time.perf_counter() < deadline:
+            for name, (dom, when) in started.items():
+                if name not in ready and probe(dom).ready:
+                    ready[name] = time.perf_counter() - when
+            time.sleep(1)
+    except BaseException:  # a failure or Ctrl-C midway: nothing made is left behind
+        teardown()
+        raise
     if len(ready) < len(started):
         teardown()
         raise RuntimeError(f"plain script: {sorted(set(started) - set(ready))} not ready in 30 minutes")

@@ -28,6 +28,7 @@ from typing import Any
 import libvirt
 import yaml
 
+from aihow_infra.host import TCG_CMDLINE
 from aihow_infra.images import KERNEL_CMDLINE, Image
 from aihow_infra.libvirt.guest import Ran, console_log_path, run, wait_ready
 from aihow_infra.state.layout import CHECKOUT
@@ -92,7 +93,7 @@ def outer_xml(name: str, image: Image, disk: Path, checkout: Path) -> str:
     <type arch='x86_64' machine='q35'>hvm</type>
     <kernel>{image.kernel}</kernel>
     <initrd>{image.initrd}</initrd>
-    <cmdline>{KERNEL_CMDLINE} intel_iommu=on iommu=pt</cmdline>
+    <cmdline>{KERNEL_CMDLINE} {TCG_CMDLINE} intel_iommu=on iommu=pt</cmdline>
   </os>
   <features><acpi/><apic/><ioapic driver='qemu'/></features>
   <cpu mode='custom' match='exact'>

@@ -104,6 +104,14 @@ def test_software_emulation_has_no_host_cpu_settings() -> None:
     assert "mode='host-passthrough'" not in xml and "<feature policy" not in xml and "vmport" not in xml
 
 
+def test_only_a_software_emulated_guest_keeps_its_tsc() -> None:
+    def cmdline(virt_type: str) -> str:
+        return domain_xml(BOOTING_DOMAIN, virt_type).split("<cmdline>")[1].split("</cmdline>")[0]
+
+    assert cmdline("qemu") == f"{BOOTING_DOMAIN['boot']['cmdline']} tsc=reliable"  # type: ignore[index]
+    assert cmdline("kvm") == BOOTING_DOMAIN["boot"]["cmdline"]  # type: ignore[index]
+
+
 def test_values_are_escaped() -> None:
     nasty: dict[str, Any] = {**NETWORK, "hosts": [{"mac": "52:54:00:00:00:01", "name": "a'b<c", "ip": "10.0.0.5"}]}
     assert "name='a&#39;b&lt;c'" in network_xml(nasty)

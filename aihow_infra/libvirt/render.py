@@ -10,7 +10,7 @@ from __future__ import annotations
 from functools import cache
 from typing import TYPE_CHECKING, Any
 
-from aihow_infra.host import TCG_CACHE_MIB
+from aihow_infra.host import TCG_CACHE_MIB, TCG_CMDLINE
 from aihow_infra.state.layout import CHECKOUT
 
 if TYPE_CHECKING:
@@ -129,6 +129,9 @@ def domain_xml(props: dict[str, Any], virt_type: str, uuid: str | None = None) -
         size = accel.get("hugepage_size") or "2M"
         hugepages = {"size": size[:-1], "unit": size[-1]}
     mounts = props.get("mounts") or []
+    boot = props.get("boot")
+    if boot and virt_type == "qemu":
+        boot = {**boot, "cmdline": f"{boot['cmdline']} {TCG_CMDLINE}"}
     return _render(
         "domain.xml.j2",
         virt_type=virt_type,
@@ -154,7 +157,7 @@ def domain_xml(props: dict[str, Any], virt_type: str, uuid: str | None = None) -
         cpu_features=_features(accel, cpu_mode),
         disk_path=props["disk_path"],
         seed_path=props.get("seed_path"),
-        boot=props.get("boot"),
+        boot=boot,
         console_log=props.get("console_log"),
         tcg_cache_mib=TCG_CACHE_MIB if virt_type == "qemu" else None,
         mac=props["mac"],
