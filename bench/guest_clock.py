@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import re
+import shutil
 import statistics
 import sys
 import tempfile
@@ -70,22 +71,26 @@ def boot(folder: Path, vms: int, cmdline: str) -> dict[str, list[float] | str]:
     prefix = f"aihc{uuid.uuid4().hex[:6]}"
     plan = folder / f"{prefix}.yaml"
     plan.write_text(yaml.safe_dump(cluster(prefix, vms)))
-    teardown, ready = plain_libvirt_up(plan, Path("/var/lib/libvirt/images") / prefix, cmdline=cmdline)
+    images = Path("/var/lib/libvirt/images") / prefix
     try:
-        conn = libvirt.open("qemu:///system")
-        seen: dict[str, list[float] | str] = {"ready": list(ready.values()), "userspace": [], "time": [],
-                                              "import": [], "clocksource": ""}
-        for name in ready:
-            ran = run(conn.lookupByName(name), ["/bin/sh", "-c", INSIDE], timeout=600)
-            source, analyze, clock, imported = ran.out.splitlines()[:4]
-            seen["clocksource"] = source
-            for key, value in (("userspace", userspace_seconds(analyze)), ("time", float(clock)),
-                               ("import", float(imported))):
-                seen[key].append(value)  # type: ignore[union-attr]
-        conn.close()
-        return seen
+        teardown, ready = plain_libvirt_up(plan, images, cmdline=cmdline)
+        try:
+            conn = libvirt.open("qemu:///system")
+            seen: dict[str, list[float] | str] = {"ready": list(ready.values()), "userspace": [], "time": [],
+                                                  "import": [], "clocksource": ""}
+            for name in ready:
+                ran = run(conn.lookupByName(name), ["/bin/sh", "-c", INSIDE], timeout=600)
+                source, analyze, clock, imported = ran.out.splitlines()[:4]
+                seen["clocksource"] = source
+                for key, value in (("userspace", userspace_seconds(analyze)), ("time", float(clock)),
+                                   ("import", float(imported))):
+                    seen[key].append(value)  # type: ignore[union-attr]
+            conn.close()
+            return seen
+        finally:
+            teardown()
     finally:
-        teardown()
+        shutil.rmtree(images, ignore_errors=True)  # the pools' parent folder, empty once they are gone
 
 
 def main() -> None:
@@ -104,7 +109,7 @@ def main() -> None:
     base = next(iter(VARIANTS))
 
     def median(name: str, key: str) -> float:
-        return statistics.median(v for r in results[name] for v in r[key])
+        return float(statistics.median(v for r in results[name] for v in r[key]))
 
     print(f"\n{args.vms} guests of the hpc image booted at once, {args.rounds} round(s), medians over guests:\n")
     print("| variant | clocksource | start to ready (s) | userspace boot (s) | time.time() (us) "
