@@ -35,7 +35,7 @@ from run import ROOT, plain_libvirt_up
 from aihow_infra.host import TCG_CMDLINE
 from aihow_infra.images import KERNEL_CMDLINE
 
-VARIANTS = {"acpi_pm (today)": KERNEL_CMDLINE, "tsc=reliable": f"{KERNEL_CMDLINE} {TCG_CMDLINE}"}
+VARIANTS = {"acpi_pm (before)": KERNEL_CMDLINE, "tsc=reliable": f"{KERNEL_CMDLINE} {TCG_CMDLINE}"}
 INSIDE = """cat /sys/devices/system/clocksource/clocksource0/current_clocksource
 systemd-analyze | head -1
 python3 -c 'import time; n = 20000; t = time.perf_counter()

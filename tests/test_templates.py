@@ -108,7 +108,7 @@ def test_only_a_software_emulated_guest_keeps_its_tsc() -> None:
     def cmdline(virt_type: str) -> str:
         return domain_xml(BOOTING_DOMAIN, virt_type).split("<cmdline>")[1].split("</cmdline>")[0]
 
-    assert cmdline("qemu") == f"{BOOTING_DOMAIN['boot']['cmdline']} tsc=reliable"  # type: ignore[index]
+    assert cmdline("qemu") == f"{BOOTING_DOMAIN['boot']['cmdline']} tsc=reliable no_timer_check"  # type: ignore[index]
     assert cmdline("kvm") == BOOTING_DOMAIN["boot"]["cmdline"]  # type: ignore[index]
 
 
