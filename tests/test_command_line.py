@@ -22,6 +22,10 @@ from tests.cli import run_task
     (["gpu.home", "0000:01:00.0", "--to"], "error: gpu.home --to needs a value"),
     (["gpu.home"], "error: 'gpu.home' did not receive required positional arguments: 'address' (`aihow --help "
                    "gpu.home` shows them)"),
+    # invoke's own --config before the task once validated the default file instead, and said "valid".
+    (["--config", "mine.yaml", "validate"], "error: --config mine.yaml before the task name is not the cluster "
+                                            "file; allowed: after the task, e.g. `aihow validate --config FILE`"),
+    (["-f", "mine.yaml", "validate"], "error: --config mine.yaml before the task name is not the cluster file"),
 ])
 def test_a_mistyped_task_or_option_names_the_nearest(capsys: pytest.CaptureFixture[str], argv: list[str],
                                                      said: str) -> None:

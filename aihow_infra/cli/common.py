@@ -141,6 +141,11 @@ class AihowProgram(Program):
             super().parse_core(argv)
         except ParseError as exc:
             raise ParseError(self._explained(str(exc), exc.context), exc.context) from None
+        if self.args.config.value is not None:
+            # invoke's own -f/--config (a settings file for invoke): before the task it silently
+            # took the cluster file meant for the task, and the task ran on the default one.
+            raise ParseError(f"error: --config {self.args.config.value} before the task name is not the cluster "
+                             "file; allowed: after the task, e.g. `aihow validate --config FILE`")
 
     def parse_tasks(self) -> None:
         """Parse the task names and their options; a ``ParseError`` names the nearest one."""
