@@ -356,4 +356,3 @@ def build_image(recipe: Recipe, root: Path, say: Progress) -> Image:
     if image is None:
         raise ImageError(f"the {recipe.role} image was built but {final} is not whole")
     return image
-
