@@ -115,14 +115,15 @@ def test_a_vm_holding_the_device_is_named_with_how_to_stop_it(host: Host, tmp_pa
     qemu = tmp_path / "qemu-system-x86_64"
     qemu.symlink_to(sys.executable)
     node = host.root / "dev/vfio/14"
-    process = subprocess.Popen(["sh", "-c", f'exec "{qemu}" -c "import time; time.sleep(60)" '
-                                            f'-name guest=hpc-compute-01,debug-threads=on 3<"{node}"'])
+    code = "import time; print('held', flush=True); time.sleep(60)"
+    process = subprocess.Popen(["sh", "-c", f'exec "{qemu}" -c "{code}" -name guest=hpc-compute-01,debug-threads=on '
+                                            f'3<"{node}"'], stdout=subprocess.PIPE)
     holding.append(process)
-    comm = Path(f"/proc/{process.pid}/comm")
-    for _ in range(500):  # the shell opens the node before it execs: wait for qemu's name too
-        if open_by(host, [node]) and comm.read_text().strip() == "qemu-system-x86":
-            break
-        subprocess.run(["sleep", "0.02"], check=True)
+    # It prints only once exec'd and started, holding the node it inherited: no polling, no deadline.
+    assert process.stdout is not None and process.stdout.readline().strip() == b"held", \
+        f"the stand-in qemu ended with {process.wait()}"
+    assert Path(f"/proc/{process.pid}/comm").read_text().strip() == "qemu-system-x86"
+    assert [f.pid for f in open_by(host, [node])] == [process.pid]
     with pytest.raises(CustodyError) as refused:
         refuse_blind_handover(host, "cloud-gpu-worker-01", [GPU])
     message = str(refused.value)
