@@ -15,8 +15,9 @@ from aihow_infra.components import Cluster, ClusterArgs
 from aihow_infra.desired import PowerRecords
 from aihow_infra.errors import AihowError, ConfigError, StateFileError
 from aihow_infra.gpu.hosts import host_ledger
-from aihow_infra.hostcheck import check_hugepages, check_subnets
+from aihow_infra.hostcheck import check_hugepages, check_resume_timeout, check_subnets
 from aihow_infra.images import find_image, recipe_for
+from aihow_infra.libvirt.connection import connect, resolve_virt_type
 from aihow_infra.loading import load_cluster_file
 from aihow_infra.plan import plan_cluster
 from aihow_infra.settings import parse_settings
@@ -44,6 +45,10 @@ def main() -> None:
         # Before anything is made: a subnet the host already uses would cut it off from its own.
         check_subnets([plan], settings.libvirt_uri, settings.cluster_file)
         check_hugepages([plan], settings.cluster_file)
+        with connect(settings.libvirt_uri) as conn:
+            choice = resolve_virt_type(conn, settings.virt_type)
+        if choice is not None:
+            check_resume_timeout([plan], choice.virt_type, settings.cluster_file)
     except ConfigError as exc:
         raise pulumi.RunError(f"{exc}\n{exc.report()}") from None
     except AihowError as exc:

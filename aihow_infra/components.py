@@ -158,6 +158,7 @@ class Node(pulumi.ComponentResource):
                       "device_id": c.device_id} for c in vm.claims if c.is_gpu],
             "devices": [d.pci_address for d in vm.devices],
             "auto_start": vm.auto_start,
+            "on_demand": vm.on_demand,
             "desired_power": "running" if running else "stopped",
             "power_state": self.domain.state,
             "image": vm.image or vm.base_image,
@@ -231,6 +232,8 @@ class Cluster(pulumi.ComponentResource):
             "libvirt_uri": settings.libvirt_uri,
             "slurm_partitions": list(plan.partitions),
             "slurm_max_time": plan.max_job_time,
+            "slurm_suspend_time": plan.suspend_time,
+            "slurm_resume_timeout": plan.resume_timeout,
             "pod_subnet": plan.pod_subnet,
             "service_subnet": plan.service_subnet,
         }

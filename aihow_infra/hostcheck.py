@@ -13,12 +13,13 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
 
+from aihow_infra.config import MEASURED_BOOT_SECONDS
 from aihow_infra.crosscheck import SubnetInUse, subnet_collisions
 from aihow_infra.errors import AihowError, ConfigError
 from aihow_infra.gpu.custody import device_files, open_by
 from aihow_infra.gpu.homes import at_home, boot_binding, describe_driver
 from aihow_infra.gpu.ledger import DEFAULT_HOME, Home
-from aihow_infra.host import VFIO_DRIVER, Host, VirtChoice, choose_virt_type, host_subnets
+from aihow_infra.host import VFIO_DRIVER, Host, VirtChoice, VirtType, choose_virt_type, host_subnets
 from aihow_infra.loading import key_lines, line_of, load_cluster_file
 from aihow_infra.plan import ClusterPlan, VmPlan, plan_all
 from aihow_infra.settings import DEFAULT_LIBVIRT_URI
@@ -291,6 +292,18 @@ def check_hugepages(plans: list[ClusterPlan], file: str | Path, root: Path = Pat
             problems.append(f"{key}: '{n.size}' pages back the memory of {', '.join(vm.name for vm in n.users)}, "
                             f"{n.need} of them, and this host reserves {n.have}; allowed: reserve them first "
                             f"({n.fix}), or turn hugepages off")
+    _refuse(problems, file)
+
+
+def check_resume_timeout(plans: list[ClusterPlan], virt_type: VirtType, file: str | Path) -> None:
+    """``ConfigError`` when a cluster with on-demand nodes gives SLURM less time to bring one up
+    (``resume_timeout``) than a compute node's boot takes under ``virt_type`` here: SLURM would
+    mark every node it powers up down and requeue its jobs."""
+    boot = MEASURED_BOOT_SECONDS[virt_type]
+    problems = [f"clusters.{plan.key}.slurm_config.resume_timeout: {plan.resume_timeout} seconds is shorter than a "
+                f"compute node's boot under {virt_type} on this host ({boot} s measured); allowed: at least {boot}, "
+                "e.g. 900" for plan in plans
+                if any(vm.on_demand for vm in plan.vms) and plan.resume_timeout < boot]
     _refuse(problems, file)
 
 

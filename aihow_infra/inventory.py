@@ -59,6 +59,7 @@ def _host_vars(node: Mapping[str, Any], access: Access, state: str) -> dict[str,
         "vm_name": node["name"], "node_role": node["role"], "cpu_cores": node["vcpus"],
         "memory_gb": node["memory_gb"], "power_state": state,
         "desired_power": node.get("desired_power"), "mac": node["mac"], "ip": node.get("ip"),
+        "on_demand": bool(node.get("on_demand")),
         **access.host_vars(node),
     }
     if node.get("pod_subnet"):

@@ -118,7 +118,7 @@ def _describe(error: Mapping[str, Any], raw: Any) -> str:
         return f"{path}: required key is missing"
     message = str(error["msg"]).removeprefix("Value error, ")
     if kind in {"value_error", "assertion_error"}:
-        keyed = re.match(r"^([a-z_]+): (.*)$", message)
+        keyed = re.match(r"^([a-z_]+(?:\.[a-z_]+|\[\d+\])*): (.*)$", message)
         return f"{path}.{keyed.group(1)}: {keyed.group(2)}" if keyed else f"{path}: {message}"
     value = _lookup(raw, loc)
     return f"{path}: {value!r} is invalid; allowed: {_allowed(message)}"

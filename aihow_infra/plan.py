@@ -89,6 +89,7 @@ class VmPlan:
     cloud_init: dict[str, Any] = field(default_factory=dict)
     pod_subnet: str | None = None  # Cloud: this node's /24 of the cluster's pod subnet
     dhcp: bool = False  # the guest asks DHCP for its address (``ip: DHCP`` or none); ``ip`` is reserved for it
+    on_demand: bool = False  # SLURM power saving starts and stops it (``auto_start`` is then False)
 
     @property
     def boots(self) -> bool:
@@ -124,6 +125,8 @@ class ClusterPlan:
     vms: tuple[VmPlan, ...] = field(default_factory=tuple)
     partitions: tuple[str, ...] = ()  # SLURM partitions (HPC), the default one first
     max_job_time: str = "INFINITE"  # SLURM: every partition's MaxTime
+    suspend_time: int = 600  # SLURM power saving: seconds idle before an on-demand node is powered down
+    resume_timeout: int = 900  # SLURM power saving: seconds an on-demand node may take to come up
     pod_subnet: str | None = None  # Kubernetes (Cloud): pods' addresses, one /24 per node
     service_subnet: str | None = None  # Kubernetes (Cloud): services' virtual addresses
 
@@ -256,7 +259,8 @@ def plan_cluster(file: ClusterFile, key: ClusterKey, source: str = "cluster file
             ip=str(address) if address else None,
             dhcp=node.ip is None,
             mac=mac_for(f"{cluster.name}-{short}"),
-            auto_start=node.auto_start,
+            auto_start=node.auto_start and not node.on_demand,
+            on_demand=node.on_demand,
             **_disk_source(node, cluster),
             devices=tuple(node.devices),
             claims=_claims(node.devices),
@@ -281,6 +285,8 @@ def plan_cluster(file: ClusterFile, key: ClusterKey, source: str = "cluster file
         vms=vms,
         partitions=_partitions(cluster),
         max_job_time=cluster.slurm_config.max_job_time if isinstance(cluster, HpcCluster) else "INFINITE",
+        **({"suspend_time": cluster.slurm_config.suspend_time, "resume_timeout": cluster.slurm_config.resume_timeout}
+           if isinstance(cluster, HpcCluster) else {}),
         pod_subnet=str(kube.pod_subnet) if kube else None,
         service_subnet=str(kube.service_subnet) if kube else None,
     )

@@ -10,7 +10,6 @@ import contextlib
 import xml.etree.ElementTree as ET
 from pathlib import Path
 from typing import Any, Literal, TypedDict
-from urllib.parse import urlparse
 
 import libvirt
 import pulumi
@@ -27,8 +26,8 @@ from aihow_infra.errors import CustodyError, LeaseError, LibvirtError
 from aihow_infra.gpu.custody import local_host, refuse_blind_handover
 from aihow_infra.gpu.homes import send_home
 from aihow_infra.gpu.ledger import LeaseRef, Ledger
-from aihow_infra.host import Host, VirtChoice, choose_virt_type
-from aihow_infra.libvirt.connection import call, connect, kvm_usable, lookup
+from aihow_infra.host import VirtChoice
+from aihow_infra.libvirt.connection import call, connect, lookup, resolve_virt_type
 from aihow_infra.libvirt.guest import probe, wait_ready
 from aihow_infra.libvirt.inspect import metadata, read_definition
 from aihow_infra.libvirt.power import start_domain, state_name, stop_domain, undefine
@@ -139,16 +138,6 @@ def _reserved_address(conn: libvirt.virConnect, props: dict[str, Any]) -> str | 
 def _interface_xml(domain_definition: str) -> str:
     iface = ET.fromstring(domain_definition).find("./devices/interface")
     return ET.tostring(iface, encoding="unicode") if iface is not None else ""
-
-
-def resolve_virt_type(conn: libvirt.virConnect, wanted: str) -> VirtChoice | None:
-    """The acceleration for ``aihow:virtType`` (None on libvirt's test driver). The host's
-    modules are read only when libvirt runs on this host."""
-    if conn.getType() != "QEMU":
-        return None
-    local = urlparse(conn.getURI()).hostname in (None, "", "localhost")
-    host = Host(Path("/") if local else Path("/nonexistent"))
-    return choose_virt_type(wanted, host, kvm_usable(conn))
 
 
 class DomainProvider(LibvirtProvider):

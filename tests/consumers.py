@@ -106,12 +106,15 @@ def cloud_init(kind: str, text: str) -> str:
     return done.stdout
 
 
-def slurmctld_reads(conf: str, tmp: Path) -> str:
-    """Start the images' slurmctld on ``conf`` until it has read all of it (its scheduler plugin
-    loads after the nodes and partitions), then stop it; its log. It runs in network and UTS
-    namespaces of its own: it listens nowhere else, and its host name is the controller's, so it
-    reads the file as the controller does. ``AssertionError`` with slurmctld's words when it
-    refuses the file."""
+def slurmctld_reads(conf: str, tmp: Path, programs: Mapping[str, str] | None = None, until: str = READ_ALL,
+                    seconds: float = 60) -> str:
+    """Start the images' slurmctld on ``conf`` until a line of its log has ``until`` (by default:
+    it has read all of it, its scheduler plugin loading after the nodes and partitions), then stop
+    it; its log. It runs in network, UTS and mount namespaces of its own: it listens nowhere else,
+    its host name is the controller's, so it reads the file as the controller does, and
+    ``programs`` (path in /usr/local/sbin -> script text) are there for it alone, bind-mounted over
+    that folder. ``AssertionError`` with slurmctld's words when it refuses the file or ``until``
+    does not come within ``seconds``."""
     root = debian_packages("slurmctld", "slurm-wlm-basic-plugins", "libmunge2")
     plugins = root / "usr/lib/x86_64-linux-gnu/slurm-wlm"
     state = tmp / "slurmctld"
@@ -124,26 +127,32 @@ def slurmctld_reads(conf: str, tmp: Path) -> str:
     path.write_text(f"{local}\nPluginDir={plugins}\nSlurmUser=root\nStateSaveLocation={state}\n"
                     f"SlurmctldPidFile={tmp}/slurmctld.pid\nMailProg=/bin/true\n")
     (tmp / "gres.conf").write_text("")
+    sbin = tmp / "sbin"
+    sbin.mkdir(exist_ok=True)
+    for name, text in (programs or {}).items():
+        (sbin / Path(name).name).write_text(text)
+        (sbin / Path(name).name).chmod(0o755)
     env = {"PATH": os.environ.get("PATH", ""), "SLURM_CONF": str(path),
            "LD_LIBRARY_PATH": f"{plugins}:{root / 'usr/lib/x86_64-linux-gnu'}"}
-    command = f"hostname {controller.group(1)} && exec {root / 'usr/sbin/slurmctld-wlm'} -D -c -v -f {path}"
+    command = (f"mount --bind {sbin} /usr/local/sbin && hostname {controller.group(1)} && "
+               f"exec {root / 'usr/sbin/slurmctld-wlm'} -D -c -v -f {path}")
     log: list[str] = []
-    with subprocess.Popen(["unshare", "--net", "--uts", "sh", "-c", command], stdout=subprocess.PIPE,
+    with subprocess.Popen(["unshare", "--net", "--uts", "--mount", "sh", "-c", command], stdout=subprocess.PIPE,
                           stderr=subprocess.STDOUT, text=True, env=env) as daemon:
-        timer = threading.Timer(60, daemon.kill)
+        timer = threading.Timer(seconds, daemon.kill)
         timer.start()
         try:
             assert daemon.stdout is not None
             for line in daemon.stdout:
                 log.append(line.rstrip())
-                if READ_ALL in line:
+                if until in line:
                     break
         finally:
             timer.cancel()
             daemon.kill()
     text = "\n".join(log)
     refused = [line for line in log if "fatal" in line or "Parse error" in line]
-    assert not refused and any(READ_ALL in line for line in log), \
+    assert not refused and any(until in line for line in log), \
         f"slurmctld refuses this slurm.conf:\n{conf}\n" + "\n".join(refused or log[-5:])
     return text
 

@@ -29,7 +29,7 @@ from aihow_infra.kubepki import Cluster, ensure
 from aihow_infra.libvirt.render import domain_xml, network_xml
 from aihow_infra.loading import load_cluster_file
 from aihow_infra.plan import ClusterPlan, VmPlan, plan_all
-from tests.consumers import cloud_init, containerd_reads, rendered_templates, slurmctld_reads
+from tests.consumers import READ_ALL, cloud_init, containerd_reads, rendered_templates, slurmctld_reads
 
 ROOT = Path(__file__).resolve().parents[1]
 CASES = ROOT / "tests" / "fixtures" / "cases"
@@ -37,6 +37,8 @@ CASES = ROOT / "tests" / "fixtures" / "cases"
 CORPUS = sorted([*(ROOT / "config").glob("*.yaml"), *(CASES / n for n in (
     "nat-static.yaml", "dhcp-nodes.yaml", "hugepages-virtiofs.yaml", "mac-fe.yaml", "ip-change-before.yaml",
     "ip-change-after.yaml", "gpu-group-with-nvme.yaml"))])
+# slurmctld checks its power programs after reading the file, before it says this.
+POWER_JUDGED = "Running as primary controller"
 KEY = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIGtestkeytestkeytestkeytestkeytestkeytestkey test"
 
 
@@ -78,12 +80,14 @@ def node_outputs(plan: ClusterPlan, vm: VmPlan) -> dict[str, Any]:
             "vcpus": vm.cpu_cores, "memory_gb": vm.memory_gb, "disk_gb": vm.disk_gb,
             "gpus": [{"address": c.address, "functions": list(c.functions), "vendor_id": c.vendor_id,
                       "device_id": c.device_id} for c in vm.claims if c.is_gpu],
-            "power_state": "running", "desired_power": "running", "login_user": "aihow"}
+            "on_demand": vm.on_demand, "power_state": "stopped" if vm.on_demand else "running",
+            "desired_power": "stopped" if vm.on_demand else "running", "login_user": "aihow"}
 
 
 def inventory(plan: ClusterPlan) -> dict[str, Any]:
     cluster = {"name": plan.name, "key": plan.key, "slurm_partitions": list(plan.partitions),
-               "slurm_max_time": plan.max_job_time, "pod_subnet": plan.pod_subnet,
+               "slurm_max_time": plan.max_job_time, "slurm_suspend_time": plan.suspend_time,
+               "slurm_resume_timeout": plan.resume_timeout, "pod_subnet": plan.pod_subnet,
                "service_subnet": plan.service_subnet}
     return build_inventory({"cluster": cluster, "nodes": {vm.name: node_outputs(plan, vm) for vm in plan.vms}},
                            plan.key)
@@ -112,16 +116,29 @@ def test_cloud_init_takes_every_seed(path: Path, key: str, name: str) -> None:
 @pytest.mark.parametrize("path", [p for p in CORPUS if any(pl.key == "hpc" for pl in plans(p))],
                          ids=lambda p: p.stem)
 def test_slurmctld_reads_every_slurm_conf(path: Path, tmp_path: Path) -> None:
+    """With on-demand nodes, slurmctld also judges its power programs (installed as the playbook
+    writes them) before it runs as the primary controller: power saving is on, not disabled."""
     plan = next(p for p in plans(path) if p.key == "hpc")
     rendered = rendered_templates(ROOT / "ansible/hpc.yml", inventory(plan), made(plan, tmp_path))
     files = {dest: text for host, dest, text in rendered if host == "controller"}
     conf = files["/etc/slurm/slurm.conf"]
     assert not re.search(r"=(\s|$)", conf), f"an empty value in slurm.conf:\n{conf}"
-    log = slurmctld_reads(conf, tmp_path)
+    on_demand = [vm.name for vm in plan.vms if vm.on_demand]
+    programs = {dest: text for dest, text in files.items() if dest.startswith("/usr/local/sbin/")}
+    log = slurmctld_reads(conf, tmp_path, programs, POWER_JUDGED if on_demand else READ_ALL)
     for partition in plan.partitions:
         assert f"PartitionName={partition} " in conf
     assert f"MaxTime={plan.max_job_time} " in conf
     assert "started on cluster" in log
+    assert "power_save" not in log, log
+    for vm in plan.vms:
+        if vm.role == "compute":
+            assert f"NodeName={vm.name} " in conf and (" State=CLOUD" in conf.split(f"NodeName={vm.name} ")[1]
+                                                       .splitlines()[0]) == vm.on_demand
+    assert ("ResumeProgram=/usr/local/sbin/aihow-power-resume" in conf) == bool(on_demand)
+    if on_demand:
+        assert f"SuspendTime={plan.suspend_time}\n" in conf and f"ResumeTimeout={plan.resume_timeout}\n" in conf
+        assert set(programs) == {f"/usr/local/sbin/aihow-power-{a}" for a in ("resume", "suspend", "resume-fail")}
 
 
 @pytest.mark.parametrize("path", [p for p in CORPUS if any(pl.key == "cloud" for pl in plans(p))],

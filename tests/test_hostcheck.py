@@ -12,9 +12,12 @@ from typing import Any
 import pytest
 import yaml
 
+from aihow_infra.errors import ConfigError
 from aihow_infra.host import Host, VirtChoice, choose_virt_type
-from aihow_infra.hostcheck import check_host
+from aihow_infra.hostcheck import check_host, check_resume_timeout
 from aihow_infra.hostrecord import load_recording, materialize
+from aihow_infra.loading import load_cluster_file
+from aihow_infra.plan import plan_all
 from tests.cli import run_task
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -294,3 +297,22 @@ def test_validate_refuses_hugepages_the_host_does_not_reserve(tmp_path: Path) ->
         "hugepages=20` to GRUB_CMDLINE_LINUX, `update-grub`, reboot)), or turn hugepages off"]
     (pool / "nr_hugepages").write_text("20\n")
     check_hugepages(plans, path, root)
+
+
+def test_a_resume_timeout_shorter_than_a_boot_here_is_refused_with_its_line(tmp_path: Path) -> None:
+    """SLURM's ResumeTimeout for on-demand nodes against the boot measured for this host's
+    acceleration: under software emulation 215 s, under KVM less."""
+    text = (ROOT / "config/example-on-demand.yaml").read_text().replace("resume_timeout: 600", "resume_timeout: 100")
+    path = tmp_path / "cluster.yaml"
+    path.write_text(text)
+    plans = plan_all(load_cluster_file(path, check_images=False))
+    check_resume_timeout(plans, "kvm", path)
+    with pytest.raises(ConfigError) as refused:
+        check_resume_timeout(plans, "qemu", path)
+    line = next(n for n, row in enumerate(text.splitlines(), 1) if "resume_timeout" in row)
+    assert refused.value.problems == [
+        "clusters.hpc.slurm_config.resume_timeout: 100 seconds is shorter than a compute node's boot under qemu on "
+        "this host (215 s measured); allowed: at least 215, e.g. 900"]
+    assert f"line {line}:" in str(refused.value)
+    without = plan_all(load_cluster_file(ROOT / "config/default.yaml", check_images=False))
+    check_resume_timeout(without, "qemu", path)  # no on-demand node: SLURM never powers one up

@@ -14,6 +14,7 @@ import pytest
 import yaml
 
 from aihow_infra.desired import DesiredPower, PowerRecords
+from aihow_infra.images import IMAGE_ROLES, image_for
 from tests.samples import base
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -75,9 +76,24 @@ def test_hpc_stack_registers_network_pool_and_a_volume_and_domain_per_vm(tmp_pat
 
 @pytest.fixture(autouse=True)
 def project_folder(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    """The program runs in a project folder of the test's own (never the checkout's power records)."""
+    """The program runs in a project folder of the test's own (never the checkout's power records),
+    with stand-ins for the built images it checks for (this host's may not be built)."""
     monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("AIHOW_IMAGES_DIR", str(tmp_path / "images"))
+    for role in IMAGE_ROLES:
+        image = image_for(role)
+        image.folder.mkdir(parents=True)
+        for path in (image.disk, image.kernel, image.initrd):
+            path.write_bytes(b"stand-in")
+        image.manifest.write_text(json.dumps({"built_seconds": 1.0, "disk_bytes": 8}))
     return tmp_path
+
+
+def test_an_image_not_built_stops_the_program_naming_the_command_that_builds_it(tmp_path: Path) -> None:
+    (image_for("hpc").manifest).unlink()
+    with pytest.raises(Exception, match=r"guest image\(s\) hpc not built; allowed: build them first with "
+                                        r"`invoke image.build --role hpc`"):
+        run_program("hpc", {"clusterFile": str(ROOT / "config" / "default.yaml")})
 
 
 def test_gpu_worker_is_defined_stopped_without_lease_until_started(tmp_path: Path) -> None:

@@ -68,13 +68,17 @@ def destroy(c: Context, stack: str = "", yes: bool = False) -> None:
 @task(help={"config": "cluster file to check (default: the one each stack names)"})
 def validate(c: Context, config: str = "") -> None:
     """Check a cluster file: a summary, or every error at once."""
-    from aihow_infra.hostcheck import check_hugepages, check_subnets
+    from aihow_infra.hostcheck import check_hugepages, check_resume_timeout, check_subnets
+    from aihow_infra.libvirt.connection import connect, resolve_virt_type
     from aihow_infra.loading import load_cluster_file
     from aihow_infra.plan import plan_all, shared_devices
 
     op = operator()
     stacks = op.configured_stacks()
-    uri = op.settings(stacks[0]).libvirt_uri if stacks else "qemu:///system"
+    settings = op.settings(stacks[0]) if stacks else None
+    uri = settings.libvirt_uri if settings else "qemu:///system"
+    with connect(uri) as conn:
+        choice = resolve_virt_type(conn, settings.virt_type if settings else "auto")
     if config:  # the user's own path, from the folder they are in
         loaded = [(Path(config), load_cluster_file(config))]
     else:  # each stack's, from the project folder and with its settings, as `up` reads it
@@ -84,6 +88,8 @@ def validate(c: Context, config: str = "") -> None:
         plans = plan_all(cluster_file)
         check_subnets(plans, uri, str(path))
         check_hugepages(plans, str(path))
+        if choice is not None:
+            check_resume_timeout(plans, choice.virt_type, str(path))
         out.print(valid_table(path, plans))
         for shared in shared_devices(plans):
             colour = "red" if shared.conflict else "magenta"

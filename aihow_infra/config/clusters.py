@@ -18,7 +18,7 @@ from pydantic import (
     model_validator,
 )
 
-from aihow_infra.config.base import BRIDGE_RE, CLUSTER_NAME_RE, Model
+from aihow_infra.config.base import BRIDGE_RE, CLUSTER_NAME_RE, MEASURED_BOOT_SECONDS, Model
 from aihow_infra.config.nodes import CloudInit, Hardware, ImageChoice, NodeSpec
 
 
@@ -114,12 +114,34 @@ PartitionName = Annotated[str, AfterValidator(_check_partition)]
 
 
 class SlurmConfig(Model):
-    """SLURM settings handed to the inventory: partitions (the default one first in slurm.conf)
-    and the longest a job may run in them (every partition's ``MaxTime``)."""
+    """SLURM settings handed to the inventory: partitions (the default one first in slurm.conf),
+    the longest a job may run in them (every partition's ``MaxTime``), and power saving for the
+    compute nodes marked ``on_demand``: seconds idle before SLURM powers one down
+    (``SuspendTime``) and seconds a powered-down node may take to boot and answer before SLURM
+    marks it down and requeues its jobs (``ResumeTimeout``)."""
 
     partitions: list[PartitionName] = Field(default_factory=lambda: ["compute"])
     default_partition: str | None = None
     max_job_time: str = "INFINITE"
+    suspend_time: int = 600
+    resume_timeout: int = 900
+
+    @field_validator("suspend_time", mode="after")
+    @classmethod
+    def _idle_time(cls, value: int) -> int:
+        if value <= 0:
+            raise ValueError(f"{value!r} seconds is no idle time; allowed: 1 or more seconds idle before an on-demand "
+                             "node is powered down (leave on_demand off for nodes that always run)")
+        return value
+
+    @field_validator("resume_timeout", mode="after")
+    @classmethod
+    def _fits_a_boot(cls, value: int) -> int:
+        if value < MEASURED_BOOT_SECONDS["kvm"]:
+            raise ValueError(f"{value!r} seconds is shorter than a compute node's boot "
+                             f"({MEASURED_BOOT_SECONDS['kvm']} s under KVM, {MEASURED_BOOT_SECONDS['qemu']} s under "
+                             f"software emulation); allowed: at least {MEASURED_BOOT_SECONDS['kvm']}, e.g. 900")
+        return value
 
     @field_validator("partitions", mode="after")
     @classmethod
@@ -215,6 +237,14 @@ class HpcCluster(ClusterBase):
     def _template_form(cls, value: Any) -> Any:
         return _expand_node_group(value)
 
+    @field_validator("controller", mode="after")
+    @classmethod
+    def _controller_always_runs(cls, value: NodeSpec) -> NodeSpec:
+        if value.on_demand:
+            raise ValueError("on_demand: True on the controller; allowed: false (slurmctld on the controller is "
+                             "what powers the compute nodes up and down)")
+        return value
+
 
 class WorkerGroups(Model):
     """The older ``worker_nodes: {cpu: [...], gpu: [...]}`` form."""
@@ -263,6 +293,22 @@ class CloudCluster(ClusterBase):
     @classmethod
     def _template_form(cls, value: Any) -> Any:
         return _expand_node_group(value)
+
+    @model_validator(mode="after")
+    def _no_on_demand_yet(self) -> CloudCluster:
+        where = [("control_plane", self.control_plane)]
+        if isinstance(self.worker_nodes, WorkerGroups):
+            where += [(f"worker_nodes.{g}[{i}]", n) for g in ("cpu", "gpu")
+                      for i, n in enumerate(getattr(self.worker_nodes, g))]
+        else:
+            where += [(f"worker_nodes[{i}]", n) for i, n in enumerate(self.worker_nodes)]
+        for path, node in where:
+            if node.on_demand:
+                what = ("the control plane runs the API server every node needs" if path == "control_plane" else
+                        "starting a Kubernetes worker for a pending pod is not built yet")
+                raise ValueError(f"{path}.on_demand: True: {what}; allowed: false (on-demand is for HPC compute "
+                                 "nodes, under SLURM power saving)")
+        return self
 
     @property
     def workers(self) -> list[NodeSpec]:

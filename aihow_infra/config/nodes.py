@@ -132,6 +132,7 @@ class NodeSpec(ImageChoice):
     disk_gb: Annotated[int, Field(gt=0)]
     ip: ipaddress.IPv4Address | None = None
     auto_start: bool = True
+    on_demand: bool = False  # SLURM power saving: off until a job needs it, off again when idle
     cloud_init: CloudInit = Field(default_factory=CloudInit)
     pcie_passthrough: PciePassthrough = Field(default_factory=PciePassthrough)
     virtio_fs_mounts: list[VirtioFsMount] = Field(default_factory=list)
@@ -147,6 +148,13 @@ class NodeSpec(ImageChoice):
         if isinstance(data, Mapping) and str(data.get("ip", "")).upper() == "DHCP":
             data = {**data, "ip": None}
         return data
+
+    @model_validator(mode="after")
+    def _on_demand_starts_on_demand(self) -> NodeSpec:
+        if self.on_demand and self.auto_start and "auto_start" in self.model_fields_set:
+            raise ValueError("auto_start: True with on_demand: True; allowed: one of them (an on-demand node "
+                             "starts when a job needs it)")
+        return self
 
     @property
     def devices(self) -> list[PciDevice]:

@@ -108,7 +108,9 @@ class _Hpc:
         if gpu_nodes:
             children["slurm_gpu"] = {"hosts": {n: {} for n in gpu_nodes}}
         common = {"slurm_partitions": cluster.get("slurm_partitions") or ["compute"],
-                  "slurm_max_time": cluster.get("slurm_max_time") or "INFINITE"}
+                  "slurm_max_time": cluster.get("slurm_max_time") or "INFINITE",
+                  "slurm_suspend_time": cluster.get("slurm_suspend_time") or 600,
+                  "slurm_resume_timeout": cluster.get("slurm_resume_timeout") or 900}
         return common, {"hpc": {"children": children}}
 
 
