@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from invoke.collection import Collection
 
+from aihow_infra.cli.broker import broker
 from aihow_infra.cli.common import AihowProgram, version
 from aihow_infra.cli.dev import test
 from aihow_infra.cli.gpu import gpu_forget, gpu_home, gpu_leases, gpu_reclaim
@@ -53,7 +54,7 @@ kube = Collection("kubernetes")
 kube.add_task(kubernetes_build, "build")
 
 ns = Collection(stacks, up, preview, destroy, deploy, kubectl, validate, switch, topology, inventory, ssh_config, test,
-                vm, system, gpu, host, image, kube)
+                broker, vm, system, gpu, host, image, kube)
 
 # `aihow ARGS` (pyproject's console script): the same tasks, from any folder. The project is the
 # checkout this file is in (AIHOW_PROJECT_DIR overrides it), never the current folder.

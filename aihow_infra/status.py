@@ -66,6 +66,7 @@ class VmStatus:
     addresses: list[str] = field(default_factory=list)
     workload: str = ""  # what the cluster's software says of the node (SLURM: idle; Kubernetes: Ready...)
     disk: str = "-"  # 'present' or 'missing' (libvirt's view of its volume)
+    on_demand: bool = False  # SLURM's power saving starts and stops it (through `aihow broker`)
 
     @property
     def workload_name(self) -> str:
@@ -74,8 +75,16 @@ class VmStatus:
 
     @property
     def as_desired(self) -> bool:
-        """True when libvirt's state is the desired one (a manual-start VM that is off counts)."""
+        """True when libvirt's state is the desired one (a manual-start VM that is off counts;
+        an on-demand VM is as desired running or off: the broker decides)."""
+        if self.on_demand:
+            return self.state != "undefined"
         return (self.state == "running") == (self.desired == "running") and self.state != "undefined"
+
+    @property
+    def state_word(self) -> str:
+        """libvirt's state, or ``powered down (on demand)`` for an on-demand VM that is off."""
+        return "powered down (on demand)" if self.on_demand and self.state == "shutoff" else self.state
 
     @classmethod
     def of(cls, vm: VmPlan, stack: str, state: str, wants_running: bool,
@@ -89,7 +98,7 @@ class VmStatus:
                    image=vm.image or vm.base_image, ready=bool(guest and guest.ready) if vm.boots else None,
                    guest=_guest_word(guest) if vm.boots else "no image",
                    addresses=[a for found in (guest.addresses if guest else {}).values() for a in found],
-                   disk=disk)
+                   disk=disk, on_demand=vm.on_demand)
 
 
 def _guest_word(guest: GuestState | None) -> str:

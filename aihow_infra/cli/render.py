@@ -40,7 +40,7 @@ def vm_table(rows: list[VmStatus], title: str) -> Table:
         guest = f"[green]{r.guest}[/green]" if r.ready else r.guest
         ip = r.ip or (", ".join(r.addresses) if r.addresses else "DHCP")
         gpus = ", ".join(f"{g.address} ({g.holder or 'free'})" for g in r.gpus) or "-"
-        table.add_row(r.name, r.role, f"[{colour}]{r.state}[/{colour}]", r.desired, guest,
+        table.add_row(r.name, r.role, f"[{colour}]{r.state_word}[/{colour}]", r.desired, guest,
                       *([r.workload or "-"] if workload else []), ip, str(r.vcpus), str(r.memory_gb),
                       f"{r.disk_gb} GiB" if r.disk in ("present", "-") else f"[red]{r.disk}[/red]", gpus)
     return table
@@ -118,10 +118,10 @@ def topology_tree(status: SystemStatus) -> Tree:
             vs = _state_style(vm.state)
             branch = net.add(
                 f"[{vs}]{vm.name}[/{vs}] {vm.ip or 'DHCP'} {vm.role} "
-                f"{vm.vcpus} vCPU {vm.memory_gb} GiB [{vs}]{vm.state}[/{vs}]"
+                f"{vm.vcpus} vCPU {vm.memory_gb} GiB [{vs}]{vm.state_word}[/{vs}]"
                 + (f" {vm.guest}" if vm.state == "running" and vm.guest not in ("", "-") else "")
                 + (f" {vm.workload_name} {vm.workload}" if vm.workload and vm.workload != "answers" else "")
-                + ("" if vm.auto_start else " (manual start)"))
+                + ("" if vm.auto_start or vm.on_demand else " (manual start)"))
             for gpu in vm.gpus:
                 label = f"[magenta]GPU {gpu.address}[/magenta]"
                 share = shared.get(gpu.address)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from dataclasses import asdict
 
 from invoke.context import Context
 
@@ -29,10 +30,14 @@ def system_down(c: Context, yes: bool = False) -> None:
 
 @task(help={"json": "print JSON"})
 def system_status(c: Context, json_: bool = False) -> None:
-    """Both clusters, their VMs, and who owns each shared GPU."""
-    status = operator().system_status()
+    """Both clusters, their VMs, who owns each shared GPU, and the power broker's queue."""
+    from aihow_infra.ops.broker import BrokerRecord
+
+    op = operator()
+    status = op.system_status()
+    broker = BrokerRecord.read(op.state.broker)
     if json_:
-        out.print_json(json.dumps(status.to_dict()))
+        out.print_json(json.dumps({**status.to_dict(), "broker": asdict(broker) if broker else None}))
         return
     for cluster in status.clusters:
         if cluster.error:
@@ -52,6 +57,13 @@ def system_status(c: Context, json_: bool = False) -> None:
     for home in status.homes:
         if home.stuck:
             out.print(f"[red]device {home.address}: {home.now}[/red]; free it with `{home.fix}`", highlight=False)
+    if broker is not None:
+        out.print(f"power broker (as of {broker.updated}): {len(broker.waiting)} waiting", highlight=False)
+        for h in broker.waiting:
+            out.print(f"  [yellow]{h.action} {h.node}[/yellow] since {h.at}: {h.result}", highlight=False,
+                      soft_wrap=True)
+        for h in broker.recent[-5:]:
+            out.print(f"  {h.at} {h.action} {h.node}: {h.result} ({h.seconds:.0f} s)", highlight=False, soft_wrap=True)
 
 
 @task(help={"yes": "do not ask before destroying"})

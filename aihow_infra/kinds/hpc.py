@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Mapping
+from dataclasses import dataclass
 from typing import Any
 
 import libvirt
@@ -20,6 +21,53 @@ from aihow_infra.plan import ClusterPlan, Role
 from aihow_infra.steps import Progress
 
 DRAIN_REASON = "aihow: stopping the VM"
+# Where slurmctld's power programs (ansible/files/aihow-power.sh) queue their requests on the controller.
+POWER_QUEUE = "/var/spool/aihow-power"
+POWER_ACTIONS = ("resume", "suspend", "resume-fail")
+# One line per queued request: its file name, then its text (action and nodes), in one agent call.
+LIST_QUEUE = (f'cd {POWER_QUEUE} 2>/dev/null || exit 0; for f in *.req; do [ -e "$f" ] && '
+              'printf "%s %s\\n" "$f" "$(head -c 4096 "$f")"; done; true')
+
+
+@dataclass(frozen=True)
+class PowerRequest:
+    """One request slurmctld's power programs queued: ``resume`` (start these nodes' VMs for a
+    job), ``suspend`` (idle past SuspendTime: stop them) or ``resume-fail`` (they did not come up
+    within ResumeTimeout). ``ident`` is its file in the queue, oldest first by name."""
+
+    ident: str
+    action: str
+    nodes: tuple[str, ...]
+
+
+def power_requests(controller: libvirt.virDomain) -> list[PowerRequest]:
+    """The queued requests, oldest first; ``GuestError`` when the controller's agent does not
+    answer. A request file that is not one of the three actions is returned with its text as the
+    action, for the broker to refuse and acknowledge (so it is said once, not on every pass)."""
+    listing = run(controller, ["/bin/sh", "-c", LIST_QUEUE], timeout=60)
+    if listing.code != 0:
+        raise GuestError(f"reading the power queue on {controller.name()} failed: {listing.err.strip()}")
+    found = []
+    for line in listing.out.splitlines():
+        ident, _, text = line.partition(" ")
+        action, *nodes = text.split() or [""]
+        found.append(PowerRequest(ident, action, tuple(nodes)))
+    return sorted(found, key=lambda r: r.ident)
+
+
+def acknowledge(controller: libvirt.virDomain, request: PowerRequest) -> None:
+    """Take a carried-out request off the queue (removing one already gone is no error)."""
+    run(controller, ["/bin/rm", "-f", f"{POWER_QUEUE}/{request.ident}"], timeout=60)
+
+
+def mark_down(controller: libvirt.virDomain, nodes: list[str], reason: str) -> None:
+    """Tell SLURM that ``nodes`` could not be powered up: DOWN with ``reason`` (SLURM requeues
+    the jobs that waited for them, and powers them down)."""
+    ran = run(controller, ["/usr/bin/scontrol", "update", f"nodename={','.join(nodes)}", "state=down",
+                           f"reason={reason[:200]}"], timeout=60)
+    if ran.code != 0:
+        raise GuestError(f"marking {','.join(nodes)} down failed on {controller.name()}: "
+                         f"{ran.err.strip() or ran.out.strip()}")
 
 
 def node_states(controller: libvirt.virDomain) -> dict[str, str] | None:
@@ -40,12 +88,15 @@ DEPLOYED_MARKER = "/etc/munge/.aihow-cluster-key"
 
 def health(states: dict[str, str] | None,
            silent: str = "no answer from the controller (not deployed, or stopped)") -> str:
-    """One line for status: ``SLURM: 2/3 nodes up``, or ``silent`` (why SLURM cannot say:
-    ``silence``) when ``states`` is None."""
+    """One line for status: ``SLURM: 2/3 nodes up``, ``SLURM: 2/2 nodes up (1 powered down)``
+    when power saving has nodes off (SLURM's ``~``: off until a job needs them), or ``silent``
+    (why SLURM cannot say: ``silence``) when ``states`` is None."""
     if states is None:
         return f"SLURM: {silent}"
-    usable = sum(state.rstrip("*~#") in ("idle", "allocated", "mixed", "completing") for state in states.values())
-    return f"SLURM: {usable}/{len(states)} nodes up"
+    off = [s for s in states.values() if s.endswith("~")]
+    usable = sum(state.rstrip("*~#%!") in ("idle", "allocated", "mixed", "completing")
+                 for state in states.values() if not state.endswith("~"))
+    return f"SLURM: {usable}/{len(states) - len(off)} nodes up" + (f" ({len(off)} powered down)" if off else "")
 
 
 def silence(controller: libvirt.virDomain | None) -> str:

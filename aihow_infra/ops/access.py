@@ -49,7 +49,7 @@ class Operator(Status):
         if kind_of(view.plan.key).software != "Kubernetes":
             raise AihowError(f"stack {stack} runs no Kubernetes; allowed: a stack of a cloud cluster")
         with connect(view.settings.libvirt_uri) as conn:
-            head = self._head(view, conn)
+            head = self.head_of(view, conn)
             if head is None:
                 raise AihowError(f"the control plane of {view.plan.name} is not running; "
                                  f"run `aihow system.up` or `aihow up --stack {stack}`")

@@ -26,7 +26,7 @@ from aihow_infra.plan import VmPlan, shared_devices
 class Lifecycle(Deploying):
     """Starting and stopping VMs and whole clusters."""
 
-    def _head(self, view: StackView, conn: Any) -> Any:
+    def head_of(self, view: StackView, conn: Any) -> Any:
         """The running domain that answers for the cluster's software (SLURM's controller, the
         Kubernetes control plane), or None."""
         heads = [vm for vm in view.plan.vms if vm.role == kind_of(view.plan.key).head_role]
@@ -40,7 +40,7 @@ class Lifecycle(Deploying):
         if not nodes:
             return
         with connect(view.settings.libvirt_uri) as conn:
-            head = self._head(view, conn)
+            head = self.head_of(view, conn)
             if head is None:
                 return
             kind_of(view.plan.key).drain(head, nodes, view.settings.drain_timeout, self.progress)
@@ -88,9 +88,10 @@ class Lifecycle(Deploying):
             heads = [v.short_name for v in view.plan.vms if v.role == kind_of(view.plan.key).head_role]
             self.deploy(view.stack, limit=",".join(dict.fromkeys([vm.short_name, *heads])))
 
-    def vm_stop(self, name: str, force: bool = False) -> None:
+    def vm_stop(self, name: str, force: bool = False, drain: bool = True) -> None:
         """Stop a VM (ACPI shutdown with the stack's timeout, then power off; ``force`` powers
-        off at once); its GPU leases are released after it is off."""
+        off at once); its GPU leases are released after it is off. It is drained first unless
+        ``drain`` is false (the cluster's software chose it idle: SLURM's power saving)."""
         view, vm = self.find_vm(name)
         if force:
             self.progress(f"powering off {name} (no drain, no shutdown)")
@@ -99,7 +100,8 @@ class Lifecycle(Deploying):
                 if dom is not None:
                     stop_domain(dom, timeout=0)
         else:
-            self._drain(view, [vm])
+            if drain:
+                self._drain(view, [vm])
             self.progress(f"stopping {name}: shutting down (up to {view.settings.stop_timeout:.0f} s, then "
                           "powered off)")
         self._apply_power(view, {name: "stopped"})

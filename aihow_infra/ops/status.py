@@ -101,7 +101,7 @@ class Status(Teardown):
     def _workload(self, view: StackView, conn: Any) -> tuple[dict[str, str], str]:
         """The cluster software's word for each node (SLURM's state, Kubernetes' readiness) and
         its health line, asked on the cluster's head node."""
-        return kind_of(view.plan.key).workload(self._head(view, conn), view.plan, view.power)
+        return kind_of(view.plan.key).workload(self.head_of(view, conn), view.plan, view.power)
 
 
 def _with_workload(rows: list[VmStatus], workload: tuple[dict[str, str], str]) -> list[VmStatus]:

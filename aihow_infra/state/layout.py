@@ -61,6 +61,11 @@ class ProjectState:
         """Each stack's last deploy's fingerprint, ``<stack>.json`` (deploy.py)."""
         return self.root / "deploy" / self.slug
 
+    @property
+    def broker(self) -> Path:
+        """The power broker's record on this host (ops/broker.py), its lock beside it (``.lock``)."""
+        return self.root / "broker" / f"{self.slug}.json"
+
     def kubeconfig(self, stack: str) -> Path:
         """The admin kubeconfig a deploy of a Kubernetes stack leaves (0600)."""
         return self.root / "kube" / self.slug / f"{stack}-admin.conf"

@@ -1,0 +1,214 @@
+"""The power broker: carries out what SLURM's power saving asks for the on-demand compute nodes.
+
+slurmctld's power programs on the controller queue a request file (``kinds.hpc.POWER_QUEUE``)
+for each ``resume``, ``suspend`` and ``resume-fail``; the broker reads the queue through the
+controller's guest agent (no IP traffic between host and guests), carries each request out with
+the project's own lifecycle and takes it off the queue only then. That is its acknowledgement:
+a broker stopped mid-request finds the request again and does it again, and every step is
+idempotent (starting a running VM deploys what is missing; stopping one that is off does
+nothing).
+
+- ``resume``: the VM is started as ``vm.start`` starts it (its GPU lease first, ready, deployed),
+  and slurmd, registering, returns the node to SLURM. A VM that cannot start is left off and its
+  node marked DOWN with the reason, so SLURM requeues the job. A GPU held by another VM is
+  waited for: the request stays queued and ``status`` says who waits for what.
+- ``suspend``: the node was idle past SuspendTime: the VM is shut down (SLURM chose it idle, so
+  it is not drained) and its GPU lease released.
+- ``resume-fail``: the node did not come up within ResumeTimeout: the VM is powered off.
+
+One broker per project and host (a lock); what it did is kept for ``status``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import json
+import time
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from aihow_infra.errors import AihowError, BusyError, GuestError, LeaseError
+from aihow_infra.files import atomic_write
+from aihow_infra.interrupts import RUNS
+from aihow_infra.kinds.hpc import POWER_ACTIONS, PowerRequest, acknowledge, mark_down, power_requests
+from aihow_infra.libvirt.connection import connect
+from aihow_infra.libvirt.power import is_live
+from aihow_infra.ops.access import Operator
+from aihow_infra.ops.project import StackView
+
+# What the broker keeps of its past for status: the last hand-overs.
+KEPT = 20
+
+
+@dataclass(frozen=True)
+class Handled:
+    """One node of one request, carried out (or waiting): when, what, and how it went."""
+
+    at: str  # ISO 8601, UTC
+    stack: str
+    action: str
+    node: str
+    result: str  # "started", "stopped", "already off", "failed: ...", "waits: ..."
+    seconds: float
+
+
+@dataclass(frozen=True)
+class BrokerRecord:
+    """What ``status`` shows of the broker: requests waiting, and the last ones carried out."""
+
+    updated: str
+    waiting: list[Handled]
+    recent: list[Handled]
+
+    @classmethod
+    def read(cls, path: Path) -> BrokerRecord | None:
+        """The record at ``path``; None when no broker ever ran (or the file is unreadable)."""
+        try:
+            data = json.loads(path.read_text())
+            return cls(data["updated"], [Handled(**h) for h in data["waiting"]],
+                       [Handled(**h) for h in data["recent"]])
+        except (OSError, ValueError, KeyError, TypeError):
+            return None
+
+
+def _now() -> str:
+    return datetime.now(UTC).isoformat(timespec="seconds")
+
+
+class PowerBroker:
+    """Carries out the power requests of every HPC stack of the project that has on-demand nodes."""
+
+    def __init__(self, op: Operator) -> None:
+        self.op = op
+        self.say = op.progress
+        self.record_path = op.state.broker
+        self.recent: list[Handled] = (BrokerRecord.read(self.record_path) or BrokerRecord("", [], [])).recent
+        self.waiting: dict[tuple[str, str], Handled] = {}
+        self._silent: set[str] = set()
+
+    def views(self) -> list[StackView]:
+        """The stacks whose cluster has on-demand nodes."""
+        return [v for v in self.op.views() if v.plan.key == "hpc" and any(vm.on_demand for vm in v.plan.vms)]
+
+    @contextlib.contextmanager
+    def only_one(self) -> Iterator[None]:
+        """Hold the project's broker lock; ``BusyError`` when another broker holds it."""
+        self.record_path.parent.mkdir(parents=True, exist_ok=True)
+        with open(self.record_path.with_suffix(".lock"), "a") as lock:
+            try:
+                fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                raise BusyError(f"another power broker runs for this project (lock {lock.name}); allowed: one "
+                                "broker per project and host") from None
+            yield
+
+    def serve(self, interval: float = 5.0, passes: int | None = None) -> None:
+        """Pass over the queues every ``interval`` seconds, ``passes`` times (None: until
+        interrupted); ``BusyError`` when another broker runs."""
+        with self.only_one():
+            views = self.views()
+            if not views:
+                raise AihowError("no cluster has on-demand nodes (on_demand: true on an HPC compute node); "
+                                 "the broker has nothing to do")
+            self.say(f"power broker: serving {', '.join(v.stack for v in views)} every {interval:g} s")
+            done = 0
+            while passes is None or done < passes:
+                self.pass_once()
+                done += 1
+                if passes is None or done < passes:
+                    RUNS.pause(interval, "power broker")
+
+    def pass_once(self) -> list[Handled]:
+        """Every queued request of every on-demand stack, carried out in queue order."""
+        handled: list[Handled] = []
+        for view in self.views():
+            with connect(view.settings.libvirt_uri) as conn:
+                controller = self.op.head_of(view, conn)
+                if controller is None:
+                    self._once(view.stack, f"power broker: {view.stack}: the controller is not running; requests "
+                                           "wait for it")
+                    continue
+                try:
+                    requests = power_requests(controller)
+                except GuestError as exc:
+                    self._once(view.stack, f"power broker: {view.stack}: {exc}; retrying")
+                    continue
+                self._silent.discard(view.stack)
+                try:
+                    for request in requests:
+                        handled += self._carry_out(view, controller, request)
+                except GuestError as exc:  # the controller stopped answering: the rest waits in its queue
+                    self.say(f"power broker: {view.stack}: {exc}; the request stays queued")
+        self._write()
+        return handled
+
+    def _once(self, key: str, message: str) -> None:
+        """Say why a stack is passed over, once until it answers again."""
+        if key not in self._silent:
+            self._silent.add(key)
+            self.say(message)
+
+    def _carry_out(self, view: StackView, controller: Any, request: PowerRequest) -> list[Handled]:
+        on_demand = {vm.name for vm in view.plan.vms if vm.on_demand}
+        if request.action not in POWER_ACTIONS or not set(request.nodes) <= on_demand:
+            self.say(f"power broker: {view.stack}: request {request.ident} ({request.action} "
+                     f"{' '.join(request.nodes)}) refused: allowed: {', '.join(POWER_ACTIONS)} of on-demand nodes "
+                     f"({', '.join(sorted(on_demand))}); taken off the queue")
+            acknowledge(controller, request)
+            return []
+        results = [self._one(view, controller, request.action, node) for node in request.nodes]
+        if any(r.result.startswith("waits") for r in results):
+            return results
+        acknowledge(controller, request)
+        return results
+
+    def _one(self, view: StackView, controller: Any, action: str, node: str) -> Handled:
+        began = time.monotonic()
+        key = (view.stack, node)
+
+        def done(result: str) -> Handled:
+            handled = Handled(_now(), view.stack, action, node, result, round(time.monotonic() - began, 1))
+            self.say(f"power broker: {action} {node}: {result} ({handled.seconds:.0f} s)")
+            if result.startswith("waits"):
+                self.waiting[key] = handled
+            else:
+                self.waiting.pop(key, None)
+                self.recent = [*self.recent, handled][-KEPT:]
+            self._write()
+            return handled
+
+        if action == "resume":
+            try:
+                self.op.vm_start(node)
+                return done("started")
+            except LeaseError as exc:
+                return done(f"waits: {exc}")
+            except AihowError as exc:
+                reason = f"aihow: could not start the VM: {exc}"
+                self._power_off(view, node)
+                mark_down(controller, [node], reason.replace("\n", " "))
+                return done(f"failed: {exc}")
+        live = is_live(self.op.live_states(view).get(node, "undefined"))
+        if action == "suspend":
+            if not live:
+                return done("already off")
+            self.op.vm_stop(node, drain=False)
+            return done("stopped")
+        self._power_off(view, node)  # resume-fail: SLURM gave up on it
+        return done("powered off" if live else "already off")
+
+    def _power_off(self, view: StackView, node: str) -> None:
+        """A node that could not come up: off, its lease released (nothing left running)."""
+        try:
+            self.op.vm_stop(node, force=True)
+        except AihowError as exc:
+            self.say(f"power broker: powering off {node} failed too: {exc}")
+
+    def _write(self) -> None:
+        record = {"updated": _now(), "waiting": [asdict(h) for h in self.waiting.values()],
+                  "recent": [asdict(h) for h in self.recent]}
+        atomic_write(self.record_path, json.dumps(record, indent=1), "power broker record")
