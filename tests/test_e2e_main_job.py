@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import ipaddress
 import json
+import signal
 import subprocess
 import sys
 import time
@@ -75,8 +76,8 @@ class MainJob:
 
 def default_example_on(e2e: E2E) -> dict[str, Any]:
     """config/default.yaml's clusters on the sandbox's names, bridges and subnets (each address
-    keeps its place in the subnet), the second compute node on DHCP, plus a manual-start Cloud
-    worker."""
+    keeps its place in the subnet), the second compute node on DHCP, plus an on-demand compute
+    node (SLURM powers it down after 30 s idle) and a manual-start Cloud worker."""
     box = e2e.sandbox
     clusters: dict[str, Any] = yaml.safe_load((CHECKOUT / "config" / "default.yaml").read_text())["clusters"]
     for key, cluster in clusters.items():
@@ -92,6 +93,9 @@ def default_example_on(e2e: E2E) -> dict[str, Any]:
         for node in cluster.get("compute_nodes") or cluster.get("worker_nodes") or []:
             node["ip"] = moved(node["ip"])
     del clusters["hpc"]["compute_nodes"][1]["ip"]  # asks DHCP: the network reserves it an address
+    computes = clusters["hpc"]["compute_nodes"]
+    computes.append({**computes[0], "ip": str(ipaddress.IPv4Address(computes[0]["ip"]) + 2), "on_demand": True})
+    clusters["hpc"]["slurm_config"] |= {"suspend_time": 30, "resume_timeout": 900}
     workers = clusters["cloud"]["worker_nodes"]
     workers.append({**workers[0], "ip": str(ipaddress.IPv4Address(workers[0]["ip"]) + 1), "auto_start": False})
     return clusters
@@ -176,8 +180,9 @@ def test_both_clusters_deployed_a_job_runs_and_every_node_is_ready(main_job: Mai
     assert k8s_nodes(job) == {control: "True", worker: "True"}
 
     hpc, cloud = job.op.system_status().clusters
-    assert hpc.health == "SLURM: 2/2 nodes up"
-    assert [vm.workload for vm in hpc.vms if vm.role == "compute"] == ["idle", "idle"]
+    assert hpc.health == "SLURM: 2/2 nodes up (1 powered down)"
+    assert [vm.workload for vm in hpc.vms if vm.role == "compute"] == ["idle", "idle", "idle~"]
+    assert [vm.state_word for vm in hpc.vms if vm.on_demand] == ["powered down (on demand)"]
     assert cloud.health == "Kubernetes: healthy, 2/2 nodes Ready"
     assert {vm.name: vm.workload for vm in cloud.vms} == {control: "Ready", worker: "Ready",
                                                           job.vm("cloud-cpu-worker-02"): ""}
@@ -202,7 +207,8 @@ def test_both_clusters_deployed_a_job_runs_and_every_node_is_ready(main_job: Mai
             assert all(other.name in hosts for other in running), hosts
     # The DHCP node has the address its network reserved, as the stack's outputs say.
     nodes = job.e2e.workspace.outputs("hpc")["nodes"]
-    assert all(node["ready"] and node["addresses"]["eth0"] == [node["ip"]] for node in nodes.values())
+    assert all(node["ready"] and node["addresses"]["eth0"] == [node["ip"]] for node in nodes.values()
+               if not node["on_demand"])
 
     # Nothing changed: system.up boots nothing and deploys neither cluster.
     ids = {d.name(): d.ID() for d in box.conn.listAllDomains() if d.name().startswith(box.prefix)}
@@ -313,6 +319,67 @@ def test_kubernetes_runs_pods_and_the_manual_worker_joins_and_drains(main_job: M
     with phases.time("vm.start of the manual worker again"):
         op.vm_start(manual)
     assert k8s_nodes(job)[manual] == "True"
+
+
+def job_state(job: MainJob, job_id: str) -> dict[str, str]:
+    """``scontrol show job``'s fields (JobState, Reason, Restarts, NodeList...)."""
+    out = job.on("hpc-controller", "/usr/bin/scontrol", "show", "job", job_id, "-o")
+    return dict(field.split("=", 1) for field in out.split() if "=" in field)
+
+
+def test_an_on_demand_node_starts_for_a_job_and_powers_down_when_idle(main_job: MainJob, phases: Phases,
+                                                                     tmp_path: Path) -> None:
+    """SLURM's power saving through `aihow broker` (its own process, as an operator runs it):
+    a job for the powered-down node starts its VM (lease, boot, first deploy), runs, and 30 s
+    idle later the VM is off and SLURM shows the node powered down. Then the node's disk is
+    removed: the next job's resume fails, the node is marked DOWN with the reason, the job is
+    requeued, and nothing is left running."""
+    job = main_job
+    box = job.e2e.sandbox
+    node = job.vm("hpc-compute-03")
+    log = (tmp_path / "broker.log").open("w")
+    broker = Task(job.e2e).start("broker", "--interval", "3", output=log)
+    try:
+        began = time.monotonic()
+        job_id = job.on("hpc-controller", "/usr/bin/sbatch", "--parsable", "-p", "debug", "-w", node,
+                        "--wrap", "hostname").strip()
+        wait_until("the job runs on the on-demand node", lambda: job_state(job, job_id)["JobState"] in
+                   ("RUNNING", "COMPLETING", "COMPLETED"), timeout=1200)
+        phases.add("sbatch to RUNNING on a powered-down node (boot and first deploy)", time.monotonic() - began)
+        wait_until("the job completes", lambda: job_state(job, job_id)["JobState"] == "COMPLETED")
+        assert box.conn.lookupByName(node).isActive()
+        assert job.on("hpc-controller", "/usr/bin/sinfo", "-h", "-n", node, "-o", "%T").strip() in ("idle", "mixed")
+
+        began = time.monotonic()
+        wait_until("idle, the node's VM is stopped and SLURM powers it down",
+                   lambda: not box.conn.lookupByName(node).isActive() and sinfo(job).get(node) == "idle~",
+                   timeout=600)
+        phases.add("job done to VM off and node powered down (SuspendTime 30 s)", time.monotonic() - began)
+        status = job.op.system_status()
+        assert status.clusters[0].health == "SLURM: 2/2 nodes up (1 powered down)"
+
+        # A node that cannot start: its disk is gone. The job waits requeued, the node is DOWN with why.
+        pool = box.conn.storagePoolLookupByName(f"{job.vm('hpc')}-pool")
+        pool.storageVolLookupByName(f"{node}.qcow2").delete()
+        failing = job.on("hpc-controller", "/usr/bin/sbatch", "--parsable", "-p", "debug", "-w", node,
+                         "--wrap", "hostname").strip()
+        wait_until("the node is marked down", lambda: job.on("hpc-controller", "/usr/bin/sinfo", "-h", "-n", node,
+                                                             "-o", "%T").strip().startswith("down"), timeout=600)
+        reason = job.on("hpc-controller", "/usr/bin/sinfo", "-h", "-n", node, "-o", "%E").strip()
+        assert reason.startswith("aihow: could not start the VM"), reason
+        assert not box.conn.lookupByName(node).isActive()
+        state = job_state(job, failing)
+        assert state["JobState"] == "PENDING" and int(state["Restarts"]) >= 1, state
+        job.on("hpc-controller", "/usr/bin/scancel", failing)
+    finally:
+        broker.send_signal(signal.SIGINT)
+        try:
+            broker.wait(timeout=300)
+        finally:
+            broker.kill()
+            log.close()
+            print((tmp_path / "broker.log").read_text()[-3000:])
+    assert broker.returncode in (0, 130), (tmp_path / "broker.log").read_text()[-3000:]
 
 
 def test_a_running_node_given_a_new_address_restarts_with_its_data_and_runs_jobs(main_job: MainJob,
