@@ -109,11 +109,11 @@ class PowerBroker:
     def serve(self, interval: float = 5.0, passes: int | None = None) -> None:
         """Pass over the queues every ``interval`` seconds, ``passes`` times (None: until
         interrupted); ``BusyError`` when another broker runs."""
+        views = self.views()
+        if not views:
+            raise AihowError("no cluster has on-demand nodes (on_demand: true on an HPC compute node); "
+                             "the broker has nothing to do")
         with self.only_one():
-            views = self.views()
-            if not views:
-                raise AihowError("no cluster has on-demand nodes (on_demand: true on an HPC compute node); "
-                                 "the broker has nothing to do")
             self.say(f"power broker: serving {', '.join(v.stack for v in views)} every {interval:g} s")
             done = 0
             while passes is None or done < passes:
