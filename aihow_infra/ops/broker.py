@@ -33,7 +33,7 @@ from typing import Any
 
 from aihow_infra.errors import AihowError, BusyError, GuestError, LeaseError
 from aihow_infra.files import atomic_write
-from aihow_infra.interrupts import RUNS
+from aihow_infra.interrupts import RUNS, Interrupted
 from aihow_infra.kinds.hpc import POWER_ACTIONS, PowerRequest, acknowledge, mark_down, power_requests
 from aihow_infra.libvirt.connection import connect
 from aihow_infra.libvirt.power import is_live
@@ -116,11 +116,14 @@ class PowerBroker:
         with self.only_one():
             self.say(f"power broker: serving {', '.join(v.stack for v in views)} every {interval:g} s")
             done = 0
-            while passes is None or done < passes:
-                self.pass_once()
-                done += 1
-                if passes is None or done < passes:
-                    RUNS.pause(interval, "power broker")
+            try:
+                while passes is None or done < passes:
+                    self.pass_once()
+                    done += 1
+                    if passes is None or done < passes:
+                        RUNS.pause(interval, "power broker")
+            except Interrupted:
+                self.say("power broker: stopped; a request it was carrying out stays queued for the next broker")
 
     def pass_once(self) -> list[Handled]:
         """Every queued request of every on-demand stack, carried out in queue order."""
@@ -188,6 +191,7 @@ class PowerBroker:
             except LeaseError as exc:
                 return done(f"waits: {exc}")
             except AihowError as exc:
+                RUNS.check("power broker")  # a stop asked for cut the start short: not the node's failure
                 reason = f"aihow: could not start the VM: {exc}"
                 self._power_off(view, node)
                 mark_down(controller, [node], reason.replace("\n", " "))
