@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
 
-from aihow_infra.config import MEASURED_BOOT_SECONDS
+from aihow_infra.config import BOOT_SECONDS, BOOT_SOURCE
 from aihow_infra.crosscheck import SubnetInUse, subnet_collisions
 from aihow_infra.errors import AihowError, ConfigError
 from aihow_infra.gpu.custody import device_files, open_by
@@ -299,9 +299,9 @@ def check_resume_timeout(plans: list[ClusterPlan], virt_type: VirtType, file: st
     """``ConfigError`` when a cluster with on-demand nodes gives SLURM less time to bring one up
     (``resume_timeout``) than a compute node's boot takes under ``virt_type`` here: SLURM would
     mark every node it powers up down and requeue its jobs."""
-    boot = MEASURED_BOOT_SECONDS[virt_type]
+    boot, known = BOOT_SECONDS[virt_type], BOOT_SOURCE[virt_type]
     problems = [f"clusters.{plan.key}.slurm_config.resume_timeout: {plan.resume_timeout} seconds is shorter than a "
-                f"compute node's boot under {virt_type} on this host ({boot} s measured); allowed: at least {boot}, "
+                f"compute node's boot under {virt_type} on this host ({boot} s {known}); allowed: at least {boot}, "
                 "e.g. 900" for plan in plans
                 if any(vm.on_demand for vm in plan.vms) and plan.resume_timeout < boot]
     _refuse(problems, file)

@@ -151,7 +151,7 @@ BAD_INPUTS: list[tuple[str, dict[str, Any], str]] = [
      r"slurm_config\.suspend_time: -5 seconds is no idle time"),
     ("resume timeout shorter than a boot", mutate(f"{HPC}.slurm_config", {"resume_timeout": 30}),
      r"clusters\.hpc\.slurm_config\.resume_timeout: 30 seconds is shorter than a compute node's boot \(60 s under "
-     r"KVM, 215 s under software emulation\); allowed: at least 60"),
+     r"KVM, estimated; 215 s under software emulation, measured\); allowed: at least 60"),
     ("service subnet over the pod subnet",
      mutate("clusters.cloud.kubernetes_config", {"pod_subnet": "10.96.0.0/16", "service_subnet": "10.96.0.0/12"}),
      r"kubernetes_config\.service_subnet: '10\.96\.0\.0/12' overlaps clusters\.cloud\.kubernetes_config\.pod_subnet"),

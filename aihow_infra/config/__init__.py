@@ -7,12 +7,13 @@ settings and the whole file; every model is importable from here.
 """
 
 from aihow_infra.config.base import (
+    BOOT_SECONDS,
+    BOOT_SOURCE,
     BRIDGE_RE,
     CLUSTER_KEYS,
     CLUSTER_NAME_RE,
     HEX_ID_RE,
     IMAGE_ROOT_GB,
-    MEASURED_BOOT_SECONDS,
     PCI_ADDRESS_RE,
     ClusterKey,
     ImageRole,
@@ -54,12 +55,13 @@ from aihow_infra.config.nodes import (
 )
 
 __all__ = [
+    "BOOT_SECONDS",
+    "BOOT_SOURCE",
     "BRIDGE_RE",
     "CLUSTER_KEYS",
     "CLUSTER_NAME_RE",
     "HEX_ID_RE",
     "IMAGE_ROOT_GB",
-    "MEASURED_BOOT_SECONDS",
     "PARTITION_RE",
     "PCI_ADDRESS_RE",
     "SLURM_NO_LIMIT",

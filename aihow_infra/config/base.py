@@ -17,11 +17,13 @@ HEX_ID_RE = re.compile(r"^[0-9a-f]{4}$")
 BRIDGE_RE = re.compile(r"^[A-Za-z0-9_.\-]{1,15}$")
 CLUSTER_NAME_RE = re.compile(r"^[a-z0-9]([a-z0-9\-]*[a-z0-9])?$")
 
-# Seconds from a compute node's start to SLURM seeing it ready, per libvirt virt type. qemu (software
-# emulation, TCG): measured here, a compute node booted beside four others (3 min 35 s, cloud-init's
-# stages most of it). kvm: not measurable here (kvm_pvm cannot run a guest kernel); the same guest
-# idle under TCG spends 2.7 s per cloud-init stage against ~30 s loaded, so 60 s is a generous bound.
-MEASURED_BOOT_SECONDS = {"kvm": 60, "qemu": 215}
+# Seconds from a compute node's start to its guest ready, per libvirt virt type, and how each is
+# known. qemu (software emulation, TCG): measured here, a compute node booted beside four others
+# (3 min 35 s, cloud-init's stages most of it). kvm: estimated, as KVM cannot run a guest kernel
+# here (kvm_pvm): the same guest idle under TCG spends 2.7 s per cloud-init stage against ~30 s
+# loaded, so 60 s is a generous bound.
+BOOT_SECONDS = {"kvm": 60, "qemu": 215}
+BOOT_SOURCE = {"kvm": "estimated", "qemu": "measured"}
 
 ClusterKey = Literal["hpc", "cloud"]
 CLUSTER_KEYS: tuple[ClusterKey, ...] = ("hpc", "cloud")

@@ -18,7 +18,7 @@ from pydantic import (
     model_validator,
 )
 
-from aihow_infra.config.base import BRIDGE_RE, CLUSTER_NAME_RE, MEASURED_BOOT_SECONDS, Model
+from aihow_infra.config.base import BOOT_SECONDS, BRIDGE_RE, CLUSTER_NAME_RE, Model
 from aihow_infra.config.nodes import CloudInit, Hardware, ImageChoice, NodeSpec
 
 
@@ -137,10 +137,10 @@ class SlurmConfig(Model):
     @field_validator("resume_timeout", mode="after")
     @classmethod
     def _fits_a_boot(cls, value: int) -> int:
-        if value < MEASURED_BOOT_SECONDS["kvm"]:
+        if value < BOOT_SECONDS["kvm"]:
             raise ValueError(f"{value!r} seconds is shorter than a compute node's boot "
-                             f"({MEASURED_BOOT_SECONDS['kvm']} s under KVM, {MEASURED_BOOT_SECONDS['qemu']} s under "
-                             f"software emulation); allowed: at least {MEASURED_BOOT_SECONDS['kvm']}, e.g. 900")
+                             f"({BOOT_SECONDS['kvm']} s under KVM, estimated; {BOOT_SECONDS['qemu']} s under "
+                             f"software emulation, measured); allowed: at least {BOOT_SECONDS['kvm']}, e.g. 900")
         return value
 
     @field_validator("partitions", mode="after")
