@@ -135,8 +135,8 @@ def sinfo(job: MainJob) -> dict[str, str]:
 
 
 def slurm_states(job: MainJob, want: dict[str, str], timeout: float = 180) -> dict[str, str]:
-    """SLURM's node states once they match ``want`` (a state, or a prefix ending in '-'), or
-    the last seen. 'idle*' (not responding) is not 'idle'."""
+    """SLURM's states of the nodes of ``want`` once they match it (a state, or a prefix ending in
+    '-'), or the last seen. 'idle*' (not responding) is not 'idle'."""
     def matches(state: str, wanted: str) -> bool:
         return state.startswith(wanted[:-1]) if wanted.endswith("-") else state == wanted
 
@@ -147,7 +147,7 @@ def slurm_states(job: MainJob, want: dict[str, str], timeout: float = 180) -> di
             break
         time.sleep(3)
         states = sinfo(job)
-    return states
+    return {node: states.get(node, "") for node in want}
 
 
 def kubectl(job: MainJob, *args: str) -> str:
