@@ -31,7 +31,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from aihow_infra.errors import AihowError, BusyError, GuestError, LeaseError
+from aihow_infra.errors import AihowError, BusyError, LeaseError
 from aihow_infra.files import atomic_write
 from aihow_infra.interrupts import RUNS, Interrupted
 from aihow_infra.kinds.hpc import POWER_ACTIONS, PowerRequest, acknowledge, mark_down, power_requests
@@ -42,6 +42,8 @@ from aihow_infra.ops.project import StackView
 
 # What the broker keeps of its past for status: the last hand-overs.
 KEPT = 20
+# Results that leave their request queued, to be tried again on the next pass.
+KEPT_QUEUED = ("waits", "retrying")
 
 
 @dataclass(frozen=True)
@@ -52,7 +54,7 @@ class Handled:
     stack: str
     action: str
     node: str
-    result: str  # "started", "stopped", "already off", "failed: ...", "waits: ..."
+    result: str  # "started", "stopped", "powered off", "already off", "failed: ...", "waits: ...", "retrying: ..."
     seconds: float
 
 
@@ -126,28 +128,30 @@ class PowerBroker:
                 self.say("power broker: stopped; a request it was carrying out stays queued for the next broker")
 
     def pass_once(self) -> list[Handled]:
-        """Every queued request of every on-demand stack, carried out in queue order."""
+        """Every queued request of every on-demand stack, carried out in queue order. A stack
+        whose controller or libvirt does not answer is said once and passed over; its requests
+        wait in its queue."""
         handled: list[Handled] = []
         for view in self.views():
-            with connect(view.settings.libvirt_uri) as conn:
-                controller = self.op.head_of(view, conn)
-                if controller is None:
-                    self._once(view.stack, f"power broker: {view.stack}: the controller is not running; requests "
-                                           "wait for it")
-                    continue
-                try:
-                    requests = power_requests(controller)
-                except GuestError as exc:
-                    self._once(view.stack, f"power broker: {view.stack}: {exc}; retrying")
-                    continue
-                self._silent.discard(view.stack)
-                try:
-                    for request in requests:
-                        handled += self._carry_out(view, controller, request)
-                except GuestError as exc:  # the controller stopped answering: the rest waits in its queue
-                    self.say(f"power broker: {view.stack}: {exc}; the request stays queued")
+            try:
+                handled += self._serve_stack(view)
+            except Interrupted:
+                raise
+            except AihowError as exc:
+                self._once(view.stack, f"power broker: {view.stack}: {exc}; its requests wait, retrying")
         self._write()
         return handled
+
+    def _serve_stack(self, view: StackView) -> list[Handled]:
+        with connect(view.settings.libvirt_uri) as conn:
+            controller = self.op.head_of(view, conn)
+            if controller is None:
+                self._once(view.stack, f"power broker: {view.stack}: the controller is not running; requests wait "
+                                       "for it")
+                return []
+            requests = power_requests(controller)
+            self._silent.discard(view.stack)
+            return [h for request in requests for h in self._carry_out(view, controller, request)]
 
     def _once(self, key: str, message: str) -> None:
         """Say why a stack is passed over, once until it answers again."""
@@ -164,7 +168,7 @@ class PowerBroker:
             acknowledge(controller, request)
             return []
         results = [self._one(view, controller, request.action, node) for node in request.nodes]
-        if any(r.result.startswith("waits") for r in results):
+        if any(r.result.startswith(KEPT_QUEUED) for r in results):
             return results
         acknowledge(controller, request)
         return results
@@ -175,9 +179,11 @@ class PowerBroker:
 
         def done(result: str) -> Handled:
             handled = Handled(_now(), view.stack, action, node, result, round(time.monotonic() - began, 1))
-            self.say(f"power broker: {action} {node}: {result} ({handled.seconds:.0f} s)")
-            if result.startswith("waits"):
-                self.waiting[key] = handled
+            before = self.waiting.get(key)
+            if before is None or before.result != result:  # a wait is said when it begins, not every pass
+                self.say(f"power broker: {action} {node}: {result} ({handled.seconds:.0f} s)")
+            if result.startswith(KEPT_QUEUED):
+                self.waiting[key] = before if before is not None and before.result == result else handled
             else:
                 self.waiting.pop(key, None)
                 self.recent = [*self.recent, handled][-KEPT:]
@@ -190,25 +196,34 @@ class PowerBroker:
                 return done("started")
             except LeaseError as exc:
                 return done(f"waits: {exc}")
+            except Interrupted:
+                raise
             except AihowError as exc:
                 RUNS.check("power broker")  # a stop asked for cut the start short: not the node's failure
                 reason = f"aihow: could not start the VM: {exc}"
-                self._power_off(view, node)
+                self._power_off(node)
                 mark_down(controller, [node], reason.replace("\n", " "))
                 return done(f"failed: {exc}")
         live = is_live(self.op.live_states(view).get(node, "undefined"))
-        if action == "suspend":
-            if not live:
-                return done("already off")
-            self.op.vm_stop(node, drain=False)
-            return done("stopped")
-        self._power_off(view, node)  # resume-fail: SLURM gave up on it
-        return done("powered off" if live else "already off")
+        if not live and not view.power.wants_running(node, False):  # off, and recorded off: `up` keeps it so
+            return done("already off")
+        try:
+            if action == "suspend":
+                self.op.vm_stop(node, drain=False)
+                return done("stopped")
+            self.op.vm_stop(node, force=True)  # resume-fail: SLURM gave up on it
+            return done("powered off")
+        except Interrupted:
+            raise
+        except AihowError as exc:
+            return done(f"retrying: {exc}")
 
-    def _power_off(self, view: StackView, node: str) -> None:
+    def _power_off(self, node: str) -> None:
         """A node that could not come up: off, its lease released (nothing left running)."""
         try:
             self.op.vm_stop(node, force=True)
+        except Interrupted:
+            raise
         except AihowError as exc:
             self.say(f"power broker: powering off {node} failed too: {exc}")
 
