@@ -295,13 +295,16 @@ def check_hugepages(plans: list[ClusterPlan], file: str | Path, root: Path = Pat
     _refuse(problems, file)
 
 
+ACCELERATION_WORDS = {"kvm": "KVM", "qemu": "software emulation"}
+
+
 def check_resume_timeout(plans: list[ClusterPlan], virt_type: VirtType, file: str | Path) -> None:
     """``ConfigError`` when a cluster with on-demand nodes gives SLURM less time to bring one up
     (``resume_timeout``) than a compute node's boot takes under ``virt_type`` here: SLURM would
     mark every node it powers up down and requeue its jobs."""
-    boot, known = BOOT_SECONDS[virt_type], BOOT_SOURCE[virt_type]
+    boot, known, under = BOOT_SECONDS[virt_type], BOOT_SOURCE[virt_type], ACCELERATION_WORDS[virt_type]
     problems = [f"clusters.{plan.key}.slurm_config.resume_timeout: {plan.resume_timeout} seconds is shorter than a "
-                f"compute node's boot under {virt_type} on this host ({boot} s {known}); allowed: at least {boot}, "
+                f"compute node's boot under {under} on this host ({boot} s {known}); allowed: at least {boot}, "
                 "e.g. 900" for plan in plans
                 if any(vm.on_demand for vm in plan.vms) and plan.resume_timeout < boot]
     _refuse(problems, file)

@@ -319,11 +319,15 @@ class SharedDevice:
 
     def describe(self) -> str:
         """One line for operators."""
-        who = ", ".join(f"{vm.name} ({vm.cluster_key}, {'auto_start' if vm.auto_start else 'manual start'})"
+        who = ", ".join(f"{vm.name} ({vm.cluster_key}, {_start_word(vm)})"
                         for vm in self.vms)
         verdict = ("CONFLICT: both start automatically, the second cluster's start will fail"
                    if self.conflict else "ok: at most one starts automatically")
         return f"{self.address}: {who}; {verdict}"
+
+
+def _start_word(vm: VmPlan) -> str:
+    return "auto_start" if vm.auto_start else "on demand" if vm.on_demand else "manual start"
 
 
 def shared_devices(plans: list[ClusterPlan]) -> list[SharedDevice]:

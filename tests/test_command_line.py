@@ -26,10 +26,11 @@ from tests.cli import run_task
     (["--config", "mine.yaml", "validate"], "error: --config mine.yaml before the task name is not the cluster "
                                             "file; allowed: after the task, e.g. `aihow validate --config FILE`"),
     (["-f", "mine.yaml", "validate"], "error: --config mine.yaml before the task name is not the cluster file"),
-    (["broker", "--interval", "0"], "error: --interval: 0 is not a time; allowed: seconds greater than 0"),
-    # The checkout's own stacks (config/default.yaml) have no on-demand node.
-    (["broker", "--passes", "1"], "error: no cluster has on-demand nodes (on_demand: true on an HPC compute node); "
-                                  "the broker has nothing to do"),
+    (["broker", "--interval", "0"], "error: --interval: '0' is not a number of seconds; allowed: a number greater "
+                                    "than 0"),
+    (["broker", "--interval", "abc"], "error: --interval: 'abc' is not a number of seconds"),
+    (["broker", "--passes", "-3"], "error: --passes: '-3' is not a whole number of passes; allowed: a number greater "
+                                   "than 0"),
 ])
 def test_a_mistyped_task_or_option_names_the_nearest(capsys: pytest.CaptureFixture[str], argv: list[str],
                                                      said: str) -> None:

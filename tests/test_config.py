@@ -136,22 +136,23 @@ BAD_INPUTS: list[tuple[str, dict[str, Any], str]] = [
      r"clusters\.cloud\.kubernetes_config\.pod_subnet: '10\.2\.0\.0/16' overlaps clusters\.cloud\.network\.subnet "
      r"'10\.2\.0\.0/24'; allowed: disjoint subnets"),
     ("on-demand controller", mutate(f"{HPC}.controller.on_demand", True),
-     r"clusters\.hpc\.controller\.on_demand: True on the controller; allowed: false \(slurmctld"),
+     r"clusters\.hpc\.controller\.on_demand: true on the controller; allowed: false \(slurmctld"),
     ("on-demand control plane", mutate("clusters.cloud.control_plane.on_demand", True),
-     r"clusters\.cloud\.control_plane\.on_demand: True: the control plane runs the API server .*allowed: false"),
+     r"clusters\.cloud\.control_plane\.on_demand: true: the control plane runs the API server .*allowed: false"),
     ("on-demand Kubernetes worker", mutate("clusters.cloud.worker_nodes[0].on_demand", True),
-     r"clusters\.cloud\.worker_nodes\[0\]\.on_demand: True: starting a Kubernetes worker for a pending pod is not "
+     r"clusters\.cloud\.worker_nodes\[0\]\.on_demand: true: starting a Kubernetes worker for a pending pod is not "
      r"built yet; allowed: false"),
     ("on-demand and auto_start", mutate(f"{NODE}", {**base()["clusters"]["hpc"]["compute_nodes"][0],
                                                     "on_demand": True, "auto_start": True}),
-     r"compute_nodes\[0\]\.auto_start: True with on_demand: True; allowed: one of them"),
+     r"compute_nodes\[0\]\.auto_start: true with on_demand: true; allowed: one of them"),
     ("no idle time", mutate(f"{HPC}.slurm_config", {"suspend_time": 0}),
      r"clusters\.hpc\.slurm_config\.suspend_time: 0 seconds is no idle time; allowed: 1 or more seconds"),
     ("negative idle time", mutate(f"{HPC}.slurm_config", {"suspend_time": -5}),
      r"slurm_config\.suspend_time: -5 seconds is no idle time"),
     ("resume timeout shorter than a boot", mutate(f"{HPC}.slurm_config", {"resume_timeout": 30}),
      r"clusters\.hpc\.slurm_config\.resume_timeout: 30 seconds is shorter than a compute node's boot \(60 s under "
-     r"KVM, estimated; 215 s under software emulation, measured\); allowed: at least 60"),
+     r"KVM, estimated; 215 s under software emulation, measured\); allowed: at least 60 under KVM, 215 under "
+     r"software emulation \(the host decides\)"),
     ("service subnet over the pod subnet",
      mutate("clusters.cloud.kubernetes_config", {"pod_subnet": "10.96.0.0/16", "service_subnet": "10.96.0.0/12"}),
      r"kubernetes_config\.service_subnet: '10\.96\.0\.0/12' overlaps clusters\.cloud\.kubernetes_config\.pod_subnet"),

@@ -311,8 +311,8 @@ def test_a_resume_timeout_shorter_than_a_boot_here_is_refused_with_its_line(tmp_
         check_resume_timeout(plans, "qemu", path)
     line = next(n for n, row in enumerate(text.splitlines(), 1) if "resume_timeout" in row)
     assert refused.value.problems == [
-        "clusters.hpc.slurm_config.resume_timeout: 100 seconds is shorter than a compute node's boot under qemu on "
-        "this host (215 s measured); allowed: at least 215, e.g. 900"]
+        "clusters.hpc.slurm_config.resume_timeout: 100 seconds is shorter than a compute node's boot under software "
+        "emulation on this host (215 s measured); allowed: at least 215, e.g. 900"]
     assert f"line {line}:" in str(refused.value)
     without = plan_all(load_cluster_file(ROOT / "config/default.yaml", check_images=False))
     check_resume_timeout(without, "qemu", path)  # no on-demand node: SLURM never powers one up

@@ -121,7 +121,7 @@ def topology_tree(status: SystemStatus) -> Tree:
                 f"{vm.vcpus} vCPU {vm.memory_gb} GiB [{vs}]{vm.state_word}[/{vs}]"
                 + (f" {vm.guest}" if vm.state == "running" and vm.guest not in ("", "-") else "")
                 + (f" {vm.workload_name} {vm.workload}" if vm.workload and vm.workload != "answers" else "")
-                + ("" if vm.auto_start or vm.on_demand else " (manual start)"))
+                + (" (on demand)" if vm.on_demand else "" if vm.auto_start else " (manual start)"))
             for gpu in vm.gpus:
                 label = f"[magenta]GPU {gpu.address}[/magenta]"
                 share = shared.get(gpu.address)

@@ -140,7 +140,8 @@ class SlurmConfig(Model):
         if value < BOOT_SECONDS["kvm"]:
             raise ValueError(f"{value!r} seconds is shorter than a compute node's boot "
                              f"({BOOT_SECONDS['kvm']} s under KVM, estimated; {BOOT_SECONDS['qemu']} s under "
-                             f"software emulation, measured); allowed: at least {BOOT_SECONDS['kvm']}, e.g. 900")
+                             f"software emulation, measured); allowed: at least {BOOT_SECONDS['kvm']} under KVM, "
+                             f"{BOOT_SECONDS['qemu']} under software emulation (the host decides), e.g. 900")
         return value
 
     @field_validator("partitions", mode="after")
@@ -241,7 +242,7 @@ class HpcCluster(ClusterBase):
     @classmethod
     def _controller_always_runs(cls, value: NodeSpec) -> NodeSpec:
         if value.on_demand:
-            raise ValueError("on_demand: True on the controller; allowed: false (slurmctld on the controller is "
+            raise ValueError("on_demand: true on the controller; allowed: false (slurmctld on the controller is "
                              "what powers the compute nodes up and down)")
         return value
 
@@ -306,7 +307,7 @@ class CloudCluster(ClusterBase):
             if node.on_demand:
                 what = ("the control plane runs the API server every node needs" if path == "control_plane" else
                         "starting a Kubernetes worker for a pending pod is not built yet")
-                raise ValueError(f"{path}.on_demand: True: {what}; allowed: false (on-demand is for HPC compute "
+                raise ValueError(f"{path}.on_demand: true: {what}; allowed: false (on-demand is for HPC compute "
                                  "nodes, under SLURM power saving)")
         return self
 

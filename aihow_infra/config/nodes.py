@@ -152,7 +152,7 @@ class NodeSpec(ImageChoice):
     @model_validator(mode="after")
     def _on_demand_starts_on_demand(self) -> NodeSpec:
         if self.on_demand and self.auto_start and "auto_start" in self.model_fields_set:
-            raise ValueError("auto_start: True with on_demand: True; allowed: one of them (an on-demand node "
+            raise ValueError("auto_start: true with on_demand: true; allowed: one of them (an on-demand node "
                              "starts when a job needs it)")
         return self
 

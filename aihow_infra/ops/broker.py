@@ -111,12 +111,14 @@ class PowerBroker:
     def serve(self, interval: float = 5.0, passes: int | None = None) -> None:
         """Pass over the queues every ``interval`` seconds, ``passes`` times (None: until
         interrupted); ``BusyError`` when another broker runs."""
-        views = self.views()
-        if not views:
-            raise AihowError("no cluster has on-demand nodes (on_demand: true on an HPC compute node); "
-                             "the broker has nothing to do")
         with self.only_one():
-            self.say(f"power broker: serving {', '.join(v.stack for v in views)} every {interval:g} s")
+            views = self.views()
+            if views:
+                self.say(f"power broker: serving {', '.join(v.stack for v in views)} every {interval:g} s")
+            else:  # a service set up before the cluster files have on-demand nodes waits for them
+                read = ", ".join(f"{s} ({self.op.settings(s).cluster_file})" for s in self.op.configured_stacks())
+                self.say(f"power broker: no on-demand node in {read or 'no stack'}; nothing to do until a compute "
+                         f"node has on_demand: true (the cluster files are read again every {interval:g} s)")
             done = 0
             try:
                 while passes is None or done < passes:
