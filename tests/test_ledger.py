@@ -377,14 +377,17 @@ def test_a_shared_ledger_keys_leases_by_host(postgres_server: str, tmp_path: Pat
     assert Ledger(on_test_driver).leases() == {}
 
 
-def _operator(location: str, holder: str, start: Any, out: Any) -> None:
-    """One operator's grant of the GPU (both functions), as its GpuLease would take it."""
+def _operator(location: str, holder: str, start: Any, said: str) -> None:
+    """One operator's grant of the GPU (both functions), as its GpuLease would take it; what it
+    got is written to a file of its own. (A queue shared by both would not do: a process
+    SIGKILLed while writing to it keeps the queue's lock, and the other one hangs at exit.)"""
     start.wait()
     try:
         Ledger(location).acquire(holder, GPU)
-        out.put((holder, "won"))
+        result = "won"
     except LeaseConflictError:
-        out.put((holder, "refused"))
+        result = "refused"
+    Path(said).write_text(result)
 
 
 def test_two_operators_grant_one_gpu_exactly_once_over_200_rounds_with_sigkill(
@@ -400,8 +403,9 @@ def test_two_operators_grant_one_gpu_exactly_once_over_200_rounds_with_sigkill(
     ledger = Ledger(for_host(url, host))
     tally = {"won once": 0, "killed": 0}
     for _round in range(200):
-        start, out = ctx.Event(), ctx.Queue()
-        procs = {who: ctx.Process(target=_operator, args=(for_host(url, host), who, start, out))
+        start = ctx.Event()
+        files = {who: tmp_path / f"round-{_round}-{who.replace('/', '-')}" for who in (alice, bob)}
+        procs = {who: ctx.Process(target=_operator, args=(for_host(url, host), who, start, str(files[who])))
                  for who in (alice, bob)}
         for proc in procs.values():
             proc.start()
@@ -414,10 +418,7 @@ def test_two_operators_grant_one_gpu_exactly_once_over_200_rounds_with_sigkill(
         for proc in procs.values():
             proc.join(timeout=30)
             assert not proc.is_alive()
-        said = {}
-        while not out.empty():
-            who, result = out.get()
-            said[who] = result
+        said = {who: path.read_text() for who, path in files.items() if path.exists()}
         leases = ledger.leases()
         holders = {leases[a].holder for a in GPU if a in leases}
         assert len(holders - {None}) <= 1 and len(holders) == 1, f"round {_round}: {leases}"
