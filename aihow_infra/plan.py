@@ -16,6 +16,8 @@ from typing import Any, Literal
 
 from aihow_infra.config import (
     CLUSTER_KEYS,
+    RESUME_TIMEOUT,
+    SUSPEND_TIME,
     Acceleration,
     CloudCluster,
     ClusterFile,
@@ -125,8 +127,8 @@ class ClusterPlan:
     vms: tuple[VmPlan, ...] = field(default_factory=tuple)
     partitions: tuple[str, ...] = ()  # SLURM partitions (HPC), the default one first
     max_job_time: str = "INFINITE"  # SLURM: every partition's MaxTime
-    suspend_time: int = 600  # SLURM power saving: seconds idle before an on-demand node is powered down
-    resume_timeout: int = 900  # SLURM power saving: seconds an on-demand node may take to come up
+    suspend_time: int = SUSPEND_TIME  # SLURM power saving: seconds idle before an on-demand node is powered down
+    resume_timeout: int = RESUME_TIMEOUT  # SLURM power saving: seconds an on-demand node may take to come up
     pod_subnet: str | None = None  # Kubernetes (Cloud): pods' addresses, one /24 per node
     service_subnet: str | None = None  # Kubernetes (Cloud): services' virtual addresses
 

@@ -21,8 +21,10 @@ from aihow_infra.config.base import (
 )
 from aihow_infra.config.clusters import (
     PARTITION_RE,
+    RESUME_TIMEOUT,
     SLURM_NO_LIMIT,
     SLURM_TIME_RE,
+    SUSPEND_TIME,
     CloudCluster,
     ClusterBase,
     ClusterFile,
@@ -64,8 +66,10 @@ __all__ = [
     "IMAGE_ROOT_GB",
     "PARTITION_RE",
     "PCI_ADDRESS_RE",
+    "RESUME_TIMEOUT",
     "SLURM_NO_LIMIT",
     "SLURM_TIME_RE",
+    "SUSPEND_TIME",
     "Acceleration",
     "CloudCluster",
     "CloudInit",

@@ -97,6 +97,8 @@ PARTITION_RE = re.compile(r"^[A-Za-z0-9_.\-]{1,64}$")
 # days-hours, days-hours:minutes, days-hours:minutes:seconds, or a word for no limit.
 SLURM_TIME_RE = re.compile(r"^(\d+|\d+:\d{1,2}|\d+:\d{1,2}:\d{1,2}|\d+-\d+(:\d{1,2}(:\d{1,2})?)?)$")
 SLURM_NO_LIMIT = ("INFINITE", "UNLIMITED")
+# SLURM power saving's defaults, in seconds: idle before an on-demand node is powered down, and to come up.
+SUSPEND_TIME, RESUME_TIMEOUT = 600, 900
 
 
 def _check_partition(name: str) -> str:
@@ -123,8 +125,8 @@ class SlurmConfig(Model):
     partitions: list[PartitionName] = Field(default_factory=lambda: ["compute"])
     default_partition: str | None = None
     max_job_time: str = "INFINITE"
-    suspend_time: int = 600
-    resume_timeout: int = 900
+    suspend_time: int = SUSPEND_TIME
+    resume_timeout: int = RESUME_TIMEOUT
 
     @field_validator("suspend_time", mode="after")
     @classmethod

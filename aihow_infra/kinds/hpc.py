@@ -10,7 +10,7 @@ from typing import Any
 
 import libvirt
 
-from aihow_infra.config import ClusterKey
+from aihow_infra.config import RESUME_TIMEOUT, SUSPEND_TIME, ClusterKey
 from aihow_infra.desired import DesiredPower
 from aihow_infra.errors import GuestError
 from aihow_infra.interrupts import RUNS
@@ -160,8 +160,8 @@ class _Hpc:
             children["slurm_gpu"] = {"hosts": {n: {} for n in gpu_nodes}}
         common = {"slurm_partitions": cluster.get("slurm_partitions") or ["compute"],
                   "slurm_max_time": cluster.get("slurm_max_time") or "INFINITE",
-                  "slurm_suspend_time": cluster.get("slurm_suspend_time") or 600,
-                  "slurm_resume_timeout": cluster.get("slurm_resume_timeout") or 900}
+                  "slurm_suspend_time": cluster.get("slurm_suspend_time") or SUSPEND_TIME,
+                  "slurm_resume_timeout": cluster.get("slurm_resume_timeout") or RESUME_TIMEOUT}
         return common, {"hpc": {"children": children}}
 
 
