@@ -144,3 +144,39 @@ def test_waits_in_worker_threads_end_and_the_task_exits(tmp_path: Path, sig: sig
     assert proc.returncode == 130, out
     assert "interrupted: no engine was running; the same command again goes on from where this one stopped" in out
     assert "Traceback" not in out, out
+
+
+@pytest.mark.parametrize("sig", SIGNALS, ids=[s.name for s in SIGNALS])
+def test_the_power_broker_stops_cleanly_when_signalled_inside_a_pass(tmp_path: Path, sig: signal.Signals) -> None:
+    """A signal that lands while the broker reads a queue (plain code, no engine running and no
+    wait) is its normal end too: exit 0, not the interrupted task's 130 (CI: the e2e broker
+    signalled while it read the controller's queue)."""
+    inside = tmp_path / "inside"
+    proc = start(tmp_path, f"""
+        import time
+        from pathlib import Path
+        from types import SimpleNamespace
+        from aihow_infra.ops.broker import PowerBroker
+
+        class Reading(PowerBroker):
+            def views(self):
+                return []
+
+            def pass_once(self):
+                Path("{inside}").touch()
+                time.sleep(3600)  # as a guest-agent call is: not a RUNS.pause
+                return []
+
+        op = SimpleNamespace(progress=print, state=SimpleNamespace(broker=Path("{tmp_path}/broker.json")),
+                             configured_stacks=lambda: [])
+        Reading(op).serve(interval=1)
+    """)
+    deadline = time.monotonic() + 60
+    while not inside.exists():
+        assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()[0]
+        time.sleep(0.1)
+    os.kill(proc.pid, sig)
+    out, _ = proc.communicate(timeout=60)
+    assert proc.returncode == 0, out
+    assert "power broker: stopped; a request it was carrying out stays queued for the next broker" in out, out
+    assert "Traceback" not in out, out

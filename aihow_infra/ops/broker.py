@@ -126,7 +126,7 @@ class PowerBroker:
                     done += 1
                     if passes is None or done < passes:
                         RUNS.pause(interval, "power broker")
-            except Interrupted:
+            except (Interrupted, KeyboardInterrupt):  # the second: a signal between a pass's engine runs and waits
                 self.say("power broker: stopped; a request it was carrying out stays queued for the next broker")
 
     def pass_once(self) -> list[Handled]:
