@@ -65,4 +65,6 @@ def test_slurm_health_counts_powered_down_nodes_apart() -> None:
     assert hpc.health({"a": "idle", "b": "allocated", "c": "idle~"}) == "SLURM: 2/2 nodes up (1 powered down)"
     assert hpc.health({"a": "idle", "c": "allocated#"}) == "SLURM: 2/2 nodes up"
     assert hpc.health({"a": "down*", "c": "idle~", "d": "down~"}) == "SLURM: 0/1 nodes up (2 powered down)"
+    # Powering down (SuspendTimeout not over yet): the VM is going off, not a node up.
+    assert hpc.health({"a": "idle", "b": "idle%"}) == "SLURM: 1/1 nodes up (1 powered down)"
     assert hpc.health(None, "controller not running") == "SLURM: controller not running"

@@ -25,4 +25,4 @@ def test(c: Context, fast: bool = False) -> None:
         # every core busy, and several of its tests stop libvirtd or compare the whole host.
         c.run(f"{py} -m pytest -q --durations=12 -m 'not e2e' -n {min(os.cpu_count() or 1, 4)}", pty=False, env=env)
         if not fast:
-            c.run(f"{py} -m pytest -q --durations=12 -m e2e", pty=False, env=env)
+            c.run(f"{py} -m pytest -q --durations=0 --durations-min=5 -m e2e", pty=False, env=env)

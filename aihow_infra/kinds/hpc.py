@@ -89,13 +89,14 @@ DEPLOYED_MARKER = "/etc/munge/.aihow-cluster-key"
 def health(states: dict[str, str] | None,
            silent: str = "no answer from the controller (not deployed, or stopped)") -> str:
     """One line for status: ``SLURM: 2/3 nodes up``, ``SLURM: 2/2 nodes up (1 powered down)``
-    when power saving has nodes off (SLURM's ``~``: off until a job needs them), or ``silent``
-    (why SLURM cannot say: ``silence``) when ``states`` is None."""
+    when power saving has nodes off (SLURM's ``~``: off until a job needs them) or going off
+    (``%``, powering down: SuspendTimeout not yet over), or ``silent`` (why SLURM cannot say:
+    ``silence``) when ``states`` is None."""
     if states is None:
         return f"SLURM: {silent}"
-    off = [s for s in states.values() if s.endswith("~")]
+    off = [s for s in states.values() if s.endswith(("~", "%"))]
     usable = sum(state.rstrip("*~#%!") in ("idle", "allocated", "mixed", "completing")
-                 for state in states.values() if not state.endswith("~"))
+                 for state in states.values() if state not in off)
     return f"SLURM: {usable}/{len(states) - len(off)} nodes up" + (f" ({len(off)} powered down)" if off else "")
 
 
