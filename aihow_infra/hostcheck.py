@@ -306,7 +306,7 @@ def check_resume_timeout(plans: list[ClusterPlan], virt_type: VirtType, file: st
     problems = [f"clusters.{plan.key}.slurm_config.resume_timeout: {plan.resume_timeout} seconds is shorter than a "
                 f"compute node's boot under {under} on this host ({boot} s {known}); allowed: at least {boot}, "
                 "e.g. 900" for plan in plans
-                if any(vm.on_demand for vm in plan.vms) and plan.resume_timeout < boot]
+                if plan.key == "hpc" and any(vm.on_demand for vm in plan.vms) and plan.resume_timeout < boot]
     _refuse(problems, file)
 
 

@@ -19,8 +19,8 @@ import yaml
 
 from aihow_infra.errors import AihowError
 from aihow_infra.kinds import kind_of
+from aihow_infra.plan import gpu_type
 
-GPU_VENDORS = {"10de": "nvidia", "1002": "amd", "8086": "intel"}
 AGENT_CONNECTION = "community.libvirt.libvirt_qemu"
 STOPPED_GROUP = "stopped"
 AGENT_REMOTE_TMP = "/var/tmp/.ansible-agent"
@@ -68,8 +68,7 @@ def _host_vars(node: Mapping[str, Any], access: Access, state: str) -> dict[str,
     host["gpu_count"] = len(gpus)
     if gpus:
         first = gpus[0]
-        vendor = GPU_VENDORS.get(first.get("vendor_id") or "", "gpu")
-        host["gpu_type"] = f"{vendor}_{first['device_id']}" if first.get("device_id") else vendor
+        host["gpu_type"] = gpu_type(first.get("vendor_id"), first.get("device_id"))
         host["gpu_pci_addresses"] = [g["address"] for g in gpus]
     return host
 

@@ -17,6 +17,7 @@ from typing import Any, Literal
 from aihow_infra.config import (
     CLUSTER_KEYS,
     RESUME_TIMEOUT,
+    SCALE_DOWN_UNNEEDED_TIME,
     SUSPEND_TIME,
     Acceleration,
     CloudCluster,
@@ -66,6 +67,16 @@ class DeviceClaim:
         return self.functions[0]
 
 
+GPU_VENDORS = {"10de": "nvidia", "1002": "amd", "8086": "intel"}
+
+
+def gpu_type(vendor_id: str | None, device_id: str | None) -> str:
+    """A GPU's type as labels and inventories name it: ``nvidia_2335`` (PCI vendor id to a name,
+    ``gpu`` for a vendor not known), the vendor alone without a device id."""
+    vendor = GPU_VENDORS.get(vendor_id or "", "gpu")
+    return f"{vendor}_{device_id}" if device_id else vendor
+
+
 @dataclass(frozen=True)
 class VmPlan:
     """One VM as it will be created."""
@@ -91,7 +102,7 @@ class VmPlan:
     cloud_init: dict[str, Any] = field(default_factory=dict)
     pod_subnet: str | None = None  # Cloud: this node's /24 of the cluster's pod subnet
     dhcp: bool = False  # the guest asks DHCP for its address (``ip: DHCP`` or none); ``ip`` is reserved for it
-    on_demand: bool = False  # SLURM power saving starts and stops it (``auto_start`` is then False)
+    on_demand: bool = False  # the power broker starts and stops it for work (``auto_start`` is then False)
 
     @property
     def boots(self) -> bool:
@@ -103,6 +114,13 @@ class VmPlan:
         """True when ``up`` waits for the VM to be ready: it boots a project image, which has
         the guest agent (an operator's own image may not)."""
         return self.image is not None
+
+    @property
+    def gpu_type(self) -> str | None:
+        """``<vendor>_<device id>`` of the first GPU it takes (``nvidia_2335``), the vendor alone
+        when the file gives no device id; None without a GPU."""
+        gpu = next((c for c in self.claims if c.is_gpu), None)
+        return None if gpu is None else gpu_type(gpu.vendor_id, gpu.device_id)
 
     @property
     def gpu_addresses(self) -> list[str]:
@@ -129,6 +147,8 @@ class ClusterPlan:
     max_job_time: str = "INFINITE"  # SLURM: every partition's MaxTime
     suspend_time: int = SUSPEND_TIME  # SLURM power saving: seconds idle before an on-demand node is powered down
     resume_timeout: int = RESUME_TIMEOUT  # SLURM power saving: seconds an on-demand node may take to come up
+    # Kubernetes: seconds with no work before an on-demand worker is stopped
+    scale_down_unneeded_time: int = SCALE_DOWN_UNNEEDED_TIME
     pod_subnet: str | None = None  # Kubernetes (Cloud): pods' addresses, one /24 per node
     service_subnet: str | None = None  # Kubernetes (Cloud): services' virtual addresses
 
@@ -291,6 +311,7 @@ def plan_cluster(file: ClusterFile, key: ClusterKey, source: str = "cluster file
            if isinstance(cluster, HpcCluster) else {}),
         pod_subnet=str(kube.pod_subnet) if kube else None,
         service_subnet=str(kube.service_subnet) if kube else None,
+        **({"scale_down_unneeded_time": kube.scale_down_unneeded_time} if kube else {}),
     )
 
 

@@ -66,7 +66,7 @@ class VmStatus:
     addresses: list[str] = field(default_factory=list)
     workload: str = ""  # what the cluster's software says of the node (SLURM: idle; Kubernetes: Ready...)
     disk: str = "-"  # 'present' or 'missing' (libvirt's view of its volume)
-    on_demand: bool = False  # SLURM's power saving starts and stops it (through `aihow broker`)
+    on_demand: bool = False  # `aihow broker` starts and stops it (for SLURM's power saving, or a pending pod)
 
     @property
     def workload_name(self) -> str:

@@ -139,9 +139,9 @@ BAD_INPUTS: list[tuple[str, dict[str, Any], str]] = [
      r"clusters\.hpc\.controller\.on_demand: true on the controller; allowed: false \(slurmctld"),
     ("on-demand control plane", mutate("clusters.cloud.control_plane.on_demand", True),
      r"clusters\.cloud\.control_plane\.on_demand: true: the control plane runs the API server .*allowed: false"),
-    ("on-demand Kubernetes worker", mutate("clusters.cloud.worker_nodes[0].on_demand", True),
-     r"clusters\.cloud\.worker_nodes\[0\]\.on_demand: true: starting a Kubernetes worker for a pending pod is not "
-     r"built yet; allowed: false"),
+    ("no idle time for workers", mutate("clusters.cloud.kubernetes_config", {"scale_down_unneeded_time": 0}),
+     r"clusters\.cloud\.kubernetes_config\.scale_down_unneeded_time: 0 seconds is no idle time; allowed: 1 or more "
+     r"seconds with no work before an on-demand worker is stopped"),
     ("on-demand and auto_start", mutate(f"{NODE}", {**base()["clusters"]["hpc"]["compute_nodes"][0],
                                                     "on_demand": True, "auto_start": True}),
      r"compute_nodes\[0\]\.auto_start: true with on_demand: true; allowed: one of them"),

@@ -73,24 +73,27 @@ def vms() -> Iterator[Any]:
                 yield pytest.param(path, plan.key, vm.name, id=f"{path.stem}:{vm.name}")
 
 
-def node_outputs(plan: ClusterPlan, vm: VmPlan) -> dict[str, Any]:
-    """What the stack's Node component outputs for a running VM (aihow_infra/components.py)."""
+def node_outputs(plan: ClusterPlan, vm: VmPlan, started: bool = False) -> dict[str, Any]:
+    """What the stack's Node component outputs for a VM (aihow_infra/components.py): running, or
+    off when it is on demand and not ``started``."""
+    off = vm.on_demand and not started
     return {"name": vm.name, "cluster": vm.cluster_name, "cluster_key": vm.cluster_key, "role": vm.role,
             "short_name": vm.short_name, "ip": vm.ip, "pod_subnet": vm.pod_subnet, "mac": vm.mac,
             "vcpus": vm.cpu_cores, "memory_gb": vm.memory_gb, "disk_gb": vm.disk_gb,
             "gpus": [{"address": c.address, "functions": list(c.functions), "vendor_id": c.vendor_id,
                       "device_id": c.device_id} for c in vm.claims if c.is_gpu],
-            "on_demand": vm.on_demand, "power_state": "stopped" if vm.on_demand else "running",
-            "desired_power": "stopped" if vm.on_demand else "running", "login_user": "aihow"}
+            "on_demand": vm.on_demand, "power_state": "stopped" if off else "running",
+            "desired_power": "stopped" if off else "running", "login_user": "aihow"}
 
 
-def inventory(plan: ClusterPlan) -> dict[str, Any]:
+def inventory(plan: ClusterPlan, started: bool = False) -> dict[str, Any]:
+    """The stack's inventory at its first deploy (on-demand VMs off), or with every VM ``started``."""
     cluster = {"name": plan.name, "key": plan.key, "slurm_partitions": list(plan.partitions),
                "slurm_max_time": plan.max_job_time, "slurm_suspend_time": plan.suspend_time,
                "slurm_resume_timeout": plan.resume_timeout, "pod_subnet": plan.pod_subnet,
                "service_subnet": plan.service_subnet}
-    return build_inventory({"cluster": cluster, "nodes": {vm.name: node_outputs(plan, vm) for vm in plan.vms}},
-                           plan.key)
+    return build_inventory({"cluster": cluster, "nodes": {vm.name: node_outputs(plan, vm, started)
+                                                          for vm in plan.vms}}, plan.key)
 
 
 def the_vm(path: Path, key: str, name: str) -> tuple[ClusterPlan, VmPlan]:
@@ -145,7 +148,9 @@ def test_slurmctld_reads_every_slurm_conf(path: Path, tmp_path: Path) -> None:
                          ids=lambda p: p.stem)
 def test_kubernetes_files_have_no_empty_values(path: Path, tmp_path: Path) -> None:
     plan = next(p for p in plans(path) if p.key == "cloud")
-    rendered = list(rendered_templates(ROOT / "ansible/cloud.yml", inventory(plan), made(plan, tmp_path)))
+    # On-demand workers as the deploy that follows the broker's start of them sees them: running.
+    rendered = list(rendered_templates(ROOT / "ansible/cloud.yml", inventory(plan, started=True),
+                                       made(plan, tmp_path)))
     control = next(vm for vm in plan.vms if vm.role == "control-plane")
     assert {(h, d) for h, d, _t in rendered} >= {(control.short_name, "/etc/kubernetes/pki/apiserver.crt"),
                                                  (control.short_name, "/var/lib/kubelet/config.yaml")}

@@ -7,10 +7,12 @@ pair, in this file's order:
 - Guests: every VM as cloud-init left it (host name, address, keys, sudo, /etc/hosts), the DHCP
   compute node on its reserved address; a second system.up boots and deploys nothing.
 - Kubernetes: a pod from the image made here runs on the worker with an address of its pod
-  subnet; a deploy changes nothing; the manual-start worker (the example plus one worker with
-  ``auto_start: false``) joins when started, is drained and cordoned before it stops, and is back
-  in scheduling when started again. Nothing after this needs the Cloud cluster: it is destroyed
-  then, so the SLURM scenarios do not share the emulated CPUs with its control plane.
+  subnet; a deploy changes nothing; the on-demand worker (the example plus one worker with
+  ``on_demand: true``) is started by ``aihow broker`` for a pod only it could run and joins, is
+  drained and cordoned before it stops by hand, is back in scheduling when a pod starts it again,
+  and is drained and stopped by the broker once idle. Nothing after this needs the Cloud
+  cluster: it is destroyed then, so the SLURM scenarios do not share the emulated CPUs with its
+  control plane.
 - SLURM: nothing changed, nothing deployed; a deploy changes nothing; a compute node stopped is
   drained first and rejoins when started, its data kept; a broken playbook is one line and stops
   nothing; the same deploy over SSH from a network namespace of the test's own.
@@ -33,7 +35,7 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 import pytest
 import yaml
@@ -81,7 +83,8 @@ class MainJob:
 def default_example_on(e2e: E2E) -> dict[str, Any]:
     """config/default.yaml's clusters on the sandbox's names, bridges and subnets (each address
     keeps its place in the subnet), the second compute node on DHCP, plus an on-demand compute
-    node (SLURM powers it down after 30 s idle) and a manual-start Cloud worker."""
+    node (SLURM powers it down after 30 s idle) and an on-demand Cloud worker (stopped after 30 s
+    with no work)."""
     box = e2e.sandbox
     clusters: dict[str, Any] = yaml.safe_load((CHECKOUT / "config" / "default.yaml").read_text())["clusters"]
     for key, cluster in clusters.items():
@@ -101,7 +104,8 @@ def default_example_on(e2e: E2E) -> dict[str, Any]:
     computes.append({**computes[0], "ip": str(ipaddress.IPv4Address(computes[0]["ip"]) + 2), "on_demand": True})
     clusters["hpc"]["slurm_config"] |= {"suspend_time": 30, "resume_timeout": 900}
     workers = clusters["cloud"]["worker_nodes"]
-    workers.append({**workers[0], "ip": str(ipaddress.IPv4Address(workers[0]["ip"]) + 1), "auto_start": False})
+    workers.append({**workers[0], "ip": str(ipaddress.IPv4Address(workers[0]["ip"]) + 1), "on_demand": True})
+    clusters["cloud"].setdefault("kubernetes_config", {})["scale_down_unneeded_time"] = 30
     return clusters
 
 
@@ -152,6 +156,19 @@ def slurm_states(job: MainJob, want: dict[str, str], timeout: float = 180) -> di
         time.sleep(3)
         states = sinfo(job)
     return {node: states.get(node, "") for node in want}
+
+
+def stop_broker(broker: subprocess.Popen[str], log: IO[str], tmp_path: Path) -> None:
+    """Ctrl-C to a broker the test started: its normal end, exit 0 (its log printed for the record)."""
+    broker.send_signal(signal.SIGINT)
+    try:
+        broker.wait(timeout=300)
+    finally:
+        broker.kill()
+        log.close()
+        print((tmp_path / "broker.log").read_text()[-3000:])
+    said = (tmp_path / "broker.log").read_text()
+    assert broker.returncode == 0 and "power broker: stopped" in said, said[-3000:]
 
 
 def kubectl(job: MainJob, *args: str) -> str:
@@ -225,18 +242,28 @@ def test_both_clusters_deployed_a_job_runs_and_every_node_is_ready(main_job: Mai
         assert job.e2e.workspace.planned_steps(stack) == {}, stack
 
 
-def test_kubernetes_runs_pods_and_the_manual_worker_joins_and_drains(main_job: MainJob, phases: Phases) -> None:
+def test_kubernetes_runs_pods_and_an_on_demand_worker_starts_for_a_pod_drains_and_stops(
+        main_job: MainJob, phases: Phases, tmp_path: Path) -> None:
+    """A pod from the image made here runs on the worker; with `aihow broker` running (its own
+    process), a pod only the stopped on-demand worker could run starts it (first join); stopped by
+    hand it is drained and cordoned first; a pod for it again starts it again, back in
+    scheduling; idle 30 s after, the broker drains and stops it."""
     job = main_job
     op, box = job.op, job.e2e.sandbox
-    worker, manual = job.vm("cloud-cpu-worker-01"), job.vm("cloud-cpu-worker-02")
+    worker, spare = job.vm("cloud-cpu-worker-01"), job.vm("cloud-cpu-worker-02")
+
+    def run_pod(name: str, node: str, *command: str) -> None:
+        kubectl(job, "run", name, f"--image={BUSYBOX_IMAGE}", "--image-pull-policy=Never", "--restart=Never",
+                "--overrides", json.dumps({"spec": {"nodeSelector": {"kubernetes.io/hostname": node}}}),
+                "--", *command)
+
+    def phase_of(name: str) -> str:
+        return kubectl(job, "get", "pod", name, "-o", "jsonpath={.status.phase}")
 
     # A pod from the image made here, on the worker, with an address of the worker's pod subnet.
     began = time.monotonic()
-    kubectl(job, "run", "hello", f"--image={BUSYBOX_IMAGE}", "--image-pull-policy=Never", "--restart=Never",
-            "--overrides", json.dumps({"spec": {"nodeSelector": {"kubernetes.io/hostname": worker}}}),
-            "--", "sh", "-c", "echo hello from $(hostname)")
-    wait_until("the pod succeeds", lambda: kubectl(job, "get", "pod", "hello", "-o", "jsonpath={.status.phase}")
-               == "Succeeded")
+    run_pod("hello", worker, "sh", "-c", "echo hello from $(hostname)")
+    wait_until("the pod succeeds", lambda: phase_of("hello") == "Succeeded")
     phases.add("pod created to succeeded", time.monotonic() - began)
     assert kubectl(job, "logs", "hello").strip() == "hello from hello"
     assert kubectl(job, "get", "pod", "hello", "-o", "jsonpath={.status.podIP}").startswith("10.244.1.")
@@ -246,32 +273,49 @@ def test_kubernetes_runs_pods_and_the_manual_worker_joins_and_drains(main_job: M
         again = op.deploy("cloud")
     assert again.changed == 0, [line for line in job.lines if line.lstrip().startswith("changed")]
 
-    # The manual-start worker joins when started (deploy limited to it and the control plane)...
-    with phases.time("vm.start of the manual worker to Ready (first join)"):
-        op.vm_start(manual)
-    assert k8s_nodes(job)[manual] == "True"
-    assert "deploying cloud: cloud.yml on cpu-worker-02,control-plane" in job.lines
-    assert op.system_status().clusters[1].health == "Kubernetes: healthy, 3/3 nodes Ready"
+    log = (tmp_path / "broker.log").open("w")
+    broker = Task(job.e2e).start("broker", "--interval", "3", output=log)
+    try:
+        # A pod for the stopped on-demand worker: the broker starts it, it joins, the pod runs there.
+        began = time.monotonic()
+        run_pod("sleeper", spare, "sleep", "3600")
+        wait_until("the pod runs on the on-demand worker", lambda: phase_of("sleeper") == "Running", timeout=900)
+        phases.add("pod Pending to Running on a stopped on-demand worker (boot and first join)",
+                   time.monotonic() - began)
+        assert k8s_nodes(job)[spare] == "True"
+        assert op.system_status().clusters[1].health == "Kubernetes: healthy, 3/3 nodes Ready"
 
-    # ...and is drained and cordoned before it stops; pods on it are evicted first.
-    kubectl(job, "run", "sleeper", f"--image={BUSYBOX_IMAGE}", "--image-pull-policy=Never", "--restart=Never",
-            "--overrides", json.dumps({"spec": {"nodeSelector": {"kubernetes.io/hostname": manual}}}),
-            "--", "sleep", "3600")
-    wait_until("the sleeper runs", lambda: kubectl(job, "get", "pod", "sleeper", "-o", "jsonpath={.status.phase}")
-               == "Running")
-    with phases.time("vm.stop of the manual worker (drained first)"):
-        op.vm_stop(manual)
-    assert any(line.startswith(f"draining {manual} in Kubernetes") for line in job.lines)
-    assert not box.conn.lookupByName(manual).isActive()
-    assert k8s_nodes(job)[manual].endswith(",cordoned")
-    assert kubectl(job, "get", "pods", "--field-selector", f"spec.nodeName={manual}", "-o", "name") == ""
-    # Said at once, before Kubernetes notices the node gone (its grace period, 40 s or more).
-    assert op.system_status().clusters[1].health == "Kubernetes: healthy, 2/3 nodes Ready (1 stopped)"
+        # Stopped by hand, it is drained and cordoned first; the pod on it is evicted.
+        with phases.time("vm.stop of the on-demand worker by hand (drained first)"):
+            op.vm_stop(spare)
+        assert any(line.startswith(f"draining {spare} in Kubernetes") for line in job.lines)
+        assert not box.conn.lookupByName(spare).isActive()
+        assert k8s_nodes(job)[spare].endswith(",cordoned")
+        assert kubectl(job, "get", "pods", "--field-selector", f"spec.nodeName={spare}", "-o", "name") == ""
+        # Said at once, before Kubernetes notices the node gone (its grace period, 40 s or more).
+        assert op.system_status().clusters[1].health == "Kubernetes: healthy, 2/3 nodes Ready (1 stopped)"
 
-    # Started again, it is back in scheduling.
-    with phases.time("vm.start of the manual worker again"):
-        op.vm_start(manual)
-    assert k8s_nodes(job)[manual] == "True"
+        # A pod for it again: started again, back in scheduling, the pod runs; then, idle 30 s,
+        # the broker drains and stops it.
+        began = time.monotonic()
+        run_pod("again", spare, "echo", "back")
+        wait_until("the pod runs on the worker started again", lambda: phase_of("again") == "Succeeded",
+                   timeout=900)
+        phases.add("pod Pending to done on the on-demand worker stopped by hand", time.monotonic() - began)
+        began = time.monotonic()
+        wait_until("idle, the on-demand worker is stopped", lambda: not box.conn.lookupByName(spare).isActive(),
+                   timeout=600)
+        phases.add("pod done to the on-demand worker stopped (idle 30 s, drained)", time.monotonic() - began)
+        assert k8s_nodes(job)[spare].endswith(",cordoned")
+        record = BrokerRecord.read(job.op.state.broker)
+        assert record is not None and record.waiting == []
+        assert [(h.action, h.node, h.result) for h in record.recent] == [
+            ("start", spare, "started"), ("start", spare, "started"), ("stop", spare, "stopped")]
+    finally:
+        stop_broker(broker, log, tmp_path)
+    said = (tmp_path / "broker.log").read_text()
+    assert f"power broker: cloud: default/sleeper waiting for {spare}" in said, said[-3000:]
+    assert "deploying cloud: cloud.yml on cpu-worker-02,control-plane" in said, said[-3000:]
 
     # Nothing after this needs the Cloud cluster: destroyed now, as the teardown would, so the
     # SLURM scenarios do not share the emulated CPUs with a busy Kubernetes control plane; the
@@ -373,18 +417,10 @@ def test_an_on_demand_node_starts_for_a_job_and_powers_down_when_idle(main_job: 
         assert status.clusters[0].health == "SLURM: 2/2 nodes up (1 powered down)"
         record = BrokerRecord.read(job.op.state.broker)
         assert record is not None and record.waiting == []
-        assert [(h.action, h.node, h.result) for h in record.recent] == [("resume", node, "started"),
-                                                                          ("suspend", node, "stopped")]
+        assert [(h.action, h.result) for h in record.recent if h.node == node] == [("resume", "started"),
+                                                                                   ("suspend", "stopped")]
     finally:
-        broker.send_signal(signal.SIGINT)
-        try:
-            broker.wait(timeout=300)
-        finally:
-            broker.kill()
-            log.close()
-            print((tmp_path / "broker.log").read_text()[-3000:])
-    said = (tmp_path / "broker.log").read_text()
-    assert broker.returncode == 0 and "power broker: stopped" in said, said[-3000:]  # Ctrl-C is its normal end
+        stop_broker(broker, log, tmp_path)
 
 
 def test_a_running_node_given_a_new_address_restarts_with_its_data_and_runs_jobs(main_job: MainJob,

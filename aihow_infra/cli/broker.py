@@ -1,4 +1,4 @@
-"""``broker``: the power broker in the foreground (SLURM power saving of on-demand nodes)."""
+"""``broker``: the power broker in the foreground (on-demand nodes: SLURM's power saving, pending pods)."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from aihow_infra.cli.common import err, operator, out, task
 from aihow_infra.errors import AihowError
 
 UNIT = """[Unit]
-Description=ai-how power broker: starts and stops on-demand VMs for SLURM's power saving
+Description=ai-how power broker: starts and stops on-demand VMs for SLURM jobs and pending Kubernetes pods
 After=libvirtd.service
 Wants=libvirtd.service
 
@@ -37,11 +37,12 @@ def _positive(flag: str, text: str, kind: type[float] | type[int], allowed: str)
     return value
 
 
-@task(help={"interval": "seconds between passes over the controllers' power queues (default 5)",
+@task(help={"interval": "seconds between passes over the power queues and pending pods (default 5)",
             "passes": "stop after this many passes (default: run until interrupted, Ctrl-C)",
             "unit": "print a systemd unit that runs the broker for this project, and exit"})
 def broker(c: Context, interval: str = "5", passes: str = "", unit: bool = False) -> None:
-    """Start and stop on-demand compute nodes as SLURM's power saving asks (foreground)."""
+    """Start and stop on-demand nodes: compute nodes as SLURM's power saving asks, Kubernetes workers
+    for pending pods and when idle (foreground)."""
     seconds = _positive("--interval", interval, float, "a number of seconds")
     count = int(_positive("--passes", passes, int, "a whole number of passes")) if passes else None
     op = operator()

@@ -22,6 +22,7 @@ from aihow_infra.config.base import (
 from aihow_infra.config.clusters import (
     PARTITION_RE,
     RESUME_TIMEOUT,
+    SCALE_DOWN_UNNEEDED_TIME,
     SLURM_NO_LIMIT,
     SLURM_TIME_RE,
     SUSPEND_TIME,
@@ -67,6 +68,7 @@ __all__ = [
     "PARTITION_RE",
     "PCI_ADDRESS_RE",
     "RESUME_TIMEOUT",
+    "SCALE_DOWN_UNNEEDED_TIME",
     "SLURM_NO_LIMIT",
     "SLURM_TIME_RE",
     "SUSPEND_TIME",

@@ -99,6 +99,9 @@ SLURM_TIME_RE = re.compile(r"^(\d+|\d+:\d{1,2}|\d+:\d{1,2}:\d{1,2}|\d+-\d+(:\d{1
 SLURM_NO_LIMIT = ("INFINITE", "UNLIMITED")
 # SLURM power saving's defaults, in seconds: idle before an on-demand node is powered down, and to come up.
 SUSPEND_TIME, RESUME_TIMEOUT = 600, 900
+# Seconds an on-demand Kubernetes worker runs with no work before the broker stops it: the
+# cluster autoscaler's --scale-down-unneeded-time default (10 minutes).
+SCALE_DOWN_UNNEEDED_TIME = 600
 
 
 def _check_partition(name: str) -> str:
@@ -257,7 +260,10 @@ class WorkerGroups(Model):
 
 
 class KubernetesConfig(Model):
-    """``kubernetes_config``: the Cloud cluster's pod and service networks.
+    """``kubernetes_config``: the Cloud cluster's pod and service networks, and how long a worker
+    marked ``on_demand`` runs with no work (no pod but a DaemonSet's) before the power broker
+    drains and stops it (``scale_down_unneeded_time``, seconds, named after the cluster
+    autoscaler's flag).
 
     Pods get their addresses from the CNI bridge plugin, one /24 of ``pod_subnet`` per node
     (the node's host number in the cluster network picks it), with a route to each peer's.
@@ -268,6 +274,15 @@ class KubernetesConfig(Model):
     cni: Literal["bridge"] = "bridge"
     pod_subnet: ipaddress.IPv4Network = ipaddress.IPv4Network("10.244.0.0/16")
     service_subnet: ipaddress.IPv4Network = ipaddress.IPv4Network("10.96.0.0/12")
+    scale_down_unneeded_time: int = SCALE_DOWN_UNNEEDED_TIME
+
+    @field_validator("scale_down_unneeded_time", mode="after")
+    @classmethod
+    def _unneeded_time(cls, value: int) -> int:
+        if value <= 0:
+            raise ValueError(f"{value!r} seconds is no idle time; allowed: 1 or more seconds with no work before an "
+                             "on-demand worker is stopped (leave on_demand off for workers that always run)")
+        return value
 
     @field_validator("cni", mode="before")
     @classmethod
@@ -298,19 +313,10 @@ class CloudCluster(ClusterBase):
         return _expand_node_group(value)
 
     @model_validator(mode="after")
-    def _no_on_demand_yet(self) -> CloudCluster:
-        where = [("control_plane", self.control_plane)]
-        if isinstance(self.worker_nodes, WorkerGroups):
-            where += [(f"worker_nodes.{g}[{i}]", n) for g in ("cpu", "gpu")
-                      for i, n in enumerate(getattr(self.worker_nodes, g))]
-        else:
-            where += [(f"worker_nodes[{i}]", n) for i, n in enumerate(self.worker_nodes)]
-        for path, node in where:
-            if node.on_demand:
-                what = ("the control plane runs the API server every node needs" if path == "control_plane" else
-                        "starting a Kubernetes worker for a pending pod is not built yet")
-                raise ValueError(f"{path}.on_demand: true: {what}; allowed: false (on-demand is for HPC compute "
-                                 "nodes, under SLURM power saving)")
+    def _control_plane_always_runs(self) -> CloudCluster:
+        if self.control_plane.on_demand:
+            raise ValueError("control_plane.on_demand: true: the control plane runs the API server every node "
+                             "needs; allowed: false (on-demand is for workers, started for a pending pod)")
         return self
 
     @property

@@ -54,6 +54,20 @@ def _state(node: dict[str, object]) -> str:
     return f"{word},SchedulingDisabled" if isinstance(spec, dict) and spec.get("unschedulable") else word
 
 
+def cluster_objects(control_plane: libvirt.virDomain) -> list[dict[str, Any]]:
+    """Every Node and Pod (all namespaces) as the API server lists them, in one kubectl run;
+    ``GuestError`` when the agent or the API server does not answer."""
+    ran = kubectl(control_plane, ["get", "nodes,pods", "--all-namespaces", "-o", "json"], timeout=120)
+    if ran.code != 0:
+        raise GuestError(f"listing nodes and pods on {control_plane.name()} failed: "
+                         f"{ran.err.strip() or ran.out.strip()}")
+    try:
+        items: list[dict[str, Any]] = json.loads(ran.out).get("items") or []
+    except ValueError as exc:
+        raise GuestError(f"listing nodes and pods on {control_plane.name()}: not JSON ({exc})") from None
+    return items
+
+
 def control_plane_ready(control_plane: libvirt.virDomain) -> bool:
     """True when the API server says it is ready (etcd included)."""
     try:

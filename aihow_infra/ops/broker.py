@@ -1,12 +1,13 @@
-"""The power broker: carries out what SLURM's power saving asks for the on-demand compute nodes.
+"""The power broker: starts and stops the on-demand VMs when there is work for them, and when
+there is none.
 
-slurmctld's power programs on the controller queue a request file (``kinds.hpc.POWER_QUEUE``)
-for each ``resume``, ``suspend`` and ``resume-fail``; the broker reads the queue through the
-controller's guest agent (no IP traffic between host and guests), carries each request out with
-the project's own lifecycle and takes it off the queue only then. That is its acknowledgement:
-a broker stopped mid-request finds the request again and does it again, and every step is
-idempotent (starting a running VM deploys what is missing; stopping one that is off does
-nothing).
+HPC (SLURM's power saving): slurmctld's power programs on the controller queue a request file
+(``kinds.hpc.POWER_QUEUE``) for each ``resume``, ``suspend`` and ``resume-fail``; the broker
+reads the queue through the controller's guest agent (no IP traffic between host and guests),
+carries each request out with the project's own lifecycle and takes it off the queue only then.
+That is its acknowledgement: a broker stopped mid-request finds the request again and does it
+again, and every step is idempotent (starting a running VM deploys what is missing; stopping one
+that is off does nothing).
 
 - ``resume``: the VM is started as ``vm.start`` starts it (its GPU lease first, ready, deployed),
   and slurmd, registering, returns the node to SLURM. A VM that cannot start is left off and its
@@ -15,6 +16,17 @@ nothing).
 - ``suspend``: the node was idle past SuspendTime: the VM is shut down (SLURM chose it idle, so
   it is not drained) and its GPU lease released.
 - ``resume-fail``: the node did not come up within ResumeTimeout: the VM is powered off.
+
+Cloud (Kubernetes): each pass lists the nodes and pods on the control plane (one kubectl run
+through its guest agent) and
+- ``start``s the first stopped on-demand worker a waiting pod would run on
+  (``kinds.podfit``): lease, boot, join, back in scheduling; the pod is then scheduled there. A
+  GPU held elsewhere is waited for; a worker that fails to start is left off, said, and tried
+  again after ``RETRY_FAILED_START`` seconds;
+- ``stop``s a running on-demand worker that has had no work (no pod but a DaemonSet's) for the
+  cluster's ``scale_down_unneeded_time``: drained, then shut down. A cordoned worker is left
+  alone (a stop is draining it, or the operator keeps it out of use). The state is the cluster's
+  own at every pass, so a broker restarted mid-way starts again from what it sees.
 
 One broker per project and host (a lock); what it did is kept for ``status``.
 """
@@ -34,7 +46,9 @@ from typing import Any
 from aihow_infra.errors import AihowError, BusyError, LeaseError
 from aihow_infra.files import atomic_write
 from aihow_infra.interrupts import RUNS, Interrupted
+from aihow_infra.kinds import cloud, kind_of
 from aihow_infra.kinds.hpc import POWER_ACTIONS, PowerRequest, acknowledge, mark_down, power_requests
+from aihow_infra.kinds.podfit import cordoned, workers_to_start, workload_pods
 from aihow_infra.libvirt.connection import connect
 from aihow_infra.libvirt.power import is_live
 from aihow_infra.ops.access import Operator
@@ -44,6 +58,8 @@ from aihow_infra.ops.project import StackView
 KEPT = 20
 # Results that leave their request queued, to be tried again on the next pass.
 KEPT_QUEUED = ("waits", "retrying")
+# Seconds before a Cloud worker that failed to start is started again for a waiting pod.
+RETRY_FAILED_START = 300.0
 
 
 @dataclass(frozen=True)
@@ -52,7 +68,7 @@ class Handled:
 
     at: str  # ISO 8601, UTC
     stack: str
-    action: str
+    action: str  # HPC: resume, suspend, resume-fail; Cloud: start, stop
     node: str
     result: str  # "started", "stopped", "powered off", "already off", "failed: ...", "waits: ...", "retrying: ..."
     seconds: float
@@ -82,7 +98,7 @@ def _now() -> str:
 
 
 class PowerBroker:
-    """Carries out the power requests of every HPC stack of the project that has on-demand nodes."""
+    """Starts and stops the on-demand VMs of every stack of the project that has them."""
 
     def __init__(self, op: Operator) -> None:
         self.op = op
@@ -91,10 +107,12 @@ class PowerBroker:
         self.recent: list[Handled] = (BrokerRecord.read(self.record_path) or BrokerRecord("", [], [])).recent
         self.waiting: dict[tuple[str, str], Handled] = {}
         self._silent: set[str] = set()
+        self._idle_since: dict[tuple[str, str], float] = {}  # Cloud workers seen with no work, since when
+        self._failed_at: dict[tuple[str, str], float] = {}  # Cloud workers whose start failed, when
 
     def views(self) -> list[StackView]:
         """The stacks whose cluster has on-demand nodes."""
-        return [v for v in self.op.views() if v.plan.key == "hpc" and any(vm.on_demand for vm in v.plan.vms)]
+        return [v for v in self.op.views() if any(vm.on_demand for vm in v.plan.vms)]
 
     @contextlib.contextmanager
     def only_one(self) -> Iterator[None]:
@@ -118,7 +136,8 @@ class PowerBroker:
             else:  # a service set up before the cluster files have on-demand nodes waits for them
                 read = ", ".join(f"{s} ({self.op.settings(s).cluster_file})" for s in self.op.configured_stacks())
                 self.say(f"power broker: no on-demand node in {read or 'no stack'}; nothing to do until a compute "
-                         f"node has on_demand: true (the cluster files are read again every {interval:g} s)")
+                         "node or a worker has on_demand: true (the cluster files are read again every "
+                         f"{interval:g} s)")
             done = 0
             try:
                 while passes is None or done < passes:
@@ -146,14 +165,49 @@ class PowerBroker:
 
     def _serve_stack(self, view: StackView) -> list[Handled]:
         with connect(view.settings.libvirt_uri) as conn:
-            controller = self.op.head_of(view, conn)
-            if controller is None:
-                self._once(view.stack, f"power broker: {view.stack}: the controller is not running; requests wait "
-                                       "for it")
+            head = self.op.head_of(view, conn)
+            if head is None:
+                self._once(view.stack, f"power broker: {view.stack}: the {kind_of(view.plan.key).head_role} is not "
+                                       "running; requests wait for it")
                 return []
-            requests = power_requests(controller)
+            if view.plan.key == "cloud":
+                items = cloud.cluster_objects(head)
+                self._silent.discard(view.stack)
+                return self._serve_workers(view, items)
+            requests = power_requests(head)
             self._silent.discard(view.stack)
-            return [h for request in requests for h in self._carry_out(view, controller, request)]
+            return [h for request in requests for h in self._carry_out(view, head, request)]
+
+    def _serve_workers(self, view: StackView, items: list[dict[str, Any]]) -> list[Handled]:
+        """Kubernetes: start a stopped on-demand worker for the pods waiting for one, stop one
+        with no work for ``scale_down_unneeded_time``."""
+        live = self.op.live_states(view)
+        workers = [vm for vm in view.plan.vms if vm.on_demand]
+        now = time.monotonic()
+        off = [vm for vm in workers if not is_live(live.get(vm.name, "undefined"))
+               and now - self._failed_at.get((view.stack, vm.name), -RETRY_FAILED_START) >= RETRY_FAILED_START]
+        handled = []
+        for node, pods in workers_to_start(items, off).items():
+            self.say(f"power broker: {view.stack}: {', '.join(pods)} waiting for {node}")
+            done = self._one(view, None, "start", node)
+            handled.append(done)
+            if done.result.startswith("failed"):
+                self._failed_at[(view.stack, node)] = time.monotonic()
+            else:
+                self._failed_at.pop((view.stack, node), None)
+        # A cordoned worker is being drained (a stop under way) or kept out of use by the
+        # operator: not the broker's to stop.
+        busy = cordoned(items) | {h.node for h in handled}
+        for vm in workers:
+            key = (view.stack, vm.name)
+            if not is_live(live.get(vm.name, "undefined")) or vm.name in busy or workload_pods(items, vm.name):
+                self._idle_since.pop(key, None)
+                continue
+            since = self._idle_since.setdefault(key, now)
+            if now - since >= view.plan.scale_down_unneeded_time:
+                handled.append(self._one(view, None, "stop", vm.name))
+                self._idle_since.pop(key, None)
+        return handled
 
     def _once(self, key: str, message: str) -> None:
         """Say why a stack is passed over, once until it answers again."""
@@ -176,6 +230,7 @@ class PowerBroker:
         return results
 
     def _one(self, view: StackView, controller: Any, action: str, node: str) -> Handled:
+        """Carry out ``action`` for ``node``; ``controller`` (HPC) is told of a failed resume."""
         began = time.monotonic()
         key = (view.stack, node)
 
@@ -192,7 +247,7 @@ class PowerBroker:
             self._write()
             return handled
 
-        if action == "resume":
+        if action in ("resume", "start"):
             try:
                 self.op.vm_start(node)
                 return done("started")
@@ -202,14 +257,17 @@ class PowerBroker:
                 raise
             except AihowError as exc:
                 RUNS.check("power broker")  # a stop asked for cut the start short: not the node's failure
-                reason = f"aihow: could not start the VM: {exc}"
                 self._power_off(node)
-                mark_down(controller, [node], reason.replace("\n", " "))
+                if controller is not None:
+                    mark_down(controller, [node], f"aihow: could not start the VM: {exc}".replace("\n", " "))
                 return done(f"failed: {exc}")
         live = is_live(self.op.live_states(view).get(node, "undefined"))
         if not live and not view.power.wants_running(node, False):  # off, and recorded off: `up` keeps it so
             return done("already off")
         try:
+            if action == "stop":  # a Kubernetes worker with no work: drained (nothing but DaemonSets' pods)
+                self.op.vm_stop(node)
+                return done("stopped")
             if action == "suspend":
                 self.op.vm_stop(node, drain=False)
                 return done("stopped")
