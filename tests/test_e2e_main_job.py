@@ -17,7 +17,8 @@ pair, in this file's order:
   drained first and rejoins when started, its data kept; a broken playbook is one line and stops
   nothing; the same deploy over SSH from a network namespace of the test's own.
 - SLURM power saving: a job for the powered-down on-demand node starts its VM through
-  ``aihow broker``; idle, the node is powered down again.
+  ``aihow broker``; idle, the node is powered down again; a node that cannot start is left off
+  and marked DOWN with the reason.
 - Last, as it changes the cluster: a running compute node given a new address is restarted (asked
   first), keeps its data, and SLURM runs jobs on it at the new address.
 
@@ -82,9 +83,9 @@ class MainJob:
 
 def default_example_on(e2e: E2E) -> dict[str, Any]:
     """config/default.yaml's clusters on the sandbox's names, bridges and subnets (each address
-    keeps its place in the subnet), the second compute node on DHCP, plus an on-demand compute
-    node (SLURM powers it down after 30 s idle) and an on-demand Cloud worker (stopped after 30 s
-    with no work)."""
+    keeps its place in the subnet), the second compute node on DHCP, plus two on-demand compute
+    nodes (SLURM powers one down after 30 s idle) and an on-demand Cloud worker (stopped after
+    30 s with no work)."""
     box = e2e.sandbox
     clusters: dict[str, Any] = yaml.safe_load((CHECKOUT / "config" / "default.yaml").read_text())["clusters"]
     for key, cluster in clusters.items():
@@ -101,7 +102,9 @@ def default_example_on(e2e: E2E) -> dict[str, Any]:
             node["ip"] = moved(node["ip"])
     del clusters["hpc"]["compute_nodes"][1]["ip"]  # asks DHCP: the network reserves it an address
     computes = clusters["hpc"]["compute_nodes"]
-    computes.append({**computes[0], "ip": str(ipaddress.IPv4Address(computes[0]["ip"]) + 2), "on_demand": True})
+    for more in (2, 3):  # compute-03 starts for a job; compute-04 cannot start (its disk made immutable)
+        computes.append({**computes[0], "ip": str(ipaddress.IPv4Address(computes[0]["ip"]) + more),
+                         "on_demand": True})
     clusters["hpc"]["slurm_config"] |= {"suspend_time": 30, "resume_timeout": 900}
     workers = clusters["cloud"]["worker_nodes"]
     workers.append({**workers[0], "ip": str(ipaddress.IPv4Address(workers[0]["ip"]) + 1), "on_demand": True})
@@ -201,9 +204,9 @@ def test_both_clusters_deployed_a_job_runs_and_every_node_is_ready(main_job: Mai
     assert k8s_nodes(job) == {control: "True", worker: "True"}
 
     hpc, cloud = job.op.system_status().clusters
-    assert hpc.health == "SLURM: 2/2 nodes up (1 powered down)"
-    assert [vm.workload for vm in hpc.vms if vm.role == "compute"] == ["idle", "idle", "idle~"]
-    assert [vm.state_word for vm in hpc.vms if vm.on_demand] == ["powered down (on demand)"]
+    assert hpc.health == "SLURM: 2/2 nodes up (2 powered down)"
+    assert [vm.workload for vm in hpc.vms if vm.role == "compute"] == ["idle", "idle", "idle~", "idle~"]
+    assert [vm.state_word for vm in hpc.vms if vm.on_demand] == ["powered down (on demand)"] * 2
     assert cloud.health == "Kubernetes: healthy, 2/2 nodes Ready"
     assert {vm.name: vm.workload for vm in cloud.vms} == {control: "Ready", worker: "Ready",
                                                           job.vm("cloud-cpu-worker-02"): ""}
@@ -389,10 +392,14 @@ def test_an_on_demand_node_starts_for_a_job_and_powers_down_when_idle(main_job: 
     """SLURM's power saving through `aihow broker` (its own process, as an operator runs it):
     a job for the powered-down node starts its VM (lease, boot, first deploy), runs, and 30 s
     idle later the VM is off and SLURM shows the node powered down, and the broker's record says
-    both hand-overs."""
+    both hand-overs. A job for a node that cannot start leaves it off and DOWN with the reason,
+    the job pending."""
     job = main_job
     box = job.e2e.sandbox
-    node = job.vm("hpc-compute-03")
+    node, broken = job.vm("hpc-compute-03"), job.vm("hpc-compute-04")
+    pool = box.conn.storagePoolLookupByName(f"{job.vm('hpc')}-pool")
+    disk = Path(pool.storageVolLookupByName(f"{broken}.qcow2").path())
+    failing = ""
     log = (tmp_path / "broker.log").open("w")
     broker = Task(job.e2e).start("broker", "--interval", "3", output=log)
     try:
@@ -414,13 +421,46 @@ def test_an_on_demand_node_starts_for_a_job_and_powers_down_when_idle(main_job: 
                    timeout=600)
         phases.add("job done to VM off and node powering down (SuspendTime 30 s)", time.monotonic() - began)
         status = job.op.system_status()
-        assert status.clusters[0].health == "SLURM: 2/2 nodes up (1 powered down)"
+        assert status.clusters[0].health == "SLURM: 2/2 nodes up (2 powered down)"
         record = BrokerRecord.read(job.op.state.broker)
         assert record is not None and record.waiting == []
         assert [(h.action, h.result) for h in record.recent if h.node == node] == [("resume", "started"),
                                                                                    ("suspend", "stopped")]
+
+        # A node that cannot start (its disk immutable: qemu cannot open it): the broker leaves
+        # the VM off and marks the node DOWN with why; the job waits, not lost, and runs nowhere.
+        subprocess.run(["chattr", "+i", str(disk)], check=True)
+        began = time.monotonic()
+        failing = job.on("hpc-controller", "/usr/bin/sbatch", "--parsable", "-p", "debug", "-w", broken,
+                         "--wrap", "hostname").strip()
+        wait_until("the node that cannot start is marked down",
+                   lambda: "aihow: could not start the VM" in node_field(job, broken, "Reason"), timeout=600)
+        phases.add("sbatch to DOWN with the reason, for a node that cannot start", time.monotonic() - began)
+        assert node_field(job, broken, "State").startswith("DOWN"), node_field(job, broken, "State")
+        assert not box.conn.lookupByName(broken).isActive()
+        # Requeued (SLURM's JobRequeue=1 default), held or not, and not yet cleaned up: never failed or lost.
+        assert job_state(job, failing)["JobState"] in ("PENDING", "REQUEUED", "REQUEUE_HOLD"), job_state(job, failing)
+        record = BrokerRecord.read(job.op.state.broker)
+        assert record is not None and any(h.node == broken and h.action == "resume" and h.result.startswith("failed")
+                                          for h in record.recent), record
     finally:
+        subprocess.run(["chattr", "-i", str(disk)], check=False)
+        if failing:
+            job.on("hpc-controller", "/usr/bin/scancel", failing, ok=False)
         stop_broker(broker, log, tmp_path)
+
+
+def node_field(job: MainJob, node: str, name: str) -> str:
+    """A field of ``scontrol show node`` (State, Reason...); the Reason runs to the line's end."""
+    out = job.on("hpc-controller", "/usr/bin/scontrol", "show", "node", node)
+    for line in out.splitlines():
+        line = line.strip()
+        if name == "Reason" and line.startswith("Reason="):
+            return line.removeprefix("Reason=")
+        for pair in line.split():
+            if pair.startswith(f"{name}="):
+                return pair.split("=", 1)[1]
+    return ""
 
 
 def test_a_running_node_given_a_new_address_restarts_with_its_data_and_runs_jobs(main_job: MainJob,
