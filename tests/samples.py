@@ -4,6 +4,9 @@ from __future__ import annotations
 
 from typing import Any
 
+from aihow_infra.loading import parse_cluster_file
+from aihow_infra.plan import ClusterPlan, VmPlan, plan_cluster
+
 
 def base() -> dict[str, Any]:
     """A small valid file with both clusters; each bad case changes one thing."""
@@ -36,3 +39,42 @@ def base() -> dict[str, Any]:
             },
         },
     }
+
+
+def cloud_plan(idle: int = 60) -> ClusterPlan:
+    """The sample's Cloud cluster with both workers on demand (the second has an NVIDIA GPU)."""
+    data = base()
+    cloud = data["clusters"]["cloud"]
+    for worker in cloud["worker_nodes"]:
+        worker.pop("auto_start", None)
+        worker["on_demand"] = True
+    cloud["worker_nodes"][1]["pcie_passthrough"]["devices"][0] |= {"vendor_id": "10de", "device_id": "2335"}
+    cloud["kubernetes_config"] = {"scale_down_unneeded_time": idle}
+    return plan_cluster(parse_cluster_file(data, env={}), "cloud")
+
+
+def worker(plan: ClusterPlan, index: int) -> VmPlan:
+    """The plan's ``index``-th worker (file order)."""
+    return [vm for vm in plan.vms if vm.role != "control-plane"][index]
+
+
+def pod(name: str, phase: str = "Pending", node: str | None = None, unschedulable: bool = True,
+        namespace: str = "default", owner: str | None = None, **spec: Any) -> dict[str, Any]:
+    """A Pod as ``kubectl get -o json`` lists it: waiting for a node (Unschedulable) unless bound
+    or ``unschedulable`` is false; ``owner`` the kind of its controller (DaemonSet, ReplicaSet)."""
+    meta: dict[str, Any] = {"name": name, "namespace": namespace}
+    if owner:
+        meta["ownerReferences"] = [{"kind": owner, "name": "x"}]
+    conditions = [{"type": "PodScheduled", "status": "False", "reason": "Unschedulable"}] if unschedulable else []
+    return {"kind": "Pod", "metadata": meta, "spec": {"containers": [{"name": "c"}], **spec,
+                                                       **({"nodeName": node} if node else {})},
+            "status": {"phase": phase, "conditions": conditions}}
+
+
+def hpc_plan(on_demand: bool = False) -> ClusterPlan:
+    """The sample's HPC cluster; its compute node (the GPU the Cloud GPU worker shares) on demand
+    or always on."""
+    data = base()
+    if on_demand:
+        data["clusters"]["hpc"]["compute_nodes"][0]["on_demand"] = True
+    return plan_cluster(parse_cluster_file(data, env={}), "hpc")

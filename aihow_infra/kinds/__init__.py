@@ -41,6 +41,11 @@ class ClusterKind(Protocol):
     def drain(self, head: libvirt.virDomain, nodes: list[str], timeout: float, progress: Progress) -> None:
         """Take ``nodes`` out of use before they stop, waiting up to ``timeout`` seconds."""
 
+    def work_on(self, head: libvirt.virDomain, node: str) -> list[str]:
+        """What runs on ``node`` that stopping it would cut short (SLURM: job ids; Kubernetes:
+        ``namespace/name`` of pods that are not a DaemonSet's); ``GuestError`` when the head's
+        software does not answer."""
+
     def inventory_groups(self, cluster: Mapping[str, Any], hosts: Hosts, by_role: Mapping[str, list[str]],
                          kube_pki_dir: str) -> tuple[dict[str, Any], dict[str, Any]]:
         """The kind's group variables and its play groups (Ansible's YAML structure) for the

@@ -14,6 +14,7 @@ from aihow_infra.config import ClusterKey
 from aihow_infra.desired import DesiredPower
 from aihow_infra.errors import GuestError
 from aihow_infra.kinds import Hosts, play_group
+from aihow_infra.kinds.podfit import workload_pods
 from aihow_infra.libvirt import guest
 from aihow_infra.libvirt.guest import Ran, run
 from aihow_infra.plan import ClusterPlan, Role
@@ -136,6 +137,10 @@ class _Cloud:
     def drain(self, head: libvirt.virDomain, nodes: list[str], timeout: float, progress: Progress) -> None:
         """Cordon and evict (``drain`` above)."""
         drain(head, nodes, timeout, progress)
+
+    def work_on(self, head: libvirt.virDomain, node: str) -> list[str]:
+        """The pods on the node that are work (``podfit.workload_pods``)."""
+        return workload_pods(cluster_objects(head), node)
 
     def inventory_groups(self, cluster: Mapping[str, Any], hosts: Hosts, by_role: Mapping[str, list[str]],
                          kube_pki_dir: str) -> tuple[dict[str, Any], dict[str, Any]]:

@@ -70,6 +70,26 @@ def mark_down(controller: libvirt.virDomain, nodes: list[str], reason: str) -> N
                          f"{ran.err.strip() or ran.out.strip()}")
 
 
+def power_down_when_idle(controller: libvirt.virDomain, nodes: list[str]) -> None:
+    """Ask SLURM to power ``nodes`` down as soon as they are idle (``POWER_DOWN_ASAP``: drained
+    meanwhile, so no job starts there): it runs the SuspendProgram, which the broker carries
+    out, and the nodes stay in power saving, ready to be resumed for a job later."""
+    ran = run(controller, ["/usr/bin/scontrol", "update", f"nodename={','.join(nodes)}", "state=power_down_asap"],
+              timeout=60)
+    if ran.code != 0:
+        raise GuestError(f"asking SLURM to power down {','.join(nodes)} failed on {controller.name()}: "
+                         f"{ran.err.strip() or ran.out.strip()}")
+
+
+def jobs_on(controller: libvirt.virDomain, node: str) -> list[str]:
+    """The ids of the jobs SLURM runs (or is starting) on ``node``; ``GuestError`` when it does not answer."""
+    ran = run(controller, ["/usr/bin/squeue", "-h", "-w", node, "-o", "%i"], timeout=60)
+    if ran.code != 0:
+        raise GuestError(f"asking SLURM for the jobs on {node} failed on {controller.name()}: "
+                         f"{ran.err.strip() or ran.out.strip()}")
+    return ran.out.split()
+
+
 def node_states(controller: libvirt.virDomain) -> dict[str, str] | None:
     """Each node's SLURM state (``idle``, ``allocated``, ``drained``, ``down*``...), or None when
     SLURM does not answer on the controller (not deployed yet, or the controller is down)."""
@@ -148,6 +168,10 @@ class _Hpc:
     def drain(self, head: libvirt.virDomain, nodes: list[str], timeout: float, progress: Progress) -> None:
         """No new jobs; running ones may end (``drain`` above)."""
         drain(head, nodes, timeout, progress)
+
+    def work_on(self, head: libvirt.virDomain, node: str) -> list[str]:
+        """The jobs on the node (``jobs_on`` above)."""
+        return jobs_on(head, node)
 
     def inventory_groups(self, cluster: Mapping[str, Any], hosts: Hosts, by_role: Mapping[str, list[str]],
                          kube_pki_dir: str) -> tuple[dict[str, Any], dict[str, Any]]:

@@ -1,13 +1,15 @@
-"""Access to the guests (ssh_config, the serial console, kubectl on the control plane), and the
-whole Operator: every part of ops/ in one typed object the tasks get."""
+"""Access to the guests (ssh_config, the serial console, kubectl on the control plane, what runs
+on a node), and the whole Operator: every part of ops/ in one typed object the tasks get."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
-from aihow_infra.errors import AihowError
-from aihow_infra.kinds import cloud, kind_of
+from aihow_infra.errors import AihowError, GuestError
+from aihow_infra.gpu.ledger import holder_for
+from aihow_infra.kinds import cloud, hpc, kind_of
 from aihow_infra.libvirt.connection import connect
+from aihow_infra.ops.project import ledger_of
 from aihow_infra.ops.status import Status
 
 
@@ -55,3 +57,39 @@ class Operator(Status):
                                  f"run `aihow system.up` or `aihow up --stack {stack}`")
             ran = cloud.kubectl(head, args, timeout=600)
         return ran.code, ran.out, ran.err
+
+    def gpu_holders(self, name: str) -> list[str]:
+        """Who holds the GPUs VM ``name`` takes, other than itself (``<stack>/<vm>``, as the
+        ledger records them), in claim order."""
+        view, vm = self.find_vm(name)
+        ledger, own = ledger_of(view.settings), holder_for(view.stack, name)
+        holders = [lease.holder for c in vm.claims if (lease := ledger.holder_of(c.address)) is not None]
+        return list(dict.fromkeys(h for h in holders if h and h != own))
+
+    def work_on(self, name: str) -> tuple[list[str], str]:
+        """What runs on VM ``name`` that stopping it would cut short (SLURM's jobs, Kubernetes'
+        pods), and ``""``; or ``[]`` and why that cannot be told (its cluster's head is not running,
+        its software does not answer, or the VM is not one of this project's)."""
+        try:
+            view, _vm = self.find_vm(name)
+        except AihowError:
+            return [], f"{name} is not a VM of this project's stacks"
+        kind = kind_of(view.plan.key)
+        with connect(view.settings.libvirt_uri) as conn:
+            head = self.head_of(view, conn)
+            if head is None:
+                return [], f"the {kind.head_role} of {view.plan.name} is not running"
+            try:
+                return kind.work_on(head, name), ""
+            except GuestError as exc:
+                return [], str(exc)
+
+    def slurm_power_down(self, name: str) -> None:
+        """Ask SLURM to power on-demand compute node ``name`` down once idle (``POWER_DOWN_ASAP``):
+        its SuspendProgram then asks the broker to stop the VM."""
+        view, _vm = self.find_vm(name)
+        with connect(view.settings.libvirt_uri) as conn:
+            head = self.head_of(view, conn)
+            if head is None:
+                raise AihowError(f"the controller of {view.plan.name} is not running; SLURM cannot power {name} down")
+            hpc.power_down_when_idle(head, [name])

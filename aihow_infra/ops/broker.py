@@ -11,8 +11,9 @@ that is off does nothing).
 
 - ``resume``: the VM is started as ``vm.start`` starts it (its GPU lease first, ready, deployed),
   and slurmd, registering, returns the node to SLURM. A VM that cannot start is left off and its
-  node marked DOWN with the reason, so SLURM requeues the job. A GPU held by another VM is
-  waited for: the request stays queued and ``status`` says who waits for what.
+  node marked DOWN with the reason, so SLURM requeues the job. A GPU held by another VM moves
+  when that VM is idle (below); while it is busy the request stays queued and ``status`` says
+  who waits for what.
 - ``suspend``: the node was idle past SuspendTime: the VM is shut down (SLURM chose it idle, so
   it is not drained) and its GPU lease released.
 - ``resume-fail``: the node did not come up within ResumeTimeout: the VM is powered off.
@@ -21,12 +22,20 @@ Cloud (Kubernetes): each pass lists the nodes and pods on the control plane (one
 through its guest agent) and
 - ``start``s the first stopped on-demand worker a waiting pod would run on
   (``kinds.podfit``): lease, boot, join, back in scheduling; the pod is then scheduled there. A
-  GPU held elsewhere is waited for; a worker that fails to start is left off, said, and tried
-  again after ``RETRY_FAILED_START`` seconds;
+  worker that fails to start is left off, said, and tried again after ``RETRY_FAILED_START``
+  seconds;
 - ``stop``s a running on-demand worker that has had no work (no pod but a DaemonSet's) for the
   cluster's ``scale_down_unneeded_time``: drained, then shut down. A cordoned worker is left
   alone (a stop is draining it, or the operator keeps it out of use). The state is the cluster's
   own at every pass, so a broker restarted mid-way starts again from what it sees.
+
+The GPU follows the work: a start whose GPU another VM holds (either cluster) moves it when
+every holder is idle (no job on that SLURM node, no pod but a DaemonSet's on that worker). An
+on-demand SLURM node is powered down through SLURM (``POWER_DOWN_ASAP``: drained meanwhile, so
+no job lands on it, and left in power saving for later jobs); any other holder is drained and
+stopped as ``vm.stop`` does. A busy holder is never preempted: the start waits and is tried
+again every pass. The lease itself (its generation) still decides each grant, so two starts
+racing for one GPU get it once.
 
 One broker per project and host (a lock); what it did is kept for ``status``.
 """
@@ -43,8 +52,9 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from aihow_infra.errors import AihowError, BusyError, LeaseError
+from aihow_infra.errors import AihowError, BusyError, LeaseConflictError, LeaseError
 from aihow_infra.files import atomic_write
+from aihow_infra.gpu.ledger import vm_of
 from aihow_infra.interrupts import RUNS, Interrupted
 from aihow_infra.kinds import cloud, kind_of
 from aihow_infra.kinds.hpc import POWER_ACTIONS, PowerRequest, acknowledge, mark_down, power_requests
@@ -241,26 +251,14 @@ class PowerBroker:
                 self.say(f"power broker: {action} {node}: {result} ({handled.seconds:.0f} s)")
             if result.startswith(KEPT_QUEUED):
                 self.waiting[key] = before if before is not None and before.result == result else handled
+                self._write()
             else:
                 self.waiting.pop(key, None)
-                self.recent = [*self.recent, handled][-KEPT:]
-            self._write()
+                self._remember(handled)
             return handled
 
         if action in ("resume", "start"):
-            try:
-                self.op.vm_start(node)
-                return done("started")
-            except LeaseError as exc:
-                return done(f"waits: {exc}")
-            except Interrupted:
-                raise
-            except AihowError as exc:
-                RUNS.check("power broker")  # a stop asked for cut the start short: not the node's failure
-                self._power_off(node)
-                if controller is not None:
-                    mark_down(controller, [node], f"aihow: could not start the VM: {exc}".replace("\n", " "))
-                return done(f"failed: {exc}")
+            return done(self._start(controller, node))
         live = is_live(self.op.live_states(view).get(node, "undefined"))
         if not live and not view.power.wants_running(node, False):  # off, and recorded off: `up` keeps it so
             return done("already off")
@@ -277,6 +275,65 @@ class PowerBroker:
             raise
         except AihowError as exc:
             return done(f"retrying: {exc}")
+
+    def _start(self, controller: Any, node: str) -> str:
+        """Start ``node``; the result for the record. A GPU held by an idle VM is moved to it."""
+        try:
+            try:
+                self.op.vm_start(node)
+                return "started"
+            except LeaseConflictError as exc:
+                waits = self._free_gpu(node)
+                if waits:
+                    return f"waits: {exc}; {waits}"
+                self.op.vm_start(node)
+                return "started (its GPU moved from an idle VM)"
+        except LeaseError as exc:
+            return f"waits: {exc}"
+        except Interrupted:
+            raise
+        except AihowError as exc:
+            RUNS.check("power broker")  # a stop asked for cut the start short: not the node's failure
+            self._power_off(node)
+            if controller is not None:
+                mark_down(controller, [node], f"aihow: could not start the VM: {exc}".replace("\n", " "))
+            return f"failed: {exc}"
+
+    def _free_gpu(self, node: str) -> str:
+        """Free the GPUs ``node`` needs when every VM holding them is idle: an on-demand SLURM
+        node is powered down by SLURM (it stays in power saving; the lease is free once the
+        broker has carried out the suspend SLURM then asks for), any other holder is drained
+        and stopped now. Returns ``""`` when the GPUs are free now, else why the start waits: a
+        busy holder is never preempted, and one whose work cannot be told is kept."""
+        holders = self.op.gpu_holders(node)
+        for holder in holders:
+            work, unknown = self.op.work_on(vm_of(holder))
+            if unknown:
+                return f"{holder} is kept: whether it is idle cannot be told ({unknown})"
+            if work:
+                shown = ", ".join(work[:3]) + (f" and {len(work) - 3} more" if len(work) > 3 else "")
+                return f"{holder} is busy ({shown}); a busy holder is never preempted"
+        try:
+            for holder in holders:
+                name = vm_of(holder)
+                _view, vm = self.op.find_vm(name)
+                if vm.on_demand and vm.cluster_key == "hpc":
+                    self.op.slurm_power_down(name)
+                    return f"{holder} is idle: SLURM powers it down, then its GPU is free"
+                began = time.monotonic()
+                self.say(f"power broker: {node} needs the GPU of idle {holder}: stopping it (drained first)")
+                self.op.vm_stop(name)
+                self._remember(Handled(_now(), holder.split("/", 1)[0], "stop", name,
+                                       f"stopped: its GPU went to {node}", round(time.monotonic() - began, 1)))
+        except Interrupted:
+            raise
+        except AihowError as exc:
+            return f"moving the GPU failed, tried again next pass: {exc}"
+        return ""
+
+    def _remember(self, handled: Handled) -> None:
+        self.recent = [*self.recent, handled][-KEPT:]
+        self._write()
 
     def _power_off(self, node: str) -> None:
         """A node that could not come up: off, its lease released (nothing left running)."""
