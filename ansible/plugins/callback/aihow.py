@@ -1,11 +1,13 @@
-"""Ansible stdout callback: a line as each task starts, one per task and host as it finishes, failures with host, task
-and message, and a recap. With ``AIHOW_DEPLOY_SUMMARY`` set, the failures and the recap are
-also written there as JSON, for ``invoke deploy`` to report."""
+"""Ansible stdout callback: a line as each task starts, one per task and host as it finishes
+(with the seconds since the task started), failures with host, task and message, and a recap.
+With ``AIHOW_DEPLOY_SUMMARY`` set, the failures and the recap are also written there as JSON,
+for ``invoke deploy`` to report."""
 
 from __future__ import annotations
 
 import json
 import os
+import time
 from typing import Any
 
 from ansible.plugins.callback import CallbackBase
@@ -39,6 +41,7 @@ class CallbackModule(CallbackBase):  # type: ignore[misc]
         super().__init__()
         self.failures: list[dict[str, str]] = []
         self.play = ""
+        self.task_began = time.monotonic()
 
     def _line(self, text: str) -> None:
         self._display.display(text)
@@ -50,12 +53,17 @@ class CallbackModule(CallbackBase):  # type: ignore[misc]
 
     def v2_playbook_on_task_start(self, task: Any, is_conditional: bool) -> None:
         """A task begins (under emulation one can take a minute: the operator sees which)."""
+        self.task_began = time.monotonic()
         self._line(f"TASK {task.get_name().strip()}")
 
     def v2_runner_on_ok(self, result: Any) -> None:
         """A task finished on a host, changed or not."""
         word = "changed" if result._result.get("changed") else "ok"
-        self._line(f"  {word:8} {result._host.get_name()}: {result._task.get_name()}")
+        self._line(f"  {word:8} {result._host.get_name()}: {result._task.get_name()} ({self._seconds()})")
+
+    def _seconds(self) -> str:
+        """Seconds since the task started: on slow guests, where a deploy's time goes."""
+        return f"{time.monotonic() - self.task_began:.1f} s"
 
     def v2_runner_on_skipped(self, result: Any) -> None:
         """Skipped tasks are not shown."""
