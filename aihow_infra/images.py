@@ -14,6 +14,7 @@ build leaves nothing a VM could use.
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import hashlib
 import json
 import os
@@ -211,7 +212,26 @@ def ensure_image(role: str, *, force: bool = False, root: Path | None = None,
     say = progress or (lambda _line: None)
     if not force and (image := find_image(recipe, root)) is not None:
         return image, False
-    return build_image(recipe, root or built_images_dir(), say), True
+    folder = root or built_images_dir()
+    with _one_builder(folder, recipe.name, say):
+        if not force and (image := find_image(recipe, root)) is not None:  # another task built it meanwhile
+            return image, False
+        return build_image(recipe, folder, say), True
+
+
+@contextlib.contextmanager
+def _one_builder(root: Path, name: str, say: Progress) -> Iterator[None]:
+    """Hold the build lock of the images under ``root`` while image ``name`` is built: two tasks,
+    or two test runs side by side, would otherwise build the same image, or fill the one .deb
+    cache at once."""
+    root.mkdir(parents=True, exist_ok=True)
+    with open(root / ".build.lock", "a") as lock:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            say(f"the {name} image waits for another task's image build to end")
+            fcntl.flock(lock, fcntl.LOCK_EX)
+        yield
 
 
 @contextlib.contextmanager

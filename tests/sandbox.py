@@ -29,6 +29,8 @@ from aihow_infra.stacks import Workspace
 from aihow_infra.state.layout import CHECKOUT
 
 SYSTEM_URI = "qemu:///system"
+# Every test sandbox's names start with this, then six hex digits of its own.
+SANDBOX_MARK = "aiht"
 # The GPU of the e2e tests: video and audio functions of one device (no host has it).
 GPU_SLOT = "0000:41:00"
 
@@ -82,13 +84,17 @@ class Sandbox:
     carrying its prefix (domains, networks, pools and their volumes, images folder)."""
 
     conn: libvirt.virConnect
-    prefix: str = field(default_factory=lambda: f"aiht{uuid.uuid4().hex[:6]}")
+    prefix: str = field(default_factory=lambda: f"{SANDBOX_MARK}{uuid.uuid4().hex[:6]}")
     _subnets: list[ipaddress.IPv4Network] = field(default_factory=list)
 
     def subnet(self) -> ipaddress.IPv4Network:
-        """A /24 in 10.213.0.0/16 that no libvirt network or host route uses."""
+        """A /24 in 10.213.0.0/16 that no libvirt network or host route uses. Tests that run at
+        the same time in pytests of their own (``AIHOW_TEST_LANE`` 0, 1: aihow_infra/cli/dev.py)
+        take from halves of their own, so two cannot both find one free before either uses it."""
         used = _used_subnets(self.conn) + self._subnets
-        for third in range(int(self.prefix[-2:], 16) % 200 + 30, 256):
+        lane = os.environ.get("AIHOW_TEST_LANE")
+        first, last = (30, 256) if lane is None else (30 + 113 * int(lane), 143 + 113 * int(lane))
+        for third in range(first + int(self.prefix[-2:], 16) % (last - first - 20), last):
             candidate = ipaddress.IPv4Network(f"10.213.{third}.0/24")
             if not any(candidate.overlaps(u) for u in used):
                 self._subnets.append(candidate)
@@ -101,11 +107,15 @@ class Sandbox:
         return IMAGES_ROOT / self.prefix
 
     def snapshot(self) -> dict[str, set[str]]:
-        """Names of every domain, network and pool on the host (to compare before/after)."""
+        """Names of every domain, network and pool on the host (to compare before/after), but
+        those of other test sandboxes, which may come and go meanwhile in a pytest beside this one."""
+        def mine(name: str) -> bool:
+            return not name.startswith(SANDBOX_MARK) or name.startswith(self.prefix)
+
         return {
-            "domains": {d.name() for d in self.conn.listAllDomains()},
-            "networks": {n.name() for n in self.conn.listAllNetworks()},
-            "pools": {p.name() for p in self.conn.listAllStoragePools()},
+            "domains": {n for d in self.conn.listAllDomains() if mine(n := d.name())},
+            "networks": {n for net in self.conn.listAllNetworks() if mine(n := net.name())},
+            "pools": {n for p in self.conn.listAllStoragePools() if mine(n := p.name())},
         }
 
     def leftovers(self) -> list[str]:

@@ -15,7 +15,7 @@ import pytest
 from aihow_infra.changes import Risk, risks
 from aihow_infra.errors import AihowError, StackError
 from aihow_infra.ops import Operator
-from tests.sandbox import E2E, Sandbox, gpu_passthrough
+from tests.sandbox import E2E, SANDBOX_MARK, Sandbox, gpu_passthrough
 
 pytestmark = pytest.mark.e2e
 
@@ -44,13 +44,13 @@ def virsh(*args: str) -> str:
 
 def host_view(box: Sandbox) -> tuple[str, dict[str, set[str]]]:
     """``virsh net-list --all`` and every domain/network/pool name, leaving out other test
-    sandboxes that may run at the same time on this host (their names start with 'aiht')."""
+    sandboxes that may run at the same time on this host (``Sandbox.snapshot``)."""
     def foreign(name: str) -> bool:
-        return name.startswith("aiht") and not name.startswith(box.prefix)
+        return name.startswith(SANDBOX_MARK) and not name.startswith(box.prefix)
 
     nets = "\n".join(line for line in virsh("net-list", "--all").splitlines()
                      if not (line.split() and foreign(line.split()[0])))
-    return nets, {kind: {n for n in names if not foreign(n)} for kind, names in box.snapshot().items()}
+    return nets, box.snapshot()
 
 
 def test_up_and_destroy_leave_the_host_as_it_was(e2e: E2E) -> None:

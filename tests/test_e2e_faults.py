@@ -216,6 +216,7 @@ def test_a_signal_to_the_task_cancels_cleanly(fault: tuple[E2E, Task], sig: str)
     converges(e2e, task, before)
 
 
+@pytest.mark.alone
 def test_libvirt_connection_cut_during_up(fault: tuple[E2E, Task]) -> None:
     e2e, task = fault
     before = e2e.sandbox.snapshot()
@@ -224,6 +225,7 @@ def test_libvirt_connection_cut_during_up(fault: tuple[E2E, Task]) -> None:
     converges(e2e, task, before)
 
 
+@pytest.mark.alone
 def test_an_unreachable_libvirtd_is_an_error_not_up_to_date(fault: tuple[E2E, Task]) -> None:
     e2e, task = fault
     assert task.run("up", "--stack", "hpc", "--yes").returncode == 0

@@ -6,10 +6,14 @@ boot what it makes."""
 from __future__ import annotations
 
 import json
+import threading
+import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 
+from aihow_infra import images
 from aihow_infra.errors import ImageError
 from aihow_infra.images import (
     BASE_PACKAGES,
@@ -93,3 +97,34 @@ def test_customize_leaves_nothing_clones_would_share(tmp_path: Path) -> None:
     assert "datasource_list: [NoCloud, None]" in (rootfs / "etc/cloud/cloud.cfg.d/90-aihow.cfg").read_text()
     assert (rootfs / "etc/systemd/system/apt-daily.timer").readlink() == Path("/dev/null")
     assert (rootfs / "etc/systemd/system/multi-user.target.wants/systemd-networkd.service").is_symlink()
+
+
+def test_a_second_task_waits_for_the_build_and_uses_its_image(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Two tasks needing one missing image (two test runs side by side, `up` of both stacks in
+    two shells): one builds, the other waits for it and builds nothing."""
+    builds: list[str] = []
+    started, release = threading.Event(), threading.Event()
+
+    def slow_build(recipe: Any, root: Path, say: Any) -> Any:
+        builds.append(recipe.name)
+        started.set()
+        release.wait(10)
+        _fake_build(root, recipe.role)
+        return find_image(recipe, root)
+
+    monkeypatch.setattr(images, "build_image", slow_build)
+    said: list[str] = []
+    first = threading.Thread(target=ensure_image, args=("hpc",), kwargs={"root": tmp_path})
+    first.start()
+    assert started.wait(10)
+    second: list[tuple[Any, bool]] = []
+    waiter = threading.Thread(target=lambda: second.append(ensure_image("hpc", root=tmp_path, progress=said.append)))
+    waiter.start()
+    deadline = time.monotonic() + 10
+    while not said and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert said == [f"the {recipe_for('hpc').name} image waits for another task's image build to end"] and not second
+    release.set()
+    first.join(10)
+    waiter.join(10)
+    assert builds == [recipe_for("hpc").name] and second[0][1] is False

@@ -3,11 +3,28 @@
 from __future__ import annotations
 
 import os
+import subprocess
 import sys
+import tempfile
+import time
+from pathlib import Path
 
 from invoke.context import Context
+from invoke.exceptions import Exit
 
 from aihow_infra.cli.common import task
+
+# The end-to-end tier in four pytest runs. The GPU-host simulator's test and the short tests run
+# at once, each in a pytest of its own (alone, either leaves a quarter to a half of two cores idle:
+# sampled every 15 s, 2026-12-02) on subnets of their own (AIHOW_TEST_LANE, tests/sandbox.py).
+# The main job runs alone: its booted clusters keep every core busy and its waits have
+# deadlines. Last, the tests that stop the host's libvirtd (marker ``alone``).
+SIDE_BY_SIDE = {
+    "GPU-host simulator": ["-m", "e2e and not alone", "tests/test_e2e_gpuhost.py"],
+    "short tests": ["-m", "e2e and not alone and not gpuhost", "--ignore", "tests/test_e2e_main_job.py"],
+}
+MAIN_JOB = ["-m", "e2e and not alone", "tests/test_e2e_main_job.py"]
+ALONE = ["-m", "e2e and alone"]
 
 
 @task(help={"fast": "skip the end-to-end tests (real engine and libvirtd)"})
@@ -21,8 +38,39 @@ def test(c: Context, fast: bool = False) -> None:
         c.run(f"{py} -m mypy aihow_infra providers tasks.py __main__.py", pty=False)
         env = {"PYTHONUNBUFFERED": "1", **os.environ}
         # The unit tier on a worker per core (0.70x its time alone on two cores, where one pytest
-        # leaves 44 % idle); the end-to-end tier one test at a time: its booted guests keep
-        # every core busy, and several of its tests stop libvirtd or compare the whole host.
+        # leaves 44 % idle).
         c.run(f"{py} -m pytest -q --durations=12 -m 'not e2e' -n {min(os.cpu_count() or 1, 4)}", pty=False, env=env)
         if not fast:
-            c.run(f"{py} -m pytest -q --durations=0 --durations-min=5 -m e2e", pty=False, env=env)
+            end_to_end(CHECKOUT, env)
+
+
+def end_to_end(checkout: Path, env: dict[str, str]) -> None:
+    """The end-to-end tier as ``SIDE_BY_SIDE``, ``MAIN_JOB`` and ``ALONE`` say; each run's
+    output in full, then one line per run; ``Exit`` with code 1 when any failed."""
+    pytest = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "--durations=0", "--durations-min=5"]
+    results: list[tuple[str, int, float]] = []
+    with tempfile.TemporaryDirectory(prefix="aihow-e2e-") as tmp:
+        began = time.monotonic()
+        running = []
+        for lane, (name, args) in enumerate(SIDE_BY_SIDE.items()):
+            log = open(Path(tmp) / f"lane{lane}.log", "w+")  # noqa: SIM115 (read back after the run)
+            proc = subprocess.Popen([*pytest, "--basetemp", str(Path(tmp) / f"lane{lane}"), *args], cwd=checkout,
+                                    env={**env, "AIHOW_TEST_LANE": str(lane)}, stdout=log,
+                                    stderr=subprocess.STDOUT, text=True)
+            running.append((name, proc, log))
+        for name, proc, log in running:
+            code = proc.wait()
+            log.seek(0)
+            print(f"\n===== e2e: {name} (beside the others) =====\n{log.read()}", flush=True)
+            log.close()
+            results.append((name, code, time.monotonic() - began))
+        for name, args in (("main job", MAIN_JOB), ("tests that stop libvirtd", ALONE)):
+            print(f"\n===== e2e: {name} =====", flush=True)
+            began = time.monotonic()
+            code = subprocess.run([*pytest, *args], cwd=checkout, env=env, check=False).returncode
+            results.append((name, code, time.monotonic() - began))
+    print("\n===== e2e runs =====")
+    for name, code, seconds in results:
+        print(f"{name}: {'passed' if code == 0 else f'FAILED (pytest exit {code})'} in {seconds / 60:.1f} min")
+    if any(code != 0 for _name, code, _s in results):
+        raise Exit(code=1)
