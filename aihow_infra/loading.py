@@ -111,7 +111,9 @@ def _describe(error: Mapping[str, Any], raw: Any) -> str:
     kind = error["type"]
     if kind == "extra_forbidden":
         key, hint = str(loc[-1]), _hint(tuple(error["loc"]))
-        here = ", ".join(sorted(_keys_at(tuple(error["loc"][:-1]))))
+        here = ", ".join(sorted(k for k in _keys_at(tuple(error["loc"][:-1])) if k != key))
+        if hint == key:  # a key of another form of this place (a {count: N} group is the whole list's form)
+            return f"{path}: {key!r} is not a key of this form; allowed here: {here}"
         allowed = f"did you mean '{hint}'?" if hint else f"allowed here: {here}"
         return f"{path}: unknown key {key!r}; {allowed}"
     if kind == "missing":

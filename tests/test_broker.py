@@ -15,7 +15,7 @@ import pytest
 from aihow_infra.desired import DesiredPower
 from aihow_infra.errors import AihowError, LeaseConflictError, LeaseError
 from aihow_infra.ops import broker as broker_module
-from aihow_infra.ops.broker import RETRY_FAILED_START, BrokerRecord, PowerBroker
+from aihow_infra.ops.broker import PLACEMENT_GRACE, RETRY_FAILED_START, BrokerRecord, PowerBroker
 from aihow_infra.plan import ClusterPlan, VmPlan
 from tests.samples import cloud_plan, hpc_plan, pod, worker
 
@@ -300,3 +300,49 @@ def test_a_failure_while_moving_the_gpu_is_a_wait_not_the_nodes_failure(tmp_path
     assert handled[0].result.startswith("waits: ") and "moving the GPU failed, tried again next pass" in \
         handled[0].result
     assert op.calls == [f"start {gpu.name}"]  # not powered off as a failed start would be
+
+
+def test_a_pod_the_scheduler_never_places_is_given_up_on_not_started_for_again(tmp_path: Path,
+                                                                                clock: list[float]) -> None:
+    """A pod that stays pending on the worker started for it (a volume, an affinity between pods:
+    what the broker does not judge) keeps the worker up for PLACEMENT_GRACE, then is given up on,
+    said once; the worker is stopped once idle and not started again for that pod."""
+    plan = cloud_plan(idle=10)
+    cpu = worker(plan, 0)
+    op = Lifecycle([plan], tmp_path)
+    broker = make(op)
+    stuck = [pod("with-volume")]
+    serve(broker, plan, stuck)
+    assert op.calls == [f"start {cpu.name}"]
+    for _ in range(int(PLACEMENT_GRACE) // 60 - 1):
+        clock[0] += 60
+        serve(broker, plan, stuck)
+    assert op.calls == [f"start {cpu.name}"]  # still being placed: not idle, though nothing runs there
+    clock[0] += 60
+    serve(broker, plan, stuck)
+    assert sum("gave up on default/with-volume" in line for line in op.said) == 1
+    clock[0] += 10
+    serve(broker, plan, stuck)
+    assert op.calls == [f"start {cpu.name}", f"stop {cpu.name}"]
+    clock[0] += 600
+    serve(broker, plan, stuck)
+    assert op.calls == [f"start {cpu.name}", f"stop {cpu.name}"] and sum("gave up" in line for line in op.said) == 1
+    serve(broker, plan, [])  # the pod deleted: forgotten; made again, it is started for afresh
+    serve(broker, plan, stuck)
+    assert op.calls[-1] == f"start {cpu.name}"
+
+
+def test_a_worker_just_started_for_a_pod_is_not_idle_before_the_pod_is_placed(tmp_path: Path,
+                                                                             clock: list[float]) -> None:
+    plan = cloud_plan(idle=1)
+    cpu = worker(plan, 0)
+    op = Lifecycle([plan], tmp_path)
+    broker = make(op)
+    serve(broker, plan, [pod("slow-bind")])
+    clock[0] += 5
+    serve(broker, plan, [pod("slow-bind")])  # not placed yet: the worker stays
+    assert op.calls == [f"start {cpu.name}"]
+    placed = pod("slow-bind", phase="Running", node=cpu.name, unschedulable=False)
+    clock[0] += 5
+    serve(broker, plan, [placed])
+    assert op.calls == [f"start {cpu.name}"]

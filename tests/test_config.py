@@ -139,6 +139,13 @@ BAD_INPUTS: list[tuple[str, dict[str, Any], str]] = [
      r"clusters\.hpc\.controller\.on_demand: true on the controller; allowed: false \(slurmctld"),
     ("on-demand control plane", mutate("clusters.cloud.control_plane.on_demand", True),
      r"clusters\.cloud\.control_plane\.on_demand: true: the control plane runs the API server .*allowed: false"),
+    ("true for a number of seconds", mutate("clusters.cloud.kubernetes_config", {"scale_down_unneeded_time": True}),
+     r"clusters\.cloud\.kubernetes_config\.scale_down_unneeded_time: true is not a number; allowed: a number"),
+    ("false for a number of cores", mutate(f"{NODE}.cpu_cores", False),
+     r"compute_nodes\[0\]\.cpu_cores: false is not a number; allowed: a number"),
+    ("a count group as a list item", mutate(f"{HPC}.compute_nodes", [{"count": 2, "cpu_cores": 1, "memory_gb": 1,
+                                                                      "disk_gb": 1}]),
+     r"clusters\.hpc\.compute_nodes\[0\]\.count: 'count' is not a key of this form; allowed here: auto_start, "),
     ("no idle time for workers", mutate("clusters.cloud.kubernetes_config", {"scale_down_unneeded_time": 0}),
      r"clusters\.cloud\.kubernetes_config\.scale_down_unneeded_time: 0 seconds is no idle time; allowed: 1 or more "
      r"seconds with no work before an on-demand worker is stopped"),

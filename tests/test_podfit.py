@@ -8,7 +8,7 @@ from typing import Any
 import pytest
 
 from aihow_infra.kinds import podfit
-from aihow_infra.kinds.podfit import Pod, memory_quantity, node_labels, why_not, workers_to_start, workload_pods
+from aihow_infra.kinds.podfit import Pod, node_labels, quantity, why_not, workers_to_start, workload_pods
 from tests.samples import cloud_plan, pod, worker
 
 
@@ -86,10 +86,25 @@ def test_why_a_pod_does_not_fit_is_said() -> None:
     assert why_not(spec_pod(nodeName="elsewhere"), cpu) == "it names node elsewhere"
 
 
-def test_quantities() -> None:
-    assert memory_quantity("512Mi") == 512 * 2**20 and memory_quantity("1G") == 10**9
-    assert memory_quantity("1048576") == 2**20 and memory_quantity("1.5Gi") == 3 * 2**29
-    assert podfit.cpu_quantity("250m") == 0.25 and podfit.cpu_quantity("2") == 2.0
+def test_quantities_as_kubernetes_writes_them() -> None:
+    assert quantity("512Mi") == 512 * 2**20 and quantity("1G") == 10**9 and quantity("1048576") == 2**20
+    assert quantity("1.5Gi") == 3 * 2**29 and quantity("1Ei") == 2**60 and quantity("1e3") == 1000
+    assert quantity("250m") == 0.25 and quantity("2") == 2.0 and quantity(".5") == 0.5
+    assert quantity("512m") == 0.512  # milli-bytes: Kubernetes takes them (with a warning)
+    with pytest.raises(ValueError, match="'lots' is not a Kubernetes quantity"):
+        quantity("lots")
+
+
+def test_a_pod_asking_for_what_no_worker_offers_starts_none() -> None:
+    """No device plugin, so no worker offers nvidia.com/gpu: starting one would leave the pod
+    pending and the worker idle, stopped and started again."""
+    plan = cloud_plan()
+    gpu = worker(plan, 1)
+    cuda = spec_pod(nodeSelector={"aihow.dev/gpu": "nvidia_2335"},
+                    containers=[{"name": "c", "resources": {"limits": {"nvidia.com/gpu": 1}}}])
+    assert why_not(cuda, gpu) == "it asks for nvidia.com/gpu, which the broker cannot tell a worker offers"
+    odd = spec_pod(containers=[{"name": "c", "resources": {"requests": {"memory": "lots"}}}])
+    assert why_not(odd, gpu) == "its requests cannot be read ('lots' is not a Kubernetes quantity)"
 
 
 def test_each_waiting_pod_goes_to_the_first_stopped_worker_it_fits() -> None:

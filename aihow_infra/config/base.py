@@ -4,11 +4,13 @@ addresses, the cluster keys and the image roles."""
 from __future__ import annotations
 
 import re
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import (
     BaseModel,
     ConfigDict,
+    ValidationInfo,
+    field_validator,
 )
 
 PCI_ADDRESS_RE = re.compile(r"^[0-9a-f]{4}:[0-9a-f]{2}:[0-9a-f]{2}\.[0-7]$")
@@ -30,9 +32,19 @@ CLUSTER_KEYS: tuple[ClusterKey, ...] = ("hpc", "cloud")
 
 
 class Model(BaseModel):
-    """Base of every cluster-file model: unknown keys are errors."""
+    """Base of every cluster-file model: unknown keys are errors, and so is true or false where a
+    number goes (pydantic would read them as 1 and 0: ``suspend_time: true`` as one second)."""
 
     model_config = ConfigDict(extra="forbid", populate_by_name=True, frozen=True)
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _no_bool_for_numbers(cls, value: Any, info: ValidationInfo) -> Any:
+        field = cls.model_fields.get(info.field_name or "")
+        if isinstance(value, bool) and field is not None and field.annotation in (int, float, int | None,
+                                                                                    float | None):
+            raise ValueError(f"{str(value).lower()} is not a number; allowed: a number")
+        return value
 
 
 ImageRole = Literal["base", "hpc", "cloud"]

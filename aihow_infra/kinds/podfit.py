@@ -13,7 +13,10 @@ kube-scheduler's filters of the same names do (kubernetes.io/docs, "Assigning Po
   (operators In, NotIn, Exists, DoesNotExist, Gt, Lt; ``matchFields`` on ``metadata.name``);
 - NodeResourcesFit: the pod's CPU and memory requests (its containers summed, or its largest
   init container) within the worker's vCPUs and memory. The kubelet keeps some of that memory
-  for itself, so a pod that asks for nearly all of it may still wait once the worker runs.
+  for itself, so a pod that asks for nearly all of it may still wait once the worker runs (the
+  broker gives up on such a pod: ops/broker.py). A pod that asks for any other resource
+  (``nvidia.com/gpu``: the project installs no device plugin; hugepages; ephemeral storage) is
+  not started for.
 
 Taints are not checked: the project's workers carry none (a GPU worker is chosen by its
 ``aihow.dev/gpu`` label). A pod is waiting for a node when it is Pending, not bound to a node,
@@ -22,7 +25,8 @@ and its ``PodScheduled`` condition is False with reason ``Unschedulable``.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+import re
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -121,7 +125,13 @@ def why_not(pod: Pod, vm: VmPlan) -> str | None:
     terms = required.get("nodeSelectorTerms") or []
     if terms and not any(_term_matches(term, labels, vm.name) for term in terms):
         return "its required node affinity does not match"
-    cpu, memory = requests(pod.spec)
+    extra = other_resources(pod.spec)
+    if extra:
+        return f"it asks for {', '.join(extra)}, which the broker cannot tell a worker offers"
+    try:
+        cpu, memory = requests(pod.spec)
+    except ValueError as exc:
+        return f"its requests cannot be read ({exc})"
     if cpu > vm.cpu_cores:
         return f"it requests {cpu:g} CPUs, the worker has {vm.cpu_cores}"
     if memory > vm.memory_gb * 2**30:
@@ -161,10 +171,11 @@ def _holds(expression: Obj, labels: Mapping[str, str]) -> bool:
 
 def requests(spec: Obj) -> tuple[float, int]:
     """The pod's effective requests: (CPUs, bytes of memory), the larger of its containers' sum
-    and its largest init container, as the scheduler counts them."""
+    and its largest init container, as the scheduler counts them; ``ValueError`` for a quantity
+    that cannot be read."""
     def of(container: Obj) -> tuple[float, int]:
         asked = (container.get("resources") or {}).get("requests") or {}
-        return cpu_quantity(asked.get("cpu", "0")), memory_quantity(asked.get("memory", "0"))
+        return quantity(asked.get("cpu", "0")), int(quantity(asked.get("memory", "0")))
 
     running = [of(c) for c in spec.get("containers") or []]
     init = [of(c) for c in spec.get("initContainers") or []]
@@ -173,31 +184,41 @@ def requests(spec: Obj) -> tuple[float, int]:
     return cpu, memory
 
 
-def cpu_quantity(text: Any) -> float:
-    """A Kubernetes CPU quantity (``2``, ``500m``, ``0.5``) in CPUs."""
-    value = str(text).strip()
-    return float(value[:-1]) / 1000 if value.endswith("m") else float(value or 0)
+def other_resources(spec: Obj) -> list[str]:
+    """Resources the pod's containers request or limit beyond CPU and memory (``nvidia.com/gpu``,
+    ``hugepages-2Mi``, ``ephemeral-storage``...): no worker of the project offers those to the
+    scheduler (no device plugin, no hugepages for pods) or the broker does not judge them."""
+    names = set()
+    for container in [*(spec.get("containers") or []), *(spec.get("initContainers") or [])]:
+        resources = container.get("resources") or {}
+        for part in ("requests", "limits"):
+            names |= set(resources.get(part) or {}) - {"cpu", "memory"}
+    return sorted(names)
 
 
-MEMORY_SUFFIXES = {"Ki": 2**10, "Mi": 2**20, "Gi": 2**30, "Ti": 2**40, "k": 10**3, "M": 10**6, "G": 10**9,
-                   "T": 10**12}
+QUANTITY = re.compile(r"^([+-]?(?:\d+\.?\d*|\.\d+))(?:[eE]([+-]?\d+))?(Ki|Mi|Gi|Ti|Pi|Ei|n|u|m|k|M|G|T|P|E)?$")
+SUFFIXES = {"Ki": 2**10, "Mi": 2**20, "Gi": 2**30, "Ti": 2**40, "Pi": 2**50, "Ei": 2**60, "n": 1e-9, "u": 1e-6,
+            "m": 1e-3, "k": 1e3, "M": 1e6, "G": 1e9, "T": 1e12, "P": 1e15, "E": 1e18, None: 1}
 
 
-def memory_quantity(text: Any) -> int:
-    """A Kubernetes memory quantity (``512Mi``, ``1G``, ``1048576``) in bytes."""
-    value = str(text).strip()
-    for suffix in sorted(MEMORY_SUFFIXES, key=len, reverse=True):
-        if value.endswith(suffix):
-            return int(float(value[: -len(suffix)]) * MEMORY_SUFFIXES[suffix])
-    return int(float(value or 0))
+def quantity(text: Any) -> float:
+    """A Kubernetes resource quantity (``500m``, ``2``, ``512Mi``, ``1G``, ``1e3``, ``0.5``) as a
+    plain number (CPUs, bytes); ``ValueError`` when it is not one."""
+    found = QUANTITY.match(str(text).strip())
+    if not found:
+        raise ValueError(f"{text!r} is not a Kubernetes quantity")
+    number, exponent, suffix = found.groups()
+    return float(number) * 10.0 ** int(exponent or 0) * SUFFIXES[suffix]
 
 
-def workers_to_start(items: Sequence[Obj], off: Sequence[VmPlan]) -> dict[str, list[str]]:
-    """For each waiting pod (``unschedulable``), the first worker of ``off`` (stopped on-demand
-    workers, in the cluster file's order) it would run on: ``{worker name: [namespace/name, ...]}``.
-    A pod no stopped worker would take is left to Kubernetes."""
+def workers_to_start(items: Sequence[Obj], off: Sequence[VmPlan], skip: Collection[str] = ()) -> dict[str, list[str]]:
+    """For each waiting pod (``unschedulable``) not in ``skip`` (``namespace/name``), the first
+    worker of ``off`` (stopped on-demand workers, in the cluster file's order) it would run on:
+    ``{worker name: [namespace/name, ...]}``. A pod no stopped worker would take is left to Kubernetes."""
     chosen: dict[str, list[str]] = {}
     for pod in unschedulable(items):
+        if pod.ref in skip:
+            continue
         worker = next((vm for vm in off if why_not(pod, vm) is None), None)
         if worker is not None:
             chosen.setdefault(worker.name, []).append(pod.ref)

@@ -58,7 +58,7 @@ from aihow_infra.gpu.ledger import vm_of
 from aihow_infra.interrupts import RUNS, Interrupted
 from aihow_infra.kinds import cloud, kind_of
 from aihow_infra.kinds.hpc import POWER_ACTIONS, PowerRequest, acknowledge, mark_down, power_requests
-from aihow_infra.kinds.podfit import cordoned, workers_to_start, workload_pods
+from aihow_infra.kinds.podfit import cordoned, unschedulable, workers_to_start, workload_pods
 from aihow_infra.libvirt.connection import connect
 from aihow_infra.libvirt.power import is_live
 from aihow_infra.ops.access import Operator
@@ -70,6 +70,8 @@ KEPT = 20
 KEPT_QUEUED = ("waits", "retrying")
 # Seconds before a Cloud worker that failed to start is started again for a waiting pod.
 RETRY_FAILED_START = 300.0
+# Seconds a pod may still wait once the worker started for it runs, before the broker gives up on it.
+PLACEMENT_GRACE = 300.0
 
 
 @dataclass(frozen=True)
@@ -119,6 +121,8 @@ class PowerBroker:
         self._silent: set[str] = set()
         self._idle_since: dict[tuple[str, str], float] = {}  # Cloud workers seen with no work, since when
         self._failed_at: dict[tuple[str, str], float] = {}  # Cloud workers whose start failed, when
+        self._started_for: dict[tuple[str, str], tuple[str, float]] = {}  # (stack, pod) -> (worker, started)
+        self._gave_up: set[tuple[str, str]] = set()  # (stack, pod) no worker is started for again
 
     def views(self) -> list[StackView]:
         """The stacks whose cluster has on-demand nodes."""
@@ -194,10 +198,13 @@ class PowerBroker:
         live = self.op.live_states(view)
         workers = [vm for vm in view.plan.vms if vm.on_demand]
         now = time.monotonic()
+        placing = self._placing(view.stack, items, now)
         off = [vm for vm in workers if not is_live(live.get(vm.name, "undefined"))
                and now - self._failed_at.get((view.stack, vm.name), -RETRY_FAILED_START) >= RETRY_FAILED_START]
+        # A pod a worker was started for waits for that one (or was given up on): it starts no other.
+        started_for = {ref for (stack, ref) in self._gave_up | set(self._started_for) if stack == view.stack}
         handled = []
-        for node, pods in workers_to_start(items, off).items():
+        for node, pods in workers_to_start(items, off, skip=started_for).items():
             self.say(f"power broker: {view.stack}: {', '.join(pods)} waiting for {node}")
             done = self._one(view, None, "start", node)
             handled.append(done)
@@ -205,9 +212,12 @@ class PowerBroker:
                 self._failed_at[(view.stack, node)] = time.monotonic()
             else:
                 self._failed_at.pop((view.stack, node), None)
+            if done.result.startswith("started"):
+                self._started_for |= {(view.stack, ref): (node, time.monotonic()) for ref in pods}
         # A cordoned worker is being drained (a stop under way) or kept out of use by the
-        # operator: not the broker's to stop.
-        busy = cordoned(items) | {h.node for h in handled}
+        # operator: not the broker's to stop. One started for a pod the scheduler has not placed
+        # yet is not idle either.
+        busy = cordoned(items) | {h.node for h in handled} | placing
         for vm in workers:
             key = (view.stack, vm.name)
             if not is_live(live.get(vm.name, "undefined")) or vm.name in busy or workload_pods(items, vm.name):
@@ -218,6 +228,27 @@ class PowerBroker:
                 handled.append(self._one(view, None, "stop", vm.name))
                 self._idle_since.pop(key, None)
         return handled
+
+    def _placing(self, stack: str, items: list[dict[str, Any]], now: float) -> set[str]:
+        """The workers started for pods that still wait to be placed, within
+        ``PLACEMENT_GRACE``. A pod still waiting after that is given up on, said once: something
+        the broker does not judge keeps it off the worker (a volume, an affinity between pods, a
+        taint), and starting the worker again for it would only stop and start it for ever."""
+        waiting = {pod.ref for pod in unschedulable(items)}
+        self._started_for = {k: v for k, v in self._started_for.items() if k[0] != stack or k[1] in waiting}
+        self._gave_up = {k for k in self._gave_up if k[0] != stack or k[1] in waiting}
+        placing = set()
+        for (where, ref), (node, since) in self._started_for.items():
+            if where != stack or (where, ref) in self._gave_up:
+                continue
+            if now - since < PLACEMENT_GRACE:
+                placing.add(node)
+                continue
+            self._gave_up.add((where, ref))
+            self.say(f"power broker: {stack}: gave up on {ref}: {node} runs, but Kubernetes has not placed it there "
+                     f"in {PLACEMENT_GRACE:.0f} s (something the broker does not judge keeps it off: a volume, an "
+                     f"affinity between pods, a taint); {node} is not started for it again")
+        return placing
 
     def _once(self, key: str, message: str) -> None:
         """Say why a stack is passed over, once until it answers again."""
