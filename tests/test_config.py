@@ -146,6 +146,12 @@ BAD_INPUTS: list[tuple[str, dict[str, Any], str]] = [
     ("a count group as a list item", mutate(f"{HPC}.compute_nodes", [{"count": 2, "cpu_cores": 1, "memory_gb": 1,
                                                                       "disk_gb": 1}]),
      r"clusters\.hpc\.compute_nodes\[0\]\.count: 'count' is not a key of this form; allowed here: auto_start, "),
+    ("idle time with no on-demand worker", mutate("clusters.cloud.kubernetes_config", {"scale_down_unneeded_time": 60}),
+     r"clusters\.cloud\.kubernetes_config\.scale_down_unneeded_time: 60 is set, but no node of this cluster has "
+     r"on_demand: true, so nothing would use it; allowed: on_demand: true on a worker, or leave "
+     r"scale_down_unneeded_time out"),
+    ("power saving with no on-demand node", mutate(f"{HPC}.slurm_config", {"resume_timeout": 900}),
+     r"clusters\.hpc\.slurm_config\.resume_timeout: 900 is set, but no node of this cluster has on_demand: true"),
     ("no idle time for workers", mutate("clusters.cloud.kubernetes_config", {"scale_down_unneeded_time": 0}),
      r"clusters\.cloud\.kubernetes_config\.scale_down_unneeded_time: 0 seconds is no idle time; allowed: 1 or more "
      r"seconds with no work before an on-demand worker is stopped"),

@@ -251,6 +251,12 @@ class HpcCluster(ClusterBase):
                              "what powers the compute nodes up and down)")
         return value
 
+    @model_validator(mode="after")
+    def _power_saving_needs_a_node(self) -> HpcCluster:
+        _used_only_on_demand(self.slurm_config, ("suspend_time", "resume_timeout"), "slurm_config",
+                             any(node.on_demand for node in self.compute_nodes), "a compute node")
+        return self
+
 
 class WorkerGroups(Model):
     """The older ``worker_nodes: {cpu: [...], gpu: [...]}`` form."""
@@ -317,6 +323,8 @@ class CloudCluster(ClusterBase):
         if self.control_plane.on_demand:
             raise ValueError("control_plane.on_demand: true: the control plane runs the API server every node "
                              "needs; allowed: false (on-demand is for workers, started for a pending pod)")
+        _used_only_on_demand(self.kubernetes_config, ("scale_down_unneeded_time",), "kubernetes_config",
+                             any(node.on_demand for node in self.workers), "a worker")
         return self
 
     @property
@@ -325,6 +333,17 @@ class CloudCluster(ClusterBase):
         if isinstance(self.worker_nodes, WorkerGroups):
             return [*self.worker_nodes.cpu, *self.worker_nodes.gpu]
         return list(self.worker_nodes)
+
+
+def _used_only_on_demand(section: Model, keys: tuple[str, ...], name: str, any_on_demand: bool, what: str) -> None:
+    """``ValueError`` for a key of ``section`` written in the file that only on-demand nodes use,
+    when the cluster has none: accepted, it would do nothing."""
+    written = [key for key in keys if key in section.model_fields_set]
+    if written and not any_on_demand:
+        key = written[0]
+        raise ValueError(f"{name}.{key}: {getattr(section, key)!r} is set, but no node of this cluster has "
+                         f"on_demand: true, so nothing would use it; allowed: on_demand: true on {what}, or leave "
+                         f"{key} out")
 
 
 class Clusters(Model):
