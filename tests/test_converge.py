@@ -53,6 +53,7 @@ class Node:
         self.inventory.write_text(f"node ansible_connection=local ansible_python_interpreter={sys.executable}\n")
         self.book = tmp_path / "play.yml"
         self.result = tmp_path / "result.json"
+        self.lines: list[str] = []  # the deploy's progress lines, as an operator sees them
 
     def converge(self, args: dict[str, Any]) -> DeployResult:
         """One play with one ``aihow_converge`` task; its module result lands in ``self.result``."""
@@ -62,7 +63,7 @@ class Node:
                 "dest": str(self.result), "content": "{{ out | to_json }}"}, "changed_when": False},
         ]}]
         self.book.write_text(json.dumps(play))
-        return run_playbook(self.book, "hpc", self.env, inventory=self.inventory)
+        return run_playbook(self.book, "hpc", self.env, progress=self.lines.append, inventory=self.inventory)
 
     def out(self) -> dict[str, Any]:
         """What the module returned last."""
@@ -123,6 +124,9 @@ def test_a_changed_file_restarts_its_running_units_only(node: Node) -> None:
     # slurmd is neither running nor asked for here (a controller): rewritten, not started.
     assert node.calls() == ["is-active --quiet slurmctld", "restart slurmctld", "is-active --quiet slurmd"]
     assert node.out()["restarted"] == ["slurmctld"]
+    # The operator sees what was written and restarted (a restart under emulation costs a minute).
+    assert any(line.startswith("  changed  node: converge the node (") and
+               line.endswith(f"): wrote {conf}; restarted slurmctld") for line in node.lines), node.lines
 
     conf.chmod(0o600)  # a mode changed by hand is put back, and counts as a change
     node.converge({"files": [{"dest": str(conf), "content": text}]})
@@ -201,3 +205,4 @@ def test_file_content_is_never_logged(node: Node) -> None:
     assert secret not in str(err.value)
     node.converge({"files": [{"dest": str(conf), "content": secret}]})
     assert secret not in node.result.read_text()
+    assert not any(secret in line for line in node.lines) and any(str(conf) in line for line in node.lines)

@@ -30,6 +30,17 @@ def _message(result: Any) -> str:
     return " ".join(str(text).split())[:500] or "failed"
 
 
+def _what_changed(data: dict[str, Any]) -> str:
+    """What a node's converge changed (aihow_converge: the paths written and the units restarted;
+    never a file's content), for a changed line: a restart under emulation costs a minute."""
+    parts = []
+    for key, word in (("changed_files", "wrote"), ("restarted", "restarted")):
+        names = [str(n) for n in data.get(key) or []]
+        if names:
+            parts.append(f"{word} {', '.join(names[:6])}" + (f" and {len(names) - 6} more" if len(names) > 6 else ""))
+    return f": {'; '.join(parts)}" if parts else ""
+
+
 class CallbackModule(CallbackBase):  # type: ignore[misc]
     """Compact live lines for operators."""
 
@@ -59,7 +70,8 @@ class CallbackModule(CallbackBase):  # type: ignore[misc]
     def v2_runner_on_ok(self, result: Any) -> None:
         """A task finished on a host, changed or not."""
         word = "changed" if result._result.get("changed") else "ok"
-        self._line(f"  {word:8} {result._host.get_name()}: {result._task.get_name()} ({self._seconds()})")
+        self._line(f"  {word:8} {result._host.get_name()}: {result._task.get_name()} ({self._seconds()})"
+                   + _what_changed(result._result))
 
     def _seconds(self) -> str:
         """Seconds since the task started: on slow guests, where a deploy's time goes."""
