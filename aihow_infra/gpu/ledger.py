@@ -65,6 +65,11 @@ def holder_for(stack: str, vm: str) -> str:
     return f"{stack}/{vm}"
 
 
+def stack_of(holder: str) -> str:
+    """The stack of a holder string (``""`` for a holder without a stack)."""
+    return holder.split("/", 1)[0] if "/" in holder else ""
+
+
 def vm_of(holder: str) -> str:
     """The VM name of a holder string (a holder without a stack is taken as the VM name)."""
     return holder.split("/", 1)[-1]

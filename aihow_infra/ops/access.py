@@ -8,7 +8,6 @@ from pathlib import Path
 from aihow_infra.errors import AihowError, GuestError
 from aihow_infra.gpu.ledger import holder_for
 from aihow_infra.kinds import cloud, hpc, kind_of
-from aihow_infra.libvirt.connection import connect
 from aihow_infra.ops.project import ledger_of
 from aihow_infra.ops.status import Status
 
@@ -50,8 +49,7 @@ class Operator(Status):
         view = self.view(stack)
         if kind_of(view.plan.key).software != "Kubernetes":
             raise AihowError(f"stack {stack} runs no Kubernetes; allowed: a stack of a cloud cluster")
-        with connect(view.settings.libvirt_uri) as conn:
-            head = self.head_of(view, conn)
+        with self.running_head(view) as head:
             if head is None:
                 raise AihowError(f"the control plane of {view.plan.name} is not running; "
                                  f"run `aihow system.up` or `aihow up --stack {stack}`")
@@ -75,8 +73,7 @@ class Operator(Status):
         except AihowError:
             return [], f"{name} is not a VM of this project's stacks"
         kind = kind_of(view.plan.key)
-        with connect(view.settings.libvirt_uri) as conn:
-            head = self.head_of(view, conn)
+        with self.running_head(view) as head:
             if head is None:
                 return [], f"the {kind.head_role} of {view.plan.name} is not running"
             try:
@@ -88,8 +85,7 @@ class Operator(Status):
         """Ask SLURM to power on-demand compute node ``name`` down once idle (``POWER_DOWN_ASAP``):
         its SuspendProgram then asks the broker to stop the VM."""
         view, _vm = self.find_vm(name)
-        with connect(view.settings.libvirt_uri) as conn:
-            head = self.head_of(view, conn)
+        with self.running_head(view) as head:
             if head is None:
                 raise AihowError(f"the controller of {view.plan.name} is not running; SLURM cannot power {name} down")
             hpc.power_down_when_idle(head, [name])

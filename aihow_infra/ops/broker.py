@@ -54,12 +54,11 @@ from typing import Any
 
 from aihow_infra.errors import AihowError, BusyError, LeaseConflictError, LeaseError
 from aihow_infra.files import atomic_write
-from aihow_infra.gpu.ledger import vm_of
+from aihow_infra.gpu.ledger import stack_of, vm_of
 from aihow_infra.interrupts import RUNS, Interrupted
 from aihow_infra.kinds import cloud, kind_of
 from aihow_infra.kinds.hpc import POWER_ACTIONS, PowerRequest, acknowledge, mark_down, power_requests
 from aihow_infra.kinds.podfit import cordoned, unschedulable, workers_to_start, workload_pods
-from aihow_infra.libvirt.connection import connect
 from aihow_infra.libvirt.power import is_live
 from aihow_infra.ops.access import Operator
 from aihow_infra.ops.project import StackView
@@ -178,8 +177,7 @@ class PowerBroker:
         return handled
 
     def _serve_stack(self, view: StackView) -> list[Handled]:
-        with connect(view.settings.libvirt_uri) as conn:
-            head = self.op.head_of(view, conn)
+        with self.op.running_head(view) as head:
             if head is None:
                 self._once(view.stack, f"power broker: {view.stack}: the {kind_of(view.plan.key).head_role} is not "
                                        "running; requests wait for it")
@@ -354,7 +352,7 @@ class PowerBroker:
                 began = time.monotonic()
                 self.say(f"power broker: {node} needs the GPU of idle {holder}: stopping it (drained first)")
                 self.op.vm_stop(name)
-                self._remember(Handled(_now(), holder.split("/", 1)[0], "stop", name,
+                self._remember(Handled(_now(), stack_of(holder), "stop", name,
                                        f"stopped: its GPU went to {node}", round(time.monotonic() - began, 1)))
         except Interrupted:
             raise

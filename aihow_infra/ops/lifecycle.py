@@ -3,7 +3,8 @@ and handing the GPUs from one cluster to the other."""
 
 from __future__ import annotations
 
-from collections.abc import Collection
+import contextlib
+from collections.abc import Collection, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
@@ -33,14 +34,19 @@ class Lifecycle(Deploying):
         dom = lookup("looking up domain", conn.lookupByName, heads[0].name) if heads else None
         return dom if dom is not None and dom.isActive() else None
 
+    @contextlib.contextmanager
+    def running_head(self, view: StackView) -> Iterator[Any]:
+        """``head_of`` the stack's cluster, with a libvirt connection open while it is used."""
+        with connect(view.settings.libvirt_uri) as conn:
+            yield self.head_of(view, conn)
+
     def _drain(self, view: StackView, vms: list[VmPlan]) -> None:
         """Drain the nodes among ``vms`` before they stop: SLURM compute nodes get no new jobs
         and their jobs may end; Kubernetes workers are cordoned and their pods evicted."""
         nodes = [vm.name for vm in vms if vm.role != kind_of(view.plan.key).head_role]
         if not nodes:
             return
-        with connect(view.settings.libvirt_uri) as conn:
-            head = self.head_of(view, conn)
+        with self.running_head(view) as head:
             if head is None:
                 return
             kind_of(view.plan.key).drain(head, nodes, view.settings.drain_timeout, self.progress)
