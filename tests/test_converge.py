@@ -9,6 +9,8 @@ in a folder (this machine has no systemd)."""
 from __future__ import annotations
 
 import base64
+import hashlib
+import importlib.util
 import json
 import os
 import stat
@@ -26,8 +28,11 @@ SYSTEMCTL = """#!/bin/sh
 echo "$*" >> "$UNITS/calls"
 case "$1" in
   daemon-reload) exit 0 ;;
-  is-active) [ -e "$UNITS/active/$3" ] ;;
-  is-enabled) [ -e "$UNITS/enabled/$3" ] ;;
+  is-active|is-enabled)  # --quiet UNIT: the exit status; -- UNIT...: a state per line, as systemd's
+    dir=active; yes=active; no=inactive
+    [ "$1" = is-enabled ] && { dir=enabled; yes=enabled; no=disabled; }
+    if [ "$2" = --quiet ]; then [ -e "$UNITS/$dir/$3" ]; exit; fi
+    shift 2; for u; do if [ -e "$UNITS/$dir/$u" ]; then echo $yes; else echo $no; fi; done ;;
   start|restart) mkdir -p "$UNITS/active" && touch "$UNITS/active/$2" ;;
   enable) [ "$2" != broken ] || { echo "unit broken.service: unknown" >&2; exit 1; }
           mkdir -p "$UNITS/enabled" && touch "$UNITS/enabled/$2" ;;
@@ -93,7 +98,7 @@ def test_files_are_written_once_and_a_second_run_changes_nothing(node: Node) -> 
     assert stat.S_IMODE((node.root / "var/lib/app").stat().st_mode) == 0o700
     assert node.out()["changed_files"] == [str(node.root / "var/lib/app"), str(conf)]
     # The action's check (one shell command), then the module's own steps.
-    assert node.calls() == ["is-enabled --quiet app", "is-active --quiet app",
+    assert node.calls() == ["is-enabled -- app", "is-active -- app",
                             "restart app", "is-enabled --quiet app", "enable app"]
     assert first.recap["node"]["changed"] == 1 and "checked_only" not in node.out()
 
@@ -102,7 +107,7 @@ def test_files_are_written_once_and_a_second_run_changes_nothing(node: Node) -> 
     out = node.out()
     assert (out["changed"], out["changed_files"], out["restarted"], out["started"]) == (False, [], [], [])
     assert out["checked_only"] is True
-    assert node.calls() == ["is-enabled --quiet app", "is-active --quiet app"]
+    assert node.calls() == ["is-enabled -- app", "is-active -- app"]
     assert again.recap["node"]["changed"] == 0
 
     # Anything the check sees differ (content edited by hand, a unit stopped) goes to the module.
@@ -113,6 +118,61 @@ def test_files_are_written_once_and_a_second_run_changes_nothing(node: Node) -> 
     (node.units / "active/app").unlink()
     node.converge(args)
     assert node.out()["started"] == ["app"] and "checked_only" not in node.out()
+
+
+def test_the_check_is_one_program_per_kind_whatever_the_node_and_any_difference_goes_to_the_module(
+        node: Node) -> None:
+    # A start of a program under emulation costs tens of milliseconds, systemctl hundreds: the
+    # check of a control plane (about 40 files, 11 units) must not start one per file or unit.
+    made = node.root / "var/lib/made"
+    files = [node.root / f"etc/app/{n}.conf" for n in ("a", "b", "c")]
+    args = {"folders": [{"path": str(node.root / "etc/app")}, {"path": str(node.root / "var/lib"), "mode": "0700"}],
+            "files": [{"dest": str(files[0]), "content": "a\n"}, {"dest": str(files[1]), "content": ""},
+                      {"dest": str(files[2]), "content_base64": base64.b64encode(b"\0\1").decode(), "mode": "0600"}],
+            "commands": [{"run": f"touch {made}", "creates": str(made)}],
+            "services": ["one", "two", "three"]}
+    node.converge(args)
+    node.calls()
+    node.converge(args)
+    assert node.out()["checked_only"] is True
+    assert node.calls() == ["is-enabled -- one two three", "is-active -- one two three"]
+
+    # One unit of three stopped, one file of three gone, a made path removed: each is the module's.
+    (node.units / "active/two").unlink()
+    node.converge(args)
+    assert node.out()["started"] == ["two"] and "checked_only" not in node.out()
+    files[1].unlink()
+    node.converge(args)
+    assert node.out()["changed_files"] == [str(files[1])] and files[1].read_text() == ""
+    made.unlink()
+    node.converge(args)
+    assert node.out()["ran"] == [str(made)]
+    node.converge(args)
+    assert node.out()["checked_only"] is True
+
+
+def test_the_check_takes_the_unit_states_the_module_takes_as_enabled() -> None:
+    path = Path(__file__).resolve().parent.parent / "ansible/plugins/action/aihow_converge.py"
+    spec = importlib.util.spec_from_file_location("aihow_converge_action", path)
+    assert spec is not None and spec.loader is not None
+    action = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(action)
+    args = {"files": [{"dest": "/etc/x", "content": ""}], "services": ["a", "b"]}
+    expected = action.expected_parts(args)
+    assert expected is not None
+    empty = hashlib.sha256(b"").hexdigest()
+    sep = action.SECTION
+
+    def out(enabled: str, active: str = "active\nactive") -> str:
+        parts = ["regular empty file root:root 644 /etc/x", f"{empty}  /etc/x", "", enabled, active]
+        return "".join(f"{part}\n" if part else "" for part in parts[:1]) + "".join(
+            f"{sep}\n{part}\n" if part else f"{sep}\n" for part in parts[1:])
+
+    assert action.matches(expected, out("enabled\nstatic"))
+    assert not action.matches(expected, out("enabled\ndisabled"))
+    assert not action.matches(expected, out("enabled"))  # a unit systemd does not know prints nothing
+    assert not action.matches(expected, out("enabled\nenabled", "active\nfailed"))
+    assert not action.matches(expected, out("enabled\nenabled").replace("root:root 644", "root:root 600"))
 
 
 def test_a_changed_file_restarts_its_running_units_only(node: Node) -> None:

@@ -3,11 +3,14 @@ asked is found so by one shell command in the guest, and the module is not run a
 
 Under software emulation the module run is most of a deploy with nothing to change (Python's
 start in the guest and the module's payload through the guest agent, seconds each); the check
-is one ``sh`` command: each folder's and file's owner, group and mode, each file's SHA-256
-against the content the module would write, each command's ``creates`` path, and each unit's
-``systemctl is-enabled``/``is-active`` (the module's own tests). When everything matches, the
-result is the module's for a run that changed nothing (with ``checked_only``); otherwise, and
-whenever files are to be read back, the module runs as always and decides.
+is one ``sh`` command of five programs whatever the node's size: one ``stat`` of every folder
+and file (type, owner, group, mode), one ``sha256sum`` of every file against the content the
+module would write, each command's ``creates`` path (the shell's own test), and one
+``systemctl is-enabled`` and one ``is-active`` of every unit (the states the module's own
+``--quiet`` tests accept). A process start in an emulated guest costs tens of milliseconds and
+``systemctl`` hundreds, so the check does not grow a process per file or unit. When everything
+matches, the result is the module's for a run that changed nothing (with ``checked_only``);
+otherwise, and whenever files are to be read back, the module runs as always and decides.
 """
 
 from __future__ import annotations
@@ -21,6 +24,10 @@ from ansible.plugins.action import ActionBase
 
 MODULE = "aihow_converge"
 UNCHANGED = {"changed": False, "changed_files": [], "ran": [], "restarted": [], "started": [], "contents": {}}
+SECTION = "--aihow--"  # between the check's parts; no path, hash or unit state reads so
+# `systemctl is-enabled` states for which `is-enabled --quiet` exits 0 (systemd 252,
+# src/systemctl/systemctl-is-enabled.c): what the module takes as enabled.
+ENABLED = frozenset({"enabled", "enabled-runtime", "static", "alias", "indirect", "generated"})
 
 
 def _content(spec: dict[str, Any]) -> bytes | None:
@@ -31,45 +38,64 @@ def _content(spec: dict[str, Any]) -> bytes | None:
     return base64.b64decode(spec["content_base64"])
 
 
-def expected_lines(args: dict[str, Any]) -> list[str] | None:
-    """What ``check_command`` prints for a node that is as ``args`` ask; None when only the
-    module can tell (files to read back, a file without valid content)."""
+def _owner(spec: dict[str, Any], mode: str) -> str:
+    return f"{spec.get('owner', 'root')}:{spec.get('group', 'root')} {int(spec.get('mode', mode), 8):o}"
+
+
+def expected_parts(args: dict[str, Any]) -> list[list[str]] | None:
+    """What each part of ``check_command`` prints for a node that is as ``args`` ask (stat,
+    sha256sum, creates, is-enabled as "enabled", is-active); None when only the module can tell
+    (files to read back, a file without valid content)."""
     if args.get("read"):
         return None
-    lines = []
-    for spec in args.get("folders") or []:
-        lines.append(f"D {spec.get('owner', 'root')}:{spec.get('group', 'root')} "
-                     f"{int(spec.get('mode', '0755'), 8):o} {spec['path']}")
+    stats = [f"directory {_owner(spec, '0755')} {spec['path']}" for spec in args.get("folders") or []]
+    sums = []
     for spec in args.get("files") or []:
         content = _content(spec)
         if content is None:
             return None
-        lines.append(f"F {hashlib.sha256(content).hexdigest()} {spec.get('owner', 'root')}:"
-                     f"{spec.get('group', 'root')} {int(spec.get('mode', '0644'), 8):o} {spec['dest']}")
-    lines += [f"C yes {spec['creates']}" for spec in args.get("commands") or []]
-    lines += [f"S 0 0 {unit}" for unit in args.get("services") or []]
-    return lines
+        kind = "regular file" if content else "regular empty file"  # stat's %F
+        stats.append(f"{kind} {_owner(spec, '0644')} {spec['dest']}")
+        sums.append(f"{hashlib.sha256(content).hexdigest()}  {spec['dest']}")
+    units = list(args.get("services") or [])
+    return [stats, sums, [f"yes {spec['creates']}" for spec in args.get("commands") or []],
+            ["enabled"] * len(units), ["active"] * len(units)]
 
 
 def check_command(args: dict[str, Any]) -> str:
-    """One POSIX shell command printing, a line each, what ``expected_lines`` expects."""
-    q = shlex.quote
-    parts = []
-    for spec in args.get("folders") or []:
-        path = q(spec["path"])
-        parts.append(f"if [ -d {path} ]; then stat -c 'D %U:%G %a %n' {path}; else echo 'D missing'; fi")
-    for spec in args.get("files") or []:
-        dest = q(spec["dest"])
-        parts.append(f"if [ -f {dest} ]; then printf 'F %s ' \"$(sha256sum < {dest} | cut -d' ' -f1)\"; "
-                     f"stat -c '%U:%G %a %n' {dest}; else echo 'F missing'; fi")
-    for spec in args.get("commands") or []:
-        creates = q(spec["creates"])
-        parts.append(f"if [ -e {creates} ]; then echo 'C yes '{creates}; else echo 'C no'; fi")
-    for unit in args.get("services") or []:
-        u = q(unit)
-        parts.append(f"systemctl is-enabled --quiet {u}; e=$?; systemctl is-active --quiet {u}; "
-                     f"echo \"S $e $? \"{u}")
-    return "; ".join(parts) or "true"
+    """One POSIX shell command printing the parts ``expected_parts`` expects, ``SECTION``
+    between them. A missing path or unit prints nothing (or another state) in its part."""
+    def quoted(paths: list[str]) -> str:
+        return " ".join(shlex.quote(p) for p in paths)
+
+    stats = [spec["path"] for spec in args.get("folders") or []] + [spec["dest"] for spec in args.get("files") or []]
+    files = [spec["dest"] for spec in args.get("files") or []]
+    creates = [spec["creates"] for spec in args.get("commands") or []]
+    units = quoted(list(args.get("services") or []))
+    parts = [
+        f"stat -c '%F %U:%G %a %n' -- {quoted(stats)} 2>/dev/null" if stats else "",
+        f"sha256sum -- {quoted(files)} 2>/dev/null" if files else "",
+        f"for p in {quoted(creates)}; do if [ -e \"$p\" ]; then echo \"yes $p\"; else echo \"no $p\"; fi; done"
+        if creates else "",
+        f"systemctl is-enabled -- {units} 2>/dev/null" if units else "",
+        f"systemctl is-active -- {units} 2>/dev/null" if units else "",
+    ]
+    return f"; echo {SECTION}; ".join(p or "true" for p in parts) + "; true"
+
+
+def matches(expected: list[list[str]], stdout: str) -> bool:
+    """Whether the check's output says the node is as asked."""
+    found: list[list[str]] = [[]]
+    for line in stdout.splitlines():
+        if line == SECTION:
+            found.append([])
+        else:
+            found[-1].append(line)
+    if len(found) != len(expected):
+        return False
+    stats, sums, creates, enabled, active = found
+    return ([stats, sums, creates, active] == [expected[0], expected[1], expected[2], expected[4]]
+            and len(enabled) == len(expected[3]) and all(state in ENABLED for state in enabled))
 
 
 class ActionModule(ActionBase):
@@ -79,10 +105,10 @@ class ActionModule(ActionBase):
         """The check's result when the node is as asked; else the module's."""
         result: dict[str, Any] = super().run(tmp, task_vars)
         args = dict(self._task.args)
-        expected = expected_lines(args)
+        expected = expected_parts(args)
         if expected is not None:
             found = self._low_level_execute_command(check_command(args), sudoable=True)
-            if found.get("rc") == 0 and found.get("stdout", "").splitlines() == expected:
+            if found.get("rc") == 0 and matches(expected, found.get("stdout", "")):
                 return {**result, **UNCHANGED, "checked_only": True}
         result.update(self._execute_module(module_name=MODULE, module_args=args, task_vars=task_vars))
         return result
