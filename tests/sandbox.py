@@ -31,7 +31,6 @@ from aihow_infra.state.layout import CHECKOUT
 SYSTEM_URI = "qemu:///system"
 # Every test sandbox's names start with this, then six hex digits of its own.
 SANDBOX_MARK = "aiht"
-LANES = 3  # pytests at once at most (aihow_infra/cli/dev.py), each on subnets of its own
 # The GPU of the e2e tests: video and audio functions of one device (no host has it).
 GPU_SLOT = "0000:41:00"
 
@@ -90,13 +89,11 @@ class Sandbox:
 
     def subnet(self) -> ipaddress.IPv4Network:
         """A /24 in 10.213.0.0/16 that no libvirt network or host route uses. Tests that run at
-        the same time in pytests of their own (``AIHOW_TEST_LANE`` 0 to ``LANES`` - 1:
-        aihow_infra/cli/dev.py) take from parts of their own, so two cannot both find one free
-        before either uses it."""
+        the same time in pytests of their own (``AIHOW_TEST_LANE`` 0, 1: aihow_infra/cli/dev.py)
+        take from halves of their own, so two cannot both find one free before either uses it."""
         used = _used_subnets(self.conn) + self._subnets
         lane = os.environ.get("AIHOW_TEST_LANE")
-        width = (256 - 30) // LANES
-        first, last = (30, 256) if lane is None else (30 + width * int(lane), 30 + width * (int(lane) + 1))
+        first, last = (30, 256) if lane is None else (30 + 113 * int(lane), 143 + 113 * int(lane))
         for third in range(first + int(self.prefix[-2:], 16) % (last - first - 20), last):
             candidate = ipaddress.IPv4Network(f"10.213.{third}.0/24")
             if not any(candidate.overlaps(u) for u in used):

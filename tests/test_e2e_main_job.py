@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import ipaddress
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -42,7 +41,6 @@ from typing import IO, Any
 import pytest
 import yaml
 
-from aihow_infra.cli.dev import MAIN_JOB_UP
 from aihow_infra.errors import DeployError
 from aihow_infra.images import BUSYBOX_IMAGE
 from aihow_infra.libvirt.guest import agent_command, read_file, run
@@ -129,8 +127,6 @@ def main_job(tmp_path_factory: pytest.TempPathFactory) -> Iterator[MainJob]:
         op = Operator(e2e.workspace, progress=lines.append)
         began = time.monotonic()
         op.system_up()
-        if os.environ.get(MAIN_JOB_UP):  # the other end-to-end runs start beside the scenarios now
-            Path(os.environ[MAIN_JOB_UP]).touch()
         job = MainJob(e2e, op, lines, cluster_file, clusters, time.monotonic() - began, Path(f"{key.private_path}.pub"))
         yield job
         op.system_destroy()

@@ -14,22 +14,17 @@ from invoke.exceptions import Exit
 
 from aihow_infra.cli.common import task
 
-# The end-to-end tier in four pytest runs. The main job starts first, alone while it boots both
-# clusters and deploys them (the Kubernetes control plane's first start starves beside other
-# guests); once they are deployed (the file it writes, MAIN_JOB_UP) the GPU-host simulator's test
-# and the short tests start beside its scenarios, each in a pytest of its own. Its deployed
-# clusters idle at 80-90 % of one core (bench/idle.py) and its scenarios wait on guests, and
-# either side alone leaves a quarter to a half of two cores idle (sampled every 15 s,
-# 2026-12-02). Each run takes test subnets of its own (AIHOW_TEST_LANE, tests/sandbox.py). Last,
-# alone, the tests that stop the host's libvirtd (marker ``alone``).
-MAIN_JOB = ["-m", "e2e and not alone", "tests/test_e2e_main_job.py"]
+# The end-to-end tier in four pytest runs. The GPU-host simulator's test and the short tests run
+# at once, each in a pytest of its own (alone, either leaves a quarter to a half of two cores idle:
+# sampled every 15 s, 2026-12-02) on subnets of their own (AIHOW_TEST_LANE, tests/sandbox.py).
+# The main job runs alone: its booted clusters keep every core busy and its waits have
+# deadlines. Last, the tests that stop the host's libvirtd (marker ``alone``).
 SIDE_BY_SIDE = {
     "GPU-host simulator": ["-m", "e2e and not alone", "tests/test_e2e_gpuhost.py"],
     "short tests": ["-m", "e2e and not alone and not gpuhost", "--ignore", "tests/test_e2e_main_job.py"],
 }
+MAIN_JOB = ["-m", "e2e and not alone", "tests/test_e2e_main_job.py"]
 ALONE = ["-m", "e2e and alone"]
-MAIN_JOB_UP = "AIHOW_E2E_MAIN_JOB_UP"  # a file the main job writes once its clusters are deployed
-MAIN_JOB_LANE = len(SIDE_BY_SIDE)
 
 
 @task(help={"fast": "skip the end-to-end tests (real engine and libvirtd)"})
@@ -50,36 +45,30 @@ def test(c: Context, fast: bool = False) -> None:
 
 
 def end_to_end(checkout: Path, env: dict[str, str]) -> None:
-    """The end-to-end tier as the runs above say: the main job's output as it goes, each other
-    run's in full once all are done, then one line per run; ``Exit`` with code 1 when any failed."""
+    """The end-to-end tier as ``SIDE_BY_SIDE``, ``MAIN_JOB`` and ``ALONE`` say; each run's
+    output in full, then one line per run; ``Exit`` with code 1 when any failed."""
     pytest = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "--durations=0", "--durations-min=5"]
     results: list[tuple[str, int, float]] = []
     with tempfile.TemporaryDirectory(prefix="aihow-e2e-") as tmp:
         began = time.monotonic()
-        up = Path(tmp) / "main-job-up"
-        print("\n===== e2e: main job (the others start once its clusters are deployed) =====", flush=True)
-        main = subprocess.Popen([*pytest, "--basetemp", str(Path(tmp) / "main"), *MAIN_JOB], cwd=checkout,
-                                env={**env, "AIHOW_TEST_LANE": str(MAIN_JOB_LANE), MAIN_JOB_UP: str(up)})
-        while main.poll() is None and not up.exists():
-            time.sleep(2)
-        side = []
+        running = []
         for lane, (name, args) in enumerate(SIDE_BY_SIDE.items()):
             log = open(Path(tmp) / f"lane{lane}.log", "w+")  # noqa: SIM115 (read back after the run)
             proc = subprocess.Popen([*pytest, "--basetemp", str(Path(tmp) / f"lane{lane}"), *args], cwd=checkout,
                                     env={**env, "AIHOW_TEST_LANE": str(lane)}, stdout=log,
                                     stderr=subprocess.STDOUT, text=True)
-            side.append((name, proc, log, time.monotonic()))
-        results.append(("main job", main.wait(), time.monotonic() - began))
-        for name, proc, log, started in side:
+            running.append((name, proc, log))
+        for name, proc, log in running:
             code = proc.wait()
-            results.append((f"{name} (beside the main job)", code, time.monotonic() - started))
             log.seek(0)
-            print(f"\n===== e2e: {name} (beside the main job) =====\n{log.read()}", flush=True)
+            print(f"\n===== e2e: {name} (beside the others) =====\n{log.read()}", flush=True)
             log.close()
-        print("\n===== e2e: tests that stop libvirtd =====", flush=True)
-        began = time.monotonic()
-        code = subprocess.run([*pytest, *ALONE], cwd=checkout, env=env, check=False).returncode
-        results.append(("tests that stop libvirtd", code, time.monotonic() - began))
+            results.append((name, code, time.monotonic() - began))
+        for name, args in (("main job", MAIN_JOB), ("tests that stop libvirtd", ALONE)):
+            print(f"\n===== e2e: {name} =====", flush=True)
+            began = time.monotonic()
+            code = subprocess.run([*pytest, *args], cwd=checkout, env=env, check=False).returncode
+            results.append((name, code, time.monotonic() - began))
     print("\n===== e2e runs =====")
     for name, code, seconds in results:
         print(f"{name}: {'passed' if code == 0 else f'FAILED (pytest exit {code})'} in {seconds / 60:.1f} min")
