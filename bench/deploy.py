@@ -16,6 +16,13 @@ A node's ``vm.start`` to idle or Ready is measured by tests/test_e2e_main_job.py
 here the plain runs are not recorded as deploys, so a start would not join the node.
 
 Every figure of a table comes from this one run; ratios are baseline / this checkout.
+
+    .venv/bin/python bench/deploy.py --baseline REV --alternate N
+
+measures only the deploy with nothing to change (about 15 minutes): both clusters booted and
+deployed once with this checkout's playbooks, then N rounds, each one no-op run of the baseline's
+playbooks and one of this checkout's, in turn (for a baseline whose playbooks leave the nodes as
+this checkout's do, e.g. a change of the converge's check: then only the no-op path differs).
 """
 
 from __future__ import annotations
@@ -63,7 +70,11 @@ def main() -> int:
     """Boot, deploy both ways, print the table."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--baseline", default="5f904ad", help="the commit whose ansible/ is the baseline")
+    parser.add_argument("--alternate", type=int, default=0, metavar="N",
+                        help="only no-op deploys, N rounds of baseline and this checkout in turn")
     args = parser.parse_args()
+    if args.alternate:
+        return alternate(args.baseline, args.alternate)
     rows: list[tuple[str, float, float]] = []
     with tempfile.TemporaryDirectory(prefix="aihow-bench-deploy-") as tmp:
         root = Path(tmp)
@@ -111,6 +122,46 @@ def main() -> int:
         print(f"| {what:40} | {base:15.0f} s | {now:11.0f} s | {base / now:4.1f}x |")
     for stack in STACKS:
         print(f"{stack}: taking over the baseline's cluster {figures[(stack, 'takeover')]:.0f} s")
+    return 0
+
+
+def alternate(baseline: str, rounds: int) -> int:
+    """Both clusters booted and deployed, then ``rounds`` no-op deploys of each side in turn; a
+    table of medians and maxima."""
+    import statistics
+
+    runs: dict[tuple[str, str], list[float]] = {}
+    with tempfile.TemporaryDirectory(prefix="aihow-bench-deploy-") as tmp:
+        root = Path(tmp)
+        sides = {"baseline": root / "baseline", "this checkout": ROOT / "ansible"}
+        sides["baseline"].mkdir()
+        baseline_ansible(baseline, sides["baseline"])
+        work = root / "work"
+        work.mkdir()
+        with open_sandbox() as box, open_e2e(box, work) as e2e:
+            clusters = default_example_on(e2e)
+            cluster_file = e2e.write_cluster_file(clusters)
+            for stack in STACKS:
+                e2e.configure(stack, cluster_file, ansibleConnection="agent", stopTimeout="60")
+            op = Operator(e2e.workspace, progress=lambda line: print(f"  {line}", flush=True))
+            op.system_up(deploy=False)
+            for stack in STACKS:
+                inventory = root / f"{stack}.yml"
+                inventory.write_text(to_yaml(op.inventory(stack)))
+                first = playbook_run(sides["this checkout"], stack, inventory)
+                print(f"{stack}: first deploy {first:.0f} s", flush=True)
+                for _ in range(rounds):
+                    for side, folder in sides.items():
+                        runs.setdefault((stack, side), []).append(playbook_run(folder, stack, inventory))
+                    print(stack, {k[1]: [round(v, 1) for v in r] for k, r in runs.items() if k[0] == stack}, flush=True)
+            op.system_destroy()
+    print(f"\n| deploy, nothing to change ({rounds} rounds) | baseline {baseline} | this checkout | ratio |")
+    print("| ------------------------------ | ----------------- | ------------- | ----- |")
+    for stack in STACKS:
+        base, now = runs[(stack, "baseline")], runs[(stack, "this checkout")]
+        print(f"| {stack:30} | {statistics.median(base):5.1f} s (max {max(base):5.1f}) | "
+              f"{statistics.median(now):5.1f} s (max {max(now):5.1f}) | "
+              f"{statistics.median(base) / statistics.median(now):4.2f}x |")
     return 0
 
 

@@ -294,6 +294,10 @@ class Phases:
         """Keep a phase timed elsewhere."""
         self.node.user_properties.append(("phase", f"{seconds:7.1f} s  {name}"))
 
+    def note(self, line: str) -> None:
+        """A line under the last phase (what a slow step said as it went)."""
+        self.node.user_properties.append(("phase", f"{'':11}{line}"))
+
     def reference(self, when: str) -> None:
         """Keep the machine's ``cpu_reference`` now, as a phase of its own."""
         self.add(f"CPU reference {when} (fixed work; a slower machine takes longer)", cpu_reference())

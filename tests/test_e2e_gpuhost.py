@@ -44,6 +44,7 @@ pytestmark = [pytest.mark.e2e, pytest.mark.gpuhost, pytest.mark.timeout(2400)]
 HPC_VM, CLOUD_VM = "sim-hpc-compute-01", "sim-cloud-gpu-worker-01"  # the HPC node takes the NIC too
 FUNCTIONS = (f"{GPU_SLOT}.0", f"{GPU_SLOT}.1")  # the stand-in GPU's "video" and "audio" functions
 LEDGER = "/var/lib/aihow/gpu-leases.json"
+SLOW_STEP = 60  # seconds: a step this slow has its progress lines in the phase times
 
 
 def simulated_clusters() -> dict[str, Any]:
@@ -84,7 +85,11 @@ class Steps:
     def aihow(self, *args: str, ok: bool = True) -> Ran:
         started = time.monotonic()
         ran = self.host.aihow(*args)
-        self.phases.add(f"aihow {' '.join(args)}", time.monotonic() - started)
+        seconds = time.monotonic() - started
+        self.phases.add(f"aihow {' '.join(args)}", seconds)
+        if seconds >= SLOW_STEP:  # where its time went: the engine's lines carry each resource's seconds
+            for line in ran.err.splitlines():
+                self.phases.note(line)
         if ok:
             assert ran.code == 0, f"aihow {' '.join(args)} exited {ran.code}:\n{ran.out}\n{ran.err}"
         return ran
