@@ -41,7 +41,7 @@ from typing import IO, Any
 import pytest
 import yaml
 
-from aihow_infra.errors import DeployError
+from aihow_infra.errors import DeployError, GuestError
 from aihow_infra.images import BUSYBOX_IMAGE
 from aihow_infra.libvirt.guest import agent_command, read_file, run
 from aihow_infra.ops import Operator
@@ -262,8 +262,13 @@ def test_kubernetes_runs_pods_and_an_on_demand_worker_starts_for_a_pod_drains_an
 
     def phase_of(name: str) -> str:
         """The pod's phase; "" while the API server does not answer (a worker's join can keep it
-        busy past kubectl's TLS handshake timeout under emulation: seen in bench/on_demand.py)."""
-        code, out, _err = job.op.kubectl("cloud", ["get", "pod", name, "-o", "jsonpath={.status.phase}"])
+        busy past kubectl's TLS handshake timeout under emulation: seen in bench/on_demand.py) or
+        the control plane's guest agent is busy ("not available for now": seen with the machine's
+        two cores shared by three test runs). The wait's deadline still holds."""
+        try:
+            code, out, _err = job.op.kubectl("cloud", ["get", "pod", name, "-o", "jsonpath={.status.phase}"])
+        except GuestError:
+            return ""
         return out if code == 0 else ""
 
     # A pod from the image made here, on the worker, with an address of the worker's pod subnet.
