@@ -28,11 +28,14 @@ this checkout's do, e.g. a change of the converge's check: then only the no-op p
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
+import statistics
 import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -66,6 +69,23 @@ def baseline_ansible(rev: str, folder: Path) -> None:
     subprocess.run(["tar", "-x", "-C", str(folder), "--strip-components=1"], input=archive, check=True)
 
 
+@contextlib.contextmanager
+def booted_pair(root: Path) -> Iterator[Operator]:
+    """config/default.yaml's two clusters on a sandbox of their own under ``root``, booted, not
+    deployed; removed afterwards."""
+    work = root / "work"
+    work.mkdir()
+    with open_sandbox() as box, open_e2e(box, work) as e2e:
+        cluster_file = e2e.write_cluster_file(default_example_on(e2e))
+        for stack in STACKS:
+            e2e.configure(stack, cluster_file, ansibleConnection="agent", stopTimeout="60")
+        op = Operator(e2e.workspace, progress=lambda line: print(f"  {line}", flush=True))
+        began = time.monotonic()
+        op.system_up(deploy=False)
+        print(f"booted both clusters in {time.monotonic() - began:.0f} s", flush=True)
+        yield op
+
+
 def main() -> int:
     """Boot, deploy both ways, print the table."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -82,17 +102,7 @@ def main() -> int:
         old.mkdir()
         baseline_ansible(args.baseline, old)
         new = ROOT / "ansible"
-        work = root / "work"
-        work.mkdir()
-        with open_sandbox() as box, open_e2e(box, work) as e2e:
-            clusters = default_example_on(e2e)
-            cluster_file = e2e.write_cluster_file(clusters)
-            for stack in STACKS:
-                e2e.configure(stack, cluster_file, ansibleConnection="agent", stopTimeout="60")
-            op = Operator(e2e.workspace, progress=lambda line: print(f"  {line}", flush=True))
-            began = time.monotonic()
-            op.system_up(deploy=False)
-            print(f"booted both clusters in {time.monotonic() - began:.0f} s", flush=True)
+        with booted_pair(root) as op:
             inventories = {}
             for stack in STACKS:
                 inventories[stack] = root / f"{stack}.yml"
@@ -128,23 +138,13 @@ def main() -> int:
 def alternate(baseline: str, rounds: int) -> int:
     """Both clusters booted and deployed, then ``rounds`` no-op deploys of each side in turn; a
     table of medians and maxima."""
-    import statistics
-
     runs: dict[tuple[str, str], list[float]] = {}
     with tempfile.TemporaryDirectory(prefix="aihow-bench-deploy-") as tmp:
         root = Path(tmp)
         sides = {"baseline": root / "baseline", "this checkout": ROOT / "ansible"}
         sides["baseline"].mkdir()
         baseline_ansible(baseline, sides["baseline"])
-        work = root / "work"
-        work.mkdir()
-        with open_sandbox() as box, open_e2e(box, work) as e2e:
-            clusters = default_example_on(e2e)
-            cluster_file = e2e.write_cluster_file(clusters)
-            for stack in STACKS:
-                e2e.configure(stack, cluster_file, ansibleConnection="agent", stopTimeout="60")
-            op = Operator(e2e.workspace, progress=lambda line: print(f"  {line}", flush=True))
-            op.system_up(deploy=False)
+        with booted_pair(root) as op:
             for stack in STACKS:
                 inventory = root / f"{stack}.yml"
                 inventory.write_text(to_yaml(op.inventory(stack)))
