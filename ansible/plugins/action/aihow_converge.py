@@ -68,8 +68,8 @@ def check_command(args: dict[str, Any]) -> str:
     def quoted(paths: list[str]) -> str:
         return " ".join(shlex.quote(p) for p in paths)
 
-    stats = [spec["path"] for spec in args.get("folders") or []] + [spec["dest"] for spec in args.get("files") or []]
     files = [spec["dest"] for spec in args.get("files") or []]
+    stats = [spec["path"] for spec in args.get("folders") or []] + files
     creates = [spec["creates"] for spec in args.get("commands") or []]
     units = quoted(list(args.get("services") or []))
     parts = [
