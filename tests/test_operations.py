@@ -13,6 +13,7 @@ import pytest
 import yaml
 
 from aihow_infra.errors import AihowError, StackError
+from aihow_infra.lastrun import LastRuns
 from aihow_infra.ops import Operator, Refused, refuse_risks
 from aihow_infra.stacks import Plan, Workspace
 from tests.samples import base
@@ -181,6 +182,7 @@ class FakeEngine(Workspace):
         return {f"urn:pulumi:{stack}::aihow::aihow:libvirt:HpcCluster::cluster"}
 
     def preview_plan(self, stack: str) -> Plan:
+        self.calls.append(("preview", stack))
         return Plan(self.steps, [])
 
     def up(self, stack: str, extra: Sequence[str] = (), events: Any = None) -> str:
@@ -209,7 +211,7 @@ def test_a_failed_run_puts_the_power_records_back_and_the_stack_with_them(tmp_pa
     with pytest.raises(StackError, match="the domain failed to start"):
         op._apply_power(op.view("hpc"), {name: "stopped"})
     assert op.records("hpc").read() == before
-    assert engine.calls == [("up", "hpc"), ("up", "hpc", "--continue-on-error")]
+    assert engine.calls == [("preview", "hpc"), ("up", "hpc"), ("up", "hpc", "--continue-on-error")]
     assert any(line.startswith("hpc: putting the power states back") for line in lines)
 
 
@@ -221,7 +223,7 @@ def test_a_refused_change_runs_nothing_and_changes_no_record(tmp_path: Path) -> 
     before = op.records("hpc").read()
     with pytest.raises(Refused):
         op._apply_power(op.view("hpc"), {name: "stopped"})
-    assert op.records("hpc").read() == before and engine.calls == []
+    assert op.records("hpc").read() == before and engine.calls == [("preview", "hpc")]
 
 
 def test_a_good_run_keeps_the_new_records(tmp_path: Path) -> None:
@@ -229,4 +231,25 @@ def test_a_good_run_keeps_the_new_records(tmp_path: Path) -> None:
     name = op.view("hpc").plan.vms[1].name
     op._apply_power(op.view("hpc"), {name: "stopped"})
     assert op.records("hpc").read().vms == {name: "stopped"}
-    assert engine.calls == [("up", "hpc")]
+    assert engine.calls == [("preview", "hpc"), ("up", "hpc")]
+
+
+def test_a_power_change_to_a_stack_as_its_last_run_left_it_runs_no_preview(tmp_path: Path,
+                                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    replace_disk = {"op": "replace", "urn": "urn:pulumi:hpc::aihow::aihow:libvirt:Volume::compute-01-disk",
+                    "oldState": {"type": "pulumi-python:dynamic:Resource"}, "newState": {}}
+    op, engine, lines = engine_operator(tmp_path, failures=0, steps=[replace_disk])
+    name = op.view("hpc").plan.vms[1].name
+    last_run = op.workspace.state_stamp("hpc")  # the stamp (state and power records) of the last good run
+    monkeypatch.setattr(LastRuns, "changes",
+                        lambda _self, stack, stamp, settled=False: [] if stamp == last_run else ["its files changed"])
+    op._apply_power(op.view("hpc"), {name: "stopped"})
+    assert engine.calls == [("up", "hpc")] and op.records("hpc").read().vms == {name: "stopped"}
+    assert "hpc: only its power records change (the rest is as the last run left it; libvirt agrees): no " \
+           "preview needed" in lines
+    # Anything else changed since (here the records this run wrote): the gate previews, and its
+    # plan (a disk made anew) is refused before any engine run.
+    engine.calls.clear()
+    with pytest.raises(Refused):
+        op._apply_power(op.view("hpc"), {name: "running"})
+    assert engine.calls == [("preview", "hpc")] and op.records("hpc").read().vms == {name: "stopped"}

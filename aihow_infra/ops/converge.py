@@ -57,10 +57,15 @@ class Converging(ProjectOps):
         if disks:
             self.workspace.unprotect(stack, disks)
 
+    def changes(self, stack: str, settled: bool = False) -> list[str]:
+        """Why the stack needs the engine since its last successful up (``lastrun``); empty when
+        nothing changed and libvirt agrees."""
+        return self.last_runs.changes(stack, self.workspace.state_stamp(stack), settled)
+
     def nothing_to_do(self, stack: str, settled: bool = False) -> bool:
         """True when nothing changed since the stack's last successful up and libvirt agrees
         (then the engine is not started: see ``lastrun``)."""
-        found = self.last_runs.changes(stack, self.workspace.state_stamp(stack), settled)
+        found = self.changes(stack, settled)
         if found:
             if found != [NO_RECORD]:
                 self.progress(f"{stack}: {'; '.join(found)}")
@@ -95,10 +100,11 @@ class Converging(ProjectOps):
         with ThreadPoolExecutor(max(len(stacks), 1)) as pool:
             return dict(zip(stacks, pool.map(one, stacks), strict=True))
 
-    def _engine_up(self, stack: str) -> str:
-        """Gate, ``pulumi up`` with a line per resource step, and the record of a successful
-        run (forgotten when it fails). Returns the summary of what changed."""
-        self.gate(stack)
+    def _engine_up(self, stack: str, gated: bool = True) -> str:
+        """Gate (unless ``gated`` is false), ``pulumi up`` with a line per resource step, and the
+        record of a successful run (forgotten when it fails). Returns the summary of what changed."""
+        if gated:
+            self.gate(stack)
         self.progress(f"pulumi up -s {stack}")
         seen = EngineProgress(stack, self.progress)
         try:
@@ -129,9 +135,16 @@ class Converging(ProjectOps):
             after = change(before)
             if after == before and self.nothing_to_do(stack):
                 return
+            # As the last good run left it, the plan differs only in the power records: VMs start
+            # or stop and leases move, which never deletes a disk or restarts a running guest
+            # (changes.risks), so the gate's preview (a whole engine run) would find nothing.
+            clean = after != before and not self.changes(stack)
+            if clean:
+                self.progress(f"{stack}: only its power records change (the rest is as the last run left it; "
+                              "libvirt agrees): no preview needed")
             records.write(after)
             try:
-                self._engine_up(stack)
+                self._engine_up(stack, gated=not clean)
             except AihowError as exc:
                 records.write(before)  # refused (nothing ran) or failed: back to what was
                 if not isinstance(exc, Refused):
