@@ -234,7 +234,7 @@ def test_a_good_run_keeps_the_new_records(tmp_path: Path) -> None:
     assert engine.calls == [("preview", "hpc"), ("up", "hpc")]
 
 
-def test_a_power_change_to_a_stack_as_its_last_run_left_it_runs_no_preview(tmp_path: Path,
+def test_a_power_change_to_a_stack_as_its_last_run_left_it_runs_no_preview_and_no_refresh(tmp_path: Path,
                                                                           monkeypatch: pytest.MonkeyPatch) -> None:
     replace_disk = {"op": "replace", "urn": "urn:pulumi:hpc::aihow::aihow:libvirt:Volume::compute-01-disk",
                     "oldState": {"type": "pulumi-python:dynamic:Resource"}, "newState": {}}
@@ -244,9 +244,9 @@ def test_a_power_change_to_a_stack_as_its_last_run_left_it_runs_no_preview(tmp_p
     monkeypatch.setattr(LastRuns, "changes",
                         lambda _self, stack, stamp, settled=False: [] if stamp == last_run else ["its files changed"])
     op._apply_power(op.view("hpc"), {name: "stopped"})
-    assert engine.calls == [("up", "hpc")] and op.records("hpc").read().vms == {name: "stopped"}
+    assert engine.calls == [("up", "hpc", "--refresh=false")] and op.records("hpc").read().vms == {name: "stopped"}
     assert "hpc: only its power records change (the rest is as the last run left it; libvirt agrees): no " \
-           "preview needed" in lines
+           "preview, no refresh" in lines
     # Anything else changed since (here the records this run wrote): the gate previews, and its
     # plan (a disk made anew) is refused before any engine run.
     engine.calls.clear()

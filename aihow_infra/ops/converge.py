@@ -100,15 +100,18 @@ class Converging(ProjectOps):
         with ThreadPoolExecutor(max(len(stacks), 1)) as pool:
             return dict(zip(stacks, pool.map(one, stacks), strict=True))
 
-    def _engine_up(self, stack: str, gated: bool = True) -> str:
-        """Gate (unless ``gated`` is false), ``pulumi up`` with a line per resource step, and the
-        record of a successful run (forgotten when it fails). Returns the summary of what changed."""
-        if gated:
+    def _engine_up(self, stack: str, as_left: bool = False) -> str:
+        """Gate, ``pulumi up`` with a line per resource step, and the record of a successful run
+        (forgotten when it fails). Returns the summary of what changed. ``as_left``: the stack is
+        as its last good run left it and libvirt agrees (``changes`` found nothing but the power
+        records), so neither the gate's preview nor the engine's refresh would find anything:
+        both are left out, as a run with nothing to do leaves out the engine."""
+        if not as_left:
             self.gate(stack)
         self.progress(f"pulumi up -s {stack}")
         seen = EngineProgress(stack, self.progress)
         try:
-            self.workspace.up(stack, events=seen)
+            self.workspace.up(stack, ["--refresh=false"] if as_left else [], events=seen)
         except AihowError:
             self.last_runs.forget(stack)
             raise
@@ -138,13 +141,13 @@ class Converging(ProjectOps):
             # As the last good run left it, the plan differs only in the power records: VMs start
             # or stop and leases move, which never deletes a disk or restarts a running guest
             # (changes.risks), so the gate's preview (a whole engine run) would find nothing.
-            clean = after != before and not self.changes(stack)
-            if clean:
+            as_left = after != before and not self.changes(stack)
+            if as_left:
                 self.progress(f"{stack}: only its power records change (the rest is as the last run left it; "
-                              "libvirt agrees): no preview needed")
+                              "libvirt agrees): no preview, no refresh")
             records.write(after)
             try:
-                self._engine_up(stack, gated=not clean)
+                self._engine_up(stack, as_left=as_left)
             except AihowError as exc:
                 records.write(before)  # refused (nothing ran) or failed: back to what was
                 if not isinstance(exc, Refused):
