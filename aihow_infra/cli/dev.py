@@ -14,14 +14,17 @@ from invoke.exceptions import Exit
 
 from aihow_infra.cli.common import task
 
-# The end-to-end tier in four pytest runs. The GPU-host simulator's test and the short tests run
-# at once, each in a pytest of its own (alone, either leaves a quarter to a half of two cores idle:
-# sampled every 15 s, 2026-12-02) on subnets of their own (AIHOW_TEST_LANE, tests/sandbox.py).
+# The end-to-end tier in four pytest runs. Two lanes at once, each in a pytest of its own (alone,
+# either leaves a quarter to a half of two cores idle: sampled every 15 s, 2026-12-02) on subnets
+# of their own (AIHOW_TEST_LANE, tests/sandbox.py): the GPU-host simulator's test then the guest
+# boot test (a lane of about 11 + 3.5 min), and the short tests (about 14 min without it).
 # The main job runs alone: its booted clusters keep every core busy and its waits have
 # deadlines. Last, the tests that stop the host's libvirtd (marker ``alone``).
+_BESIDE_THE_SIMULATOR = "tests/test_e2e_guests.py"
 SIDE_BY_SIDE = {
-    "GPU-host simulator": ["-m", "e2e and not alone", "tests/test_e2e_gpuhost.py"],
-    "short tests": ["-m", "e2e and not alone and not gpuhost", "--ignore", "tests/test_e2e_main_job.py"],
+    "GPU-host simulator, guest boot": ["-m", "e2e and not alone", "tests/test_e2e_gpuhost.py", _BESIDE_THE_SIMULATOR],
+    "short tests": ["-m", "e2e and not alone and not gpuhost", "--ignore", "tests/test_e2e_main_job.py",
+                    "--ignore", _BESIDE_THE_SIMULATOR],
 }
 MAIN_JOB = ["-m", "e2e and not alone", "tests/test_e2e_main_job.py"]
 ALONE = ["-m", "e2e and alone"]
