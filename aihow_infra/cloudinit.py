@@ -113,7 +113,8 @@ def network_config(spec: SeedSpec) -> str:
         eth["addresses"] = [f"{spec.ip}/{net.prefixlen}"]
         if spec.gateway:
             eth["routes"] = [{"to": "0.0.0.0/0", "via": spec.gateway}]
-        eth["nameservers"] = {"addresses": list(spec.dns_servers), "search": [spec.domain]}
+        eth["nameservers"] = {**({"addresses": list(spec.dns_servers)} if spec.dns_servers else {}),
+                              "search": [spec.domain]}
     else:
         eth["dhcp4"] = True
     return _dump({"version": 2, "ethernets": {"eth0": eth}})

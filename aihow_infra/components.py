@@ -42,13 +42,28 @@ class NodeArgs:
 
 def seed_spec(vm: VmPlan, plan: ClusterPlan, user: str, key: str) -> SeedSpec:
     """What the VM's cloud-init seed says: its name and address, the login user with ``key``, the
-    default route on NAT networks, and an /etc/hosts naming every node of the cluster."""
+    default route on NAT networks (the host) and host bridges (the LAN's gateway), the name
+    servers (libvirt's on the networks it serves, then ``dns_servers``), and an /etc/hosts naming
+    every node of the cluster."""
+    served = plan.forward_mode != "bridge"  # libvirt's dnsmasq answers at the gateway
     return SeedSpec(
         hostname=vm.name, mac=vm.mac, ip=vm.ip, subnet=plan.subnet,
-        gateway=plan.gateway if plan.forward_mode == "nat" else None,
-        dns_servers=(plan.gateway, *plan.dns_servers), domain=plan.dns_domain, user=user,
+        gateway=plan.gateway if plan.forward_mode in ("nat", "bridge") else None,
+        dns_servers=((plan.gateway,) if served else ()) + plan.dns_servers, domain=plan.dns_domain, user=user,
         ssh_keys=(key,), hosts=tuple((v.ip, v.name) for v in plan.vms if v.ip),
         extra=vm.cloud_init, dhcp=vm.dhcp, mounts=tuple((m.tag, m.mount_point, m.options) for m in vm.mounts),
+    )
+
+
+def network_args(plan: ClusterPlan, uri: str, stack: str) -> NetworkArgs:
+    """The cluster's network as the ``Network`` resource takes it: a DHCP reservation per VM with
+    an address, except on a host bridge (``forward_mode: bridge``), where libvirt serves no DHCP."""
+    return NetworkArgs(
+        uri=uri, name=plan.network_name, stack=stack, bridge=plan.bridge, forward_mode=plan.forward_mode,
+        dns_domain=plan.dns_domain, dns_servers=list(plan.dns_servers), gateway=plan.gateway, netmask=plan.netmask,
+        dhcp_start=plan.dhcp_start, dhcp_end=plan.dhcp_end,
+        hosts=[DhcpHost(mac=vm.mac, name=vm.name, ip=vm.ip) for vm in plan.vms
+               if vm.ip and plan.forward_mode != "bridge"],
     )
 
 
@@ -194,20 +209,7 @@ class Cluster(pulumi.ComponentResource):
         super().__init__(f"aihow:libvirt:{kind_of(args.plan.key).component_type}", name, None, opts)
         plan, settings = args.plan, args.settings
         child = pulumi.ResourceOptions(parent=self)
-        network = Network("network", NetworkArgs(
-            uri=settings.libvirt_uri,
-            name=plan.network_name,
-            stack=args.stack,
-            bridge=plan.bridge,
-            forward_mode=plan.forward_mode,
-            dns_domain=plan.dns_domain,
-            dns_servers=list(plan.dns_servers),
-            gateway=plan.gateway,
-            netmask=plan.netmask,
-            dhcp_start=plan.dhcp_start,
-            dhcp_end=plan.dhcp_end,
-            hosts=[DhcpHost(mac=vm.mac, name=vm.name, ip=vm.ip) for vm in plan.vms if vm.ip],
-        ), child)
+        network = Network("network", network_args(plan, settings.libvirt_uri, args.stack), child)
         pool_path = settings.pool_folder(plan.name)
         pool = StoragePool("pool", PoolArgs(
             uri=settings.libvirt_uri,

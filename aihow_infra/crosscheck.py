@@ -34,6 +34,11 @@ def _check_addresses(plan: ClusterPlan) -> list[str]:
                 ipaddress.IPv4Address(plan.gateway): "gateway"}
     seen: dict[str, str] = {}
     for vm in plan.vms:
+        if vm.dhcp and plan.forward_mode == "bridge":
+            problems.append(f"{vm.key_path}.ip: DHCP, but network.forward_mode is 'bridge' (the guests join an "
+                            f"existing host bridge, where libvirt serves no DHCP); allowed: a static address in "
+                            f"{plan.subnet}")
+            continue
         if vm.ip is None:
             problems.append(f"{vm.key_path}.ip: DHCP, but the DHCP range {plan.dhcp_start}-{plan.dhcp_end} has no "
                             "address left to reserve for it; allowed: a static address, or a larger range")
@@ -174,10 +179,15 @@ def cross_check(file: ClusterFile, *, check_images: bool = True, allow_system_pa
         if hpc.name == cloud.name:
             problems.append(f"clusters.cloud.name: '{cloud.name}' equals clusters.hpc.name; "
                             "allowed: a different name (it prefixes every libvirt object)")
-        if ipaddress.IPv4Network(hpc.subnet).overlaps(ipaddress.IPv4Network(cloud.subnet)):
+        one_lan = hpc.forward_mode == cloud.forward_mode == "bridge" and hpc.bridge == cloud.bridge
+        if one_lan:  # both on one host bridge: the LAN's subnet is shared, its addresses are not
+            hpc_ips = {vm.ip: vm.key_path for vm in hpc.vms if vm.ip}
+            problems += [f"{vm.key_path}.ip: '{vm.ip}' is already used by {hpc_ips[vm.ip]} on the same bridge "
+                         f"'{cloud.bridge}'; allowed: one VM per address" for vm in cloud.vms if vm.ip in hpc_ips]
+        elif ipaddress.IPv4Network(hpc.subnet).overlaps(ipaddress.IPv4Network(cloud.subnet)):
             problems.append(f"clusters.cloud.network.subnet: '{cloud.subnet}' overlaps clusters.hpc.network.subnet "
                             f"'{hpc.subnet}'; allowed: a subnet disjoint from it")
-        if hpc.bridge == cloud.bridge:
+        if hpc.bridge == cloud.bridge and not one_lan:
             problems.append(f"clusters.cloud.network.bridge: '{cloud.bridge}' equals clusters.hpc.network.bridge; "
                             "allowed: a different bridge name")
     if check_images:
@@ -185,6 +195,13 @@ def cross_check(file: ClusterFile, *, check_images: bool = True, allow_system_pa
     if not allow_system_paths:
         problems += _check_host_paths(plans)
     return problems
+
+
+def bridge_problem(plan: ClusterPlan, why: str) -> str:
+    """The line for a cluster on ``forward_mode: bridge`` whose host lacks its bridge (``why``:
+    ``libvirt.inspect.missing_bridge``'s words)."""
+    return (f"clusters.{plan.key}.network.bridge: '{plan.bridge}' is not a bridge the guests can join: {why}; "
+            "allowed: an existing bridge of that host (forward_mode 'bridge' makes none)")
 
 
 @dataclass(frozen=True)

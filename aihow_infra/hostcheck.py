@@ -14,7 +14,7 @@ from typing import Any
 from urllib.parse import urlparse
 
 from aihow_infra.config import BOOT_SECONDS, BOOT_SOURCE
-from aihow_infra.crosscheck import SubnetInUse, subnet_collisions
+from aihow_infra.crosscheck import SubnetInUse, bridge_problem, subnet_collisions
 from aihow_infra.errors import AihowError, ConfigError
 from aihow_infra.gpu.custody import device_files, open_by
 from aihow_infra.gpu.homes import at_home, boot_binding, describe_driver
@@ -357,6 +357,20 @@ def subnets_of(host: list[SubnetInUse], networks: list[tuple[str, str, str]]) ->
     return ([replace(used, network=owner.get(used.interface, "")) for used in host]
             + [SubnetInUse(subnet, f"libvirt network '{name}' (bridge {bridge or 'none'})", bridge, name)
                for name, bridge, subnet in networks])
+
+
+def check_bridges(plans: list[ClusterPlan], uri: str, file: str | Path) -> None:
+    """``ConfigError`` naming each cluster on ``forward_mode: bridge`` whose bridge the libvirt
+    host of ``uri`` does not have (or has as another kind of interface), with its line."""
+    from aihow_infra.libvirt.connection import connect
+    from aihow_infra.libvirt.inspect import missing_bridge
+
+    joining = [plan for plan in plans if plan.forward_mode == "bridge"]
+    if not joining:
+        return
+    with connect(uri) as conn:
+        problems = [bridge_problem(plan, why) for plan in joining if (why := missing_bridge(conn, plan.bridge))]
+    _refuse(problems, file)
 
 
 def check_subnets(plans: list[ClusterPlan], uri: str, file: str | Path) -> None:

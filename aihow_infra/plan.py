@@ -23,6 +23,7 @@ from aihow_infra.config import (
     CloudCluster,
     ClusterFile,
     ClusterKey,
+    ForwardMode,
     HpcCluster,
     ImageRole,
     NodeSpec,
@@ -140,7 +141,7 @@ class ClusterPlan:
     netmask: str
     dhcp_start: str
     dhcp_end: str
-    forward_mode: Literal["nat", "isolated"]
+    forward_mode: ForwardMode
     dns_servers: tuple[str, ...]
     vms: tuple[VmPlan, ...] = field(default_factory=tuple)
     partitions: tuple[str, ...] = ()  # SLURM partitions (HPC), the default one first

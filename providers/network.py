@@ -3,15 +3,16 @@
 from __future__ import annotations
 
 import xml.etree.ElementTree as ET
-from typing import Any, ClassVar, Literal, TypedDict
+from typing import Any, ClassVar, TypedDict
 
 import libvirt
 import pulumi
 from pulumi.dynamic import CreateResult, Resource, UpdateResult
 
+from aihow_infra.config import ForwardMode
 from aihow_infra.errors import LibvirtError
 from aihow_infra.libvirt.connection import call, connect, discard, lookup
-from aihow_infra.libvirt.inspect import network_stack
+from aihow_infra.libvirt.inspect import missing_bridge, network_stack
 from aihow_infra.libvirt.render import dhcp_host_xml, network_xml
 from providers.base import LibvirtProvider
 
@@ -31,7 +32,7 @@ class NetworkArgs(TypedDict):
     name: str
     stack: str
     bridge: str
-    forward_mode: Literal["nat", "isolated"]
+    forward_mode: ForwardMode
     dns_domain: str
     dns_servers: list[str]
     gateway: str
@@ -81,6 +82,10 @@ class NetworkProvider(LibvirtProvider):
         interrupted run); on any failure remove what this call made."""
         name = props["name"]
         with connect(props["uri"]) as conn:
+            if props["forward_mode"] == "bridge" and (why := missing_bridge(conn, props["bridge"])):
+                raise LibvirtError(f"network {name}: forward_mode 'bridge' joins the host bridge "
+                                   f"'{props['bridge']}', but {why}; nothing was made; allowed: an existing "
+                                   "bridge of that host (e.g. `ip link add NAME type bridge`)")
             net = self.refuse_existing(conn, props, f"virsh net-destroy {name}; virsh net-undefine {name}")
             made = net is None
             if net is None:

@@ -11,6 +11,7 @@ from typing import Any
 import pytest
 import yaml
 
+from aihow_infra.components import network_args, seed_spec
 from aihow_infra.errors import ConfigError
 from aihow_infra.loading import load_cluster_file, parse_cluster_file
 from aihow_infra.plan import mac_for, plan_all, plan_cluster, shared_devices
@@ -35,6 +36,23 @@ def mutate(path: str, value: Any) -> dict[str, Any]:
 
 
 DELETE = object()
+LAN = {"subnet": "10.1.0.0/24", "bridge": "br-lan", "forward_mode": "bridge"}
+
+
+def on_one_lan(path: str, value: Any) -> dict[str, Any]:
+    """``mutate`` on a file whose two clusters join one host bridge (the LAN's subnet, shared),
+    each node on an address of its own."""
+    data = mutate(path, value)
+    data["clusters"]["hpc"]["network"] = dict(LAN)
+    data["clusters"]["cloud"]["network"] = dict(LAN)
+    cloud = data["clusters"]["cloud"]
+    cloud["control_plane"]["ip_address"] = "10.1.0.20"
+    for index, worker in enumerate(cloud["worker_nodes"]):
+        if worker.get("ip", "").startswith("10.2."):
+            worker["ip"] = f"10.1.0.{21 + index}"
+    return data
+
+
 HPC = "clusters.hpc"
 NODE = f"{HPC}.compute_nodes[0]"
 DEV = f"{NODE}.pcie_passthrough.devices[0]"
@@ -166,6 +184,17 @@ BAD_INPUTS: list[tuple[str, dict[str, Any], str]] = [
      r"clusters\.hpc\.slurm_config\.resume_timeout: 30 seconds is shorter than a compute node's boot \(60 s under "
      r"KVM, estimated; 215 s under software emulation, measured\); allowed: at least 60 under KVM, 215 under "
      r"software emulation \(the host decides\)"),
+    ("DHCP range on a host bridge", mutate(f"{HPC}.network", {**LAN, "dhcp_start": "10.1.0.100"}),
+     r"clusters\.hpc\.network\.dhcp_start: '10\.1\.0\.100' is set, but forward_mode 'bridge' has no DHCP "
+     r"\(the guests join an existing host bridge, where libvirt serves none\); allowed: leave it out"),
+    ("DHCP node on a host bridge", on_one_lan(f"{NODE}.ip", DELETE),
+     r"clusters\.hpc\.compute_nodes\[0\]\.ip: DHCP, but network\.forward_mode is 'bridge' \(the guests join an "
+     r"existing host bridge, where libvirt serves no DHCP\); allowed: a static address in 10\.1\.0\.0/24"),
+    ("one address twice on one host bridge", on_one_lan("clusters.cloud.worker_nodes[0].ip", "10.1.0.11"),
+     r"clusters\.cloud\.worker_nodes\[0\]\.ip: '10\.1\.0\.11' is already used by clusters\.hpc\.compute_nodes"
+     r"\[0\] on the same bridge 'br-lan'; allowed: one VM per address"),
+    ("unknown forward mode", mutate(f"{HPC}.network.forward_mode", "route"),
+     r"clusters\.hpc\.network\.forward_mode: 'route' .*'nat', 'isolated' or 'bridge'"),
     ("service subnet over the pod subnet",
      mutate("clusters.cloud.kubernetes_config", {"pod_subnet": "10.96.0.0/16", "service_subnet": "10.96.0.0/12"}),
      r"kubernetes_config\.service_subnet: '10\.96\.0\.0/12' overlaps clusters\.cloud\.kubernetes_config\.pod_subnet"),
@@ -179,6 +208,19 @@ def test_bad_input_names_key_value_and_allowed(data: dict[str, Any], expected: s
     assert any(re.search(expected, p) for p in err.value.problems), err.value.report()
     # One line each, so an operator sees exactly what to change.
     assert all("\n" not in p for p in err.value.problems)
+
+
+def test_two_clusters_on_one_host_bridge_share_its_subnet_and_nothing_else() -> None:
+    hpc, cloud = plan_all(parse_cluster_file(on_one_lan("version", "1.0"), env={}))
+    assert (hpc.forward_mode, hpc.bridge, hpc.subnet) == (cloud.forward_mode, cloud.bridge, cloud.subnet) == (
+        "bridge", "br-lan", "10.1.0.0/24")
+    assert not {vm.ip for vm in hpc.vms} & {vm.ip for vm in cloud.vms}
+    # A host bridge carries no DHCP: no reservation; the LAN's gateway is the guests' route and
+    # only the file's name servers are theirs (no libvirt dnsmasq answers there).
+    network = network_args(cloud, "qemu:///system", "cloud")
+    assert network["hosts"] == [] and network["forward_mode"] == "bridge"
+    spec = seed_spec(cloud.vms[0], cloud, "aihow", "ssh-ed25519 AAAA k")
+    assert (spec.gateway, spec.dns_servers) == ("10.1.0.1", ())
 
 
 @pytest.mark.parametrize("form", ["list", "groups"])

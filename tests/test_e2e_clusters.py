@@ -7,6 +7,7 @@ libvirt object carries the sandbox's prefix so the fixture removes it all.
 from __future__ import annotations
 
 import subprocess
+import xml.etree.ElementTree as ET
 from typing import Any
 
 import libvirt
@@ -173,3 +174,40 @@ def test_failure_midway_leaves_no_orphans_and_a_fixed_file_converges(e2e: E2E) -
         backing.XMLDesc(0).split("<source file='")[1].split("'")[0])
     assert str(bad_image) in vol.XMLDesc(0)  # an overlay on the base image, not a copy
     ws.run(["preview", "--expect-no-changes"], "hpc")
+
+
+def test_a_cluster_on_a_host_bridge_puts_its_guests_there_and_leaves_the_bridge(e2e: E2E) -> None:
+    """``forward_mode: bridge``: without the bridge, ``up`` says so in one line and makes nothing;
+    with it (made here, no address on it: the host sends no traffic there), each guest's tap joins
+    it, libvirt's network has no address or DHCP of its own, and destroy leaves the bridge, which
+    is not the project's."""
+    box = e2e.sandbox
+    clusters = two_clusters(box)
+    del clusters["cloud"]
+    bridge = f"{box.prefix}l"
+    clusters["hpc"]["network"] |= {"bridge": bridge, "forward_mode": "bridge"}
+    e2e.configure("hpc", e2e.write_cluster_file(clusters))
+    op = Operator(e2e.workspace)
+    with pytest.raises(AihowError, match=rf"clusters\.hpc\.network\.bridge: '{bridge}' is not a bridge the guests "
+                                         rf"can join: the host has no interface '{bridge}'"):
+        op.up("hpc")
+    assert box.leftovers() == []
+    subprocess.run(["ip", "link", "add", bridge, "type", "bridge"], check=True)
+    try:
+        op.up("hpc")
+        p = box.prefix
+        assert states(box.conn, p) == dict.fromkeys([f"{p}-hpc-controller", f"{p}-hpc-compute-01",
+                                                     f"{p}-hpc-compute-02"], True)
+        net_xml = virsh("net-dumpxml", f"{p}-hpc-network")
+        assert "<forward mode='bridge'/>" in net_xml and f"<bridge name='{bridge}'/>" in net_xml
+        assert "<ip" not in net_xml and "<host " not in net_xml
+        taps = {target.get("dev") for dom in box.conn.listAllDomains() if dom.name().startswith(p)
+                for target in ET.fromstring(dom.XMLDesc(0)).iterfind("./devices/interface/target")}
+        joined = set(subprocess.run(["ls", f"/sys/class/net/{bridge}/brif"], capture_output=True, text=True,
+                                    check=True).stdout.split())
+        assert joined == taps and len(joined) == 3
+        op.destroy("hpc")
+        assert box.leftovers() == []
+        assert subprocess.run(["ip", "link", "show", bridge], capture_output=True).returncode == 0
+    finally:
+        subprocess.run(["ip", "link", "del", bridge], check=False)

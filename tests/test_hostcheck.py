@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
 import os
 import subprocess
 import sys
@@ -14,7 +15,7 @@ import yaml
 
 from aihow_infra.errors import ConfigError
 from aihow_infra.host import Host, VirtChoice, choose_virt_type
-from aihow_infra.hostcheck import check_host, check_resume_timeout
+from aihow_infra.hostcheck import check_bridges, check_host, check_resume_timeout
 from aihow_infra.hostrecord import load_recording, materialize
 from aihow_infra.loading import load_cluster_file
 from aihow_infra.plan import plan_all
@@ -316,3 +317,27 @@ def test_a_resume_timeout_shorter_than_a_boot_here_is_refused_with_its_line(tmp_
     assert f"line {line}:" in str(refused.value)
     without = plan_all(load_cluster_file(ROOT / "config/default.yaml", check_images=False))
     check_resume_timeout(without, "qemu", path)  # no on-demand node: SLURM never powers one up
+
+
+def test_a_cluster_on_a_host_bridge_needs_that_bridge_on_the_host() -> None:
+    """Read through libvirt's interface API (as for a remote host): libvirt's test driver has one
+    interface, eth1, an Ethernet NIC; a real bridge is made on this machine's libvirtd (no address:
+    no traffic) and removed."""
+    example = ROOT / "config" / "example-host-bridge.yaml"
+    plans = plan_all(load_cluster_file(example, check_images=False))
+    with pytest.raises(ConfigError) as missing:
+        check_bridges(plans, "test:///default", example)
+    assert missing.value.problems == [
+        f"clusters.{key}.network.bridge: 'br0' is not a bridge the guests can join: the host has no interface 'br0'; "
+        "allowed: an existing bridge of that host (forward_mode 'bridge' makes none)" for key in ("hpc", "cloud")]
+    assert f"{example}:" in missing.value.report() and ":14:" in missing.value.report()  # the key's line
+    on_nic = [dataclasses.replace(plan, bridge="eth1") for plan in plans]
+    with pytest.raises(ConfigError, match=r"'eth1' is not a bridge the guests can join: the host's interface 'eth1' "
+                                          r"is not a bridge \(libvirt says: ethernet\)"):
+        check_bridges(on_nic, "test:///default", example)
+    bridge = f"aihowb{os.getpid() % 10**6}"
+    subprocess.run(["ip", "link", "add", bridge, "type", "bridge"], check=True)
+    try:
+        check_bridges([dataclasses.replace(plan, bridge=bridge) for plan in plans], "qemu:///system", example)
+    finally:
+        subprocess.run(["ip", "link", "del", bridge], check=True)

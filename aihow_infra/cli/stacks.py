@@ -68,7 +68,7 @@ def destroy(c: Context, stack: str = "", yes: bool = False) -> None:
 @task(help={"config": "cluster file to check (default: the one each stack names)"})
 def validate(c: Context, config: str = "") -> None:
     """Check a cluster file: a summary, or every error at once."""
-    from aihow_infra.hostcheck import check_hugepages, check_resume_timeout, check_subnets
+    from aihow_infra.hostcheck import check_bridges, check_hugepages, check_resume_timeout, check_subnets
     from aihow_infra.libvirt.connection import connect, resolve_virt_type
     from aihow_infra.loading import load_cluster_file
     from aihow_infra.plan import plan_all, shared_devices
@@ -87,6 +87,7 @@ def validate(c: Context, config: str = "") -> None:
     for path, cluster_file in loaded:
         plans = plan_all(cluster_file)
         check_subnets(plans, uri, str(path))
+        check_bridges(plans, uri, str(path))
         check_hugepages(plans, str(path))
         if choice is not None:
             check_resume_timeout(plans, choice.virt_type, str(path))

@@ -16,6 +16,7 @@ from aihow_infra.config.base import (
     IMAGE_ROOT_GB,
     PCI_ADDRESS_RE,
     ClusterKey,
+    ForwardMode,
     ImageRole,
     Model,
 )
@@ -81,6 +82,7 @@ __all__ = [
     "Clusters",
     "CpuTopology",
     "DeviceType",
+    "ForwardMode",
     "Hardware",
     "HpcCluster",
     "ImageChoice",

@@ -48,6 +48,8 @@ class Model(BaseModel):
 
 
 ImageRole = Literal["base", "hpc", "cloud"]
+# How a cluster's network reaches out (NetworkSpec.forward_mode says what each means).
+ForwardMode = Literal["nat", "isolated", "bridge"]
 # The root file system of each project image, in GiB (images.py builds them this big): a VM's disk is
 # a copy-on-write overlay on it, and one smaller than the file system cuts it off, so the guest does
 # not boot. The cloud image carries container archives no registry can give (aihow_infra.oci).

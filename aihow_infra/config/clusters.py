@@ -18,12 +18,20 @@ from pydantic import (
     model_validator,
 )
 
-from aihow_infra.config.base import BOOT_SECONDS, BRIDGE_RE, CLUSTER_NAME_RE, Model
+from aihow_infra.config.base import BOOT_SECONDS, BRIDGE_RE, CLUSTER_NAME_RE, ForwardMode, Model
 from aihow_infra.config.nodes import CloudInit, Hardware, ImageChoice, NodeSpec
 
 
 class NetworkSpec(Model):
-    """A cluster's libvirt network; gateway and DHCP range default from the subnet."""
+    """A cluster's libvirt network; gateway and DHCP range default from the subnet.
+
+    ``forward_mode``: ``nat`` (libvirt makes ``bridge``, with DHCP, DNS and NAT to the host's
+    uplink), ``isolated`` (the same, no route out), or ``bridge``: the guests join an existing
+    host bridge named ``bridge`` (a LAN, or the layer-2 path between hosts), which libvirt does
+    not make or change; ``subnet`` and ``gateway_ip`` are then the LAN's, there is no DHCP (every
+    node has a static ``ip``; ``dhcp_start``/``dhcp_end`` are refused) and name servers are
+    only ``dns_servers``.
+    """
 
     subnet: ipaddress.IPv4Network
     bridge: str
@@ -31,7 +39,7 @@ class NetworkSpec(Model):
     dhcp_start: ipaddress.IPv4Address | None = None
     dhcp_end: ipaddress.IPv4Address | None = None
     dns_servers: list[ipaddress.IPv4Address] = Field(default_factory=list)
-    forward_mode: Literal["nat", "isolated"] = "nat"
+    forward_mode: ForwardMode = "nat"
 
     @field_validator("subnet", mode="before")
     @classmethod
@@ -81,6 +89,12 @@ class NetworkSpec(Model):
                 raise ValueError(f"{key}: '{addr}' is outside subnet {net}; allowed: a host address of {net}")
             if addr in reserved:
                 raise ValueError(f"{key}: '{addr}' is the {reserved[addr]} of {net}; allowed: a host address")
+        if self.forward_mode == "bridge":
+            for key, addr in (("dhcp_start", self.dhcp_start), ("dhcp_end", self.dhcp_end)):
+                if addr is not None:
+                    raise ValueError(f"{key}: '{addr}' is set, but forward_mode 'bridge' has no DHCP (the guests "
+                                     "join an existing host bridge, where libvirt serves none); allowed: leave it "
+                                     "out and give every node a static ip")
         start, end = self.dhcp_range
         if start > end:
             raise ValueError(f"dhcp_start: '{start}' is after dhcp_end '{end}'; allowed: start <= end")

@@ -59,3 +59,17 @@ def network_subnets(conn: libvirt.virConnect) -> list[tuple[str, str, str]]:
             subnet = ipaddress.IPv4Network(f"{ip.get('address')}/{prefix}", strict=False)
             found.append((net.name(), bridge.get("name", "") if bridge is not None else "", str(subnet)))
     return found
+
+
+def missing_bridge(conn: libvirt.virConnect, name: str) -> str | None:
+    """Why the host of ``conn`` cannot take guests on its bridge ``name`` (None when it can): no
+    such interface, or one that is not a bridge. Read through libvirt's interface API, so it
+    holds for a remote host as for this one."""
+    try:
+        iface = conn.interfaceLookupByName(name)
+    except libvirt.libvirtError as exc:
+        if exc.get_error_code() == libvirt.VIR_ERR_NO_INTERFACE:
+            return f"the host has no interface '{name}'"
+        raise
+    kind = ET.fromstring(iface.XMLDesc(0)).get("type")
+    return None if kind == "bridge" else f"the host's interface '{name}' is not a bridge (libvirt says: {kind})"

@@ -10,10 +10,13 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 
 from aihow_infra.changes import risks
+from aihow_infra.crosscheck import bridge_problem
 from aihow_infra.desired import DesiredPower, PowerState
-from aihow_infra.errors import AihowError
+from aihow_infra.errors import AihowError, ConfigError
 from aihow_infra.images import ensure_image, find_image, recipe_for
 from aihow_infra.lastrun import NO_RECORD, Expected, ExpectedVm
+from aihow_infra.libvirt.connection import connect
+from aihow_infra.libvirt.inspect import missing_bridge
 from aihow_infra.ops.project import ProjectOps, Refused, StackView, ledger_of
 from aihow_infra.progress import EngineProgress, describe
 from aihow_infra.stacks import Plan
@@ -62,6 +65,18 @@ class Converging(ProjectOps):
         nothing changed and libvirt agrees."""
         return self.last_runs.changes(stack, self.workspace.state_stamp(stack), settled)
 
+    def refuse_missing_bridge(self, view: StackView) -> None:
+        """``ConfigError``, before the engine makes anything, when the cluster joins a host bridge
+        (``forward_mode: bridge``) that its libvirt host does not have."""
+        plan = view.plan
+        if plan.forward_mode != "bridge":
+            return
+        with connect(view.settings.libvirt_uri) as conn:
+            why = missing_bridge(conn, plan.bridge)
+        if why:
+            file = str(self.cluster_file_path(view.settings))
+            raise ConfigError([bridge_problem(plan, why)], f"cluster file {file}", file=file)
+
     def nothing_to_do(self, stack: str, settled: bool = False) -> bool:
         """True when nothing changed since the stack's last successful up and libvirt agrees
         (then the engine is not started: see ``lastrun``)."""
@@ -106,6 +121,7 @@ class Converging(ProjectOps):
         as its last good run left it and libvirt agrees (``changes`` found nothing but the power
         records), so neither the gate's preview nor the engine's refresh would find anything:
         both are left out, as a run with nothing to do leaves out the engine."""
+        self.refuse_missing_bridge(self.view(stack))
         if not as_left:
             self.gate(stack)
         self.progress(f"pulumi up -s {stack}")
