@@ -29,6 +29,7 @@ import tempfile
 import time
 import uuid
 from collections.abc import Callable, Iterator
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -175,11 +176,14 @@ def bench_scale(folder: Path, sizes: list[int]) -> list[Row]:
 
 
 def plain_libvirt_up(plan_file: Path, images: Path, uri: str = "qemu:///system",
-                     cmdline: str | None = None) -> tuple[Callable[[], None], dict[str, float]]:
+                     cmdline: str | None = None, image_folder: Path | None = None,
+                     cpu_seconds: dict[str, float] | None = None) -> tuple[Callable[[], None], dict[str, float]]:
     """The baseline: a plain libvirt-python script that defines and starts the same networks,
     pools, volumes (overlays on the same image), seeds and domains, then polls the same guest
     agent until every VM is ready. Returns its teardown and each VM's start-to-ready seconds.
-    ``cmdline``: the guests' whole kernel command line (default: what the project renders)."""
+    ``cmdline``: the guests' whole kernel command line (default: what the project renders);
+    ``image_folder``: a built image to boot instead of the current recipe's (another checkout's);
+    ``cpu_seconds`` is given each guest's host CPU seconds (libvirt's cpu_time) when it was ready."""
     import libvirt
 
     from aihow_infra.cloudinit import SeedSpec, seed_files, seed_iso
@@ -220,6 +224,8 @@ def plain_libvirt_up(plan_file: Path, images: Path, uri: str = "qemu:///system",
             pool.create(0)
             for vm in plan.vms:
                 image = image_for(vm.image) if vm.image else None
+                if image is not None and image_folder is not None:
+                    image = replace(image, folder=image_folder)
                 vol = pool.createXML(volume_xml({"name": f"{vm.name}.qcow2", "size_gb": vm.disk_gb,
                                                  "base_image": str(image.disk) if image else None}), 0)
                 made.append(lambda v=vol: v.delete(0))
@@ -255,6 +261,8 @@ def plain_libvirt_up(plan_file: Path, images: Path, uri: str = "qemu:///system",
             for name, (dom, when) in started.items():
                 if name not in ready and probe(dom).ready:
                     ready[name] = time.perf_counter() - when
+                    if cpu_seconds is not None:  # what the guest's emulation cost the host to get there
+                        cpu_seconds[name] = dom.getCPUStats(True)[0]["cpu_time"] / 1e9
             time.sleep(1)
     except BaseException:  # a failure or Ctrl-C midway: nothing made is left behind
         teardown()
