@@ -221,6 +221,10 @@ def test_two_clusters_on_one_host_bridge_share_its_subnet_and_nothing_else() -> 
     assert network["hosts"] == [] and network["forward_mode"] == "bridge"
     spec = seed_spec(cloud.vms[0], cloud, "aihow", "ssh-ed25519 AAAA k")
     assert (spec.gateway, spec.dns_servers) == ("10.1.0.1", ())
+    # No DHCP range there, so the LAN's router may sit where a NAT network's range would be.
+    data = on_one_lan("version", "1.0")
+    data["clusters"]["hpc"]["network"]["gateway_ip"] = "10.1.0.254"
+    assert plan_all(parse_cluster_file(data, env={}))[0].gateway == "10.1.0.254"
 
 
 @pytest.mark.parametrize("form", ["list", "groups"])

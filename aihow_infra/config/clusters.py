@@ -95,6 +95,7 @@ class NetworkSpec(Model):
                     raise ValueError(f"{key}: '{addr}' is set, but forward_mode 'bridge' has no DHCP (the guests "
                                      "join an existing host bridge, where libvirt serves none); allowed: leave it "
                                      "out and give every node a static ip")
+            return self  # no DHCP range: the LAN's router may be any host address
         start, end = self.dhcp_range
         if start > end:
             raise ValueError(f"dhcp_start: '{start}' is after dhcp_end '{end}'; allowed: start <= end")
