@@ -7,7 +7,7 @@ failure comes with the command that fixes it.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -378,6 +378,20 @@ def check_subnets(plans: list[ClusterPlan], uri: str, file: str | Path) -> None:
     with its line in the cluster ``file``."""
     problems = subnet_collisions(plans, subnets_in_use(uri))
     _refuse(problems, file)
+
+
+def check_all(checks: Sequence[Callable[[], None]]) -> None:
+    """Run every host check of a cluster file; one ``ConfigError`` with all their problems (each
+    with its line), not only the first kind's."""
+    found: list[ConfigError] = []
+    for check in checks:
+        try:
+            check()
+        except ConfigError as exc:
+            found.append(exc)
+    if found:
+        raise ConfigError([p for e in found for p in e.problems], found[0].source,
+                          [line for e in found for line in e.lines], found[0].file)
 
 
 def _refuse(problems: list[str], file: str | Path) -> None:

@@ -341,3 +341,19 @@ def test_a_cluster_on_a_host_bridge_needs_that_bridge_on_the_host() -> None:
         check_bridges([dataclasses.replace(plan, bridge=bridge) for plan in plans], "qemu:///system", example)
     finally:
         subprocess.run(["ip", "link", "del", bridge], check=True)
+
+
+def test_validate_says_every_host_problem_at_once(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+    """A missing bridge does not hide a hugepage shortfall: each host check's lines, in one report."""
+    data = yaml.safe_load((ROOT / "config" / "example-host-bridge.yaml").read_text())
+    data["clusters"]["hpc"]["hardware"] = {"acceleration": {"performance": {"enable_hugepages": True,
+                                                                            "hugepage_size": "1G"}}}
+    data["clusters"]["hpc"]["compute_nodes"][0]["memory_gb"] = 512  # more than any host here reserves
+    path = tmp_path / "lan.yaml"
+    path.write_text(yaml.safe_dump(data))
+    code, out, err = run_task(capsys, "validate", "--config", str(path))
+    said = " ".join((out + err).split())
+    assert code == 1
+    assert "clusters.hpc.network.bridge: 'br0' is not a bridge the guests can join" in said
+    assert "clusters.cloud.network.bridge: 'br0' is not a bridge the guests can join" in said
+    assert "clusters.hpc.hardware.acceleration.performance.hugepage_size: '1G' pages back the memory" in said

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import asdict
+from functools import partial
 from pathlib import Path
 
 from invoke.context import Context
@@ -68,7 +69,7 @@ def destroy(c: Context, stack: str = "", yes: bool = False) -> None:
 @task(help={"config": "cluster file to check (default: the one each stack names)"})
 def validate(c: Context, config: str = "") -> None:
     """Check a cluster file: a summary, or every error at once."""
-    from aihow_infra.hostcheck import check_bridges, check_hugepages, check_resume_timeout, check_subnets
+    from aihow_infra.hostcheck import check_all, check_bridges, check_hugepages, check_resume_timeout, check_subnets
     from aihow_infra.libvirt.connection import connect, resolve_virt_type
     from aihow_infra.loading import load_cluster_file
     from aihow_infra.plan import plan_all, shared_devices
@@ -86,11 +87,10 @@ def validate(c: Context, config: str = "") -> None:
         loaded = [(path, op.cluster_file(settings)) for path, settings in sorted(named.items())]
     for path, cluster_file in loaded:
         plans = plan_all(cluster_file)
-        check_subnets(plans, uri, str(path))
-        check_bridges(plans, uri, str(path))
-        check_hugepages(plans, str(path))
-        if choice is not None:
-            check_resume_timeout(plans, choice.virt_type, str(path))
+        file = str(path)
+        check_all([partial(check_subnets, plans, uri, file), partial(check_bridges, plans, uri, file),
+                   partial(check_hugepages, plans, file),
+                   *([partial(check_resume_timeout, plans, choice.virt_type, file)] if choice else [])])
         out.print(valid_table(path, plans))
         for shared in shared_devices(plans):
             colour = "red" if shared.conflict else "magenta"
