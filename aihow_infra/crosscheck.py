@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import ipaddress
 from collections import defaultdict
+from collections.abc import Collection
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -197,11 +198,16 @@ def cross_check(file: ClusterFile, *, check_images: bool = True, allow_system_pa
     return problems
 
 
-def bridge_problem(plan: ClusterPlan, why: str) -> str:
-    """The line for a cluster on ``forward_mode: bridge`` whose host lacks its bridge (``why``:
-    ``libvirt.inspect.missing_bridge``'s words)."""
-    return (f"clusters.{plan.key}.network.bridge: '{plan.bridge}' is not a bridge the guests can join: {why}; "
-            "allowed: an existing bridge of that host (forward_mode 'bridge' makes none)")
+def bridge_problems(plan: ClusterPlan, missing: str | None, host_addresses: Collection[str]) -> list[str]:
+    """What keeps a cluster on ``forward_mode: bridge`` off its host's bridge, a line each: the
+    bridge itself (``missing``: why the host cannot take guests there, as
+    ``libvirt.inspect.missing_bridge`` says; None when it can), and each node given one of the
+    host's own ``host_addresses`` on it."""
+    problems = [] if missing is None else [
+        f"clusters.{plan.key}.network.bridge: '{plan.bridge}' is not a bridge the guests can join: {missing}; "
+        "allowed: an existing bridge of that host (forward_mode 'bridge' makes none)"]
+    return problems + [f"{vm.key_path}.ip: '{vm.ip}' is the host's own address on bridge '{plan.bridge}'; allowed: "
+                       f"another address of {plan.subnet}" for vm in plan.vms if vm.ip in host_addresses]
 
 
 @dataclass(frozen=True)

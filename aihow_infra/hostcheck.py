@@ -14,7 +14,7 @@ from typing import Any
 from urllib.parse import urlparse
 
 from aihow_infra.config import BOOT_SECONDS, BOOT_SOURCE
-from aihow_infra.crosscheck import SubnetInUse, bridge_problem, subnet_collisions
+from aihow_infra.crosscheck import SubnetInUse, bridge_problems, subnet_collisions
 from aihow_infra.errors import AihowError, ConfigError
 from aihow_infra.gpu.custody import device_files, open_by
 from aihow_infra.gpu.homes import at_home, boot_binding, describe_driver
@@ -361,15 +361,17 @@ def subnets_of(host: list[SubnetInUse], networks: list[tuple[str, str, str]]) ->
 
 def check_bridges(plans: list[ClusterPlan], uri: str, file: str | Path) -> None:
     """``ConfigError`` naming each cluster on ``forward_mode: bridge`` whose bridge the libvirt
-    host of ``uri`` does not have (or has as another kind of interface), with its line."""
+    host of ``uri`` does not have (or has as another kind of interface), and each of its nodes
+    given the host's own address on that bridge, with their lines."""
     from aihow_infra.libvirt.connection import connect
-    from aihow_infra.libvirt.inspect import missing_bridge
+    from aihow_infra.libvirt.inspect import host_addresses, missing_bridge
 
     joining = [plan for plan in plans if plan.forward_mode == "bridge"]
     if not joining:
         return
     with connect(uri) as conn:
-        problems = [bridge_problem(plan, why) for plan in joining if (why := missing_bridge(conn, plan.bridge))]
+        problems = [p for plan in joining for p in bridge_problems(plan, missing_bridge(conn, plan.bridge),
+                                                                   host_addresses(conn, plan.bridge))]
     _refuse(problems, file)
 
 

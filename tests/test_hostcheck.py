@@ -17,7 +17,8 @@ from aihow_infra.errors import ConfigError
 from aihow_infra.host import Host, VirtChoice, choose_virt_type
 from aihow_infra.hostcheck import check_bridges, check_host, check_resume_timeout
 from aihow_infra.hostrecord import load_recording, materialize
-from aihow_infra.loading import load_cluster_file
+from aihow_infra.libvirt.inspect import interface_addresses
+from aihow_infra.loading import load_cluster_file, parse_cluster_file
 from aihow_infra.plan import plan_all
 from tests.cli import run_task
 
@@ -335,6 +336,19 @@ def test_a_cluster_on_a_host_bridge_needs_that_bridge_on_the_host() -> None:
     with pytest.raises(ConfigError, match=r"'eth1' is not a bridge the guests can join: the host's interface 'eth1' "
                                           r"is not a bridge \(libvirt says: ethernet\)"):
         check_bridges(on_nic, "test:///default", example)
+    # A node on the host's own address there is refused too (eth1 has 192.168.0.5 in the test driver).
+    lan = yaml.safe_load(example.read_text())
+    lan["clusters"]["hpc"]["network"] |= {"subnet": "192.168.0.0/24", "bridge": "eth1", "gateway_ip": "192.168.0.1"}
+    lan["clusters"]["hpc"]["compute_nodes"][0]["ip"] = "192.168.0.5"
+    lan["clusters"]["hpc"]["controller"]["ip_address"] = "192.168.0.50"
+    del lan["clusters"]["cloud"]
+    with pytest.raises(ConfigError) as taken:
+        check_bridges(plan_all(parse_cluster_file(lan, env={})), "test:///default", example)
+    assert "clusters.hpc.compute_nodes[0].ip: '192.168.0.5' is the host's own address on bridge 'eth1'; allowed: " \
+           "another address of 192.168.0.0/24" in taken.value.problems
+    assert interface_addresses("<interface type='bridge' name='br0'><protocol family='ipv4'><ip address='10.0.0.2' "
+                               "prefix='24'/></protocol><protocol family='ipv6'><ip address='fe80::1' prefix='64'/>"
+                               "</protocol><bridge/></interface>") == ["10.0.0.2"]
     bridge = f"aihowb{os.getpid() % 10**6}"
     subprocess.run(["ip", "link", "add", bridge, "type", "bridge"], check=True)
     try:

@@ -73,3 +73,20 @@ def missing_bridge(conn: libvirt.virConnect, name: str) -> str | None:
         raise
     kind = ET.fromstring(iface.XMLDesc(0)).get("type")
     return None if kind == "bridge" else f"the host's interface '{name}' is not a bridge (libvirt says: {kind})"
+
+
+def interface_addresses(xml: str) -> list[str]:
+    """The IPv4 addresses a host interface's libvirt XML gives it (``<protocol family='ipv4'>``)."""
+    root = ET.fromstring(xml)
+    return [ip.get("address", "") for proto in root.iterfind("./protocol") if proto.get("family") == "ipv4"
+            for ip in proto.iterfind("./ip") if ip.get("address")]
+
+
+def host_addresses(conn: libvirt.virConnect, name: str) -> list[str]:
+    """The host's own IPv4 addresses on its interface ``name`` (none when it has no such one)."""
+    try:
+        return interface_addresses(conn.interfaceLookupByName(name).XMLDesc(0))
+    except libvirt.libvirtError as exc:
+        if exc.get_error_code() == libvirt.VIR_ERR_NO_INTERFACE:
+            return []
+        raise

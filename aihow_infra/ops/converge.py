@@ -10,13 +10,13 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 
 from aihow_infra.changes import risks
-from aihow_infra.crosscheck import bridge_problem
+from aihow_infra.crosscheck import bridge_problems
 from aihow_infra.desired import DesiredPower, PowerState
 from aihow_infra.errors import AihowError, ConfigError
 from aihow_infra.images import ensure_image, find_image, recipe_for
 from aihow_infra.lastrun import NO_RECORD, Expected, ExpectedVm
 from aihow_infra.libvirt.connection import connect
-from aihow_infra.libvirt.inspect import missing_bridge
+from aihow_infra.libvirt.inspect import host_addresses, missing_bridge
 from aihow_infra.ops.project import ProjectOps, Refused, StackView, ledger_of
 from aihow_infra.progress import EngineProgress, describe
 from aihow_infra.stacks import Plan
@@ -67,15 +67,16 @@ class Converging(ProjectOps):
 
     def refuse_missing_bridge(self, view: StackView) -> None:
         """``ConfigError``, before the engine makes anything, when the cluster joins a host bridge
-        (``forward_mode: bridge``) that its libvirt host does not have."""
+        (``forward_mode: bridge``) that its libvirt host does not have, or puts a node on the
+        host's own address there."""
         plan = view.plan
         if plan.forward_mode != "bridge":
             return
         with connect(view.settings.libvirt_uri) as conn:
-            why = missing_bridge(conn, plan.bridge)
-        if why:
+            problems = bridge_problems(plan, missing_bridge(conn, plan.bridge), host_addresses(conn, plan.bridge))
+        if problems:
             file = str(self.cluster_file_path(view.settings))
-            raise ConfigError([bridge_problem(plan, why)], f"cluster file {file}", file=file)
+            raise ConfigError(problems, f"cluster file {file}", file=file)
 
     def nothing_to_do(self, stack: str, settled: bool = False) -> bool:
         """True when nothing changed since the stack's last successful up and libvirt agrees
