@@ -121,10 +121,10 @@ def test_network_diff_updates_hosts_in_place_and_replaces_on_subnet(tag: str) ->
 
 
 def test_check_turns_bad_inputs_into_failures(tag: str) -> None:
-    result = NetworkProvider().check({}, {**net_props(tag), "forward_mode": "bridge", "bridge": None})
+    result = NetworkProvider().check({}, {**net_props(tag), "forward_mode": "route", "bridge": None})
     reasons = {f.property: f.reason for f in result.failures}
     assert reasons["bridge"] == "bridge is required"
-    assert "allowed: 'nat' or 'isolated'" in reasons["forward_mode"]
+    assert "allowed: 'nat', 'isolated' or 'bridge'" in reasons["forward_mode"]
     result = DomainProvider().check({}, dom_props(tag, vcpus=0, memory_mib="lots"))
     reasons = {f.property: f.reason for f in result.failures}
     assert "allowed: a positive number" in reasons["vcpus"]
