@@ -21,12 +21,11 @@ import tempfile
 import time
 import uuid
 from pathlib import Path
-from typing import Any
 
 import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from guest_clock import cluster, userspace_seconds
+from guest_clock import cluster, ratio_cells, userspace_seconds
 from run import ROOT, plain_libvirt_up
 
 from aihow_infra.images import image_for
@@ -83,10 +82,7 @@ def main() -> None:
     print("| image | start to ready (s) | host CPU to ready (s) | userspace boot (s) |")
     print("|---|---:|---:|---:|")
     for name in variants:
-        cells: list[Any] = []
-        for key in ("ready", "cpu", "userspace"):
-            value, ratio = median(name, key), median(name, key) / median(base, key)
-            cells.append(f"{value:.0f}" + ("" if name == base else f" ({ratio:.2f}x)"))
+        cells = ratio_cells(median, name, base, (("ready", ".0f"), ("cpu", ".0f"), ("userspace", ".0f")))
         print(f"| {name} | " + " | ".join(cells) + " |")
     print(f"\nrepository: {ROOT}")
 

@@ -28,6 +28,7 @@ import sys
 import tempfile
 import time
 import uuid
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -56,6 +57,14 @@ def cluster(prefix: str, vms: int) -> dict[str, Any]:
         "network": {"subnet": "10.213.243.0/24", "bridge": f"{prefix}h0", "forward_mode": "isolated"},
         "controller": {**node, "ip_address": "10.213.243.10"},
         "compute_nodes": [{**node, "ip": f"10.213.243.{11 + i}"} for i in range(vms - 1)]}}}
+
+
+def ratio_cells(median: Callable[[str, str], float], name: str, base: str,
+                columns: Sequence[tuple[str, str]]) -> list[str]:
+    """A table row's cells: each ``(key, format)`` column's median for variant ``name``, with its
+    ratio to variant ``base`` (none on the base's own row)."""
+    return [f"{median(name, key):{fmt}}" + ("" if name == base else f" ({median(name, key) / median(base, key):.2f}x)")
+            for key, fmt in columns]
 
 
 def userspace_seconds(line: str) -> float:
@@ -119,10 +128,8 @@ def main() -> None:
           "| import cloudinit (s) |")
     print("|---|---|---:|---:|---:|---:|")
     for name in VARIANTS:
-        cells = []
-        for key, fmt in (("ready", ".0f"), ("userspace", ".0f"), ("time", ".2f"), ("import", ".1f")):
-            value, ratio = median(name, key), median(name, key) / median(base, key)
-            cells.append(f"{value:{fmt}}" + ("" if name == base else f" ({ratio:.2f}x)"))
+        cells = ratio_cells(median, name, base, (("ready", ".0f"), ("userspace", ".0f"), ("time", ".2f"),
+                                                 ("import", ".1f")))
         print(f"| {name} | {results[name][-1]['clocksource']} | " + " | ".join(cells) + " |")
     print(f"\nrepository: {ROOT}")
 
