@@ -65,7 +65,7 @@ class Converging(ProjectOps):
         nothing changed and libvirt agrees."""
         return self.last_runs.changes(stack, self.workspace.state_stamp(stack), settled)
 
-    def refuse_missing_bridge(self, view: StackView) -> None:
+    def refuse_bridge_problems(self, view: StackView) -> None:
         """``ConfigError``, before the engine makes anything, when the cluster joins a host bridge
         (``forward_mode: bridge``) that its libvirt host does not have, or puts a node on the
         host's own address there."""
@@ -122,7 +122,7 @@ class Converging(ProjectOps):
         as its last good run left it and libvirt agrees (``changes`` found nothing but the power
         records), so neither the gate's preview nor the engine's refresh would find anything:
         both are left out, as a run with nothing to do leaves out the engine."""
-        self.refuse_missing_bridge(self.view(stack))
+        self.refuse_bridge_problems(self.view(stack))
         if not as_left:
             self.gate(stack)
         self.progress(f"pulumi up -s {stack}")
