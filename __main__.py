@@ -12,6 +12,7 @@ from pathlib import Path
 import pulumi
 
 from aihow_infra.components import Cluster, ClusterArgs
+from aihow_infra.config import runs_here
 from aihow_infra.desired import PowerRecords
 from aihow_infra.errors import AihowError, ConfigError, StateFileError
 from aihow_infra.gpu.hosts import host_ledger
@@ -19,6 +20,7 @@ from aihow_infra.hostcheck import check_hugepages, check_resume_timeout, check_s
 from aihow_infra.images import find_image, recipe_for
 from aihow_infra.libvirt.connection import connect, resolve_virt_type
 from aihow_infra.loading import load_cluster_file
+from aihow_infra.placement import placed
 from aihow_infra.plan import plan_cluster
 from aihow_infra.settings import parse_settings
 from aihow_infra.sshkeys import login_key
@@ -37,6 +39,7 @@ def main() -> None:
         key = settings.cluster_key(stack)
         file = load_cluster_file(settings.cluster_file, allow_system_paths=settings.allow_system_paths)
         plan = plan_cluster(file, key, f"cluster file {settings.cluster_file}")
+        settings = placed(settings, plan)
         key_text = login_key(settings.ssh_public_key, STATE_ROOT).public if any(vm.boots for vm in plan.vms) else ""
     except ConfigError as exc:
         # First line for one-line summaries (the tasks), then every problem.
@@ -44,7 +47,8 @@ def main() -> None:
     try:
         # Before anything is made: a subnet the host already uses would cut it off from its own.
         check_subnets([plan], settings.libvirt_uri, settings.cluster_file)
-        check_hugepages([plan], settings.cluster_file)
+        if runs_here(settings.libvirt_uri):  # /proc/meminfo is this machine's
+            check_hugepages([plan], settings.cluster_file)
         with connect(settings.libvirt_uri) as conn:
             choice = resolve_virt_type(conn, settings.virt_type)
         if choice is not None:

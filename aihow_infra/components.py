@@ -19,7 +19,7 @@ from providers.domain import Acceleration, Boot, Domain, DomainArgs, HostDevice,
 from providers.gpu_lease import GpuLease
 from providers.network import DhcpHost, Network, NetworkArgs
 from providers.seed import Seed, SeedArgs
-from providers.storage import PoolArgs, StoragePool, Volume, VolumeArgs
+from providers.storage import HostImage, HostImageArgs, PoolArgs, StoragePool, Volume, VolumeArgs
 
 
 @dataclass(frozen=True)
@@ -38,6 +38,7 @@ class NodeArgs:
     pool_name: pulumi.Output[str]
     pool_path: str
     ledger: str  # the GPU leases of the stack's host (libvirt/identity.py host_ledger)
+    host_image: HostImage | None = None  # the node's image on its host (copied there when missing)
 
 
 def seed_spec(vm: VmPlan, plan: ClusterPlan, user: str, key: str) -> SeedSpec:
@@ -102,6 +103,7 @@ class Node(pulumi.ComponentResource):
         holder = holder_for(args.stack, vm.name)
 
         image = image_for(vm.image) if vm.image else None
+        on_host = [args.host_image] if args.host_image else []
         volume = Volume(f"{name}-disk", VolumeArgs(
             uri=settings.libvirt_uri,
             pool=args.pool_name,
@@ -110,7 +112,7 @@ class Node(pulumi.ComponentResource):
             base_image=str(image.disk) if image else vm.base_image,
         # A disk holds the guest's data: only a destroy, or a change the operator confirmed
         # (the tasks lift the protection then), may delete it.
-        ), pulumi.ResourceOptions(parent=self, protect=True))
+        ), pulumi.ResourceOptions(parent=self, protect=True, depends_on=on_host))
         seed = Seed(f"{name}-seed", SeedArgs(
             uri=settings.libvirt_uri,
             pool=args.pool_name,
@@ -155,7 +157,7 @@ class Node(pulumi.ComponentResource):
             if running and vm.claims else None,
             wait_ready=vm.waits_ready,
             ready_timeout=settings.ready_timeout,
-        ), pulumi.ResourceOptions(parent=self, depends_on=[*self.leases, volume, *([seed] if seed else [])]))
+        ), pulumi.ResourceOptions(parent=self, depends_on=[*self.leases, volume, *([seed] if seed else []), *on_host]))
 
         self.outputs = {
             "name": vm.name,
@@ -216,12 +218,17 @@ class Cluster(pulumi.ComponentResource):
             name=plan.pool_name,
             path=pool_path,
         ), child)
+        # Each image the nodes boot, on the cluster's host: found there, or copied through libvirt.
+        images = {role: HostImage(f"image-{role}", HostImageArgs(
+            uri=settings.libvirt_uri, name=image.folder.name, source=str(image.folder), folder=str(image.folder),
+            files=[f.name for f in image.files]), child)
+            for role, image in ((r, image_for(r)) for r in sorted({vm.image for vm in plan.vms if vm.image}))}
         self.nodes = [
             Node(vm.short_name, NodeArgs(vm=vm, cluster=plan, settings=settings, stack=args.stack,
                                          login_key=args.login_key, power=args.power, network_name=network.name,
                                          network_id=network.uuid,
                                          pool_name=pool.name, pool_path=pool_path,
-                                         ledger=args.ledger), child)
+                                         ledger=args.ledger, host_image=images[vm.image] if vm.image else None), child)
             for vm in plan.vms
         ]
         self.outputs = {
@@ -232,6 +239,7 @@ class Cluster(pulumi.ComponentResource):
             "bridge": plan.bridge,
             "gateway": plan.gateway,
             "libvirt_uri": settings.libvirt_uri,
+            "host": plan.host,
             "slurm_partitions": list(plan.partitions),
             "slurm_max_time": plan.max_job_time,
             "slurm_suspend_time": plan.suspend_time,

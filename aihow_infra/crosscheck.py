@@ -11,7 +11,15 @@ from collections.abc import Collection
 from dataclasses import dataclass
 from pathlib import Path
 
-from aihow_infra.config import CLUSTER_KEYS, IMAGE_ROOT_GB, CloudCluster, ClusterFile, ClusterKey, HpcCluster
+from aihow_infra.config import (
+    CLUSTER_KEYS,
+    IMAGE_ROOT_GB,
+    CloudCluster,
+    ClusterFile,
+    ClusterKey,
+    HpcCluster,
+    runs_here,
+)
 from aihow_infra.plan import ClusterPlan, VmPlan, node_entries, plan_all
 
 
@@ -97,6 +105,21 @@ def _check_devices(plan: ClusterPlan) -> list[str]:
     return problems
 
 
+def _elsewhere(plan: ClusterPlan) -> bool:
+    """Whether the file places the cluster on a host that is not this machine."""
+    return plan.host_uri is not None and not runs_here(plan.host_uri)
+
+
+def _on_another_machine(plan: ClusterPlan, vm: VmPlan) -> list[str]:
+    """A node on a host that is not this machine takes only what the project can copy there
+    through libvirt (its own images): not a path of that host's files, which it cannot see."""
+    why = (f"the cluster runs on host {plan.host!r} ({plan.host_uri}), whose files this machine cannot see; allowed: "
+           "the project's images (image: base, hpc or cloud, copied to each host through libvirt) and no host "
+           "folders, or a host on this machine")
+    return ([f"{vm.key_path}.base_image_path: '{vm.base_image}': {why}"] if vm.base_image else []) + \
+        [f"{vm.key_path}.virtio_fs_mounts[{i}].host_path: '{m.host_path}': {why}" for i, m in enumerate(vm.mounts)]
+
+
 def _check_images(plans: list[ClusterPlan]) -> list[str]:
     problems = []
     for plan in plans:
@@ -105,6 +128,8 @@ def _check_images(plans: list[ClusterPlan]) -> list[str]:
             if vm.disk_gb < root_gb:
                 problems.append(f"{vm.key_path}.disk_gb: {vm.disk_gb} is smaller than the {vm.image} image's root "
                                 f"file system ({root_gb} GiB); allowed: {root_gb} or more")
+            if _elsewhere(plan):
+                continue  # its files are refused (_on_another_machine)
             for i, mount in enumerate(vm.mounts):
                 if not Path(mount.host_path).is_dir():
                     problems.append(f"{vm.key_path}.virtio_fs_mounts[{i}].host_path: '{mount.host_path}' is not a "
@@ -154,6 +179,9 @@ def cross_check(file: ClusterFile, *, check_images: bool = True, allow_system_pa
         cluster = getattr(file.clusters, key)
         if cluster is not None:
             problems += _check_worker_types(key, cluster)
+            if cluster.host is not None and cluster.host not in file.hosts:
+                problems.append(f"clusters.{key}.host: {cluster.host!r} is not a host of this file; allowed: a name "
+                                f"under hosts ({', '.join(sorted(file.hosts)) or 'none defined'})")
     if problems:
         return problems
     plans = plan_all(file)
@@ -161,6 +189,8 @@ def cross_check(file: ClusterFile, *, check_images: bool = True, allow_system_pa
         problems += _check_addresses(plan)
         problems += _check_devices(plan)
         problems += _check_kubernetes_networks(plan)
+        if _elsewhere(plan):
+            problems += [p for vm in plan.vms for p in _on_another_machine(plan, vm)]
 
     names: dict[str, str] = {}
     macs: dict[str, str] = {}
@@ -180,21 +210,36 @@ def cross_check(file: ClusterFile, *, check_images: bool = True, allow_system_pa
         if hpc.name == cloud.name:
             problems.append(f"clusters.cloud.name: '{cloud.name}' equals clusters.hpc.name; "
                             "allowed: a different name (it prefixes every libvirt object)")
-        one_lan = hpc.forward_mode == cloud.forward_mode == "bridge" and hpc.bridge == cloud.bridge
-        if one_lan:  # both on one host bridge: the LAN's subnet is shared, its addresses are not
-            hpc_ips = {vm.ip: vm.key_path for vm in hpc.vms if vm.ip}
-            problems += [f"{vm.key_path}.ip: '{vm.ip}' is already used by {hpc_ips[vm.ip]} on the same bridge "
-                         f"'{cloud.bridge}'; allowed: one VM per address" for vm in cloud.vms if vm.ip in hpc_ips]
-        elif ipaddress.IPv4Network(hpc.subnet).overlaps(ipaddress.IPv4Network(cloud.subnet)):
-            problems.append(f"clusters.cloud.network.subnet: '{cloud.subnet}' overlaps clusters.hpc.network.subnet "
-                            f"'{hpc.subnet}'; allowed: a subnet disjoint from it")
-        if hpc.bridge == cloud.bridge and not one_lan:
-            problems.append(f"clusters.cloud.network.bridge: '{cloud.bridge}' equals clusters.hpc.network.bridge; "
-                            "allowed: a different bridge name")
+        if _one_host(hpc, cloud):
+            problems += _check_one_host_networks(hpc, cloud)
     if check_images:
         problems += _check_images(plans)
     if not allow_system_paths:
         problems += _check_host_paths(plans)
+    return problems
+
+
+def _one_host(hpc: ClusterPlan, cloud: ClusterPlan) -> bool:
+    """Whether the two clusters may share a host: unless the file places them on two named hosts
+    (a host placed by its stack's ``aihow:libvirtUri`` alone may be this one)."""
+    return hpc.host == cloud.host or None in (hpc.host, cloud.host)
+
+
+def _check_one_host_networks(hpc: ClusterPlan, cloud: ClusterPlan) -> list[str]:
+    """Two clusters on one host: their bridges and subnets apart, unless both join one host
+    bridge (a LAN), where the subnet is shared and only the addresses must differ."""
+    problems = []
+    one_lan = hpc.forward_mode == cloud.forward_mode == "bridge" and hpc.bridge == cloud.bridge
+    if one_lan:
+        hpc_ips = {vm.ip: vm.key_path for vm in hpc.vms if vm.ip}
+        problems += [f"{vm.key_path}.ip: '{vm.ip}' is already used by {hpc_ips[vm.ip]} on the same bridge "
+                     f"'{cloud.bridge}'; allowed: one VM per address" for vm in cloud.vms if vm.ip in hpc_ips]
+    elif ipaddress.IPv4Network(hpc.subnet).overlaps(ipaddress.IPv4Network(cloud.subnet)):
+        problems.append(f"clusters.cloud.network.subnet: '{cloud.subnet}' overlaps clusters.hpc.network.subnet "
+                        f"'{hpc.subnet}'; allowed: a subnet disjoint from it")
+    if hpc.bridge == cloud.bridge and not one_lan:
+        problems.append(f"clusters.cloud.network.bridge: '{cloud.bridge}' equals clusters.hpc.network.bridge; "
+                        "allowed: a different bridge name")
     return problems
 
 

@@ -11,9 +11,8 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlparse
 
-from aihow_infra.config import BOOT_SECONDS, BOOT_SOURCE
+from aihow_infra.config import BOOT_SECONDS, BOOT_SOURCE, runs_here
 from aihow_infra.crosscheck import SubnetInUse, bridge_problems, subnet_collisions
 from aihow_infra.errors import AihowError, ConfigError
 from aihow_infra.gpu.custody import device_files, open_by
@@ -345,7 +344,7 @@ def subnets_in_use(uri: str) -> list[SubnetInUse]:
     from aihow_infra.libvirt.inspect import network_subnets
 
     with connect(uri) as conn:
-        local = conn.getType() == "QEMU" and urlparse(conn.getURI()).hostname in (None, "", "localhost")
+        local = conn.getType() == "QEMU" and runs_here(conn.getURI())
         return subnets_of(host_subnets() if local else [], network_subnets(conn))
 
 
@@ -372,6 +371,30 @@ def check_bridges(plans: list[ClusterPlan], uri: str, file: str | Path) -> None:
     with connect(uri) as conn:
         problems = [p for plan in joining for p in bridge_problems(plan, missing_bridge(conn, plan.bridge),
                                                                    host_addresses(conn, plan.bridge))]
+    _refuse(problems, file)
+
+
+def check_hosts(plans: list[ClusterPlan], file: str | Path) -> None:
+    """``ConfigError`` naming each host the clusters are placed on (``clusters.<key>.host``) that
+    cannot be reached, and each that reaches the same machine as another name (its GPU leases and
+    networks would be counted twice), with their lines."""
+    from aihow_infra.libvirt.identity import host_identity
+
+    problems: list[str] = []
+    seen: dict[str, str] = {}  # host identity -> the first host name reaching it
+    for plan in plans:
+        if plan.host is None or plan.host_uri is None or plan.host in seen.values():
+            continue
+        try:
+            identity = host_identity(plan.host_uri)
+        except AihowError as exc:
+            problems.append(f"hosts.{plan.host}.uri: {plan.host_uri!r} cannot be reached ({exc}); allowed: a "
+                            "host whose libvirt daemon answers (see `virsh -c URI version`)")
+            continue
+        if identity in seen:
+            problems.append(f"hosts.{plan.host}.uri: {plan.host_uri!r} reaches the same machine as hosts."
+                            f"{seen[identity]} ({identity}); allowed: one name per host")
+        seen.setdefault(identity, plan.host)
     _refuse(problems, file)
 
 

@@ -206,6 +206,11 @@ class Image:
         """Written last: an image without it is not whole."""
         return self.folder / "image.json"
 
+    @property
+    def files(self) -> list[Path]:
+        """Every file of the image, the manifest last (the order a copy to another host takes)."""
+        return [self.disk, self.kernel, self.initrd, self.manifest]
+
 
 def debs_dir() -> Path:
     """Where downloaded packages are kept for offline rebuilds."""

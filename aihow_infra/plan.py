@@ -144,6 +144,8 @@ class ClusterPlan:
     forward_mode: ForwardMode
     dns_servers: tuple[str, ...]
     vms: tuple[VmPlan, ...] = field(default_factory=tuple)
+    host: str | None = None  # the host the cluster file places the cluster on (``hosts.<name>``)
+    host_uri: str | None = None  # that host's libvirt URI; None: the stack's ``aihow:libvirtUri``
     partitions: tuple[str, ...] = ()  # SLURM partitions (HPC), the default one first
     max_job_time: str = "INFINITE"  # SLURM: every partition's MaxTime
     suspend_time: int = SUSPEND_TIME  # SLURM power saving: seconds idle before an on-demand node is powered down
@@ -306,6 +308,8 @@ def plan_cluster(file: ClusterFile, key: ClusterKey, source: str = "cluster file
         forward_mode=net.forward_mode,
         dns_servers=tuple(str(d) for d in net.dns_servers),
         vms=vms,
+        host=cluster.host,
+        host_uri=file.hosts[cluster.host].uri if cluster.host in file.hosts else None,
         partitions=_partitions(cluster),
         max_job_time=cluster.slurm_config.max_job_time if isinstance(cluster, HpcCluster) else "INFINITE",
         **({"suspend_time": cluster.slurm_config.suspend_time, "resume_timeout": cluster.slurm_config.resume_timeout}
@@ -355,10 +359,18 @@ def _start_word(vm: VmPlan) -> str:
 
 
 def shared_devices(plans: list[ClusterPlan]) -> list[SharedDevice]:
-    """Every PCI address used by more than one VM, across all clusters."""
-    users: dict[str, list[VmPlan]] = defaultdict(list)
+    """Every PCI address used by more than one VM of one host, across all clusters. Clusters the
+    file places on two named hosts have two devices at one address; a cluster on no named host
+    (its stack's ``aihow:libvirtUri``) may be on any, so it shares with all."""
+    users: dict[str, list[tuple[str | None, VmPlan]]] = defaultdict(list)
     for plan in plans:
         for vm in plan.vms:
             for device in vm.devices:
-                users[device.pci_address].append(vm)
-    return [SharedDevice(address, tuple(vms)) for address, vms in sorted(users.items()) if len(vms) > 1]
+                users[device.pci_address].append((plan.host, vm))
+    shared = []
+    for address, found in sorted(users.items()):
+        hosts = {host for host, _vm in found}
+        groups = [[vm for _h, vm in found]] if None in hosts else \
+            [[vm for h, vm in found if h == host] for host in sorted(h for h in hosts if h is not None)]
+        shared += [SharedDevice(address, tuple(vms)) for vms in groups if len(vms) > 1]
+    return shared

@@ -12,7 +12,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from aihow_infra.config import CLUSTER_KEYS, ClusterKey
+from aihow_infra.config import CLUSTER_KEYS, ClusterKey, canonical_uri
 from aihow_infra.database import HOST_PARAM, is_database_url, redacted
 from aihow_infra.errors import ConfigError
 
@@ -81,16 +81,6 @@ class StackSettings(BaseModel):
         raise ConfigError([f"aihow:cluster: not set and the stack name {stack!r} is not a cluster; "
                            "allowed: name the stack 'hpc' or 'cloud', or set aihow:cluster to one of them"],
                           "stack settings")
-
-
-def canonical_uri(uri: str) -> str:
-    """One spelling per libvirt daemon: ``qemu+unix:///system`` is ``qemu:///system`` (a
-    different spelling must not replace anything)."""
-    scheme, sep, rest = uri.partition("://")
-    driver, _plus, transport = scheme.partition("+")
-    if sep and transport == "unix" and rest.startswith("/"):
-        return f"{driver}://{rest}"
-    return uri
 
 
 def parse_settings(raw: dict[str, Any]) -> StackSettings:

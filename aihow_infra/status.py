@@ -141,7 +141,9 @@ class ClusterStatus:
     network_state: str = "-"  # 'active', 'inactive' or 'missing'
     pool_state: str = "-"  # the same, for its storage pool
     error: str = ""  # why the cluster could not be read (status 'unreadable')
-    host: str = ""  # the libvirt host it is placed on, by the name libvirt gives it ("" when planned)
+    # The libvirt host it is on: the file's name for it (when it places the cluster), the name
+    # libvirt gives it and its URI; planned: the file's name and URI ("" when it names none).
+    host: str = ""
 
     @classmethod
     def of(cls, plan: ClusterPlan, stack: str, power: str, vms: list[VmStatus], health: str = "",
@@ -197,7 +199,8 @@ class SystemStatus:
 def planned_status(plans: list[ClusterPlan], shared: list[SharedDevice]) -> SystemStatus:
     """What a cluster file describes, before anything exists: every state ``planned``."""
     clusters = [ClusterStatus.of(p, p.key, PLANNED,
-                                 [VmStatus.of(vm, p.key, PLANNED, vm.auto_start, {}) for vm in p.vms])
+                                 [VmStatus.of(vm, p.key, PLANNED, vm.auto_start, {}) for vm in p.vms],
+                                 host=f"{p.host} ({p.host_uri})" if p.host else "")
                 for p in plans]
     return SystemStatus(clusters, [SharedGpuStatus.of(s, None) for s in shared])
 

@@ -5,7 +5,10 @@ from __future__ import annotations
 import contextlib
 import json
 import subprocess
+import time
+import uuid
 import xml.etree.ElementTree as ET
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, ClassVar, NotRequired, TypedDict
 
@@ -69,9 +72,14 @@ class PoolProvider(LibvirtProvider):
             return CreateResult(name, self.observe(pool, props))
 
     def _start(self, pool: libvirt.virStoragePool, props: dict[str, Any]) -> None:
-        if not Path(props["path"]).is_dir():
+        if pool.isActive():
+            return
+        try:
+            pool.create(0)
+        except libvirt.libvirtError:
+            # Its folder is missing: made through libvirt (on the pool's host, which may not be
+            # this machine); one that is there is kept as it is.
             call(f"creating folder of pool {props['name']}", pool.build, 0)
-        if not pool.isActive():
             call(f"starting pool {props['name']}", pool.create, 0)
 
     def update(self, _id: str, _olds: dict[str, Any], news: dict[str, Any]) -> UpdateResult:
@@ -220,3 +228,165 @@ class Volume(Resource, module="libvirt", name="Volume"):
 
     def __init__(self, resource_name: str, props: VolumeArgs, opts: pulumi.ResourceOptions | None = None) -> None:
         super().__init__(VolumeProvider(), resource_name, {**props, "path": None, "capacity": None}, opts)
+
+
+class HostImageArgs(TypedDict):
+    """The inputs of a ``HostImage``: a built image folder (``images.Image``) that must be on the
+    libvirt host of ``uri`` at the same path."""
+
+    uri: str
+    name: str  # the image's folder name, ``<role>-<recipe key>``
+    source: str  # where this machine has the built image
+    folder: str  # where the host keeps it (the same path: domains name its kernel by path)
+    files: list[str]  # the files to copy, the marker (image.json) last
+
+
+CHUNK = 1 << 20  # bytes per stream write
+COPY_WAIT = 1800  # seconds to wait for another run copying the same image to the same host
+
+
+class HostImageProvider(LibvirtProvider):
+    """A project image on a libvirt host, copied there through libvirt's storage streams when the
+    host lacks it (a remote host), found in place when it has it (the machine that built it).
+
+    The folder is opened as a transient directory pool for the copy and closed after, so a host
+    keeps no libvirt object for it. Files are copied in order, the marker (``image.json``, equal
+    to the built one) last: a copy cut short leaves no marker, and the next run copies again. The
+    image stays on the host when the resource is deleted: images are a cache keyed by their
+    recipe, which other stacks on that host may use (as this machine's images folder is)."""
+
+    INPUTS = HostImageArgs
+    REPLACE = frozenset({"uri", "name", "source", "folder", "files"})
+    KIND = "image"
+
+    def is_ours(self, obj: Any, props: dict[str, Any]) -> bool:
+        """An image folder with this recipe's marker is this image, whoever copied it."""
+        return True
+
+    @contextlib.contextmanager
+    def _opened(self, conn: libvirt.virConnect, props: dict[str, Any]) -> Iterator[libvirt.virStoragePool]:
+        """The folder as a started pool, held for this run: a transient one (built when the folder
+        is missing), destroyed on the way out. Its path is the lock: while another run holds the
+        folder (its ``aihow-copy-`` pool), this one waits, so two copies never interleave; a pool
+        of the operator's own on that path is used as it is."""
+        folder, deadline = props["folder"], time.monotonic() + COPY_WAIT
+        xml = pool_xml({"name": f"aihow-copy-{props['name']}-{uuid.uuid4().hex[:8]}", "path": folder,
+                        "mode": "0755"})
+        failures = 0
+        while True:
+            held = self._holder(conn, folder)
+            if held is not None and not held.name().startswith("aihow-copy-"):
+                held.refresh(0)
+                yield held
+                return
+            if held is None:
+                try:
+                    pool = self._open(conn, xml, folder)
+                    break
+                except LibvirtError:
+                    # Another run may have taken the folder between the look and the start (and
+                    # be done already): look again; a failure of its own repeats.
+                    failures += 1
+                    if failures >= 3:
+                        raise
+            if time.monotonic() > deadline:
+                raise LibvirtError(f"image folder {folder} on {props['uri']} is held by pool "
+                                   f"{held.name() if held else '?'} for {COPY_WAIT // 60} minutes; allowed: wait for "
+                                   "the run copying it, or, when none is, virsh pool-destroy that pool")
+            time.sleep(1)
+        try:
+            yield pool
+        finally:
+            with contextlib.suppress(libvirt.libvirtError):
+                pool.destroy()
+
+    @staticmethod
+    def _holder(conn: libvirt.virConnect, folder: str) -> libvirt.virStoragePool | None:
+        """The started pool on ``folder``, if any (a transient pool may vanish while listed)."""
+        for pool in conn.listAllStoragePools(libvirt.VIR_CONNECT_LIST_STORAGE_POOLS_ACTIVE):
+            with contextlib.suppress(libvirt.libvirtError):
+                if pool_path(pool) == folder:
+                    return pool
+        return None
+
+    @staticmethod
+    def _open(conn: libvirt.virConnect, xml: str, folder: str) -> libvirt.virStoragePool:
+        """Start a transient pool on ``folder``; a missing folder is made (a build of one that is
+        there would set its mode, so it is tried second)."""
+        try:
+            return conn.storagePoolCreateXML(xml, 0)
+        except libvirt.libvirtError:
+            pass
+        try:
+            return conn.storagePoolCreateXML(xml, libvirt.VIR_STORAGE_POOL_CREATE_WITH_BUILD)
+        except libvirt.libvirtError as exc:
+            raise translate(exc, f"opening image folder {folder}") from None
+
+    def find(self, conn: libvirt.virConnect, props: dict[str, Any]) -> str | None:
+        """The folder's path when the host has the image (its marker equals the built one)."""
+        marker = props["files"][-1]
+        expected = (Path(props["source"]) / marker).read_bytes()
+        with self._opened(conn, props) as pool:
+            vol = lookup("looking up image marker", pool.storageVolLookupByName, marker)
+            if vol is None or vol.info()[1] != len(expected):
+                return None
+            stream = conn.newStream(0)
+            call(f"reading {marker} of image {props['name']}", vol.download, stream, 0, len(expected), 0)
+            got = bytearray()
+            while len(got) < len(expected):
+                chunk = stream.recv(len(expected) - len(got))
+                if not chunk:
+                    break
+                got += chunk
+            stream.finish()
+            return str(props["folder"]) if bytes(got) == expected else None
+
+    def remove(self, obj: Any, props: dict[str, Any]) -> None:
+        """Nothing: the image stays on the host (a cache other stacks may use)."""
+
+    def observe(self, obj: Any, props: dict[str, Any]) -> dict[str, Any]:
+        """The inputs, with the folder as found on the host."""
+        return {**props, "path": obj}
+
+    def create(self, props: dict[str, Any]) -> CreateResult:
+        """Copy the image's files the host lacks (all of them, the marker last, when its marker is
+        missing or another); none when it has the image."""
+        with connect(props["uri"]) as conn:
+            if self.find(conn, props) is None:
+                with self._opened(conn, props) as pool:
+                    for name in props["files"]:
+                        self._copy(conn, pool, Path(props["source"]) / name)
+            found = self.find(conn, props)
+            if found is None:
+                raise LibvirtError(f"image {props['name']} was copied to {props['uri']} but its marker does not "
+                                   "read back the same; allowed: a host whose storage keeps what is written")
+            return CreateResult(props["name"], self.observe(found, props))
+
+    def _copy(self, conn: libvirt.virConnect, pool: libvirt.virStoragePool, source: Path) -> None:
+        """Copy one file into ``pool`` as a volume of its name, replacing a partial one."""
+        old = lookup("looking up volume", pool.storageVolLookupByName, source.name)
+        if old is not None:
+            call(f"deleting partial copy {source.name}", old.delete, 0)
+        size = source.stat().st_size
+        vol = call(f"creating {source.name}", pool.createXML,
+                   volume_xml({"name": source.name, "size_bytes": size, "format": "raw", "mode": "0644"}), 0)
+        stream = conn.newStream(0)
+        call(f"copying {source}", vol.upload, stream, 0, size, 0)
+        try:
+            with source.open("rb") as data:
+                while chunk := data.read(CHUNK):
+                    stream.send(chunk)
+            stream.finish()
+        except (OSError, libvirt.libvirtError) as exc:
+            with contextlib.suppress(libvirt.libvirtError):
+                stream.abort()
+            raise LibvirtError(f"copying {source} to the host: {exc}") from None
+
+
+class HostImage(Resource, module="libvirt", name="HostImage"):
+    """A project image on one libvirt host (copied there when missing)."""
+
+    path: pulumi.Output[str]
+
+    def __init__(self, resource_name: str, props: HostImageArgs, opts: pulumi.ResourceOptions | None = None) -> None:
+        super().__init__(HostImageProvider(), resource_name, {**props, "path": None}, opts)

@@ -14,7 +14,9 @@ import yaml
 from aihow_infra.components import network_args, seed_spec
 from aihow_infra.errors import ConfigError
 from aihow_infra.loading import load_cluster_file, parse_cluster_file
+from aihow_infra.placement import by_host, placed
 from aihow_infra.plan import mac_for, plan_all, plan_cluster, shared_devices
+from aihow_infra.settings import parse_settings
 from tests.samples import base
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -50,6 +52,15 @@ def on_one_lan(path: str, value: Any) -> dict[str, Any]:
     for index, worker in enumerate(cloud["worker_nodes"]):
         if worker.get("ip", "").startswith("10.2."):
             worker["ip"] = f"10.1.0.{21 + index}"
+    return data
+
+
+def placed_on(host: str, path: str, value: Any = None) -> dict[str, Any]:
+    """``base()`` whose HPC cluster is placed on ``host`` of a file naming host gpu2 (another
+    machine), with the value at ``path`` set (the host name itself when no value is given)."""
+    data = mutate(path, host if value is None else value)
+    data["hosts"] = {"gpu2": {"uri": "qemu+ssh://root@gpu2/system"}}
+    data["clusters"]["hpc"].setdefault("host", host)
     return data
 
 
@@ -195,6 +206,22 @@ BAD_INPUTS: list[tuple[str, dict[str, Any], str]] = [
      r"\[0\] on the same bridge 'br-lan'; allowed: one VM per address"),
     ("unknown forward mode", mutate(f"{HPC}.network.forward_mode", "route"),
      r"clusters\.hpc\.network\.forward_mode: 'route' .*'nat', 'isolated' or 'bridge'"),
+    ("host URI that is not libvirt's", mutate("hosts", {"gpu2": {"uri": "https://gpu2/system"}}),
+     r"^hosts\.gpu2\.uri: 'https://gpu2/system' is not a libvirt URI; allowed: a libvirt URI such as "
+     r"qemu:///system or qemu\+ssh://USER@HOST/system$"),
+    ("host name that is not one", mutate("hosts", {"GPU_2": {"uri": "qemu+ssh://gpu2/system"}}),
+     r"^hosts: 'GPU_2' is not a host name; allowed: lowercase letters, digits and '-'"),
+    ("host without its URI", mutate("hosts", {"gpu2": {}}), r"^hosts\.gpu2\.uri: .*required"),
+    ("cluster on an unknown host", placed_on("gpu3", "clusters.hpc.host"),
+     r"^clusters\.hpc\.host: 'gpu3' is not a host of this file; allowed: a name under hosts \(gpu2\)$"),
+    ("base image on another machine", placed_on("gpu2", f"{NODE}.base_image_path", "/srv/mine.qcow2"),
+     r"^clusters\.hpc\.compute_nodes\[0\]\.base_image_path: '/srv/mine\.qcow2': the cluster runs on host 'gpu2' "
+     r"\(qemu\+ssh://root@gpu2/system\), whose files this machine cannot see; allowed: the project's images"),
+    ("shared folder on another machine",
+     placed_on("gpu2", f"{NODE}.virtio_fs_mounts", [{"tag": "data", "host_path": "/srv/data",
+                                                      "mount_point": "/data"}]),
+     r"^clusters\.hpc\.compute_nodes\[0\]\.virtio_fs_mounts\[0\]\.host_path: '/srv/data': the cluster runs on "
+     r"host 'gpu2'"),
     ("service subnet over the pod subnet",
      mutate("clusters.cloud.kubernetes_config", {"pod_subnet": "10.96.0.0/16", "service_subnet": "10.96.0.0/12"}),
      r"kubernetes_config\.service_subnet: '10\.96\.0\.0/12' overlaps clusters\.cloud\.kubernetes_config\.pod_subnet"),
@@ -535,7 +562,7 @@ def test_an_unknown_key_is_answered_with_the_keys_of_its_own_level(tmp_path: Pat
         load_cluster_file(path)
     # In file order; a misspelt required key is one mistake, not also a missing one.
     assert err.value.located() == [
-        f"{path}:2: about: unknown key 'about'; allowed here: clusters, global, metadata, version",
+        f"{path}:2: about: unknown key 'about'; allowed here: clusters, global, hosts, metadata, version",
         f"{path}:6: clusters.hpc.network.count: unknown key 'count'; allowed here: bridge, dhcp_end, dhcp_start, "
         "dns_servers, forward_mode, gateway_ip, subnet",
         f"{path}:7: clusters.hpc.controller.cpu_core: unknown key 'cpu_core'; did you mean 'cpu_cores'?"]
@@ -558,3 +585,63 @@ def test_a_mistake_in_slurm_config_does_not_hide_another() -> None:
     assert any(p.startswith("clusters.hpc.slurm_config.default_partition: 'nope' is not in partitions "
                             "['compute', 'gpu']; allowed: one of them") for p in problems), problems
     assert any(p.startswith("clusters.hpc.slurm_config.max_job_time: 'one day' is not a SLURM time") for p in problems)
+
+
+def on_two_hosts() -> dict[str, Any]:
+    """``base()`` with the HPC cluster on host a and the Cloud cluster on host b, both using the
+    same bridge name and subnet (each host has its own)."""
+    data = base()
+    data["hosts"] = {"a": {"uri": "qemu+ssh://root@a/system"}, "b": {"uri": "qemu+tcp://b/system"}}
+    data["clusters"]["hpc"]["host"] = "a"
+    data["clusters"]["cloud"]["host"] = "b"
+    data["clusters"]["cloud"]["network"] = dict(data["clusters"]["hpc"]["network"])
+    cloud = data["clusters"]["cloud"]
+    cloud["control_plane"]["ip_address"] = "10.1.0.10"
+    for index, worker in enumerate(cloud["worker_nodes"]):
+        worker["ip"] = f"10.1.0.{11 + index}"
+    return data
+
+
+def test_clusters_on_two_hosts_may_repeat_bridges_subnets_and_gpu_addresses() -> None:
+    hpc, cloud = plan_all(parse_cluster_file(on_two_hosts(), env={}))
+    assert (hpc.host, hpc.host_uri, cloud.host, cloud.host_uri) == (
+        "a", "qemu+ssh://root@a/system", "b", "qemu+tcp://b/system")
+    assert (hpc.bridge, hpc.subnet) == (cloud.bridge, cloud.subnet)
+    # 0000:01:00.0 on host a and on host b are two GPUs: nothing is shared.
+    assert shared_devices([hpc, cloud]) == []
+    # On one named host, the same file is refused as on one machine.
+    data = on_two_hosts()
+    data["clusters"]["cloud"]["host"] = "a"
+    with pytest.raises(ConfigError) as err:
+        parse_cluster_file(data, env={})
+    assert "clusters.cloud.network.bridge: 'br-hpc' equals clusters.hpc.network.bridge" in err.value.report()
+    # A cluster placed by its stack setting alone may be on the other's host: still one machine.
+    data = base()
+    data["hosts"] = {"a": {"uri": "qemu+ssh://root@a/system"}}
+    data["clusters"]["hpc"]["host"] = "a"
+    assert [s.address for s in shared_devices(plan_all(parse_cluster_file(data, env={})))] == ["0000:01:00.0"]
+
+
+def test_a_hosts_uri_is_spelt_one_way() -> None:
+    data = base()
+    data["hosts"] = {"here": {"uri": "qemu+unix:///system"}}
+    data["clusters"]["hpc"]["host"] = "here"
+    assert plan_all(parse_cluster_file(data, env={}))[0].host_uri == "qemu:///system"
+
+
+def test_the_file_and_the_stack_place_a_cluster_once() -> None:
+    hpc = plan_all(parse_cluster_file(on_two_hosts(), env={}))[0]
+    unset = parse_settings({"clusterFile": "c.yaml"})
+    assert placed(unset, hpc).libvirt_uri == "qemu+ssh://root@a/system"
+    same = parse_settings({"clusterFile": "c.yaml", "libvirtUri": "qemu+ssh://root@a/system"})
+    assert placed(same, hpc) == same
+    other = parse_settings({"clusterFile": "c.yaml", "libvirtUri": "qemu:///system"})
+    with pytest.raises(ConfigError) as err:
+        placed(other, hpc, "stack hpc")
+    assert err.value.problems == [
+        "aihow:libvirtUri: 'qemu:///system', but clusters.hpc.host places the cluster on 'a' "
+        "(qemu+ssh://root@a/system); allowed: one place for a cluster (remove aihow:libvirtUri, or clusters.hpc.host)"]
+    # Placed by nothing in the file: the stack's setting, whatever it is.
+    plain = plan_all(parse_cluster_file(base(), env={}))[0]
+    assert placed(other, plain) is other
+    assert by_host([hpc, plain], "qemu:///system") == {"qemu+ssh://root@a/system": [hpc], "qemu:///system": [plain]}

@@ -17,6 +17,7 @@ from aihow_infra.errors import ConfigError
 from aihow_infra.host import Host, VirtChoice, choose_virt_type
 from aihow_infra.hostcheck import check_bridges, check_host, check_resume_timeout
 from aihow_infra.hostrecord import load_recording, materialize
+from aihow_infra.libvirt import identity
 from aihow_infra.libvirt.inspect import interface_addresses
 from aihow_infra.loading import load_cluster_file, parse_cluster_file
 from aihow_infra.plan import plan_all
@@ -371,3 +372,48 @@ def test_validate_says_every_host_problem_at_once(capsys: pytest.CaptureFixture[
     assert "clusters.hpc.network.bridge: 'br0' is not a bridge the guests can join" in said
     assert "clusters.cloud.network.bridge: 'br0' is not a bridge the guests can join" in said
     assert "clusters.hpc.hardware.acceleration.performance.hugepage_size: '1G' pages back the memory" in said
+
+
+def test_validate_checks_each_cluster_on_the_host_the_file_places_it_on(capsys: pytest.CaptureFixture[str],
+                                                                       tmp_path: Path,
+                                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    """Hosts named in the file: each must answer, two names may not reach one machine, and each
+    cluster's bridge and subnets are checked on its own host."""
+    data = yaml.safe_load((ROOT / "config" / "example-host-bridge.yaml").read_text())
+    gone = "qemu+unix:///system?socket=/nonexistent/libvirt-sock"
+    data["hosts"] = {"lab": {"uri": "test:///default"}, "gone": {"uri": gone}}
+    data["clusters"]["hpc"]["host"] = "gone"
+    path = tmp_path / "hosts.yaml"
+    path.write_text(yaml.safe_dump(data))
+    code, out, err = run_task(capsys, "validate", "--config", str(path))
+    said = " ".join((out + err).split())
+    spelt = gone.replace("qemu+unix://", "qemu://")  # one spelling per daemon
+    assert code == 1 and f"hosts.gone.uri: '{spelt}' cannot be reached (" in said
+    assert "allowed: a host whose libvirt daemon answers" in said
+
+    data["hosts"]["twin"] = {"uri": "test:///default"}
+    data["clusters"]["hpc"]["host"], data["clusters"]["cloud"]["host"] = "lab", "twin"
+    path.write_text(yaml.safe_dump(data))
+    code, out, err = run_task(capsys, "validate", "--config", str(path))
+    said = " ".join((out + err).split())
+    assert code == 1 and "hosts.twin.uri: 'test:///default' reaches the same machine as hosts.lab (" in said
+
+    # HPC on libvirt's test driver (no bridge there), Cloud on this machine (a bridge made here):
+    # each cluster's bridge is looked for on its own host. The test driver runs in this process,
+    # so it is this machine (as the last case says): told apart here by its URI.
+    monkeypatch.setattr(identity, "host_identity", lambda uri: uri)
+    bridge = f"aihowc{os.getpid() % 10**6}"
+    data["hosts"] = {"lab": {"uri": "test:///default"}, "here": {"uri": "qemu:///system"}}
+    data["clusters"]["cloud"]["host"] = "here"
+    data["clusters"]["hpc"]["network"]["bridge"] = data["clusters"]["cloud"]["network"]["bridge"] = bridge
+    path.write_text(yaml.safe_dump(data))
+    subprocess.run(["ip", "link", "add", bridge, "type", "bridge"], check=True)
+    try:
+        code, out, err = run_task(capsys, "validate", "--config", str(path))
+    finally:
+        subprocess.run(["ip", "link", "del", bridge], check=True)
+    said = " ".join((out + err).split())
+    assert code == 1, said
+    assert f"clusters.hpc.network.bridge: '{bridge}' is not a bridge the guests can join: the host has no " \
+           f"interface '{bridge}'" in said
+    assert "clusters.cloud.network.bridge" not in said

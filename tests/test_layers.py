@@ -21,7 +21,7 @@ LAYERS: list[list[str]] = [
     ["aihow_infra.steps", "aihow_infra.kubepki", "aihow_infra.backend"],
     ["aihow_infra.config"],
     ["aihow_infra.settings", "aihow_infra.plan", "aihow_infra.changes", "aihow_infra.kubebins", "aihow_infra.oci"],
-    ["aihow_infra.crosscheck"],
+    ["aihow_infra.crosscheck", "aihow_infra.placement"],
     ["aihow_infra.loading", "aihow_infra.progress"],
     ["aihow_infra.gpu", "aihow_infra.gpu.ledger", "aihow_infra.desired", "aihow_infra.status", "aihow_infra.host",
      "aihow_infra.images",
@@ -39,6 +39,7 @@ LAYERS: list[list[str]] = [
 ]
 # What the tasks run: none of it may reach Pulumi, the providers or the components.
 TASK_PATH = ["aihow_infra.cli", "aihow_infra.interrupts", "aihow_infra.stacks", "aihow_infra.ops", "aihow_infra.status",
+             "aihow_infra.placement",
              "aihow_infra.topology", "aihow_infra.inventory", "aihow_infra.gpu.leases", "aihow_infra.hostcheck",
              "aihow_infra.gpu.homes", "aihow_infra.gpu.hosts", "aihow_infra.gpu.custody", "aihow_infra.hostrecord",
              "aihow_infra.images",

@@ -398,7 +398,10 @@ def test_two_operators_grant_one_gpu_exactly_once_over_200_rounds_with_sigkill(
     exactly one won; a killed winner's lease stays until reclaimed (never silently freed)."""
     url, host = f"{postgres_server}&ledger={tmp_path.name}", "4c4c4544-0042-3510-8052-b4c04f384e32"
     alice, bob = "hpc/hpc-compute-01", "cloud/cloud-gpu-worker-01"
-    ctx = multiprocessing.get_context("fork")
+    # Forked from a server process of one thread: a fork of this test's process would copy any
+    # lock another thread (left by an earlier test in this worker) holds, and hang on it.
+    ctx = multiprocessing.get_context("forkserver")
+    ctx.set_forkserver_preload([__name__])  # imported once, by the server: each child starts at once
     rng = random.Random(28)
     ledger = Ledger(for_host(url, host))
     tally = {"won once": 0, "killed": 0}

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import concurrent.futures
+import contextlib
 import subprocess
 import uuid
 from collections.abc import Iterator
@@ -16,10 +18,12 @@ from aihow_infra.gpu.ledger import Ledger
 from aihow_infra.host import Host
 from aihow_infra.libvirt.connection import translate
 from aihow_infra.libvirt.inspect import metadata, read_definition
+from aihow_infra.libvirt.render import pool_xml
 from aihow_infra.settings import parse_settings
+from providers import storage
 from providers.domain import DomainProvider
 from providers.network import NetworkProvider
-from providers.storage import PoolProvider, VolumeProvider
+from providers.storage import HostImageProvider, PoolProvider, VolumeProvider
 
 URI = "test:///default"
 
@@ -320,3 +324,102 @@ def test_libvirts_refusal_of_a_held_device_names_the_vm_that_holds_it() -> None:
     other = libvirt.libvirtError("internal error: qemu unexpectedly closed the monitor")
     assert str(translate(other, "starting domain x")) == "starting domain x: internal error: qemu unexpectedly " \
                                                          "closed the monitor"
+
+
+# --- a project image on a libvirt host -------------------------------------------------------
+# The copy needs libvirt's storage streams, which the test driver lacks: libvirtd (qemu:///system)
+# with folders under tmp_path, the host's copy in a folder of its own (on a remote host it has the
+# built image's path; here the two must differ to tell a copy from the original).
+SYSTEM = "qemu:///system"
+IMAGE_FILES = ["disk.qcow2", "vmlinuz", "initrd.img", "image.json"]
+
+
+@pytest.fixture
+def built(tmp_path: Path) -> Path:
+    folder = tmp_path / "built" / "hpc-0123456789ab"
+    folder.mkdir(parents=True)
+    for i, name in enumerate(IMAGE_FILES):
+        (folder / name).write_bytes(bytes([i]) * (3 * (1 << 20) + i))  # past one stream chunk
+    return folder
+
+
+def image_props(built: Path, folder: Path) -> dict[str, Any]:
+    return {"uri": SYSTEM, "name": built.name, "source": str(built), "folder": str(folder), "files": IMAGE_FILES}
+
+
+def pools_on(folder: Path) -> list[str]:
+    """The libvirt pools on folders under ``folder`` (tests beside this one have their own)."""
+    found = []
+    with libvirt.open(SYSTEM) as system:
+        for pool in system.listAllStoragePools():
+            with contextlib.suppress(libvirt.libvirtError):  # another test's transient pool, gone meanwhile
+                if str(folder) in pool.XMLDesc(0):
+                    found.append(pool.name())
+    return sorted(found)
+
+
+def test_an_image_a_host_lacks_is_copied_through_libvirt_marker_last_and_found_after(built: Path,
+                                                                                      tmp_path: Path) -> None:
+    provider = HostImageProvider()
+    props = image_props(built, tmp_path / "host" / built.name)
+    assert provider.read(built.name, props).id is None  # the host lacks it: a refresh says it is gone
+    created = provider.create(props)
+    host = Path(props["folder"])
+    assert created.outs["path"] == str(host)
+    assert [(host / f).read_bytes() == (built / f).read_bytes() for f in IMAGE_FILES] == [True] * 4
+    assert {oct((host / f).stat().st_mode & 0o777) for f in IMAGE_FILES} == {"0o644"}  # every VM's qemu reads it
+    assert pools_on(tmp_path) == []  # the folder was a transient pool, closed after
+    copied = {f: (host / f).stat().st_mtime_ns for f in IMAGE_FILES}
+    assert provider.create(props).outs["path"] == str(host)
+    assert {f: (host / f).stat().st_mtime_ns for f in IMAGE_FILES} == copied  # found: nothing copied again
+    assert provider.read(built.name, props).id == built.name
+    provider.delete(built.name, props)
+    assert sorted(p.name for p in host.iterdir()) == sorted(IMAGE_FILES)  # a cache: deleting keeps it
+
+
+def test_a_copy_cut_short_or_of_another_recipe_is_made_again(built: Path, tmp_path: Path) -> None:
+    provider = HostImageProvider()
+    props = image_props(built, tmp_path / "host" / built.name)
+    host = Path(props["folder"])
+    host.mkdir(parents=True)
+    (host / "disk.qcow2").write_bytes(b"the first megabyte of a cut copy")  # no marker: not whole
+    provider.create(props)
+    assert (host / "disk.qcow2").read_bytes() == (built / "disk.qcow2").read_bytes()
+    (host / "image.json").write_bytes(b"x" * (built / "image.json").stat().st_size)  # same size, other content
+    assert provider.read(built.name, props).id is None
+    provider.create(props)
+    assert (host / "image.json").read_bytes() == (built / "image.json").read_bytes()
+
+
+def test_the_machine_that_built_an_image_has_it_in_place(built: Path) -> None:
+    provider = HostImageProvider()
+    built.chmod(0o755)
+    before = {f: (built / f).stat().st_mtime_ns for f in IMAGE_FILES}
+    created = provider.create(image_props(built, built))
+    assert created.outs["path"] == str(built)
+    assert {f: (built / f).stat().st_mtime_ns for f in IMAGE_FILES} == before
+    assert oct(built.stat().st_mode & 0o777) == "0o755"  # opened as it is, not built (a build sets its mode)
+
+
+def test_two_runs_copying_one_image_to_one_host_take_turns(built: Path, tmp_path: Path) -> None:
+    props = image_props(built, tmp_path / "host" / built.name)
+    with concurrent.futures.ThreadPoolExecutor(2) as both:
+        paths = list(both.map(lambda _: HostImageProvider().create(props).outs["path"], range(2)))
+    assert paths == [props["folder"]] * 2
+    assert [(Path(props["folder"]) / f).read_bytes() == (built / f).read_bytes() for f in IMAGE_FILES] == [True] * 4
+
+
+def test_a_folder_another_run_holds_past_the_wait_is_one_line(built: Path, tmp_path: Path,
+                                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    props = image_props(built, tmp_path / "host")
+    Path(props["folder"]).mkdir()
+    monkeypatch.setattr(storage, "COPY_WAIT", 1)
+    with libvirt.open(SYSTEM) as system:
+        stale = pool_xml({"name": f"aihow-copy-{built.name}-stale", "path": props["folder"]})
+        other = system.storagePoolCreateXML(stale, 0)
+        try:
+            with pytest.raises(LibvirtError, match=f"image folder {props['folder']} on qemu:///system is held by pool "
+                                                   f"aihow-copy-{built.name}-stale for 0 minutes; allowed: wait"):
+                HostImageProvider().create(props)
+        finally:
+            other.destroy()

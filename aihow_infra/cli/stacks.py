@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from dataclasses import asdict
 from functools import partial
 from pathlib import Path
@@ -69,17 +70,24 @@ def destroy(c: Context, stack: str = "", yes: bool = False) -> None:
 @task(help={"config": "cluster file to check (default: the one each stack names)"})
 def validate(c: Context, config: str = "") -> None:
     """Check a cluster file: a summary, or every error at once."""
-    from aihow_infra.hostcheck import check_all, check_bridges, check_hugepages, check_resume_timeout, check_subnets
+    from aihow_infra.config import runs_here
+    from aihow_infra.hostcheck import (
+        check_all,
+        check_bridges,
+        check_hosts,
+        check_hugepages,
+        check_resume_timeout,
+        check_subnets,
+    )
     from aihow_infra.libvirt.connection import connect, resolve_virt_type
     from aihow_infra.loading import load_cluster_file
+    from aihow_infra.placement import by_host
     from aihow_infra.plan import plan_all, shared_devices
 
     op = operator()
     stacks = op.configured_stacks()
     settings = op.settings(stacks[0]) if stacks else None
     uri = settings.libvirt_uri if settings else "qemu:///system"
-    with connect(uri) as conn:
-        choice = resolve_virt_type(conn, settings.virt_type if settings else "auto")
     if config:  # the user's own path, from the folder they are in
         loaded = [(Path(config), load_cluster_file(config))]
     else:  # each stack's, from the project folder and with its settings, as `up` reads it
@@ -88,9 +96,15 @@ def validate(c: Context, config: str = "") -> None:
     for path, cluster_file in loaded:
         plans = plan_all(cluster_file)
         file = str(path)
-        check_all([partial(check_subnets, plans, uri, file), partial(check_bridges, plans, uri, file),
-                   partial(check_hugepages, plans, file),
-                   *([partial(check_resume_timeout, plans, choice.virt_type, file)] if choice else [])])
+        check_hosts(plans, file)  # a host that does not answer cannot be checked further
+        checks: list[Callable[[], None]] = []
+        for host_uri, on_host in by_host(plans, uri).items():
+            with connect(host_uri) as conn:
+                choice = resolve_virt_type(conn, settings.virt_type if settings else "auto")
+            checks += [partial(check_subnets, on_host, host_uri, file), partial(check_bridges, on_host, host_uri, file),
+                       *([partial(check_hugepages, on_host, file)] if runs_here(host_uri) else []),
+                       *([partial(check_resume_timeout, on_host, choice.virt_type, file)] if choice else [])]
+        check_all(checks)
         out.print(valid_table(path, plans))
         for shared in shared_devices(plans):
             colour = "red" if shared.conflict else "magenta"

@@ -57,7 +57,7 @@ def host_check(c: Context, config: str = "", sysfs_root: str = "/", recorded: st
 
     op = operator()
     files = [Path(config)] if config else op.cluster_file_paths()
-    uris = sorted({op.settings(s).libvirt_uri for s in op.configured_stacks()}) or [DEFAULT_LIBVIRT_URI]
+    uris = sorted({op.libvirt_uri(s) for s in op.configured_stacks()}) or [DEFAULT_LIBVIRT_URI]
     if recorded and sysfs_root != "/":
         raise AihowError("give --recorded FILE or --sysfs-root DIR, not both")
     with tempfile.TemporaryDirectory(prefix="aihow-host-") as tmp:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import re
 from typing import Any, Literal
+from urllib.parse import urlsplit
 
 from pydantic import (
     BaseModel,
@@ -18,6 +19,10 @@ HEX_ID_RE = re.compile(r"^[0-9a-f]{4}$")
 # Linux interface names: at most 15 bytes, no '/', ':' or whitespace.
 BRIDGE_RE = re.compile(r"^[A-Za-z0-9_.\-]{1,15}$")
 CLUSTER_NAME_RE = re.compile(r"^[a-z0-9]([a-z0-9\-]*[a-z0-9])?$")
+# A libvirt connection URI (https://libvirt.org/uri.html): a driver the project drives (qemu, or
+# libvirt's test driver), a transport, then the host part and the daemon's path.
+LIBVIRT_URI_RE = re.compile(r"^(qemu|test)(\+(unix|ssh|libssh|libssh2|tcp|tls|ext))?://[^/\s]*/\S+$")
+LIBVIRT_URI_FORM = "a libvirt URI such as qemu:///system or qemu+ssh://USER@HOST/system"
 
 # Seconds from a compute node's start to its guest ready, per libvirt virt type, and how each is
 # known. qemu (software emulation, TCG): measured here, a compute node booted beside four others
@@ -56,3 +61,19 @@ ForwardMode = Literal["nat", "isolated", "bridge"]
 IMAGE_ROOT_GB: dict[str, int] = {"base": 2, "hpc": 2, "cloud": 3, "gpuhost": 3}
 
 
+
+
+def canonical_uri(uri: str) -> str:
+    """One spelling per libvirt daemon: ``qemu+unix:///system`` is ``qemu:///system`` (a
+    different spelling must not replace anything)."""
+    scheme, sep, rest = uri.partition("://")
+    driver, _plus, transport = scheme.partition("+")
+    if sep and transport == "unix" and rest.startswith("/"):
+        return f"{driver}://{rest}"
+    return uri
+
+
+def runs_here(uri: str) -> bool:
+    """Whether the libvirt daemon of ``uri`` runs on this machine: the URI names no host (or
+    ``localhost``), so the files and /sys this process reads are that host's."""
+    return urlsplit(uri).hostname in (None, "", "localhost")

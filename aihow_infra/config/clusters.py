@@ -18,7 +18,16 @@ from pydantic import (
     model_validator,
 )
 
-from aihow_infra.config.base import BOOT_SECONDS, BRIDGE_RE, CLUSTER_NAME_RE, ForwardMode, Model
+from aihow_infra.config.base import (
+    BOOT_SECONDS,
+    BRIDGE_RE,
+    CLUSTER_NAME_RE,
+    LIBVIRT_URI_FORM,
+    LIBVIRT_URI_RE,
+    ForwardMode,
+    Model,
+    canonical_uri,
+)
 from aihow_infra.config.nodes import CloudInit, Hardware, ImageChoice, NodeSpec
 
 
@@ -230,6 +239,9 @@ class ClusterBase(ImageChoice):
     """What both clusters share: name, image, network, hardware."""
 
     name: str
+    # The host (a name under the file's ``hosts``) the cluster runs on; None: the stack's
+    # ``aihow:libvirtUri``.
+    host: str | None = None
     cloud_init: CloudInit = Field(default_factory=CloudInit)
     network: NetworkSpec
     hardware: Hardware = Field(default_factory=Hardware)
@@ -381,12 +393,38 @@ class Metadata(Model):
     description: str = ""
 
 
+class HostSpec(Model):
+    """``hosts.<name>``: a libvirt host clusters are placed on, by its connection URI."""
+
+    uri: str
+
+    @field_validator("uri")
+    @classmethod
+    def _libvirt_uri(cls, value: str) -> str:
+        if not LIBVIRT_URI_RE.match(value):
+            raise ValueError(f"{value!r} is not a libvirt URI; allowed: {LIBVIRT_URI_FORM}")
+        return canonical_uri(value)
+
+
+HOST_NAME_RE = re.compile(r"^[a-z0-9]([a-z0-9\-]{0,38}[a-z0-9])?$")
+
+
+def _host_names(value: dict[str, HostSpec]) -> dict[str, HostSpec]:
+    for name in value:
+        if not HOST_NAME_RE.match(name):
+            raise ValueError(f"{name!r} is not a host name; allowed: lowercase letters, digits and '-', at most 40 "
+                             "characters, starting and ending with a letter or digit")
+    return value
+
+
 class ClusterFile(Model):
     """A whole cluster file as the ai-how tool writes it."""
 
     version: str = "1.0"
     metadata: Metadata = Field(default_factory=Metadata)
     global_: dict[str, Any] = Field(default_factory=dict, alias="global")
+    # The libvirt hosts clusters may be placed on (``clusters.<key>.host``), by name.
+    hosts: Annotated[dict[str, HostSpec], AfterValidator(_host_names)] = Field(default_factory=dict)
     clusters: Clusters
 
     @field_validator("version", mode="before")

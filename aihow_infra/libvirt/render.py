@@ -73,16 +73,19 @@ def network_xml(props: dict[str, Any]) -> str:
 
 
 def pool_xml(props: dict[str, Any]) -> str:
-    """A directory storage pool."""
-    return _render("pool.xml.j2", name=props["name"], path=props["path"])
+    """A directory storage pool; its folder, when libvirt makes it, of ``mode`` (default 0711:
+    others may reach the files but not list them)."""
+    return _render("pool.xml.j2", name=props["name"], path=props["path"], mode=props.get("mode", "0711"))
 
 
 def volume_xml(props: dict[str, Any], backing_format: str = "qcow2") -> str:
     """A qcow2 volume of ``size_gb``, an overlay on ``base_image`` when one is named; or a raw
-    volume of ``size_bytes`` (a seed)."""
+    volume of ``size_bytes`` (a seed, a copied image file). Readable by its owner only, unless
+    ``mode`` (octal, e.g. ``0644`` for an image every VM of the host reads) says otherwise."""
     return _render("volume.xml.j2", name=props["name"], size_gb=props.get("size_gb"),
                    size_bytes=props.get("size_bytes"), format=props.get("format", "qcow2"),
-                   backing_path=props.get("base_image"), backing_format=backing_format)
+                   backing_path=props.get("base_image"), backing_format=backing_format,
+                   mode=props.get("mode", "0600"))
 
 
 def _topology(vcpus: int, sockets: int, threads: int) -> tuple[int, int, int]:

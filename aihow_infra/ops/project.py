@@ -25,6 +25,7 @@ from aihow_infra.lastrun import LastRuns
 from aihow_infra.libvirt.connection import connect, lookup
 from aihow_infra.libvirt.power import UNDEFINED, state_name
 from aihow_infra.loading import load_cluster_file
+from aihow_infra.placement import placed
 from aihow_infra.plan import ClusterPlan, VmPlan, plan_cluster
 from aihow_infra.progress import describe
 from aihow_infra.settings import DEFAULT_LEDGER, StackSettings, parse_settings
@@ -144,7 +145,7 @@ class ProjectOps:
             plan = plan_cluster(self.cluster_file(settings), settings.cluster_key(stack),
                                 f"cluster file {settings.cluster_file}")
             self._plans = {key: plan, **{k: v for k, v in self._plans.items() if k[0] != stack}}
-        return StackView(stack, settings, plan, self.records(stack).read())
+        return StackView(stack, placed(settings, plan, f"stack {stack}"), plan, self.records(stack).read())
 
     def _check_one_ledger(self, stack: str, settings: StackSettings) -> None:
         """Every stack of a host names the same GPU lease ledger: exclusivity depends on it."""
@@ -158,6 +159,14 @@ class ProjectOps:
                         f"aihow:ledgerPath: {settings.ledger_path!r} (stack {stack}) differs from {theirs!r} "
                         f"(stack {other}); allowed: one ledger for every stack of a host, or a GPU could be "
                         "given to two VMs at once")
+
+    def libvirt_uri(self, stack: str) -> str:
+        """The libvirt URI the stack's cluster runs on (its cluster file's host, else the stack's
+        ``aihow:libvirtUri``; that one alone when the file cannot be read, which places nothing)."""
+        try:
+            return self.view(stack).settings.libvirt_uri
+        except ConfigError:
+            return self.settings(stack).libvirt_uri
 
     def records(self, stack: str) -> PowerRecords:
         """The stack's power records."""
@@ -189,13 +198,15 @@ class ProjectOps:
 
     def host_ledger(self) -> tuple[Ledger, str]:
         """The host's GPU lease ledger and libvirt URI, as the first configured stack names them
-        (``AihowError`` when another stack names another ledger)."""
+        (its cluster file's host, else its ``aihow:libvirtUri``; ``AihowError`` when another stack
+        names another ledger)."""
         stacks = self.configured_stacks()
         if not stacks:
             return Ledger(DEFAULT_LEDGER), "qemu:///system"
         settings = self.settings(stacks[0])
         self._check_one_ledger(stacks[0], settings)
-        return ledger_of(settings), settings.libvirt_uri
+        uri = self.libvirt_uri(stacks[0])
+        return Ledger(host_ledger(settings.ledger_path, uri)), uri
 
     def live_states(self, view: StackView) -> dict[str, str]:
         """libvirt's state of each of the stack's VMs, by name."""

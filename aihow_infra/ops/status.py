@@ -22,15 +22,17 @@ from aihow_infra.status import ClusterStatus, DeviceHome, SharedGpuStatus, Syste
 
 
 def _homes(views: list[StackView], running: set[str]) -> list[DeviceHome]:
-    """Each passthrough device of the stacks against its home, on this machine's sysfs (a VM
-    holds it when its lease's holder runs, or its qemu has the device open)."""
-    host = local_host(views[0].settings.libvirt_uri) if views else None
+    """Each passthrough device of the stacks on this machine against its home, on its sysfs (a VM
+    holds it when its lease's holder runs, or its qemu has the device open); a remote host's
+    devices are not read here."""
+    here = [view for view in views if local_host(view.settings.libvirt_uri) is not None]
+    host = local_host(here[0].settings.libvirt_uri) if here else None
     if host is None:
         return []
-    ledger = ledger_of(views[0].settings)
+    ledger = ledger_of(here[0].settings)
     leases = ledger.leases()
     rows = []
-    for address in sorted({d.pci_address for view in views for vm in view.plan.vms for d in vm.devices}):
+    for address in sorted({d.pci_address for view in here for vm in view.plan.vms for d in vm.devices}):
         lease = leases.get(address)
         holder = lease.holder if lease and lease.holder and vm_of(lease.holder) in running else None
         place = place_of(host, address, lease.home if lease else DEFAULT_HOME, holder)
@@ -63,6 +65,7 @@ class Status(Teardown):
                 network = _active_word(lookup("looking up network", conn.networkLookupByName, view.plan.network_name))
                 pool = _active_word(lookup("looking up pool", conn.storagePoolLookupByName, view.plan.pool_name))
                 host = f"{call('reading the host name', conn.getHostname)} ({view.settings.libvirt_uri})"
+                host = f"{view.plan.host}: {host}" if view.plan.host else host
             health = workload[1]
             clusters.append(ClusterStatus.of(view.plan, view.stack, view.power.cluster, _with_workload(rows, workload),
                                              health, network, pool, host))
