@@ -20,7 +20,7 @@ from aihow_infra.hostcheck import check_hugepages, check_resume_timeout, check_s
 from aihow_infra.images import find_image, recipe_for
 from aihow_infra.libvirt.connection import connect, resolve_virt_type
 from aihow_infra.loading import load_cluster_file
-from aihow_infra.placement import placed
+from aihow_infra.placement import hosts_of, placed
 from aihow_infra.plan import plan_cluster
 from aihow_infra.settings import parse_settings
 from aihow_infra.sshkeys import login_key
@@ -45,14 +45,16 @@ def main() -> None:
         # First line for one-line summaries (the tasks), then every problem.
         raise pulumi.RunError(f"{exc}\n{exc.report()}") from None
     try:
-        # Before anything is made: a subnet the host already uses would cut it off from its own.
-        check_subnets([plan], settings.libvirt_uri, settings.cluster_file)
-        if runs_here(settings.libvirt_uri):  # /proc/meminfo is this machine's
-            check_hugepages([plan], settings.cluster_file)
-        with connect(settings.libvirt_uri) as conn:
-            choice = resolve_virt_type(conn, settings.virt_type)
-        if choice is not None:
-            check_resume_timeout([plan], choice.virt_type, settings.cluster_file)
+        # Before anything is made, on each host the cluster runs on: a subnet the host already
+        # uses would cut it off from its own.
+        for _host, uri in hosts_of(plan, settings.libvirt_uri):
+            check_subnets([plan], uri, settings.cluster_file)
+            if runs_here(uri):  # /proc/meminfo is this machine's
+                check_hugepages([plan], settings.cluster_file)
+            with connect(uri) as conn:
+                choice = resolve_virt_type(conn, settings.virt_type)
+            if choice is not None:
+                check_resume_timeout([plan], choice.virt_type, settings.cluster_file)
     except ConfigError as exc:
         raise pulumi.RunError(f"{exc}\n{exc.report()}") from None
     except AihowError as exc:
@@ -69,11 +71,11 @@ def main() -> None:
         raise pulumi.RunError(f"guest image(s) {', '.join(missing)} not built; allowed: build them first with "
                               + " and ".join(f"`invoke image.build --role {role}`" for role in missing))
     try:
-        ledger = host_ledger(settings.ledger_path, settings.libvirt_uri)
+        ledgers = {uri: host_ledger(settings.ledger_path, uri) for _host, uri in hosts_of(plan, settings.libvirt_uri)}
     except AihowError as exc:
         raise pulumi.RunError(str(exc)) from None
     cluster = Cluster(plan.key, ClusterArgs(plan=plan, settings=settings, stack=stack, login_key=key_text,
-                                            power=power, ledger=ledger))
+                                            power=power, ledgers=ledgers))
     pulumi.export("cluster", cluster.outputs)
     pulumi.export("nodes", {node.outputs["name"]: node.outputs for node in cluster.nodes})
 

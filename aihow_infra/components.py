@@ -3,16 +3,19 @@ volume, GPU leases and domain."""
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 import pulumi
 
 from aihow_infra.cloudinit import SeedSpec, seed_files
+from aihow_infra.config import ImageRole
 from aihow_infra.desired import DesiredPower
 from aihow_infra.gpu.ledger import LeaseRef, holder_for
 from aihow_infra.images import KERNEL_CMDLINE, image_for
 from aihow_infra.kinds import kind_of
 from aihow_infra.libvirt.guest import console_log_path
+from aihow_infra.placement import hosts_of, vm_uri
 from aihow_infra.plan import ClusterPlan, VmPlan
 from aihow_infra.settings import StackSettings
 from providers.domain import Acceleration, Boot, Domain, DomainArgs, HostDevice, Mount
@@ -24,8 +27,8 @@ from providers.storage import HostImage, HostImageArgs, PoolArgs, StoragePool, V
 
 @dataclass(frozen=True)
 class NodeArgs:
-    """What a node needs: its plan, its cluster's, the stack's settings, the login key, and its
-    cluster's network and pool."""
+    """What a node needs: its plan, its cluster's, the stack's settings, the login key, and the
+    network, pool, image and GPU lease ledger of its cluster on its host."""
 
     vm: VmPlan
     cluster: ClusterPlan
@@ -37,7 +40,8 @@ class NodeArgs:
     network_id: pulumi.Output[str]
     pool_name: pulumi.Output[str]
     pool_path: str
-    ledger: str  # the GPU leases of the stack's host (libvirt/identity.py host_ledger)
+    ledger: str  # the GPU leases of the node's host (gpu/hosts.py host_ledger)
+    uri: str  # the libvirt URI of the node's host
     host_image: HostImage | None = None  # the node's image on its host (copied there when missing)
 
 
@@ -105,7 +109,7 @@ class Node(pulumi.ComponentResource):
         image = image_for(vm.image) if vm.image else None
         on_host = [args.host_image] if args.host_image else []
         volume = Volume(f"{name}-disk", VolumeArgs(
-            uri=settings.libvirt_uri,
+            uri=args.uri,
             pool=args.pool_name,
             name=f"{vm.name}.qcow2",
             size_gb=vm.disk_gb,
@@ -114,7 +118,7 @@ class Node(pulumi.ComponentResource):
         # (the tasks lift the protection then), may delete it.
         ), pulumi.ResourceOptions(parent=self, protect=True, depends_on=on_host))
         seed = Seed(f"{name}-seed", SeedArgs(
-            uri=settings.libvirt_uri,
+            uri=args.uri,
             pool=args.pool_name,
             name=f"{vm.name}-seed.iso",
             files=seed_files(seed_spec(args.vm, args.cluster, args.settings.login_user, args.login_key)),
@@ -128,7 +132,7 @@ class Node(pulumi.ComponentResource):
         ] if running and vm.claims else []
 
         self.domain = Domain(f"{name}-domain", DomainArgs(
-            uri=settings.libvirt_uri,
+            uri=args.uri,
             name=vm.name,
             stack=args.stack,
             cluster=vm.cluster_name,
@@ -179,6 +183,8 @@ class Node(pulumi.ComponentResource):
             "desired_power": "running" if running else "stopped",
             "power_state": self.domain.state,
             "image": vm.image or vm.base_image,
+            "host": vm.host,
+            "libvirt_uri": args.uri,
             "login_user": settings.login_user if vm.boots else None,
             "ready": self.domain.ready,
             "addresses": self.domain.addresses,
@@ -188,14 +194,15 @@ class Node(pulumi.ComponentResource):
 
 @dataclass(frozen=True)
 class ClusterArgs:
-    """A cluster's plan, the stack's settings, its power records and its host's GPU lease ledger."""
+    """A cluster's plan, the stack's settings, its power records and the GPU lease ledger of each
+    host it runs on."""
 
     plan: ClusterPlan
     settings: StackSettings
     stack: str
     login_key: str
     power: DesiredPower
-    ledger: str  # the GPU leases of the stack's host (gpu/hosts.py host_ledger)
+    ledgers: Mapping[str, str]  # by libvirt URI: that host's GPU leases (gpu/hosts.py host_ledger)
 
 
 class Cluster(pulumi.ComponentResource):
@@ -211,26 +218,27 @@ class Cluster(pulumi.ComponentResource):
         super().__init__(f"aihow:libvirt:{kind_of(args.plan.key).component_type}", name, None, opts)
         plan, settings = args.plan, args.settings
         child = pulumi.ResourceOptions(parent=self)
-        network = Network("network", network_args(plan, settings.libvirt_uri, args.stack), child)
+        # Per host the cluster runs on (its own first, under the names one host always had): a
+        # network, a pool, and each image its nodes boot (found there, or copied through libvirt).
         pool_path = settings.pool_folder(plan.name)
-        pool = StoragePool("pool", PoolArgs(
-            uri=settings.libvirt_uri,
-            name=plan.pool_name,
-            path=pool_path,
-        ), child)
-        # Each image the nodes boot, on the cluster's host: found there, or copied through libvirt.
-        images = {role: HostImage(f"image-{role}", HostImageArgs(
-            uri=settings.libvirt_uri, name=image.folder.name, source=str(image.folder), folder=str(image.folder),
-            files=[f.name for f in image.files]), child)
-            for role, image in ((r, image_for(r)) for r in sorted({vm.image for vm in plan.vms if vm.image}))}
-        self.nodes = [
-            Node(vm.short_name, NodeArgs(vm=vm, cluster=plan, settings=settings, stack=args.stack,
-                                         login_key=args.login_key, power=args.power, network_name=network.name,
-                                         network_id=network.uuid,
-                                         pool_name=pool.name, pool_path=pool_path,
-                                         ledger=args.ledger, host_image=images[vm.image] if vm.image else None), child)
-            for vm in plan.vms
-        ]
+        on_host: dict[str, tuple[Network, StoragePool, dict[ImageRole, HostImage]]] = {}
+        for host, uri in hosts_of(plan, settings.libvirt_uri):
+            suffix = "" if host == plan.host else f"-{host}"
+            network = Network(f"network{suffix}", network_args(plan, uri, args.stack), child)
+            pool = StoragePool(f"pool{suffix}", PoolArgs(uri=uri, name=plan.pool_name, path=pool_path), child)
+            roles = sorted({vm.image for vm in plan.vms if vm.image and vm_uri(vm, settings.libvirt_uri) == uri})
+            images = {role: HostImage(f"image-{role}{suffix}", HostImageArgs(
+                uri=uri, name=image.folder.name, source=str(image.folder), folder=str(image.folder),
+                files=[f.name for f in image.files]), child) for role, image in ((r, image_for(r)) for r in roles)}
+            on_host[uri] = (network, pool, images)
+        self.nodes = []
+        for vm in plan.vms:
+            uri = vm_uri(vm, settings.libvirt_uri)
+            network, pool, images = on_host[uri]
+            self.nodes.append(Node(vm.short_name, NodeArgs(
+                vm=vm, cluster=plan, settings=settings, stack=args.stack, login_key=args.login_key, power=args.power,
+                network_name=network.name, network_id=network.uuid, pool_name=pool.name, pool_path=pool_path,
+                ledger=args.ledgers[uri], uri=uri, host_image=images[vm.image] if vm.image else None), child))
         self.outputs = {
             "name": plan.name,
             "key": plan.key,

@@ -105,19 +105,38 @@ def _check_devices(plan: ClusterPlan) -> list[str]:
     return problems
 
 
-def _elsewhere(plan: ClusterPlan) -> bool:
-    """Whether the file places the cluster on a host that is not this machine."""
-    return plan.host_uri is not None and not runs_here(plan.host_uri)
+def _elsewhere(vm: VmPlan) -> bool:
+    """Whether the file places the VM on a host that is not this machine."""
+    return vm.host_uri is not None and not runs_here(vm.host_uri)
 
 
-def _on_another_machine(plan: ClusterPlan, vm: VmPlan) -> list[str]:
+def _on_another_machine(vm: VmPlan) -> list[str]:
     """A node on a host that is not this machine takes only what the project can copy there
     through libvirt (its own images): not a path of that host's files, which it cannot see."""
-    why = (f"the cluster runs on host {plan.host!r} ({plan.host_uri}), whose files this machine cannot see; allowed: "
+    why = (f"the node runs on host {vm.host!r} ({vm.host_uri}), whose files this machine cannot see; allowed: "
            "the project's images (image: base, hpc or cloud, copied to each host through libvirt) and no host "
            "folders, or a host on this machine")
     return ([f"{vm.key_path}.base_image_path: '{vm.base_image}': {why}"] if vm.base_image else []) + \
         [f"{vm.key_path}.virtio_fs_mounts[{i}].host_path: '{m.host_path}': {why}" for i, m in enumerate(vm.mounts)]
+
+
+def _check_spread(plan: ClusterPlan) -> list[str]:
+    """A cluster whose nodes run on several hosts needs one layer-2 network across them: a host
+    bridge of the same name on each (``forward_mode: bridge``); libvirt's isolated and NAT
+    networks end at their host."""
+    if not plan.spread or plan.forward_mode == "bridge":
+        return []
+    first = plan.vms[0]
+
+    def host(vm: VmPlan) -> str:
+        return repr(vm.host) if vm.host else "the stack's host (aihow:libvirtUri)"
+
+    return [f"{vm.key_path}.host: {host(vm)} puts the cluster on a second host besides {host(first)} of "
+            f"{first.key_path}, but "
+            f"clusters.{plan.key}.network.forward_mode is {plan.forward_mode!r}, a network that ends at its host (the "
+            "nodes could not reach each other); allowed: forward_mode 'bridge' (a bridge of that name on every host, "
+            "joined at layer 2), or one host for the whole cluster"
+            for vm in plan.vms if vm.host != first.host]
 
 
 def _check_images(plans: list[ClusterPlan]) -> list[str]:
@@ -128,7 +147,7 @@ def _check_images(plans: list[ClusterPlan]) -> list[str]:
             if vm.disk_gb < root_gb:
                 problems.append(f"{vm.key_path}.disk_gb: {vm.disk_gb} is smaller than the {vm.image} image's root "
                                 f"file system ({root_gb} GiB); allowed: {root_gb} or more")
-            if _elsewhere(plan):
+            if _elsewhere(vm):
                 continue  # its files are refused (_on_another_machine)
             for i, mount in enumerate(vm.mounts):
                 if not Path(mount.host_path).is_dir():
@@ -179,9 +198,11 @@ def cross_check(file: ClusterFile, *, check_images: bool = True, allow_system_pa
         cluster = getattr(file.clusters, key)
         if cluster is not None:
             problems += _check_worker_types(key, cluster)
-            if cluster.host is not None and cluster.host not in file.hosts:
-                problems.append(f"clusters.{key}.host: {cluster.host!r} is not a host of this file; allowed: a name "
-                                f"under hosts ({', '.join(sorted(file.hosts)) or 'none defined'})")
+            named = [(f"clusters.{key}.host", cluster.host)] + [
+                (f"{path}.host", node.host) for path, node, _role, _short in node_entries(key, cluster)]
+            problems += [f"{where}: {host!r} is not a host of this file; allowed: a name under hosts "
+                         f"({', '.join(sorted(file.hosts)) or 'none defined'})"
+                         for where, host in named if host is not None and host not in file.hosts]
     if problems:
         return problems
     plans = plan_all(file)
@@ -189,8 +210,8 @@ def cross_check(file: ClusterFile, *, check_images: bool = True, allow_system_pa
         problems += _check_addresses(plan)
         problems += _check_devices(plan)
         problems += _check_kubernetes_networks(plan)
-        if _elsewhere(plan):
-            problems += [p for vm in plan.vms for p in _on_another_machine(plan, vm)]
+        problems += [p for vm in plan.vms if _elsewhere(vm) for p in _on_another_machine(vm)]
+        problems += _check_spread(plan)
 
     names: dict[str, str] = {}
     macs: dict[str, str] = {}

@@ -31,14 +31,15 @@ class Access:
     """How Ansible reaches the guests of a stack."""
 
     kind: Literal["ssh", "agent"] = "ssh"
-    libvirt_uri: str = "qemu:///system"
+    libvirt_uri: str = "qemu:///system"  # where the guest agent is reached, unless the node's outputs say
+
     ssh_key: str | None = None
 
     def host_vars(self, node: Mapping[str, Any]) -> dict[str, Any]:
         """The connection variables of one guest."""
         if self.kind == "agent":
             return {"ansible_connection": AGENT_CONNECTION, "ansible_host": node["name"],
-                    "ansible_libvirt_uri": self.libvirt_uri}
+                    "ansible_libvirt_uri": node.get("libvirt_uri") or self.libvirt_uri}
         found: dict[str, Any] = {}
         if node.get("ip"):
             found["ansible_host"] = node["ip"]

@@ -76,6 +76,8 @@ class ExpectedVm:
     memory_mib: int
     disk: str
     gpu_functions: list[str]
+    uri: str | None = None  # the host it runs on, when not the stack's cluster's
+    ledger: str | None = None  # that host's GPU lease ledger
 
 
 @dataclass(frozen=True)
@@ -99,12 +101,21 @@ class Expected:
 def drift(expected: Expected) -> list[str]:
     """What libvirt (and the ledger) hold that differs from ``expected``; empty when nothing."""
     found = [f"image {image} is gone" for image in expected.images if not Path(image).is_dir()]
-    try:
-        holders = {address: lease.holder for address, lease in Ledger(expected.ledger).leases().items()}
-    except LeaseError as exc:
-        found.append(str(exc))  # the engine's run says it again, with what to do
-        holders = {}
-    with connect(expected.uri) as conn:
+    for uri in dict.fromkeys([expected.uri, *(vm.uri for vm in expected.vms if vm.uri)]):
+        found += _host_drift(expected, uri, [vm for vm in expected.vms if (vm.uri or expected.uri) == uri])
+    return found
+
+
+def _host_drift(expected: Expected, uri: str, vms: list[ExpectedVm]) -> list[str]:
+    """``drift`` on one host the stack runs on: its network, pool, and the VMs ``vms`` there."""
+    found: list[str] = []
+    holders: dict[str, str | None] = {}
+    for ledger in dict.fromkeys(vm.ledger or expected.ledger for vm in vms):
+        try:
+            holders |= {address: lease.holder for address, lease in Ledger(ledger).leases().items()}
+        except LeaseError as exc:
+            found.append(str(exc))  # the engine's run says it again, with what to do
+    with connect(uri) as conn:
         net = lookup("looking up network", conn.networkLookupByName, expected.network)
         pool = lookup("looking up pool", conn.storagePoolLookupByName, expected.pool)
         if net is None or not net.isActive():
@@ -113,7 +124,7 @@ def drift(expected: Expected) -> list[str]:
             return [*found, f"pool {expected.pool} is not active"]
         pool.refresh(0)
         volumes = {vol.name() for vol in pool.listAllVolumes()}
-        for vm in expected.vms:
+        for vm in vms:
             if vm.disk not in volumes:
                 found.append(f"disk of {vm.name} is missing")
             dom = lookup("looking up domain", conn.lookupByName, vm.name)

@@ -104,6 +104,8 @@ class VmPlan:
     pod_subnet: str | None = None  # Cloud: this node's /24 of the cluster's pod subnet
     dhcp: bool = False  # the guest asks DHCP for its address (``ip: DHCP`` or none); ``ip`` is reserved for it
     on_demand: bool = False  # the power broker starts and stops it for work (``auto_start`` is then False)
+    host: str | None = None  # the host it runs on (its own ``host``, else its cluster's); None: the stack's
+    host_uri: str | None = None  # that host's libvirt URI; None: the stack's ``aihow:libvirtUri``
 
     @property
     def boots(self) -> bool:
@@ -169,6 +171,11 @@ class ClusterPlan:
     def pool_name(self) -> str:
         """libvirt storage pool name (ai-how's)."""
         return f"{self.name}-pool"
+
+    @property
+    def spread(self) -> bool:
+        """Whether its nodes run on more than one host (a node placed off its cluster's host)."""
+        return len({vm.host for vm in self.vms}) > 1
 
     def vm(self, name: str) -> VmPlan:
         """The VM called ``name``; KeyError when this cluster has none."""
@@ -258,6 +265,12 @@ def _reserved_addresses(nodes: list[NodeSpec], gateway: ipaddress.IPv4Address,
     return [node.ip if node.ip is not None else next(free, None) for node in nodes]
 
 
+def _host_uri(file: ClusterFile, host: str | None) -> str | None:
+    """The libvirt URI of a host the file names (None for none, or one it does not define:
+    crosscheck says so)."""
+    return file.hosts[host].uri if host is not None and host in file.hosts else None
+
+
 def plan_cluster(file: ClusterFile, key: ClusterKey, source: str = "cluster file") -> ClusterPlan:
     """The plan of ``clusters.<key>``; ``ConfigError`` when the file has no such cluster."""
     cluster: HpcCluster | CloudCluster | None = getattr(file.clusters, key)
@@ -293,6 +306,8 @@ def plan_cluster(file: ClusterFile, key: ClusterKey, source: str = "cluster file
             mounts=tuple(node.virtio_fs_mounts),
             cloud_init=_merge_user_data(cluster.cloud_init.user_data(), node.cloud_init.user_data()),
             pod_subnet=str(_node_pod_subnet(kube.pod_subnet, index)) if kube else None,
+            host=node.host or cluster.host,
+            host_uri=_host_uri(file, node.host or cluster.host),
         )
         for index, ((path, node, role, short), address) in enumerate(zip(entries, addresses, strict=True))
     )
@@ -309,7 +324,7 @@ def plan_cluster(file: ClusterFile, key: ClusterKey, source: str = "cluster file
         dns_servers=tuple(str(d) for d in net.dns_servers),
         vms=vms,
         host=cluster.host,
-        host_uri=file.hosts[cluster.host].uri if cluster.host in file.hosts else None,
+        host_uri=_host_uri(file, cluster.host),
         partitions=_partitions(cluster),
         max_job_time=cluster.slurm_config.max_job_time if isinstance(cluster, HpcCluster) else "INFINITE",
         **({"suspend_time": cluster.slurm_config.suspend_time, "resume_timeout": cluster.slurm_config.resume_timeout}
@@ -366,7 +381,7 @@ def shared_devices(plans: list[ClusterPlan]) -> list[SharedDevice]:
     for plan in plans:
         for vm in plan.vms:
             for device in vm.devices:
-                users[device.pci_address].append((plan.host, vm))
+                users[device.pci_address].append((vm.host, vm))
     shared = []
     for address, found in sorted(users.items()):
         hosts = {host for host, _vm in found}

@@ -67,6 +67,7 @@ class VmStatus:
     workload: str = ""  # what the cluster's software says of the node (SLURM: idle; Kubernetes: Ready...)
     disk: str = "-"  # 'present' or 'missing' (libvirt's view of its volume)
     on_demand: bool = False  # `aihow broker` starts and stops it (for SLURM's power saving, or a pending pod)
+    host: str | None = None  # the cluster file's host it runs on (None: the stack's aihow:libvirtUri)
 
     @property
     def workload_name(self) -> str:
@@ -98,7 +99,7 @@ class VmStatus:
                    image=vm.image or vm.base_image, ready=bool(guest and guest.ready) if vm.boots else None,
                    guest=_guest_word(guest) if vm.boots else "no image",
                    addresses=[a for found in (guest.addresses if guest else {}).values() for a in found],
-                   disk=disk, on_demand=vm.on_demand)
+                   disk=disk, on_demand=vm.on_demand, host=vm.host)
 
 
 def _guest_word(guest: GuestState | None) -> str:

@@ -215,13 +215,21 @@ BAD_INPUTS: list[tuple[str, dict[str, Any], str]] = [
     ("cluster on an unknown host", placed_on("gpu3", "clusters.hpc.host"),
      r"^clusters\.hpc\.host: 'gpu3' is not a host of this file; allowed: a name under hosts \(gpu2\)$"),
     ("base image on another machine", placed_on("gpu2", f"{NODE}.base_image_path", "/srv/mine.qcow2"),
-     r"^clusters\.hpc\.compute_nodes\[0\]\.base_image_path: '/srv/mine\.qcow2': the cluster runs on host 'gpu2' "
+     r"^clusters\.hpc\.compute_nodes\[0\]\.base_image_path: '/srv/mine\.qcow2': the node runs on host 'gpu2' "
      r"\(qemu\+ssh://root@gpu2/system\), whose files this machine cannot see; allowed: the project's images"),
     ("shared folder on another machine",
      placed_on("gpu2", f"{NODE}.virtio_fs_mounts", [{"tag": "data", "host_path": "/srv/data",
                                                       "mount_point": "/data"}]),
-     r"^clusters\.hpc\.compute_nodes\[0\]\.virtio_fs_mounts\[0\]\.host_path: '/srv/data': the cluster runs on "
+     r"^clusters\.hpc\.compute_nodes\[0\]\.virtio_fs_mounts\[0\]\.host_path: '/srv/data': the node runs on "
      r"host 'gpu2'"),
+    ("node on an unknown host", placed_on("gpu2", f"{NODE}.host", "gpu9"),
+     r"^clusters\.hpc\.compute_nodes\[0\]\.host: 'gpu9' is not a host of this file; allowed: a name under hosts "
+     r"\(gpu2\)$"),
+    ("cluster spread over hosts on a network that ends at its host",
+     mutate(f"{NODE}.host", "gpu2") | {"hosts": {"gpu2": {"uri": "qemu+ssh://root@gpu2/system"}}},
+     r"^clusters\.hpc\.compute_nodes\[0\]\.host: 'gpu2' puts the cluster on a second host besides the stack's "
+     r"host \(aihow:libvirtUri\) of clusters\.hpc\.controller, but clusters\.hpc\.network\.forward_mode is 'nat', "
+     r"a network that ends at its host \(the nodes could not reach each other\); allowed: forward_mode 'bridge'"),
     ("service subnet over the pod subnet",
      mutate("clusters.cloud.kubernetes_config", {"pod_subnet": "10.96.0.0/16", "service_subnet": "10.96.0.0/12"}),
      r"kubernetes_config\.service_subnet: '10\.96\.0\.0/12' overlaps clusters\.cloud\.kubernetes_config\.pod_subnet"),
@@ -645,3 +653,18 @@ def test_the_file_and_the_stack_place_a_cluster_once() -> None:
     plain = plan_all(parse_cluster_file(base(), env={}))[0]
     assert placed(other, plain) is other
     assert by_host([hpc, plain], "qemu:///system") == {"qemu+ssh://root@a/system": [hpc], "qemu:///system": [plain]}
+
+
+def test_a_cluster_spread_over_hosts_on_one_bridge_is_valid_and_each_node_knows_its_host() -> None:
+    data = on_one_lan(f"{NODE}.host", "gpu2")
+    data["hosts"] = {"gpu2": {"uri": "qemu+ssh://root@gpu2/system"}}
+    hpc = plan_all(parse_cluster_file(data, env={}))[0]
+    assert hpc.spread and hpc.host is None
+    assert [(vm.short_name, vm.host, vm.host_uri) for vm in hpc.vms] == [
+        ("controller", None, None), ("compute-01", "gpu2", "qemu+ssh://root@gpu2/system")]
+    groups = by_host([hpc], "qemu:///system")
+    assert {uri: [vm.short_name for plan in plans for vm in plan.vms] for uri, plans in groups.items()} == {
+        "qemu:///system": ["controller"], "qemu+ssh://root@gpu2/system": ["compute-01"]}
+    # The GPU of compute-01 (on gpu2) and of the Cloud GPU worker (on the stack's host, which may
+    # be gpu2 too) may be one device: still reported as shared.
+    assert [s.address for s in shared_devices(plan_all(parse_cluster_file(data, env={})))] == ["0000:01:00.0"]

@@ -171,3 +171,28 @@ def test_invalid_input_fails_at_the_start_and_registers_nothing(
     with pytest.raises(Exception, match=message):
         run_program(stack, config, mocks)
     assert mocks.resources == []  # not even a network
+
+
+def test_a_cluster_spread_over_two_hosts_has_a_network_pool_and_image_on_each(tmp_path: Path) -> None:
+    """The HPC controller on the stack's host (libvirtd here), its GPU node on host ``lab`` (libvirt's
+    test driver), both joining bridge br-hpc: the controller's host keeps the names one host always
+    had, the other's carry its name; each node's disk, seed, domain and lease are on its own host."""
+    data = base()
+    data["hosts"] = {"lab": {"uri": "test:///default"}}
+    hpc = data["clusters"]["hpc"]
+    hpc["image"] = "hpc"
+    hpc["network"]["forward_mode"] = "bridge"
+    hpc["compute_nodes"][0]["host"] = "lab"
+    mocks = run_program("hpc", {"clusterFile": write(tmp_path, data), "ledgerPath": "/srv/l.json"})
+    named = {r.name: r.inputs for r in mocks.resources}
+    assert {name: named[name]["uri"] for name in ("network", "network-lab", "pool", "pool-lab", "image-hpc",
+                                                  "image-hpc-lab")} == {
+        "network": "qemu:///system", "network-lab": "test:///default", "pool": "qemu:///system",
+        "pool-lab": "test:///default", "image-hpc": "qemu:///system", "image-hpc-lab": "test:///default"}
+    assert named["network"]["bridge"] == named["network-lab"]["bridge"] == "br-hpc"
+    assert {r.inputs["name"]: r.inputs["uri"] for r in mocks.of_type(":Domain")} == {
+        "hpc-controller": "qemu:///system", "hpc-compute-01": "test:///default"}
+    assert named["compute-01-disk"]["uri"] == named["compute-01-seed"]["uri"] == "test:///default"
+    assert [lease.name for lease in mocks.of_type(":GpuLease")] == ["compute-01-lease-0000-01-00"]
+    nodes = {r.name: r for r in mocks.resources if r.typ == "aihow:libvirt:Node"}
+    assert set(nodes) == {"controller", "compute-01"}

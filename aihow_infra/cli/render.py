@@ -97,6 +97,9 @@ def images_table(rows: list[tuple[str, Image, bool]]) -> Table:
     return table
 
 
+STACK_HOST = "the stack's host"  # a VM the cluster file places on no host: aihow:libvirtUri's
+
+
 def _state_style(state: str) -> str:
     return {"running": "green", PLANNED: "white"}.get(state, "yellow")
 
@@ -117,6 +120,7 @@ def topology_tree(status: SystemStatus) -> Tree:
             continue
         state = f" {cluster.network_state}" if cluster.network_state not in ("-", "active") else ""
         net = node.add(f"[cyan]network {cluster.network} {cluster.cidr}{state}[/cyan]")
+        spread = len({vm.host for vm in cluster.vms}) > 1  # then each VM says its host
         for vm in cluster.vms:
             vs = _state_style(vm.state)
             branch = net.add(
@@ -124,7 +128,8 @@ def topology_tree(status: SystemStatus) -> Tree:
                 f"{vm.vcpus} vCPU {vm.memory_gb} GiB [{vs}]{vm.state_word}[/{vs}]"
                 + (f" {vm.guest}" if vm.state == "running" and vm.guest not in ("", "-") else "")
                 + (f" {vm.workload_name} {vm.workload}" if vm.workload and vm.workload != "answers" else "")
-                + (" (on demand)" if vm.on_demand else "" if vm.auto_start else " (manual start)"))
+                + (" (on demand)" if vm.on_demand else "" if vm.auto_start else " (manual start)")
+                + (f" on {vm.host or STACK_HOST}" if spread else ""))
             for gpu in vm.gpus:
                 label = f"[magenta]GPU {gpu.address}[/magenta]"
                 share = shared.get(gpu.address)

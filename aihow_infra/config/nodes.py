@@ -133,6 +133,7 @@ class NodeSpec(ImageChoice):
     ip: ipaddress.IPv4Address | None = None
     auto_start: bool = True
     on_demand: bool = False  # SLURM power saving: off until a job needs it, off again when idle
+    host: str | None = None  # a host of the file's ``hosts`` to run on, when not its cluster's
     cloud_init: CloudInit = Field(default_factory=CloudInit)
     pcie_passthrough: PciePassthrough = Field(default_factory=PciePassthrough)
     virtio_fs_mounts: list[VirtioFsMount] = Field(default_factory=list)

@@ -40,8 +40,8 @@ class Operator(Status):
 
     def console_command(self, name: str) -> list[str]:
         """The command that attaches to a VM's serial console (leave it with Ctrl-]) ."""
-        view, _vm = self.find_vm(name)
-        return ["virsh", "-c", view.settings.libvirt_uri, "console", name]
+        view, vm = self.find_vm(name)
+        return ["virsh", "-c", view.uri_of(vm), "console", name]
 
     def kubectl(self, stack: str, args: list[str]) -> tuple[int, str, str]:
         """``kubectl ARGS`` on the stack's control plane, through its guest agent: the exit code,
@@ -60,7 +60,7 @@ class Operator(Status):
         """Who holds the GPUs VM ``name`` takes, other than itself (``<stack>/<vm>``, as the
         ledger records them), in claim order."""
         view, vm = self.find_vm(name)
-        ledger, own = ledger_of(view.settings), holder_for(view.stack, name)
+        ledger, own = ledger_of(view.settings, view.uri_of(vm)), holder_for(view.stack, name)
         holders = [lease.holder for c in vm.claims if (lease := ledger.holder_of(c.address)) is not None]
         return list(dict.fromkeys(h for h in holders if h and h != own))
 

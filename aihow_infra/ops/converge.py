@@ -8,6 +8,7 @@ import contextlib
 from collections import Counter
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import replace
 
 from aihow_infra.changes import risks
 from aihow_infra.crosscheck import bridge_problems
@@ -72,8 +73,12 @@ class Converging(ProjectOps):
         plan = view.plan
         if plan.forward_mode != "bridge":
             return
-        with connect(view.settings.libvirt_uri) as conn:
-            problems = bridge_problems(plan, missing_bridge(conn, plan.bridge), host_addresses(conn, plan.bridge))
+        problems = []
+        for uri in view.hosts():  # each host the cluster spreads over has its bridge of that name
+            with connect(uri) as conn:
+                on_host = replace(plan, vms=tuple(vm for vm in plan.vms if view.uri_of(vm) == uri))
+                problems += bridge_problems(on_host, missing_bridge(conn, plan.bridge),
+                                            host_addresses(conn, plan.bridge))
         if problems:
             file = str(self.cluster_file_path(view.settings))
             raise ConfigError(problems, f"cluster file {file}", file=file)
@@ -98,7 +103,10 @@ class Converging(ProjectOps):
             ledger=ledger_of(view.settings).location, images=images,
             vms=[ExpectedVm(name=vm.name, running=view.power.wants_running(vm.name, vm.auto_start),
                             vcpus=vm.cpu_cores, memory_mib=vm.memory_gb * 1024, disk=f"{vm.name}.qcow2",
-                            gpu_functions=[a for c in vm.claims for a in c.functions]) for vm in view.plan.vms])
+                            gpu_functions=[a for c in vm.claims for a in c.functions],
+                            **({"uri": uri, "ledger": ledger_of(view.settings, uri).location}
+                               if (uri := view.uri_of(vm)) != view.settings.libvirt_uri else {}))
+                 for vm in view.plan.vms])
         self.last_runs.save(stack, self.cluster_file_path(view.settings), self.workspace.state_stamp(stack), expected)
 
     def preview(self, stacks: list[str], diff: bool = False) -> dict[str, str]:

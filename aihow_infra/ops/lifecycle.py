@@ -34,10 +34,15 @@ class Lifecycle(Deploying):
         dom = lookup("looking up domain", conn.lookupByName, heads[0].name) if heads else None
         return dom if dom is not None and dom.isActive() else None
 
+    def head_uri(self, view: StackView) -> str:
+        """The libvirt URI of the host the cluster's head (controller, control plane) runs on."""
+        heads = [vm for vm in view.plan.vms if vm.role == kind_of(view.plan.key).head_role]
+        return view.uri_of(heads[0]) if heads else view.settings.libvirt_uri
+
     @contextlib.contextmanager
     def running_head(self, view: StackView) -> Iterator[Any]:
-        """``head_of`` the stack's cluster, with a libvirt connection open while it is used."""
-        with connect(view.settings.libvirt_uri) as conn:
+        """``head_of`` the stack's cluster, with a connection to its host open while it is used."""
+        with connect(self.head_uri(view)) as conn:
             yield self.head_of(view, conn)
 
     def _drain(self, view: StackView, vms: list[VmPlan]) -> None:
@@ -56,11 +61,12 @@ class Lifecycle(Deploying):
         through is now. One that is not home (libvirt's reattach and the domain provider's rebind
         both left it elsewhere) is sent home once more; what stops it is said in one line, with
         the command that frees it. The VMs did stop: this warns, it does not fail."""
-        host = local_host(view.settings.libvirt_uri)
+        here = [vm for vm in view.plan.vms if vm.name in names and local_host(view.uri_of(vm)) is not None]
+        host = local_host(view.uri_of(here[0])) if here else None
         if host is None:
-            return
-        leases = ledger_of(view.settings).leases()
-        addresses = dict.fromkeys(d.pci_address for vm in view.plan.vms if vm.name in names for d in vm.devices)
+            return  # a remote host's sysfs is not read here
+        leases = ledger_of(view.settings, view.uri_of(here[0])).leases()
+        addresses = dict.fromkeys(d.pci_address for vm in here for d in vm.devices)
         for address in addresses:
             lease = leases.get(address)
             home = lease.home if lease else DEFAULT_HOME
@@ -83,10 +89,11 @@ class Lifecycle(Deploying):
             raise AihowError(f"cluster {view.plan.name} is stopped (system.down); run `aihow system.up` first")
         # A GPU held elsewhere, or held open by a host process, is refused now, not after an engine
         # run (whose lease and the domain provider still decide).
-        ledger_of(view.settings).check_free(holder_for(view.stack, name), [c.address for c in vm.claims])
-        host = local_host(view.settings.libvirt_uri)
+        ledger = ledger_of(view.settings, view.uri_of(vm))
+        ledger.check_free(holder_for(view.stack, name), [c.address for c in vm.claims])
+        host = local_host(view.uri_of(vm))
         if host is not None and vm.devices and not is_live(self.live_states(view)[name]):
-            refuse_blind_handover(host, name, [d.pci_address for d in vm.devices], ledger_of(view.settings))
+            refuse_blind_handover(host, name, [d.pci_address for d in vm.devices], ledger)
         self.ensure_images([view])
         self.progress(f"starting {name}")
         self._apply_power(view, {name: "running"})
@@ -101,7 +108,7 @@ class Lifecycle(Deploying):
         view, vm = self.find_vm(name)
         if force:
             self.progress(f"powering off {name} (no drain, no shutdown)")
-            with connect(view.settings.libvirt_uri) as conn:
+            with connect(view.uri_of(vm)) as conn:
                 dom = lookup("looking up domain", conn.lookupByName, name)
                 if dom is not None:
                     stop_domain(dom, timeout=0)
@@ -116,13 +123,13 @@ class Lifecycle(Deploying):
     def vm_restart(self, name: str) -> None:
         """Shut down and start again; the VM keeps its leases (nothing Pulumi records changes)."""
         view, vm = self.find_vm(name)
-        with connect(view.settings.libvirt_uri) as conn:
+        with connect(view.uri_of(vm)) as conn:
             dom = lookup("looking up domain", conn.lookupByName, name)
             if dom is None:
                 raise AihowError(f"VM {name} does not exist; run `aihow up --stack {view.stack}`")
             if not view.power.wants_running(name, vm.auto_start):
                 raise AihowError(f"VM {name} is meant to be stopped; use `aihow vm.start {name}`")
-            host = local_host(view.settings.libvirt_uri)
+            host = local_host(view.uri_of(vm))
             for address in [d.pci_address for d in vm.devices if host and host.reset_methods(d.pci_address) == []]:
                 self.progress(f"warning: device {address} has no reset method: {name} gets it back as it left it "
                               "(a GPU may hang until the host reboots; `aihow host.check` says what helps)")

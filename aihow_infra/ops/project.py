@@ -25,7 +25,7 @@ from aihow_infra.lastrun import LastRuns
 from aihow_infra.libvirt.connection import connect, lookup
 from aihow_infra.libvirt.power import UNDEFINED, state_name
 from aihow_infra.loading import load_cluster_file
-from aihow_infra.placement import placed
+from aihow_infra.placement import hosts_of, placed, vm_uri
 from aihow_infra.plan import ClusterPlan, VmPlan, plan_cluster
 from aihow_infra.progress import describe
 from aihow_infra.settings import DEFAULT_LEDGER, StackSettings, parse_settings
@@ -56,6 +56,14 @@ class StackView:
     settings: StackSettings
     plan: ClusterPlan
     power: DesiredPower
+
+    def uri_of(self, vm: VmPlan) -> str:
+        """The libvirt URI of the host ``vm`` runs on."""
+        return vm_uri(vm, self.settings.libvirt_uri)
+
+    def hosts(self) -> list[str]:
+        """The libvirt URI of each host the cluster runs on, its own first."""
+        return [uri for _host, uri in hosts_of(self.plan, self.settings.libvirt_uri)]
 
 
 class ProjectOps:
@@ -209,21 +217,27 @@ class ProjectOps:
         return Ledger(host_ledger(settings.ledger_path, uri)), uri
 
     def live_states(self, view: StackView) -> dict[str, str]:
-        """libvirt's state of each of the stack's VMs, by name."""
-        with connect(view.settings.libvirt_uri) as conn:
-            found = {vm.name: lookup("looking up domain", conn.lookupByName, vm.name) for vm in view.plan.vms}
-            return {name: state_name(dom) if dom is not None else UNDEFINED for name, dom in found.items()}
+        """libvirt's state of each of the stack's VMs (on the host each runs on), by name."""
+        states = {}
+        for uri in view.hosts():
+            with connect(uri) as conn:
+                for vm in view.plan.vms:
+                    if view.uri_of(vm) == uri:
+                        dom = lookup("looking up domain", conn.lookupByName, vm.name)
+                        states[vm.name] = state_name(dom) if dom is not None else UNDEFINED
+        return {vm.name: states[vm.name] for vm in view.plan.vms}
 
     def login(self, view: StackView) -> LoginKey:
         """The key (and private key file, when known) that logs into the stack's guests."""
         return login_key(view.settings.ssh_public_key, self.state.root)
 
 
-def ledger_of(settings: StackSettings) -> Ledger:
-    """The GPU lease ledger of the stack's libvirt host (libvirt/identity.py)."""
-    return Ledger(host_ledger(settings.ledger_path, settings.libvirt_uri))
+def ledger_of(settings: StackSettings, uri: str | None = None) -> Ledger:
+    """The GPU lease ledger of the libvirt host of ``uri`` (default: the stack's cluster's), as
+    gpu/hosts.py keys it by the host's identity."""
+    return Ledger(host_ledger(settings.ledger_path, uri or settings.libvirt_uri))
 
 
-def lease_holders(settings: StackSettings) -> dict[str, str | None]:
-    """Who holds each address of the stack's ledger."""
-    return {address: lease.holder for address, lease in ledger_of(settings).leases().items()}
+def lease_holders(settings: StackSettings, uri: str | None = None) -> dict[str, str | None]:
+    """Who holds each address of the ledger of the host of ``uri`` (default: the cluster's)."""
+    return {address: lease.holder for address, lease in ledger_of(settings, uri).leases().items()}

@@ -56,19 +56,24 @@ class Status(Teardown):
                 clusters.append(ClusterStatus.unreadable(stack, str(exc)))
                 continue
             views.append(view)
-            holders = lease_holders(view.settings)
-            with connect(view.settings.libvirt_uri) as conn:
-                disks = self._disks(view, conn)
-                rows = [replace(self._vm_status(view, vm, conn, holders), disk=disks[vm.name])
-                        for vm in view.plan.vms]
-                workload = self._workload(view, conn)
-                network = _active_word(lookup("looking up network", conn.networkLookupByName, view.plan.network_name))
-                pool = _active_word(lookup("looking up pool", conn.storagePoolLookupByName, view.plan.pool_name))
-                host = f"{call('reading the host name', conn.getHostname)} ({view.settings.libvirt_uri})"
-                host = f"{view.plan.host}: {host}" if view.plan.host else host
-            health = workload[1]
+            found: dict[str, VmStatus] = {}
+            for uri in view.hosts():  # the cluster's own host first: its network and pool are shown
+                with connect(uri) as conn:
+                    disks, holders = self._disks(view, conn), lease_holders(view.settings, uri)
+                    found |= {vm.name: replace(self._vm_status(view, vm, conn, holders), disk=disks[vm.name])
+                              for vm in view.plan.vms if view.uri_of(vm) == uri}
+                    if uri != view.hosts()[0]:
+                        continue
+                    network = _active_word(lookup("looking up network", conn.networkLookupByName,
+                                                  view.plan.network_name))
+                    pool = _active_word(lookup("looking up pool", conn.storagePoolLookupByName, view.plan.pool_name))
+                    host = f"{call('reading the host name', conn.getHostname)} ({uri})"
+                    host = f"{view.plan.host}: {host}" if view.plan.host else host
+            with self.running_head(view) as head:
+                workload = kind_of(view.plan.key).workload(head, view.plan, view.power)
+            rows = [found[vm.name] for vm in view.plan.vms]
             clusters.append(ClusterStatus.of(view.plan, view.stack, view.power.cluster, _with_workload(rows, workload),
-                                             health, network, pool, host))
+                                             workload[1], network, pool, host))
         holders = lease_holders(views[0].settings) if views else {}
         shared = [SharedGpuStatus.of(device, holders.get(device.address))
                   for device in shared_devices([v.plan for v in views])]
@@ -79,9 +84,10 @@ class Status(Teardown):
         """State, guest, IP, vCPUs, memory, GPUs and who holds each GPU's lease, and SLURM's
         state of an HPC node."""
         view, vm = self.find_vm(name)
-        with connect(view.settings.libvirt_uri) as conn:
-            row = self._vm_status(view, vm, conn, lease_holders(view.settings))
-            workload = self._workload(view, conn)
+        with connect(view.uri_of(vm)) as conn:
+            row = self._vm_status(view, vm, conn, lease_holders(view.settings, view.uri_of(vm)))
+        with self.running_head(view) as head:
+            workload = kind_of(view.plan.key).workload(head, view.plan, view.power)
         return _with_workload([row], workload)[0]
 
     def _vm_status(self, view: StackView, vm: VmPlan, conn: Any, holders: dict[str, str | None]) -> VmStatus:
@@ -100,11 +106,6 @@ class Status(Teardown):
                 pool.refresh(0)
             names = {vol.name() for vol in pool.listAllVolumes()}
         return {vm.name: "present" if f"{vm.name}.qcow2" in names else "missing" for vm in view.plan.vms}
-
-    def _workload(self, view: StackView, conn: Any) -> tuple[dict[str, str], str]:
-        """The cluster software's word for each node (SLURM's state, Kubernetes' readiness) and
-        its health line, asked on the cluster's head node."""
-        return kind_of(view.plan.key).workload(self.head_of(view, conn), view.plan, view.power)
 
 
 def _with_workload(rows: list[VmStatus], workload: tuple[dict[str, str], str]) -> list[VmStatus]:

@@ -54,20 +54,31 @@ class Teardown(Lifecycle):
             self.report_homes(view, [vm.name for vm in view.plan.vms])
 
     def _power_off_all(self, view: StackView) -> None:
-        """Power off every running VM of the stack at once (the stack's own only)."""
-        with connect(view.settings.libvirt_uri) as conn:
-            doms = [dom for vm in view.plan.vms
-                    if (dom := lookup("looking up domain", conn.lookupByName, vm.name)) is not None
-                    and dom.isActive() and metadata(dom).get("stack") == view.stack]
-            if doms:
-                with ThreadPoolExecutor(len(doms)) as pool:
-                    list(pool.map(lambda dom: stop_domain(dom, 0), doms))
+        """Power off every running VM of the stack at once (the stack's own only), on each host."""
+        for uri in view.hosts():
+            with connect(uri) as conn:
+                doms = [dom for vm in view.plan.vms if view.uri_of(vm) == uri
+                        and (dom := lookup("looking up domain", conn.lookupByName, vm.name)) is not None
+                        and dom.isActive() and metadata(dom).get("stack") == view.stack]
+                if doms:
+                    with ThreadPoolExecutor(len(doms)) as pool:
+                        list(pool.map(lambda dom: stop_domain(dom, 0), doms))
 
     def _sweep(self, view: StackView) -> None:
+        remaining: list[str] = []
+        for uri in view.hosts():
+            remaining += self._sweep_host(view, uri)
+        if remaining:
+            raise StackError(f"destroy of {view.stack} left {'; '.join(remaining)}; remove them by hand (virsh) "
+                             "if they are no longer needed")
+
+    def _sweep_host(self, view: StackView, uri: str) -> list[str]:
+        """Remove what an interrupted run left of the stack on the host of ``uri``; what is there
+        but not the stack's own, a line each."""
         remaining = []
-        with connect(view.settings.libvirt_uri) as conn:
+        with connect(uri) as conn:
             for vm in view.plan.vms:
-                dom = lookup("looking up domain", conn.lookupByName, vm.name)
+                dom = lookup("looking up domain", conn.lookupByName, vm.name) if view.uri_of(vm) == uri else None
                 if dom is None:
                     continue
                 owner = metadata(dom).get("stack")
@@ -77,7 +88,8 @@ class Teardown(Lifecycle):
                 self.progress(f"removing domain {vm.name}, left by an interrupted run")
                 stop_domain(dom, 0)  # its disk goes too: nothing to shut down for
                 undefine(dom, vm.name)
-            ledger_of(view.settings).release_all([holder_for(view.stack, vm.name) for vm in view.plan.vms])
+            ledger_of(view.settings, uri).release_all([holder_for(view.stack, vm.name) for vm in view.plan.vms
+                                                       if view.uri_of(vm) == uri])
             pool = lookup("looking up pool", conn.storagePoolLookupByName, view.plan.pool_name)
             if pool is not None:
                 remaining += self._sweep_pool(view, pool)
@@ -88,9 +100,7 @@ class Teardown(Lifecycle):
                 else:
                     self.progress(f"removing network {view.plan.network_name}, left by an interrupted run")
                     discard(net)
-        if remaining:
-            raise StackError(f"destroy of {view.stack} left {'; '.join(remaining)}; remove them by hand (virsh) "
-                             "if they are no longer needed")
+        return remaining
 
     def _sweep_pool(self, view: StackView, pool: Any) -> list[str]:
         path = view.settings.pool_folder(view.plan.name)
