@@ -23,7 +23,7 @@ DOMAIN_REBOOT_KEYS = frozenset({"vcpus", "memory_mib", "mac", "devices", "accele
 DOMAIN_DEFINITION_KEYS = DOMAIN_METADATA_KEYS | DOMAIN_NETWORK_KEYS | DOMAIN_REBOOT_KEYS
 
 _TYPE_KINDS = {"Volume": "disk", "Domain": "VM", "Seed": "seed", "Network": "network", "StoragePool": "pool",
-               "GpuLease": "GPU lease"}
+               "GpuLease": "GPU lease", "HostImage": "image"}
 
 
 def changed_keys(olds: Mapping[str, Any], news: Mapping[str, Any], keys: frozenset[str]) -> list[str]:
@@ -53,7 +53,7 @@ class Risk:
 
 def kind_of(urn: str) -> str:
     """What kind of the project's resources a URN names: ``VM``, ``disk``, ``seed``, ``network``,
-    ``pool``, ``GPU lease``; ``resource`` for anything else."""
+    ``pool``, ``GPU lease``, ``image``; ``resource`` for anything else."""
     return _TYPE_KINDS.get(urn.split("::")[-2].rsplit(":", 1)[-1], "resource")
 
 

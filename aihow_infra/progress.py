@@ -33,20 +33,24 @@ _COUNTED = {"create", "update", "replace", "delete", "same"}
 # How a line names each kind of resource (aihow_infra.changes), and the suffix of the names
 # aihow_infra.components gives them.
 _PHRASES = {"VM": ("VM", "-domain"), "disk": ("disk of", "-disk"), "seed": ("seed of", "-seed"),
-            "GPU lease": ("GPU lease of", ""), "network": ("network", ""), "pool": ("storage pool", "")}
+            "GPU lease": ("GPU lease of", ""), "network": ("network", ""), "pool": ("storage pool", ""),
+            "image": ("image", "")}
 
 
 def describe(urn: str) -> str | None:
     """What a resource is, in the operator's words: ``VM compute-01``, ``disk of compute-01``,
-    ``GPU lease of compute-01``, ``network``; None for the project's component resources,
-    providers and the stack itself (they only group the others)."""
+    ``GPU lease of compute-01``, ``network``, ``network on <host>`` (a host besides the
+    cluster's own), ``image hpc``; None for the project's component resources, providers and the
+    stack itself (they only group the others)."""
     parts = urn.split("::")
     if len(parts) < 4 or not parts[-2].rsplit("$", 1)[-1].startswith("pulumi-python:dynamic"):
         return None
     kind, name = kind_of(urn), parts[-1]
     phrase, suffix = _PHRASES.get(kind, (kind, ""))
-    if kind in ("network", "pool"):
-        return phrase
+    if kind in ("network", "pool", "image"):  # "network", "network-<host>", "image-<role>[-<host>]"
+        rest = name.partition("-")[2]
+        what, _, host = rest.partition("-") if kind == "image" else ("", "", rest)
+        return " ".join(w for w in (phrase, what) if w) + (f" on {host}" if host else "")
     if kind == "GPU lease":
         return f"{phrase} {name.split('-lease')[0]}"
     return f"{phrase} {name.removesuffix(suffix)}"

@@ -17,7 +17,7 @@ from aihow_infra.cloudinit import SEED_FILES, seed_iso
 from aihow_infra.libvirt.connection import call, connect
 from aihow_infra.libvirt.render import volume_xml
 from providers.base import Input
-from providers.storage import VolumeInPool
+from providers.storage import VolumeInPool, send_all
 
 
 class SeedArgs(TypedDict):
@@ -52,10 +52,7 @@ class SeedProvider(VolumeInPool):
             try:
                 stream = conn.newStream(0)
                 call(f"uploading seed {name}", vol.upload, stream, 0, len(data), 0)
-                view = memoryview(data)
-                while view:
-                    sent = stream.send(bytes(view[:262144]))
-                    view = view[sent:]
+                send_all(stream, data)
                 stream.finish()
             except BaseException:
                 with contextlib.suppress(libvirt.libvirtError):

@@ -242,6 +242,14 @@ class HostImageArgs(TypedDict):
 
 
 CHUNK = 1 << 20  # bytes per stream write
+
+
+def send_all(stream: libvirt.virStream, data: bytes) -> None:
+    """Write all of ``data`` to a libvirt stream (one send may take part of it)."""
+    view = memoryview(data)
+    while view:
+        sent = stream.send(bytes(view[:CHUNK]))
+        view = view[sent:]
 COPY_WAIT = 1800  # seconds to wait for another run copying the same image to the same host
 
 
@@ -375,7 +383,7 @@ class HostImageProvider(LibvirtProvider):
         try:
             with source.open("rb") as data:
                 while chunk := data.read(CHUNK):
-                    stream.send(chunk)
+                    send_all(stream, chunk)
             stream.finish()
         except (OSError, libvirt.libvirtError) as exc:
             with contextlib.suppress(libvirt.libvirtError):

@@ -15,10 +15,12 @@ from __future__ import annotations
 
 import base64
 import contextlib
+import ipaddress
 import json
 import shlex
 import subprocess
 import sys
+import time
 import xml.etree.ElementTree as ET
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -63,6 +65,7 @@ SIM_ENV = {
     "COLUMNS": "200",
 }
 OUTER_MEMORY_MIB = 4096
+SIM_MAC = "52:54:00:a1:40:02"  # the NIC a test reaches the simulator's libvirtd by (outer_xml's tap)
 # Polling an agent that is not up yet fails on purpose; libvirt would print each failure.
 libvirt.registerErrorHandler(lambda _ctx, _err: None, None)
 PYTHON = f"python{sys.version_info.major}.{sys.version_info.minor}"  # the checkout's virtualenv's
@@ -83,11 +86,15 @@ def nic_passthrough() -> dict[str, Any]:
         {"pci_address": NIC, "device_type": "network", "vendor_id": vendor, "device_id": device}]}
 
 
-def outer_xml(name: str, image: Image, disk: Path, checkout: Path) -> str:
+def outer_xml(name: str, image: Image, disk: Path, checkout: Path, tap: str | None = None) -> str:
     """The simulator's domain: q35 with an IOMMU (interrupt remapping and caching mode, which
     VFIO inside needs), the stand-in GPU as a multi-function device, the checkout over virtiofs.
     Without AMD-V: software emulation offers it (and /dev/kvm appears inside), but a KVM guest
-    inside one that is itself emulated hangs it; the inner domains run emulated too."""
+    inside one that is itself emulated hangs it; the inner domains run emulated too. With
+    ``tap`` (a tap device made beforehand), a virtio NIC on it (``SIM_MAC``): the path a test
+    moves into a network namespace of its own to reach the simulator's libvirtd."""
+    nic = (f"<interface type='ethernet'><mac address='{SIM_MAC}'/><target dev='{tap}' managed='no'/>"
+           "<model type='virtio'/></interface>") if tap else ""
     return f"""<domain type='qemu' xmlns:qemu='http://libvirt.org/schemas/domain/qemu/1.0'>
   <name>{name}</name>
   <memory unit='MiB'>{OUTER_MEMORY_MIB}</memory>
@@ -122,6 +129,7 @@ def outer_xml(name: str, image: Image, disk: Path, checkout: Path) -> str:
     </serial>
     <console type='pty'><target type='serial' port='0'/></console>
     <channel type='unix'><target type='virtio' name='org.qemu.guest_agent.0'/></channel>
+    {nic}
     <video><model type='none'/></video>
     <memballoon model='none'/>
     <iommu model='intel'><driver intremap='on' caching_mode='on'/></iommu>
@@ -232,14 +240,16 @@ def configure(host: GpuHost, clusters: dict[str, Any], **settings: str) -> str:
 
 
 @contextlib.contextmanager
-def gpu_host(box: Sandbox, image: Image, checkout: Path = CHECKOUT, boot_timeout: float = 600) -> Iterator[GpuHost]:
+def gpu_host(box: Sandbox, image: Image, checkout: Path = CHECKOUT, boot_timeout: float = 600,
+             tap: str | None = None) -> Iterator[GpuHost]:
     """Boot the simulator from the ``gpuhost`` image (an overlay in the sandbox's folder), ready
-    to run the project; everything is removed by the sandbox's cleanup."""
+    to run the project (with a NIC on ``tap``, see ``outer_xml``); everything is removed by the
+    sandbox's cleanup."""
     box.images_dir.mkdir(parents=True, exist_ok=True)
     disk = box.images_dir / "gpuhost.qcow2"
     subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", "-F", "qcow2", "-b", str(image.disk), str(disk), "8G"],
                    check=True)
-    dom = box.conn.defineXML(outer_xml(f"{box.prefix}-gpuhost", image, disk, checkout))
+    dom = box.conn.defineXML(outer_xml(f"{box.prefix}-gpuhost", image, disk, checkout, tap))
     try:
         dom.create()
         wait_ready(dom, boot_timeout, console_log_path(dom.name()))  # as for any project VM
@@ -267,3 +277,40 @@ def lease_holders(host: GpuHost, ledger: str = "/var/lib/aihow/gpu-leases.json")
 def ledger_homes(host: GpuHost, ledger: str = "/var/lib/aihow/gpu-leases.json") -> dict[str, str]:
     """Each address's home in a ledger inside (``host`` where none was set)."""
     return {address: lease.get("home", "host") for address, lease in _ledger_entries(host, ledger).items()}
+
+
+@contextlib.contextmanager
+def remote_libvirt(host: GpuHost, tap: str, netns: str,
+                   subnet: str = "10.251.0.0/30") -> Iterator[tuple[str, list[str]]]:
+    """The simulator as a remote libvirt host: its NIC's tap moved into a network namespace of
+    the caller's own (the host's root namespace sends the simulator no IP traffic), an address
+    each side of ``subnet``, and the simulator's libvirtd listening on TCP without
+    authentication (test equipment: only that namespace reaches it). Yields the URI that reaches
+    it and the command prefix that runs a program in the namespace; the namespace (and the tap
+    in it) is removed afterwards."""
+    net = ipaddress.IPv4Network(subnet)
+    here, there = (f"{a}/{net.prefixlen}" for a in list(net.hosts())[:2])
+    inside = ["ip", "netns", "exec", netns]
+
+    def ip(*args: str) -> None:
+        subprocess.run(["ip", *args], check=True, capture_output=True, text=True)
+
+    ip("netns", "add", netns)
+    try:
+        ip("link", "set", tap, "netns", netns)
+        for args in (["link", "set", "lo", "up"], ["addr", "add", here, "dev", tap], ["link", "set", tap, "up"]):
+            ip("-n", netns, *args)
+        host.check(f"nic=$(ip -o link | awk -F': ' '/{SIM_MAC}/ {{print $2}}') && ip addr add {there} dev $nic && "
+                   "ip link set $nic up && echo 'auth_tcp = \"none\"' >> /etc/libvirt/libvirtd.conf && "
+                   "systemctl stop libvirtd.service && systemctl start libvirtd-tcp.socket libvirtd.service")
+        uri = f"qemu+tcp://{there.split('/')[0]}/system"
+        for _ in range(60):
+            ran = subprocess.run([*inside, "virsh", "-c", uri, "version"], capture_output=True, text=True, check=False)
+            if ran.returncode == 0:
+                break
+            time.sleep(1)
+        else:
+            raise AssertionError(f"the simulator's libvirtd does not answer at {uri}: {ran.stderr}")
+        yield uri, inside
+    finally:
+        subprocess.run(["ip", "netns", "del", netns], capture_output=True, check=False)

@@ -20,8 +20,13 @@ def test_resources_are_named_as_the_operator_knows_them() -> None:
     assert describe(NODE + "Volume::compute-01-disk") == "disk of compute-01"
     assert describe(NODE + "Seed::compute-01-seed") == "seed of compute-01"
     assert describe(NODE + "GpuLease::compute-01-lease-0000-41-00") == "GPU lease of compute-01"
-    assert describe("urn:pulumi:hpc::aihow::aihow:libvirt:HpcCluster$pulumi-python:dynamic/libvirt:Network::network") \
-        == "network"
+    cluster = "urn:pulumi:hpc::aihow::aihow:libvirt:HpcCluster$pulumi-python:dynamic/libvirt:"
+    assert describe(cluster + "Network::network") == "network"
+    # A cluster spread over hosts: each other host's network, pool and images say their host.
+    assert describe(cluster + "Network::network-sim") == "network on sim"
+    assert describe(cluster + "StoragePool::pool-gpu-2") == "storage pool on gpu-2"
+    assert describe(cluster + "HostImage::image-hpc") == "image hpc"
+    assert describe(cluster + "HostImage::image-base-sim") == "image base on sim"
     assert describe("urn:pulumi:hpc::aihow::aihow:libvirt:HpcCluster::hpc") is None
     assert describe("urn:pulumi:hpc::aihow::pulumi:pulumi:Stack::aihow-hpc") is None
 

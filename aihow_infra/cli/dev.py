@@ -20,11 +20,12 @@ from aihow_infra.cli.common import task
 # boot test (a lane of about 11 + 3.5 min), and the short tests (about 14 min without it).
 # The main job runs alone: its booted clusters keep every core busy and its waits have
 # deadlines. Last, the tests that stop the host's libvirtd (marker ``alone``).
-_BESIDE_THE_SIMULATOR = "tests/test_e2e_guests.py"
+# The two-host test boots a simulator of its own and runs the engine here: with the short tests.
+_SIMULATOR, _BESIDE_THE_SIMULATOR = "tests/test_e2e_gpuhost.py", "tests/test_e2e_guests.py"
 SIDE_BY_SIDE = {
-    "GPU-host simulator, guest boot": ["-m", "e2e and not alone", "tests/test_e2e_gpuhost.py", _BESIDE_THE_SIMULATOR],
-    "short tests": ["-m", "e2e and not alone and not gpuhost", "--ignore", "tests/test_e2e_main_job.py",
-                    "--ignore", _BESIDE_THE_SIMULATOR],
+    "GPU-host simulator, guest boot": ["-m", "e2e and not alone", _SIMULATOR, _BESIDE_THE_SIMULATOR],
+    "short tests, two hosts": ["-m", "e2e and not alone", "--ignore", "tests/test_e2e_main_job.py",
+                               "--ignore", _SIMULATOR, "--ignore", _BESIDE_THE_SIMULATOR],
 }
 MAIN_JOB = ["-m", "e2e and not alone", "tests/test_e2e_main_job.py"]
 ALONE = ["-m", "e2e and alone"]

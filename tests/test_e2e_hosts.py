@@ -1,0 +1,177 @@
+"""Clusters on two libvirt hosts, their state and GPU leases in one PostgreSQL: this machine's
+qemu:///system and the GPU-host simulator's libvirtd, reached as a remote host
+(``qemu+tcp://``).
+
+The HPC cluster is placed on this machine, but its GPU node on the simulator (a cluster spread
+over two hosts, so on a host bridge of one name on each); the Cloud cluster on the simulator,
+its GPU worker sharing the simulator's stand-in GPU (tests/gpuhost.py) with the HPC node. The
+seed's hand-over runs across hosts from this machine: the second start refused, ``switch``,
+``vm.stop``/``vm.start``. Every step is checked from the simulator's own view (domains, the
+functions' drivers, which qemu holds the VFIO group) and the ledger in PostgreSQL.
+
+The network rule: the engine and every task run in a network namespace the test makes; the
+simulator's NIC is a tap moved into it, so this host's root namespace sends it no IP traffic.
+The inner domains boot nothing (a blank disk), but a stopped Cloud CPU worker boots the project's
+``base`` image: ``up`` copies the image to the simulator through libvirt.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from aihow_infra.images import ensure_image
+from aihow_infra.state.layout import CHECKOUT
+from tests.conftest import open_e2e
+from tests.gpuhost import GPU_SLOT, GpuHost, edu_passthrough, gpu_host, remote_libvirt
+from tests.sandbox import E2E, Phases, Sandbox, Task
+
+pytestmark = [pytest.mark.e2e, pytest.mark.gpuhost, pytest.mark.timeout(2400)]
+
+FUNCTIONS = (f"{GPU_SLOT}.0", f"{GPU_SLOT}.1")
+
+
+def two_host_file(prefix: str, bridge: str, sim_uri: str) -> dict[str, Any]:
+    """The cluster file: hosts ``here`` and ``sim``; HPC on here but its GPU node on sim, both on
+    ``bridge``; Cloud on sim, its GPU worker (not started by itself) sharing the GPU, and a CPU
+    worker (not started) that boots the ``base`` image."""
+    def node(ip: str, **extra: Any) -> dict[str, Any]:
+        return {"cpu_cores": 1, "memory_gb": 1, "disk_gb": 3, "ip": ip, **extra}
+
+    accel = {"acceleration": {"cpu_model": "qemu64"}}
+    return {"version": "1.0",
+            "hosts": {"here": {"uri": "qemu:///system"}, "sim": {"uri": sim_uri}},
+            "clusters": {
+                "hpc": {"name": f"{prefix}-hpc", "host": "here", "hardware": accel,
+                        "network": {"subnet": "10.77.1.0/24", "bridge": bridge, "forward_mode": "bridge"},
+                        "controller": node("10.77.1.10"),
+                        "compute_nodes": [node("10.77.1.11", host="sim", pcie_passthrough=edu_passthrough())]},
+                "cloud": {"name": f"{prefix}-cloud", "host": "sim", "hardware": accel,
+                          "network": {"subnet": "10.77.2.0/24", "bridge": f"{prefix}c", "forward_mode": "isolated"},
+                          "control_plane": node("10.77.2.10"),
+                          "worker_nodes": {
+                              "cpu": [node("10.77.2.12", auto_start=False, image="base")],
+                              "gpu": [node("10.77.2.11", auto_start=False, pcie_passthrough=edu_passthrough())]}},
+            }}
+
+
+class Inside:
+    """The operator's ``aihow`` of this checkout, run in the test's network namespace."""
+
+    def __init__(self, e2e: E2E, prefix: list[str], phases: Phases) -> None:
+        self.env, self.prefix, self.phases = Task(e2e).env(), prefix, phases
+
+    def aihow(self, *args: str, ok: bool = True) -> subprocess.CompletedProcess[str]:
+        began = time.monotonic()
+        ran = subprocess.run([*self.prefix, sys.executable, "-m", "invoke", "-r", str(CHECKOUT), *args],
+                             env=self.env, capture_output=True, text=True, timeout=1200, check=False,
+                             stdin=subprocess.DEVNULL)
+        self.phases.add(f"aihow {' '.join(args)}", time.monotonic() - began)
+        if ok:
+            assert ran.returncode == 0, f"aihow {' '.join(args)} exited {ran.returncode}:\n{ran.stdout}\n{ran.stderr}"
+        return ran
+
+
+@pytest.fixture
+def bridges(sandbox: Sandbox) -> Iterator[str]:
+    """A host bridge of one name here (no address: no traffic) for the spread HPC cluster; the
+    simulator's is made inside it. Removed afterwards."""
+    name = f"{sandbox.prefix}b"
+    subprocess.run(["ip", "link", "add", name, "type", "bridge"], check=True)
+    subprocess.run(["ip", "link", "set", name, "up"], check=True)
+    try:
+        yield name
+    finally:
+        subprocess.run(["ip", "link", "del", name], capture_output=True, check=False)
+
+
+@pytest.fixture
+def tap(sandbox: Sandbox) -> Iterator[str]:
+    """The tap device of the simulator's NIC; removed afterwards if it is still here."""
+    name = f"{sandbox.prefix}t"
+    subprocess.run(["ip", "tuntap", "add", "dev", name, "mode", "tap"], check=True)
+    try:
+        yield name
+    finally:
+        subprocess.run(["ip", "link", "del", name], capture_output=True, check=False)
+
+
+def domain_states(sim: GpuHost) -> dict[str, str]:
+    """Every inner domain's state, by name, as the simulator's libvirt says."""
+    out = sim.check("virsh -q list --all | awk '{print $2\"=\"$3}'")
+    return dict(line.split("=", 1) for line in out.split())
+
+
+def held_by(sim: GpuHost, vm: str) -> None:
+    """``vm`` runs on the simulator with both functions through VFIO and is the only one."""
+    group = sim.iommu_group(FUNCTIONS[0])
+    assert [sim.driver(f) for f in FUNCTIONS] == ["vfio-pci", "vfio-pci"]
+    assert sim.live_hostdevs(vm) == sorted(FUNCTIONS)
+    assert sim.vfio_users(group) == [vm]
+
+
+def test_two_hosts_one_postgresql_the_gpu_handed_over_across_them(
+        sandbox: Sandbox, tmp_path: Path, postgres_server: str, bridges: str, tap: str, phases: Phases) -> None:
+    image, _built = ensure_image("gpuhost", progress=print)
+    base, _built = ensure_image("base", progress=print)
+    prefix = sandbox.prefix
+    backend = postgres_server.replace("postgresql://", "postgres://", 1) + f"&table=state_{tmp_path.name}"
+    ledger = f"{postgres_server}&ledger={tmp_path.name}"
+    began = time.monotonic()
+    with gpu_host(sandbox, image, tap=tap) as sim, remote_libvirt(sim, tap, f"{prefix}-hosts") as (uri, inside), \
+            open_e2e(sandbox, tmp_path, backend_url=backend, shared_ledger=ledger) as e2e:
+        phases.add("the simulator booted, its libvirtd reached from the namespace", time.monotonic() - began)
+        sim.check(f"ip link add {bridges} type bridge && ip link set {bridges} up")
+        path = tmp_path / "two-hosts.yaml"
+        path.write_text(yaml.safe_dump(two_host_file(prefix, bridges, uri), sort_keys=False))
+        for stack in ("hpc", "cloud"):
+            e2e.configure(stack, path)
+        run = Inside(e2e, inside, phases)
+        hpc_node, controller = f"{prefix}-hpc-compute-01", f"{prefix}-hpc-controller"
+        gpu_worker, cpu_worker = f"{prefix}-cloud-gpu-worker-01", f"{prefix}-cloud-cpu-worker-01"
+        try:
+            run.aihow("validate")  # both hosts answer, each has the bridge, no subnet taken there
+
+            # Up: the HPC controller here, its GPU node and the whole Cloud cluster on the
+            # simulator; the base image copied there for the CPU worker.
+            run.aihow("system.up", "--no-deploy")
+            assert sandbox.conn.lookupByName(controller).isActive()
+            assert {n for n in (d.name() for d in sandbox.conn.listAllDomains()) if n.startswith(prefix)} == {
+                controller, f"{prefix}-gpuhost"}
+            assert domain_states(sim) == {hpc_node: "running", f"{prefix}-cloud-control-plane": "running",
+                                          gpu_worker: "shut", cpu_worker: "shut"}
+            held_by(sim, hpc_node)
+            copied = sim.check(f"md5sum {base.disk}").split()[0]
+            assert copied == subprocess.run(["md5sum", str(base.disk)], capture_output=True, text=True,
+                                            check=True).stdout.split()[0]
+            status = json.loads(run.aihow("system.status", "--json").stdout)
+            hosts = {vm["name"]: vm["host"] for cluster in status["clusters"] for vm in cluster["vms"]}
+            assert hosts == {controller: "here", hpc_node: "sim", f"{prefix}-cloud-control-plane": "sim",
+                             gpu_worker: "sim", cpu_worker: "sim"}
+
+            # The seed's hand-over, across hosts: the second start refused, naming the holder.
+            refused = run.aihow("vm.start", gpu_worker, ok=False)
+            assert refused.returncode == 1 and f"GPU {FUNCTIONS[0]} is held by hpc/{hpc_node} since " in refused.stderr
+            held_by(sim, hpc_node)
+            run.aihow("switch", "--to", "cloud")
+            held_by(sim, gpu_worker)
+            assert domain_states(sim)[hpc_node] == "shut"
+            run.aihow("vm.stop", gpu_worker)
+            run.aihow("vm.start", hpc_node)
+            held_by(sim, hpc_node)
+
+            run.aihow("system.destroy", "--yes")
+            assert sim.check("virsh -q list --all --name").split() == []
+            assert [p for p in sim.check("virsh -q pool-list --all --name").split() if p.startswith(prefix)] == []
+            assert [n for n in sim.check("virsh -q net-list --all --name").split() if n.startswith(prefix)] == []
+            assert [n for n in sandbox.leftovers() if n != f"{prefix}-gpuhost"] == []
+        finally:
+            run.aihow("system.destroy", "--yes", ok=False)  # in the namespace: the simulator is reached there
