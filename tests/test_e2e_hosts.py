@@ -12,7 +12,8 @@ functions' drivers, which qemu holds the VFIO group) and the ledger in PostgreSQ
 The network rule: the engine and every task run in a network namespace the test makes; the
 simulator's NIC is a tap moved into it, so this host's root namespace sends it no IP traffic.
 The inner domains boot nothing (a blank disk), but a stopped Cloud CPU worker boots the project's
-``base`` image: ``up`` copies the image to the simulator through libvirt.
+``base`` image: ``up`` copies the image to the simulator through libvirt. Last, the link to the
+simulator is cut during an ``up``: one plain ``up`` afterwards finishes it.
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ from typing import Any
 import pytest
 import yaml
 
+from aihow_infra.gpu.ledger import Ledger, for_host
 from aihow_infra.images import ensure_image
 from aihow_infra.state.layout import CHECKOUT
 from tests.conftest import open_e2e
@@ -69,15 +71,38 @@ class Inside:
     def __init__(self, e2e: E2E, prefix: list[str], phases: Phases) -> None:
         self.env, self.prefix, self.phases = Task(e2e).env(), prefix, phases
 
+    def command(self, *args: str) -> list[str]:
+        return [*self.prefix, sys.executable, "-m", "invoke", "-r", str(CHECKOUT), *args]
+
     def aihow(self, *args: str, ok: bool = True) -> subprocess.CompletedProcess[str]:
         began = time.monotonic()
-        ran = subprocess.run([*self.prefix, sys.executable, "-m", "invoke", "-r", str(CHECKOUT), *args],
-                             env=self.env, capture_output=True, text=True, timeout=1200, check=False,
-                             stdin=subprocess.DEVNULL)
+        ran = subprocess.run(self.command(*args), env=self.env, capture_output=True, text=True, timeout=1200,
+                             check=False, stdin=subprocess.DEVNULL)
         self.phases.add(f"aihow {' '.join(args)}", time.monotonic() - began)
         if ok:
             assert ran.returncode == 0, f"aihow {' '.join(args)} exited {ran.returncode}:\n{ran.stdout}\n{ran.stderr}"
         return ran
+
+
+def cut_during(run: Inside, inside: list[str], tap: str, phases: Phases) -> subprocess.CompletedProcess[str]:
+    """``aihow up --stack cloud`` with the simulator's link taken down once the engine starts
+    making something there, and brought back after the run has failed."""
+    began = time.monotonic()
+    proc = subprocess.Popen(run.command("up", "--stack", "cloud"), env=run.env, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, stdin=subprocess.DEVNULL)
+    lines = []
+    assert proc.stdout is not None
+    for line in proc.stdout:
+        lines.append(line)
+        if "creating" in line:
+            subprocess.run([*inside, "ip", "link", "set", tap, "down"], check=True)
+            break
+    rest, _ = proc.communicate(timeout=600)
+    subprocess.run([*inside, "ip", "link", "set", tap, "up"], check=True)
+    phases.add("aihow up --stack cloud, the link cut once it makes something", time.monotonic() - began)
+    for line in rest.strip().splitlines()[-3:]:  # how the run ended, said as the operator reads it
+        phases.note(line)
+    return subprocess.CompletedProcess(proc.args, proc.returncode, "".join(lines) + rest)
 
 
 @pytest.fixture
@@ -110,12 +135,16 @@ def domain_states(sim: GpuHost) -> dict[str, str]:
     return dict(line.split("=", 1) for line in out.split())
 
 
-def held_by(sim: GpuHost, vm: str) -> None:
-    """``vm`` runs on the simulator with both functions through VFIO and is the only one."""
+def held_by(sim: GpuHost, ledger: str, vm: str) -> None:
+    """``vm`` runs on the simulator with both functions through VFIO and is the only one, and the
+    simulator's leases in the shared ledger (kept under its SMBIOS UUID: the outer domain's) say
+    so."""
     group = sim.iommu_group(FUNCTIONS[0])
     assert [sim.driver(f) for f in FUNCTIONS] == ["vfio-pci", "vfio-pci"]
     assert sim.live_hostdevs(vm) == sorted(FUNCTIONS)
     assert sim.vfio_users(group) == [vm]
+    leases = Ledger(for_host(ledger, sim.dom.UUIDString().lower())).leases()
+    assert {f: leases[f].holder for f in FUNCTIONS} == dict.fromkeys(FUNCTIONS, f"{vm.split('-')[1]}/{vm}")
 
 
 def test_two_hosts_one_postgresql_the_gpu_handed_over_across_them(
@@ -148,7 +177,7 @@ def test_two_hosts_one_postgresql_the_gpu_handed_over_across_them(
                 controller, f"{prefix}-gpuhost"}
             assert domain_states(sim) == {hpc_node: "running", f"{prefix}-cloud-control-plane": "running",
                                           gpu_worker: "shut", cpu_worker: "shut"}
-            held_by(sim, hpc_node)
+            held_by(sim, ledger, hpc_node)
             copied = sim.check(f"md5sum {base.disk}").split()[0]
             assert copied == subprocess.run(["md5sum", str(base.disk)], capture_output=True, text=True,
                                             check=True).stdout.split()[0]
@@ -160,15 +189,31 @@ def test_two_hosts_one_postgresql_the_gpu_handed_over_across_them(
             # The seed's hand-over, across hosts: the second start refused, naming the holder.
             refused = run.aihow("vm.start", gpu_worker, ok=False)
             assert refused.returncode == 1 and f"GPU {FUNCTIONS[0]} is held by hpc/{hpc_node} since " in refused.stderr
-            held_by(sim, hpc_node)
+            held_by(sim, ledger, hpc_node)
             run.aihow("switch", "--to", "cloud")
-            held_by(sim, gpu_worker)
+            held_by(sim, ledger, gpu_worker)
             assert domain_states(sim)[hpc_node] == "shut"
             run.aihow("vm.stop", gpu_worker)
             run.aihow("vm.start", hpc_node)
-            held_by(sim, hpc_node)
+            held_by(sim, ledger, hpc_node)
+
+            # The network to the simulator cut during an up that makes two more Cloud workers
+            # there: the run fails; the link back, one plain `up` finishes it; nothing else moved.
+            data = two_host_file(prefix, bridges, uri)
+            data["clusters"]["cloud"]["worker_nodes"]["cpu"] += [
+                {"cpu_cores": 1, "memory_gb": 1, "disk_gb": 1, "ip": f"10.77.2.{n}"} for n in (13, 14)]
+            path.write_text(yaml.safe_dump(data, sort_keys=False))
+            cut = cut_during(run, inside, tap, phases)
+            assert cut.returncode != 0, cut.stdout
+            run.aihow("up", "--stack", "cloud")
+            added = [f"{prefix}-cloud-cpu-worker-0{n}" for n in (2, 3)]
+            assert {n: domain_states(sim)[n] for n in added} == dict.fromkeys(added, "running")
+            assert domain_states(sim)[hpc_node] == "running"
+            held_by(sim, ledger, hpc_node)
 
             run.aihow("system.destroy", "--yes")
+            leases = Ledger(for_host(ledger, sim.dom.UUIDString().lower())).leases()
+            assert {f: leases[f].holder for f in FUNCTIONS} == dict.fromkeys(FUNCTIONS, None)
             assert sim.check("virsh -q list --all --name").split() == []
             assert [p for p in sim.check("virsh -q pool-list --all --name").split() if p.startswith(prefix)] == []
             assert [n for n in sim.check("virsh -q net-list --all --name").split() if n.startswith(prefix)] == []

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import concurrent.futures
 import contextlib
+import socket
 import subprocess
+import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -16,6 +18,7 @@ import pytest
 from aihow_infra.errors import CustodyError, LibvirtError
 from aihow_infra.gpu.ledger import Ledger
 from aihow_infra.host import Host
+from aihow_infra.libvirt import connection
 from aihow_infra.libvirt.connection import translate
 from aihow_infra.libvirt.inspect import metadata, read_definition
 from aihow_infra.libvirt.render import pool_xml
@@ -423,3 +426,28 @@ def test_a_folder_another_run_holds_past_the_wait_is_one_line(built: Path, tmp_p
                 HostImageProvider().create(props)
         finally:
             other.destroy()
+
+
+# --- a remote libvirt host that does not answer -----------------------------------------------
+
+
+def test_a_remote_host_that_does_not_answer_fails_the_connect_in_bounded_time(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A libvirtd address whose TCP handshake completes (the kernel's backlog) but which never
+    answers libvirt's protocol (a host hung, or its network cut after the handshake): the connect
+    gives up after CONNECT_TIMEOUT with one line, instead of waiting on TCP for minutes."""
+    monkeypatch.setattr(connection, "CONNECT_TIMEOUT", 1.0)
+    with socket.socket() as silent:
+        silent.bind(("127.0.0.1", 0))
+        silent.listen(1)  # never accepted, never answered
+        uri = f"qemu+tcp://127.0.0.1:{silent.getsockname()[1]}/system"
+        began = time.monotonic()
+        with pytest.raises(LibvirtError) as err, connection.connect(uri):
+            pass
+        assert time.monotonic() - began < 10
+    assert str(err.value) == (f"connecting to libvirt at {uri}: no answer within 1 s; allowed: a host whose libvirtd "
+                              "answers (is it up, and its network?)")
+    # A refused connection is said at once, in libvirt's words.
+    refused = "qemu+tcp://127.0.0.1:1/system"
+    with pytest.raises(LibvirtError, match=r"^connecting to libvirt at qemu\+tcp://127\.0\.0\.1:1/system: "), \
+            connection.connect(refused):
+        pass

@@ -8,7 +8,9 @@ state, so it must hold no connection) through ``connect``.
 from __future__ import annotations
 
 import contextlib
+import functools
 import re
+import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import TypeVar
@@ -16,6 +18,7 @@ from urllib.parse import urlparse
 
 import libvirt
 
+from aihow_infra.config import runs_here
 from aihow_infra.errors import LibvirtError, NotFoundError
 from aihow_infra.host import Host, VirtChoice, choose_virt_type
 
@@ -55,13 +58,70 @@ def translate(exc: libvirt.libvirtError, doing: str) -> LibvirtError:
 _TEST_DRIVER_KEEPALIVE: dict[str, libvirt.virConnect] = {}
 
 
+# A remote host that stops answering (its network cut, the machine gone) must fail the call
+# waiting on it, not hang it for TCP's quarter of an hour: libvirt's keepalive probes the
+# connection every KEEPALIVE_INTERVAL seconds and closes it after KEEPALIVE_COUNT unanswered (which
+# needs an event loop running in the process), and the connect itself waits CONNECT_TIMEOUT at most.
+KEEPALIVE_INTERVAL, KEEPALIVE_COUNT = 5, 3
+CONNECT_TIMEOUT = 30.0
+
+
+@functools.cache
+def _event_loop() -> None:
+    """libvirt's default event loop, run by a thread of its own for the life of the process."""
+    libvirt.virEventRegisterDefaultImpl()
+
+    def run() -> None:
+        while True:
+            libvirt.virEventRunDefaultImpl()
+
+    threading.Thread(target=run, name="libvirt-events", daemon=True).start()
+
+
+def _open_remote(uri: str) -> libvirt.virConnect:
+    """Open a connection to another machine's libvirtd, within ``CONNECT_TIMEOUT``, with keepalive."""
+    _event_loop()
+    done: dict[str, object] = {}
+    lock = threading.Lock()
+
+    def attempt() -> None:
+        try:
+            conn = libvirt.open(uri)
+        except libvirt.libvirtError as exc:
+            done["error"] = exc
+            return
+        with lock:
+            if "abandoned" in done:  # the caller gave up meanwhile
+                with contextlib.suppress(libvirt.libvirtError):
+                    conn.close()
+                return
+            done["conn"] = conn
+
+    worker = threading.Thread(target=attempt, name=f"libvirt-connect {uri}", daemon=True)
+    worker.start()
+    worker.join(CONNECT_TIMEOUT)
+    with lock:
+        if "conn" not in done and "error" not in done:
+            done["abandoned"] = True
+            raise LibvirtError(f"connecting to libvirt at {uri}: no answer within {CONNECT_TIMEOUT:.0f} s; allowed: a "
+                               "host whose libvirtd answers (is it up, and its network?)")
+    if "error" in done:
+        raise done["error"]  # type: ignore[misc]
+    conn = done["conn"]
+    assert isinstance(conn, libvirt.virConnect)
+    conn.setKeepAlive(KEEPALIVE_INTERVAL, KEEPALIVE_COUNT)
+    return conn
+
+
 @contextlib.contextmanager
 def connect(uri: str) -> Iterator[libvirt.virConnect]:
-    """A read-write connection to ``uri``, closed on exit; errors become ``LibvirtError``."""
+    """A read-write connection to ``uri``, closed on exit; errors become ``LibvirtError``. One to
+    another machine gives up after ``CONNECT_TIMEOUT`` and fails a call the host stops answering
+    within about ``KEEPALIVE_INTERVAL * (KEEPALIVE_COUNT + 1)`` seconds."""
     try:
         if uri.startswith("test:") and uri not in _TEST_DRIVER_KEEPALIVE:
             _TEST_DRIVER_KEEPALIVE[uri] = libvirt.open(uri)
-        conn = libvirt.open(uri)
+        conn = libvirt.open(uri) if runs_here(uri) else _open_remote(uri)
     except libvirt.libvirtError as exc:
         raise translate(exc, f"connecting to libvirt at {uri}") from None
     try:
