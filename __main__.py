@@ -16,11 +16,16 @@ from aihow_infra.config import runs_here
 from aihow_infra.desired import PowerRecords
 from aihow_infra.errors import AihowError, ConfigError, StateFileError
 from aihow_infra.gpu.hosts import host_ledger
-from aihow_infra.hostcheck import check_hugepages, check_resume_timeout, check_subnets
+from aihow_infra.hostcheck import (
+    check_devices_through_libvirt,
+    check_hugepages,
+    check_resume_timeout,
+    check_subnets,
+)
 from aihow_infra.images import find_image, recipe_for
 from aihow_infra.libvirt.connection import connect, resolve_virt_type
 from aihow_infra.loading import load_cluster_file
-from aihow_infra.placement import hosts_of, placed
+from aihow_infra.placement import by_host, hosts_of, placed
 from aihow_infra.plan import plan_cluster
 from aihow_infra.settings import parse_settings
 from aihow_infra.sshkeys import login_key
@@ -47,14 +52,16 @@ def main() -> None:
     try:
         # Before anything is made, on each host the cluster runs on: a subnet the host already
         # uses would cut it off from its own.
-        for _host, uri in hosts_of(plan, settings.libvirt_uri):
-            check_subnets([plan], uri, settings.cluster_file)
+        for uri, on_host in by_host([plan], settings.libvirt_uri).items():  # its VMs there, each time
+            check_subnets(on_host, uri, settings.cluster_file)
             if runs_here(uri):  # /proc/meminfo is this machine's
-                check_hugepages([plan], settings.cluster_file)
+                check_hugepages(on_host, settings.cluster_file)
+            else:  # another host's devices, as its libvirt knows them
+                check_devices_through_libvirt(on_host, uri, settings.cluster_file)
             with connect(uri) as conn:
                 choice = resolve_virt_type(conn, settings.virt_type)
             if choice is not None:
-                check_resume_timeout([plan], choice.virt_type, settings.cluster_file)
+                check_resume_timeout(on_host, choice.virt_type, settings.cluster_file)
     except ConfigError as exc:
         raise pulumi.RunError(f"{exc}\n{exc.report()}") from None
     except AihowError as exc:

@@ -398,6 +398,41 @@ def check_hosts(plans: list[ClusterPlan], file: str | Path) -> None:
     _refuse(problems, file)
 
 
+def check_devices_through_libvirt(plans: list[ClusterPlan], uri: str, file: str | Path) -> None:
+    """``ConfigError`` naming each passthrough device of ``plans``' VMs that the libvirt host of
+    ``uri`` does not have as configured: no PCI function at that address, other vendor or device
+    ids, another IOMMU group than the file says, or none (its IOMMU off). For a host that is not
+    this machine, whose sysfs ``check_host`` cannot read: libvirt's node-device API answers."""
+    from aihow_infra.libvirt.connection import connect
+    from aihow_infra.libvirt.inspect import pci_function
+
+    problems = []
+    with connect(uri) as conn:
+        for plan in plans:
+            for vm in plan.vms:
+                where = f"host {vm.host!r} ({uri})" if vm.host else f"the host at {uri}"
+                for i, device in enumerate(vm.devices):
+                    key, address = f"{vm.key_path}.pcie_passthrough.devices[{i}]", device.pci_address
+                    found = pci_function(conn, address)
+                    if found is None:
+                        problems.append(f"{key}.pci_address: '{address}' is not a PCI function of {where}; allowed: "
+                                        f"an address `virsh -c {uri} nodedev-list --cap pci` lists")
+                        continue
+                    problems += [f"{key}.{label}: '{wanted}', but the device at {address} on {where} has '{has}'; "
+                                 f"allowed: '{has}'"
+                                 for label, wanted, has in (("vendor_id", device.vendor_id, found.vendor_id),
+                                                            ("device_id", device.device_id, found.device_id))
+                                 if wanted and wanted != has]
+                    if found.iommu_group is None:
+                        problems.append(f"{key}.pci_address: '{address}' on {where} is in no IOMMU group (the "
+                                        "host's IOMMU is off); allowed: a host with its IOMMU on (intel_iommu=on "
+                                        "or amd_iommu=on)")
+                    elif device.iommu_group is not None and device.iommu_group != found.iommu_group:
+                        problems.append(f"{key}.iommu_group: {device.iommu_group}, but the device at {address} on "
+                                        f"{where} is in group {found.iommu_group}; allowed: {found.iommu_group}")
+    _refuse(problems, file)
+
+
 def check_subnets(plans: list[ClusterPlan], uri: str, file: str | Path) -> None:
     """``ConfigError`` naming each cluster subnet the host already uses (before anything is made),
     with its line in the cluster ``file``."""

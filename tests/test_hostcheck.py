@@ -15,13 +15,14 @@ import yaml
 
 from aihow_infra.errors import ConfigError
 from aihow_infra.host import Host, VirtChoice, choose_virt_type
-from aihow_infra.hostcheck import check_bridges, check_host, check_resume_timeout
+from aihow_infra.hostcheck import check_bridges, check_devices_through_libvirt, check_host, check_resume_timeout
 from aihow_infra.hostrecord import load_recording, materialize
 from aihow_infra.libvirt import identity
 from aihow_infra.libvirt.inspect import interface_addresses
 from aihow_infra.loading import load_cluster_file, parse_cluster_file
 from aihow_infra.plan import plan_all
 from tests.cli import run_task
+from tests.samples import base
 
 ROOT = Path(__file__).resolve().parents[1]
 FIXTURES = Path(__file__).parent / "fixtures"
@@ -417,3 +418,56 @@ def test_validate_checks_each_cluster_on_the_host_the_file_places_it_on(capsys: 
     assert f"clusters.hpc.network.bridge: '{bridge}' is not a bridge the guests can join: the host has no " \
            f"interface '{bridge}'" in said
     assert "clusters.cloud.network.bridge" not in said
+
+
+HOST_WITH_A_GPU = """<node>
+  <device>
+    <name>pci_0000_01_00_0</name>
+    <parent>computer</parent>
+    <capability type='pci'>
+      <domain>0</domain><bus>1</bus><slot>0</slot><function>0</function>
+      <product id='0x2335'>H200</product>
+      <vendor id='0x10de'>NVIDIA Corporation</vendor>
+      {group}
+    </capability>
+  </device>
+</node>
+"""
+
+
+@pytest.mark.parametrize(("device", "group", "expected"), [
+    ({"device_id": "2335", "iommu_group": 21}, 21, []),
+    ({"pci_address": "0000:02:00.0"}, 21,
+     ["clusters.hpc.compute_nodes[0].pcie_passthrough.devices[0].pci_address: '0000:02:00.0' is not a PCI function "
+      "of host 'gpu2' (test:///{xml}); allowed: an address `virsh -c test:///{xml} nodedev-list --cap pci` lists"]),
+    ({"device_id": "2805"}, 21,
+     ["clusters.hpc.compute_nodes[0].pcie_passthrough.devices[0].device_id: '2805', but the device at 0000:01:00.0 on "
+      "host 'gpu2' (test:///{xml}) has '2335'; allowed: '2335'"]),
+    ({"iommu_group": 7}, 21,
+     ["clusters.hpc.compute_nodes[0].pcie_passthrough.devices[0].iommu_group: 7, but the device at 0000:01:00.0 on "
+      "host 'gpu2' (test:///{xml}) is in group 21; allowed: 21"]),
+    ({}, None,
+     ["clusters.hpc.compute_nodes[0].pcie_passthrough.devices[0].pci_address: '0000:01:00.0' on host 'gpu2' "
+      "(test:///{xml}) is in no IOMMU group (the host's IOMMU is off); allowed: a host with its IOMMU on "
+      "(intel_iommu=on or amd_iommu=on)"]),
+])
+def test_a_remote_hosts_devices_are_checked_through_libvirts_node_devices(
+        tmp_path: Path, device: dict[str, Any], group: int | None, expected: list[str]) -> None:
+    """Another host's sysfs is not here: its passthrough devices are read through libvirt's
+    node-device API (libvirt's test driver stands in for that host, with the device it lists)."""
+    xml = tmp_path / "gpu2.xml"
+    member = "<address domain='0x0000' bus='0x01' slot='0x00' function='0x0'/>"
+    xml.write_text(HOST_WITH_A_GPU.format(
+        group=f"<iommuGroup number='{group}'>{member}</iommuGroup>" if group is not None else ""))
+    data = base()
+    data["hosts"] = {"gpu2": {"uri": f"test://{xml}"}}
+    data["clusters"]["hpc"]["host"] = "gpu2"
+    data["clusters"]["hpc"]["compute_nodes"][0]["pcie_passthrough"]["devices"] = [
+        {"pci_address": "0000:01:00.0", "device_type": "gpu", "vendor_id": "10de", **device}]
+    plans = [plan_all(parse_cluster_file(data, env={}))[0]]
+    if not expected:
+        check_devices_through_libvirt(plans, f"test://{xml}", tmp_path / "c.yaml")
+        return
+    with pytest.raises(ConfigError) as err:
+        check_devices_through_libvirt(plans, f"test://{xml}", tmp_path / "c.yaml")
+    assert err.value.problems == [line.replace("test:///{xml}", f"test://{xml}") for line in expected]

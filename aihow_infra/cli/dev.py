@@ -17,10 +17,10 @@ from aihow_infra.cli.common import task
 # The end-to-end tier in four pytest runs. Two lanes at once, each in a pytest of its own (alone,
 # either leaves a quarter to a half of two cores idle: sampled every 15 s, 2026-12-02) on subnets
 # of their own (AIHOW_TEST_LANE, tests/sandbox.py): the GPU-host simulator's test then the guest
-# boot test (a lane of about 11 + 3.5 min), and the short tests (about 14 min without it).
+# boot test (a lane of about 11 + 3.5 min), and the short tests (about 14 min) with the two-host
+# test (about 4 min: it boots a simulator of its own, but drives it from here).
 # The main job runs alone: its booted clusters keep every core busy and its waits have
 # deadlines. Last, the tests that stop the host's libvirtd (marker ``alone``).
-# The two-host test boots a simulator of its own and runs the engine here: with the short tests.
 _SIMULATOR, _BESIDE_THE_SIMULATOR = "tests/test_e2e_gpuhost.py", "tests/test_e2e_guests.py"
 SIDE_BY_SIDE = {
     "GPU-host simulator, guest boot": ["-m", "e2e and not alone", _SIMULATOR, _BESIDE_THE_SIMULATOR],

@@ -74,6 +74,7 @@ def validate(c: Context, config: str = "") -> None:
     from aihow_infra.hostcheck import (
         check_all,
         check_bridges,
+        check_devices_through_libvirt,
         check_hosts,
         check_hugepages,
         check_resume_timeout,
@@ -102,7 +103,9 @@ def validate(c: Context, config: str = "") -> None:
             with connect(host_uri) as conn:
                 choice = resolve_virt_type(conn, settings.virt_type if settings else "auto")
             checks += [partial(check_subnets, on_host, host_uri, file), partial(check_bridges, on_host, host_uri, file),
-                       *([partial(check_hugepages, on_host, file)] if runs_here(host_uri) else []),
+                       # this machine's sysfs is host.check's; another host's devices, libvirt's
+                       partial(check_hugepages, on_host, file) if runs_here(host_uri) else
+                       partial(check_devices_through_libvirt, on_host, host_uri, file),
                        *([partial(check_resume_timeout, on_host, choice.virt_type, file)] if choice else [])]
         check_all(checks)
         out.print(valid_table(path, plans))

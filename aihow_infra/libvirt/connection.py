@@ -29,6 +29,7 @@ _NOT_FOUND = {
     libvirt.VIR_ERR_NO_NETWORK,
     libvirt.VIR_ERR_NO_STORAGE_POOL,
     libvirt.VIR_ERR_NO_STORAGE_VOL,
+    libvirt.VIR_ERR_NO_NODE_DEVICE,
 }
 
 # libvirt's own refusal to give a host device to a second running domain.

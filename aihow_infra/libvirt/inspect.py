@@ -5,10 +5,12 @@ from __future__ import annotations
 
 import ipaddress
 import xml.etree.ElementTree as ET
+from dataclasses import dataclass
 from typing import Any
 
 import libvirt
 
+from aihow_infra.libvirt.connection import translate
 from aihow_infra.libvirt.render import METADATA_NS
 
 
@@ -90,3 +92,36 @@ def host_addresses(conn: libvirt.virConnect, name: str) -> list[str]:
         if exc.get_error_code() == libvirt.VIR_ERR_NO_INTERFACE:
             return []
         raise
+
+
+@dataclass(frozen=True)
+class PciFunction:
+    """A host PCI function as libvirt's node-device API describes it (``virsh nodedev-dumpxml``)."""
+
+    vendor_id: str  # four hex digits, lower case
+    device_id: str
+    iommu_group: int | None  # None: the host's IOMMU is off
+
+
+def pci_function(conn: libvirt.virConnect, address: str) -> PciFunction | None:
+    """The PCI function at ``address`` (``DDDD:BB:SS.F``) of the host of ``conn``, or None when
+    that host has none there: read through libvirt, so it holds for a host that is not this
+    machine."""
+    try:
+        node = conn.nodeDeviceLookupByName("pci_" + address.replace(":", "_").replace(".", "_"))
+    except libvirt.libvirtError as exc:
+        if exc.get_error_code() == libvirt.VIR_ERR_NO_NODE_DEVICE:
+            return None
+        raise translate(exc, f"looking up host device {address}") from None
+    pci = ET.fromstring(node.XMLDesc(0)).find("./capability[@type='pci']")
+    if pci is None:
+        return None
+    group = pci.find("iommuGroup")
+    return PciFunction(vendor_id=_hex_id(pci, "vendor"), device_id=_hex_id(pci, "product"),
+                       iommu_group=int(group.get("number", "0")) if group is not None else None)
+
+
+def _hex_id(capability: ET.Element, tag: str) -> str:
+    """A node device's ``<vendor id='0x10de'>`` as ``10de``."""
+    found = capability.find(tag)
+    return (found.get("id", "") if found is not None else "").lower().removeprefix("0x")
