@@ -7,7 +7,7 @@ import contextlib
 from dataclasses import replace
 from typing import Any
 
-from aihow_infra.errors import AihowError
+from aihow_infra.errors import AihowError, LibvirtError
 from aihow_infra.gpu.custody import local_host
 from aihow_infra.gpu.homes import place_of
 from aihow_infra.gpu.ledger import DEFAULT_HOME, vm_of
@@ -45,8 +45,9 @@ class Status(Teardown):
 
     def system_status(self) -> SystemStatus:
         """Both clusters' VMs, networks, pools and disks with their state, and who owns each
-        shared GPU. A stack whose file or settings are bad is shown with its error; the other
-        is still shown; a state backend that cannot be used is one error for both."""
+        shared GPU. A stack whose file or settings are bad, or a host of which does not answer,
+        is shown with its error; the other is still shown; a state backend that cannot be used
+        is one error for both."""
         views, clusters = [], []
         self.workspace.stacks()
         for stack in self.configured_stacks():
@@ -55,30 +56,39 @@ class Status(Teardown):
             except AihowError as exc:
                 clusters.append(ClusterStatus.unreadable(stack, str(exc)))
                 continue
+            try:
+                clusters.append(self._cluster_status(view))
+            except LibvirtError as exc:  # a host it runs on does not answer: said, the other stack shown
+                clusters.append(ClusterStatus.unreadable(stack, str(exc)))
+                continue
             views.append(view)
-            found: dict[str, VmStatus] = {}
-            for uri in view.hosts():  # the cluster's own host first: its network and pool are shown
-                with connect(uri) as conn:
-                    disks, holders = self._disks(view, conn), lease_holders(view.settings, uri)
-                    found |= {vm.name: replace(self._vm_status(view, vm, conn, holders), disk=disks[vm.name])
-                              for vm in view.plan.vms if view.uri_of(vm) == uri}
-                    if uri != view.hosts()[0]:
-                        continue
-                    network = _active_word(lookup("looking up network", conn.networkLookupByName,
-                                                  view.plan.network_name))
-                    pool = _active_word(lookup("looking up pool", conn.storagePoolLookupByName, view.plan.pool_name))
-                    host = f"{call('reading the host name', conn.getHostname)} ({uri})"
-                    host = f"{view.plan.host}: {host}" if view.plan.host else host
-            with self.running_head(view) as head:
-                workload = kind_of(view.plan.key).workload(head, view.plan, view.power)
-            rows = [found[vm.name] for vm in view.plan.vms]
-            clusters.append(ClusterStatus.of(view.plan, view.stack, view.power.cluster, _with_workload(rows, workload),
-                                             workload[1], network, pool, host))
         holders = lease_holders(views[0].settings) if views else {}
         shared = [SharedGpuStatus.of(device, holders.get(device.address))
                   for device in shared_devices([v.plan for v in views])]
         running = {vm.name for cluster in clusters for vm in cluster.vms if vm.state == "running"}
         return SystemStatus(clusters, shared, _homes(views, running))
+
+    def _cluster_status(self, view: StackView) -> ClusterStatus:
+        """One stack's cluster: each VM as the host it runs on says, the network and pool of the
+        cluster's own host, and what the cluster's software says through its head."""
+        found: dict[str, VmStatus] = {}
+        network = pool = host = "-"
+        for uri in view.hosts():  # the cluster's own host first: its network and pool are shown
+            with connect(uri) as conn:
+                disks, holders = self._disks(view, conn), lease_holders(view.settings, uri)
+                found |= {vm.name: replace(self._vm_status(view, vm, conn, holders), disk=disks[vm.name])
+                          for vm in view.plan.vms if view.uri_of(vm) == uri}
+                if uri != view.hosts()[0]:
+                    continue
+                network = _active_word(lookup("looking up network", conn.networkLookupByName, view.plan.network_name))
+                pool = _active_word(lookup("looking up pool", conn.storagePoolLookupByName, view.plan.pool_name))
+                host = f"{call('reading the host name', conn.getHostname)} ({uri})"
+                host = f"{view.plan.host}: {host}" if view.plan.host else host
+        with self.running_head(view) as head:
+            workload = kind_of(view.plan.key).workload(head, view.plan, view.power)
+        rows = [found[vm.name] for vm in view.plan.vms]
+        return ClusterStatus.of(view.plan, view.stack, view.power.cluster, _with_workload(rows, workload),
+                                workload[1], network, pool, host)
 
     def vm_status(self, name: str) -> VmStatus:
         """State, guest, IP, vCPUs, memory, GPUs and who holds each GPU's lease, and SLURM's
