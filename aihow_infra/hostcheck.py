@@ -10,9 +10,9 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from aihow_infra.config import BOOT_SECONDS, BOOT_SOURCE, runs_here
+from aihow_infra.config import BOOT_SECONDS, BOOT_SOURCE, PciDevice, runs_here
 from aihow_infra.crosscheck import SubnetInUse, bridge_problems, subnet_collisions
 from aihow_infra.errors import AihowError, ConfigError
 from aihow_infra.gpu.custody import device_files, open_by
@@ -22,6 +22,9 @@ from aihow_infra.host import VFIO_DRIVER, Host, VirtChoice, VirtType, choose_vir
 from aihow_infra.loading import key_lines, line_of, load_cluster_file
 from aihow_infra.plan import ClusterPlan, VmPlan, plan_all
 from aihow_infra.settings import DEFAULT_LIBVIRT_URI
+
+if TYPE_CHECKING:  # libvirt is imported when a live host is checked, not for a recorded one
+    from aihow_infra.libvirt.inspect import PciFunction
 
 
 @dataclass(frozen=True)
@@ -319,22 +322,65 @@ def check_host(root: Path, cluster_files: Iterable[str | Path],
     host = Host(root)
     devices: dict[str, tuple[str | None, str | None, list[str]]] = {}
     vms: list[VmPlan] = []
+    elsewhere: list[VmPlan] = []  # on a host the cluster file names that is not this machine
     for path in cluster_files:
         for plan in plan_all(load_cluster_file(path, check_images=False, allow_system_paths=True)):
-            vms += plan.vms
             for vm in plan.vms:
+                if vm.host_uri is not None and not runs_here(vm.host_uri):
+                    elsewhere.append(vm)
+                    continue
+                vms.append(vm)
                 for dev in vm.devices:
                     vendor, device, users = devices.setdefault(dev.pci_address, (dev.vendor_id, dev.device_id, []))
                     users.append(vm.name)
     live = root == Path("/")
     kept_on_vfio = homes is not None and any(homes.get(a, DEFAULT_HOME) == VFIO_DRIVER for a in devices)
-    report = Report(_system_checks(host, live=live, passthrough=bool(devices), uris=libvirt_uris,
+    uris = list(dict.fromkeys([*libvirt_uris, *(vm.host_uri for vm in elsewhere if vm.host_uri)]))
+    report = Report(_system_checks(host, live=live, passthrough=bool(devices), uris=uris,
                                    kept_on_vfio=kept_on_vfio))
     report.checks += _hugepage_checks(host, vms)
     for address, (vendor, device, users) in sorted(devices.items()):
         report.checks += _device_checks(host, address, vendor, device, ", ".join(users), frozenset(devices),
                                         None if homes is None else homes.get(address, DEFAULT_HOME), live)
+    if live:
+        report.checks += _remote_device_checks(elsewhere)
     return report
+
+
+def _remote_device_check(vm: VmPlan, dev: PciDevice, found: PciFunction | None, uri: str) -> Check:
+    """One passthrough device of a VM on another machine against what that host's libvirt says."""
+    name = f"device {dev.pci_address} ({vm.name}) on host {vm.host}"
+    if found is None:
+        return Check(name, False, "not present on that host",
+                     f"`virsh -c {uri} nodedev-list --cap pci` lists its devices; fix pci_address")
+    ids = f"{found.vendor_id}:{found.device_id}"
+    if any(want and want != has for want, has in ((dev.vendor_id, found.vendor_id), (dev.device_id, found.device_id))):
+        return Check(name, False, f"{ids} but the cluster file says {dev.vendor_id}:{dev.device_id}",
+                     f"set vendor_id and device_id as that host has them ({ids})")
+    if found.iommu_group is None:
+        return Check(name, False, f"{ids}, in no IOMMU group: that host's IOMMU is off",
+                     "on that host: `intel_iommu=on iommu=pt` (or `amd_iommu=on`) on its kernel command line, then "
+                     "reboot it")
+    return Check(name, True, f"{ids}, IOMMU group {found.iommu_group}")
+
+
+def _remote_device_checks(vms: list[VmPlan]) -> list[Check]:
+    """The passthrough devices of VMs on other machines, as each host's libvirt describes them
+    (node-device API): present, with the configured ids, in an IOMMU group. A host that does not
+    answer is the libvirtd check's."""
+    from aihow_infra.libvirt.connection import connect
+    from aihow_infra.libvirt.inspect import pci_function
+
+    checks: list[Check] = []
+    for uri in dict.fromkeys(vm.host_uri for vm in vms if vm.devices and vm.host_uri):
+        try:
+            with connect(uri) as conn:
+                for vm in (v for v in vms if v.host_uri == uri):
+                    checks += [_remote_device_check(vm, dev, pci_function(conn, dev.pci_address), uri)
+                               for dev in vm.devices]
+        except AihowError:
+            continue  # said by the libvirtd check of that URI
+    return checks
 
 
 def subnets_in_use(uri: str) -> list[SubnetInUse]:

@@ -13,6 +13,7 @@ from typing import Any
 import pytest
 import yaml
 
+from aihow_infra import hostcheck
 from aihow_infra.errors import ConfigError
 from aihow_infra.host import Host, VirtChoice, choose_virt_type
 from aihow_infra.hostcheck import check_bridges, check_devices_through_libvirt, check_host, check_resume_timeout
@@ -471,3 +472,33 @@ def test_a_remote_hosts_devices_are_checked_through_libvirts_node_devices(
     with pytest.raises(ConfigError) as err:
         check_devices_through_libvirt(plans, f"test://{xml}", tmp_path / "c.yaml")
     assert err.value.problems == [line.replace("test:///{xml}", f"test://{xml}") for line in expected]
+
+
+def test_host_check_reads_another_hosts_devices_through_libvirt(tmp_path: Path,
+                                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    """host.check on a file whose GPU node runs on another host: that device is not looked for in
+    this machine's sysfs but through that host's libvirt (the test driver, taken here for another
+    machine), and that host's libvirtd is checked to answer."""
+    xml = tmp_path / "gpu2.xml"
+    member = "<address domain='0x0000' bus='0x01' slot='0x00' function='0x0'/>"
+    xml.write_text(HOST_WITH_A_GPU.format(group=f"<iommuGroup number='21'>{member}</iommuGroup>"))
+    data = base()
+    data["hosts"] = {"gpu2": {"uri": f"test://{xml}"}}
+    data["clusters"]["hpc"]["compute_nodes"][0]["host"] = "gpu2"
+    data["clusters"]["hpc"]["network"]["forward_mode"] = "bridge"
+    data["clusters"]["hpc"]["compute_nodes"][0]["pcie_passthrough"]["devices"] = [
+        {"pci_address": "0000:01:00.0", "device_type": "gpu", "vendor_id": "10de", "device_id": "2335"},
+        {"pci_address": "0000:01:00.1", "device_type": "audio"}]
+    del data["clusters"]["cloud"]
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml.safe_dump(data))
+    monkeypatch.setattr(hostcheck, "runs_here", lambda uri: not uri.startswith("test:"))
+    report = check_host(Path("/"), [path], ["test:///default"])
+    checks = {c.name: c for c in report.checks}
+    gpu, audio = (checks[f"device 0000:01:00.{f} (hpc-compute-01) on host gpu2"] for f in (0, 1))
+    assert (gpu.ok, gpu.detail) == (True, "10de:2335, IOMMU group 21")
+    assert (audio.ok, audio.detail) == (False, "not present on that host")
+    # Not looked for in this machine's sysfs:
+    assert [n for n in checks if n.startswith("device 0000:01:00") and " on host " not in n] == []
+    assert [c.detail.split(" (")[0] for c in report.checks if c.name == "libvirtd"] == [
+        "test:///default answers", f"test://{xml} answers"]
