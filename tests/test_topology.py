@@ -5,9 +5,11 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+import yaml
+from rich.console import Console
 from rich.tree import Tree
 
-from aihow_infra.cli.render import topology_tree
+from aihow_infra.cli.render import topology_tree, vm_table
 from aihow_infra.status import ClusterStatus, GpuStatus, SharedGpuStatus, SystemStatus, VmStatus
 from aihow_infra.topology import planned_topology
 from tests.cli import run_task
@@ -69,3 +71,25 @@ def test_the_task_says_a_planned_tree_is_not_checked_against_this_host(capsys: p
     assert code == 0
     assert out.splitlines()[-1] == f"planned from {config} alone; `aihow validate --config {config}` checks it " \
                                    "against this host"
+
+
+def test_a_spread_cluster_says_the_host_of_each_vm(tmp_path: Path) -> None:
+    """The tree and the status table name each VM's host when a cluster runs on more than one;
+    a cluster on one host names it once, in its own line."""
+    data = yaml.safe_load((ROOT / "config" / "default.yaml").read_text())
+    data["hosts"] = {"gpu2": {"uri": "qemu+ssh://root@gpu2/system"}, "ws1": {"uri": "qemu:///system"}}
+    data["clusters"]["hpc"]["network"] = {"subnet": "10.213.10.0/24", "bridge": "br-lab", "forward_mode": "bridge"}
+    data["clusters"]["hpc"]["compute_nodes"][1]["host"] = "gpu2"
+    data["clusters"]["cloud"]["host"] = "ws1"
+    path = tmp_path / "two-hosts.yaml"
+    path.write_text(yaml.safe_dump(data))
+    status = planned_topology(str(path))
+    text = labels(topology_tree(status))
+    hpc_vms = [t for t in text if "aihow-hpc-" in t and " vCPU " in t]
+    assert [t.rsplit(" on ", 1)[-1] for t in hpc_vms] == ["the stack's host", "the stack's host", "gpu2"]
+    assert any(t.startswith("[bold]aihow-cloud[/bold] (cloud) on ws1 (qemu:///system)") for t in text)
+    assert not any("aihow-cloud-" in t and t.endswith(" on ws1") for t in text)  # said once, for the cluster
+    console = Console(width=200, record=True)
+    console.print(vm_table(status.clusters[0].vms, "hpc"))
+    assert [line.split("│")[2].strip() for line in console.export_text().splitlines() if "aihow-hpc-" in line] == [
+        "the stack's host", "the stack's host", "gpu2"]

@@ -30,17 +30,19 @@ def _table(title: str, *columns: str) -> Table:
 
 def vm_table(rows: list[VmStatus], title: str) -> Table:
     """VMs: state, desired power, guest, the cluster software's word, address, size, disk and
-    GPUs with their holders."""
+    GPUs with their holders; and the host of each when they run on more than one."""
     names = sorted({r.workload_name for r in rows if r.workload})
     workload = bool(names)
-    table = _table(title, "VM", "role", "state", "desired", "guest", *(["/".join(names)] if names else []), "IP",
-                   "vCPU", "GiB", "disk", "GPUs (holder)")
+    spread = len({r.host for r in rows}) > 1
+    table = _table(title, "VM", *(["host"] if spread else []), "role", "state", "desired", "guest",
+                   *(["/".join(names)] if names else []), "IP", "vCPU", "GiB", "disk", "GPUs (holder)")
     for r in rows:
         colour = "green" if r.state == "running" else "yellow"
         guest = f"[green]{r.guest}[/green]" if r.ready else r.guest
         ip = r.ip or (", ".join(r.addresses) if r.addresses else "DHCP")
         gpus = ", ".join(f"{g.address} ({g.holder or 'free'})" for g in r.gpus) or "-"
-        table.add_row(r.name, r.role, f"[{colour}]{r.state_word}[/{colour}]", r.desired, guest,
+        table.add_row(r.name, *([r.host or STACK_HOST] if spread else []), r.role,
+                      f"[{colour}]{r.state_word}[/{colour}]", r.desired, guest,
                       *([r.workload or "-"] if workload else []), ip, str(r.vcpus), str(r.memory_gb),
                       f"{r.disk_gb} GiB" if r.disk in ("present", "-") else f"[red]{r.disk}[/red]", gpus)
     return table
