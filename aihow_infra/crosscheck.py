@@ -264,13 +264,23 @@ def _check_one_host_networks(hpc: ClusterPlan, cloud: ClusterPlan) -> list[str]:
     return problems
 
 
-def bridge_problems(plan: ClusterPlan, missing: str | None, host_addresses: Collection[str]) -> list[str]:
+def host_words(plan: ClusterPlan, uri: str) -> str:
+    """How a message names the host of ``uri`` that ``plan``'s VMs run on: by the cluster file's
+    name for it, with its URI; for a cluster on one host the file does not name, ``""``."""
+    named = {vm.host for vm in plan.vms if vm.host}
+    return f"host {named.pop()!r} ({uri})" if len(named) == 1 else ""
+
+
+def bridge_problems(plan: ClusterPlan, missing: str | None, host_addresses: Collection[str],
+                    host: str = "") -> list[str]:
     """What keeps a cluster on ``forward_mode: bridge`` off its host's bridge, a line each: the
     bridge itself (``missing``: why the host cannot take guests there, as
     ``libvirt.inspect.missing_bridge`` says; None when it can), and each node given one of the
-    host's own ``host_addresses`` on it."""
+    host's own ``host_addresses`` on it. ``host`` names that host (``host 'gpu2' (URI)``) when
+    the cluster file names it."""
+    on = f" on {host}" if host else ""
     problems = [] if missing is None else [
-        f"clusters.{plan.key}.network.bridge: '{plan.bridge}' is not a bridge the guests can join: {missing}; "
+        f"clusters.{plan.key}.network.bridge: '{plan.bridge}' is not a bridge the guests can join{on}: {missing}; "
         "allowed: an existing bridge of that host (forward_mode 'bridge' makes none)"]
     return problems + [f"{vm.key_path}.ip: '{vm.ip}' is the host's own address on bridge '{plan.bridge}'; allowed: "
                        f"another address of {plan.subnet}" for vm in plan.vms if vm.ip in host_addresses]

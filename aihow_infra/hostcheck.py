@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from aihow_infra.config import BOOT_SECONDS, BOOT_SOURCE, PciDevice, runs_here
-from aihow_infra.crosscheck import SubnetInUse, bridge_problems, subnet_collisions
+from aihow_infra.crosscheck import SubnetInUse, bridge_problems, host_words, subnet_collisions
 from aihow_infra.errors import AihowError, ConfigError
 from aihow_infra.gpu.custody import device_files, open_by
 from aihow_infra.gpu.homes import at_home, boot_binding, describe_driver
@@ -415,32 +415,33 @@ def check_bridges(plans: list[ClusterPlan], uri: str, file: str | Path) -> None:
     if not joining:
         return
     with connect(uri) as conn:
-        problems = [p for plan in joining for p in bridge_problems(plan, missing_bridge(conn, plan.bridge),
-                                                                   host_addresses(conn, plan.bridge))]
+        problems = [p for plan in joining
+                    for p in bridge_problems(plan, missing_bridge(conn, plan.bridge), host_addresses(conn, plan.bridge),
+                                             host_words(plan, uri))]
     _refuse(problems, file)
 
 
+
 def check_hosts(plans: list[ClusterPlan], file: str | Path) -> None:
-    """``ConfigError`` naming each host the clusters are placed on (``clusters.<key>.host``) that
-    cannot be reached, and each that reaches the same machine as another name (its GPU leases and
-    networks would be counted twice), with their lines."""
+    """``ConfigError`` naming each host a cluster or a node is placed on (``host``: a name under
+    ``hosts``) that cannot be reached, and each that reaches the same machine as another name (its
+    GPU leases and networks would be counted twice), with their lines."""
     from aihow_infra.libvirt.identity import host_identity
 
     problems: list[str] = []
     seen: dict[str, str] = {}  # host identity -> the first host name reaching it
-    for plan in plans:
-        if plan.host is None or plan.host_uri is None or plan.host in seen.values():
-            continue
+    placed = {(plan.host, plan.host_uri) for plan in plans} | {(vm.host, vm.host_uri) for p in plans for vm in p.vms}
+    for host, uri in sorted((h, u) for h, u in placed if h is not None and u is not None):
         try:
-            identity = host_identity(plan.host_uri)
+            identity = host_identity(uri)
         except AihowError as exc:
-            problems.append(f"hosts.{plan.host}.uri: {plan.host_uri!r} cannot be reached ({exc}); allowed: a "
-                            "host whose libvirt daemon answers (see `virsh -c URI version`)")
+            problems.append(f"hosts.{host}.uri: {uri!r} cannot be reached ({exc}); allowed: a host whose libvirt "
+                            "daemon answers (see `virsh -c URI version`)")
             continue
         if identity in seen:
-            problems.append(f"hosts.{plan.host}.uri: {plan.host_uri!r} reaches the same machine as hosts."
-                            f"{seen[identity]} ({identity}); allowed: one name per host")
-        seen.setdefault(identity, plan.host)
+            problems.append(f"hosts.{host}.uri: {uri!r} reaches the same machine as hosts.{seen[identity]} "
+                            f"({identity}); allowed: one name per host")
+        seen.setdefault(identity, host)
     _refuse(problems, file)
 
 

@@ -207,8 +207,17 @@ BAD_INPUTS: list[tuple[str, dict[str, Any], str]] = [
     ("unknown forward mode", mutate(f"{HPC}.network.forward_mode", "route"),
      r"clusters\.hpc\.network\.forward_mode: 'route' .*'nat', 'isolated' or 'bridge'"),
     ("host URI that is not libvirt's", mutate("hosts", {"gpu2": {"uri": "https://gpu2/system"}}),
-     r"^hosts\.gpu2\.uri: 'https://gpu2/system' is not a libvirt URI; allowed: a libvirt URI such as "
-     r"qemu:///system or qemu\+ssh://USER@HOST/system$"),
+     r"^hosts\.gpu2\.uri: 'https://gpu2/system' is not a libvirt URI; allowed: a URI of libvirt's QEMU system "
+     r"daemon, such as qemu:///system or qemu\+ssh://USER@HOST/system$"),
+    ("host on QEMU's session daemon", mutate("hosts", {"gpu2": {"uri": "qemu:///session"}}),
+     r"^hosts\.gpu2\.uri: 'qemu:///session' is QEMU's session daemon, which has no networks of its own and no PCI "
+     r"passthrough; allowed: a URI of libvirt's QEMU system daemon"),
+    ("host of another libvirt driver", mutate("hosts", {"gpu2": {"uri": "xen:///system"}}),
+     r"^hosts\.gpu2\.uri: 'xen:///system' is a libvirt URI of the xen driver, which the project does not drive; "
+     r"allowed: a URI of libvirt's QEMU system daemon"),
+    ("host given as its URI alone", mutate("hosts", {"gpu2": "qemu+ssh://root@gpu2/system"}),
+     r"^hosts\.gpu2: 'qemu\+ssh://root@gpu2/system' is not a host entry; allowed: \{uri: URI\}, e\.g\. "
+     r"\{uri: qemu\+ssh://root@gpu2/system\}$"),
     ("host name that is not one", mutate("hosts", {"GPU_2": {"uri": "qemu+ssh://gpu2/system"}}),
      r"^hosts: 'GPU_2' is not a host name; allowed: lowercase letters, digits and '-'"),
     ("host without its URI", mutate("hosts", {"gpu2": {}}), r"^hosts\.gpu2\.uri: .*required"),

@@ -400,6 +400,17 @@ def test_validate_checks_each_cluster_on_the_host_the_file_places_it_on(capsys: 
     said = " ".join((out + err).split())
     assert code == 1 and "hosts.twin.uri: 'test:///default' reaches the same machine as hosts.lab (" in said
 
+    # The same for hosts named on a node only: its host must answer, and be a machine of its own.
+    data["clusters"]["cloud"]["host"] = "lab"
+    for node_host, expected in (("gone", f"hosts.gone.uri: '{spelt}' cannot be reached ("),
+                                ("twin", "hosts.twin.uri: 'test:///default' reaches the same machine as hosts.lab (")):
+        data["clusters"]["cloud"]["worker_nodes"]["cpu"][0]["host"] = node_host
+        path.write_text(yaml.safe_dump(data))
+        code, out, err = run_task(capsys, "validate", "--config", str(path))
+        said = " ".join((out + err).split())
+        assert code == 1 and expected in said, said
+    del data["clusters"]["cloud"]["worker_nodes"]["cpu"][0]["host"]
+
     # HPC on libvirt's test driver (no bridge there), Cloud on this machine (a bridge made here):
     # each cluster's bridge is looked for on its own host. The test driver runs in this process,
     # so it is this machine (as the last case says): told apart here by its URI.
@@ -416,8 +427,8 @@ def test_validate_checks_each_cluster_on_the_host_the_file_places_it_on(capsys: 
         subprocess.run(["ip", "link", "del", bridge], check=True)
     said = " ".join((out + err).split())
     assert code == 1, said
-    assert f"clusters.hpc.network.bridge: '{bridge}' is not a bridge the guests can join: the host has no " \
-           f"interface '{bridge}'" in said
+    assert f"clusters.hpc.network.bridge: '{bridge}' is not a bridge the guests can join on host 'lab' " \
+           f"(test:///default): the host has no interface '{bridge}'" in said
     assert "clusters.cloud.network.bridge" not in said
 
 

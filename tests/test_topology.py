@@ -9,7 +9,9 @@ import yaml
 from rich.console import Console
 from rich.tree import Tree
 
-from aihow_infra.cli.render import topology_tree, vm_table
+from aihow_infra.cli.render import topology_tree, valid_table, vm_table
+from aihow_infra.loading import parse_cluster_file
+from aihow_infra.plan import plan_all
 from aihow_infra.status import ClusterStatus, GpuStatus, SharedGpuStatus, SystemStatus, VmStatus
 from aihow_infra.topology import planned_topology
 from tests.cli import run_task
@@ -93,3 +95,19 @@ def test_a_spread_cluster_says_the_host_of_each_vm(tmp_path: Path) -> None:
     console.print(vm_table(status.clusters[0].vms, "hpc"))
     assert [line.split("│")[2].strip() for line in console.export_text().splitlines() if "aihow-hpc-" in line] == [
         "the stack's host", "the stack's host", "gpu2"]
+
+
+def test_validate_names_every_host_a_cluster_runs_on(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+    """The table of a valid file gives each cluster's hosts when the file places any: a cluster
+    spread over two lists both, one on the stack's host says so."""
+    data = yaml.safe_load((ROOT / "config" / "default.yaml").read_text())
+    data["hosts"] = {"lab": {"uri": "test:///default"}}
+    data["clusters"]["hpc"]["network"] = {"subnet": "10.213.10.0/24", "bridge": "eth1", "forward_mode": "bridge",
+                                          "gateway_ip": "10.213.10.1"}
+    data["clusters"]["hpc"]["compute_nodes"][1]["host"] = "lab"
+    tree = valid_table(tmp_path / "c.yaml", plan_all(parse_cluster_file(data, env={})))
+    console = Console(width=250, record=True)
+    console.print(tree)
+    rows = {line.split("│")[1].strip(): line.split("│")[2].strip() for line in console.export_text().splitlines()
+            if line.startswith("│ aihow-")}
+    assert rows == {"aihow-hpc": "aihow:libvirtUri, lab (test:///default)", "aihow-cloud": "aihow:libvirtUri"}

@@ -60,11 +60,12 @@ def stacks_table(rows: list[StackSummary]) -> Table:
 def valid_table(path: Path, plans: list[ClusterPlan]) -> Table:
     """A valid cluster file's clusters, with what they add up to (vCPUs, GiB of memory and disk),
     and the host of each when the file places any."""
-    placed = any(plan.host for plan in plans)
+    placed = any(vm.host for plan in plans for vm in plan.vms)
     table = _table(f"{path}: valid", "cluster", *(["host"] if placed else []), "VMs", "auto-start", "vCPUs",
                    "memory GiB", "disk GiB", "network", "GPUs")
     for plan in plans:
-        host = [f"{plan.host} ({plan.host_uri})" if plan.host else "the stack's"] if placed else []
+        hosts = dict.fromkeys(f"{vm.host} ({vm.host_uri})" if vm.host else "aihow:libvirtUri" for vm in plan.vms)
+        host = [", ".join(hosts)] if placed else []
         table.add_row(plan.name, *host, str(len(plan.vms)), str(sum(vm.auto_start for vm in plan.vms)),
                       str(sum(vm.cpu_cores for vm in plan.vms)), str(sum(vm.memory_gb for vm in plan.vms)),
                       str(sum(vm.disk_gb for vm in plan.vms)), f"{plan.subnet} ({plan.bridge})",

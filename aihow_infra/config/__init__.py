@@ -22,6 +22,7 @@ from aihow_infra.config.base import (
     ImageRole,
     Model,
     canonical_uri,
+    libvirt_uri_problem,
     runs_here,
 )
 from aihow_infra.config.clusters import (
@@ -112,6 +113,7 @@ __all__ = [
     "WriteFile",
     "accepted_fields",
     "canonical_uri",
+    "libvirt_uri_problem",
     "runs_here",
     "types_in",
 ]

@@ -19,10 +19,27 @@ HEX_ID_RE = re.compile(r"^[0-9a-f]{4}$")
 # Linux interface names: at most 15 bytes, no '/', ':' or whitespace.
 BRIDGE_RE = re.compile(r"^[A-Za-z0-9_.\-]{1,15}$")
 CLUSTER_NAME_RE = re.compile(r"^[a-z0-9]([a-z0-9\-]*[a-z0-9])?$")
-# A libvirt connection URI (https://libvirt.org/uri.html): a driver the project drives (qemu, or
-# libvirt's test driver), a transport, then the host part and the daemon's path.
-LIBVIRT_URI_RE = re.compile(r"^(qemu|test)(\+(unix|ssh|libssh|libssh2|tcp|tls|ext))?://[^/\s]*/\S+$")
-LIBVIRT_URI_FORM = "a libvirt URI such as qemu:///system or qemu+ssh://USER@HOST/system"
+# A libvirt connection URI (https://libvirt.org/uri.html) of a driver the project drives: QEMU's
+# system daemon (networks and PCI passthrough need it; the session daemon has neither), with any
+# transport, or libvirt's test driver.
+LIBVIRT_URI_RE = re.compile(r"^(qemu(\+(unix|ssh|libssh|libssh2|tcp|tls|ext))?://[^/\s]*/system(\?\S*)?"
+                            r"|test(\+\w+)?://[^/\s]*/\S+)$")
+LIBVIRT_URI_FORM = "a URI of libvirt's QEMU system daemon, such as qemu:///system or qemu+ssh://USER@HOST/system"
+
+
+def libvirt_uri_problem(uri: str) -> str | None:
+    """Why ``uri`` is not a libvirt URI the project can place VMs on (the message's middle: ``'x'
+    is ...``), or None when it is."""
+    if LIBVIRT_URI_RE.match(uri):
+        return None
+    scheme = urlsplit(uri).scheme if "://" in uri else ""
+    if scheme.split("+")[0] == "qemu":
+        if urlsplit(uri).path == "/session":
+            return "QEMU's session daemon, which has no networks of its own and no PCI passthrough"
+        return f"not a path of QEMU's daemons ({urlsplit(uri).path or 'none'}; the system daemon's is /system)"
+    if scheme and scheme.split("+")[0] in ("xen", "lxc", "vbox", "vmware", "esx", "bhyve", "openvz", "ch", "hyperv"):
+        return f"a libvirt URI of the {scheme.split('+')[0]} driver, which the project does not drive"
+    return "not a libvirt URI"
 
 # Seconds from a compute node's start to its guest ready, per libvirt virt type, and how each is
 # known. qemu (software emulation, TCG): measured here, a compute node booted beside four others

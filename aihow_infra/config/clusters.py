@@ -23,10 +23,10 @@ from aihow_infra.config.base import (
     BRIDGE_RE,
     CLUSTER_NAME_RE,
     LIBVIRT_URI_FORM,
-    LIBVIRT_URI_RE,
     ForwardMode,
     Model,
     canonical_uri,
+    libvirt_uri_problem,
 )
 from aihow_infra.config.nodes import CloudInit, Hardware, ImageChoice, NodeSpec
 
@@ -398,11 +398,20 @@ class HostSpec(Model):
 
     uri: str
 
+    @model_validator(mode="before")
+    @classmethod
+    def _a_mapping(cls, data: Any) -> Any:
+        if not isinstance(data, Mapping):
+            raise ValueError(f"{data!r} is not a host entry; allowed: {{uri: URI}}, e.g. "
+                             "{uri: qemu+ssh://root@gpu2/system}")
+        return data
+
     @field_validator("uri")
     @classmethod
     def _libvirt_uri(cls, value: str) -> str:
-        if not LIBVIRT_URI_RE.match(value):
-            raise ValueError(f"{value!r} is not a libvirt URI; allowed: {LIBVIRT_URI_FORM}")
+        problem = libvirt_uri_problem(value)
+        if problem:
+            raise ValueError(f"{value!r} is {problem}; allowed: {LIBVIRT_URI_FORM}")
         return canonical_uri(value)
 
 

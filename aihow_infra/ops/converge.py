@@ -11,7 +11,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
 
 from aihow_infra.changes import risks
-from aihow_infra.crosscheck import bridge_problems
+from aihow_infra.crosscheck import bridge_problems, host_words
 from aihow_infra.desired import DesiredPower, PowerState
 from aihow_infra.errors import AihowError, ConfigError
 from aihow_infra.images import ensure_image, find_image, recipe_for
@@ -78,7 +78,7 @@ class Converging(ProjectOps):
             with connect(uri) as conn:
                 on_host = replace(plan, vms=tuple(vm for vm in plan.vms if view.uri_of(vm) == uri))
                 problems += bridge_problems(on_host, missing_bridge(conn, plan.bridge),
-                                            host_addresses(conn, plan.bridge))
+                                            host_addresses(conn, plan.bridge), host_words(on_host, uri))
         if problems:
             file = str(self.cluster_file_path(view.settings))
             raise ConfigError(problems, f"cluster file {file}", file=file)
