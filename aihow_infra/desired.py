@@ -1,7 +1,8 @@
 """Desired power: what the operator asked of each VM and each cluster, kept in the project's
 git-ignored state (``.state/power/<stack>.json``), never in the tracked stack files; where the
 stacks' Pulumi state is in PostgreSQL (several operators share it), in that database beside it
-(table ``aihow_power``, one row per project and stack), so every operator's tasks see one record.
+(table ``aihow_power``, one row per state table, project and stack), so every operator's tasks see
+one record.
 
 One record per VM (``running`` or ``stopped``; no record means the cluster file's
 ``auto_start``) and one for the cluster (``stopped`` after ``system.down``). Records are
@@ -30,6 +31,7 @@ POWER_STATES: tuple[PowerState, ...] = ("running", "stopped")
 # A task waits this long for another task on the same stack (a first up can take minutes).
 STACK_LOCK_TIMEOUT = 3600.0
 POWER_TABLE = "aihow_power"
+STATE_TABLE = "pulumi_state"  # the engine's table of the stacks' state, unless the URL says ``&table=``
 
 
 def power_folder(project_dir: Path) -> Path:
@@ -69,7 +71,10 @@ class PowerRecords:
         self.stack = stack
         self._database = Database(backend_url, own=("table",)) \
             if backend_url and is_database_url(backend_url) else None
-        self._row = f"{project}/{stack}"
+        # Projects kept apart in one database by the state's table (``&table=``) keep their power
+        # records apart too; the engine's default table keeps the rows it always had.
+        table = self._database.param("table", STATE_TABLE) if self._database else STATE_TABLE
+        self._row = f"{project}/{stack}" if table == STATE_TABLE else f"{table}/{project}/{stack}"
 
     @property
     def shown(self) -> str:

@@ -187,10 +187,14 @@ def test_power_records_kept_beside_a_shared_state_are_one_record_for_every_opera
     assert bob.state_stamp("hpc") != before
     assert bob.power_records("cloud").read() == DesiredPower()
     assert not (tmp_path / "alice" / ".state" / "power" / "hpc.json").exists()  # only the folder's own lock
+    # Another project in the same database, kept apart by its state table, has records of its own.
+    other = Workspace(project_dir=project(tmp_path / "carol"), backend_url=postgres_server + "&table=other_power")
+    assert other.power_records("hpc").read() == DesiredPower()
     # A corrupt row is one line naming where it is.
     with psycopg.connect(postgres_server) as conn:
-        conn.execute("UPDATE aihow_power SET document = '{\"cluster\": \"sideways\"}' WHERE name = 'shared/hpc'")
+        conn.execute("UPDATE aihow_power SET document = '{\"cluster\": \"sideways\"}' "
+                     "WHERE name = 'shared_power/shared/hpc'")
     with pytest.raises(StateFileError) as caught:
         bob.power_records("hpc").read()
     assert str(caught.value).startswith("power records postgres://aihow@/aihow?host=")
-    assert "(table aihow_power, row shared/hpc): unexpected content" in str(caught.value)
+    assert "(table aihow_power, row shared_power/shared/hpc): unexpected content" in str(caught.value)
