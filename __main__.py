@@ -12,20 +12,13 @@ from pathlib import Path
 import pulumi
 
 from aihow_infra.components import Cluster, ClusterArgs
-from aihow_infra.config import runs_here
 from aihow_infra.desired import PowerRecords
 from aihow_infra.errors import AihowError, ConfigError, StateFileError
 from aihow_infra.gpu.hosts import host_ledger
-from aihow_infra.hostcheck import (
-    check_devices_through_libvirt,
-    check_hugepages,
-    check_resume_timeout,
-    check_subnets,
-)
+from aihow_infra.hostcheck import checks_on_hosts
 from aihow_infra.images import find_image, recipe_for
-from aihow_infra.libvirt.connection import connect, resolve_virt_type
 from aihow_infra.loading import load_cluster_file
-from aihow_infra.placement import by_host, hosts_of, placed
+from aihow_infra.placement import hosts_of, placed
 from aihow_infra.plan import plan_cluster
 from aihow_infra.settings import parse_settings
 from aihow_infra.sshkeys import login_key
@@ -52,16 +45,10 @@ def main() -> None:
     try:
         # Before anything is made, on each host the cluster runs on: a subnet the host already
         # uses would cut it off from its own.
-        for uri, on_host in by_host([plan], settings.libvirt_uri).items():  # its VMs there, each time
-            check_subnets(on_host, uri, settings.cluster_file)
-            if runs_here(uri):  # /proc/meminfo is this machine's
-                check_hugepages(on_host, settings.cluster_file)
-            else:  # another host's devices, as its libvirt knows them
-                check_devices_through_libvirt(on_host, uri, settings.cluster_file)
-            with connect(uri) as conn:
-                choice = resolve_virt_type(conn, settings.virt_type)
-            if choice is not None:
-                check_resume_timeout(on_host, choice.virt_type, settings.cluster_file)
+        # (A host bridge is checked by the tasks before the engine starts, and by the network.)
+        for check in checks_on_hosts([plan], settings.libvirt_uri, settings.virt_type, settings.cluster_file,
+                                     bridges=False):
+            check()
     except ConfigError as exc:
         raise pulumi.RunError(f"{exc}\n{exc.report()}") from None
     except AihowError as exc:

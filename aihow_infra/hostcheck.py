@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field, replace
+from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -485,6 +486,27 @@ def check_subnets(plans: list[ClusterPlan], uri: str, file: str | Path) -> None:
     with its line in the cluster ``file``."""
     problems = subnet_collisions(plans, subnets_in_use(uri))
     _refuse(problems, file)
+
+
+def checks_on_hosts(plans: list[ClusterPlan], default_uri: str, virt_type: str, file: str | Path,
+                    bridges: bool = True) -> list[Callable[[], None]]:
+    """The checks of ``plans`` on each host they run on (``default_uri`` for what the file places
+    on no host), each with the VMs there, in order: subnets, bridges (unless ``bridges`` is
+    false), hugepages (this machine's /proc) or the devices (another host's, through its
+    libvirt), the resume timeout under the virt type ``virt_type`` resolves to there."""
+    from aihow_infra.libvirt.connection import connect, resolve_virt_type
+    from aihow_infra.placement import by_host
+
+    checks: list[Callable[[], None]] = []
+    for uri, on_host in by_host(plans, default_uri).items():
+        with connect(uri) as conn:
+            choice = resolve_virt_type(conn, virt_type)
+        checks += [partial(check_subnets, on_host, uri, file),
+                   *([partial(check_bridges, on_host, uri, file)] if bridges else []),
+                   partial(check_hugepages, on_host, file) if runs_here(uri) else
+                   partial(check_devices_through_libvirt, on_host, uri, file),
+                   *([partial(check_resume_timeout, on_host, choice.virt_type, file)] if choice else [])]
+    return checks
 
 
 def check_all(checks: Sequence[Callable[[], None]]) -> None:

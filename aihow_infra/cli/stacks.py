@@ -3,9 +3,7 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Callable
 from dataclasses import asdict
-from functools import partial
 from pathlib import Path
 
 from invoke.context import Context
@@ -70,19 +68,8 @@ def destroy(c: Context, stack: str = "", yes: bool = False) -> None:
 @task(help={"config": "cluster file to check (default: the one each stack names)"})
 def validate(c: Context, config: str = "") -> None:
     """Check a cluster file: a summary, or every error at once."""
-    from aihow_infra.config import runs_here
-    from aihow_infra.hostcheck import (
-        check_all,
-        check_bridges,
-        check_devices_through_libvirt,
-        check_hosts,
-        check_hugepages,
-        check_resume_timeout,
-        check_subnets,
-    )
-    from aihow_infra.libvirt.connection import connect, resolve_virt_type
+    from aihow_infra.hostcheck import check_all, check_hosts, checks_on_hosts
     from aihow_infra.loading import load_cluster_file
-    from aihow_infra.placement import by_host
     from aihow_infra.plan import plan_all, shared_devices
 
     op = operator()
@@ -98,16 +85,7 @@ def validate(c: Context, config: str = "") -> None:
         plans = plan_all(cluster_file)
         file = str(path)
         check_hosts(plans, file)  # a host that does not answer cannot be checked further
-        checks: list[Callable[[], None]] = []
-        for host_uri, on_host in by_host(plans, uri).items():
-            with connect(host_uri) as conn:
-                choice = resolve_virt_type(conn, settings.virt_type if settings else "auto")
-            checks += [partial(check_subnets, on_host, host_uri, file), partial(check_bridges, on_host, host_uri, file),
-                       # this machine's sysfs is host.check's; another host's devices, libvirt's
-                       partial(check_hugepages, on_host, file) if runs_here(host_uri) else
-                       partial(check_devices_through_libvirt, on_host, host_uri, file),
-                       *([partial(check_resume_timeout, on_host, choice.virt_type, file)] if choice else [])]
-        check_all(checks)
+        check_all(checks_on_hosts(plans, uri, settings.virt_type if settings else "auto", file))
         out.print(valid_table(path, plans))
         for shared in shared_devices(plans):
             colour = "red" if shared.conflict else "magenta"

@@ -8,7 +8,6 @@ import contextlib
 from collections import Counter
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import replace
 
 from aihow_infra.changes import risks
 from aihow_infra.crosscheck import bridge_problems, host_words
@@ -74,11 +73,10 @@ class Converging(ProjectOps):
         if plan.forward_mode != "bridge":
             return
         problems = []
-        for uri in view.hosts():  # each host the cluster spreads over has its bridge of that name
+        for uri, here in view.on_hosts().items():  # each host the cluster spreads over has that bridge
             with connect(uri) as conn:
-                on_host = replace(plan, vms=tuple(vm for vm in plan.vms if view.uri_of(vm) == uri))
-                problems += bridge_problems(on_host, missing_bridge(conn, plan.bridge),
-                                            host_addresses(conn, plan.bridge), host_words(on_host, uri))
+                problems += bridge_problems(here, missing_bridge(conn, plan.bridge), host_addresses(conn, plan.bridge),
+                                            host_words(here, uri))
         if problems:
             file = str(self.cluster_file_path(view.settings))
             raise ConfigError(problems, f"cluster file {file}", file=file)

@@ -25,7 +25,7 @@ from aihow_infra.lastrun import LastRuns
 from aihow_infra.libvirt.connection import connect, lookup
 from aihow_infra.libvirt.power import UNDEFINED, state_name
 from aihow_infra.loading import load_cluster_file
-from aihow_infra.placement import hosts_of, placed, vm_uri
+from aihow_infra.placement import by_host, placed, vm_uri
 from aihow_infra.plan import ClusterPlan, VmPlan, plan_cluster
 from aihow_infra.progress import describe
 from aihow_infra.settings import DEFAULT_LEDGER, StackSettings, parse_settings
@@ -61,9 +61,10 @@ class StackView:
         """The libvirt URI of the host ``vm`` runs on."""
         return vm_uri(vm, self.settings.libvirt_uri)
 
-    def hosts(self) -> list[str]:
-        """The libvirt URI of each host the cluster runs on, its own first."""
-        return [uri for _host, uri in hosts_of(self.plan, self.settings.libvirt_uri)]
+    def on_hosts(self) -> dict[str, ClusterPlan]:
+        """By the libvirt URI of each host the cluster runs on (its own first), the cluster's plan
+        with only its VMs on that host."""
+        return {uri: plans[0] for uri, plans in by_host([self.plan], self.settings.libvirt_uri).items()}
 
 
 class ProjectOps:
@@ -214,17 +215,16 @@ class ProjectOps:
         settings = self.settings(stacks[0])
         self._check_one_ledger(stacks[0], settings)
         uri = self.libvirt_uri(stacks[0])
-        return Ledger(host_ledger(settings.ledger_path, uri)), uri
+        return ledger_of(settings, uri), uri
 
     def live_states(self, view: StackView) -> dict[str, str]:
         """libvirt's state of each of the stack's VMs (on the host each runs on), by name."""
         states = {}
-        for uri in view.hosts():
+        for uri, here in view.on_hosts().items():
             with connect(uri) as conn:
-                for vm in view.plan.vms:
-                    if view.uri_of(vm) == uri:
-                        dom = lookup("looking up domain", conn.lookupByName, vm.name)
-                        states[vm.name] = state_name(dom) if dom is not None else UNDEFINED
+                for vm in here.vms:
+                    dom = lookup("looking up domain", conn.lookupByName, vm.name)
+                    states[vm.name] = state_name(dom) if dom is not None else UNDEFINED
         return {vm.name: states[vm.name] for vm in view.plan.vms}
 
     def login(self, view: StackView) -> LoginKey:

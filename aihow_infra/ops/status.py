@@ -73,12 +73,13 @@ class Status(Teardown):
         cluster's own host, and what the cluster's software says through its head."""
         found: dict[str, VmStatus] = {}
         network = pool = host = "-"
-        for uri in view.hosts():  # the cluster's own host first: its network and pool are shown
+        on_hosts = view.on_hosts()
+        for uri, here in on_hosts.items():
             with connect(uri) as conn:
                 disks, holders = self._disks(view, conn), lease_holders(view.settings, uri)
                 found |= {vm.name: replace(self._vm_status(view, vm, conn, holders), disk=disks[vm.name])
-                          for vm in view.plan.vms if view.uri_of(vm) == uri}
-                if uri != view.hosts()[0]:
+                          for vm in here.vms}
+                if uri != next(iter(on_hosts)):  # the network and pool shown: the cluster's own host's
                     continue
                 network = _active_word(lookup("looking up network", conn.networkLookupByName, view.plan.network_name))
                 pool = _active_word(lookup("looking up pool", conn.storagePoolLookupByName, view.plan.pool_name))

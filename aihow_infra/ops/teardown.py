@@ -17,6 +17,7 @@ from aihow_infra.libvirt.inspect import metadata, network_stack, pool_path
 from aihow_infra.libvirt.power import stop_domain, undefine
 from aihow_infra.ops.lifecycle import Lifecycle
 from aihow_infra.ops.project import StackView, ledger_of
+from aihow_infra.plan import ClusterPlan
 from aihow_infra.progress import EngineProgress
 
 
@@ -55,10 +56,10 @@ class Teardown(Lifecycle):
 
     def _power_off_all(self, view: StackView) -> None:
         """Power off every running VM of the stack at once (the stack's own only), on each host."""
-        for uri in view.hosts():
+        for uri, here in view.on_hosts().items():
             with connect(uri) as conn:
-                doms = [dom for vm in view.plan.vms if view.uri_of(vm) == uri
-                        and (dom := lookup("looking up domain", conn.lookupByName, vm.name)) is not None
+                doms = [dom for vm in here.vms
+                        if (dom := lookup("looking up domain", conn.lookupByName, vm.name)) is not None
                         and dom.isActive() and metadata(dom).get("stack") == view.stack]
                 if doms:
                     with ThreadPoolExecutor(len(doms)) as pool:
@@ -66,19 +67,19 @@ class Teardown(Lifecycle):
 
     def _sweep(self, view: StackView) -> None:
         remaining: list[str] = []
-        for uri in view.hosts():
-            remaining += self._sweep_host(view, uri)
+        for uri, here in view.on_hosts().items():
+            remaining += self._sweep_host(view, uri, here)
         if remaining:
             raise StackError(f"destroy of {view.stack} left {'; '.join(remaining)}; remove them by hand (virsh) "
                              "if they are no longer needed")
 
-    def _sweep_host(self, view: StackView, uri: str) -> list[str]:
-        """Remove what an interrupted run left of the stack on the host of ``uri``; what is there
-        but not the stack's own, a line each."""
+    def _sweep_host(self, view: StackView, uri: str, here: ClusterPlan) -> list[str]:
+        """Remove what an interrupted run left of the stack on the host of ``uri`` (``here``: the
+        cluster's plan with its VMs there); what is there but not the stack's own, a line each."""
         remaining = []
         with connect(uri) as conn:
-            for vm in view.plan.vms:
-                dom = lookup("looking up domain", conn.lookupByName, vm.name) if view.uri_of(vm) == uri else None
+            for vm in here.vms:
+                dom = lookup("looking up domain", conn.lookupByName, vm.name)
                 if dom is None:
                     continue
                 owner = metadata(dom).get("stack")
@@ -88,8 +89,7 @@ class Teardown(Lifecycle):
                 self.progress(f"removing domain {vm.name}, left by an interrupted run")
                 stop_domain(dom, 0)  # its disk goes too: nothing to shut down for
                 undefine(dom, vm.name)
-            ledger_of(view.settings, uri).release_all([holder_for(view.stack, vm.name) for vm in view.plan.vms
-                                                       if view.uri_of(vm) == uri])
+            ledger_of(view.settings, uri).release_all([holder_for(view.stack, vm.name) for vm in here.vms])
             pool = lookup("looking up pool", conn.storagePoolLookupByName, view.plan.pool_name)
             if pool is not None:
                 remaining += self._sweep_pool(view, pool)
