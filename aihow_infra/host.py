@@ -16,8 +16,12 @@ VirtType = Literal["kvm", "qemu"]
 VFIO_DRIVER = "vfio-pci"  # the host driver a function must be on to be passed through
 # Where modprobe reads module options (modprobe.d(5)), e.g. ``options vfio-pci ids=10de:2335``.
 MODPROBE_FOLDERS = ("/etc/modprobe.d", "/run/modprobe.d", "/usr/lib/modprobe.d", "/lib/modprobe.d")
-# TCG's default translation cache is 1 GiB a guest; 128 MiB keeps qemu near 500 MiB for a 1 GiB guest.
-TCG_CACHE_MIB = 128
+# TCG's translation cache a guest (QEMU's default: 1 GiB). When it fills, TCG throws every
+# translation away and translates the hot code again: with 128 MiB the Kubernetes control plane
+# did so 79 times in one `system.up` (every 3 s while deployed), with 512 MiB 6 times, and that
+# deploy took 145 s against 227 s (`info jit`, README "Inside the project"). The cost is memory:
+# qemu of a 1 GiB guest about 900 MiB (500 MiB with 128), of the 2 GiB control plane 1.8 GiB.
+TCG_CACHE_MIB = 512
 # Added to a software-emulated guest's kernel command line. ``no_timer_check``: the kernel's early
 # test that the timer interrupt arrives through the IO-APIC fails when an emulated vCPU is starved
 # (seen here: a guest booted beside five others panicked "timer doesn't work through
