@@ -61,7 +61,8 @@ def restart_with(conn: libvirt.virConnect, names: list[str], mib: int) -> float:
         if dom.isActive():
             dom.destroy()
         xml = dom.XMLDesc(libvirt.VIR_DOMAIN_XML_INACTIVE)
-        xml, count = re.subn(r"<tb-cache unit='MiB'>\d+</tb-cache>", f"<tb-cache unit='MiB'>{mib}</tb-cache>", xml)
+        # libvirt gives the size back in KiB
+        xml, count = re.subn(r"<tb-cache unit='\w+'>\d+</tb-cache>", f"<tb-cache unit='MiB'>{mib}</tb-cache>", xml)
         if count != 1:
             raise RuntimeError(f"{name}: no <tb-cache> in its definition (not a software-emulated domain?)")
         conn.defineXML(xml)
