@@ -18,7 +18,7 @@ VFIO_DRIVER = "vfio-pci"  # the host driver a function must be on to be passed t
 MODPROBE_FOLDERS = ("/etc/modprobe.d", "/run/modprobe.d", "/usr/lib/modprobe.d", "/lib/modprobe.d")
 # TCG's translation cache a guest (QEMU's default: 1 GiB). When it fills, TCG throws every
 # translation away and translates the hot code again: with 128 MiB the Kubernetes control plane
-# did so 79 times in one `system.up` (every 3 s while deployed), with 512 MiB 6 times, and that
+# did so 79 times in one `system.up` (every 3 s while deploying), with 512 MiB 6 times, and that
 # deploy took 145 s against 227 s (`info jit`, README "Inside the project"). The cost is memory:
 # qemu of a 1 GiB guest about 900 MiB (500 MiB with 128), of the 2 GiB control plane 1.8 GiB.
 TCG_CACHE_MIB = 512

@@ -53,6 +53,11 @@ def peak_mib(dom: libvirt.virDomain) -> float:
     return int(found.group(1)) / 1024 if found else 0.0
 
 
+def guests_cpu(conn: libvirt.virConnect, names: list[str]) -> float:
+    """Host CPU seconds the domains' emulation has used (libvirt's cpu_time)."""
+    return sum(conn.lookupByName(n).getCPUStats(True)[0]["cpu_time"] for n in names) / 1e9
+
+
 def restart_with(conn: libvirt.virConnect, names: list[str], mib: int) -> float:
     """Every domain shut off, defined again with a ``mib`` translation cache, started; seconds
     until all are ready."""
@@ -88,11 +93,10 @@ def one_run(root: Path, mib: int) -> dict[str, float]:
                        if d.name().startswith(box.prefix))  # the on-demand worker stays off, as in the main job
         plane = next(n for n in names if n.endswith("control-plane"))
         figures = {"restart to ready": restart_with(box.conn, names, mib)}
-        cpu_before = sum(box.conn.lookupByName(n).getCPUStats(True)[0]["cpu_time"] for n in names)
+        cpu_before = guests_cpu(box.conn, names)
         for stack in ("cloud", "hpc"):
             figures[f"{stack} first deploy"] = op.deploy(stack).seconds
-        figures["guests' host CPU over the deploys"] = (
-            sum(box.conn.lookupByName(n).getCPUStats(True)[0]["cpu_time"] for n in names) - cpu_before) / 1e9
+        figures["guests' host CPU over the deploys"] = guests_cpu(box.conn, names) - cpu_before
         figures["control plane's cache flushes"] = jit_flushes(box.conn.lookupByName(plane))
         figures["largest qemu's peak (MiB)"] = max(peak_mib(box.conn.lookupByName(n)) for n in names)
         op.system_destroy()
