@@ -55,7 +55,7 @@ def peak_mib(dom: libvirt.virDomain) -> float:
 
 def guests_cpu(conn: libvirt.virConnect, names: list[str]) -> float:
     """Host CPU seconds the domains' emulation has used (libvirt's cpu_time)."""
-    return sum(conn.lookupByName(n).getCPUStats(True)[0]["cpu_time"] for n in names) / 1e9
+    return float(sum(conn.lookupByName(n).getCPUStats(True)[0]["cpu_time"] for n in names)) / 1e9
 
 
 def restart_with(conn: libvirt.virConnect, names: list[str], mib: int) -> float:
