@@ -49,10 +49,16 @@ def network_stack(net: libvirt.virNetwork) -> str | None:
 
 def network_subnets(conn: libvirt.virConnect) -> list[tuple[str, str, str]]:
     """(network name, bridge, subnet) of every IPv4 subnet of every libvirt network, active or
-    not (an inactive one takes its subnet back when it starts, as libvirt's stock ``default``)."""
+    not (an inactive one takes its subnet back when it starts, as libvirt's stock ``default``).
+    A network removed between the listing and its read (another stack's destroy) is passed over."""
     found = []
     for net in conn.listAllNetworks(0):
-        root = ET.fromstring(net.XMLDesc(0))
+        try:
+            root = ET.fromstring(net.XMLDesc(0))
+        except libvirt.libvirtError as exc:
+            if exc.get_error_code() == libvirt.VIR_ERR_NO_NETWORK:
+                continue
+            raise
         bridge = root.find("./bridge")
         for ip in root.iterfind("./ip"):
             if ip.get("family", "ipv4") != "ipv4" or not ip.get("address"):
