@@ -526,7 +526,7 @@ def test_a_network_removed_while_the_subnets_are_listed_is_passed_over() -> None
     gone.undefine()
 
     class Listing:
-        def listAllNetworks(self, flags: int) -> list[Any]:  # noqa: N802 (libvirt's name)
+        def listAllNetworks(self, flags: int) -> list[Any]:
             return [gone, *conn.listAllNetworks(flags)]
 
     assert network_subnets(Listing()) == network_subnets(conn)  # type: ignore[arg-type]
