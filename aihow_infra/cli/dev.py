@@ -19,8 +19,8 @@ from aihow_infra.cli.common import task
 # of their own (AIHOW_TEST_LANE, tests/sandbox.py), balanced by the test times of a fresh-clone
 # run (2026-12-02 17:46): the GPU-host simulator's test, the guest boot test and the operations
 # tests (about 12 + 0.7 + 2 min), and the other short tests with the two-host test (about 11 +
-# 5 min: it boots a simulator of its own, but drives it from here; the power broker's scenario
-# in it added no time: 4.1 min alone on 2026-12-03, runs before more inner domains start).
+# 5 min: it boots a simulator of its own, but drives it from here; 4.1 min alone on 2026-12-03
+# with the power broker's scenario, which runs before more inner domains start).
 # The main job runs alone: its booted clusters keep every core busy and its waits have
 # deadlines. Last, the tests that stop the host's libvirtd (marker ``alone``).
 _FIRST_LANE = ("tests/test_e2e_gpuhost.py", "tests/test_e2e_guests.py", "tests/test_e2e_operations.py")
