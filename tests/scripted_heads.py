@@ -132,10 +132,12 @@ def _power_down_idle(state: State, nodes: list[str]) -> None:
     SuspendProgram queues ``suspend``); the others when their jobs end."""
     slurm = state["hpc"]
     busy = {job["node"] for job in slurm["jobs"].values()}
+    suspending = {text.split()[1] for text in slurm["queue"].values() if text.startswith("suspend ")}
     for node in nodes:
         if node in slurm["power_down_asap"] and node not in busy:
             slurm["power_down_asap"].remove(node)
-            _queue(state, "suspend", node)
+            if node not in suspending:  # asked again while its suspend waits: one SuspendProgram run
+                _queue(state, "suspend", node)
 
 
 def _options(argv: list[str]) -> dict[str, str]:

@@ -181,7 +181,7 @@ def watching(sim: GpuHost, names: tuple[str, ...]) -> Iterator[list[set[str]]]:
     try:
         yield samples
     finally:
-        sim.check(f"kill {pid}")
+        sim.sh(f"kill {pid}")  # (a watcher already gone must not hide the block's own failure)
         samples += [set(line.split()) & set(names) for line in sim.check("cat /root/watch.log").splitlines()]
 
 
@@ -208,7 +208,8 @@ def serving(run: Inside, state: Path, log: Path) -> Iterator[subprocess.Popen[st
 def broker_waits(run: Inside, node: str) -> str:
     """What ``system.status --json`` says ``node``'s start waits for (the broker's queue)."""
     ran = subprocess.run(run.command("system.status", "--json"), env=run.env, capture_output=True, text=True,
-                         timeout=300, check=True, stdin=subprocess.DEVNULL)
+                         timeout=120, check=False, stdin=subprocess.DEVNULL)
+    assert ran.returncode == 0, ran.stderr  # (a status cut short is asked again)
     waiting = {h["node"]: h["result"] for h in (json.loads(ran.stdout)["broker"] or {"waiting": []})["waiting"]}
     assert node in waiting, waiting
     return str(waiting[node])
@@ -279,7 +280,8 @@ def broker_moves_the_gpu(sim: GpuHost, run: Inside, ledger: str, tmp_path: Path,
         assert broker.wait(timeout=120) == 0, log.read_text()
     said = log.read_text()
     assert "power broker: stopped; a request it was carrying out stays queued for the next broker" in said, said
-    assert "failed" not in said, said
+    assert not [line for line in said.splitlines()
+                if line.startswith("power broker:") and ("failed" in line or "retrying" in line)], said
 
     # The watcher's view: never both at once, and the GPU went job -> pod -> job.
     assert len(samples) > 20 and not [s for s in samples if len(s) > 1], samples

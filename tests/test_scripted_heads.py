@@ -79,3 +79,9 @@ def test_a_command_no_stand_in_knows_fails_as_an_unknown_one_does(heads: Scripte
     assert cloud.kubectl(CONTROL_PLANE, ["delete", "node", "x"]).code == 1
     assert heads.run(Head("elsewhere"), ["/bin/true"]).code == 127
     assert heads.read()["asked"][-1] == "elsewhere: /bin/true"
+
+
+def test_power_down_asked_twice_suspends_once(heads: ScriptedHeads) -> None:
+    for _ in range(2):
+        hpc.power_down_when_idle(CONTROLLER, ["hpc-compute-01"])
+    assert [r.action for r in hpc.power_requests(CONTROLLER)] == ["suspend"]
