@@ -149,10 +149,6 @@ def _check_images(plans: list[ClusterPlan]) -> list[str]:
                                 f"file system ({root_gb} GiB); allowed: {root_gb} or more")
             if _elsewhere(vm):
                 continue  # its files are refused (_on_another_machine)
-            for i, mount in enumerate(vm.mounts):
-                if not Path(mount.host_path).is_dir():
-                    problems.append(f"{vm.key_path}.virtio_fs_mounts[{i}].host_path: '{mount.host_path}' is not a "
-                                    "folder on this host; allowed: an existing folder to share")
             if vm.base_image is None:
                 continue
             path = Path(vm.base_image)

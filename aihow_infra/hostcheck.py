@@ -298,6 +298,15 @@ def check_hugepages(plans: list[ClusterPlan], file: str | Path, root: Path = Pat
     _refuse(problems, file)
 
 
+def check_shares(plans: list[ClusterPlan], file: str | Path) -> None:
+    """``ConfigError`` when a virtio-fs share's folder is not a folder on this host (virtiofsd
+    would fail as the VM starts), naming the key and its line in the cluster ``file``."""
+    _refuse([f"{vm.key_path}.virtio_fs_mounts[{i}].host_path: '{mount.host_path}' is not a folder on this host; "
+             "allowed: an existing folder to share"
+             for plan in plans for vm in plan.vms for i, mount in enumerate(vm.mounts)
+             if not Path(mount.host_path).is_dir()], file)
+
+
 ACCELERATION_WORDS = {"kvm": "KVM", "qemu": "software emulation"}
 
 
@@ -492,8 +501,9 @@ def checks_on_hosts(plans: list[ClusterPlan], default_uri: str, virt_type: str, 
                     bridges: bool = True) -> list[Callable[[], None]]:
     """The checks of ``plans`` on each host they run on (``default_uri`` for what the file places
     on no host), each with the VMs there, in order: subnets, bridges (unless ``bridges`` is
-    false), hugepages (this machine's /proc) or the devices (another host's, through its
-    libvirt), the resume timeout under the virt type ``virt_type`` resolves to there."""
+    false), virtio-fs share folders and hugepages (this machine's files and /proc) or the devices
+    (another host's, through its libvirt), the resume timeout under the virt type ``virt_type``
+    resolves to there."""
     from aihow_infra.libvirt.connection import connect, resolve_virt_type
     from aihow_infra.placement import by_host
 
@@ -503,8 +513,8 @@ def checks_on_hosts(plans: list[ClusterPlan], default_uri: str, virt_type: str, 
             choice = resolve_virt_type(conn, virt_type)
         checks += [partial(check_subnets, on_host, uri, file),
                    *([partial(check_bridges, on_host, uri, file)] if bridges else []),
-                   partial(check_hugepages, on_host, file) if runs_here(uri) else
-                   partial(check_devices_through_libvirt, on_host, uri, file),
+                   *([partial(check_shares, on_host, file), partial(check_hugepages, on_host, file)] if runs_here(uri)
+                     else [partial(check_devices_through_libvirt, on_host, uri, file)]),
                    *([partial(check_resume_timeout, on_host, choice.virt_type, file)] if choice else [])]
     return checks
 

@@ -18,11 +18,12 @@ from aihow_infra.cloudinit import seed_files
 from aihow_infra.components import acceleration_args, seed_spec
 from aihow_infra.crosscheck import SubnetInUse, subnet_collisions
 from aihow_infra.errors import ConfigError
-from aihow_infra.hostcheck import check_host, check_subnets, subnets_of
+from aihow_infra.hostcheck import check_host, check_hugepages, check_shares, check_subnets, subnets_of
 from aihow_infra.hostrecord import materialize
 from aihow_infra.libvirt.render import domain_xml
 from aihow_infra.loading import load_cluster_file, parse_cluster_file
 from aihow_infra.plan import ClusterPlan, mac_for, plan_all
+from tests.cli import run_task
 from tests.samples import base
 
 CASES = Path(__file__).resolve().parent / "fixtures" / "cases"
@@ -86,13 +87,28 @@ def test_refused_cases_name_key_value_and_allowed(name: str, expected: list[str]
     assert refusals(name) == expected
 
 
-def test_a_virtiofs_share_that_is_not_a_folder_is_refused(tmp_path: Path) -> None:
+def test_a_virtiofs_share_that_is_not_a_folder_is_refused_with_the_other_host_problems(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """A share's folder is a fact of this host, as its hugepages are: validate says both in one
+    report (the hugepages line where this host does not reserve them), not one after the other."""
     path = tmp_path / "c.yaml"
     path.write_text((CASES / "hugepages-virtiofs.yaml").read_text())
-    assert refusals_at(path) == [
-        f"clusters.hpc.controller.virtio_fs_mounts[0].host_path: '{tmp_path / 'share'}' is not a folder on this "
-        "host; allowed: an existing folder to share"]
+    plans = plan_all(load_cluster_file(path))  # the file itself is valid
+    share = (f"clusters.hpc.controller.virtio_fs_mounts[0].host_path: '{tmp_path / 'share'}' is not a folder on "
+             "this host; allowed: an existing folder to share")
+    with pytest.raises(ConfigError) as err:
+        check_shares(plans, path)
+    assert err.value.problems == [share]
+    try:
+        check_hugepages(plans, path)
+        hugepages = []
+    except ConfigError as exc:
+        hugepages = exc.problems
+    code, _out, said = run_task(capsys, "validate", "--config", str(path))
+    said = " ".join(said.split())
+    assert code == 1 and [p for p in [share, *hugepages] if " ".join(p.split()) not in said] == []
     (tmp_path / "share").mkdir()
+    check_shares(plans, path)
     assert plan_all(load_cluster_file(path))[0].vms[0].mounts[0].mount_point == "/srv/project"
 
 
