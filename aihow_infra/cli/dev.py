@@ -17,16 +17,16 @@ from aihow_infra.cli.common import task
 # The end-to-end tier in four pytest runs. Two lanes at once, each in a pytest of its own (alone,
 # either leaves a quarter to a half of two cores idle: sampled every 15 s, 2026-12-02) on subnets
 # of their own (AIHOW_TEST_LANE, tests/sandbox.py), balanced by the test times of a fresh-clone
-# run (2026-12-02 17:46): the GPU-host simulator's test, the guest boot test and the operations
-# tests (about 12 + 0.7 + 2 min), and the other short tests with the two-host test (about 11 +
-# 5 min: it boots a simulator of its own, but drives it from here; 4.1 min alone on 2026-12-03
-# with the power broker's scenario, which runs before more inner domains start).
+# run (2026-12-03 04:00, lanes 21.5 and 19.1 min): the GPU-host simulator's test and the
+# operations tests (about 18 + 2 min), and the other short tests with the guest boot test and the
+# two-host test (about 11 + 1.2 + 7 min: it boots a simulator of its own, but drives it from here;
+# its power broker's scenario runs before more inner domains start).
 # The main job runs alone: its booted clusters keep every core busy and its waits have
 # deadlines. Last, the tests that stop the host's libvirtd (marker ``alone``).
-_FIRST_LANE = ("tests/test_e2e_gpuhost.py", "tests/test_e2e_guests.py", "tests/test_e2e_operations.py")
+_FIRST_LANE = ("tests/test_e2e_gpuhost.py", "tests/test_e2e_operations.py")
 SIDE_BY_SIDE = {
-    "GPU-host simulator, guest boot, operations": ["-m", "e2e and not alone", *_FIRST_LANE],
-    "short tests, two hosts": ["-m", "e2e and not alone", "--ignore", "tests/test_e2e_main_job.py",
+    "GPU-host simulator, operations": ["-m", "e2e and not alone", *_FIRST_LANE],
+    "short tests, guest boot, two hosts": ["-m", "e2e and not alone", "--ignore", "tests/test_e2e_main_job.py",
                                *(arg for path in _FIRST_LANE for arg in ("--ignore", path))],
 }
 MAIN_JOB = ["-m", "e2e and not alone", "tests/test_e2e_main_job.py"]
