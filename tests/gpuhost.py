@@ -190,7 +190,8 @@ class GpuHost:
         return self.check(f"virsh -q domstate {shlex.quote(name)}").strip()
 
     def live_hostdevs(self, name: str) -> list[str]:
-        """The PCI addresses of the hostdevs in an inner domain's live XML."""
+        """The PCI addresses of the hostdevs in an inner domain's XML: the live one while it runs (the
+        definition when it is off: that it holds a device is shown by ``vfio_users``)."""
         root = ET.fromstring(self.check(f"virsh -q dumpxml {shlex.quote(name)}"))
         found = []
         for source in root.iterfind("devices/hostdev[@type='pci']/source/address"):
