@@ -40,7 +40,7 @@ from aihow_infra.images import ensure_image
 from aihow_infra.plan import gpu_type
 from aihow_infra.state.layout import CHECKOUT
 from tests.conftest import open_e2e
-from tests.gpuhost import EDU_IDS, GPU_SLOT, GpuHost, edu_passthrough, gpu_host, remote_libvirt
+from tests.gpuhost import EDU_IDS, GPU_SLOT, SIM, GpuHost, edu_passthrough, gpu_host, remote_libvirt
 from tests.sandbox import E2E, Phases, Sandbox, Task
 from tests.scripted_heads import ScriptedHeads
 
@@ -174,15 +174,16 @@ def watching(sim: GpuHost, names: tuple[str, ...]) -> Iterator[list[set[str]]]:
     """Which of ``names`` run in the simulator, sampled inside it every half second while the
     block runs (qemu's pid files under /run/libvirt/qemu: libvirt writes one as a domain starts
     and removes it once its qemu has exited). The samples are there when the block ends."""
-    sim.write("/root/watch.sh", "while :; do for f in /run/libvirt/qemu/*.pid; do [ -e \"$f\" ] && "
-                                "printf '%s ' \"$(basename \"$f\" .pid)\"; done; echo .; sleep 0.5; done\n")
-    pid = sim.check("setsid sh /root/watch.sh > /root/watch.log 2>&1 < /dev/null & echo $!").strip()
+    script, log = f"{SIM}/watch.sh", f"{SIM}/watch.log"  # in the simulator's folder for the project's files
+    sim.write(script, "while :; do for f in /run/libvirt/qemu/*.pid; do [ -e \"$f\" ] && "
+                      "printf '%s ' \"$(basename \"$f\" .pid)\"; done; echo .; sleep 0.5; done\n")
+    pid = sim.check(f"setsid sh {script} > {log} 2>&1 < /dev/null & echo $!").strip()
     samples: list[set[str]] = []
     try:
         yield samples
     finally:
         sim.sh(f"kill {pid}")  # (a watcher already gone must not hide the block's own failure)
-        samples += [set(line.split()) & set(names) for line in sim.check("cat /root/watch.log").splitlines()]
+        samples += [set(line.split()) & set(names) for line in sim.check(f"cat {log}").splitlines()]
 
 
 @contextlib.contextmanager
