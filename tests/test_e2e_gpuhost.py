@@ -10,7 +10,7 @@ is bound to, the hostdevs of the running domain's live XML, which qemu holds ``/
 open, and the lease ledger. The inner domains boot nothing (a blank disk): holding the device
 is what is tested. The outer VM needs no network; everything goes through its guest agent.
 
-Run alone with ``pytest -m gpuhost``. About 8 minutes here (software emulation, 2 vCPUs); the
+Run alone with ``pytest -m gpuhost``. About 8-10 minutes here (software emulation, 2 vCPUs); the
 first run also builds the ``gpuhost`` image (about a minute, cached afterwards).
 """
 

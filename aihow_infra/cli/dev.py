@@ -17,11 +17,12 @@ from aihow_infra.cli.common import task
 # The end-to-end tier in four pytest runs. Two lanes at once, each in a pytest of its own (alone,
 # either leaves a quarter to a half of two cores idle: sampled every 15 s, 2026-12-02) on subnets
 # of their own (AIHOW_TEST_LANE, tests/sandbox.py), balanced by the test times of a fresh-clone
-# run (2026-12-03 04:00, lanes 21.5 and 19.1 min): the GPU-host simulator's test and the
-# operations tests (about 18 + 2 min), and the other short tests with the guest boot test and the
-# two-host test (about 11 + 1.2 + 7 min: it boots a simulator of its own, but drives it from here;
-# its power broker's scenario runs before more inner domains start).
-# The main job runs alone: its booted clusters keep every core busy and its waits have
+# run (2026-12-03 04:00, lanes 21.5 and 19.1 min; 18.6 and 19.4 at 07:34): the GPU-host
+# simulator's test and the operations tests (about 15-18 + 2 min), and the other short tests with
+# the guest boot test and the two-host test (about 11 + 1 + 7 min: it boots a simulator of its
+# own, but drives it from here; its power broker's scenario runs before more inner domains start).
+# The main job runs alone: its booted clusters keep both cores busy until its SLURM scenarios
+# (20-56 % idle there, one compute node booting at a time; sampled 2026-12-03) and its waits have
 # deadlines. Last, the tests that stop the host's libvirtd (marker ``alone``).
 _FIRST_LANE = ("tests/test_e2e_gpuhost.py", "tests/test_e2e_operations.py")
 SIDE_BY_SIDE = {
