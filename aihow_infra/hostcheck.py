@@ -521,7 +521,7 @@ def checks_on_hosts(plans: list[ClusterPlan], default_uri: str, virt_type: str, 
 
 def check_all(checks: Sequence[Callable[[], None]]) -> None:
     """Run every host check of a cluster file; one ``ConfigError`` with all their problems (each
-    with its line), not only the first kind's."""
+    with its line), not only the first kind's, in the file's order (a problem with no line last)."""
     found: list[ConfigError] = []
     for check in checks:
         try:
@@ -529,8 +529,10 @@ def check_all(checks: Sequence[Callable[[], None]]) -> None:
         except ConfigError as exc:
             found.append(exc)
     if found:
-        raise ConfigError([p for e in found for p in e.problems], found[0].source,
-                          [line for e in found for line in e.lines], found[0].file)
+        located = sorted(((p, line) for e in found for p, line in zip(e.problems, e.lines, strict=True)),
+                         key=lambda pair: (pair[1] is None, pair[1] or 0))
+        raise ConfigError([p for p, _line in located], found[0].source, [line for _p, line in located],
+                          found[0].file)
 
 
 def _refuse(problems: list[str], file: str | Path) -> None:

@@ -529,5 +529,20 @@ def test_a_network_removed_while_the_subnets_are_listed_is_passed_over() -> None
         def listAllNetworks(self, flags: int) -> list[Any]:
             return [gone, *conn.listAllNetworks(flags)]
 
-    assert network_subnets(Listing()) == network_subnets(conn)  # type: ignore[arg-type]
+    assert network_subnets(Listing()) == network_subnets(conn)
     assert ("default", "virbr0", "192.168.122.0/24") in network_subnets(conn)
+
+
+def test_every_host_problem_in_one_report_in_the_files_order() -> None:
+    """validate reports the host checks' problems together, by line (a share on line 17 after
+    hugepages on line 10, as the hugepages-virtiofs case has them), one with no line last."""
+    def share() -> None:
+        raise ConfigError(["share problem", "unplaced problem"], "cluster file c.yaml", [17, None], "c.yaml")
+
+    def hugepages() -> None:
+        raise ConfigError(["hugepages problem"], "cluster file c.yaml", [10], "c.yaml")
+
+    with pytest.raises(ConfigError) as err:
+        hostcheck.check_all([share, lambda: None, hugepages])
+    assert err.value.located() == ["c.yaml:10: hugepages problem", "c.yaml:17: share problem",
+                                   "c.yaml: unplaced problem"]
