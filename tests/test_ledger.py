@@ -255,8 +255,8 @@ GRANTS = 40
 
 def _worker(path: str, marks: str, log: str, index: int, grants: int, seed: int) -> None:
     """Acquire/release at random until ``grants`` leases were granted (a conflict is retried).
-    Holding is mirrored by an O_EXCL marker per address, so a double grant shows up as a
-    marker that already exists."""
+    Holding is mirrored by a marker file per address, made by a link (which fails when the
+    marker exists), so a double grant shows up as a marker that already exists."""
     rng = random.Random(seed)
     ledger = Ledger(path)
     holder = f"w{index}/vm"
@@ -269,13 +269,18 @@ def _worker(path: str, marks: str, log: str, index: int, grants: int, seed: int)
             except LeaseConflictError:
                 continue
             marker = os.path.join(marks, address)
+            # The marker appears with its holder already in it (written aside, then linked: the
+            # link fails if the marker exists): a SIGKILL between creating it and writing it would
+            # leave an empty marker the operator's reclaim below cannot tell is the victim's.
+            draft = f"{marker}.w{index}"
+            with open(draft, "w") as f:
+                f.write(holder)
             try:
-                fd = os.open(marker, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
-                os.write(fd, holder.encode())
-                os.close(fd)
+                os.link(draft, marker)
             except FileExistsError:
                 out.write(f"DOUBLE {address} {holder}\n")
                 return
+            os.unlink(draft)
             out.write(f"GRANT {address} {lease.generation}\n")
             granted += 1
             time.sleep(rng.random() / 500)
