@@ -8,7 +8,6 @@ from __future__ import annotations
 import ipaddress
 from collections import defaultdict
 from collections.abc import Collection
-from dataclasses import dataclass
 from pathlib import Path
 
 from aihow_infra.config import (
@@ -18,8 +17,9 @@ from aihow_infra.config import (
     ClusterFile,
     ClusterKey,
     HpcCluster,
-    runs_here,
 )
+from aihow_infra.host import SubnetInUse
+from aihow_infra.libvirt_names import runs_here
 from aihow_infra.plan import ClusterPlan, VmPlan, node_entries, plan_all
 
 
@@ -280,16 +280,6 @@ def bridge_problems(plan: ClusterPlan, missing: str | None, host_addresses: Coll
         "allowed: an existing bridge of that host (forward_mode 'bridge' makes none)"]
     return problems + [f"{vm.key_path}.ip: '{vm.ip}' is the host's own address on bridge '{plan.bridge}'; allowed: "
                        f"another address of {plan.subnet}" for vm in plan.vms if vm.ip in host_addresses]
-
-
-@dataclass(frozen=True)
-class SubnetInUse:
-    """An IPv4 subnet the host already uses: on an interface, by a route, or by a libvirt network."""
-
-    subnet: str
-    where: str  # e.g. "interface eth0", "a route via eth0", "libvirt network 'default' (bridge virbr0)"
-    interface: str = ""  # the interface (bridge) it is on, "" when none is known
-    network: str = ""  # the libvirt network that holds it, "" for none
 
 
 def subnet_collisions(plans: list[ClusterPlan], in_use: list[SubnetInUse]) -> list[str]:

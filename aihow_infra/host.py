@@ -10,8 +10,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-from aihow_infra.crosscheck import SubnetInUse
-
 VirtType = Literal["kvm", "qemu"]
 VFIO_DRIVER = "vfio-pci"  # the host driver a function must be on to be passed through
 # Where modprobe reads module options (modprobe.d(5)), e.g. ``options vfio-pci ids=10de:2335``.
@@ -122,6 +120,16 @@ def choose_virt_type(wanted: str, host: Host, kvm_usable: bool) -> VirtChoice:
         return VirtChoice("qemu", "software emulation: /dev/kvm is kvm_pvm, which cannot run a real guest kernel")
     vendor = next((m for m in ("kvm_intel", "kvm_amd") if m in modules), None)
     return VirtChoice("kvm", f"KVM ({vendor})" if vendor else "KVM (libvirt reports it usable)")
+
+
+@dataclass(frozen=True)
+class SubnetInUse:
+    """An IPv4 subnet the host already uses: on an interface, by a route, or by a libvirt network."""
+
+    subnet: str
+    where: str  # e.g. "interface eth0", "a route via eth0", "libvirt network 'default' (bridge virbr0)"
+    interface: str = ""  # the interface (bridge) it is on, "" when none is known
+    network: str = ""  # the libvirt network that holds it, "" for none
 
 
 def host_subnets() -> list[SubnetInUse]:

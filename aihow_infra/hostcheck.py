@@ -13,13 +13,22 @@ from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from aihow_infra.config import BOOT_SECONDS, BOOT_SOURCE, PciDevice, runs_here
-from aihow_infra.crosscheck import SubnetInUse, bridge_problems, host_words, subnet_collisions
+from aihow_infra.config import BOOT_SECONDS, BOOT_SOURCE, PciDevice
+from aihow_infra.crosscheck import bridge_problems, host_words, subnet_collisions
 from aihow_infra.errors import AihowError, ConfigError
 from aihow_infra.gpu.custody import device_files, open_by
 from aihow_infra.gpu.homes import at_home, boot_binding, describe_driver
 from aihow_infra.gpu.ledger import DEFAULT_HOME, Home
-from aihow_infra.host import VFIO_DRIVER, Host, VirtChoice, VirtType, choose_virt_type, host_subnets
+from aihow_infra.host import (
+    VFIO_DRIVER,
+    Host,
+    SubnetInUse,
+    VirtChoice,
+    VirtType,
+    choose_virt_type,
+    host_subnets,
+)
+from aihow_infra.libvirt_names import runs_here
 from aihow_infra.loading import key_lines, line_of, load_cluster_file
 from aihow_infra.plan import ClusterPlan, VmPlan, plan_all
 from aihow_infra.settings import DEFAULT_LIBVIRT_URI

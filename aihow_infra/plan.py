@@ -23,7 +23,6 @@ from aihow_infra.config import (
     CloudCluster,
     ClusterFile,
     ClusterKey,
-    ForwardMode,
     HpcCluster,
     ImageRole,
     NodeSpec,
@@ -32,6 +31,7 @@ from aihow_infra.config import (
     WorkerGroups,
 )
 from aihow_infra.errors import ConfigError
+from aihow_infra.libvirt_names import ForwardMode
 
 Role = Literal["controller", "compute", "control-plane", "cpu-worker", "gpu-worker"]
 

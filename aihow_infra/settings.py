@@ -12,9 +12,10 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from aihow_infra.config import CLUSTER_KEYS, ClusterKey, canonical_uri
+from aihow_infra.config import CLUSTER_KEYS, ClusterKey
 from aihow_infra.database import HOST_PARAM, is_database_url, redacted
 from aihow_infra.errors import ConfigError
+from aihow_infra.libvirt_names import canonical_uri
 
 DEFAULT_LEDGER = "/var/lib/aihow/gpu-leases.json"
 DEFAULT_POOLS_DIR = "/var/lib/libvirt/images/aihow"  # aihow:imagesDir: the clusters' disks and seeds

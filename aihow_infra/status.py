@@ -11,28 +11,13 @@ from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from aihow_infra.libvirt.guest import GuestState
 from aihow_infra.plan import ClusterPlan, SharedDevice, VmPlan
 
 PLANNED = "planned"
 # Cluster words: nothing of it exists; every VM as it should be (some running / none running);
 # some VM not as it should be; its file or settings cannot be read.
 NOT_DEPLOYED, RUNNING, STOPPED, DEGRADED, UNREADABLE = "not deployed", "running", "stopped", "degraded", "unreadable"
-
-
-@dataclass(frozen=True)
-class GuestState:
-    """What the agent says of a guest."""
-
-    agent: bool
-    cloud_init: str  # 'none' (no agent), 'running', 'done' or 'error'
-    errors: tuple[str, ...] = ()
-    addresses: dict[str, list[str]] = field(default_factory=dict)
-
-    @property
-    def ready(self) -> bool:
-        """Agent answers and cloud-init is done without error."""
-        return self.agent and self.cloud_init == "done"
-
 
 
 @dataclass(frozen=True)

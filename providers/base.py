@@ -13,10 +13,10 @@ from pulumi.dynamic import CheckFailure, CheckResult, DiffResult, ReadResult, Re
 from pulumi.output import Output, Unknown
 from pulumi.runtime.rpc import UNKNOWN
 
-from aihow_infra.config import canonical_uri
 from aihow_infra.errors import LibvirtError
 from aihow_infra.libvirt.connection import connect
 from aihow_infra.libvirt.render import whole_numbers
+from aihow_infra.libvirt_names import canonical_uri
 
 T = TypeVar("T")
 # An input that may be another resource's output; the engine resolves it before a provider

@@ -28,11 +28,10 @@ from aihow_infra.gpu.homes import send_home
 from aihow_infra.gpu.ledger import LeaseRef, Ledger
 from aihow_infra.host import VirtChoice
 from aihow_infra.libvirt.connection import call, connect, lookup, resolve_virt_type
-from aihow_infra.libvirt.guest import probe, wait_ready
+from aihow_infra.libvirt.guest import GuestState, probe, wait_ready
 from aihow_infra.libvirt.inspect import metadata, read_definition
 from aihow_infra.libvirt.power import start_domain, state_name, stop_domain, undefine
 from aihow_infra.libvirt.render import METADATA_NS, domain_xml
-from aihow_infra.status import GuestState
 from providers.base import Input, LibvirtProvider
 from providers.network import read_hosts
 

@@ -9,11 +9,11 @@ import libvirt
 import pulumi
 from pulumi.dynamic import CreateResult, Resource, UpdateResult
 
-from aihow_infra.config import ForwardMode
 from aihow_infra.errors import LibvirtError
 from aihow_infra.libvirt.connection import call, connect, discard, lookup
 from aihow_infra.libvirt.inspect import missing_bridge, network_stack
 from aihow_infra.libvirt.render import dhcp_host_xml, network_xml
+from aihow_infra.libvirt_names import ForwardMode
 from providers.base import LibvirtProvider
 
 

@@ -16,8 +16,9 @@ import yaml
 from aihow_infra.changes import risks
 from aihow_infra.cloudinit import seed_files
 from aihow_infra.components import acceleration_args, seed_spec
-from aihow_infra.crosscheck import SubnetInUse, subnet_collisions
+from aihow_infra.crosscheck import subnet_collisions
 from aihow_infra.errors import ConfigError
+from aihow_infra.host import SubnetInUse
 from aihow_infra.hostcheck import check_host, check_hugepages, check_shares, check_subnets, subnets_of
 from aihow_infra.hostrecord import materialize
 from aihow_infra.libvirt.render import domain_xml

@@ -18,12 +18,9 @@ from aihow_infra.config.base import (
     LIBVIRT_URI_RE,
     PCI_ADDRESS_RE,
     ClusterKey,
-    ForwardMode,
     ImageRole,
     Model,
-    canonical_uri,
     libvirt_uri_problem,
-    runs_here,
 )
 from aihow_infra.config.clusters import (
     PARTITION_RE,
@@ -90,7 +87,6 @@ __all__ = [
     "Clusters",
     "CpuTopology",
     "DeviceType",
-    "ForwardMode",
     "Hardware",
     "HostSpec",
     "HpcCluster",
@@ -112,8 +108,6 @@ __all__ = [
     "WorkerGroups",
     "WriteFile",
     "accepted_fields",
-    "canonical_uri",
     "libvirt_uri_problem",
-    "runs_here",
     "types_in",
 ]

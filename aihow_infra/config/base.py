@@ -70,27 +70,7 @@ class Model(BaseModel):
 
 
 ImageRole = Literal["base", "hpc", "cloud"]
-# How a cluster's network reaches out (NetworkSpec.forward_mode says what each means).
-ForwardMode = Literal["nat", "isolated", "bridge"]
 # The root file system of each project image, in GiB (images.py builds them this big): a VM's disk is
 # a copy-on-write overlay on it, and one smaller than the file system cuts it off, so the guest does
 # not boot. The cloud image carries container archives no registry can give (aihow_infra.oci).
 IMAGE_ROOT_GB: dict[str, int] = {"base": 2, "hpc": 2, "cloud": 3, "gpuhost": 3}
-
-
-
-
-def canonical_uri(uri: str) -> str:
-    """One spelling per libvirt daemon: ``qemu+unix:///system`` is ``qemu:///system`` (a
-    different spelling must not replace anything)."""
-    scheme, sep, rest = uri.partition("://")
-    driver, _plus, transport = scheme.partition("+")
-    if sep and transport == "unix" and rest.startswith("/"):
-        return f"{driver}://{rest}"
-    return uri
-
-
-def runs_here(uri: str) -> bool:
-    """Whether the libvirt daemon of ``uri`` runs on this machine: the URI names no host (or
-    ``localhost``), so the files and /sys this process reads are that host's."""
-    return urlsplit(uri).hostname in (None, "", "localhost")

@@ -23,12 +23,11 @@ from aihow_infra.config.base import (
     BRIDGE_RE,
     CLUSTER_NAME_RE,
     LIBVIRT_URI_FORM,
-    ForwardMode,
     Model,
-    canonical_uri,
     libvirt_uri_problem,
 )
 from aihow_infra.config.nodes import CloudInit, Hardware, ImageChoice, NodeSpec
+from aihow_infra.libvirt_names import ForwardMode, canonical_uri
 
 
 class NetworkSpec(Model):

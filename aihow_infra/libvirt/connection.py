@@ -18,9 +18,9 @@ from urllib.parse import urlparse
 
 import libvirt
 
-from aihow_infra.config import runs_here
 from aihow_infra.errors import LibvirtError, NotFoundError
 from aihow_infra.host import Host, VirtChoice, choose_virt_type
+from aihow_infra.libvirt_names import runs_here
 
 T = TypeVar("T")
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 import base64
 import json
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -19,12 +19,26 @@ import libvirt_qemu
 
 from aihow_infra.errors import GuestError
 from aihow_infra.interrupts import RUNS
-from aihow_infra.status import GuestState
 from aihow_infra.steps import Progress
 
 RESULT_FILE = "/run/cloud-init/result.json"
 CONSOLE_LOG_DIR = Path("/var/log/libvirt/qemu")
 POLL_SECONDS = 2.0
+
+
+@dataclass(frozen=True)
+class GuestState:
+    """What the agent says of a guest."""
+
+    agent: bool
+    cloud_init: str  # 'none' (no agent), 'running', 'done' or 'error'
+    errors: tuple[str, ...] = ()
+    addresses: dict[str, list[str]] = field(default_factory=dict)
+
+    @property
+    def ready(self) -> bool:
+        """Agent answers and cloud-init is done without error."""
+        return self.agent and self.cloud_init == "done"
 
 
 def console_log_path(vm_name: str) -> Path:
