@@ -2,35 +2,42 @@
 
 from __future__ import annotations
 
+import itertools
 import os
 import subprocess
 import sys
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
+from typing import IO
 
 from invoke.context import Context
 from invoke.exceptions import Exit
 
 from aihow_infra.cli.common import task
 
-# The end-to-end tier in four pytest runs. Two lanes at once, each in a pytest of its own (alone,
+# The end-to-end tier in five pytest runs. Two lanes at once, each in a pytest of its own (alone,
 # either leaves a quarter to a half of two cores idle: sampled every 15 s, 2026-12-02) on subnets
-# of their own (AIHOW_TEST_LANE, tests/sandbox.py), balanced by the test times of a fresh-clone
-# run (2026-12-03 04:00, lanes 21.5 and 19.1 min; 18.6 and 19.4 at 07:34): the GPU-host
-# simulator's test and the operations tests (about 15-18 + 2 min), and the other short tests with
-# the guest boot test and the two-host test (about 11 + 1 + 7 min: it boots a simulator of its
-# own, but drives it from here; its power broker's scenario runs before more inner domains start).
-# The main job runs alone: its booted clusters keep both cores busy until its SLURM scenarios
-# (20-56 % idle there, one compute node booting at a time; sampled 2026-12-03) and its waits have
-# deadlines. Last, the tests that stop the host's libvirtd (marker ``alone``).
-_FIRST_LANE = ("tests/test_e2e_gpuhost.py", "tests/test_e2e_operations.py")
+# of their own (AIHOW_TEST_LANE, tests/sandbox.py): the GPU-host simulator's test (about 16 min),
+# and the other short tests with the guest boot test and the two-host test (it boots a simulator
+# of its own, but drives it from here; its power broker's scenario runs before more inner domains
+# start). Then the main job: its booted clusters keep both cores busy until its Cloud cluster is
+# destroyed; from there its SLURM scenarios boot one single-vCPU compute node at a time and left
+# 20-56 % of two cores idle (sampled 2026-12-03), so the test says so (a file named by
+# ``SPARE_CPU_ENV``) and a third group starts beside it then: short tests that boot no guest.
+# Last, the tests that stop the host's libvirtd (marker ``alone``).
+SPARE_CPU_ENV = "AIHOW_TEST_SPARE_CPU"
+_SIMULATOR = "tests/test_e2e_gpuhost.py"
+_MAIN_JOB = "tests/test_e2e_main_job.py"
+_BESIDE_SLURM = ("tests/test_e2e_operations.py", "tests/test_e2e_lifecycle.py", "tests/test_e2e_clusters.py")
 SIDE_BY_SIDE = {
-    "GPU-host simulator, operations": ["-m", "e2e and not alone", *_FIRST_LANE],
-    "short tests, guest boot, two hosts": ["-m", "e2e and not alone", "--ignore", "tests/test_e2e_main_job.py",
-                               *(arg for path in _FIRST_LANE for arg in ("--ignore", path))],
+    "GPU-host simulator": ["-m", "e2e and not alone", _SIMULATOR],
+    "short tests, guest boot, two hosts": ["-m", "e2e and not alone", *(
+        arg for path in (_SIMULATOR, _MAIN_JOB, *_BESIDE_SLURM) for arg in ("--ignore", path))],
 }
-MAIN_JOB = ["-m", "e2e and not alone", "tests/test_e2e_main_job.py"]
+MAIN_JOB = ["-m", "e2e and not alone", _MAIN_JOB]
+BESIDE_SLURM = ["-m", "e2e and not alone", *_BESIDE_SLURM]
 ALONE = ["-m", "e2e and alone"]
 
 
@@ -51,31 +58,53 @@ def test(c: Context, fast: bool = False) -> None:
             end_to_end(CHECKOUT, env)
 
 
+@dataclass
+class _Run:
+    """A pytest run of the tier, its output kept in a log until it is printed."""
+
+    name: str
+    proc: subprocess.Popen[str]
+    log: IO[str] | None
+    began: float
+
+
 def end_to_end(checkout: Path, env: dict[str, str]) -> None:
-    """The end-to-end tier as ``SIDE_BY_SIDE``, ``MAIN_JOB`` and ``ALONE`` say; each run's
-    output in full, then one line per run; ``Exit`` with code 1 when any failed."""
+    """The end-to-end tier as ``SIDE_BY_SIDE``, ``MAIN_JOB`` (with ``BESIDE_SLURM`` started
+    when it says a core is spare, or when it ends without saying so) and ``ALONE`` say; each
+    run's output in full, then one line per run; ``Exit`` with code 1 when any failed."""
     pytest = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "--durations=0", "--durations-min=5"]
     results: list[tuple[str, int, float]] = []
+    numbers = itertools.count()
     with tempfile.TemporaryDirectory(prefix="aihow-e2e-") as tmp:
-        began = time.monotonic()
-        running = []
-        for lane, (name, args) in enumerate(SIDE_BY_SIDE.items()):
-            log = open(Path(tmp) / f"lane{lane}.log", "w+")  # noqa: SIM115 (read back after the run)
-            proc = subprocess.Popen([*pytest, "--basetemp", str(Path(tmp) / f"lane{lane}"), *args], cwd=checkout,
-                                    env={**env, "AIHOW_TEST_LANE": str(lane)}, stdout=log,
-                                    stderr=subprocess.STDOUT, text=True)
-            running.append((name, proc, log))
-        for name, proc, log in running:
-            code = proc.wait()
-            log.seek(0)
-            print(f"\n===== e2e: {name} (beside the others) =====\n{log.read()}", flush=True)
-            log.close()
-            results.append((name, code, time.monotonic() - began))
-        for name, args in (("main job", MAIN_JOB), ("tests that stop libvirtd", ALONE)):
-            print(f"\n===== e2e: {name} =====", flush=True)
-            began = time.monotonic()
-            code = subprocess.run([*pytest, *args], cwd=checkout, env=env, check=False).returncode
-            results.append((name, code, time.monotonic() - began))
+        def start(name: str, args: list[str], lane: int | None, logged: bool = True, **more: str) -> _Run:
+            # Pytests at once each need a base folder of their own: each prunes the default one's old runs.
+            base = Path(tmp) / f"run{next(numbers)}"
+            log = open(f"{base}.log", "w+") if logged else None  # noqa: SIM115 (read back after the run)
+            more |= {} if lane is None else {"AIHOW_TEST_LANE": str(lane)}
+            proc = subprocess.Popen([*pytest, "--basetemp", str(base), *args], cwd=checkout, env={**env, **more},
+                                    stdout=log, stderr=subprocess.STDOUT if log else None, text=True)
+            return _Run(name, proc, log, time.monotonic())
+
+        def finish(run: _Run, beside: str = "") -> None:
+            code = run.proc.wait()
+            if run.log is not None:
+                run.log.seek(0)
+                print(f"\n===== e2e: {run.name}{beside} =====\n{run.log.read()}", flush=True)
+                run.log.close()
+            results.append((run.name, code, time.monotonic() - run.began))
+
+        for run in [start(name, args, lane) for lane, (name, args) in enumerate(SIDE_BY_SIDE.items())]:
+            finish(run, " (beside the others)")
+        print("\n===== e2e: main job =====", flush=True)
+        spare = Path(tmp) / "spare-cpu"
+        main = start("main job", MAIN_JOB, 0, logged=False, **{SPARE_CPU_ENV: str(spare)})
+        while main.proc.poll() is None and not spare.exists():
+            time.sleep(2)
+        beside = start("short tests beside the main job's SLURM scenarios", BESIDE_SLURM, 1)
+        finish(main)
+        finish(beside)
+        print("\n===== e2e: tests that stop libvirtd =====", flush=True)
+        finish(start("tests that stop libvirtd", ALONE, None, logged=False))
     print("\n===== e2e runs =====")
     for name, code, seconds in results:
         print(f"{name}: {'passed' if code == 0 else f'FAILED (pytest exit {code})'} in {seconds / 60:.1f} min")
