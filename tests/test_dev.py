@@ -60,7 +60,7 @@ def test_beside():
     log = Path(os.environ["ORDER_LOG"])
     (log.parent / "beside-started").touch()
     with log.open("a") as f:
-        f.write(f"beside lane={os.environ.get('AIHOW_TEST_LANE')}\\n")
+        f.write(f"beside lane={os.environ.get('AIHOW_TEST_LANE')} nice={os.nice(0)}\\n")
 """
 ALONE = """
 import os
@@ -91,8 +91,9 @@ def order(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, fail: int = 0, main: 
 def test_two_lanes_side_by_side_then_the_main_job_with_a_group_beside_it_then_the_libvirtd_tests(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
     log = order(tmp_path, monkeypatch)
-    assert log.read_text().splitlines() == ["side", "side", "main lane=0", "beside lane=1", "main ends",
-                                            "test_last.py lane=None"]
+    beside = f"beside lane=1 nice={dev.BESIDE_NICE}"  # at a lower priority than the main job's
+    lines = log.read_text().splitlines()
+    assert lines == ["side", "side", "main lane=0", beside, "main ends", "test_last.py lane=None"]
     out = capsys.readouterr().out
     for line in ("one: passed in", "two: passed in", "main job: passed in",
                  "short tests beside the main job's SLURM scenarios: passed in", "tests that stop libvirtd: passed in"):
@@ -111,7 +112,7 @@ def test_a_main_job_that_never_says_a_core_is_spare_has_the_group_run_after_it(
     with pytest.raises(Exit):  # it failed before its Cloud cluster was destroyed
         order(tmp_path, monkeypatch, main=ALONE.replace("{FAIL}", "1"))
     assert (tmp_path / "order.log").read_text().splitlines() == [
-        "side", "side", "test_main.py lane=0", "beside lane=1", "test_last.py lane=None"]
+        "side", "side", "test_main.py lane=0", f"beside lane=1 nice={dev.BESIDE_NICE}", "test_last.py lane=None"]
     out = capsys.readouterr().out
     assert "main job: FAILED (pytest exit 1)" in out
     assert "short tests beside the main job's SLURM scenarios: passed in" in out
