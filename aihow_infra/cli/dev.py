@@ -27,8 +27,8 @@ from aihow_infra.cli.common import task
 # 20-56 % of two cores idle (sampled 2026-12-03), so the test says so (a file named by
 # ``SPARE_CPU_ENV``) and a third group starts beside it then: short tests that boot no guest, at
 # a lower priority (``BESIDE_NICE``): at the same one, they took the lanes 2.7 min shorter but the
-# SLURM phases 275 -> 448 s longer (a booting node's vCPU is their critical path; fresh clone,
-# 2026-12-03). Last, the tests that stop the host's libvirtd (marker ``alone``).
+# SLURM phases 275 -> 448 s longer (a booting node's vCPU is their critical path), 394 s at nice 10
+# (fresh clones, 2026-12-03). Last, the tests that stop the host's libvirtd (marker ``alone``).
 SPARE_CPU_ENV = "AIHOW_TEST_SPARE_CPU"
 BESIDE_NICE = 10  # CFS weight 110 against 1024: about a tenth of a contended core
 _SIMULATOR = "tests/test_e2e_gpuhost.py"
