@@ -21,34 +21,33 @@ from invoke.exceptions import Exit
 
 from aihow_infra.cli import dev
 
-SIDE = """
+# What the stand-ins share: a wait, bounded.
+WAIT = """
 import os, time
 from pathlib import Path
 
+def wait_for(done):
+    deadline = time.monotonic() + 60
+    while not done():
+        assert time.monotonic() < deadline
+        time.sleep(0.2)
+"""
+SIDE = WAIT + """
 def test_side():
     log, lane = Path(os.environ["ORDER_LOG"]), os.environ["AIHOW_TEST_LANE"]
     (log.parent / f"side-{lane}").touch()
-    deadline = time.monotonic() + 60
-    while not all((log.parent / f"side-{n}").exists() for n in (0, 1)):  # both lanes at once
-        assert time.monotonic() < deadline
-        time.sleep(0.2)
+    wait_for(lambda: all((log.parent / f"side-{n}").exists() for n in (0, 1)))  # both lanes at once
     time.sleep(0.5)
     with log.open("a") as f:
         f.write("side\\n")
 """
-MAIN = """
-import os, time
-from pathlib import Path
-
+MAIN = WAIT + """
 def test_main():
     log = Path(os.environ["ORDER_LOG"])
     with log.open("a") as f:
         f.write(f"main lane={os.environ.get('AIHOW_TEST_LANE')}\\n")
     Path(os.environ["AIHOW_TEST_SPARE_CPU"]).touch()
-    deadline = time.monotonic() + 60
-    while not (log.parent / "beside-started").exists():  # started beside it, not after it
-        assert time.monotonic() < deadline
-        time.sleep(0.2)
+    wait_for((log.parent / "beside-started").exists)  # started beside it, not after it
     with log.open("a") as f:
         f.write("main ends\\n")
 """
