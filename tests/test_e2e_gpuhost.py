@@ -10,8 +10,9 @@ is bound to, the hostdevs of the running domain's live XML, which qemu holds ``/
 open, and the lease ledger. The inner domains boot nothing (a blank disk): holding the device
 is what is tested. The outer VM needs no network; everything goes through its guest agent.
 
-Run alone with ``pytest -m gpuhost``. About 8-10 minutes here (software emulation, 2 vCPUs); the
-first run also builds the ``gpuhost`` image (about a minute, cached afterwards).
+Run alone with ``pytest -m gpuhost``. About 10 minutes here alone, 14-17 beside the other lane of
+``aihow test`` (software emulation, 2 vCPUs); the first run also builds the ``gpuhost`` image
+(about a minute, cached afterwards).
 """
 
 from __future__ import annotations
