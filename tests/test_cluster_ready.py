@@ -68,12 +68,13 @@ def node(name: str, ready: bool = True, cordoned: bool = False, **labels: str) -
 
 
 class FakeApi(BaseHTTPRequestHandler):
-    """The reads cluster-ready.py makes, answered from the state file; ``_unready`` in it counts
-    the /readyz answers still to fail."""
+    """The reads cluster-ready.py makes, answered from the state file (which only the fake
+    kubectl and the test write); ``unready`` counts the /readyz answers still to fail."""
 
     protocol_version = "HTTP/1.1"  # one kept connection, as the script uses it
     state: Path
     log: Path
+    unready = 0
 
     def do_GET(self) -> None:
         state = json.loads(self.state.read_text())
@@ -82,9 +83,8 @@ class FakeApi(BaseHTTPRequestHandler):
             log.write(f"GET {self.path} as {client}\n")
         status, body = 404, {}
         if self.path == "/readyz":
-            status, body = (503, {}) if state.get("_unready") else (200, {})
-            state["_unready"] = max(0, state.get("_unready", 0) - 1)
-            self.state.write_text(json.dumps(state))
+            status, body = (503, {}) if FakeApi.unready else (200, {})
+            FakeApi.unready = max(0, FakeApi.unready - 1)
         elif self.path == "/api/v1/nodes":
             status, body = 200, {"kind": "NodeList", "items": [v for k, v in state.items() if k.startswith("node/")]}
         else:
@@ -103,14 +103,16 @@ class FakeApi(BaseHTTPRequestHandler):
 
 
 @contextlib.contextmanager
-def fake_cluster(tmp_path: Path) -> Iterator[dict[str, str]]:
-    """The fake API server and kubectl over ``tmp_path/state.json``; the script's environment."""
+def fake_cluster(tmp_path: Path, unready: int = 0) -> Iterator[dict[str, str]]:
+    """The fake API server (its first ``unready`` answers to /readyz 503) and kubectl over
+    ``tmp_path/state.json``; the script's environment."""
     made = kubepki.ensure(tmp_path / "pki", kubepki.Cluster("test", "cp", "127.0.0.1", "10.96.0.0/12"))
     for name in ("ca.crt", "apiserver.crt", "apiserver.key"):
         (tmp_path / name).write_text(made.files[f"pki/{name}"])
     context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH, cafile=str(tmp_path / "ca.crt"))
     context.verify_mode = ssl.CERT_REQUIRED
     context.load_cert_chain(tmp_path / "apiserver.crt", tmp_path / "apiserver.key")
+    FakeApi.unready = unready
     handler = type("Api", (FakeApi,), {"state": tmp_path / "state.json", "log": tmp_path / "log"})
     server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
     server.socket = context.wrap_socket(server.socket, server_side=True)
@@ -172,10 +174,10 @@ def test_a_cluster_with_nothing_to_change_runs_no_kubectl(tmp_path: Path) -> Non
 
 
 def test_it_waits_while_the_api_server_is_not_ready_then_for_every_node(tmp_path: Path) -> None:
-    state = {"_unready": 2, "node/cp": node("cp"), "node/w1": node("w1", ready=False)}
+    state = {"node/cp": node("cp"), "node/w1": node("w1", ready=False)}
     (tmp_path / "state.json").write_text(json.dumps(state))
     (tmp_path / "log").write_text("")
-    with fake_cluster(tmp_path) as env:
+    with fake_cluster(tmp_path, unready=2) as env:
         script = subprocess.Popen([sys.executable, str(SCRIPT), *ARGS], stdout=subprocess.PIPE, text=True, env=env)
         try:
             deadline = time.monotonic() + 60
@@ -185,7 +187,8 @@ def test_it_waits_while_the_api_server_is_not_ready_then_for_every_node(tmp_path
             assert script.poll() is None  # w1 not Ready: it waits
             now = json.loads((tmp_path / "state.json").read_text())
             now["node/w1"] = node("w1")
-            (tmp_path / "state.json").write_text(json.dumps(now))
+            (tmp_path / "state.new").write_text(json.dumps(now))
+            (tmp_path / "state.new").replace(tmp_path / "state.json")  # whole, for the server reading it
             out, _err = script.communicate(timeout=60)
         finally:
             script.kill()

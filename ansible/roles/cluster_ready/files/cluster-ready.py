@@ -10,7 +10,8 @@ changed anything.
 Under software emulation a kubectl run costs the control plane about a second of CPU, nearly all
 of it kubectl's own start, and this check used to poll with two every 3 s while the API server
 came up, on the very vCPUs it waits for. It reads with plain HTTPS GETs from this one process
-instead (the address and credentials of the super admin's kubeconfig, or of ``KUBECONFIG``), and
+instead (the address, authority and embedded client certificate of the super admin's kubeconfig,
+its first cluster and user, as the project writes it; ``KUBECONFIG`` may name another such file), and
 runs kubectl only for what it changes: a cluster with nothing to change costs no kubectl run.
 """
 
@@ -84,7 +85,10 @@ class Api:
             return None
         if status != 200:
             raise Unanswered(f"GET {path}: {status} {body[:200].decode(errors='replace').strip()}")
-        return json.loads(body)
+        try:
+            return json.loads(body)
+        except ValueError:
+            raise Unanswered(f"GET {path}: not JSON") from None
 
 
 def kubectl(*args: str) -> subprocess.CompletedProcess[str]:
@@ -113,7 +117,10 @@ def read(api: Api, nodes: list[str]) -> dict[tuple[str, str], Any]:
             found[("ClusterRoleBinding", binding)] = {}
     if api.read("/api/v1/namespaces/default/serviceaccounts/default") is not None:
         found[("ServiceAccount", "default")] = {}
-    for node in api.read("/api/v1/nodes")["items"]:
+    listed = api.read("/api/v1/nodes")
+    if listed is None:
+        raise Unanswered("GET /api/v1/nodes: 404")
+    for node in listed["items"]:
         if node["metadata"]["name"] in nodes:
             found[("Node", node["metadata"]["name"])] = node
     return found
