@@ -25,6 +25,9 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "bench"))
+
+from idle import HZ, qemu_ticks  # noqa: E402  (bench/idle.py)
 
 from aihow_infra.libvirt.guest import run  # noqa: E402
 from aihow_infra.ops import Operator  # noqa: E402
@@ -32,14 +35,11 @@ from tests.conftest import open_e2e, open_sandbox  # noqa: E402
 from tests.test_e2e_main_job import default_example_on  # noqa: E402
 
 SCRIPT = "ansible/roles/cluster_ready/files/cluster-ready.py"
-HZ = 100  # USER_HZ: /proc's clock ticks per second on Linux
 
 
 def qemu_seconds(name: str) -> float:
     """The CPU seconds the domain's qemu process has used, every thread."""
-    pid = Path(f"/run/libvirt/qemu/{name}.pid").read_text().strip()
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / HZ
+    return qemu_ticks(name) / HZ
 
 
 def main() -> int:
