@@ -37,6 +37,10 @@ MODULES_DIR = CHECKOUT / "kubernetes"
 KUBE_COMMANDS = ("kubelet", "kubectl", "kube-apiserver", "kube-controller-manager", "kube-scheduler",
                  "kube-proxy", "kubeadm")
 ETCD_PACKAGE = "go.etcd.io/etcd/server/v3"
+# The project's own reader of API paths (kubernetes/kube/kubeget): the power broker's and
+# status's looks at a cluster, without kubectl's start.
+READER = "aihow-kube-get"
+READER_PACKAGE = "./kubeget"
 PAUSE_SOURCE = "build/pause/linux/pause.c"
 PAUSE_VERSION = "3.10.1"  # the kubelet's default sandbox image, registry.k8s.io/pause:3.10.1
 BUILD_WAIT_SECONDS = 3600.0
@@ -73,13 +77,16 @@ def go_version() -> str:
 @functools.cache
 def content_key() -> str:
     """What a build contains: the pinned versions and a hash of the wrapper modules (their
-    go.mod and go.sum, so every dependency's sum) and of the build recipe; never the toolchain.
+    go.mod and go.sum, so every dependency's sum, and the reader's source) and of the build
+    recipe; never the toolchain.
     An image carrying the build is named by this, so a Go upgrade renames no image and asks to
     replace no disk."""
     digest = hashlib.sha256(str(BUILD_VERSION).encode())
     for module in ("kube", "etcd"):
         for name in ("go.mod", "go.sum"):
             digest.update((MODULES_DIR / module / name).read_bytes())
+    for source in sorted((MODULES_DIR / "kube" / READER_PACKAGE).glob("*.go")):
+        digest.update(source.name.encode() + b"\0" + source.read_bytes())
     return f"{kubernetes_version()}-etcd{etcd_version()}-{digest.hexdigest()[:12]}"
 
 
@@ -117,7 +124,7 @@ class KubeBinaries:
     @property
     def commands(self) -> tuple[str, ...]:
         """Every command the build has."""
-        return (*KUBE_COMMANDS, "etcd", "pause")
+        return (*KUBE_COMMANDS, "etcd", READER, "pause")
 
 
 def find_binaries(root: Path | None = None) -> KubeBinaries | None:
@@ -160,6 +167,7 @@ def build_binaries(root: Path, say: Progress) -> KubeBinaries:
         ldflags = _version_flags(version, build_date)
         targets = [(c, "kube", f"k8s.io/kubernetes/cmd/{c}", ldflags) for c in KUBE_COMMANDS]
         targets.append(("etcd", "etcd", ETCD_PACKAGE, "-s -w"))
+        targets.append((READER, "kube", READER_PACKAGE, "-s -w"))
         for n, (command, module, package, flags) in enumerate(targets, 1):
             say(f"[{n}/{len(targets) + 1}] go build {command}")
             started = time.monotonic()

@@ -58,6 +58,13 @@ def worker(plan: ClusterPlan, index: int) -> VmPlan:
     return [vm for vm in plan.vms if vm.role != "control-plane"][index]
 
 
+def node(name: str, ready: bool = True, cordoned: bool = False, **labels: str) -> dict[str, Any]:
+    """A Node as ``kubectl get -o json`` lists it: Ready or not, cordoned or not, with ``labels``."""
+    return {"kind": "Node", "metadata": {"name": name, "labels": labels},
+            "spec": {"unschedulable": True} if cordoned else {},
+            "status": {"conditions": [{"type": "Ready", "status": "True" if ready else "False"}]}}
+
+
 def pod(name: str, phase: str = "Pending", node: str | None = None, unschedulable: bool = True,
         namespace: str = "default", owner: str | None = None, **spec: Any) -> dict[str, Any]:
     """A Pod as ``kubectl get -o json`` lists it: waiting for a node (Unschedulable) unless bound

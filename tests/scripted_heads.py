@@ -1,6 +1,6 @@
 """Stand-ins for the cluster software on the heads, for the power broker in the GPU-host
 simulator: a SLURM controller (its power queue, jobs, ``scontrol``, ``squeue``, ``sinfo``) and a
-Kubernetes API server (nodes and pods, ``kubectl get`` and ``drain``), answering the commands
+Kubernetes API server (nodes and pods read by ``aihow-kube-get``, ``kubectl drain``), answering the commands
 the project sends its heads through their guest agents (``aihow_infra.kinds.hpc`` and
 ``.cloud``). The simulator's nodes boot nothing (nested emulation), so no slurmctld or API
 server can run there; the booted clusters' own software is exercised by test_e2e_main_job.py.
@@ -29,7 +29,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from aihow_infra.kinds.cloud import KUBECTL
+from aihow_infra.kinds.cloud import KUBE_GET, KUBECTL
 from aihow_infra.kinds.hpc import LIST_QUEUE, POWER_QUEUE
 from aihow_infra.libvirt.guest import Ran
 from tests.samples import pod
@@ -175,16 +175,21 @@ def _slurm(state: State, argv: list[str]) -> Ran:
 
 
 def _kubernetes(state: State, argv: list[str]) -> Ran:
+    kube = state["cloud"]
+    nodes = [{"metadata": {"name": name}, "spec": {"unschedulable": node["unschedulable"]},
+              "status": {"conditions": [{"type": "Ready", "status": "True"}]}} for name, node in kube["nodes"].items()]
+    if argv[:4] == ["/bin/sh", "-c", 'exec "$0" "$@"', KUBE_GET]:  # GETs, answered as the API server would
+        bodies = {"/api/v1/nodes": {"kind": "NodeList", "items": nodes}, "/readyz": "ok",
+                  "/api/v1/pods": {"kind": "PodList", "items": [
+                      {k: v for k, v in p.items() if k != "kind"} for p in kube["pods"].values()]}}
+        paths = [a for a in argv[4:] if a.startswith("/")]
+        answers = [{"path": path, "code": 200 if path in bodies else 404,
+                    "body": bodies.get(path, {"kind": "Status", "message": "the server could not find it"})}
+                   for path in paths]
+        return Ran(0 if all(a["code"] == 200 for a in answers) else 1, json.dumps(answers), "")
     if argv[0] != KUBECTL:
         return Ran(127, "", f"{argv[0]}: not answered by the Kubernetes stand-in")
-    kube, args = state["cloud"], argv[3:]  # after --kubeconfig FILE
-    nodes = [{"kind": "Node", "metadata": {"name": name},
-              "spec": {"unschedulable": node["unschedulable"]},
-              "status": {"conditions": [{"type": "Ready", "status": "True"}]}} for name, node in kube["nodes"].items()]
-    if args[:2] == ["get", "nodes"] and "json" in args:
-        return Ran(0, json.dumps({"items": nodes}), "")
-    if args[:2] == ["get", "nodes,pods"] and "json" in args:
-        return Ran(0, json.dumps({"items": nodes + list(kube["pods"].values())}), "")
+    args = argv[3:]  # after --kubeconfig FILE
     if args[0] == "drain" and args[1] in kube["nodes"]:  # cordoned, and its pods evicted
         kube["nodes"][args[1]]["unschedulable"] = True
         kube["pods"] = {n: p for n, p in kube["pods"].items() if p["spec"].get("nodeName") != args[1]}

@@ -1,28 +1,23 @@
 """ansible/roles/cluster_ready/files/cluster-ready.py, the control plane's one check of the whole cluster:
-its reads go to a fake API server (HTTPS on 127.0.0.1, certificates and the super admin's
-kubeconfig made by aihow_infra/kubepki.py, client certificates required), its changes to a fake
-kubectl; both keep the cluster's objects in one JSON file and log every call. What it makes on a
-new cluster, that it waits while the API server is not ready, and that a cluster with nothing to
-change costs no kubectl run."""
+its reads go to a fake API server (tests/fakeapi.py: HTTPS on 127.0.0.1, client certificates
+required), its changes to a fake kubectl; both keep the cluster's objects in one JSON file and
+log every call. What it makes on a new cluster, that it waits while the API server is not
+ready, and that a cluster with nothing to change costs no kubectl run."""
 
 from __future__ import annotations
 
 import contextlib
 import json
 import os
-import ssl
 import subprocess
 import sys
-import threading
 import time
 from collections.abc import Iterator
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
-import yaml
-
-from aihow_infra import kubepki
+from tests.fakeapi import fake_api
+from tests.samples import node
 
 SCRIPT = Path(__file__).resolve().parents[1] / "ansible" / "roles" / "cluster_ready" / "files" / "cluster-ready.py"
 
@@ -61,78 +56,18 @@ json.dump(state, open(state_path, "w"))
 '''
 
 
-def node(name: str, ready: bool = True, cordoned: bool = False, **labels: str) -> dict[str, Any]:
-    return {"kind": "Node", "metadata": {"name": name, "labels": labels},
-            "spec": {"unschedulable": True} if cordoned else {},
-            "status": {"conditions": [{"type": "Ready", "status": "True" if ready else "False"}]}}
-
-
-class FakeApi(BaseHTTPRequestHandler):
-    """The reads cluster-ready.py makes, answered from the state file (which only the fake
-    kubectl and the test write); ``unready`` counts the /readyz answers still to fail."""
-
-    protocol_version = "HTTP/1.1"  # one kept connection, as the script uses it
-    state: Path
-    log: Path
-    unready = 0
-
-    def do_GET(self) -> None:
-        state = json.loads(self.state.read_text())
-        client = dict(x[0] for x in self.request.getpeercert()["subject"])["commonName"]
-        with self.log.open("a") as log:
-            log.write(f"GET {self.path} as {client}\n")
-        status, body = 404, {}
-        if self.path == "/readyz":
-            status, body = (503, {}) if FakeApi.unready else (200, {})
-            FakeApi.unready = max(0, FakeApi.unready - 1)
-        elif self.path == "/api/v1/nodes":
-            status, body = 200, {"kind": "NodeList", "items": [v for k, v in state.items() if k.startswith("node/")]}
-        else:
-            kind, name = self.path.rsplit("/", 2)[-2:]
-            key = f"{kind.removesuffix('s')}/{name}"
-            if key in state:
-                status, body = 200, state[key]
-        data = json.dumps(body).encode()
-        self.send_response(status)
-        self.send_header("Content-Length", str(len(data)))
-        self.end_headers()
-        self.wfile.write(data)
-
-    def log_message(self, format: str, *args: Any) -> None:
-        """Quiet: the calls go to the log file."""
-
-
 @contextlib.contextmanager
 def fake_cluster(tmp_path: Path, unready: int = 0) -> Iterator[dict[str, str]]:
-    """The fake API server (its first ``unready`` answers to /readyz 503) and kubectl over
-    ``tmp_path/state.json``; the script's environment."""
-    made = kubepki.ensure(tmp_path / "pki", kubepki.Cluster("test", "cp", "127.0.0.1", "10.96.0.0/12"))
-    for name in ("ca.crt", "apiserver.crt", "apiserver.key"):
-        (tmp_path / name).write_text(made.files[f"pki/{name}"])
-    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH, cafile=str(tmp_path / "ca.crt"))
-    context.verify_mode = ssl.CERT_REQUIRED
-    context.load_cert_chain(tmp_path / "apiserver.crt", tmp_path / "apiserver.key")
-    FakeApi.unready = unready
-    handler = type("Api", (FakeApi,), {"state": tmp_path / "state.json", "log": tmp_path / "log"})
-    server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
-    server.socket = context.wrap_socket(server.socket, server_side=True)
-    config = yaml.safe_load(made.files["super-admin.conf"])
-    config["clusters"][0]["cluster"]["server"] = f"https://127.0.0.1:{server.server_address[1]}"
-    (tmp_path / "super-admin.conf").write_text(yaml.safe_dump(config))
+    """The fake API server (tests/fakeapi.py; its first ``unready`` answers to /readyz 503) and
+    kubectl over ``tmp_path/state.json``; the script's environment."""
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir(exist_ok=True)
     kubectl = bin_dir / "kubectl"
     kubectl.write_text(FAKE_KUBECTL.replace("PYTHON", sys.executable))
     kubectl.chmod(0o755)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    try:
-        yield {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}",
-               "KUBECONFIG": str(tmp_path / "super-admin.conf"),
+    with fake_api(tmp_path, unready) as kubeconfig:
+        yield {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}", "KUBECONFIG": str(kubeconfig),
                "FAKE_STATE": str(tmp_path / "state.json"), "FAKE_LOG": str(tmp_path / "log")}
-    finally:
-        server.shutdown()
-        server.server_close()
 
 
 def ready_check(tmp_path: Path, state: dict[str, Any], *args: str) -> tuple[str, list[str], dict[str, Any]]:

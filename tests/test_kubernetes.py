@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import shutil
 import subprocess
 import tarfile
 from pathlib import Path
@@ -109,6 +110,25 @@ def test_another_go_toolchain_builds_beside_and_renames_no_image(monkeypatch: py
         monkeypatch.undo()
         for cached in (kubebins.content_key, kubebins.build_key):
             cached.cache_clear()
+
+
+def test_the_readers_source_is_part_of_what_the_build_contains(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """aihow-kube-get is compiled with the release and carried by the cloud image: a change to its
+    source is a new build and a new image, as a new release is."""
+    copy = tmp_path / "kubernetes"
+    shutil.copytree(kubebins.MODULES_DIR, copy)
+    monkeypatch.setattr(kubebins, "MODULES_DIR", copy)
+    kubebins.content_key.cache_clear()
+    try:
+        before = kubebins.content_key()
+        source = copy / "kube" / kubebins.READER_PACKAGE / "main.go"
+        source.write_text(source.read_text() + "\n// changed\n")
+        kubebins.content_key.cache_clear()
+        assert kubebins.content_key() != before
+        assert kubebins.READER in kubebins.KubeBinaries(copy, "k").commands
+    finally:
+        monkeypatch.undo()
+        kubebins.content_key.cache_clear()
 
 
 def test_the_wrapper_modules_replace_every_staging_module_of_the_release() -> None:

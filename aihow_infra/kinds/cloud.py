@@ -1,6 +1,11 @@
 """Kubernetes' view of the Cloud cluster, asked on the control plane through its guest agent
 (no IP traffic from the host): node readiness, draining before a node stops, health for
-status, and any kubectl command for ``aihow kubectl``."""
+status, and any kubectl command for ``aihow kubectl``.
+
+Looks (nodes, pods, readiness) go through ``aihow-kube-get`` (kubernetes/kube/kubeget), which
+the cloud image carries beside kubectl: GETs of API paths only, a tenth of kubectl's start
+under software emulation (bench/kube_reader.py); the power broker looks every few seconds.
+A control plane made from an image without it is asked with kubectl, as before."""
 
 from __future__ import annotations
 
@@ -21,7 +26,10 @@ from aihow_infra.plan import ClusterPlan, Role
 from aihow_infra.steps import Progress
 
 KUBECTL = "/usr/local/bin/kubectl"
+KUBE_GET = "/usr/local/bin/aihow-kube-get"
 ADMIN_KUBECONFIG = "/etc/kubernetes/admin.conf"
+# aihow-kube-get's exit codes (its main.go): a path answered other than 2xx; no answer at all.
+_NOT_2XX, _UNANSWERED = 1, 3
 
 
 def kubectl(control_plane: libvirt.virDomain, args: Sequence[str], timeout: float = 120) -> Ran:
@@ -29,21 +37,62 @@ def kubectl(control_plane: libvirt.virDomain, args: Sequence[str], timeout: floa
     return run(control_plane, [KUBECTL, "--kubeconfig", ADMIN_KUBECONFIG, *args], timeout=timeout)
 
 
+def api_get(control_plane: libvirt.virDomain, paths: Sequence[str], timeout: float = 60) -> dict[str, tuple[int, Any]]:
+    """GET each API path (``/api/v1/nodes``, ``/readyz``) with the admin kubeconfig, in one
+    program run: path -> (HTTP status, body: the decoded JSON, or the text). ``GuestError``
+    when the agent or the API server does not answer (no connection, no answer in time)."""
+    ran = run(control_plane, ["/bin/sh", "-c", 'exec "$0" "$@"', KUBE_GET, "-kubeconfig", ADMIN_KUBECONFIG,
+                              f"-timeout={max(int(timeout) - 5, 1)}s", *paths], timeout=timeout)
+    if ran.code == 127:  # a control plane from an image made before the reader
+        return {path: _kubectl_get(control_plane, path, timeout) for path in paths}
+    if ran.code not in (0, _NOT_2XX):
+        raise GuestError(f"asking the API server on {control_plane.name()} failed: "
+                         f"{ran.err.strip() or f'{KUBE_GET} exited {ran.code}'}")
+    try:
+        return {a["path"]: (int(a["code"]), a["body"]) for a in json.loads(ran.out)}
+    except (ValueError, TypeError, KeyError) as exc:
+        raise GuestError(f"asking the API server on {control_plane.name()}: {KUBE_GET} printed no answers ({exc})") \
+            from None
+
+
+def _kubectl_get(control_plane: libvirt.virDomain, path: str, timeout: float) -> tuple[int, Any]:
+    """``kubectl get --raw PATH``, as ``api_get`` answers: kubectl tells no status, so a failure
+    is 503 with its message; ``GuestError`` when it could not connect at all."""
+    ran = kubectl(control_plane, ["get", "--raw", path], timeout=timeout)
+    if ran.code != 0:
+        message = ran.err.strip() or ran.out.strip()
+        if "Error from server" not in message:
+            raise GuestError(f"asking the API server on {control_plane.name()} failed: {message}")
+        return 503, message
+    try:
+        return 200, json.loads(ran.out)
+    except ValueError:
+        return 200, ran.out.strip()
+
+
+def _items(answers: dict[str, tuple[int, Any]], path: str, kind: str) -> list[dict[str, Any]]:
+    """The items of a list answer, each with its ``kind`` (a list leaves it out; kubectl adds it)."""
+    code, body = answers[path]
+    if code != 200 or not isinstance(body, dict):
+        raise GuestError(f"GET {path}: {code} {body if isinstance(body, str) else (body or {}).get('message', '')}")
+    return [{"kind": kind, **item} for item in body.get("items") or []]
+
+
 def node_states(control_plane: libvirt.virDomain) -> dict[str, str] | None:
     """Each node's state by name: ``Ready``, ``NotReady`` or ``Unknown``, with
     ``,SchedulingDisabled`` when cordoned; None when the API server does not answer (not
     deployed yet, or the control plane is down)."""
+    return _nodes_and_readiness(control_plane)[0]
+
+
+def _nodes_and_readiness(control_plane: libvirt.virDomain) -> tuple[dict[str, str] | None, bool]:
+    """``node_states``, and whether the API server says it is ready (etcd included), in one run."""
     try:
-        ran = kubectl(control_plane, ["get", "nodes", "-o", "json"], timeout=60)
+        answers = api_get(control_plane, ["/api/v1/nodes", "/readyz"])
+        items = _items(answers, "/api/v1/nodes", "Node")
     except GuestError:
-        return None
-    if ran.code != 0:
-        return None
-    try:
-        items = json.loads(ran.out).get("items") or []
-    except ValueError:
-        return None
-    return {item["metadata"]["name"]: _state(item) for item in items}
+        return None, False
+    return {item["metadata"]["name"]: _state(item) for item in items}, answers["/readyz"][0] == 200
 
 
 def _state(node: dict[str, object]) -> str:
@@ -56,25 +105,11 @@ def _state(node: dict[str, object]) -> str:
 
 
 def cluster_objects(control_plane: libvirt.virDomain) -> list[dict[str, Any]]:
-    """Every Node and Pod (all namespaces) as the API server lists them, in one kubectl run;
-    ``GuestError`` when the agent or the API server does not answer."""
-    ran = kubectl(control_plane, ["get", "nodes,pods", "--all-namespaces", "-o", "json"], timeout=120)
-    if ran.code != 0:
-        raise GuestError(f"listing nodes and pods on {control_plane.name()} failed: "
-                         f"{ran.err.strip() or ran.out.strip()}")
-    try:
-        items: list[dict[str, Any]] = json.loads(ran.out).get("items") or []
-    except ValueError as exc:
-        raise GuestError(f"listing nodes and pods on {control_plane.name()}: not JSON ({exc})") from None
-    return items
-
-
-def control_plane_ready(control_plane: libvirt.virDomain) -> bool:
-    """True when the API server says it is ready (etcd included)."""
-    try:
-        return kubectl(control_plane, ["get", "--raw", "/readyz"], timeout=60).code == 0
-    except GuestError:
-        return False
+    """Every Node and Pod (all namespaces) as the API server lists them (each with its ``kind``,
+    as ``kubectl get nodes,pods -o json`` gives them), in one program run; ``GuestError`` when the
+    agent or the API server does not answer."""
+    answers = api_get(control_plane, ["/api/v1/nodes", "/api/v1/pods"], timeout=120)
+    return _items(answers, "/api/v1/nodes", "Node") + _items(answers, "/api/v1/pods", "Pod")
 
 
 def health(states: dict[str, str] | None, stopped: frozenset[str] = frozenset(), api_ready: bool = True,
@@ -129,9 +164,8 @@ class _Cloud:
     def workload(self, head: libvirt.virDomain | None, plan: ClusterPlan,
                  power: DesiredPower) -> tuple[dict[str, str], str]:
         """Each node's readiness, and the health line (nodes meant to be off count as expected)."""
-        nodes = node_states(head) if head is not None else None
+        nodes, api = _nodes_and_readiness(head) if head is not None else (None, False)
         off = frozenset(vm.name for vm in plan.vms if not power.wants_running(vm.name, vm.auto_start))
-        api = nodes is not None and head is not None and control_plane_ready(head)
         return nodes or {}, health(nodes, off, api, silence(head) if nodes is None else "")
 
     def drain(self, head: libvirt.virDomain, nodes: list[str], timeout: float, progress: Progress) -> None:

@@ -18,8 +18,8 @@ that is off does nothing).
   it is not drained) and its GPU lease released.
 - ``resume-fail``: the node did not come up within ResumeTimeout: the VM is powered off.
 
-Cloud (Kubernetes): each pass lists the nodes and pods on the control plane (one kubectl run
-through its guest agent) and
+Cloud (Kubernetes): each pass lists the nodes and pods on the control plane (one run of the
+image's ``aihow-kube-get`` through its guest agent, ``kinds.cloud.cluster_objects``) and
 - ``start``s the first stopped on-demand worker a waiting pod would run on
   (``kinds.podfit``): lease, boot, join, back in scheduling; the pod is then scheduled there. A
   worker that fails to start is left off, said, and tried again after ``RETRY_FAILED_START``
