@@ -1,7 +1,7 @@
 """A fake Kubernetes API server for the programs that read one (HTTPS on 127.0.0.1, certificates
 and the super admin's kubeconfig made by aihow_infra/kubepki.py, client certificates required):
 the cluster's objects in one JSON file (``kind/name`` -> object), every call logged as ``GET PATH
-as CLIENT``."""
+as CLIENT`` (and the client's port, for a test that counts connections, in ``log.ports``)."""
 
 from __future__ import annotations
 
@@ -33,6 +33,8 @@ class FakeApi(BaseHTTPRequestHandler):
         client = dict(x[0] for x in self.request.getpeercert()["subject"])["commonName"]
         with self.log.open("a") as log:
             log.write(f"GET {self.path} as {client}\n")
+        with self.log.with_suffix(".ports").open("a") as ports:
+            ports.write(f"{self.client_address[1]}\n")
         status, body = 404, {"kind": "Status", "code": 404, "message": f"{self.path} not found"}
         lists = {"/api/v1/nodes": ("NodeList", "node/"), "/api/v1/pods": ("PodList", "pod/")}
         if self.path == "/readyz":  # text, as the API server answers it

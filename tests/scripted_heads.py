@@ -182,7 +182,12 @@ def _kubernetes(state: State, argv: list[str]) -> Ran:
         bodies = {"/api/v1/nodes": {"kind": "NodeList", "items": nodes}, "/readyz": "ok",
                   "/api/v1/pods": {"kind": "PodList", "items": [
                       {k: v for k, v in p.items() if k != "kind"} for p in kube["pods"].values()]}}
-        paths = [a for a in argv[4:] if a.startswith("/")]
+        args, paths = iter(argv[4:]), []
+        for arg in args:  # the reader's flags (-kubeconfig FILE, -timeout=D), then its paths
+            if arg == "-kubeconfig":
+                next(args)
+            elif not arg.startswith("-"):
+                paths.append(arg)
         answers = [{"path": path, "code": 200 if path in bodies else 404,
                     "body": bodies.get(path, {"kind": "Status", "message": "the server could not find it"})}
                    for path in paths]

@@ -30,7 +30,8 @@ def reader(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The reader, compiled as kubebins.build_binaries compiles it (static, module read-only)."""
     binary = tmp_path_factory.mktemp("reader") / "aihow-kube-get"
     env = {**os.environ, "CGO_ENABLED": "0", "GOFLAGS": "-mod=readonly"}
-    subprocess.run(["go", "build", "-trimpath", "-ldflags", "-s -w", "-o", str(binary), READER_PACKAGE],
+    subprocess.run(["go", "build", "-trimpath", "-tags", "selinux,notest", "-ldflags", "-s -w", "-o", str(binary),
+                    READER_PACKAGE],
                    cwd=MODULES_DIR / "kube", env=env, check=True, timeout=600)
     return binary
 
@@ -62,20 +63,39 @@ def test_paths_are_read_in_order_over_one_connection_with_the_client_certificate
     assert answers[2]["body"] == "ok"  # text, as the API server says it, kept as a JSON string
     calls = (api.parent / "log").read_text().splitlines()
     assert calls == [f"GET {p} as kubernetes-super-admin" for p in ("/api/v1/nodes", "/api/v1/pods", "/readyz")]
+    assert len(set((api.parent / "log.ports").read_text().split())) == 1  # one connection
 
 
-def test_the_kubeconfig_comes_from_kubeconfig_env_and_may_name_files(reader: Path, api: Path) -> None:
+def test_the_kubeconfig_comes_from_kubeconfig_env_and_may_name_files_beside_it(reader: Path, api: Path) -> None:
     config = yaml.safe_load(api.read_text())
-    folder = api.parent
+    folder = api.parent / "conf"
+    folder.mkdir()
     for where, key, name in (("clusters", "certificate-authority", "ca.pem"),
                              ("users", "client-certificate", "client.pem"), ("users", "client-key", "client-key.pem")):
         entry = config[where][0]["cluster" if where == "clusters" else "user"]
         (folder / name).write_bytes(base64.b64decode(entry.pop(f"{key}-data")))
-        entry[key] = str(folder / name)
+        entry[key] = name  # relative: to the kubeconfig's folder, not the working one
     (folder / "files.conf").write_text(yaml.safe_dump(config))
-    code, answers, err = read(reader, "/api/v1/nodes", env={"KUBECONFIG": str(folder / "files.conf")})
+    listed = f"{folder / 'files.conf'}:{folder / 'other.conf'}"  # the first file of the list
+    code, answers, err = read(reader, "/api/v1/nodes", env={"KUBECONFIG": listed})
     assert code == 0, err
     assert len(answers[0]["body"]["items"]) == 2
+
+
+@pytest.mark.parametrize(("change", "said"), [
+    (lambda c: c.update({"current-context": "elsewhere"}), 'current-context "elsewhere" is not one of its contexts'),
+    (lambda c: c["contexts"][0]["context"].update(user="nobody"), 'user "nobody" is not one of its users'),
+    (lambda c: c["contexts"][0]["context"].update(cluster="none"), 'cluster "none" is not one of its clusters'),
+])
+def test_a_kubeconfig_naming_what_it_does_not_hold_is_refused(reader: Path, api: Path,
+                                                               change: Callable[[dict[str, Any]], None],
+                                                               said: str) -> None:
+    config = yaml.safe_load(api.read_text())
+    change(config)
+    api.write_text(yaml.safe_dump(config))
+    code, answers, err = read(reader, "-kubeconfig", str(api), "/readyz")
+    assert (code, answers) == (2, None)
+    assert err == f"aihow-kube-get: kubeconfig {api}: {said}\n"
 
 
 def test_an_answer_other_than_2xx_is_printed_and_exits_1(reader: Path, tmp_path: Path) -> None:
@@ -135,9 +155,9 @@ def head(reader: Path, api: Path, monkeypatch: pytest.MonkeyPatch) -> Head:
 
 
 def test_the_broker_and_status_read_nodes_pods_and_readiness_in_one_run_each(head: Head) -> None:
-    objects = cloud.cluster_objects(head)  # type: ignore[arg-type]
+    objects = cloud.cluster_objects(head)
     assert [(o["kind"], o["metadata"]["name"]) for o in objects] == [("Node", "cp"), ("Node", "w1"), ("Pod", "sleeper")]
-    assert cloud.node_states(head) == {"cp": "Ready", "w1": "NotReady,SchedulingDisabled"}  # type: ignore[arg-type]
+    assert cloud.node_states(head) == {"cp": "Ready", "w1": "NotReady,SchedulingDisabled"}
     _nodes, line = cloud.KIND.workload(head, plan=_Plan(), power=_Power())  # type: ignore[arg-type]
     assert line == "Kubernetes: degraded, 1/2 nodes Ready"
     assert len(head.ran) == 3 and all(argv[3] == cloud.KUBE_GET for argv in head.ran)
@@ -156,25 +176,38 @@ def test_an_api_server_not_answering_is_a_guest_error_and_no_states(head: Head, 
     config["clusters"][0]["cluster"]["server"] = "https://127.0.0.1:1"
     head.kubeconfig.write_text(yaml.safe_dump(config))
     with pytest.raises(GuestError, match=r"asking the API server on cloud-control-plane failed: .*connection refused"):
-        cloud.cluster_objects(head)  # type: ignore[arg-type]
-    assert cloud.node_states(head) is None  # type: ignore[arg-type]
+        cloud.cluster_objects(head)
+    assert cloud.node_states(head) is None
 
 
-def test_a_control_plane_without_the_reader_is_asked_with_kubectl(head: Head) -> None:
+def test_a_control_plane_without_the_reader_is_asked_with_kubectl_as_before(head: Head) -> None:
     asked: list[str] = []
 
     def kubectl(args: list[str]) -> Ran:
         asked.append(" ".join(args))
-        if args == ["get", "--raw", "/readyz"]:
-            return Ran(1, "", 'Error from server (InternalError): an error on the server ("[-]etcd failed") '
-                              "has prevented the request from succeeding\n")
-        return Ran(0, json.dumps({"kind": "NodeList", "items": [node("cp")]}), "")
+        if args == ["get", "--raw", "/readyz"]:  # any failure is "not ready", with the nodes still listed
+            return Ran(1, "", "Unable to connect to the server: net/http: TLS handshake timeout\n")
+        items = [node("cp")] + ([pod("sleeper")] if args[1] == "nodes,pods" else [])
+        return Ran(0, json.dumps({"kind": "List", "items": items}), "")
 
     head.has_reader, head.kubectl = False, kubectl
     nodes, line = cloud.KIND.workload(head, plan=_Plan(), power=_Power())  # type: ignore[arg-type]
     assert nodes == {"cp": "Ready"}
     assert line == "Kubernetes: API server not ready, 1/1 nodes Ready"
-    assert asked == ["get --raw /api/v1/nodes", "get --raw /readyz"]
+    assert [o["metadata"]["name"] for o in cloud.cluster_objects(head)] == ["cp", "sleeper"]
+    assert asked == ["get nodes --all-namespaces -o json", "get --raw /readyz",
+                     "get nodes,pods --all-namespaces -o json"]  # one run per pass, as before the reader
+
+
+@pytest.mark.parametrize("printed", ["", "not json", json.dumps([{"path": "/api/v1/nodes"}]),
+                                     json.dumps([{"path": "/api/v1/nodes", "code": 200, "body": [1]},
+                                                 {"path": "/api/v1/pods", "code": 200, "body": {"items": 3}}])])
+def test_answers_that_make_no_sense_are_guest_errors(head: Head, monkeypatch: pytest.MonkeyPatch,
+                                                     printed: str) -> None:
+    monkeypatch.setattr(cloud, "run", lambda _dom, _argv, timeout=0: Ran(0, printed, ""))
+    with pytest.raises(GuestError, match=r"cloud-control-plane|GET /api/v1/nodes: 200"):
+        cloud.cluster_objects(head)
+    assert cloud.node_states(head) is None
 
 
 class _Plan:

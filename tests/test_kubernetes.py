@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import shutil
 import subprocess
 import tarfile
 from pathlib import Path
@@ -112,20 +111,33 @@ def test_another_go_toolchain_builds_beside_and_renames_no_image(monkeypatch: py
             cached.cache_clear()
 
 
-def test_the_readers_source_is_part_of_what_the_build_contains(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """aihow-kube-get is compiled with the release and carried by the cloud image: a change to its
-    source is a new build and a new image, as a new release is."""
-    copy = tmp_path / "kubernetes"
-    shutil.copytree(kubebins.MODULES_DIR, copy)
-    monkeypatch.setattr(kubebins, "MODULES_DIR", copy)
+# kubernetes/kube/kubeget's source (sha256 of its files, by name) at each reader version.
+READER_SOURCES = {1: "2e9191c8137a86c6768d5beb638fc7d43325f167ff647ae840d396301e207ba1"}
+
+
+def _reader_source_digest() -> str:
+    digest = hashlib.sha256()
+    for source in sorted((kubebins.MODULES_DIR / "kube" / kubebins.READER_PACKAGE).glob("*")):
+        digest.update(source.name.encode() + b"\0" + source.read_bytes())
+    return digest.hexdigest()
+
+
+def test_the_readers_source_is_pinned_to_its_version() -> None:
+    """aihow-kube-get is carried by the cloud image, named by its version: a change to what it does
+    must bump the version (a new image), and an edit that changes nothing must not rename it."""
+    assert READER_SOURCES.get(kubebins.READER_VERSION) == _reader_source_digest(), (
+        f"kubernetes/kube/kubeget changed (digest {_reader_source_digest()}): when what it does "
+        "changed, bump kubebins.READER_VERSION (the cloud image is then new, and `up` asks to replace "
+        "every Cloud VM's disk); either way record the digest in READER_SOURCES")
+
+
+def test_the_readers_version_is_part_of_what_the_build_contains(monkeypatch: pytest.MonkeyPatch) -> None:
+    before = kubebins.content_key()
+    monkeypatch.setattr(kubebins, "READER_VERSION", kubebins.READER_VERSION + 1)
     kubebins.content_key.cache_clear()
     try:
-        before = kubebins.content_key()
-        source = copy / "kube" / kubebins.READER_PACKAGE / "main.go"
-        source.write_text(source.read_text() + "\n// changed\n")
-        kubebins.content_key.cache_clear()
         assert kubebins.content_key() != before
-        assert kubebins.READER in kubebins.KubeBinaries(copy, "k").commands
+        assert kubebins.READER in kubebins.KubeBinaries(Path("/nowhere"), "k").commands
     finally:
         monkeypatch.undo()
         kubebins.content_key.cache_clear()

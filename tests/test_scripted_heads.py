@@ -66,6 +66,12 @@ def test_kubernetes_lists_places_and_drains(heads: ScriptedHeads) -> None:
     items = cloud.cluster_objects(CONTROL_PLANE)
     assert unschedulable(items) == [] and workload_pods(items, "cloud-gpu-worker-01") == ["default/train"]
     assert cloud.node_states(CONTROL_PLANE) == {"cloud-gpu-worker-01": "Ready"}
+    # As the API server answers the reader: every path 200 (the kubeconfig is not one of them).
+    assert cloud.api_get(CONTROL_PLANE, ["/api/v1/nodes", "/readyz"]) == {
+        "/api/v1/nodes": (200, {"kind": "NodeList", "items": [{
+            "metadata": {"name": "cloud-gpu-worker-01"}, "spec": {"unschedulable": False},
+            "status": {"conditions": [{"type": "Ready", "status": "True"}]}}]}),
+        "/readyz": (200, "ok")}
 
     said: list[str] = []
     cloud.drain(CONTROL_PLANE, ["cloud-gpu-worker-01", "never-joined"], 30, said.append)

@@ -28,8 +28,9 @@ from aihow_infra.steps import Progress
 KUBECTL = "/usr/local/bin/kubectl"
 KUBE_GET = "/usr/local/bin/aihow-kube-get"
 ADMIN_KUBECONFIG = "/etc/kubernetes/admin.conf"
-# aihow-kube-get's exit codes (its main.go): a path answered other than 2xx; no answer at all.
-_NOT_2XX, _UNANSWERED = 1, 3
+# aihow-kube-get's exit code (its main.go) when a path answered other than 2xx: every answer is
+# still printed. The shell's when the program is not there: an image made before it.
+_NOT_2XX, _NOT_FOUND = 1, 127
 
 
 def kubectl(control_plane: libvirt.virDomain, args: Sequence[str], timeout: float = 120) -> Ran:
@@ -37,14 +38,16 @@ def kubectl(control_plane: libvirt.virDomain, args: Sequence[str], timeout: floa
     return run(control_plane, [KUBECTL, "--kubeconfig", ADMIN_KUBECONFIG, *args], timeout=timeout)
 
 
-def api_get(control_plane: libvirt.virDomain, paths: Sequence[str], timeout: float = 60) -> dict[str, tuple[int, Any]]:
-    """GET each API path (``/api/v1/nodes``, ``/readyz``) with the admin kubeconfig, in one
-    program run: path -> (HTTP status, body: the decoded JSON, or the text). ``GuestError``
-    when the agent or the API server does not answer (no connection, no answer in time)."""
+def api_get(control_plane: libvirt.virDomain, paths: Sequence[str],
+            timeout: float = 60) -> dict[str, tuple[int, Any]] | None:
+    """GET each API path (``/api/v1/nodes``, ``/readyz``) with the admin kubeconfig, in one run of
+    the image's reader: path -> (HTTP status, body: the decoded JSON, or the text). None when
+    the control plane's image has no reader (made before it: ask kubectl). ``GuestError`` when
+    the agent or the API server does not answer (no connection, no answer in time)."""
     ran = run(control_plane, ["/bin/sh", "-c", 'exec "$0" "$@"', KUBE_GET, "-kubeconfig", ADMIN_KUBECONFIG,
                               f"-timeout={max(int(timeout) - 5, 1)}s", *paths], timeout=timeout)
-    if ran.code == 127:  # a control plane from an image made before the reader
-        return {path: _kubectl_get(control_plane, path, timeout) for path in paths}
+    if ran.code == _NOT_FOUND:
+        return None
     if ran.code not in (0, _NOT_2XX):
         raise GuestError(f"asking the API server on {control_plane.name()} failed: "
                          f"{ran.err.strip() or f'{KUBE_GET} exited {ran.code}'}")
@@ -55,27 +58,27 @@ def api_get(control_plane: libvirt.virDomain, paths: Sequence[str], timeout: flo
             from None
 
 
-def _kubectl_get(control_plane: libvirt.virDomain, path: str, timeout: float) -> tuple[int, Any]:
-    """``kubectl get --raw PATH``, as ``api_get`` answers: kubectl tells no status, so a failure
-    is 503 with its message; ``GuestError`` when it could not connect at all."""
-    ran = kubectl(control_plane, ["get", "--raw", path], timeout=timeout)
-    if ran.code != 0:
-        message = ran.err.strip() or ran.out.strip()
-        if "Error from server" not in message:
-            raise GuestError(f"asking the API server on {control_plane.name()} failed: {message}")
-        return 503, message
-    try:
-        return 200, json.loads(ran.out)
-    except ValueError:
-        return 200, ran.out.strip()
-
-
 def _items(answers: dict[str, tuple[int, Any]], path: str, kind: str) -> list[dict[str, Any]]:
-    """The items of a list answer, each with its ``kind`` (a list leaves it out; kubectl adds it)."""
+    """The items of a list answer, each with its ``kind`` (a list leaves it out; kubectl adds it);
+    ``GuestError`` for any other answer."""
     code, body = answers[path]
-    if code != 200 or not isinstance(body, dict):
-        raise GuestError(f"GET {path}: {code} {body if isinstance(body, str) else (body or {}).get('message', '')}")
-    return [{"kind": kind, **item} for item in body.get("items") or []]
+    items = body.get("items") if isinstance(body, dict) else None
+    if code != 200 or not isinstance(items, list) or not all(isinstance(i, dict) for i in items):
+        said = body.get("message", "") if isinstance(body, dict) else str(body)[:200]
+        raise GuestError(f"GET {path}: {code} {said or 'not a list'}")
+    return [{"kind": kind, **item} for item in items]
+
+
+def _kubectl_list(control_plane: libvirt.virDomain, what: str, timeout: float) -> list[dict[str, Any]]:
+    """``kubectl get WHAT --all-namespaces -o json``'s items (each with its ``kind``)."""
+    ran = kubectl(control_plane, ["get", what, "--all-namespaces", "-o", "json"], timeout=timeout)
+    if ran.code != 0:
+        raise GuestError(f"listing {what} on {control_plane.name()} failed: {ran.err.strip() or ran.out.strip()}")
+    try:
+        items: list[dict[str, Any]] = json.loads(ran.out).get("items") or []
+    except (ValueError, AttributeError) as exc:
+        raise GuestError(f"listing {what} on {control_plane.name()}: not JSON ({exc})") from None
+    return items
 
 
 def node_states(control_plane: libvirt.virDomain) -> dict[str, str] | None:
@@ -86,13 +89,25 @@ def node_states(control_plane: libvirt.virDomain) -> dict[str, str] | None:
 
 
 def _nodes_and_readiness(control_plane: libvirt.virDomain) -> tuple[dict[str, str] | None, bool]:
-    """``node_states``, and whether the API server says it is ready (etcd included), in one run."""
+    """``node_states``, and whether the API server says it is ready (etcd included): one run of
+    the reader (two kubectl runs on an image without it)."""
     try:
         answers = api_get(control_plane, ["/api/v1/nodes", "/readyz"])
-        items = _items(answers, "/api/v1/nodes", "Node")
+        if answers is None:
+            items = _kubectl_list(control_plane, "nodes", timeout=60)
+            ready = _kubectl_ready(control_plane)
+        else:
+            items, ready = _items(answers, "/api/v1/nodes", "Node"), answers["/readyz"][0] == 200
     except GuestError:
         return None, False
-    return {item["metadata"]["name"]: _state(item) for item in items}, answers["/readyz"][0] == 200
+    return {item["metadata"]["name"]: _state(item) for item in items}, ready
+
+
+def _kubectl_ready(control_plane: libvirt.virDomain) -> bool:
+    try:
+        return kubectl(control_plane, ["get", "--raw", "/readyz"], timeout=60).code == 0
+    except GuestError:
+        return False
 
 
 def _state(node: dict[str, object]) -> str:
@@ -106,9 +121,11 @@ def _state(node: dict[str, object]) -> str:
 
 def cluster_objects(control_plane: libvirt.virDomain) -> list[dict[str, Any]]:
     """Every Node and Pod (all namespaces) as the API server lists them (each with its ``kind``,
-    as ``kubectl get nodes,pods -o json`` gives them), in one program run; ``GuestError`` when the
-    agent or the API server does not answer."""
+    as ``kubectl get nodes,pods -o json`` gives them), in one run of the reader (of kubectl on an
+    image without it); ``GuestError`` when the agent or the API server does not answer."""
     answers = api_get(control_plane, ["/api/v1/nodes", "/api/v1/pods"], timeout=120)
+    if answers is None:
+        return _kubectl_list(control_plane, "nodes,pods", timeout=120)
     return _items(answers, "/api/v1/nodes", "Node") + _items(answers, "/api/v1/pods", "Pod")
 
 

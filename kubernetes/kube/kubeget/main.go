@@ -9,9 +9,12 @@
 // CPU (README, "What a kubectl run costs"), and the broker asks every few seconds. This asks
 // only for the paths it is given, over one connection.
 //
-// The kubeconfig is KUBECONFIG's, else /etc/kubernetes/admin.conf; its current context (else its
-// first cluster and user) gives the server, the CA and the client certificate or bearer token,
-// inline (*-data) or as files.
+// The kubeconfig is -kubeconfig, else the first file KUBECONFIG lists (kubectl merges them all),
+// else /etc/kubernetes/admin.conf. Its current context (without one: its first cluster and user)
+// gives the server, the CA and the client certificate or bearer token, inline (*-data) or as
+// files (relative to the kubeconfig's folder); a context, cluster or user it names but does not
+// hold is an error. Exec plugins and auth providers are not run: a user with only those is
+// anonymous (the server answers 401 or 403).
 //
 // Each answer is {"path": PATH, "code": HTTP_STATUS, "body": BODY}, BODY the server's JSON, or
 // its text as a JSON string (/readyz says "ok"). Exit 0 when every path answered 2xx, 1 when one
@@ -33,6 +36,7 @@ import (
 	"io"
 	"net/http"
 	"os"
+	"path/filepath"
 	"strings"
 	"time"
 
@@ -79,15 +83,19 @@ type client struct {
 	token  string
 }
 
-// pem returns inline base64 data, else the named file's content, else nil.
-func pem(data, file string) ([]byte, error) {
+// pem returns inline base64 data, else the named file's content (a relative name is in dir),
+// else nil.
+func pem(data, file, dir string) ([]byte, error) {
 	if data != "" {
 		return base64.StdEncoding.DecodeString(data)
 	}
-	if file != "" {
-		return os.ReadFile(file)
+	if file == "" {
+		return nil, nil
 	}
-	return nil, nil
+	if !filepath.IsAbs(file) {
+		file = filepath.Join(dir, file)
+	}
+	return os.ReadFile(file)
 }
 
 func load(path string, timeout time.Duration) (*client, error) {
@@ -100,9 +108,15 @@ func load(path string, timeout time.Duration) (*client, error) {
 		return nil, fmt.Errorf("%s: %w", path, err)
 	}
 	clusterName, userName := "", ""
-	for _, c := range config.Contexts {
-		if c.Name == config.CurrentContext {
-			clusterName, userName = c.Context.Cluster, c.Context.User
+	if config.CurrentContext != "" {
+		found := false
+		for _, c := range config.Contexts {
+			if c.Name == config.CurrentContext {
+				clusterName, userName, found = c.Context.Cluster, c.Context.User, true
+			}
+		}
+		if !found {
+			return nil, fmt.Errorf("%s: current-context %q is not one of its contexts", path, config.CurrentContext)
 		}
 	}
 	cluster, user := -1, -1
@@ -116,12 +130,19 @@ func load(path string, timeout time.Duration) (*client, error) {
 			user = i
 		}
 	}
+	if clusterName != "" && cluster < 0 {
+		return nil, fmt.Errorf("%s: cluster %q is not one of its clusters", path, clusterName)
+	}
+	if userName != "" && user < 0 {
+		return nil, fmt.Errorf("%s: user %q is not one of its users", path, userName)
+	}
 	if cluster < 0 || config.Clusters[cluster].Cluster.Server == "" {
 		return nil, fmt.Errorf("%s: no cluster with a server", path)
 	}
+	dir := filepath.Dir(path)
 	c := config.Clusters[cluster].Cluster
 	tlsConfig := &tls.Config{InsecureSkipVerify: c.InsecureSkipTLSVerify} //nolint:gosec // the kubeconfig's own choice
-	ca, err := pem(c.CertificateAuthorityData, c.CertificateAuthority)
+	ca, err := pem(c.CertificateAuthorityData, c.CertificateAuthority, dir)
 	if err != nil {
 		return nil, fmt.Errorf("%s: the cluster's CA: %w", path, err)
 	}
@@ -135,11 +156,11 @@ func load(path string, timeout time.Duration) (*client, error) {
 	token := ""
 	if user >= 0 {
 		u := config.Users[user].User
-		cert, err := pem(u.ClientCertificateData, u.ClientCertificate)
+		cert, err := pem(u.ClientCertificateData, u.ClientCertificate, dir)
 		if err != nil {
 			return nil, fmt.Errorf("%s: the user's certificate: %w", path, err)
 		}
-		key, err := pem(u.ClientKeyData, u.ClientKey)
+		key, err := pem(u.ClientKeyData, u.ClientKey, dir)
 		if err != nil {
 			return nil, fmt.Errorf("%s: the user's key: %w", path, err)
 		}
@@ -205,7 +226,7 @@ func main() {
 	}
 	path := *kubeconfigPath
 	if path == "" {
-		path = os.Getenv("KUBECONFIG")
+		path = strings.Split(os.Getenv("KUBECONFIG"), string(os.PathListSeparator))[0]
 	}
 	if path == "" {
 		path = defaultKubeconfig
