@@ -1,8 +1,9 @@
 """What the power broker's look at the Cloud cluster costs the control plane: a pass every
 ``--interval`` seconds (the broker's default 5), each reading every node and pod, made with
 kubectl (``kubectl get nodes,pods --all-namespaces -o json``, as before) or with the image's
-reader (``aihow-kube-get /api/v1/nodes /api/v1/pods``, as now), against the control plane
-with nothing running, interleaved, in one run.
+reader (``aihow-kube-get /api/v1/nodes /api/v1/pods``, as now: the broker's own
+``kinds.cloud.cluster_objects``), against the control plane with nothing running, interleaved,
+in one run.
 
     .venv/bin/python bench/kube_reader.py [--window 60] [--rounds 3] [--interval 5]
 
@@ -16,6 +17,7 @@ as the host waits for it (median).
 from __future__ import annotations
 
 import argparse
+import json
 import statistics
 import sys
 import time
@@ -28,28 +30,39 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from control_plane import cloud_alone, interleave, table
 
-from aihow_infra.kinds.cloud import ADMIN_KUBECONFIG, KUBE_GET, KUBECTL
+from aihow_infra.kinds.cloud import ADMIN_KUBECONFIG, KUBECTL, cluster_objects
 from aihow_infra.libvirt.guest import run
 
-LOOKS = {
-    "kubectl get nodes,pods": [KUBECTL, "--kubeconfig", ADMIN_KUBECONFIG, "get", "nodes,pods", "--all-namespaces",
-                               "-o", "json"],
-    "aihow-kube-get nodes, pods": [KUBE_GET, "-kubeconfig", ADMIN_KUBECONFIG, "/api/v1/nodes", "/api/v1/pods"],
-}
+KUBECTL_PASS = [KUBECTL, "--kubeconfig", ADMIN_KUBECONFIG, "get", "nodes,pods", "--all-namespaces", "-o", "json"]
 
 
-def passes(dom: libvirt.virDomain, what: str, argv: list[str], interval: float,
+def with_kubectl(dom: libvirt.virDomain) -> int:
+    """The pass before the reader: one kubectl run; the objects it listed."""
+    ran = run(dom, KUBECTL_PASS, timeout=120)
+    if ran.code != 0:
+        raise SystemExit(f"kubectl: exit {ran.code}: {ran.err[-500:]}")
+    return len(json.loads(ran.out)["items"])
+
+
+def with_reader(dom: libvirt.virDomain) -> int:
+    """The broker's pass now (``kinds.cloud.cluster_objects``); the objects it listed."""
+    return len(cluster_objects(dom))
+
+
+LOOKS = {"kubectl get nodes,pods": with_kubectl, "aihow-kube-get nodes, pods": with_reader}
+
+
+def passes(dom: libvirt.virDomain, what: str, look: Callable[[libvirt.virDomain], int], interval: float,
            took: dict[str, list[float]]) -> Callable[[float], None]:
     """A pass every ``interval`` seconds for a window, as the broker makes them."""
     def loop(window: float) -> None:
         end = time.monotonic() + window
-        while (left := end - time.monotonic()) > 0:
+        while end - time.monotonic() > 0:
             began = time.monotonic()
-            ran = run(dom, argv, timeout=120)
-            if ran.code != 0 or '"items"' not in ran.out:
-                raise SystemExit(f"{what}: exit {ran.code}: {ran.err[-500:]}")
+            if look(dom) == 0:
+                raise SystemExit(f"{what}: listed no node")
             took[what].append(time.monotonic() - began)
-            time.sleep(max(0.0, min(left, interval - (time.monotonic() - began))))
+            time.sleep(max(0.0, min(end - time.monotonic(), interval - (time.monotonic() - began))))
     return loop
 
 
@@ -61,7 +74,7 @@ def main() -> int:
     args = parser.parse_args()
     with cloud_alone() as (name, dom):
         took: dict[str, list[float]] = {what: [] for what in LOOKS}
-        seen = interleave(name, {what: passes(dom, what, argv, args.interval, took) for what, argv in LOOKS.items()},
+        seen = interleave(name, {what: passes(dom, what, look, args.interval, took) for what, look in LOOKS.items()},
                           args.window, args.rounds)
         print("\n" + table(f"a look every {args.interval:g} s ({args.window:.0f} s windows, median of "
                            f"{args.rounds})", seen))

@@ -222,7 +222,8 @@ def test_both_clusters_deployed_a_job_runs_and_every_node_is_ready(main_job: Mai
                                                           job.vm("cloud-cpu-worker-02"): ""}
     assert kubectl(job, "get", "node", control, "-o", "jsonpath={.spec.taints[0].key}") == \
         "node-role.kubernetes.io/control-plane"
-    # Status read that through the image's reader, not kubectl (which would answer the same).
+    # The image carries the reader that status and the broker ask (kubectl would answer them the
+    # same on an image without it), and it answers on the control plane.
     ran = run(box.conn.lookupByName(control), [KUBE_GET, "-kubeconfig", ADMIN_KUBECONFIG, "/readyz"])
     assert (ran.code, json.loads(ran.out)) == (0, [{"path": "/readyz", "code": 200, "body": "ok"}]), ran.err
 
