@@ -1,11 +1,13 @@
-"""Kubernetes, etcd and the pause binary, built on this machine: no release download.
+"""Kubernetes, etcd, the pause binary and the project's aihow-kube-get, built on this machine:
+no release download.
 
 Every command is compiled from the Go module proxy through the wrapper modules in
 ``kubernetes/`` (``kube`` pins the Kubernetes release, ``etcd`` the etcd server; each has
 its own module so that neither shifts the other's dependencies). The version is stamped
 the way Kubernetes' own build does, since the kubelet and kubeadm check it. The pause
 binary, the sandbox every pod starts from, is compiled from the ``pause.c`` the release
-ships. Binaries are static.
+ships; aihow-kube-get (``kubernetes/kube/kubeget``, in the ``kube`` module) from the project's
+own source. Binaries are static.
 
 Builds are kept outside the work tree in a folder named by the versions and a hash of
 the wrapper modules, so a later clone on the same machine reuses them; a build happens
