@@ -29,7 +29,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from aihow_infra.kinds.cloud import KUBE_GET, KUBECTL
+from aihow_infra.kinds.cloud import KUBE_GET_COMMAND, KUBECTL
 from aihow_infra.kinds.hpc import LIST_QUEUE, POWER_QUEUE
 from aihow_infra.libvirt.guest import Ran
 from tests.samples import pod
@@ -178,7 +178,7 @@ def _kubernetes(state: State, argv: list[str]) -> Ran:
     kube = state["cloud"]
     nodes = [{"metadata": {"name": name}, "spec": {"unschedulable": node["unschedulable"]},
               "status": {"conditions": [{"type": "Ready", "status": "True"}]}} for name, node in kube["nodes"].items()]
-    if argv[:4] == ["/bin/sh", "-c", 'exec "$0" "$@"', KUBE_GET]:  # GETs, answered as the API server would
+    if tuple(argv[:4]) == KUBE_GET_COMMAND:  # GETs, answered as the API server would
         bodies = {"/api/v1/nodes": {"kind": "NodeList", "items": nodes}, "/readyz": "ok",
                   "/api/v1/pods": {"kind": "PodList", "items": [
                       {k: v for k, v in p.items() if k != "kind"} for p in kube["pods"].values()]}}

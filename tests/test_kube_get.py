@@ -137,7 +137,7 @@ class Head:
 
     def run(self, dom: Any, argv: list[str], timeout: float = 120) -> Ran:
         self.ran.append(argv)
-        if argv[:4] == ["/bin/sh", "-c", 'exec "$0" "$@"', cloud.KUBE_GET]:
+        if tuple(argv[:4]) == cloud.KUBE_GET_COMMAND:
             if not self.has_reader:
                 return Ran(127, "", f"/bin/sh: 1: exec: {cloud.KUBE_GET}: not found\n")
             args = [str(self.kubeconfig) if a == cloud.ADMIN_KUBECONFIG else a for a in argv[4:]]

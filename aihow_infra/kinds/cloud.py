@@ -31,6 +31,8 @@ ADMIN_KUBECONFIG = "/etc/kubernetes/admin.conf"
 # aihow-kube-get's exit code (its main.go) when a path answered other than 2xx: every answer is
 # still printed. The shell's when the program is not there: an image made before it.
 _NOT_2XX, _NOT_FOUND = 1, 127
+# How the reader is started: through the shell, which says 127 when the image has no reader.
+KUBE_GET_COMMAND = ("/bin/sh", "-c", 'exec "$0" "$@"', KUBE_GET)
 
 
 def kubectl(control_plane: libvirt.virDomain, args: Sequence[str], timeout: float = 120) -> Ran:
@@ -44,7 +46,7 @@ def api_get(control_plane: libvirt.virDomain, paths: Sequence[str],
     the image's reader: path -> (HTTP status, body: the decoded JSON, or the text). None when
     the control plane's image has no reader (made before it: ask kubectl). ``GuestError`` when
     the agent or the API server does not answer (no connection, no answer in time)."""
-    ran = run(control_plane, ["/bin/sh", "-c", 'exec "$0" "$@"', KUBE_GET, "-kubeconfig", ADMIN_KUBECONFIG,
+    ran = run(control_plane, [*KUBE_GET_COMMAND, "-kubeconfig", ADMIN_KUBECONFIG,
                               f"-timeout={max(int(timeout) - 5, 1)}s", *paths], timeout=timeout)
     if ran.code == _NOT_FOUND:
         return None
