@@ -26,17 +26,18 @@ from aihow_infra.errors import DeployError
 SYSTEMCTL = """#!/bin/sh
 # A stand-in systemctl: records the call, keeps enabled/active units as files; refuses "broken".
 echo "$*" >> "$UNITS/calls"
-case "$1" in
+verb=$1; shift
+[ "$1" = --no-reload ] && shift
+case "$verb" in
   daemon-reload) exit 0 ;;
-  is-active|is-enabled)  # --quiet UNIT: the exit status; -- UNIT...: a state per line, as systemd's
+  is-active|is-enabled)  # -- UNIT...: a state per line, as systemd's
     dir=active; yes=active; no=inactive
-    [ "$1" = is-enabled ] && { dir=enabled; yes=enabled; no=disabled; }
-    if [ "$2" = --quiet ]; then [ -e "$UNITS/$dir/$3" ]; exit; fi
-    shift 2; for u; do if [ -e "$UNITS/$dir/$u" ]; then echo $yes; else echo $no; fi; done ;;
-  start|restart) mkdir -p "$UNITS/active" && touch "$UNITS/active/$2" ;;
-  enable) [ "$2" != broken ] || { echo "unit broken.service: unknown" >&2; exit 1; }
-          mkdir -p "$UNITS/enabled" && touch "$UNITS/enabled/$2" ;;
-  *) echo "unknown: $*" >&2; exit 1 ;;
+    [ "$verb" = is-enabled ] && { dir=enabled; yes=enabled; no=disabled; }
+    shift; for u; do if [ -e "$UNITS/$dir/$u" ]; then echo $yes; else echo $no; fi; done ;;
+  start|restart) mkdir -p "$UNITS/active" && for u; do touch "$UNITS/active/$u"; done ;;
+  enable) for u; do [ "$u" != broken ] || { echo "unit broken.service: unknown" >&2; exit 1; }; done
+          mkdir -p "$UNITS/enabled" && for u; do touch "$UNITS/enabled/$u"; done ;;
+  *) echo "unknown: $verb $*" >&2; exit 1 ;;
 esac
 """
 
@@ -98,8 +99,9 @@ def test_files_are_written_once_and_a_second_run_changes_nothing(node: Node) -> 
     assert stat.S_IMODE((node.root / "var/lib/app").stat().st_mode) == 0o700
     assert node.out()["changed_files"] == [str(node.root / "var/lib/app"), str(conf)]
     # The action's check (one shell command), then the module's own steps.
+    # The module: one query per kind, every unit enabled in one run without systemd's reload.
     assert node.calls() == ["is-enabled -- app", "is-active -- app",
-                            "restart app", "is-enabled --quiet app", "enable app"]
+                            "is-enabled -- app", "enable --no-reload app", "restart app"]
     assert first.recap["node"]["changed"] == 1 and "checked_only" not in node.out()
 
     # Nothing to change: the check finds it so, and the module does not run at all.
@@ -182,7 +184,7 @@ def test_a_changed_file_restarts_its_running_units_only(node: Node) -> None:
     text = "SlurmctldHost=controller\n"
     node.converge({"files": [{"dest": str(conf), "content": text, "restarts": ["slurmctld", "slurmd"]}]})
     # slurmd is neither running nor asked for here (a controller): rewritten, not started.
-    assert node.calls() == ["is-active --quiet slurmctld", "restart slurmctld", "is-active --quiet slurmd"]
+    assert node.calls() == ["is-active -- slurmctld slurmd", "restart slurmctld"]
     assert node.out()["restarted"] == ["slurmctld"]
     # The operator sees what was written and restarted (a restart under emulation costs a minute).
     assert any(line.startswith("  changed  node: converge the node (") and
@@ -193,31 +195,68 @@ def test_a_changed_file_restarts_its_running_units_only(node: Node) -> None:
     assert stat.S_IMODE(conf.stat().st_mode) == 0o644 and node.out()["changed_files"] == [str(conf)]
 
 
-def test_unit_files_reload_systemd_first() -> None:
-    # The module reloads when a file under /etc/systemd/ changed; a test cannot write there, so it
-    # is checked on the module's own function with the paths it sees.
+def _module() -> Any:
+    """The module's own code, to call its functions with paths a test cannot write to."""
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "ansible/plugins/modules"))
     try:
         import aihow_converge as module
     finally:
         sys.path.pop(0)
-    written: list[str] = []
-    calls: list[tuple[str, ...]] = []
+    return module
 
-    def fake_file(spec: dict[str, Any]) -> bool:
-        written.append(spec["dest"])
-        return True
+
+def test_new_units_are_enabled_together_and_systemd_reloads_once_before_any_restart() -> None:
+    # A control plane's first deploy: unit files under /etc/systemd/ written, none enabled yet. Each
+    # `systemctl enable` reloads systemd by itself (6-9 s each under emulation): one enable run
+    # without it, then the one reload the new unit files need, then the restarts in their order.
+    module = _module()
+    calls: list[tuple[str, ...]] = []
+    units = ["etcd", "kube-apiserver", "containerd", "kubelet"]
 
     def fake_systemctl(*args: str) -> Any:
         calls.append(args)
-        return type("Done", (), {"returncode": 0, "stdout": "", "stderr": ""})()
+        states = {"is-enabled": "disabled", "is-active": "inactive"}
+        out = "".join(f"{states[args[0]]}\n" for _ in args[2:]) if args[0] in states else ""
+        return type("Done", (), {"returncode": 0, "stdout": out, "stderr": ""})()
 
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(module, "_file", fake_file)
+        patch.setattr(module, "_file", lambda spec: True)
         patch.setattr(module, "_systemctl", fake_systemctl)
-        module.converge({"folders": [], "commands": [], "read": [], "services": ["kubelet"],
-                         "files": [{"dest": "/etc/systemd/system/kubelet.service", "restarts": ["kubelet"]}]})
-    assert calls[:2] == [("daemon-reload",), ("restart", "kubelet")]
+        out = module.converge({"folders": [], "commands": [], "read": [], "services": units, "files": [
+            {"dest": f"/etc/systemd/system/{unit}.service", "restarts": [unit]} for unit in units]})
+    assert calls == [("is-enabled", "--", *units), ("enable", "--no-reload", *units), ("daemon-reload",),
+                     *[("restart", unit) for unit in units]]
+    assert (out["restarted"], out["started"]) == (units, units)
+
+
+def test_a_unit_systemd_does_not_know_is_asked_alone_and_enabled() -> None:
+    # systemd prints no is-enabled line for a unit it has no file for; the batch cannot say which.
+    module = _module()
+    calls: list[tuple[str, ...]] = []
+    known = {"munge": "enabled", "slurmd": ""}
+
+    def fake_systemctl(*args: str) -> Any:
+        calls.append(args)
+        out = "".join(f"{known[u]}\n" for u in args[2:] if known[u]) if args[0] == "is-enabled" else \
+            "active\n" * len(args[2:]) if args[0] == "is-active" else ""
+        return type("Done", (), {"returncode": 0, "stdout": out, "stderr": ""})()
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(module, "_systemctl", fake_systemctl)
+        out = module.converge({"folders": [], "commands": [], "read": [], "files": [], "services": ["munge", "slurmd"]})
+    assert calls == [("is-enabled", "--", "munge", "slurmd"), ("is-enabled", "--", "munge"),
+                     ("is-enabled", "--", "slurmd"), ("enable", "--no-reload", "slurmd"),
+                     ("is-active", "--", "munge", "slurmd")]
+    assert out["started"] == ["slurmd"] and out["changed"]
+
+
+def test_the_module_and_the_check_take_the_same_states_as_enabled() -> None:
+    path = Path(__file__).resolve().parent.parent / "ansible/plugins/action/aihow_converge.py"
+    spec = importlib.util.spec_from_file_location("aihow_converge_action_states", path)
+    assert spec is not None and spec.loader is not None
+    action = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(action)
+    assert action.ENABLED == _module().ENABLED
 
 
 def test_commands_run_once_and_files_come_back(node: Node) -> None:
@@ -249,7 +288,8 @@ def test_commands_run_once_and_files_come_back(node: Node) -> None:
     ({"files": [{"dest": "/tmp/aihow-converge-test"}]},
      "/tmp/aihow-converge-test: give content (text) or content_base64 (bytes, e.g. a key), one of them"),
     ({"read": ["/nonexistent/ca.crt"]}, "reading /nonexistent/ca.crt: No such file or directory"),
-    ({"services": ["broken"]}, "enabling broken: systemctl enable broken exited 1: unit broken.service: unknown"),
+    ({"services": ["broken"]},
+     "enabling broken: systemctl enable --no-reload broken exited 1: unit broken.service: unknown"),
 ])
 def test_a_failed_step_is_one_line_naming_it(node: Node, args: dict[str, Any], message: str) -> None:
     with pytest.raises(DeployError) as err:

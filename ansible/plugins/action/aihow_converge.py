@@ -6,8 +6,8 @@ start in the guest and the module's payload through the guest agent, seconds eac
 is one ``sh`` command of five programs whatever the node's size: one ``stat`` of every folder
 and file (type, owner, group, mode), one ``sha256sum`` of every file against the content the
 module would write, each command's ``creates`` path (the shell's own test), and one
-``systemctl is-enabled`` and one ``is-active`` of every unit (the states the module's own
-``--quiet`` tests accept). A process start in an emulated guest costs tens of milliseconds and
+``systemctl is-enabled`` and one ``is-active`` of every unit (the states the module takes as
+enabled and running). A process start in an emulated guest costs tens of milliseconds and
 ``systemctl`` hundreds, so the check does not grow a process per file or unit. When everything
 matches, the result is the module's for a run that changed nothing (with ``checked_only``);
 otherwise, and whenever files are to be read back, the module runs as always and decides.
