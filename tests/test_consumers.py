@@ -23,6 +23,7 @@ from aihow_infra.cloudinit import seed_files
 from aihow_infra.components import acceleration_args, network_args, seed_spec
 from aihow_infra.errors import ConfigError
 from aihow_infra.hostcheck import check_subnets
+from aihow_infra.images import KUBERNETES_NODE_FILES, recipe_for
 from aihow_infra.inventory import build_inventory
 from aihow_infra.kubebins import ensure_binaries
 from aihow_infra.kubepki import Cluster, ensure
@@ -241,6 +242,22 @@ def test_containerd_reads_its_config_as_the_nodes_need_it(tmp_path: Path) -> Non
     for line in ('sandbox_image = "localhost/aihow/pause:image"', "SystemdCgroup = true",
                  'bin_dir = "/usr/lib/cni"', 'conf_dir = "/etc/cni/net.d"'):
         assert line in dumped, line
+
+
+def test_the_cloud_image_carries_the_node_files_byte_for_byte_as_the_roles_write_them(tmp_path: Path) -> None:
+    """What the cloud image bakes in (``images.KUBERNETES_NODE_FILES``) is what the roles write on
+    every node, to the byte: a node of that image finds them in place on its first deploy, and
+    nothing is rewritten or restarted for them."""
+    plan = next(p for p in plans(ROOT / "config" / "default.yaml") if p.key == "cloud")
+    baked = dict(recipe_for("cloud").files)
+    rendered = list(rendered_templates(ROOT / "ansible/cloud.yml", inventory(plan, started=True),
+                                       made(plan, tmp_path)))
+    hosts = {host for host, _d, _t in rendered}
+    assert hosts == {vm.short_name for vm in plan.vms}
+    node_files = [(host, dest, text) for host, dest, text in rendered if dest in KUBERNETES_NODE_FILES]
+    assert {(host, dest) for host, dest, _t in node_files} == {(h, d) for h in hosts for d in KUBERNETES_NODE_FILES}
+    for host, dest, text in node_files:
+        assert text == baked[dest], f"{host} {dest}: the image's file differs from the role's"
 
 
 def test_every_kubernetes_unit_is_accepted_by_its_binary(tmp_path: Path) -> None:

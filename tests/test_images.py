@@ -128,3 +128,23 @@ def test_a_second_task_waits_for_the_build_and_uses_its_image(tmp_path: Path, mo
     first.join(10)
     waiter.join(10)
     assert builds == [recipe_for("hpc").name] and second[0][1] is False
+
+
+def test_the_cloud_image_boots_with_containerd_configured_and_its_images_imported(tmp_path: Path) -> None:
+    # What every Kubernetes node has is in the image (the roles' own files, read from the
+    # checkout), the import's unit enabled from where the image writes it, the script runnable; the
+    # other images carry none of it.
+    rootfs = tmp_path / "rootfs"
+    customize(rootfs, recipe_for("cloud"))
+    for path, source in images.KUBERNETES_NODE_FILES.items():
+        written = rootfs / path.lstrip("/")
+        assert written.read_text() == (images.CHECKOUT / "ansible/roles" / source).read_text(), path
+    assert (rootfs / "usr/local/sbin/aihow-import-images").stat().st_mode & 0o777 == 0o755
+    assert (rootfs / "etc/containerd/config.toml").stat().st_mode & 0o777 == 0o644
+    link = rootfs / "etc/systemd/system/multi-user.target.wants/aihow-images.service"
+    assert link.readlink() == Path("/etc/systemd/system/aihow-images.service")
+    assert (rootfs / "etc/systemd/system/multi-user.target.wants/systemd-networkd.service").readlink() == Path(
+        "/lib/systemd/system/systemd-networkd.service")
+    for role in ("base", "hpc", "gpuhost"):
+        assert not set(images.KUBERNETES_NODE_FILES) & {path for path, _c in recipe_for(role).files}
+        assert "aihow-images.service" not in recipe_for(role).enabled_units
