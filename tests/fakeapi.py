@@ -20,8 +20,8 @@ from aihow_infra import kubepki
 
 
 class FakeApi(BaseHTTPRequestHandler):
-    """GETs answered from the state file: ``/readyz`` (``ok``, or 503 while ``unready`` counts
-    answers still to fail), the node and pod lists, and single objects by path."""
+    """GETs answered from the state file: ``/readyz`` and ``/healthz`` (``ok``, or 503 while
+    ``unready`` counts answers still to fail), the node and pod lists, and single objects by path."""
 
     protocol_version = "HTTP/1.1"  # kept connections, as the readers use them
     state: Path
@@ -37,7 +37,7 @@ class FakeApi(BaseHTTPRequestHandler):
             ports.write(f"{self.client_address[1]}\n")
         status, body = 404, {"kind": "Status", "code": 404, "message": f"{self.path} not found"}
         lists = {"/api/v1/nodes": ("NodeList", "node/"), "/api/v1/pods": ("PodList", "pod/")}
-        if self.path == "/readyz":  # text, as the API server answers it
+        if self.path in ("/readyz", "/healthz"):  # text, as the API server answers them
             status, text = (503, "[-]etcd failed: reason withheld\nreadyz check failed") if FakeApi.unready \
                 else (200, "ok")
             FakeApi.unready = max(0, FakeApi.unready - 1)
@@ -67,7 +67,7 @@ class FakeApi(BaseHTTPRequestHandler):
 @contextlib.contextmanager
 def fake_api(folder: Path, unready: int = 0) -> Iterator[Path]:
     """The fake API server over ``folder/state.json``, logging to ``folder/log``, its first
-    ``unready`` answers to /readyz 503; yields the super admin's kubeconfig naming it."""
+    ``unready`` answers to /readyz or /healthz 503; yields the super admin's kubeconfig naming it."""
     made = kubepki.ensure(folder / "pki", kubepki.Cluster("test", "cp", "127.0.0.1", "10.96.0.0/12"))
     for name in ("ca.crt", "apiserver.crt", "apiserver.key"):
         (folder / name).write_text(made.files[f"pki/{name}"])

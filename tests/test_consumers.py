@@ -268,12 +268,18 @@ def test_every_kubernetes_unit_is_accepted_by_its_binary(tmp_path: Path) -> None
     binaries = ensure_binaries()
     plan = next(p for p in plans(ROOT / "config" / "default.yaml") if p.key == "cloud")
     seen = set()
-    for host, dest, text in rendered_templates(ROOT / "ansible/cloud.yml", inventory(plan), made(plan, tmp_path)):
-        start = re.search(r"^ExecStart=/usr/local/bin/(.*)$", text.replace("\\\n", " "), re.M)
+    rendered = list(rendered_templates(ROOT / "ansible/cloud.yml", inventory(plan), made(plan, tmp_path)))
+    for host, dest, text in rendered:
+        start = re.search(r"^ExecStart=(?:/usr/local/sbin/aihow-after-api-server (\S+) +)?/usr/local/bin/(.*)$",
+                          text.replace("\\\n", " "), re.M)
         if not dest.startswith("/etc/systemd/system/") or not start:
             continue
-        name, *flags = shlex.split(start.group(1))
+        waits_with, (name, *flags) = start.group(1), shlex.split(start.group(2))
         seen.add(name)
+        # The wait before the controller manager asks as its own client, with a file its node has.
+        assert (waits_with is not None) == (name == "kube-controller-manager"), f"{host} {dest}"
+        assert waits_with is None or (f"--kubeconfig={waits_with}" in flags
+                                      and (host, waits_with) in {(h, d) for h, d, _t in rendered}), f"{host} {dest}"
         for extra, accepted in (([], True), (["--no-such-flag"], False)):
             done = subprocess.run([str(binaries.path(name)), *flags, *extra, "--version"], capture_output=True,
                                   text=True, timeout=60, check=False)

@@ -225,3 +225,43 @@ class _Power:
 
 if __name__ == "__main__":
     sys.exit(pytest.main([__file__, "-q"]))
+
+
+AFTER_API_SERVER = (Path(__file__).resolve().parent.parent
+                    / "ansible/roles/kube_controller_manager/files/aihow-after-api-server")
+
+
+def test_the_controller_manager_starts_once_the_api_server_answers_it(reader: Path, tmp_path: Path) -> None:
+    # Its unit starts it through aihow-after-api-server, which asks /healthz with the reader as the
+    # controller manager's client until it says 200 (not yet: no answer, or 503 here, 403 there),
+    # then runs it; the controller manager itself gives the API server only 10 s.
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "aihow-kube-get").symlink_to(reader)
+    env = {**os.environ, "PATH": f"{bin_dir}:/usr/bin:/bin"}
+    (tmp_path / "state.json").write_text("{}")
+    (tmp_path / "log").write_text("")
+    command = ["sh", "-c", 'echo "started with $*"', "sh", "--kubeconfig=x"]
+    with fake_api(tmp_path, unready=2) as kubeconfig:
+        config = yaml.safe_load(kubeconfig.read_text())
+        listening = config["clusters"][0]["cluster"]["server"]
+        # Nothing listening yet (the API server's port, another one): it waits, and asks again.
+        config["clusters"][0]["cluster"]["server"] = "https://127.0.0.1:9"
+        silent = tmp_path / "silent.conf"
+        silent.write_text(yaml.safe_dump(config))
+        waiting = subprocess.Popen([str(AFTER_API_SERVER), str(silent), *command], env=env,
+                                   stdout=subprocess.PIPE, text=True)
+        with pytest.raises(subprocess.TimeoutExpired):
+            waiting.wait(timeout=5)
+        config["clusters"][0]["cluster"]["server"] = listening
+        silent.write_text(yaml.safe_dump(config))
+        out, _err = waiting.communicate(timeout=30)
+    assert out == "started with --kubeconfig=x\n" and waiting.returncode == 0
+    assert (tmp_path / "log").read_text().splitlines() == ["GET /healthz as kubernetes-super-admin"] * 3
+
+    # A kubeconfig the reader cannot use (it exits 2), or an image without the reader: the command
+    # runs at once and says what is wrong itself.
+    for kubeconfig_arg, path in ((str(tmp_path / "missing.conf"), env["PATH"]), (str(silent), "/usr/bin:/bin")):
+        done = subprocess.run([str(AFTER_API_SERVER), kubeconfig_arg, *command], env={**env, "PATH": path},
+                              capture_output=True, text=True, timeout=30, check=True)
+        assert done.stdout == "started with --kubeconfig=x\n"
