@@ -153,12 +153,18 @@ def test_the_check_is_one_program_per_kind_whatever_the_node_and_any_difference_
     assert node.out()["checked_only"] is True
 
 
-def test_the_check_takes_the_unit_states_the_module_takes_as_enabled() -> None:
+def _action() -> Any:
+    """The action plugin's own code (it runs on the controller, beside Ansible)."""
     path = Path(__file__).resolve().parent.parent / "ansible/plugins/action/aihow_converge.py"
     spec = importlib.util.spec_from_file_location("aihow_converge_action", path)
     assert spec is not None and spec.loader is not None
     action = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(action)
+    return action
+
+
+def test_the_check_takes_the_unit_states_the_module_takes_as_enabled() -> None:
+    action = _action()
     args = {"files": [{"dest": "/etc/x", "content": ""}], "services": ["a", "b"]}
     expected = action.expected_parts(args)
     assert expected is not None
@@ -251,12 +257,7 @@ def test_a_unit_systemd_does_not_know_is_asked_alone_and_enabled() -> None:
 
 
 def test_the_module_and_the_check_take_the_same_states_as_enabled() -> None:
-    path = Path(__file__).resolve().parent.parent / "ansible/plugins/action/aihow_converge.py"
-    spec = importlib.util.spec_from_file_location("aihow_converge_action_states", path)
-    assert spec is not None and spec.loader is not None
-    action = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(action)
-    assert action.ENABLED == _module().ENABLED
+    assert _action().ENABLED == _module().ENABLED
 
 
 def test_commands_run_once_and_files_come_back(node: Node) -> None:
