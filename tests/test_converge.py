@@ -101,7 +101,7 @@ def test_files_are_written_once_and_a_second_run_changes_nothing(node: Node) -> 
     # The action's check (one shell command), then the module's own steps.
     # The module: one query per kind, every unit enabled in one run without systemd's reload.
     assert node.calls() == ["is-enabled -- app", "is-active -- app",
-                            "is-enabled -- app", "enable --no-reload app", "restart app"]
+                            "restart app", "is-enabled -- app", "enable --no-reload app"]
     assert first.recap["node"]["changed"] == 1 and "checked_only" not in node.out()
 
     # Nothing to change: the check finds it so, and the module does not run at all.
@@ -213,8 +213,8 @@ def _module() -> Any:
 
 def test_new_units_are_enabled_together_and_systemd_reloads_once_before_any_restart() -> None:
     # A control plane's first deploy: unit files under /etc/systemd/ written, none enabled yet. Each
-    # `systemctl enable` reloads systemd by itself (6-9 s each under emulation): one enable run
-    # without it, then the one reload the new unit files need, then the restarts in their order.
+    # `systemctl enable` reloads systemd by itself (6-9 s each under emulation): the one reload the
+    # new unit files need, the restarts in their order, then one enable run without a reload.
     module = _module()
     calls: list[tuple[str, ...]] = []
     units = ["etcd", "kube-apiserver", "containerd", "kubelet"]
@@ -230,9 +230,23 @@ def test_new_units_are_enabled_together_and_systemd_reloads_once_before_any_rest
         patch.setattr(module, "_systemctl", fake_systemctl)
         out = module.converge({"folders": [], "commands": [], "read": [], "services": units, "files": [
             {"dest": f"/etc/systemd/system/{unit}.service", "restarts": [unit]} for unit in units]})
-    assert calls == [("is-enabled", "--", *units), ("enable", "--no-reload", *units), ("daemon-reload",),
-                     *[("restart", unit) for unit in units]]
+    assert calls == [("daemon-reload",), *[("restart", unit) for unit in units],
+                     ("is-enabled", "--", *units), ("enable", "--no-reload", *units)]
     assert (out["restarted"], out["started"]) == (units, units)
+
+
+def test_a_unit_that_cannot_be_enabled_fails_after_the_changed_units_restarted(node: Node) -> None:
+    # The failed run wrote the file; the next run finds it as asked and would not restart its unit:
+    # so the restart comes before the enable that fails.
+    conf = node.root / "etc/app/app.conf"
+    (node.units / "active").mkdir()
+    (node.units / "active/app").touch()
+    (node.units / "enabled").mkdir()
+    (node.units / "enabled/app").touch()
+    args = {"files": [{"dest": str(conf), "content": "port = 2\n", "restarts": ["app"]}], "services": ["app", "broken"]}
+    with pytest.raises(DeployError, match="enabling broken: systemctl enable --no-reload broken exited 1"):
+        node.converge(args)
+    assert "restart app" in node.calls() and conf.read_text() == "port = 2\n"
 
 
 def test_a_unit_systemd_does_not_know_is_asked_alone_and_enabled() -> None:

@@ -161,7 +161,6 @@ def _file(spec: dict[str, Any]) -> bool:
 # `systemctl is-enabled` states for which `is-enabled --quiet` exits 0 (systemd 252,
 # src/systemctl/systemctl-is-enabled.c); the action plugin's check takes the same ones.
 ENABLED = frozenset({"enabled", "enabled-runtime", "static", "alias", "indirect", "generated"})
-ACTIVE = frozenset({"active", "reloading"})
 
 
 def _systemctl(*args: str) -> subprocess.CompletedProcess[str]:
@@ -214,24 +213,26 @@ def converge(params: dict[str, Any]) -> dict[str, Any]:
         ran.append(spec["creates"])
         restart += [u for u in spec["restarts"] if u not in restart]
     units: list[str] = params["services"]
-    # Every unit to enable in one run, without the reload `systemctl enable` does by itself: a
-    # reload re-runs systemd's generators and reads every unit again, 6-9 s under emulation, and a
-    # control plane's first deploy reloaded nine times, once per unit (2026-12-03). Units started
-    # here need no reload to start; a unit file written here gets the one reload below.
-    to_enable = [unit for unit, state in _states("is-enabled", units).items() if state not in ENABLED]
-    if to_enable:
-        _must(f"enabling {' '.join(to_enable)}", "enable", "--no-reload", *to_enable)
     if any(p.startswith(("/etc/systemd/", "/lib/systemd/")) for p in changed_files):
         _must("reloading systemd", "daemon-reload")
     # A unit that is neither running nor wanted here is only rewritten, not started.
     running = _states("is-active", [unit for unit in restart if unit not in units])
     restarted: list[str] = []
     for unit in restart:  # one at a time, in the order asked (kernel settings before the kubelet)
-        if unit in units or running[unit] in ACTIVE:
+        if unit in units or running[unit] == "active":
             _must(f"restarting {unit}", "restart", unit)
             restarted.append(unit)
+    # Every unit to enable in one run, without the reload `systemctl enable` does by itself: a
+    # reload re-runs systemd's generators and reads every unit again, 6-9 s under emulation, and a
+    # control plane's first deploy reloaded nine times, eight of them one per unit it enabled
+    # (2026-12-03). A unit needs no reload to start; its file, when written here, had the one
+    # above. After the restarts, so that a unit refusing to be enabled leaves no changed unit
+    # unrestarted (the next run would find its file as asked and not restart it).
+    to_enable = [unit for unit, state in _states("is-enabled", units).items() if state not in ENABLED]
+    if to_enable:
+        _must(f"enabling {' '.join(to_enable)}", "enable", "--no-reload", *to_enable)
     stopped = [unit for unit, state in _states("is-active", [u for u in units if u not in restarted]).items()
-               if state not in ACTIVE]
+               if state != "active"]
     if stopped:
         _must(f"starting {' '.join(stopped)}", "start", *stopped)
     started = [unit for unit in units if unit in to_enable or unit in stopped]
