@@ -250,14 +250,22 @@ def test_the_controller_manager_starts_once_the_api_server_answers_it(reader: Pa
         silent = tmp_path / "silent.conf"
         silent.write_text(yaml.safe_dump(config))
         waiting = subprocess.Popen([str(AFTER_API_SERVER), str(silent), *command], env=env,
-                                   stdout=subprocess.PIPE, text=True)
+                                   stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         with pytest.raises(subprocess.TimeoutExpired):
             waiting.wait(timeout=5)
         config["clusters"][0]["cluster"]["server"] = listening
         silent.write_text(yaml.safe_dump(config))
-        out, _err = waiting.communicate(timeout=30)
+        out, err = waiting.communicate(timeout=30)
     assert out == "started with --kubeconfig=x\n" and waiting.returncode == 0
+    # What it waits on goes to the journal, once and then every minute, not every try.
+    assert err.count("aihow-after-api-server: waiting for the API server to answer /healthz with 200") == 1, err
     assert (tmp_path / "log").read_text().splitlines() == ["GET /healthz as kubernetes-super-admin"] * 3
+
+    # No answer within AIHOW_API_WAIT_SECONDS: the command runs anyway, and says what is wrong itself.
+    done = subprocess.run([str(AFTER_API_SERVER), str(silent), *command], env={**env, "AIHOW_API_WAIT_SECONDS": "0"},
+                          capture_output=True, text=True, timeout=30, check=True)
+    assert done.stdout == "started with --kubeconfig=x\n"
+    assert "no 200 from /healthz after 0 s; starting sh anyway" in done.stderr, done.stderr
 
     # A kubeconfig the reader cannot use (it exits 2), or an image without the reader: the command
     # runs at once and says what is wrong itself.
