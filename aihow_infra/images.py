@@ -77,7 +77,7 @@ CONTAINER_IMAGES = (("pause.tar", PAUSE_IMAGE), ("busybox.tar", BUSYBOX_IMAGE))
 # the unit enabled, so a node boots with containerd configured and the images imported, and its
 # first deploy finds these files in place: a control plane's first converge spent 31 s of its 57
 # restarting containerd and importing the images (2026-12-03, the Cloud cluster alone). The roles
-# still lay them down, for nodes of an image without them.
+# still lay them down, for nodes of an image without them or with an older copy.
 KUBERNETES_NODE_FILES = {
     "/etc/containerd/config.toml": "containerd/files/config.toml",
     "/usr/local/sbin/aihow-import-images": "containerd/files/aihow-import-images",
@@ -85,6 +85,11 @@ KUBERNETES_NODE_FILES = {
     "/etc/modules-load.d/kubernetes.conf": "pod_network/files/kubernetes.conf",
     "/etc/sysctl.d/90-kubernetes.conf": "pod_network/files/90-kubernetes.conf",
 }
+# Names what the image carries of them, not their bytes: a new cloud image asks to make every Cloud
+# disk anew, which an edit to a role's file must not do by itself. tests/test_images.py pins the
+# files' digest to this version: bump it when nodes must boot with the change (a new image), or
+# record the new digest under the same one when the deploy laying it down is enough (a comment).
+KUBERNETES_NODE_FILES_VERSION = 1
 KUBERNETES_NODE_UNITS = ("aihow-images.service",)
 # The initramfs holds only what a virtio guest needs to find its root (5.7 MB, not 30).
 INITRAMFS_MODULES = ("virtio_pci", "virtio_blk", "virtio_console", "virtio_net", "ext4", "crc32c_generic")
@@ -145,7 +150,7 @@ MASKED_UNITS = ("e2scrub_all.timer", "e2scrub_reap.service", "apt-daily.timer", 
 
 # Fields added after images were first cached: left out of the hash while empty, so the images
 # that do not use them keep their names.
-LATER_FIELDS = ("kubernetes", "container_images")
+LATER_FIELDS = ("kubernetes", "container_images", "kubernetes_node_files")
 
 
 @dataclass(frozen=True)
@@ -164,6 +169,7 @@ class Recipe:
     build_version: int = BUILD_VERSION
     kubernetes: str = ""  # the key of the Kubernetes build the image carries (none: "")
     container_images: tuple[tuple[str, str], ...] = ()  # OCI archives made into the image
+    kubernetes_node_files: int = 0  # KUBERNETES_NODE_FILES_VERSION of those the image carries (none: 0)
 
     @property
     def key(self) -> str:
@@ -190,10 +196,10 @@ def recipe_for(role: str) -> Recipe:
         raise ImageError(f"image role {role!r} is unknown; allowed: {', '.join(IMAGE_NAMES)}")
     typed: ImageName = role
     carries = typed in KUBERNETES_ROLES
-    files = IMAGE_FILES | (kubernetes_node_files() if carries else {})
     return Recipe(role=typed, packages=tuple(sorted({*BASE_PACKAGES, *ROLE_PACKAGES[typed]})),
-                  files=tuple(sorted(files.items())), size_gb=IMAGE_ROOT_GB[typed],
+                  files=tuple(sorted(IMAGE_FILES.items())), size_gb=IMAGE_ROOT_GB[typed],
                   enabled_units=ENABLED_UNITS + (KUBERNETES_NODE_UNITS if carries else ()),
+                  kubernetes_node_files=KUBERNETES_NODE_FILES_VERSION if carries else 0,
                   kubernetes=f"{content_key()}+payload{PAYLOAD_VERSION}" if carries else "",
                   container_images=CONTAINER_IMAGES if carries else ())
 
@@ -334,17 +340,18 @@ def _mmdebstrap_command(recipe: Recipe, rootfs: Path, debs: Path) -> list[str]:
 def customize(rootfs: Path, recipe: Recipe) -> None:
     """The in-image settings: files, units, and nothing that must differ between clones
     (machine-id, SSH host keys, hostname)."""
-    for path, content in recipe.files:
+    files = dict(recipe.files) | (kubernetes_node_files() if recipe.kubernetes_node_files else {})
+    for path, content in files.items():
         target = rootfs / path.lstrip("/")
         target.parent.mkdir(parents=True, exist_ok=True)
         target.write_text(content)
         target.chmod(0o755 if content.startswith("#!") else 0o644)  # a script is a program
     wants = rootfs / "etc/systemd/system/multi-user.target.wants"
     wants.mkdir(parents=True, exist_ok=True)
-    own_units = {path for path, _content in recipe.files if path.startswith("/etc/systemd/system/")}
+    own_units = {path for path in files if path.startswith("/etc/systemd/system/")}
     for unit in recipe.enabled_units:
         link = wants / unit
-        if not link.exists():
+        if not os.path.lexists(link):  # an absolute link: exists() would follow it on the build host
             own = f"/etc/systemd/system/{unit}"
             link.symlink_to(own if own in own_units else f"/lib/systemd/system/{unit}")
     for unit in recipe.masked_units:

@@ -9,7 +9,8 @@ Each round writes ``--units`` unit files (a control plane's converge enables nin
 server, the controller manager, the scheduler, containerd, the image import, the pod routes, the
 kubelet, kube-proxy), runs each variant from all disabled, and times it inside the guest (one
 shell command through the guest agent, so the agent's own round trips are not counted), with the
-guest's host CPU (libvirt's cpu_time) over it. Medians over the rounds, the variants alternating.
+guest's host CPU (libvirt's cpu_time) over it. Medians over the rounds, the variants one after
+the other in each round (before, then now).
 """
 
 from __future__ import annotations

@@ -23,7 +23,7 @@ from aihow_infra.cloudinit import seed_files
 from aihow_infra.components import acceleration_args, network_args, seed_spec
 from aihow_infra.errors import ConfigError
 from aihow_infra.hostcheck import check_subnets
-from aihow_infra.images import KUBERNETES_NODE_FILES, recipe_for
+from aihow_infra.images import KUBERNETES_NODE_FILES, kubernetes_node_files, recipe_for
 from aihow_infra.inventory import build_inventory
 from aihow_infra.kubebins import ensure_binaries
 from aihow_infra.kubepki import Cluster, ensure
@@ -249,7 +249,8 @@ def test_the_cloud_image_carries_the_node_files_byte_for_byte_as_the_roles_write
     every node, to the byte: a node of that image finds them in place on its first deploy, and
     nothing is rewritten or restarted for them."""
     plan = next(p for p in plans(ROOT / "config" / "default.yaml") if p.key == "cloud")
-    baked = dict(recipe_for("cloud").files)
+    assert recipe_for("cloud").kubernetes_node_files
+    baked = kubernetes_node_files()
     rendered = list(rendered_templates(ROOT / "ansible/cloud.yml", inventory(plan, started=True),
                                        made(plan, tmp_path)))
     hosts = {host for host, _d, _t in rendered}

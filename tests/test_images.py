@@ -5,6 +5,7 @@ boot what it makes."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import threading
 import time
@@ -146,5 +147,24 @@ def test_the_cloud_image_boots_with_containerd_configured_and_its_images_importe
     assert (rootfs / "etc/systemd/system/multi-user.target.wants/systemd-networkd.service").readlink() == Path(
         "/lib/systemd/system/systemd-networkd.service")
     for role in ("base", "hpc", "gpuhost"):
-        assert not set(images.KUBERNETES_NODE_FILES) & {path for path, _c in recipe_for(role).files}
+        assert recipe_for(role).kubernetes_node_files == 0
         assert "aihow-images.service" not in recipe_for(role).enabled_units
+        other = tmp_path / role
+        customize(other, recipe_for(role))
+        assert not any((other / path.lstrip("/")).exists() for path in images.KUBERNETES_NODE_FILES)
+
+
+# The digest of the node files the cloud image carries, by images.KUBERNETES_NODE_FILES_VERSION.
+NODE_FILES = {1: "308fa6d4b74b80af7266c0a09eec2c09bbc79d064c754fd8c53259352637c17e"}
+
+
+def test_the_node_files_the_cloud_image_carries_are_pinned_to_their_version() -> None:
+    # The image is named by the version, not the files' bytes (a new cloud image asks to make every
+    # Cloud disk anew): an edit to one of them decides, here, whether nodes get a new image.
+    digest = hashlib.sha256(json.dumps(images.kubernetes_node_files(), sort_keys=True).encode()).hexdigest()
+    assert NODE_FILES.get(images.KUBERNETES_NODE_FILES_VERSION) == digest, (
+        f"the cloud image's node files changed (digest {digest}): bump images.KUBERNETES_NODE_FILES_VERSION "
+        "and record the digest under it when nodes must boot with the change (a new cloud image: the next "
+        "up asks to make every Cloud disk anew), or record it under the current version when the deploy "
+        "laying it down is enough")
+    assert recipe_for("cloud").kubernetes_node_files == images.KUBERNETES_NODE_FILES_VERSION
