@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import shlex
 import shutil
 import subprocess
 from pathlib import Path
@@ -122,3 +123,31 @@ def test_aihow_works_from_any_folder(tmp_path: Path) -> None:
                            cwd=tmp_path, capture_output=True, text=True)
     assert shown.returncode == 0, shown.stderr
     assert "aihow-hpc" in shown.stdout
+
+
+def with_progress(tmp_path: Path, step: str) -> subprocess.CompletedProcess[str]:
+    """bootstrap's ``with_progress`` (sourced alone from the script, lines every 0.5 s) running
+    ``step``, a shell command; what it prints, and after it whether a ticker still runs."""
+    lines = (ROOT / "bootstrap").read_text().splitlines()
+    begin = next(i for i, line in enumerate(lines) if line.startswith("package_line="))
+    end = next(i for i in range(begin, len(lines)) if lines[i] == "}")
+    (tmp_path / "progress.sh").write_text("\n".join([
+        "set -euo pipefail", "say() { printf '[bootstrap] %s\\n' \"$*\" >&2; }", *lines[begin:end + 1],
+        f"with_progress 'doing the step (1 of 1)' {tmp_path}/step.log bash -c {shlex.quote(step)}"
+        " && echo ok || echo \"failed $?\"", "sleep 1", "pgrep -f \"sleep 0.5\" || echo 'no ticker'"]))
+    return subprocess.run(["bash", str(tmp_path / "progress.sh")], capture_output=True, text=True, timeout=60,
+                          env={**os.environ, "AIHOW_PROGRESS_EVERY": "0.5"})
+
+
+def test_a_long_build_step_says_that_it_still_runs_and_what_it_compiled(tmp_path: Path) -> None:
+    done = with_progress(tmp_path, "for p in example.com/a example.com/b; do echo $p >&2; sleep 0.6; done")
+    assert done.stdout.split() == ["ok", "no", "ticker"], done.stdout
+    said = done.stderr.splitlines()
+    assert said and all(line.startswith("[bootstrap] ... still doing the step (1 of 1): ") for line in said), said
+    assert said[-1].endswith(" s, 2 packages compiled"), said
+
+
+def test_a_failed_build_step_shows_its_errors_not_its_package_lines(tmp_path: Path) -> None:
+    done = with_progress(tmp_path, "echo example.com/a >&2; echo 'a.go:3:1: syntax error' >&2; exit 3")
+    assert done.stdout.split() == ["failed", "3", "no", "ticker"], done.stdout
+    assert done.stderr.splitlines() == ["a.go:3:1: syntax error", f"[bootstrap] whole log: {tmp_path}/step.log"]
