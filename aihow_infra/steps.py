@@ -22,6 +22,11 @@ Progress = Callable[[str], None]
 QUIET_S = 15.0
 
 
+class ToolLine(str):
+    """A line the step's program printed, as it printed it: a caller that shows the operator
+    only phases can drop these and keep the builder's own lines (what starts, what still runs)."""
+
+
 class _Heartbeat:
     """Says ``<what>: still running (N s)`` whenever the step printed nothing for ``QUIET_S``."""
 
@@ -66,7 +71,7 @@ def run_step(cmd: list[str], say: Progress, what: str, env: Mapping[str, str] | 
                 line = line.rstrip()
                 tail = [*tail[-9:], line]
                 heartbeat.heard()
-                say(line)
+                say(ToolLine(line))
             code = proc.wait()
     finally:
         heartbeat.stop()

@@ -20,7 +20,7 @@ from aihow_infra.libvirt.inspect import host_addresses, missing_bridge
 from aihow_infra.ops.project import ProjectOps, Refused, StackView, ledger_of
 from aihow_infra.progress import EngineProgress, describe
 from aihow_infra.stacks import Plan
-from aihow_infra.steps import Progress
+from aihow_infra.steps import Progress, ToolLine
 
 
 class Converging(ProjectOps):
@@ -32,7 +32,7 @@ class Converging(ProjectOps):
         for role in sorted({vm.image for view in views for vm in view.plan.vms if vm.image}):
             if find_image(recipe_for(role)) is None:
                 self.progress(f"building the {role} guest image (once; a few minutes)")
-                image, _built = ensure_image(role, progress=_phases(self.progress))
+                image, _built = ensure_image(role, progress=build_phases(self.progress))
                 self.progress(f"{role} image ready in {image.built_seconds:.0f} s, "
                               f"{image.disk_bytes / 2**20:.0f} MiB: {image.folder}")
 
@@ -225,12 +225,14 @@ def _resources(urns: set[str]) -> set[str]:
     return {urn for urn in urns if "::pulumi:pulumi:Stack::" not in urn}
 
 
-def _phases(progress: Progress) -> Progress:
-    """An image build's progress, its phases only: mmdebstrap's steps and the builder's own lines."""
+def build_phases(progress: Progress) -> Progress:
+    """An image build's progress without its programs' chatter: the builder's own lines (each
+    step as it starts, a line every ``QUIET_S`` while one is quiet: the Kubernetes build's
+    ``go build`` runs for minutes without a word) and mmdebstrap's phases."""
     steps = ("I: downloading", "I: extracting", "I: installing", "I: cleaning", "I: success")
 
     def phase(line: str) -> None:
-        if line.startswith(steps) or line.startswith(("mmdebstrap ", "mke2fs:", "qemu-img ")):
+        if not isinstance(line, ToolLine) or line.startswith(steps):
             progress(line.removeprefix("I: "))
 
     return phase
