@@ -3,6 +3,7 @@ one the project makes once and keeps private and git-ignored in its state folder
 
 from __future__ import annotations
 
+import fcntl
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,23 +28,36 @@ def _valid(text: str) -> bool:
 
 
 def project_key(state_dir: Path) -> LoginKey:
-    """The project's own ed25519 key under ``state_dir/ssh``, made on first use (mode 0600)."""
-    private = state_dir / "ssh" / "id_ed25519"
-    public = private.with_suffix(".pub")
-    if not (private.exists() and public.exists()):
-        from cryptography.hazmat.primitives import serialization
-        from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+    """The project's own ed25519 key under ``state_dir/ssh``, made on first use (mode 0600).
 
-        key = Ed25519PrivateKey.generate()
-        private.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-        pem = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.OpenSSH,
-                                serialization.NoEncryption())
-        text = key.public_key().public_bytes(serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH)
-        fd = os.open(private, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        with os.fdopen(fd, "wb") as out:
-            out.write(pem)
-        public.write_text(text.decode() + " aihow-infra\n")
+    Both stacks' programs may ask at once (``system.up`` runs them side by side): the first makes
+    the key under a lock and the other waits and reads it. Each file is written beside its place
+    and renamed in, the public half last, so a key found whole is one pair."""
+    folder = state_dir / "ssh"
+    private, public = folder / "id_ed25519", folder / "id_ed25519.pub"
+    if not (private.exists() and public.exists()):
+        folder.mkdir(parents=True, exist_ok=True, mode=0o700)
+        with open(folder / ".lock", "a") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            if not (private.exists() and public.exists()):
+                _make_key(private, public)
     return LoginKey(public.read_text().strip(), private, f"the project's key {public}")
+
+
+def _make_key(private: Path, public: Path) -> None:
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+    key = Ed25519PrivateKey.generate()
+    pem = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.OpenSSH,
+                            serialization.NoEncryption())
+    text = key.public_key().public_bytes(serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH)
+    for path, content, mode in ((private, pem, 0o600), (public, text + b" aihow-infra\n", 0o644)):
+        scratch = path.with_name(f".{path.name}.{os.getpid()}")
+        fd = os.open(scratch, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
+        with os.fdopen(fd, "wb") as out:
+            out.write(content)
+        scratch.replace(path)
 
 
 def login_key(setting: str | None, state_dir: Path, home: Path | None = None) -> LoginKey:

@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import stat
+import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
+from cryptography.hazmat.primitives import serialization
 
 from aihow_infra.errors import ConfigError
 from aihow_infra.sshkeys import login_key, project_key
@@ -45,3 +48,26 @@ def test_operator_key_then_project_key(tmp_path: Path) -> None:
     assert project_key(tmp_path / "state") == made  # made once, then reused
     (home / ".ssh" / "id_ed25519.pub").write_text(KEY + "\n")
     assert login_key(None, tmp_path / "state", home=home).public == KEY
+
+
+def test_two_programs_asking_at_once_get_one_key(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """system.up runs both stacks' programs side by side, each asking for the project's key on a
+    new machine: one makes it, the other gets the same (two keys made, the last file written won
+    and one cluster's guests trusted a key whose private half was gone: seen on 2026-12-04)."""
+    from cryptography.hazmat.primitives.asymmetric import ed25519
+
+    generate = ed25519.Ed25519PrivateKey.generate
+
+    def slow_generate() -> ed25519.Ed25519PrivateKey:
+        time.sleep(0.3)  # both callers are past "is there a key?" before either writes one
+        return generate()
+
+    monkeypatch.setattr(ed25519.Ed25519PrivateKey, "generate", staticmethod(slow_generate))
+    with ThreadPoolExecutor(2) as pool:
+        keys = list(pool.map(lambda _n: project_key(tmp_path / "state"), range(2)))
+    assert keys[0] == keys[1] == project_key(tmp_path / "state")
+    folder = tmp_path / "state" / "ssh"
+    assert sorted(p.name for p in folder.iterdir()) == [".lock", "id_ed25519", "id_ed25519.pub"]
+    private = serialization.load_ssh_private_key((folder / "id_ed25519").read_bytes(), password=None)
+    public = private.public_key().public_bytes(serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH)
+    assert keys[0].public == public.decode() + " aihow-infra"
