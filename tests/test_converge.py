@@ -24,7 +24,8 @@ from aihow_infra.deploy import DeployResult, run_playbook
 from aihow_infra.errors import DeployError
 
 SYSTEMCTL = """#!/bin/sh
-# A stand-in systemctl: records the call, keeps enabled/active units as files; refuses "broken".
+# A stand-in systemctl: records the call, keeps enabled/active units as files; refuses to enable
+# "broken", and to start or restart a unit U while the file refuse-U exists.
 echo "$*" >> "$UNITS/calls"
 verb=$1; shift
 [ "$1" = --no-reload ] && shift
@@ -34,7 +35,8 @@ case "$verb" in
     dir=active; yes=active; no=inactive
     [ "$verb" = is-enabled ] && { dir=enabled; yes=enabled; no=disabled; }
     shift; for u; do if [ -e "$UNITS/$dir/$u" ]; then echo $yes; else echo $no; fi; done ;;
-  start|restart) mkdir -p "$UNITS/active" && for u; do touch "$UNITS/active/$u"; done ;;
+  start|restart) for u; do [ ! -e "$UNITS/refuse-$u" ] || { echo "Job for $u.service failed" >&2; exit 1; }; done
+                 mkdir -p "$UNITS/active" && for u; do touch "$UNITS/active/$u"; done ;;
   enable) for u; do [ "$u" != broken ] || { echo "unit broken.service: unknown" >&2; exit 1; }; done
           mkdir -p "$UNITS/enabled" && for u; do touch "$UNITS/enabled/$u"; done ;;
   *) echo "unknown: $verb $*" >&2; exit 1 ;;
@@ -60,9 +62,11 @@ class Node:
         self.book = tmp_path / "play.yml"
         self.result = tmp_path / "result.json"
         self.lines: list[str] = []  # the deploy's progress lines, as an operator sees them
+        self.owed = self.root / "var/lib/aihow/restarts-owed"
 
     def converge(self, args: dict[str, Any]) -> DeployResult:
         """One play with one ``aihow_converge`` task; its module result lands in ``self.result``."""
+        args = {"restarts_owed": str(self.owed), **args}
         play = [{"name": "converge", "hosts": "all", "gather_facts": False, "tasks": [
             {"name": "converge the node", "aihow_converge": args, "register": "out"},
             {"name": "keep the result", "ansible.builtin.copy": {
@@ -171,8 +175,8 @@ def test_the_check_takes_the_unit_states_the_module_takes_as_enabled() -> None:
     empty = hashlib.sha256(b"").hexdigest()
     sep = action.SECTION
 
-    def out(enabled: str, active: str = "active\nactive") -> str:
-        parts = ["regular empty file root:root 644 /etc/x", f"{empty}  /etc/x", "", enabled, active]
+    def out(enabled: str, active: str = "active\nactive", owed: str = "") -> str:
+        parts = ["regular empty file root:root 644 /etc/x", f"{empty}  /etc/x", "", enabled, active, owed]
         return "".join(f"{part}\n" if part else "" for part in parts[:1]) + "".join(
             f"{sep}\n{part}\n" if part else f"{sep}\n" for part in parts[1:])
 
@@ -181,6 +185,7 @@ def test_the_check_takes_the_unit_states_the_module_takes_as_enabled() -> None:
     assert not action.matches(expected, out("enabled"))  # a unit systemd does not know prints nothing
     assert not action.matches(expected, out("enabled\nenabled", "active\nfailed"))
     assert not action.matches(expected, out("enabled\nenabled").replace("root:root 644", "root:root 600"))
+    assert not action.matches(expected, out("enabled\nenabled", owed="kubelet"))  # a restart owed: the module's
 
 
 def test_a_changed_file_restarts_its_running_units_only(node: Node) -> None:
@@ -211,7 +216,7 @@ def _module() -> Any:
     return module
 
 
-def test_new_units_are_enabled_together_and_systemd_reloads_once_before_any_restart() -> None:
+def test_new_units_are_enabled_together_and_systemd_reloads_once_before_any_restart(tmp_path: Path) -> None:
     # A control plane's first deploy: unit files under /etc/systemd/ written, none enabled yet. Each
     # `systemctl enable` reloads systemd by itself (6-9 s each under emulation): the one reload the
     # new unit files need, the restarts in their order, then one enable run without a reload.
@@ -226,10 +231,12 @@ def test_new_units_are_enabled_together_and_systemd_reloads_once_before_any_rest
         return type("Done", (), {"returncode": 0, "stdout": out, "stderr": ""})()
 
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(module, "_file", lambda spec: True)
+        patch.setattr(module, "_file", lambda spec, before_change: before_change() or True)
         patch.setattr(module, "_systemctl", fake_systemctl)
-        out = module.converge({"folders": [], "commands": [], "read": [], "services": units, "files": [
-            {"dest": f"/etc/systemd/system/{unit}.service", "restarts": [unit]} for unit in units]})
+        out = module.converge({"folders": [], "commands": [], "read": [], "services": units,
+                               "restarts_owed": str(tmp_path / "owed"), "files": [
+                                   {"dest": f"/etc/systemd/system/{unit}.service", "restarts": [unit]}
+                                   for unit in units]})
     assert calls == [("daemon-reload",), *[("restart", unit) for unit in units],
                      ("is-enabled", "--", *units), ("enable", "--no-reload", *units)]
     assert (out["restarted"], out["started"]) == (units, units)
@@ -249,7 +256,7 @@ def test_a_unit_that_cannot_be_enabled_fails_after_the_changed_units_restarted(n
     assert "restart app" in node.calls() and conf.read_text() == "port = 2\n"
 
 
-def test_a_unit_systemd_does_not_know_is_asked_alone_and_enabled() -> None:
+def test_a_unit_systemd_does_not_know_is_asked_alone_and_enabled(tmp_path: Path) -> None:
     # systemd prints no is-enabled line for a unit it has no file for; the batch cannot say which.
     module = _module()
     calls: list[tuple[str, ...]] = []
@@ -263,7 +270,8 @@ def test_a_unit_systemd_does_not_know_is_asked_alone_and_enabled() -> None:
 
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(module, "_systemctl", fake_systemctl)
-        out = module.converge({"folders": [], "commands": [], "read": [], "files": [], "services": ["munge", "slurmd"]})
+        out = module.converge({"folders": [], "commands": [], "read": [], "files": [], "services": ["munge", "slurmd"],
+                               "restarts_owed": str(tmp_path / "owed")})
     assert calls == [("is-enabled", "--", "munge", "slurmd"), ("is-enabled", "--", "munge"),
                      ("is-enabled", "--", "slurmd"), ("enable", "--no-reload", "slurmd"),
                      ("is-active", "--", "munge", "slurmd")]
@@ -321,3 +329,47 @@ def test_file_content_is_never_logged(node: Node) -> None:
     node.converge({"files": [{"dest": str(conf), "content": secret}]})
     assert secret not in node.result.read_text()
     assert not any(secret in line for line in node.lines) and any(str(conf) in line for line in node.lines)
+
+
+def test_the_module_and_the_check_read_the_same_record_of_restarts_owed() -> None:
+    assert _action().OWED == _module().SPEC["restarts_owed"]["default"]
+
+
+def test_a_restart_owed_by_a_run_cut_short_is_done_by_the_next(node: Node) -> None:
+    """A file changed, then the run failed before its units restarted (here the first restart;
+    a later file, a command, or the run killed are alike): the next run finds every file as asked,
+    and still restarts them, in the order asked, once."""
+    conf = node.root / "etc/app/app.conf"
+    (node.units / "active").mkdir()
+    for unit in ("app", "helper"):
+        (node.units / "active" / unit).touch()
+    (node.units / "refuse-app").touch()
+    args = {"files": [{"dest": str(conf), "content": "port = 2\n", "restarts": ["app", "helper"]}]}
+    with pytest.raises(DeployError, match="restarting app: systemctl restart app exited 1: Job for app.service failed"):
+        node.converge(args)
+    assert conf.read_text() == "port = 2\n" and node.owed.read_text() == "app\nhelper\n"
+    node.calls()
+
+    (node.units / "refuse-app").unlink()
+    node.converge(args)
+    out = node.out()
+    assert "checked_only" not in out and (out["changed_files"], out["restarted"]) == ([], ["app", "helper"])
+    assert node.calls()[-2:] == ["restart app", "restart helper"] and not node.owed.exists()
+    node.converge(args)
+    assert node.out()["checked_only"] is True
+
+
+def test_a_restart_owed_when_a_later_step_failed_is_done_once_that_step_works(node: Node) -> None:
+    conf, made = node.root / "etc/app/app.conf", node.root / "var/lib/app/made"
+    (node.units / "active").mkdir()
+    (node.units / "active/app").touch()
+    broken = {"files": [{"dest": str(conf), "content": "port = 3\n", "restarts": ["app"]}],
+              "commands": [{"run": "exit 4", "creates": str(made), "restarts": ["other"]}]}
+    with pytest.raises(DeployError, match=f"command for {made} exited 4"):
+        node.converge(broken)
+    assert node.owed.read_text() == "app\nother\n"
+    node.calls()
+    node.converge({**broken, "commands": [{"run": f"mkdir -p {made.parent} && touch {made}", "creates": str(made),
+                                           "restarts": ["other"]}]})
+    # "other" is neither running nor asked for: struck off unrestarted (it reads its files when it starts).
+    assert node.out()["restarted"] == ["app"] and node.calls()[-1] == "restart app" and not node.owed.exists()

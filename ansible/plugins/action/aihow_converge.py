@@ -7,7 +7,8 @@ is one ``sh`` command of five programs whatever the node's size: one ``stat`` of
 and file (type, owner, group, mode), one ``sha256sum`` of every file against the content the
 module would write, each command's ``creates`` path (the shell's own test), and one
 ``systemctl is-enabled`` and one ``is-active`` of every unit (the states the module takes as
-enabled and running). A process start in an emulated guest costs tens of milliseconds and
+enabled and running), and the node's record of restarts owed (read by the shell itself: a run
+cut short left some, and only the module does them). A process start in an emulated guest costs tens of milliseconds and
 ``systemctl`` hundreds, so the check does not grow a process per file or unit. When everything
 matches, the result is the module's for a run that changed nothing (with ``checked_only``);
 otherwise, and whenever files are to be read back, the module runs as always and decides.
@@ -25,6 +26,7 @@ from ansible.plugins.action import ActionBase
 MODULE = "aihow_converge"
 UNCHANGED = {"changed": False, "changed_files": [], "ran": [], "restarted": [], "started": [], "contents": {}}
 SECTION = "--aihow--"  # between the check's parts; no path, hash or unit state reads so
+OWED = "/var/lib/aihow/restarts-owed"  # the module's default record of restarts not yet done
 # `systemctl is-enabled` states for which `is-enabled --quiet` exits 0 (systemd 252,
 # src/systemctl/systemctl-is-enabled.c): what the module takes as enabled.
 ENABLED = frozenset({"enabled", "enabled-runtime", "static", "alias", "indirect", "generated"})
@@ -44,8 +46,8 @@ def _owner(spec: dict[str, Any], mode: str) -> str:
 
 def expected_parts(args: dict[str, Any]) -> list[list[str]] | None:
     """What each part of ``check_command`` prints for a node that is as ``args`` ask (stat,
-    sha256sum, creates, is-enabled as "enabled", is-active); None when only the module can tell
-    (files to read back, a file without valid content)."""
+    sha256sum, creates, is-enabled as "enabled", is-active, no restart owed); None when only the
+    module can tell (files to read back, a file without valid content)."""
     if args.get("read"):
         return None
     stats = [f"directory {_owner(spec, '0755')} {spec['path']}" for spec in args.get("folders") or []]
@@ -59,7 +61,7 @@ def expected_parts(args: dict[str, Any]) -> list[list[str]] | None:
         sums.append(f"{hashlib.sha256(content).hexdigest()}  {spec['dest']}")
     units = list(args.get("services") or [])
     return [stats, sums, [f"yes {spec['creates']}" for spec in args.get("commands") or []],
-            ["enabled"] * len(units), ["active"] * len(units)]
+            ["enabled"] * len(units), ["active"] * len(units), []]
 
 
 def check_command(args: dict[str, Any]) -> str:
@@ -79,6 +81,9 @@ def check_command(args: dict[str, Any]) -> str:
         if creates else "",
         f"systemctl is-enabled -- {units} 2>/dev/null" if units else "",
         f"systemctl is-active -- {units} 2>/dev/null" if units else "",
+        # The shell's own read: no program started.
+        f"{{ while IFS= read -r u; do echo \"$u\"; done < {shlex.quote(args.get('restarts_owed') or OWED)}; }} "
+        "2>/dev/null",
     ]
     return f"; echo {SECTION}; ".join(p or "true" for p in parts) + "; true"
 
@@ -93,8 +98,8 @@ def matches(expected: list[list[str]], stdout: str) -> bool:
             found[-1].append(line)
     if len(found) != len(expected):
         return False
-    stats, sums, creates, enabled, active = found
-    return ([stats, sums, creates, active] == [expected[0], expected[1], expected[2], expected[4]]
+    stats, sums, creates, enabled, active, owed = found
+    return ([stats, sums, creates, active, owed] == [expected[0], expected[1], expected[2], expected[4], expected[5]]
             and len(enabled) == len(expected[3]) and all(state in ENABLED for state in enabled))
 
 

@@ -6,16 +6,23 @@ the module's own imports), so a node's whole converge is one run: folders, files
 when their content or mode differ), one-time commands, a systemd reload when a unit changed,
 restarts of the units whose files changed, every listed unit enabled and running, and files
 read back for other nodes. Idempotent: a second run with the same arguments changes nothing.
+
+A restart a change asked for is owed until it is done: the units are recorded on the node
+(C(restarts_owed)) before the change that asks for them, and each is struck off once restarted.
+A run cut short (a later file, a command or a restart failed, the run was killed) leaves them
+recorded, and the next run restarts them though it finds every file already as asked.
 """
 
 from __future__ import annotations
 
 import base64
+import functools
 import grp
 import os
 import pwd
 import subprocess
 import tempfile
+from collections.abc import Callable
 from typing import Any
 
 from ansible.module_utils.basic import AnsibleModule
@@ -57,6 +64,10 @@ options:
     type: list
     elements: str
     default: []
+  restarts_owed:
+    description: the node's record of restarts asked for and not yet done, a unit a line.
+    type: str
+    default: /var/lib/aihow/restarts-owed
 """
 
 RETURN = r"""
@@ -90,6 +101,7 @@ SPEC: dict[str, Any] = {
     }},
     "services": {"type": "list", "elements": "str", "default": []},
     "read": {"type": "list", "elements": "str", "default": []},
+    "restarts_owed": {"type": "str", "default": "/var/lib/aihow/restarts-owed"},
 }
 
 
@@ -102,6 +114,11 @@ def _ids(owner: str, group: str) -> tuple[int, int]:
         return pwd.getpwnam(owner).pw_uid, grp.getgrnam(group).gr_gid
     except KeyError:
         raise StepFailed(f"owner {owner}:{group} does not exist on this node") from None
+
+
+def _attributes_differ(path: str, mode: int, uid: int, gid: int) -> bool:
+    st = os.lstat(path)
+    return st.st_mode & 0o7777 != mode or (st.st_uid, st.st_gid) != (uid, gid)
 
 
 def _set_attributes(path: str, mode: int, uid: int, gid: int) -> bool:
@@ -125,7 +142,9 @@ def _folder(spec: dict[str, Any]) -> bool:
     return _set_attributes(path, mode, uid, gid) or made
 
 
-def _file(spec: dict[str, Any]) -> bool:
+def _file(spec: dict[str, Any], before_change: Callable[[], None]) -> bool:
+    """Write the file when its content, mode or owner differ, calling ``before_change`` first;
+    whether it changed."""
     dest, mode = spec["dest"], int(spec["mode"], 8)
     if (spec["content"] is None) == (spec["content_base64"] is None):
         raise StepFailed(f"{dest}: give content (text) or content_base64 (bytes, e.g. a key), one of them")
@@ -137,6 +156,9 @@ def _file(spec: dict[str, Any]) -> bool:
             same = f.read() == content
     except FileNotFoundError:
         same = False
+    if same and not _attributes_differ(dest, mode, uid, gid):
+        return False
+    before_change()
     if same:
         return _set_attributes(dest, mode, uid, gid)
     folder = os.path.dirname(dest)
@@ -186,24 +208,68 @@ def _states(query: str, units: list[str]) -> dict[str, str]:
     return {unit: _systemctl(query, "--", unit).stdout.strip() for unit in units}
 
 
+# A unit file changed: systemd reads it again before any restart (owed like a restart; no unit
+# name has parentheses).
+RELOAD = "(daemon-reload)"
+UNIT_FOLDERS = ("/etc/systemd/", "/lib/systemd/")
+
+
+class Owed:
+    """The restarts asked for and not yet done, kept in a file on the node (a unit a line, in
+    the order asked); the file is gone when none is owed."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+        try:
+            with open(path) as f:
+                self.units = [line.strip() for line in f if line.strip()]
+        except FileNotFoundError:
+            self.units = []
+
+    def add(self, units: list[str]) -> None:
+        """Record ``units`` as owed (before the change that asks for them is made)."""
+        more = [u for u in units if u not in self.units]
+        if more:
+            self._write([*self.units, *more])
+
+    def done(self, unit: str) -> None:
+        """Strike ``unit`` off."""
+        self._write([u for u in self.units if u != unit])
+
+    def _write(self, units: list[str]) -> None:
+        if not units:
+            if os.path.exists(self.path):
+                os.unlink(self.path)
+        else:
+            os.makedirs(os.path.dirname(self.path), exist_ok=True)
+            fd, scratch = tempfile.mkstemp(dir=os.path.dirname(self.path), prefix=".restarts-")
+            with os.fdopen(fd, "w") as f:
+                f.write("".join(f"{u}\n" for u in units))
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(scratch, self.path)
+        self.units = units
+
+
 def converge(params: dict[str, Any]) -> dict[str, Any]:
     """Carry out every step; the result Ansible reports."""
     changed_files: list[str] = []
     ran: list[str] = []
-    restart: list[str] = []
+    owed = Owed(params["restarts_owed"])
     for spec in params["folders"]:
         if _folder(spec):
             changed_files.append(spec["path"])
     for spec in params["files"]:
         try:
-            if _file(spec):
+            reload = [RELOAD] if spec["dest"].startswith(UNIT_FOLDERS) else []
+            if _file(spec, functools.partial(owed.add, [*reload, *spec["restarts"]])):
                 changed_files.append(spec["dest"])
-                restart += [u for u in spec["restarts"] if u not in restart]
         except OSError as exc:
             raise StepFailed(f"writing {spec['dest']}: {exc.strerror or exc}") from None
     for spec in params["commands"]:
         if os.path.exists(spec["creates"]):
             continue
+        owed.add(spec["restarts"])
         done = subprocess.run(["/bin/sh", "-ec", spec["run"]], capture_output=True, text=True, check=False)
         if done.returncode != 0:
             detail = " ".join((done.stderr or done.stdout).split())[-400:]
@@ -211,10 +277,11 @@ def converge(params: dict[str, Any]) -> dict[str, Any]:
         if not os.path.exists(spec["creates"]):
             raise StepFailed(f"command for {spec['creates']} succeeded but did not make it")
         ran.append(spec["creates"])
-        restart += [u for u in spec["restarts"] if u not in restart]
     units: list[str] = params["services"]
-    if any(p.startswith(("/etc/systemd/", "/lib/systemd/")) for p in changed_files):
+    if RELOAD in owed.units:
         _must("reloading systemd", "daemon-reload")
+        owed.done(RELOAD)
+    restart = list(owed.units)
     # A unit that is neither running nor wanted here is only rewritten, not started.
     running = _states("is-active", [unit for unit in restart if unit not in units])
     restarted: list[str] = []
@@ -222,6 +289,7 @@ def converge(params: dict[str, Any]) -> dict[str, Any]:
         if unit in units or running[unit] == "active":
             _must(f"restarting {unit}", "restart", unit)
             restarted.append(unit)
+        owed.done(unit)  # restarted, or stopped and not wanted: it reads its files when it starts
     # Every unit to enable in one run, without the reload `systemctl enable` does by itself: a
     # reload re-runs systemd's generators and reads every unit again, 6-9 s under emulation, and a
     # control plane's first deploy reloaded nine times, eight of them one per unit it enabled
