@@ -1,5 +1,6 @@
 """The engine's event log (``pulumi --event-log``), followed while the engine writes it: each
-event handed on as it happens, so a task can say what each resource step does."""
+event handed on as it happens, so a task can say what each resource step does, and, to a view
+that has a ``tick``, every tenth of a second without an event, so it can say what still runs."""
 
 from __future__ import annotations
 
@@ -8,9 +9,17 @@ import json
 import threading
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol, runtime_checkable
 
 Events = Callable[[dict[str, Any]], None]
+
+
+@runtime_checkable
+class Ticking(Protocol):
+    """A view of the events that also wants to hear when none came (a step may run for minutes)."""
+
+    def tick(self) -> None:
+        """No event since the last call (called about every 0.1 s while the engine is quiet)."""
 
 
 class EventFollower:
@@ -41,6 +50,9 @@ class EventFollower:
                     self._hand_on(pending)
                     return
                 if not chunk:
+                    if isinstance(self.events, Ticking):
+                        with contextlib.suppress(Exception):  # a view must never break the run it shows
+                            self.events.tick()
                     self.done.wait(0.1)
         finally:
             if handle is not None:

@@ -1,6 +1,8 @@
 """What the Pulumi engine is doing, as the operator reads it: one line when a resource step
-starts and one when it ends (with its time), and a summary at the end ("3 created, 1
-updated, 2 unchanged" or "no changes").
+starts and one when it ends (with its time), a line saying which steps still run when it has
+said nothing for ``QUIET_S`` (a VM's step boots it and waits until it is ready: minutes under
+software emulation), and a summary at the end ("3 created, 1 updated, 2 unchanged" or "no
+changes").
 
 The lines come from the engine's structured events (``pulumi --event-log``, one JSON
 object per line), never from its text output.
@@ -14,6 +16,7 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 from aihow_infra.changes import kind_of
+from aihow_infra.steps import QUIET_S
 
 Say = Callable[[str], None]
 
@@ -67,6 +70,27 @@ class EngineProgress:
         self.started: dict[str, tuple[str, float]] = {}
         self.counts: Counter[str] = Counter()
         self.failed: list[str] = []
+        self.last_said: float | None = None  # when a line was last said (the first tick, before any)
+
+    def _say(self, line: str, now: float) -> None:
+        self.last_said = now
+        self.say(line)
+
+    def tick(self) -> None:
+        """When nothing was said for ``QUIET_S``: one line naming the steps that still run,
+        each with its time so far (``hpc: still creating VM controller (45 s), VM compute-01
+        (44 s)``)."""
+        now = self.clock()
+        if self.last_said is None:
+            self.last_said = now
+        running = [(urn, op, began) for urn, (op, began) in self.started.items()]
+        if now - self.last_said < QUIET_S or not running:
+            return
+        said, last_op = [], ""
+        for urn, op, began in running:  # the verb once for steps of the same kind in a row
+            said.append(f"{_VERBS[op][0] + ' ' if op != last_op else ''}{describe(urn)} ({now - began:.0f} s)")
+            last_op = op
+        self._say(f"{self.stack}: still {', '.join(said)}", now)
 
     def __call__(self, event: Mapping[str, Any]) -> None:
         """Take one engine event."""
@@ -88,15 +112,17 @@ class EngineProgress:
         if op in _COUNTED:
             self.counts[op] += 1
         if op in _VERBS:
-            self.started[str(meta["urn"])] = (op, self.clock())
-            self.say(f"{self.stack}: {_VERBS[op][0]} {what}")
+            now = self.clock()
+            self.started[str(meta["urn"])] = (op, now)
+            self._say(f"{self.stack}: {_VERBS[op][0]} {what}", now)
 
     def _done(self, meta: Mapping[str, Any]) -> None:
         urn = str(meta.get("urn", ""))
         if urn not in self.started:
             return
         op, began = self.started.pop(urn)
-        self.say(f"{self.stack}: {_VERBS[op][1]} {describe(urn)} ({self.clock() - began:.0f} s)")
+        now = self.clock()
+        self._say(f"{self.stack}: {_VERBS[op][1]} {describe(urn)} ({now - began:.0f} s)", now)
 
     @property
     def summary(self) -> str:

@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import time
+from pathlib import Path
+
+from aihow_infra.eventlog import EventFollower
 from aihow_infra.progress import EngineProgress, describe
 
 NODE = "urn:pulumi:hpc::aihow::aihow:libvirt:HpcCluster$aihow:libvirt:Node$pulumi-python:dynamic/libvirt:"
@@ -80,3 +84,60 @@ def test_a_preview_lists_each_step_and_what_of_it_stops_a_guest() -> None:
         "    - VM c-controller: restarted to apply vcpus",
     ]
     assert planned_changes("hpc", Plan(steps[:1], [])) == "hpc: no changes"
+
+
+def test_steps_that_run_long_are_said_every_quiet_period_while_nothing_else_is() -> None:
+    """VMs boot under software emulation for minutes inside their create step: while the engine
+    says nothing, a line every QUIET_S (15 s) names what still runs and for how long."""
+    lines: list[str] = []
+    now = [100.0]
+    seen = EngineProgress("hpc", lines.append, clock=lambda: now[0])
+    seen.tick()  # the engine starts: nothing runs yet, nothing to say
+    controller, compute = NODE + "Domain::controller-domain", NODE + "Domain::compute-01-domain"
+    seen(pre("create", controller))
+    now[0] = 101.0
+    seen(pre("create", compute))
+    seen(pre("delete", NODE + "Volume::old-disk"))
+    for moment in (110.0, 115.9):
+        now[0] = moment
+        seen.tick()
+    assert lines[-1] == "hpc: deleting disk of old"  # the last line is 14.9 s old: nothing more yet
+    now[0] = 116.0
+    seen.tick()
+    assert lines[-1] == "hpc: still creating VM controller (16 s), VM compute-01 (15 s), deleting disk of old (15 s)"
+    seen(done("delete", NODE + "Volume::old-disk"))
+    now[0] = 130.0
+    seen.tick()  # the delete's end was said at 116 s
+    assert lines[-1] == "hpc: deleted disk of old (15 s)"
+    now[0] = 131.0
+    seen.tick()
+    assert lines[-1] == "hpc: still creating VM controller (31 s), VM compute-01 (30 s)"
+    seen(done("create", controller))
+    seen(done("create", compute))
+    now[0] = 200.0
+    seen.tick()  # nothing runs: nothing to say
+    assert lines[-1] == "hpc: created VM compute-01 (30 s)"
+
+
+def test_the_event_log_follower_ticks_a_view_that_wants_it_while_the_engine_is_quiet(tmp_path: Path) -> None:
+    class View:
+        def __init__(self) -> None:
+            self.events: list[dict[str, object]] = []
+            self.ticks = 0
+
+        def __call__(self, event: dict[str, object]) -> None:
+            self.events.append(event)
+
+        def tick(self) -> None:
+            self.ticks += 1
+
+    log, view = tmp_path / "events.jsonl", View()
+    log.write_text('{"resourcePreEvent": {}}\n')
+    follower = EventFollower(log, view)
+    time.sleep(0.5)
+    follower.finish()
+    assert view.events == [{"resourcePreEvent": {}}] and view.ticks >= 2
+    plain: list[dict[str, object]] = []
+    follower = EventFollower(log, plain.append)  # a plain function is only given the events
+    follower.finish()
+    assert plain == [{"resourcePreEvent": {}}]
