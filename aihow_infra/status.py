@@ -53,6 +53,7 @@ class VmStatus:
     disk: str = "-"  # 'present' or 'missing' (libvirt's view of its volume)
     on_demand: bool = False  # `aihow broker` starts and stops it (for SLURM's power saving, or a pending pod)
     host: str | None = None  # the cluster file's host it runs on (None: the stack's aihow:libvirtUri)
+    mac: str = ""  # its network interface's, derived from its name (plan.mac_for): DHCP reservations use it
 
     @property
     def workload_name(self) -> str:
@@ -84,7 +85,7 @@ class VmStatus:
                    image=vm.image or vm.base_image, ready=bool(guest and guest.ready) if vm.boots else None,
                    guest=_guest_word(guest) if vm.boots else "no image",
                    addresses=[a for found in (guest.addresses if guest else {}).values() for a in found],
-                   disk=disk, on_demand=vm.on_demand, host=vm.host)
+                   disk=disk, on_demand=vm.on_demand, host=vm.host, mac=vm.mac)
 
 
 def _guest_word(guest: GuestState | None) -> str:

@@ -11,7 +11,7 @@ from rich.tree import Tree
 
 from aihow_infra.cli.render import topology_tree, valid_table, vm_table
 from aihow_infra.loading import parse_cluster_file
-from aihow_infra.plan import plan_all
+from aihow_infra.plan import mac_for, plan_all
 from aihow_infra.status import ClusterStatus, GpuStatus, SharedGpuStatus, SystemStatus, VmStatus
 from aihow_infra.topology import planned_topology
 from tests.cli import run_task
@@ -111,3 +111,17 @@ def test_validate_names_every_host_a_cluster_runs_on(capsys: pytest.CaptureFixtu
     rows = {line.split("│")[1].strip(): line.split("│")[2].strip() for line in console.export_text().splitlines()
             if line.startswith("│ aihow-")}
     assert rows == {"aihow-hpc": "aihow:libvirtUri, lab (test:///default)", "aihow-cloud": "aihow:libvirtUri"}
+
+
+def test_a_vms_status_shows_its_mac_the_one_a_dhcp_reservation_or_a_bridged_lan_sees() -> None:
+    status = planned_topology(str(ROOT / "config" / "default.yaml"))
+    row = next(r for r in status.clusters[0].vms if r.name == "aihow-hpc-compute-01")
+    assert row.mac == mac_for("aihow-hpc-compute-01")
+    console = Console(width=200, record=True)
+    console.print(vm_table([row], row.name, macs=True))
+    lines = console.export_text().splitlines()
+    header = [h.strip() for h in next(line for line in lines if line.startswith("┃")).split("┃")]
+    values = [v.strip() for v in next(line for line in lines if line.startswith("│")).split("│")]
+    assert values[header.index("MAC")] == row.mac
+    console.print(vm_table([row], row.name))  # the tables of many VMs leave it out: it is in --json
+    assert console.export_text().count(row.mac) == 0

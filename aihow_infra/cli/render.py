@@ -28,14 +28,16 @@ def _table(title: str, *columns: str) -> Table:
     return table
 
 
-def vm_table(rows: list[VmStatus], title: str) -> Table:
-    """VMs: state, desired power, guest, the cluster software's word, address, size, disk and
-    GPUs with their holders; and the host of each when they run on more than one."""
+def vm_table(rows: list[VmStatus], title: str, macs: bool = False) -> Table:
+    """VMs: state, desired power, guest, the cluster software's word, address (and MAC when
+    ``macs``), size, disk and GPUs with their holders; and the host of each when they run on
+    more than one."""
     names = sorted({r.workload_name for r in rows if r.workload})
     workload = bool(names)
     spread = len({r.host for r in rows}) > 1
     table = _table(title, "VM", *(["host"] if spread else []), "role", "state", "desired", "guest",
-                   *(["/".join(names)] if names else []), "IP", "vCPU", "GiB", "disk", "GPUs (holder)")
+                   *(["/".join(names)] if names else []), "IP", *(["MAC"] if macs else []), "vCPU", "GiB", "disk",
+                   "GPUs (holder)")
     for r in rows:
         colour = "green" if r.state == "running" else "yellow"
         guest = f"[green]{r.guest}[/green]" if r.ready else r.guest
@@ -43,7 +45,8 @@ def vm_table(rows: list[VmStatus], title: str) -> Table:
         gpus = ", ".join(f"{g.address} ({g.holder or 'free'})" for g in r.gpus) or "-"
         table.add_row(r.name, *([r.host or STACK_HOST] if spread else []), r.role,
                       f"[{colour}]{r.state_word}[/{colour}]", r.desired, guest,
-                      *([r.workload or "-"] if workload else []), ip, str(r.vcpus), str(r.memory_gb),
+                      *([r.workload or "-"] if workload else []), ip, *([r.mac] if macs else []), str(r.vcpus),
+                      str(r.memory_gb),
                       f"{r.disk_gb} GiB" if r.disk in ("present", "-") else f"[red]{r.disk}[/red]", gpus)
     return table
 

@@ -39,12 +39,12 @@ def vm_restart(c: Context, name: str) -> None:
 
 @task(help={"name": "VM name", "json": "print JSON"})
 def vm_status(c: Context, name: str, json_: bool = False) -> None:
-    """State, IP, vCPUs, memory, GPUs and lease holder of a VM."""
+    """State, IP, MAC, vCPUs, memory, GPUs and lease holder of a VM."""
     row = operator().vm_status(name)
     if json_:
         out.print_json(json.dumps(asdict(row)))
         return
-    out.print(vm_table([row], title=name))
+    out.print(vm_table([row], title=name, macs=True))
 
 
 @task(help={"name": "VM name"})
