@@ -23,7 +23,7 @@ from aihow_infra.errors import DeployError
 from aihow_infra.files import atomic_write
 from aihow_infra.interrupts import RUNS, Stop
 from aihow_infra.state.layout import CHECKOUT
-from aihow_infra.steps import Progress
+from aihow_infra.steps import Heartbeat, Progress
 
 ANSIBLE_DIR = CHECKOUT / "ansible"
 
@@ -77,6 +77,8 @@ def run_playbook(playbook: Path, stack: str, env: Mapping[str, str], limit: str 
         started = time.monotonic()
         tail: list[str] = []
         cut, task = False, ""
+        # A task may wait minutes (the Kubernetes check, for the API server under emulation).
+        heartbeat = Heartbeat(f"deploy of {stack}", say)
         try:
             with RUNS.started("ansible-playbook", cmd, Stop.TERMINAL, cwd=ANSIBLE_DIR, env=run_env,
                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) as proc:
@@ -86,10 +88,13 @@ def run_playbook(playbook: Path, stack: str, env: Mapping[str, str], limit: str 
                     if line:
                         tail = [*tail[-4:], line]
                         task = line.removeprefix("TASK ") if line.startswith("TASK ") else task
+                        heartbeat.heard(f"task '{task}'" if line.startswith("TASK ") else None)
                         say(line)
                 proc.wait()
         except KeyboardInterrupt:  # a signal in a moment no program ran (its session is reaped)
             cut = True
+        finally:
+            heartbeat.stop()
         if cut or RUNS.interrupted():
             where = f" at task '{task}'" if task else ""
             raise DeployError(f"deploy of {stack} interrupted{where}; its VMs stay up, and "

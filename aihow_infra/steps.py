@@ -27,8 +27,9 @@ class ToolLine(str):
     only phases can drop these and keep the builder's own lines (what starts, what still runs)."""
 
 
-class _Heartbeat:
-    """Says ``<what>: still running (N s)`` whenever the step printed nothing for ``QUIET_S``."""
+class Heartbeat:
+    """Says ``<what>: still running (N s)`` whenever the step printed nothing for ``QUIET_S``
+    (N: since the step, or the part of it ``heard`` last named, began)."""
 
     def __init__(self, what: str, say: Progress) -> None:
         self.what, self.say = what, say
@@ -44,9 +45,12 @@ class _Heartbeat:
                 self.last = now
                 self.say(f"{self.what}: still running ({now - self.started:.0f} s)")
 
-    def heard(self) -> None:
-        """The step printed a line."""
+    def heard(self, now_doing: str | None = None) -> None:
+        """The step printed a line; ``now_doing``: it began a part of its own (an Ansible task),
+        which later lines name and time instead."""
         self.last = time.monotonic()
+        if now_doing is not None:
+            self.what, self.started = now_doing, self.last
 
     def stop(self) -> None:
         """The step ended."""
@@ -62,7 +66,7 @@ def run_step(cmd: list[str], say: Progress, what: str, env: Mapping[str, str] | 
     if shutil.which(cmd[0], path=(env if env is not None else os.environ).get("PATH")) is None:
         raise error(f"{what}: {cmd[0]} cannot run (not found); run ./bootstrap")
     tail: list[str] = []
-    heartbeat = _Heartbeat(what, say)
+    heartbeat = Heartbeat(what, say)
     try:
         with RUNS.started(what, cmd, Stop.TERMINATE, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                           env=dict(env) if env is not None else None, cwd=cwd) as proc:

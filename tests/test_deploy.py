@@ -74,3 +74,22 @@ def test_record_of_the_last_deploy(tmp_path: Path) -> None:
     assert record.last("hpc") == "abc"
     record.forget("hpc")
     assert record.last("hpc") is None
+
+
+def test_a_long_task_says_every_quiet_period_that_it_still_runs(tmp_path: Path,
+                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    """The Kubernetes check waits minutes for the API server under emulation: while a task prints
+    nothing, a line names it and how long it has run (every 15 s; 0.3 s here)."""
+    from aihow_infra import steps
+
+    monkeypatch.setattr(steps, "QUIET_S", 0.3)
+    inventory, book = write(tmp_path, "    - name: quick\n      ansible.builtin.debug: {msg: hi}\n"
+                                      "    - name: wait for the API server\n      ansible.builtin.command: sleep 2\n")
+    lines: list[str] = []
+    run_playbook(book, "hpc", dict(os.environ), progress=lines.append, inventory=inventory)
+    waited = lines.index("TASK wait for the API server")
+    quiet = [line for line in lines[waited + 1:] if "still running" in line]
+    assert quiet and all(re.fullmatch(r"task 'wait for the API server': still running \(\d+ s\)", line)
+                         for line in quiet), lines
+    # Before the first task (Ansible's own start): the deploy's name.
+    assert all(line.startswith("deploy of hpc: still running (") for line in lines[:waited] if "still" in line)
