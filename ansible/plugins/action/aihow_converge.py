@@ -8,8 +8,9 @@ and file (type, owner, group, mode), one ``sha256sum`` of every file against the
 module would write, each command's ``creates`` path (the shell's own test), and one
 ``systemctl is-enabled`` and one ``is-active`` of every unit (the states the module takes as
 enabled and running), and the node's record of restarts owed (read by the shell itself: a run
-cut short left some, and only the module does them). A process start in an emulated guest costs tens of milliseconds and
-``systemctl`` hundreds, so the check does not grow a process per file or unit. When everything
+cut short left some, and only the module does them). A process start in an emulated guest
+costs tens of milliseconds and ``systemctl`` hundreds, so the check does not grow a process per
+file or unit. When everything
 matches, the result is the module's for a run that changed nothing (with ``checked_only``);
 otherwise, and whenever files are to be read back, the module runs as always and decides.
 """
