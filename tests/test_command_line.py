@@ -26,6 +26,11 @@ from tests.cli import run_task
     (["--config", "mine.yaml", "validate"], "error: --config mine.yaml before the task name is not the cluster "
                                             "file; allowed: after the task, e.g. `aihow validate --config FILE`"),
     (["-f", "mine.yaml", "validate"], "error: --config mine.yaml before the task name is not the cluster file"),
+    # kubectl's own words without the -- before them read as task names: the line to type instead.
+    (["kubectl", "get", "nodes", "-o", "wide"], "error: no task named 'get'; kubectl's arguments go after --: "
+                                                "`aihow kubectl -- get nodes -o wide`"),
+    (["kubectl", "--stack", "cloud", "get", "pods"], "error: no task named 'get'; kubectl's arguments go after --: "
+                                                     "`aihow kubectl --stack cloud -- get pods`"),
     (["broker", "--interval", "0"], "error: --interval: '0' is not a number of seconds; allowed: a number greater "
                                     "than 0"),
     (["broker", "--interval", "abc"], "error: --interval: 'abc' is not a number of seconds"),

@@ -253,3 +253,43 @@ def test_a_power_change_to_a_stack_as_its_last_run_left_it_runs_no_preview_and_n
     with pytest.raises(Refused):
         op._apply_power(op.view("hpc"), {name: "running"})
     assert engine.calls == [("preview", "hpc")] and op.records("hpc").read().vms == {name: "stopped"}
+
+
+def test_a_vm_is_found_by_its_short_name_when_one_vm_has_it(tmp_path: Path) -> None:
+    """The inventory and the deploy lines name nodes ``compute-01``; the VM tasks take that too
+    when it names one VM of the configured stacks."""
+    default = str(Path(__file__).resolve().parents[1] / "config" / "default.yaml")
+    op = project(tmp_path, default, default)
+    assert op.vm_name("aihow-hpc-compute-01") == op.vm_name("compute-01") == "aihow-hpc-compute-01"
+    assert op.vm_name("control-plane") == "aihow-cloud-control-plane"
+    with pytest.raises(AihowError, match=r"^no VM named 'compute-09'; allowed: aihow-hpc-controller, .* \(or the "):
+        op.vm_name("compute-09")
+    other = tmp_path / "lab-b.yaml"  # a second SLURM cluster, in the second stack
+    data = yaml.safe_load(Path(default).read_text())
+    data["clusters"]["hpc"] |= {"name": "lab-b", "network": {**data["clusters"]["hpc"]["network"],
+                                                             "subnet": "10.213.30.0/24", "bridge": "lab-b0"}}
+    other.write_text(yaml.safe_dump(data).replace("10.213.10.", "10.213.30."))
+    (tmp_path / "b").mkdir()
+    both = project(tmp_path / "b", default, str(other), cluster="hpc")
+    with pytest.raises(AihowError, match=r"fits 2 VMs; allowed: one of aihow-hpc-compute-01, lab-b-compute-01$"):
+        both.vm_name("compute-01")
+    assert both.vm_name("lab-b-compute-01") == "lab-b-compute-01"
+
+
+def test_a_deploy_is_due_once_what_a_deployed_cluster_was_told_changed(tmp_path: Path,
+                                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    """``up`` changes VMs only (a node's new address): it says when SLURM or Kubernetes still run
+    on what the last deploy told them."""
+    from aihow_infra.deploy import DeployResult, fingerprint, project_playbook
+
+    default = str(Path(__file__).resolve().parents[1] / "config" / "default.yaml")
+    op = project(tmp_path, default, default)
+    inventory: dict[str, Any] = {"all": {"hosts": {"compute-02": {"ansible_host": "10.213.10.12"}}}}
+    monkeypatch.setattr(Operator, "inventory", lambda _self, _stack: inventory)
+    assert not op.deploy_due("hpc")  # never deployed: `aihow deploy` or system.up's own
+    book = project_playbook("hpc")
+    assert book is not None
+    op.deploys.save("hpc", fingerprint(inventory, book), DeployResult(seconds=1.0))
+    assert not op.deploy_due("hpc")
+    inventory["all"]["hosts"]["compute-02"]["ansible_host"] = "10.213.10.22"
+    assert op.deploy_due("hpc")

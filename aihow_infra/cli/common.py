@@ -6,6 +6,7 @@ from __future__ import annotations
 import difflib
 import functools
 import re
+import shlex
 import sys
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, TypeVar
@@ -177,6 +178,16 @@ class AihowProgram(Program):
                 task = contexts[token]
             elif token.startswith("--") and task is not None and token.split("=")[0] not in task.flags:
                 return _unknown_option(token.split("=")[0], task)
+        argv = list(self.argv or [])
+        if "kubectl" in argv and "--" not in argv and "kubectl" in contexts:  # its words read as task names
+            ours, theirs, words = [], [], iter(argv[argv.index("kubectl") + 1:])
+            for token in words:
+                if token.split("=")[0] in contexts["kubectl"].flags:  # --stack NAME stays the task's
+                    ours += [token] if "=" in token else [token, next(words, "")]
+                else:
+                    theirs.append(token)
+            line = " ".join(shlex.quote(a) for a in ["kubectl", *ours, "--", *theirs])
+            return f"error: no task named {word!r}; kubectl's arguments go after --: `aihow {line}`"
         near = difflib.get_close_matches(word, list(self.collection.task_names), n=1)
         hint = f"; did you mean {near[0]}?" if near else ""
         return f"error: no task named {word!r}{hint} (`aihow --list` lists them)"

@@ -29,8 +29,13 @@ def stacks(c: Context, json_: bool = False) -> None:
 def up(c: Context, stack: str = "", yes: bool = False) -> None:
     """Create or update one cluster (pulumi up); asks first when a disk or VM would be lost or restarted."""
     _check_stack(stack)
-    summary = operator(yes).up(stack)
+    op = operator(yes)
+    summary = op.up(stack)
     out.print(f"[green]{stack}[/green]: {summary}", highlight=False)
+    if op.deploy_due(stack):
+        out.print(f"[yellow]{stack}: what its deploy uses changed since the last one (addresses, nodes); "
+                  f"`aihow deploy --stack {stack}` brings the cluster up to date (system.up deploys by "
+                  "itself)[/yellow]", highlight=False)
 
 
 @task(help={"stack": STACK_HELP + " (default: every configured stack)",

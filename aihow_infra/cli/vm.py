@@ -16,31 +16,39 @@ from aihow_infra.cli.render import vm_table
 from aihow_infra.errors import AihowError
 
 
-@task(help={"name": "VM name, e.g. hpc-cluster-compute-01", "yes": YES_HELP})
+@task(help={"name": "VM name, e.g. aihow-hpc-compute-01, or compute-01 when one VM has it", "yes": YES_HELP})
 def vm_start(c: Context, name: str, yes: bool = False) -> None:
     """Start a VM; its GPU leases are taken first."""
-    operator(yes).vm_start(name)
+    op = operator(yes)
+    name = op.vm_name(name)
+    op.vm_start(name)
     out.print(f"[green]{name} running[/green]")
 
 
 @task(help={"name": "VM name", "force": "power off at once instead of an ACPI shutdown", "yes": YES_HELP})
 def vm_stop(c: Context, name: str, force: bool = False, yes: bool = False) -> None:
     """Stop a VM and release its GPU leases."""
-    operator(yes).vm_stop(name, force=force)
+    op = operator(yes)
+    name = op.vm_name(name)
+    op.vm_stop(name, force=force)
     out.print(f"[yellow]{name} stopped[/yellow]")
 
 
 @task(help={"name": "VM name"})
 def vm_restart(c: Context, name: str) -> None:
     """Shut a VM down and start it again; it keeps its GPU leases."""
-    operator().vm_restart(name)
+    op = operator()
+    name = op.vm_name(name)
+    op.vm_restart(name)
     out.print(f"[green]{name} restarted[/green]")
 
 
 @task(help={"name": "VM name", "json": "print JSON"})
 def vm_status(c: Context, name: str, json_: bool = False) -> None:
     """State, IP, MAC, vCPUs, memory, GPUs and lease holder of a VM."""
-    row = operator().vm_status(name)
+    op = operator()
+    name = op.vm_name(name)
+    row = op.vm_status(name)
     if json_:
         out.print_json(json.dumps(asdict(row)))
         return
@@ -50,7 +58,8 @@ def vm_status(c: Context, name: str, json_: bool = False) -> None:
 @task(help={"name": "VM name"})
 def vm_console(c: Context, name: str) -> None:
     """Attach to a VM's serial console (leave with Ctrl-])."""
-    cmd = operator().console_command(name)
+    op = operator()
+    cmd = op.console_command(op.vm_name(name))
     os.execvp(cmd[0], cmd)
 
 
@@ -58,7 +67,7 @@ def vm_console(c: Context, name: str) -> None:
 def vm_ssh(c: Context, name: str, command: str = "") -> None:
     """Log into a VM over SSH, as the login user with the project's key."""
     op = operator()
-    op.find_vm(name)
+    name = op.vm_name(name)
     config = op.write_ssh_config()
     cmd = ["ssh", "-F", str(config), name, *([command] if command else [])]
     os.execvp(cmd[0], cmd)

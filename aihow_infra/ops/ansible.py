@@ -76,6 +76,14 @@ class Deploying(Converging):
             return None
         return self.deploy(stack, inventory=inventory)
 
+    def deploy_due(self, stack: str) -> bool:
+        """Whether the stack was deployed and what its project playbook uses changed since (an
+        address, a node added or started): ``up`` changes the VMs only, and SLURM or Kubernetes
+        go on with what they were told until a deploy."""
+        book = project_playbook(self.view(stack).plan.key)
+        last = self.deploys.last(stack)
+        return book is not None and last is not None and last != fingerprint(self.inventory(stack), book)
+
     def kubeconfig_path(self, stack: str) -> Path:
         """Where a deploy of a Kubernetes stack leaves its admin kubeconfig (0600, git-ignored)."""
         return self.state.kubeconfig(stack)

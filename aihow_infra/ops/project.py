@@ -185,6 +185,22 @@ class ProjectOps:
         """Every configured stack's view, HPC first."""
         return [self.view(s) for s in self.configured_stacks()]
 
+    def vm_name(self, name: str) -> str:
+        """A VM's libvirt name from itself or its short name (``compute-01``, as the inventory and
+        the deploy lines name it) when one VM of the configured stacks has it; ``AihowError``
+        naming the VMs there are otherwise (or the VMs a short name fits, when several do)."""
+        vms = [vm for view in self.views() for vm in view.plan.vms]
+        if any(vm.name == name for vm in vms):
+            return name
+        fits = [vm.name for vm in vms if vm.short_name == name]
+        if len(fits) == 1:
+            return fits[0]
+        if fits:
+            raise AihowError(f"VM name {name!r} fits {len(fits)} VMs; allowed: one of {', '.join(fits)}")
+        known = ", ".join(vm.name for vm in vms) or "(no stack is configured)"
+        raise AihowError(f"no VM named {name!r}; allowed: {known} (or the part after the cluster's name, "
+                         "when one VM has it)")
+
     def find_vm(self, name: str) -> tuple[StackView, VmPlan]:
         """The stack that has VM ``name``; a clear error listing the VMs there are otherwise."""
         known = []
