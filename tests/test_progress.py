@@ -5,6 +5,9 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
+import pytest
+
+from aihow_infra import progress
 from aihow_infra.eventlog import EventFollower
 from aihow_infra.progress import EngineProgress, describe
 
@@ -86,9 +89,10 @@ def test_a_preview_lists_each_step_and_what_of_it_stops_a_guest() -> None:
     assert planned_changes("hpc", Plan(steps[:1], [])) == "hpc: no changes"
 
 
-def test_steps_that_run_long_are_said_every_quiet_period_while_nothing_else_is() -> None:
+def test_steps_that_run_long_are_said_every_quiet_period_while_nothing_else_is(monkeypatch: pytest.MonkeyPatch) -> None:
     """VMs boot under software emulation for minutes inside their create step: while the engine
-    says nothing, a line every QUIET_S (15 s) names what still runs and for how long."""
+    says nothing, a line every QUIET_S (15 s here) names what still runs and for how long."""
+    monkeypatch.setattr(progress, "QUIET_S", 15.0)
     lines: list[str] = []
     now = [100.0]
     seen = EngineProgress("hpc", lines.append, clock=lambda: now[0])
